@@ -1,0 +1,22 @@
+# The two commands of the README. Both build whatever is missing first (hack/tools.sh
+# caches the control plane, helm and Keycloak outside the checkout, keyed by version).
+
+.PHONY: demo test tools crd
+
+## Run the operator end to end on a local control plane with a stand-in Tasklist and
+## Keycloak, apply examples/, print the status; Ctrl-C stops and cleans up everything.
+demo:
+	hack/demo.sh
+
+## Run every test: formatting, lints, unit, integration, end-to-end and chart tests.
+test:
+	hack/test.sh
+
+## Build or fetch the test components only.
+tools:
+	hack/tools.sh >/dev/null
+
+## Regenerate the committed CRD YAML (crds/ and the chart's copy).
+crd:
+	cargo run -q -- crd > crds/tasklistconnection.yaml
+	cp crds/tasklistconnection.yaml charts/tasklist-operator/crds/tasklistconnection.yaml

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Builds (or finds, when cached) every external component the tests and the demo need:
+# kube-apiserver, kube-controller-manager and etcd from hack/controlplane, helm from
+# hack/helm, and Keycloak's distribution from Maven Central.
+#
+# Everything lands in a cache folder keyed by version, outside the checkout, so a fresh
+# clone reuses it:   ${TASKLIST_TOOLS_CACHE:-~/.cache/tasklist-operator}/<component>-<version>/
+# A component whose folder is complete is not rebuilt.
+#
+# On success the last lines on stdout are `export NAME=path` lines for the test support
+# (TLO_KUBE_APISERVER, TLO_KUBE_CONTROLLER_MANAGER, TLO_ETCD, TLO_HELM, TLO_KEYCLOAK_HOME,
+# TLO_KEYCLOAK_JAVA); progress goes to stderr. Use:  eval "$(hack/tools.sh)"
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+cache=${TASKLIST_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tasklist-operator}
+mkdir -p "$cache"
+
+# The pinned versions are read from the modules' own go.mod files, so bumping one there is enough.
+module_version() { sed -n "s#^\s*$2 \(v[0-9.]*\).*#\1#p" "$here/$1/go.mod" | head -n1; }
+kubernetes_version=$(module_version controlplane k8s.io/kubernetes)
+helm_version=$(module_version helm helm.sh/helm/v3)
+keycloak_version=26.5.6
+
+log() { echo "tools: $*" >&2; }
+
+build_control_plane() {
+  local out="$cache/kubernetes-$kubernetes_version"
+  if [[ -x $out/kube-apiserver && -x $out/kube-controller-manager && -x $out/etcd ]]; then
+    log "control plane $kubernetes_version cached in $out"
+    return
+  fi
+  log "building kube-apiserver, kube-controller-manager, etcd $kubernetes_version (cold: ~20 min on 2 cores)"
+  local minor=${kubernetes_version#v1.}; minor=${minor%%.*}
+  local pkg=k8s.io/component-base/version
+  local ldflags="-s -w -X $pkg.gitVersion=$kubernetes_version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+  ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  ldflags+=" -X k8s.io/client-go/pkg/version.gitVersion=$kubernetes_version"
+  mkdir -p "$out.partial"
+  (
+    cd "$here/controlplane"
+    go build -ldflags "$ldflags" -o "$out.partial/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
+    go build -ldflags "$ldflags" -o "$out.partial/kube-controller-manager" k8s.io/kubernetes/cmd/kube-controller-manager
+    # A plain `go install` of etcd fails on its relative replaces; building it from this
+    # module uses the versions kube-apiserver was tested with.
+    go build -ldflags "-s -w" -o "$out.partial/etcd" go.etcd.io/etcd/server/v3
+  )
+  rm -rf "$out" && mv "$out.partial" "$out"
+}
+
+build_helm() {
+  local out="$cache/helm-$helm_version"
+  if [[ -x $out/helm ]]; then
+    log "helm $helm_version cached in $out"
+    return
+  fi
+  log "building helm $helm_version"
+  mkdir -p "$out.partial"
+  (
+    cd "$here/helm"
+    # Release builds stamp the Kubernetes version helm assumes for `kubeVersion` checks;
+    # without it helm claims v1.20 and refuses charts that need a newer cluster.
+    local client_go minor
+    client_go=$(module_version helm k8s.io/client-go)
+    minor=${client_go#v0.}; minor=${minor%%.*}
+    local ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$helm_version"
+    ldflags+=" -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$minor"
+    ldflags+=" -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$minor"
+    go build -ldflags "$ldflags" -o "$out.partial/helm" helm.sh/helm/v3/cmd/helm
+  )
+  rm -rf "$out" && mv "$out.partial" "$out"
+}
+
+fetch_keycloak() {
+  local out="$cache/keycloak-$keycloak_version"
+  if [[ -x $out/bin/kc.sh ]]; then
+    log "keycloak $keycloak_version cached in $out"
+    return
+  fi
+  log "fetching keycloak $keycloak_version from Maven Central"
+  local work="$cache/keycloak-$keycloak_version.partial"
+  rm -rf "$work" && mkdir -p "$work"
+  mvn -q -B dependency:copy \
+    -Dartifact="org.keycloak:keycloak-quarkus-dist:$keycloak_version:tar.gz" \
+    -DoutputDirectory="$work" >&2
+  tar -xzf "$work/keycloak-quarkus-dist-$keycloak_version.tar.gz" -C "$work"
+  rm -rf "$out" && mv "$work/keycloak-$keycloak_version" "$out" && rm -rf "$work"
+}
+
+# Keycloak 26 wants Java 21 or newer; the machine's default JDK may be older.
+keycloak_java() {
+  local candidate
+  for candidate in "${TLO_KEYCLOAK_JAVA:-}" /usr/lib/jvm/temurin-25-jdk-amd64/bin/java \
+    /usr/lib/jvm/*-21-*/bin/java /usr/lib/jvm/temurin-2*/bin/java "$(command -v java || true)"; do
+    [[ -n $candidate && -x $candidate ]] || continue
+    local major
+    major=$("$candidate" -XshowSettings:properties -version 2>&1 | sed -n 's/^\s*java.specification.version = \([0-9]*\).*/\1/p')
+    if [[ -n $major && $major -ge 21 ]]; then
+      echo "$candidate"
+      return
+    fi
+  done
+  log "no Java 21+ found; install one (apt-get install openjdk-21-jre-headless? not in Debian 12) or set TLO_KEYCLOAK_JAVA"
+  return 1
+}
+
+only=${1:-all}
+case $only in
+  all) build_control_plane; build_helm; fetch_keycloak ;;
+  control-plane) build_control_plane ;;
+  helm) build_helm ;;
+  keycloak) fetch_keycloak ;;
+  *) echo "usage: hack/tools.sh [all|control-plane|helm|keycloak]" >&2; exit 2 ;;
+esac
+
+k8s="$cache/kubernetes-$kubernetes_version"
+echo "export TLO_KUBE_APISERVER=$k8s/kube-apiserver"
+echo "export TLO_KUBE_CONTROLLER_MANAGER=$k8s/kube-controller-manager"
+echo "export TLO_ETCD=$k8s/etcd"
+echo "export TLO_HELM=$cache/helm-$helm_version/helm"
+echo "export TLO_KEYCLOAK_HOME=$cache/keycloak-$keycloak_version"
+echo "export TLO_KEYCLOAK_JAVA=$(keycloak_java)"

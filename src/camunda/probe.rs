@@ -1,0 +1,113 @@
+//! The request that checks whether Tasklist accepts a credential.
+
+use reqwest::Method;
+
+use super::http::HttpClient;
+use super::login::CSRF_HEADERS;
+use super::token::describe_status;
+use super::{Sensitive, join_url};
+use crate::crd::{ProbeMethod, ProbeSpec};
+
+/// What a request to Tasklist carries to prove who it is.
+#[derive(Debug, Clone, Copy)]
+pub enum ProbeCredential<'a> {
+    Bearer(&'a Sensitive),
+    Session {
+        cookie_header: &'a Sensitive,
+        csrf_token: Option<&'a Sensitive>,
+    },
+}
+
+/// What the probe found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeOutcome {
+    Succeeded,
+    /// 401 or 403: Tasklist does not accept the credential (or, for 403, lacks permission).
+    Unauthorized {
+        status: u16,
+    },
+    /// Any other non-2xx answer.
+    Failed {
+        status: u16,
+    },
+    /// Timeout or connection failure.
+    Unreachable {
+        cause: String,
+    },
+}
+
+impl ProbeOutcome {
+    /// A sentence for the Reachable condition.
+    pub fn message(&self, request: &str) -> String {
+        match self {
+            ProbeOutcome::Succeeded => format!("{request} succeeded"),
+            ProbeOutcome::Unauthorized { status: 401 } => {
+                format!("{request} answered 401 Unauthorized: Tasklist does not accept the credential")
+            }
+            ProbeOutcome::Unauthorized { status } => format!(
+                "{request} answered {}: the credential is accepted but not allowed (does the client have the Tasklist API permission?)",
+                describe_status(reqwest::StatusCode::from_u16(*status).unwrap_or(reqwest::StatusCode::FORBIDDEN))
+            ),
+            ProbeOutcome::Failed { status } => format!(
+                "{request} answered {}",
+                reqwest::StatusCode::from_u16(*status)
+                    .map(describe_status)
+                    .unwrap_or_else(|_| status.to_string())
+            ),
+            ProbeOutcome::Unreachable { cause } => format!("{request} failed: {cause}"),
+        }
+    }
+}
+
+/// The configured probe request against one Tasklist.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub url: String,
+    pub method: ProbeMethod,
+    pub body: String,
+}
+
+impl Probe {
+    pub fn new(base_url: &str, spec: &ProbeSpec) -> Self {
+        Probe {
+            url: join_url(base_url, &spec.path),
+            method: spec.method,
+            body: spec.body.clone(),
+        }
+    }
+
+    /// "POST https://…/v1/tasks/search", for messages.
+    pub fn describe(&self) -> String {
+        let method = match self.method {
+            ProbeMethod::Get => "GET",
+            ProbeMethod::Post => "POST",
+        };
+        format!("{method} {}", self.url)
+    }
+
+    pub async fn run(&self, http: &HttpClient, credential: ProbeCredential<'_>) -> ProbeOutcome {
+        let request = match self.method {
+            ProbeMethod::Get => http.request(Method::GET, &self.url),
+            ProbeMethod::Post => http
+                .request(Method::POST, &self.url)
+                .header("content-type", "application/json")
+                .body(self.body.clone()),
+        };
+        let request = match credential {
+            ProbeCredential::Bearer(token) => request.bearer_auth(token.expose()),
+            ProbeCredential::Session { cookie_header, csrf_token } => {
+                let request = request.header("cookie", cookie_header.expose());
+                match csrf_token {
+                    Some(token) => request.header(CSRF_HEADERS[0], token.expose()),
+                    None => request,
+                }
+            }
+        };
+        match http.status_of(request.header("accept", "application/json")).await {
+            Ok(status) if status.is_success() => ProbeOutcome::Succeeded,
+            Ok(status) if matches!(status.as_u16(), 401 | 403) => ProbeOutcome::Unauthorized { status: status.as_u16() },
+            Ok(status) => ProbeOutcome::Failed { status: status.as_u16() },
+            Err(error) => ProbeOutcome::Unreachable { cause: error.to_string() },
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! The OAuth2 client-credentials grant against Camunda SaaS or Identity (Keycloak).
+
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+
+use super::http::{HttpClient, TransportError, excerpt};
+use super::{AuthFailure, Sensitive};
+use crate::crd::RequestEncoding;
+
+/// Where and how to ask for a token.
+#[derive(Debug, Clone)]
+pub struct TokenEndpoint {
+    pub url: String,
+    pub audience: String,
+    pub scope: Option<String>,
+    pub encoding: RequestEncoding,
+}
+
+/// The client id and secret from the referenced Secret.
+#[derive(Debug, Clone)]
+pub struct ClientCredentials {
+    pub client_id: String,
+    pub client_secret: Sensitive,
+}
+
+/// A token as the endpoint handed it out.
+#[derive(Debug, Clone)]
+pub struct TokenGrant {
+    pub access_token: Sensitive,
+    /// Seconds, when the endpoint said; `expires_in` alone is not trusted for the lifetime
+    /// when the token is a JWT with `exp` (SaaS may hand back a cached token).
+    pub expires_in: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct TokenAnswer {
+    access_token: Option<String>,
+    #[serde(default, deserialize_with = "number_or_string")]
+    expires_in: Option<u64>,
+}
+
+/// RFC 6749's error answer.
+#[derive(Deserialize)]
+struct OAuthError {
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+impl TokenEndpoint {
+    /// POSTs `grant_type=client_credentials` with the client id, secret, audience and scope.
+    pub async fn request_token(&self, http: &HttpClient, client: &ClientCredentials) -> Result<TokenGrant, AuthFailure> {
+        let mut fields = vec![
+            ("grant_type", "client_credentials"),
+            ("client_id", client.client_id.as_str()),
+            ("client_secret", client.client_secret.expose()),
+            ("audience", self.audience.as_str()),
+        ];
+        if let Some(scope) = self.scope.as_deref().filter(|scope| !scope.is_empty()) {
+            fields.push(("scope", scope));
+        }
+        let request = http.request(Method::POST, &self.url).header("accept", "application/json");
+        let request = match self.encoding {
+            RequestEncoding::Form => request.form(&fields),
+            RequestEncoding::Json => request.json(&fields.iter().copied().collect::<std::collections::BTreeMap<_, _>>()),
+        };
+        let answer = http.send(request).await.map_err(|error| unreachable_token_endpoint(&error))?;
+        let status = answer.status;
+        if status.is_success() {
+            return parse_grant(&answer.body);
+        }
+        let detail = oauth_error_detail(&answer.body, client);
+        if status.is_client_error() {
+            Err(AuthFailure::rejected(format!(
+                "the token endpoint rejected the request ({}){detail}",
+                describe_status(status)
+            )))
+        } else {
+            Err(AuthFailure::server_error(format!(
+                "the token endpoint answered {}{detail}",
+                describe_status(status)
+            )))
+        }
+    }
+}
+
+fn parse_grant(body: &[u8]) -> Result<TokenGrant, AuthFailure> {
+    let not_a_token = || {
+        AuthFailure::server_error(format!(
+            "the token endpoint answered with success but not with an OAuth2 token (expected JSON with access_token, got {:?})",
+            excerpt(body, 60)
+        ))
+    };
+    let answer: TokenAnswer = serde_json::from_slice(body).map_err(|_| not_a_token())?;
+    match answer.access_token {
+        Some(token) if !token.trim().is_empty() => Ok(TokenGrant {
+            access_token: Sensitive::new(token.trim()),
+            expires_in: answer.expires_in,
+        }),
+        // Never echo a body that may hold a token: say what is missing instead.
+        _ => Err(AuthFailure::server_error(
+            "the token endpoint answered with success but without an access_token",
+        )),
+    }
+}
+
+/// ": invalid_client: Invalid client credentials", or "" when the body is not an OAuth2
+/// error. Anything that repeats the client id or secret is cut out.
+fn oauth_error_detail(body: &[u8], client: &ClientCredentials) -> String {
+    let Ok(error) = serde_json::from_slice::<OAuthError>(body) else {
+        return String::new();
+    };
+    let text = match (error.error, error.error_description) {
+        (Some(code), Some(description)) => format!("{code}: {description}"),
+        (Some(code), None) => code,
+        (None, Some(description)) => description,
+        (None, None) => return String::new(),
+    };
+    let mut text = excerpt(text.as_bytes(), 200);
+    for value in [client.client_secret.expose(), client.client_id.as_str()] {
+        if value.len() >= 3 {
+            text = text.replace(value, "<redacted>");
+        }
+    }
+    format!(": {text}")
+}
+
+fn unreachable_token_endpoint(error: &TransportError) -> AuthFailure {
+    AuthFailure::server_error(format!("the token endpoint could not be used: {error}"))
+}
+
+pub(crate) fn describe_status(status: StatusCode) -> String {
+    match status.canonical_reason() {
+        Some(reason) => format!("{} {reason}", status.as_u16()),
+        None => status.as_u16().to_string(),
+    }
+}
+
+fn number_or_string<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Lenient {
+        Number(f64),
+        Text(String),
+    }
+    Ok(match Option::<Lenient>::deserialize(deserializer)? {
+        Some(Lenient::Number(n)) if n.is_finite() && n >= 0.0 => Some(n as u64),
+        Some(Lenient::Text(text)) => text.trim().parse().ok(),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client() -> ClientCredentials {
+        ClientCredentials {
+            client_id: "orders".into(),
+            client_secret: Sensitive::new("s3cr3t-value"),
+        }
+    }
+
+    #[test]
+    fn reads_a_grant_with_expires_in_as_number_or_string() {
+        let grant = parse_grant(br#"{"access_token":"abc","expires_in":300,"token_type":"Bearer"}"#).unwrap();
+        assert_eq!(grant.access_token.expose(), "abc");
+        assert_eq!(grant.expires_in, Some(300));
+        assert_eq!(
+            parse_grant(br#"{"access_token":"abc","expires_in":"60"}"#).unwrap().expires_in,
+            Some(60)
+        );
+        assert_eq!(parse_grant(br#"{"access_token":"abc"}"#).unwrap().expires_in, None);
+    }
+
+    #[test]
+    fn a_page_or_json_without_a_token_is_a_server_error_that_names_no_token() {
+        let html = parse_grant(b"<html><body>Login</body></html>").unwrap_err();
+        assert_eq!(html.kind, super::super::AuthFailureKind::ServerError);
+        assert!(html.message.contains("not with an OAuth2 token"), "{}", html.message);
+        let empty = parse_grant(br#"{"token_type":"Bearer"}"#).unwrap_err();
+        assert!(empty.message.contains("without an access_token"));
+    }
+
+    #[test]
+    fn oauth_errors_are_reported_without_the_secret() {
+        let detail = oauth_error_detail(
+            br#"{"error":"invalid_client","error_description":"bad secret s3cr3t-value for orders"}"#,
+            &client(),
+        );
+        assert_eq!(detail, ": invalid_client: bad secret <redacted> for <redacted>");
+        assert_eq!(oauth_error_detail(b"<html>", &client()), "");
+    }
+}

@@ -1,0 +1,112 @@
+//! What the operator remembers between reconciles, in memory only: failures (for backoff),
+//! the last probe (so a wake-up for something else does not probe again), and which
+//! Secrets each connection reads (so a change to one of them wakes the right connections).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::ObjectRef;
+
+use crate::camunda::AuthFailure;
+use crate::crd::TasklistConnection;
+use crate::status::ConditionState;
+
+/// Namespace and name of a connection.
+pub type ConnectionKey = (String, String);
+
+/// Consecutive failures to obtain a credential from the same inputs.
+#[derive(Debug, Clone)]
+pub struct FailureRecord {
+    pub fingerprint: String,
+    pub failure: AuthFailure,
+    pub consecutive: u32,
+    pub retry_at: Timestamp,
+}
+
+/// The last probe and what it found.
+#[derive(Debug, Clone)]
+pub struct ProbeRecord {
+    pub at: Timestamp,
+    /// Which credential was probed (its issue time).
+    pub credential_issued_at: Timestamp,
+    pub result: ConditionState,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct ConnectionMemory {
+    pub failure: Option<FailureRecord>,
+    pub last_probe: Option<ProbeRecord>,
+}
+
+#[derive(Default)]
+pub struct Memory {
+    connections: Mutex<HashMap<ConnectionKey, ConnectionMemory>>,
+    /// (namespace, Secret name) -> names of connections that read or write it.
+    secret_readers: Mutex<HashMap<(String, String), BTreeSet<String>>>,
+    /// (namespace, connection name) -> the Secret names it was last recorded with.
+    secrets_of: Mutex<HashMap<ConnectionKey, Vec<String>>>,
+}
+
+impl Memory {
+    pub fn get(&self, key: &ConnectionKey) -> ConnectionMemory {
+        self.connections
+            .lock()
+            .map(|map| map.get(key).cloned().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    pub fn update(&self, key: &ConnectionKey, change: impl FnOnce(&mut ConnectionMemory)) {
+        if let Ok(mut map) = self.connections.lock() {
+            change(map.entry(key.clone()).or_default());
+        }
+    }
+
+    /// Records the Secrets a connection depends on, replacing what was recorded before.
+    pub fn record_secrets(&self, key: &ConnectionKey, names: Vec<String>) {
+        let (Ok(mut readers), Ok(mut secrets_of)) = (self.secret_readers.lock(), self.secrets_of.lock()) else {
+            return;
+        };
+        let (namespace, connection) = key;
+        if secrets_of.get(key) == Some(&names) {
+            return;
+        }
+        for old in secrets_of.remove(key).unwrap_or_default() {
+            let secret = (namespace.clone(), old);
+            if let Some(set) = readers.get_mut(&secret) {
+                set.remove(connection);
+                if set.is_empty() {
+                    readers.remove(&secret);
+                }
+            }
+        }
+        for name in &names {
+            readers
+                .entry((namespace.clone(), name.clone()))
+                .or_default()
+                .insert(connection.clone());
+        }
+        secrets_of.insert(key.clone(), names);
+    }
+
+    /// The connections to reconcile when `secret` changed: its controller owner, and every
+    /// connection that reads it or wants to write a Secret of that name.
+    pub fn connections_affected_by(&self, secret: &PartialObjectMeta<Secret>) -> Vec<ObjectRef<TasklistConnection>> {
+        let namespace = secret.namespace().unwrap_or_default();
+        let mut affected: Vec<ObjectRef<TasklistConnection>> = secret
+            .owner_references()
+            .iter()
+            .filter(|owner| owner.controller == Some(true) && owner.kind == "TasklistConnection")
+            .map(|owner| ObjectRef::new(&owner.name).within(&namespace))
+            .collect();
+        if let Ok(readers) = self.secret_readers.lock()
+            && let Some(names) = readers.get(&(namespace.clone(), secret.name_any()))
+        {
+            affected.extend(names.iter().map(|name| ObjectRef::new(name).within(&namespace)));
+        }
+        affected
+    }
+}

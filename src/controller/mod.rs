@@ -1,0 +1,134 @@
+//! The Kubernetes side: watches TasklistConnections and Secrets, and runs the reconcile.
+
+mod memory;
+mod reconcile;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::reflector;
+use kube::runtime::utils::Predicate;
+use kube::runtime::watcher::{self, watcher};
+use kube::runtime::{WatchStreamExt, predicates};
+use kube::{Api, Client, ResourceExt};
+use tracing::{info, warn};
+
+use crate::camunda::{HttpClient, HttpSettings, TlsTrust};
+use crate::crd::TasklistConnection;
+use crate::inputs::Inputs;
+use memory::Memory;
+
+/// The field manager named in server-side apply of Secrets and status.
+pub const FIELD_MANAGER: &str = "tasklist-operator";
+
+/// Errors a reconcile cannot turn into a condition: the Kubernetes API failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API request failed: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    http_settings: HttpSettings,
+    /// One HTTP client per trust configuration: most connections share the default.
+    http_clients: Mutex<HashMap<TlsTrust, HttpClient>>,
+    memory: Memory,
+}
+
+impl Context {
+    pub fn new(client: Client, http_settings: HttpSettings) -> Self {
+        Context {
+            client,
+            http_settings,
+            http_clients: Mutex::default(),
+            memory: Memory::default(),
+        }
+    }
+
+    fn http_client(&self, inputs: &Inputs) -> Result<HttpClient, String> {
+        let mut clients = self.http_clients.lock().map_err(|_| "HTTP client cache poisoned".to_string())?;
+        if let Some(client) = clients.get(&inputs.trust) {
+            return Ok(client.clone());
+        }
+        let client = HttpClient::new(&self.http_settings, &inputs.trust)?;
+        clients.insert(inputs.trust.clone(), client.clone());
+        Ok(client)
+    }
+}
+
+/// Which namespaces to watch: all of them, or only the listed ones.
+#[derive(Debug, Clone)]
+pub enum Scope {
+    AllNamespaces,
+    Namespaces(Vec<String>),
+}
+
+/// Runs the controller until `shutdown` resolves; in-flight reconciles finish first.
+pub async fn run(ctx: Arc<Context>, scope: Scope, shutdown: impl Future<Output = ()> + Send + 'static) {
+    let namespaces: Vec<Option<String>> = match scope {
+        Scope::AllNamespaces => vec![None],
+        Scope::Namespaces(list) => list.into_iter().map(Some).collect(),
+    };
+    // One controller per namespace: a watch can cover one namespace or all of them.
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let controllers = namespaces
+        .into_iter()
+        .map(|namespace| run_in(ctx.clone(), namespace, shutdown.clone()));
+    futures::future::join_all(controllers).await;
+}
+
+async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let connections: Api<TasklistConnection> = scoped_api(&ctx.client, namespace.as_deref());
+    let secrets: Api<PartialObjectMeta<Secret>> = match namespace.as_deref() {
+        Some(namespace) => Api::namespaced(ctx.client.clone(), namespace),
+        None => Api::all(ctx.client.clone()),
+    };
+    info!(namespace = namespace.as_deref().unwrap_or("<all>"), "watching TasklistConnections");
+
+    let (reader, writer) = reflector::store();
+    // Status writes change neither generation nor annotations: they do not wake the controller.
+    let connection_changes = watcher(connections, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default());
+    // Metadata is enough to know a Secret changed, and keeps memory small.
+    let secret_changes = watcher(secrets, watcher::Config::default()).default_backoff().touched_objects();
+    let mapper_ctx = ctx.clone();
+
+    Controller::for_stream(connection_changes, reader)
+        .watches_stream(secret_changes, move |secret| mapper_ctx.memory.connections_affected_by(&secret))
+        .with_config(controller::Config::default().concurrency(32))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile_logged, error_policy, ctx)
+        .for_each(|_| std::future::ready(()))
+        .await;
+}
+
+#[tracing::instrument(skip_all, fields(connection = %format!("{}/{}", connection.namespace().unwrap_or_default(), connection.name_any())))]
+async fn reconcile_logged(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
+    reconcile::reconcile(connection, ctx).await
+}
+
+fn error_policy(connection: Arc<TasklistConnection>, error: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(connection = %format!("{}/{}", connection.namespace().unwrap_or_default(), connection.name_any()), "reconcile failed, retrying in 5s: {error}");
+    Action::requeue(Duration::from_secs(5))
+}
+
+fn scoped_api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    }
+}

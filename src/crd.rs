@@ -1,0 +1,356 @@
+//! The `TasklistConnection` custom resource, exactly as the v1alpha1 contract names it.
+//!
+//! Validation lives in the schema (patterns and CEL rules) so that the API server rejects
+//! a bad manifest with a readable message before the operator ever sees it.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Go-style durations as users write them: `30s`, `5m`, `1h`, `1h30m`, `500ms`.
+pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
+/// An http or https URL with a host.
+pub const HTTP_URL_PATTERN: &str = r"^https?://[^\s/?#]+[^\s]*$";
+/// A Kubernetes object name (DNS-1123 subdomain).
+pub const OBJECT_NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+/// A key of a Secret's data.
+pub const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
+/// An absolute request path.
+pub const PATH_PATTERN: &str = r"^/[^\s]*$";
+
+/// The annotation whose change of value asks for a new credential at once.
+pub const REFRESH_ANNOTATION: &str = "tasklist.camunda.community/refresh";
+
+/// A TasklistConnection keeps a credential for Camunda's Tasklist API fresh in a Secret
+/// and reports whether Tasklist accepts it.
+// Each printcolumn repeats `type_ = "string"`, which clippy mistakes for a duplicate.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "tasklist.camunda.community",
+    version = "v1alpha1",
+    kind = "TasklistConnection",
+    plural = "tasklistconnections",
+    shortname = "tlc",
+    namespaced,
+    status = "TasklistConnectionStatus",
+    doc = "A TasklistConnection keeps a credential for Camunda's Tasklist API fresh in a Secret and reports whether Tasklist accepts it.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether Tasklist accepts the stored credential"
+    ),
+    printcolumn(
+        name = "Auth",
+        type_ = "string",
+        json_path = ".status.authMethod",
+        description = "oauth2 or cookie"
+    ),
+    printcolumn(
+        name = "Expires",
+        type_ = "string",
+        json_path = ".status.expiresAt",
+        description = "When the stored credential expires"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        description = "Why the connection is or is not Ready"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TasklistConnectionSpec {
+    /// Base URL of Tasklist, http or https, for example https://bru-2.tasklist.camunda.io/abc123.
+    /// The probe and the cookie login are sent to paths below it.
+    #[schemars(regex(pattern = HTTP_URL_PATTERN), length(max = 2048))]
+    pub url: String,
+
+    /// How to obtain a credential: exactly one of `oauth2` (SaaS or Self-Managed Identity)
+    /// or `cookie` (Tasklist's own login).
+    pub auth: AuthSpec,
+
+    /// Name of the Secret the operator writes the credential to, in this namespace.
+    /// Defaults to `<metadata.name>-tasklist-auth`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = OBJECT_NAME_PATTERN), length(min = 1, max = 253))]
+    pub secret_name: Option<String>,
+
+    /// Obtain a new credential at least this long before the current one expires
+    /// (for example `5m`). Without it, a credential is replaced after 80 % of its lifetime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub refresh_before: Option<String>,
+
+    /// A request sent to Tasklist with the credential to check that Tasklist accepts it.
+    #[serde(default)]
+    pub probe: ProbeSpec,
+
+    /// TLS settings for every request to Tasklist and to the token endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+}
+
+/// How to obtain a credential. Exactly one of `oauth2` or `cookie` must be set.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("has(self.oauth2) != has(self.cookie)").message("exactly one of auth.oauth2 or auth.cookie must be set"))]
+pub struct AuthSpec {
+    /// OAuth2 client credentials: Camunda SaaS, or Self-Managed with Identity (Keycloak).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth2: Option<OAuth2Spec>,
+    /// Tasklist's own login (`POST /api/login` with a username and password), for
+    /// Self-Managed Tasklist without Identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<CookieSpec>,
+}
+
+/// OAuth2 client-credentials grant.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OAuth2Spec {
+    /// Token endpoint of the authorization server, http or https. SaaS:
+    /// https://login.cloud.camunda.io/oauth/token; Identity: the Keycloak realm's
+    /// .../protocol/openid-connect/token.
+    #[schemars(regex(pattern = HTTP_URL_PATTERN), length(max = 2048))]
+    pub token_url: String,
+
+    /// Audience requested for the token. SaaS: tasklist.camunda.io; Identity: usually tasklist-api.
+    #[serde(default = "default_audience")]
+    #[schemars(length(min = 1))]
+    pub audience: String,
+
+    /// OAuth2 scope, sent only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+
+    /// How the token request body is encoded: `Form` (works everywhere, including Keycloak)
+    /// or `Json` (Camunda SaaS also accepts it).
+    #[serde(default)]
+    pub request_encoding: RequestEncoding,
+
+    /// The Secret in this namespace that holds the client id and client secret.
+    pub client_secret_ref: ClientSecretRef,
+}
+
+/// Body encoding of the token request.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RequestEncoding {
+    /// `application/x-www-form-urlencoded`
+    #[default]
+    Form,
+    /// `application/json`
+    Json,
+}
+
+/// Where the OAuth2 client id and secret are.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientSecretRef {
+    /// Name of a Secret in the connection's namespace.
+    #[schemars(regex(pattern = OBJECT_NAME_PATTERN), length(min = 1, max = 253))]
+    pub name: String,
+    /// Key of the client id in that Secret.
+    #[serde(default = "default_client_id_key")]
+    #[schemars(regex(pattern = SECRET_KEY_PATTERN))]
+    pub client_id_key: String,
+    /// Key of the client secret in that Secret.
+    #[serde(default = "default_client_secret_key")]
+    #[schemars(regex(pattern = SECRET_KEY_PATTERN))]
+    pub client_secret_key: String,
+}
+
+/// Tasklist's cookie login.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CookieSpec {
+    /// Path of the login endpoint below `url`.
+    #[serde(default = "default_login_path")]
+    #[schemars(regex(pattern = PATH_PATTERN))]
+    pub login_path: String,
+    /// How long a session is trusted before the operator logs in again (for example `30m`).
+    #[serde(default = "default_session_timeout")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub session_timeout: String,
+    /// The Secret in this namespace that holds the username and password.
+    pub credentials_secret_ref: CredentialsSecretRef,
+}
+
+/// Where the login username and password are.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialsSecretRef {
+    /// Name of a Secret in the connection's namespace.
+    #[schemars(regex(pattern = OBJECT_NAME_PATTERN), length(min = 1, max = 253))]
+    pub name: String,
+    /// Key of the username in that Secret.
+    #[serde(default = "default_username_key")]
+    #[schemars(regex(pattern = SECRET_KEY_PATTERN))]
+    pub username_key: String,
+    /// Key of the password in that Secret.
+    #[serde(default = "default_password_key")]
+    #[schemars(regex(pattern = SECRET_KEY_PATTERN))]
+    pub password_key: String,
+}
+
+/// The request that checks whether Tasklist accepts the credential.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProbeSpec {
+    /// Whether to probe at all. When off, the Reachable condition says `ProbeDisabled`.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// HTTP method of the probe.
+    #[serde(default)]
+    pub method: ProbeMethod,
+    /// Path below `url`. The default works on Tasklist 8.2 to 8.9; on 8.10 and later use
+    /// GET /v2/topology.
+    #[serde(default = "default_probe_path")]
+    #[schemars(regex(pattern = PATH_PATTERN))]
+    pub path: String,
+    /// Body sent with POST as application/json.
+    #[serde(default = "default_probe_body")]
+    pub body: String,
+    /// How often to probe (for example `60s`).
+    #[serde(default = "default_probe_interval")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub interval: String,
+}
+
+impl Default for ProbeSpec {
+    fn default() -> Self {
+        ProbeSpec {
+            enabled: true,
+            method: ProbeMethod::default(),
+            path: default_probe_path(),
+            body: default_probe_body(),
+            interval: default_probe_interval(),
+        }
+    }
+}
+
+/// HTTP method of the probe.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ProbeMethod {
+    /// GET, without a body.
+    #[serde(rename = "GET")]
+    Get,
+    /// POST, with `body` as application/json.
+    #[default]
+    #[serde(rename = "POST")]
+    Post,
+}
+
+/// TLS settings.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// A PEM CA bundle to trust in addition to the public roots, from a Secret in this namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<CaSecretRef>,
+    /// Accept any server certificate. Only for testing: the credential can then be stolen
+    /// by anyone between the operator and the server.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+}
+
+/// Where the CA bundle is.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CaSecretRef {
+    /// Name of a Secret in the connection's namespace.
+    #[schemars(regex(pattern = OBJECT_NAME_PATTERN), length(min = 1, max = 253))]
+    pub name: String,
+    /// Key of the PEM bundle in that Secret.
+    #[serde(default = "default_ca_key")]
+    #[schemars(regex(pattern = SECRET_KEY_PATTERN))]
+    pub key: String,
+}
+
+/// What the operator observed, written only when something in it changes.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TasklistConnectionStatus {
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The Secret that holds the credential.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+    /// `oauth2` or `cookie`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_method: Option<String>,
+    /// When the credential in the Secret expires (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// When the credential in the Secret was obtained (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_refresh_time: Option<String>,
+    /// When the operator plans to obtain the next credential (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_refresh_time: Option<String>,
+    /// `Authenticated`, `Reachable` and `Ready`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+impl TasklistConnection {
+    /// The name of the derived Secret.
+    pub fn secret_name(&self) -> String {
+        match &self.spec.secret_name {
+            Some(name) => name.clone(),
+            None => format!("{}-tasklist-auth", self.metadata.name.as_deref().unwrap_or_default()),
+        }
+    }
+
+    /// The value of the manual refresh annotation, if any.
+    pub fn refresh_request(&self) -> Option<&str> {
+        self.metadata.annotations.as_ref()?.get(REFRESH_ANNOTATION).map(String::as_str)
+    }
+}
+
+impl AuthSpec {
+    /// `oauth2` or `cookie`, as shown in status and `kubectl get tlc`.
+    pub fn method_name(&self) -> &'static str {
+        if self.cookie.is_some() { "cookie" } else { "oauth2" }
+    }
+}
+
+fn default_audience() -> String {
+    "tasklist.camunda.io".into()
+}
+fn default_client_id_key() -> String {
+    "client_id".into()
+}
+fn default_client_secret_key() -> String {
+    "client_secret".into()
+}
+fn default_login_path() -> String {
+    "/api/login".into()
+}
+fn default_session_timeout() -> String {
+    "30m".into()
+}
+fn default_username_key() -> String {
+    "username".into()
+}
+fn default_password_key() -> String {
+    "password".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_probe_path() -> String {
+    "/v1/tasks/search".into()
+}
+fn default_probe_body() -> String {
+    r#"{"pageSize":1}"#.into()
+}
+fn default_probe_interval() -> String {
+    "60s".into()
+}
+fn default_ca_key() -> String {
+    "ca.crt".into()
+}

@@ -1,0 +1,119 @@
+//! The credential the operator keeps for a connection, and how long it lives.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use jiff::{SignedDuration, Timestamp};
+
+use crate::camunda::Sensitive;
+use crate::camunda::login::Session;
+use crate::camunda::probe::ProbeCredential;
+
+/// Lifetime assumed for a token that is not a JWT with `exp` and comes without `expires_in`.
+pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(300);
+
+/// What Tasklist accepts: a bearer token or a logged-in session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    Bearer(Sensitive),
+    Session(Session),
+}
+
+impl Credential {
+    pub fn as_probe_credential(&self) -> ProbeCredential<'_> {
+        match self {
+            Credential::Bearer(token) => ProbeCredential::Bearer(token),
+            Credential::Session(session) => ProbeCredential::Session {
+                cookie_header: session.cookie_header_ref(),
+                csrf_token: session.csrf_token.as_ref(),
+            },
+        }
+    }
+}
+
+/// When a freshly issued bearer token expires: from the JWT `exp` claim when the token is
+/// a JWT with one (SaaS may hand back a cached token whose `expires_in` overstates its
+/// life), otherwise from `expires_in`, otherwise after [`DEFAULT_TOKEN_LIFETIME`].
+pub fn bearer_token_expiry(token: &Sensitive, expires_in: Option<u64>, now: Timestamp) -> Result<Timestamp, String> {
+    if let Some(exp) = jwt_expiry(token.expose()) {
+        if exp <= now {
+            return Err(format!("the token endpoint issued a token that expired already (exp {exp})"));
+        }
+        return Ok(exp);
+    }
+    let lifetime = match expires_in {
+        Some(seconds) if seconds > 0 => Duration::from_secs(seconds),
+        _ => DEFAULT_TOKEN_LIFETIME,
+    };
+    Ok(add(now, lifetime))
+}
+
+/// The `exp` claim of a JWT, read without verifying the signature: the operator only needs
+/// to know when the server will stop accepting the token, not whether to trust it.
+pub fn jwt_expiry(token: &str) -> Option<Timestamp> {
+    let mut parts = token.split('.');
+    let (_header, payload, _signature) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&decoded).ok()?;
+    let exp = claims.get("exp")?.as_f64()?;
+    if !exp.is_finite() || exp <= 0.0 {
+        return None;
+    }
+    Timestamp::from_second(exp as i64).ok()
+}
+
+/// `now + duration`, saturating at the largest timestamp.
+pub fn add(now: Timestamp, duration: Duration) -> Timestamp {
+    SignedDuration::try_from(duration)
+        .ok()
+        .and_then(|d| now.checked_add(d).ok())
+        .unwrap_or(Timestamp::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jwt(claims: &str) -> String {
+        let encode = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        format!("{}.{}.sig", encode(r#"{"alg":"RS256"}"#), encode(claims))
+    }
+
+    fn at(second: i64) -> Timestamp {
+        Timestamp::from_second(second).unwrap()
+    }
+
+    #[test]
+    fn jwt_exp_wins_over_expires_in() {
+        let token = Sensitive::new(jwt(r#"{"exp":1000,"sub":"x"}"#));
+        assert_eq!(bearer_token_expiry(&token, Some(86_400), at(400)), Ok(at(1000)));
+    }
+
+    #[test]
+    fn expires_in_is_used_for_opaque_tokens_and_300s_otherwise() {
+        let opaque = Sensitive::new("not-a-jwt");
+        assert_eq!(bearer_token_expiry(&opaque, Some(60), at(0)), Ok(at(60)));
+        assert_eq!(bearer_token_expiry(&opaque, None, at(0)), Ok(at(300)));
+        assert_eq!(bearer_token_expiry(&opaque, Some(0), at(0)), Ok(at(300)));
+        let jwt_without_exp = Sensitive::new(jwt(r#"{"sub":"x"}"#));
+        assert_eq!(bearer_token_expiry(&jwt_without_exp, Some(120), at(0)), Ok(at(120)));
+    }
+
+    #[test]
+    fn a_token_that_expired_already_is_an_error() {
+        let token = Sensitive::new(jwt(r#"{"exp":100}"#));
+        assert!(bearer_token_expiry(&token, Some(300), at(200)).is_err());
+    }
+
+    #[test]
+    fn garbage_is_not_a_jwt() {
+        for token in ["", "a.b", "a.b.c.d", "a.!!!.c", &jwt("[1,2]"), &jwt(r#"{"exp":"soon"}"#)] {
+            assert_eq!(jwt_expiry(token), None, "{token}");
+        }
+    }
+}

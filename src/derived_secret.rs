@@ -1,0 +1,250 @@
+//! The Secret the operator writes for a connection: its keys are the contract's, and its
+//! annotations let a later reconcile (or a restarted operator) decide whether the stored
+//! credential can be kept.
+
+use std::collections::BTreeMap;
+
+use jiff::Timestamp;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::Resource;
+use kube::api::ObjectMeta;
+use sha2::{Digest, Sha256};
+
+use crate::camunda::Sensitive;
+use crate::camunda::login::Session;
+use crate::crd::TasklistConnection;
+use crate::credential::Credential;
+
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY_VALUE: &str = "tasklist-operator";
+const ISSUED_AT: &str = "tasklist.camunda.community/issued-at";
+const REFRESH_AT: &str = "tasklist.camunda.community/refresh-at";
+/// Fingerprint of what the credential was made from (spec, referenced Secrets' versions,
+/// refresh annotation); it holds no credential material.
+const INPUTS: &str = "tasklist.camunda.community/inputs";
+/// SHA-256 of the data as the operator wrote it: a hand edit shows as a mismatch.
+const DATA_HASH: &str = "tasklist.camunda.community/data-hash";
+
+/// A credential as kept in the derived Secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredCredential {
+    pub credential: Credential,
+    pub issued_at: Timestamp,
+    pub expires_at: Timestamp,
+    pub refresh_at: Timestamp,
+    pub inputs: String,
+}
+
+/// Why a Secret's content cannot be used as a stored credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unusable {
+    /// Keys or annotations are missing or malformed.
+    Incomplete,
+    /// The data differs from what the operator wrote.
+    EditedByHand,
+}
+
+impl StoredCredential {
+    /// The Secret's data, with the contract's keys.
+    pub fn secret_data(&self, url: &str) -> BTreeMap<String, String> {
+        let mut data = BTreeMap::new();
+        match &self.credential {
+            Credential::Bearer(token) => {
+                data.insert("token".into(), token.expose().to_owned());
+                data.insert("authorization".into(), format!("Bearer {}", token.expose()));
+            }
+            Credential::Session(session) => {
+                data.insert("cookie".into(), session.cookie_header().expose().to_owned());
+                if let Some(csrf) = &session.csrf_token {
+                    data.insert("csrfToken".into(), csrf.expose().to_owned());
+                }
+            }
+        }
+        data.insert("expiresAt".into(), rfc3339(self.expires_at));
+        data.insert("url".into(), url.to_owned());
+        data
+    }
+
+    /// The whole Secret to apply for `connection`.
+    pub fn to_secret(&self, connection: &TasklistConnection) -> Secret {
+        let data = self.secret_data(&connection.spec.url);
+        let annotations = BTreeMap::from([
+            (ISSUED_AT.to_owned(), rfc3339(self.issued_at)),
+            (REFRESH_AT.to_owned(), rfc3339(self.refresh_at)),
+            (INPUTS.to_owned(), self.inputs.clone()),
+            (DATA_HASH.to_owned(), data_hash(&data)),
+        ]);
+        let mut owner = connection.controller_owner_ref(&());
+        if let Some(owner) = owner.as_mut() {
+            // Blocking owner deletion would need extra RBAC on the connection's finalizers.
+            owner.block_owner_deletion = None;
+        }
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(connection.secret_name()),
+                namespace: connection.metadata.namespace.clone(),
+                labels: Some(BTreeMap::from([(MANAGED_BY_LABEL.to_owned(), MANAGED_BY_VALUE.to_owned())])),
+                annotations: Some(annotations),
+                owner_references: owner.map(|owner| vec![owner]),
+                ..ObjectMeta::default()
+            },
+            type_: Some("Opaque".into()),
+            data: Some(data.into_iter().map(|(key, value)| (key, ByteString(value.into_bytes()))).collect()),
+            ..Secret::default()
+        }
+    }
+
+    /// Reads back what [`StoredCredential::to_secret`] wrote.
+    pub fn from_secret(secret: &Secret) -> Result<StoredCredential, Unusable> {
+        let annotations = secret.metadata.annotations.as_ref().ok_or(Unusable::Incomplete)?;
+        let annotation = |key: &str| annotations.get(key).ok_or(Unusable::Incomplete);
+        let data: BTreeMap<String, String> = secret
+            .data
+            .iter()
+            .flatten()
+            .map(|(key, value)| Ok((key.clone(), String::from_utf8(value.0.clone()).map_err(|_| Unusable::EditedByHand)?)))
+            .collect::<Result<_, Unusable>>()?;
+        if data_hash(&data) != *annotation(DATA_HASH)? {
+            return Err(Unusable::EditedByHand);
+        }
+        let credential = if let Some(token) = data.get("token") {
+            Credential::Bearer(Sensitive::new(token.as_str()))
+        } else if let Some(cookie) = data.get("cookie") {
+            Credential::Session(Session::from_cookie_header(cookie, data.get("csrfToken").map(Sensitive::new)))
+        } else {
+            return Err(Unusable::Incomplete);
+        };
+        let timestamp = |text: &str| text.parse::<Timestamp>().map_err(|_| Unusable::Incomplete);
+        Ok(StoredCredential {
+            credential,
+            issued_at: timestamp(annotation(ISSUED_AT)?)?,
+            expires_at: timestamp(data.get("expiresAt").ok_or(Unusable::Incomplete)?)?,
+            refresh_at: timestamp(annotation(REFRESH_AT)?)?,
+            inputs: annotation(INPUTS)?.clone(),
+        })
+    }
+}
+
+/// Whether `connection` is the controller owner of `secret`. A Secret of that name owned
+/// by anything else, or by nothing, is never overwritten.
+pub fn is_owned_by(secret: &Secret, connection: &TasklistConnection) -> bool {
+    let Some(uid) = connection.metadata.uid.as_deref() else {
+        return false;
+    };
+    secret
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|owner| owner.controller == Some(true) && owner.uid == uid)
+}
+
+fn data_hash(data: &BTreeMap<String, String>) -> String {
+    let mut hasher = Sha256::new();
+    for (key, value) in data {
+        hasher.update(key.as_bytes());
+        hasher.update([0]);
+        hasher.update(value.as_bytes());
+        hasher.update([0]);
+    }
+    hex::encode(hasher.finalize())
+}
+
+/// RFC 3339 in UTC with whole seconds, as the contract shows it.
+pub fn rfc3339(timestamp: Timestamp) -> String {
+    timestamp.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::TasklistConnectionSpec;
+
+    fn connection() -> TasklistConnection {
+        let spec: TasklistConnectionSpec = serde_json::from_value(serde_json::json!({
+            "url": "https://tasklist.example/abc",
+            "auth": {"oauth2": {"tokenUrl": "https://login.example/oauth/token", "clientSecretRef": {"name": "client"}}}
+        }))
+        .unwrap();
+        let mut connection = TasklistConnection::new("orders", spec);
+        connection.metadata.namespace = Some("team-a".into());
+        connection.metadata.uid = Some("uid-1".into());
+        connection
+    }
+
+    fn bearer() -> StoredCredential {
+        StoredCredential {
+            credential: Credential::Bearer(Sensitive::new("eyJ.token.sig")),
+            issued_at: Timestamp::from_second(1_000).unwrap(),
+            expires_at: Timestamp::from_second(1_300).unwrap(),
+            refresh_at: Timestamp::from_second(1_240).unwrap(),
+            inputs: "fingerprint".into(),
+        }
+    }
+
+    #[test]
+    fn oauth2_secret_has_the_contract_keys() {
+        let data = bearer().secret_data("https://tasklist.example/abc");
+        assert_eq!(data["token"], "eyJ.token.sig");
+        assert_eq!(data["authorization"], "Bearer eyJ.token.sig");
+        assert_eq!(data["expiresAt"], "1970-01-01T00:21:40Z");
+        assert_eq!(data["url"], "https://tasklist.example/abc");
+        assert_eq!(data.len(), 4);
+    }
+
+    #[test]
+    fn cookie_secret_has_the_contract_keys() {
+        let session = Session::new(
+            vec![
+                ("TASKLIST-SESSION".into(), Sensitive::new("s1")),
+                ("X-CSRF-TOKEN".into(), Sensitive::new("c1")),
+            ],
+            Some(Sensitive::new("c1")),
+        );
+        let stored = StoredCredential {
+            credential: Credential::Session(session),
+            ..bearer()
+        };
+        let data = stored.secret_data("https://t");
+        assert_eq!(data["cookie"], "TASKLIST-SESSION=s1; X-CSRF-TOKEN=c1");
+        assert_eq!(data["csrfToken"], "c1");
+        assert!(!data.contains_key("token"));
+    }
+
+    #[test]
+    fn the_secret_is_owned_labelled_and_reads_back_the_same() {
+        let connection = connection();
+        let secret = bearer().to_secret(&connection);
+        assert_eq!(secret.metadata.name.as_deref(), Some("orders-tasklist-auth"));
+        assert_eq!(secret.type_.as_deref(), Some("Opaque"));
+        assert_eq!(secret.metadata.labels.as_ref().unwrap()[MANAGED_BY_LABEL], MANAGED_BY_VALUE);
+        assert!(is_owned_by(&secret, &connection));
+        assert_eq!(StoredCredential::from_secret(&secret), Ok(bearer()));
+
+        let session = Session::new(vec![("TASKLIST-SESSION".into(), Sensitive::new("s1"))], None);
+        let cookie = StoredCredential {
+            credential: Credential::Session(session),
+            ..bearer()
+        };
+        assert_eq!(StoredCredential::from_secret(&cookie.to_secret(&connection)), Ok(cookie));
+    }
+
+    #[test]
+    fn a_hand_edit_is_noticed() {
+        let mut secret = bearer().to_secret(&connection());
+        secret.data.as_mut().unwrap().insert("token".into(), ByteString(b"edited".to_vec()));
+        assert_eq!(StoredCredential::from_secret(&secret), Err(Unusable::EditedByHand));
+        secret.metadata.annotations = None;
+        assert_eq!(StoredCredential::from_secret(&secret), Err(Unusable::Incomplete));
+    }
+
+    #[test]
+    fn a_secret_owned_by_someone_else_is_not_ours() {
+        let mut secret = bearer().to_secret(&connection());
+        secret.metadata.owner_references.as_mut().unwrap()[0].uid = "other".into();
+        assert!(!is_owned_by(&secret, &connection()));
+        secret.metadata.owner_references = None;
+        assert!(!is_owned_by(&secret, &connection()));
+    }
+}

@@ -1,0 +1,366 @@
+//! What a connection's credential is made from: the spec and the referenced Secrets, read
+//! only from the connection's own namespace.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use sha2::{Digest, Sha256};
+
+use crate::camunda::login::{CookieLogin, LoginCredentials};
+use crate::camunda::token::{ClientCredentials, TokenEndpoint};
+use crate::camunda::{Sensitive, TlsTrust, join_url};
+use crate::crd::TasklistConnection;
+use crate::duration::parse_duration;
+
+/// How to obtain a credential, with the values read from the referenced Secret.
+#[derive(Debug, Clone)]
+pub enum LoginMaterial {
+    OAuth2 {
+        endpoint: TokenEndpoint,
+        client: ClientCredentials,
+    },
+    Cookie {
+        login: CookieLogin,
+        credentials: LoginCredentials,
+        session_timeout: Duration,
+    },
+}
+
+/// Everything needed to obtain and check a credential.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    pub login: LoginMaterial,
+    pub trust: TlsTrust,
+    pub refresh_before: Option<Duration>,
+    pub probe_interval: Duration,
+    /// Changes whenever the spec, a referenced Secret or the refresh annotation changes.
+    pub fingerprint: String,
+}
+
+/// Why the inputs could not be read; `reason` is a condition reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputProblem {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Something that can fetch Secrets by name from the connection's namespace.
+pub trait SecretSource {
+    fn get(&self, name: &str) -> impl Future<Output = Result<Option<Secret>, kube::Error>> + Send;
+}
+
+impl SecretSource for Api<Secret> {
+    async fn get(&self, name: &str) -> Result<Option<Secret>, kube::Error> {
+        self.get_opt(name).await
+    }
+}
+
+/// The result of reading inputs: a Kubernetes API failure is not the user's problem and
+/// is retried by the controller; an `InputProblem` is reported in status.
+pub type ReadResult = Result<Result<Inputs, InputProblem>, kube::Error>;
+
+pub async fn read_inputs(connection: &TasklistConnection, secrets: &impl SecretSource) -> ReadResult {
+    let spec = &connection.spec;
+    let mut reader = SecretReader {
+        secrets,
+        versions: BTreeMap::new(),
+    };
+
+    let login = if let Some(cookie) = &spec.auth.cookie {
+        let reference = &cookie.credentials_secret_ref;
+        let username = match reader.value(&reference.name, &reference.username_key).await? {
+            Ok(value) => value,
+            Err(problem) => return Ok(Err(problem)),
+        };
+        let password = match reader.value(&reference.name, &reference.password_key).await? {
+            Ok(value) => value,
+            Err(problem) => return Ok(Err(problem)),
+        };
+        let session_timeout = match duration_field("auth.cookie.sessionTimeout", &cookie.session_timeout) {
+            Ok(timeout) => timeout,
+            Err(problem) => return Ok(Err(problem)),
+        };
+        LoginMaterial::Cookie {
+            login: CookieLogin {
+                login_url: join_url(&spec.url, &cookie.login_path),
+            },
+            credentials: LoginCredentials {
+                username: username.expose().to_owned(),
+                password,
+            },
+            session_timeout,
+        }
+    } else if let Some(oauth2) = &spec.auth.oauth2 {
+        let reference = &oauth2.client_secret_ref;
+        let client_id = match reader.value(&reference.name, &reference.client_id_key).await? {
+            Ok(value) => value,
+            Err(problem) => return Ok(Err(problem)),
+        };
+        let client_secret = match reader.value(&reference.name, &reference.client_secret_key).await? {
+            Ok(value) => value,
+            Err(problem) => return Ok(Err(problem)),
+        };
+        LoginMaterial::OAuth2 {
+            endpoint: TokenEndpoint {
+                url: oauth2.token_url.clone(),
+                audience: oauth2.audience.clone(),
+                scope: oauth2.scope.clone(),
+                encoding: oauth2.request_encoding,
+            },
+            client: ClientCredentials {
+                client_id: client_id.expose().to_owned(),
+                client_secret,
+            },
+        }
+    } else {
+        return Ok(Err(InputProblem {
+            reason: "InvalidSpec",
+            message: "auth has neither oauth2 nor cookie".into(),
+        }));
+    };
+
+    let tls = spec.tls.clone().unwrap_or_default();
+    let extra_roots_pem = match &tls.ca_secret_ref {
+        Some(reference) => match reader.value(&reference.name, &reference.key).await? {
+            Ok(pem) => Some(pem.expose().to_owned()),
+            Err(problem) => return Ok(Err(problem)),
+        },
+        None => None,
+    };
+    let refresh_before = match spec
+        .refresh_before
+        .as_deref()
+        .map(|text| duration_field("refreshBefore", text))
+        .transpose()
+    {
+        Ok(value) => value,
+        Err(problem) => return Ok(Err(problem)),
+    };
+    let probe_interval = match duration_field("probe.interval", &spec.probe.interval) {
+        Ok(interval) => interval.max(Duration::from_secs(1)),
+        Err(problem) => return Ok(Err(problem)),
+    };
+
+    let fingerprint = fingerprint(connection, &reader.versions);
+    Ok(Ok(Inputs {
+        login,
+        trust: TlsTrust {
+            extra_roots_pem,
+            insecure_skip_verify: tls.insecure_skip_verify,
+        },
+        refresh_before,
+        probe_interval,
+        fingerprint,
+    }))
+}
+
+/// The names of the Secrets a connection reads, for mapping Secret changes to connections.
+pub fn referenced_secret_names(connection: &TasklistConnection) -> Vec<String> {
+    let auth = &connection.spec.auth;
+    let mut names: Vec<String> = [
+        auth.oauth2.as_ref().map(|o| o.client_secret_ref.name.clone()),
+        auth.cookie.as_ref().map(|c| c.credentials_secret_ref.name.clone()),
+        connection
+            .spec
+            .tls
+            .as_ref()
+            .and_then(|tls| tls.ca_secret_ref.as_ref())
+            .map(|r| r.name.clone()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    names.dedup();
+    names
+}
+
+struct SecretReader<'a, S> {
+    secrets: &'a S,
+    /// name -> (uid, resourceVersion) of every Secret read, for the fingerprint.
+    versions: BTreeMap<String, (String, String)>,
+}
+
+impl<S: SecretSource> SecretReader<'_, S> {
+    async fn value(&mut self, name: &str, key: &str) -> Result<Result<Sensitive, InputProblem>, kube::Error> {
+        let Some(secret) = self.secrets.get(name).await? else {
+            return Ok(Err(InputProblem {
+                reason: "SecretNotFound",
+                message: format!("Secret {name:?} not found in the connection's namespace"),
+            }));
+        };
+        self.versions.insert(
+            name.to_owned(),
+            (
+                secret.metadata.uid.clone().unwrap_or_default(),
+                secret.metadata.resource_version.clone().unwrap_or_default(),
+            ),
+        );
+        let missing = |what: &str| InputProblem {
+            reason: "SecretKeyMissing",
+            message: format!("Secret {name:?} {what} key {key:?}"),
+        };
+        let bytes = secret
+            .data
+            .as_ref()
+            .and_then(|data| data.get(key))
+            .map(|value| value.0.clone())
+            .or_else(|| {
+                secret
+                    .string_data
+                    .as_ref()
+                    .and_then(|data| data.get(key))
+                    .map(|v| v.clone().into_bytes())
+            });
+        let Some(bytes) = bytes else {
+            return Ok(Err(missing("has no")));
+        };
+        let Ok(text) = String::from_utf8(bytes) else {
+            return Ok(Err(missing("has a non-UTF-8 value under")));
+        };
+        // `echo secret > file` adds a newline that is never part of the value.
+        let value = text.trim_end_matches(['\n', '\r']);
+        if value.is_empty() {
+            return Ok(Err(missing("has an empty value under")));
+        }
+        Ok(Ok(Sensitive::new(value)))
+    }
+}
+
+fn duration_field(field: &str, text: &str) -> Result<Duration, InputProblem> {
+    parse_duration(text).map_err(|message| InputProblem {
+        reason: "InvalidSpec",
+        message: format!("{field}: {message}"),
+    })
+}
+
+/// A hash of what the credential depends on. It holds no credential material: Secrets
+/// enter it only by uid and resourceVersion, which change whenever their data does.
+fn fingerprint(connection: &TasklistConnection, secret_versions: &BTreeMap<String, (String, String)>) -> String {
+    let material = serde_json::json!({
+        "spec": connection.spec,
+        "refresh": connection.refresh_request(),
+        "secrets": secret_versions,
+    });
+    let digest = Sha256::digest(material.to_string().as_bytes());
+    hex::encode(&digest[..16])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::ByteString;
+    use kube::api::ObjectMeta;
+    use std::sync::Mutex;
+
+    struct FakeSecrets(Mutex<BTreeMap<String, Secret>>);
+
+    impl SecretSource for FakeSecrets {
+        async fn get(&self, name: &str) -> Result<Option<Secret>, kube::Error> {
+            Ok(self.0.lock().unwrap().get(name).cloned())
+        }
+    }
+
+    fn secret(name: &str, version: &str, data: &[(&str, &str)]) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                uid: Some(format!("uid-{name}")),
+                resource_version: Some(version.into()),
+                ..Default::default()
+            },
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    fn connection(auth: serde_json::Value) -> TasklistConnection {
+        let spec = serde_json::from_value(serde_json::json!({"url": "https://tasklist.example", "auth": auth})).unwrap();
+        TasklistConnection::new("orders", spec)
+    }
+
+    fn oauth2() -> TasklistConnection {
+        connection(serde_json::json!({"oauth2": {"tokenUrl": "https://login/oauth/token", "clientSecretRef": {"name": "client"}}}))
+    }
+
+    fn secrets(list: Vec<Secret>) -> FakeSecrets {
+        FakeSecrets(Mutex::new(
+            list.into_iter().map(|s| (s.metadata.name.clone().unwrap(), s)).collect(),
+        ))
+    }
+
+    #[tokio::test]
+    async fn reads_client_credentials_with_default_keys_and_trims_a_newline() {
+        let source = secrets(vec![secret(
+            "client",
+            "1",
+            &[("client_id", "orders\n"), ("client_secret", "s3cret\n")],
+        )]);
+        let inputs = read_inputs(&oauth2(), &source).await.unwrap().unwrap();
+        let LoginMaterial::OAuth2 { endpoint, client } = inputs.login else {
+            panic!("oauth2 expected")
+        };
+        assert_eq!(client.client_id, "orders");
+        assert_eq!(client.client_secret.expose(), "s3cret");
+        assert_eq!(endpoint.audience, "tasklist.camunda.io");
+        assert_eq!(inputs.probe_interval, Duration::from_secs(60));
+    }
+
+    #[tokio::test]
+    async fn missing_secret_and_missing_key_have_their_reasons() {
+        let problem = read_inputs(&oauth2(), &secrets(vec![])).await.unwrap().unwrap_err();
+        assert_eq!(problem.reason, "SecretNotFound");
+        let source = secrets(vec![secret("client", "1", &[("client_id", "orders")])]);
+        let problem = read_inputs(&oauth2(), &source).await.unwrap().unwrap_err();
+        assert_eq!(problem.reason, "SecretKeyMissing");
+        assert!(problem.message.contains("client_secret"), "{}", problem.message);
+    }
+
+    #[tokio::test]
+    async fn the_fingerprint_follows_secret_versions_and_the_refresh_annotation() {
+        let data = [("client_id", "orders"), ("client_secret", "s3cret")];
+        let first = read_inputs(&oauth2(), &secrets(vec![secret("client", "1", &data)]))
+            .await
+            .unwrap()
+            .unwrap();
+        let same = read_inputs(&oauth2(), &secrets(vec![secret("client", "1", &data)]))
+            .await
+            .unwrap()
+            .unwrap();
+        let rotated = read_inputs(&oauth2(), &secrets(vec![secret("client", "2", &data)]))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.fingerprint, same.fingerprint);
+        assert_ne!(first.fingerprint, rotated.fingerprint);
+
+        let mut annotated = oauth2();
+        annotated.metadata.annotations = Some(BTreeMap::from([(crate::crd::REFRESH_ANNOTATION.to_string(), "now".to_string())]));
+        let refreshed = read_inputs(&annotated, &secrets(vec![secret("client", "1", &data)]))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_ne!(first.fingerprint, refreshed.fingerprint);
+        assert!(!first.fingerprint.contains("s3cret"));
+    }
+
+    #[tokio::test]
+    async fn cookie_login_url_keeps_the_base_path() {
+        let connection = connection(serde_json::json!({"cookie": {"credentialsSecretRef": {"name": "login"}}}));
+        let source = secrets(vec![secret("login", "1", &[("username", "demo"), ("password", "demo")])]);
+        let inputs = read_inputs(&connection, &source).await.unwrap().unwrap();
+        let LoginMaterial::Cookie {
+            login, session_timeout, ..
+        } = inputs.login
+        else {
+            panic!("cookie expected")
+        };
+        assert_eq!(login.login_url, "https://tasklist.example/api/login");
+        assert_eq!(session_timeout, Duration::from_secs(1800));
+    }
+}

@@ -1,0 +1,15 @@
+//! tasklist-operator keeps applications logged in to Camunda's Tasklist API: for each
+//! `TasklistConnection` it obtains the credential Tasklist wants, keeps it fresh in a
+//! Secret, and reports in status whether Tasklist accepts it.
+
+pub mod camunda;
+pub mod controller;
+pub mod crd;
+pub mod credential;
+pub mod derived_secret;
+pub mod duration;
+pub mod inputs;
+pub mod obtain;
+pub mod schedule;
+pub mod serve;
+pub mod status;

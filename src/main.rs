@@ -1,0 +1,139 @@
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use kube::CustomResourceExt;
+use kube::api::{Api, ListParams};
+use tasklist_operator::camunda::HttpSettings;
+use tasklist_operator::controller::{self, Context, Scope};
+use tasklist_operator::crd::TasklistConnection;
+use tasklist_operator::duration::parse_duration;
+use tasklist_operator::serve::{Health, serve};
+use tokio::sync::watch;
+use tracing::{error, info};
+
+/// Keeps applications logged in to Camunda's Tasklist API.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller.
+    Run(RunArgs),
+    /// Print the TasklistConnection CRD as YAML.
+    Crd,
+}
+
+#[derive(Parser)]
+struct RunArgs {
+    /// Watch only this namespace (repeat for several); all namespaces when not given.
+    #[arg(long = "namespace", value_name = "NAMESPACE")]
+    namespaces: Vec<String>,
+    /// Log lines as human-readable text or as JSON objects. Filter with RUST_LOG.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Timeout of each HTTP request to Camunda (token endpoint, login, probe).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    request_timeout: Duration,
+    /// Address of the port serving /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    listen_addr: SocketAddr,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Crd => {
+            print!("{}", serde_yaml::to_string(&TasklistConnection::crd())?);
+            Ok(())
+        }
+        Command::Run(args) => run(args).await,
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format);
+    let client = kube::Client::try_default().await?;
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("stopping: finishing reconciles in flight");
+        let _ = stop.send(true);
+    });
+    let shutdown = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }
+    };
+
+    let health = Arc::new(Health::default());
+    let server = tokio::spawn(serve(args.listen_addr, health.clone(), shutdown()));
+    wait_until_crd_answers(&client, &args.namespaces).await;
+    health.set_ready(true);
+
+    let scope = if args.namespaces.is_empty() {
+        Scope::AllNamespaces
+    } else {
+        Scope::Namespaces(args.namespaces)
+    };
+    let settings = HttpSettings {
+        timeout: args.request_timeout,
+        ..HttpSettings::default()
+    };
+    let ctx = Arc::new(Context::new(client, settings));
+    controller::run(ctx, scope, shutdown()).await;
+    if let Ok(Err(error)) = server.await {
+        error!("health server failed: {error}");
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// Waits until TasklistConnections can be listed: the CRD is installed and RBAC allows it.
+async fn wait_until_crd_answers(client: &kube::Client, namespaces: &[String]) {
+    let api: Api<TasklistConnection> = match namespaces.first() {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    };
+    let mut delay = Duration::from_millis(500);
+    while let Err(error) = api.list_metadata(&ListParams::default().limit(1)).await {
+        error!("cannot list TasklistConnections (is the CRD installed?): {error}");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+async fn wait_for_signal() {
+    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(signal) => signal,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+    }
+}

@@ -1,0 +1,44 @@
+//! Obtaining a new credential: a token from the token endpoint or a session from the
+//! login, with its lifetime and the time to replace it.
+
+use jiff::Timestamp;
+
+use crate::camunda::{AuthFailure, HttpClient};
+use crate::credential::{Credential, add, bearer_token_expiry};
+use crate::derived_secret::StoredCredential;
+use crate::inputs::Inputs;
+use crate::inputs::LoginMaterial;
+use crate::schedule::refresh_time;
+
+pub async fn obtain_credential(inputs: &Inputs, http: &HttpClient) -> Result<StoredCredential, AuthFailure> {
+    // Whole seconds: the Secret stores RFC 3339 without fractions, and a credential read
+    // back after a restart must compare equal to the one written.
+    let issued_at = whole_seconds(Timestamp::now());
+    let (credential, expires_at) = match &inputs.login {
+        LoginMaterial::OAuth2 { endpoint, client } => {
+            let grant = endpoint.request_token(http, client).await?;
+            let expires_at = bearer_token_expiry(&grant.access_token, grant.expires_in, issued_at).map_err(AuthFailure::server_error)?;
+            (Credential::Bearer(grant.access_token), expires_at)
+        }
+        LoginMaterial::Cookie {
+            login,
+            credentials,
+            session_timeout,
+        } => {
+            let session = login.log_in(http, credentials).await?;
+            (Credential::Session(session), add(issued_at, *session_timeout))
+        }
+    };
+    let refresh_at = refresh_time(issued_at, expires_at, inputs.refresh_before, rand::random());
+    Ok(StoredCredential {
+        credential,
+        issued_at,
+        expires_at: whole_seconds(expires_at),
+        refresh_at: whole_seconds(refresh_at),
+        inputs: inputs.fingerprint.clone(),
+    })
+}
+
+pub fn whole_seconds(timestamp: Timestamp) -> Timestamp {
+    Timestamp::from_second(timestamp.as_second()).unwrap_or(timestamp)
+}

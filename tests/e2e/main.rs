@@ -1,0 +1,48 @@
+//! End-to-end tests: the operator binary against a real kube-apiserver, etcd and
+//! kube-controller-manager (garbage collection included), a real Keycloak and a stand-in
+//! Tasklist. One control plane and one Keycloak serve every scenario; each scenario has
+//! its own namespace, stand-in Tasklist and operator process.
+//!
+//! A missing component fails every scenario: nothing is skipped.
+
+mod core;
+mod scenario;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use scenario::World;
+
+type ScenarioFn = fn(Arc<World>) -> futures::future::BoxFuture<'static, anyhow::Result<()>>;
+
+fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
+    core::scenarios()
+}
+
+fn main() -> ExitCode {
+    let mut args = Arguments::from_args();
+    // Scenarios mostly wait on servers and timers; run several at once.
+    args.test_threads.get_or_insert(4);
+    let list = scenarios();
+    if args.list {
+        let trials = list.into_iter().map(|(name, _)| Trial::test(name, || Ok(()))).collect();
+        return libtest_mimic::run(&args, trials).exit_code();
+    }
+
+    // Started on the main thread: child processes die with the thread that spawned them.
+    let world = World::start().map(Arc::new).map_err(|error| format!("{error:#}"));
+    let trials = list
+        .into_iter()
+        .map(|(name, scenario)| {
+            let world = world.clone();
+            Trial::test(name, move || {
+                let world = world.map_err(|error| Failed::from(format!("the test environment did not start: {error}")))?;
+                world.run(name, scenario(world.clone())).map_err(Failed::from)
+            })
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    drop(world);
+    conclusion.exit_code()
+}

@@ -1,0 +1,341 @@
+//! What every scenario needs: the shared world, and per scenario a namespace, a stand-in
+//! Tasklist and an operator process, with helpers that read like the user's actions.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Client, CustomResourceExt};
+use tasklist_operator::crd::TasklistConnection;
+use testsupport::controlplane::ControlPlane;
+use testsupport::keycloak::Keycloak;
+use testsupport::operator::OperatorProcess;
+use testsupport::standin::StandinTasklist;
+use testsupport::tools::Tools;
+
+/// The shared world: one control plane, one Keycloak.
+pub struct World {
+    pub runtime: tokio::runtime::Runtime,
+    pub control_plane: ControlPlane,
+    pub keycloak: Keycloak,
+}
+
+impl World {
+    pub fn start() -> anyhow::Result<World> {
+        let tools = Tools::from_env()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build()?;
+        let (control_plane, keycloak) = runtime.block_on(async {
+            let (control_plane, keycloak) = tokio::join!(ControlPlane::start(&tools), Keycloak::start(&tools));
+            let control_plane = control_plane.context("starting the control plane")?;
+            let keycloak = keycloak.context("starting Keycloak")?;
+            install_crd(&control_plane.client()).await?;
+            anyhow::Ok((control_plane, keycloak))
+        })?;
+        Ok(World {
+            runtime,
+            control_plane,
+            keycloak,
+        })
+    }
+
+    /// Runs one scenario; on failure, the message carries the control plane's log tail.
+    pub fn run(&self, name: &str, scenario: impl Future<Output = anyhow::Result<()>>) -> Result<(), String> {
+        self.runtime.block_on(scenario).map_err(|error| format!("{name}: {error:#}"))
+    }
+
+    pub fn client(&self) -> Client {
+        self.control_plane.client()
+    }
+}
+
+async fn install_crd(client: &Client) -> anyhow::Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let committed: CustomResourceDefinition = serde_yaml::from_str(&std::fs::read_to_string(crd_path())?)?;
+    crds.create(&PostParams::default(), &committed)
+        .await
+        .context("creating the CRD from crds/")?;
+    let name = TasklistConnection::crd_name();
+    let established = kube::runtime::wait::conditions::is_crd_established();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        kube::runtime::wait::await_condition(crds, name, established),
+    )
+    .await
+    .context("the CRD was not established within 30 s")??;
+    Ok(())
+}
+
+pub fn crd_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("crds/tasklistconnection.yaml")
+}
+
+pub fn operator_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tasklist-operator"))
+}
+
+/// One scenario's namespace, stand-in Tasklist and operator.
+pub struct Scenario {
+    pub namespace: String,
+    pub client: Client,
+    pub standin: StandinTasklist,
+    pub operator: OperatorProcess,
+    kubeconfig: PathBuf,
+    /// Every credential value this scenario used, for the leak check.
+    secrets_used: Vec<String>,
+    /// Logs of operator processes this scenario stopped.
+    earlier_logs: Vec<String>,
+}
+
+impl Scenario {
+    pub async fn start(world: &World, prefix: &str) -> anyhow::Result<Scenario> {
+        let namespace = world.control_plane.create_namespace(prefix).await?;
+        let standin = StandinTasklist::start().await?;
+        let kubeconfig = world.control_plane.kubeconfig().to_path_buf();
+        let operator = start_operator(&kubeconfig, &namespace)?;
+        Ok(Scenario {
+            namespace,
+            client: world.client(),
+            standin,
+            operator,
+            kubeconfig,
+            secrets_used: Vec::new(),
+            earlier_logs: Vec::new(),
+        })
+    }
+
+    /// Stops the operator with SIGKILL and starts a new one, as a crash and restart would.
+    pub fn restart_operator_after_crash(&mut self) -> anyhow::Result<()> {
+        self.operator.kill();
+        let previous_logs = self.operator.logs();
+        self.operator = start_operator(&self.kubeconfig, &self.namespace)?;
+        self.earlier_logs.push(previous_logs);
+        Ok(())
+    }
+
+    pub fn connections(&self) -> Api<TasklistConnection> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    pub fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Creates or replaces a Secret with string data, remembering the values as secrets.
+    pub async fn apply_secret(&mut self, name: &str, data: &[(&str, &str)]) -> anyhow::Result<()> {
+        self.secrets_used.extend(
+            data.iter()
+                .filter(|(key, _)| !key.contains("id") && *key != "username")
+                .map(|(_, v)| v.to_string()),
+        );
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..ObjectMeta::default()
+            },
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                    .collect(),
+            ),
+            ..Secret::default()
+        };
+        self.secrets()
+            .patch(name, &PatchParams::apply("e2e-test").force(), &Patch::Apply(&secret))
+            .await?;
+        Ok(())
+    }
+
+    /// Applies a TasklistConnection from its spec as JSON.
+    pub async fn apply_connection(&self, name: &str, spec: serde_json::Value) -> anyhow::Result<()> {
+        let manifest = serde_json::json!({
+            "apiVersion": "tasklist.camunda.community/v1alpha1",
+            "kind": "TasklistConnection",
+            "metadata": {"name": name},
+            "spec": spec,
+        });
+        self.connections()
+            .patch(name, &PatchParams::apply("e2e-test").force(), &Patch::Apply(manifest))
+            .await?;
+        Ok(())
+    }
+
+    /// Sets an annotation on a connection (a user's `kubectl annotate --overwrite`).
+    pub async fn annotate_connection(&self, name: &str, key: &str, value: &str) -> anyhow::Result<()> {
+        let patch = serde_json::json!({"metadata": {"annotations": {key: value}}});
+        self.connections()
+            .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+            .await?;
+        Ok(())
+    }
+
+    /// Waits until `check` accepts the connection, up to `timeout`.
+    pub async fn wait_for_connection(
+        &self,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&TasklistConnection) -> bool,
+    ) -> anyhow::Result<TasklistConnection> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let connection = self.connections().get_opt(name).await?;
+            if let Some(connection) = &connection
+                && check(connection)
+            {
+                return Ok(connection.clone());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "connection {name} did not become {what} within {timeout:?}; last status: {}\n--- operator log (tail) ---\n{}",
+                    serde_json::to_string_pretty(&connection.and_then(|c| c.status)).unwrap_or_default(),
+                    tail(&self.operator.logs(), 40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub async fn wait_ready(&self, name: &str) -> anyhow::Result<TasklistConnection> {
+        self.wait_for_connection(name, "Ready", Duration::from_secs(30), |c| {
+            condition(c, "Ready").is_some_and(|(status, _)| status == "True")
+        })
+        .await
+    }
+
+    /// Waits until the Ready condition is False with `reason`.
+    pub async fn wait_not_ready_because(&self, name: &str, reason: &str) -> anyhow::Result<TasklistConnection> {
+        self.wait_for_connection(name, &format!("not Ready with reason {reason}"), Duration::from_secs(30), |c| {
+            condition(c, "Ready").is_some_and(|(status, why)| status == "False" && why == reason)
+        })
+        .await
+    }
+
+    /// The derived Secret's data as text, or None when it does not exist.
+    pub async fn derived_secret(&self, name: &str) -> anyhow::Result<Option<BTreeMap<String, String>>> {
+        let Some(secret) = self.secrets().get_opt(name).await? else {
+            return Ok(None);
+        };
+        Ok(Some(secret_text(&secret)))
+    }
+
+    /// Waits until the derived Secret exists and `check` accepts its data.
+    pub async fn wait_for_secret(
+        &self,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&BTreeMap<String, String>) -> bool,
+    ) -> anyhow::Result<BTreeMap<String, String>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(data) = self.derived_secret(name).await?
+                && check(&data)
+            {
+                return Ok(data);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "Secret {name} did not become {what} within {timeout:?}\n--- operator log (tail) ---\n{}",
+                    tail(&self.operator.logs(), 40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Remembers credential values the operator obtained (tokens, cookies) for the leak check.
+    pub fn remember_credential(&mut self, data: &BTreeMap<String, String>) {
+        for key in ["token", "cookie", "csrfToken"] {
+            if let Some(value) = data.get(key) {
+                self.secrets_used.push(value.clone());
+                // A cookie header holds several values; each must stay secret on its own.
+                if key == "cookie" {
+                    self.secrets_used.extend(
+                        value
+                            .split(';')
+                            .filter_map(|pair| pair.split_once('='))
+                            .map(|(_, v)| v.trim().to_owned()),
+                    );
+                }
+            }
+        }
+    }
+
+    /// No credential used in this scenario appears in the operator's logs, in any
+    /// connection's status, or in any Event of the namespace.
+    pub async fn assert_no_credential_leaked(&self) -> anyhow::Result<()> {
+        let mut places = vec![("operator log".to_owned(), self.operator.logs())];
+        places.extend(
+            self.earlier_logs
+                .iter()
+                .map(|logs| ("earlier operator log".to_owned(), logs.clone())),
+        );
+        for connection in self.connections().list(&ListParams::default()).await? {
+            places.push((
+                format!("status of {}", connection.metadata.name.unwrap_or_default()),
+                serde_json::to_string(&connection.status)?,
+            ));
+        }
+        let events: Api<Event> = Api::namespaced(self.client.clone(), &self.namespace);
+        for event in events.list(&ListParams::default()).await? {
+            places.push(("an Event".to_owned(), serde_json::to_string(&event)?));
+        }
+        for secret in self.secrets_used.iter().filter(|value| value.len() >= 4) {
+            for (place, text) in &places {
+                if text.contains(secret.as_str()) {
+                    bail!("a credential value ({} characters) appears in the {place}", secret.len());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn start_operator(kubeconfig: &std::path::Path, namespace: &str) -> anyhow::Result<OperatorProcess> {
+    let args: Vec<String> = [
+        "run",
+        "--namespace",
+        namespace,
+        "--listen-addr",
+        "127.0.0.1:0",
+        "--request-timeout",
+        "3s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    // Debug logging, so the leak check covers the most verbose output.
+    let env = vec![("RUST_LOG".to_owned(), "info,tasklist_operator=debug".to_owned())];
+    OperatorProcess::start(&operator_binary(), kubeconfig, &args, &env)
+}
+
+/// The status and reason of a condition.
+pub fn condition(connection: &TasklistConnection, type_: &str) -> Option<(String, String)> {
+    connection
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+pub fn secret_text(secret: &Secret) -> BTreeMap<String, String> {
+    secret
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), String::from_utf8_lossy(&v.0).into_owned()))
+        .collect()
+}
+
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

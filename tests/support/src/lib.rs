@@ -1,0 +1,9 @@
+//! Test support for tasklist-operator, used by `tests/` and by the demo:
+//! a real control plane built from Go modules, a real Keycloak, a stand-in Tasklist,
+//! and the operator binary run as a child process.
+
+pub mod controlplane;
+pub mod keycloak;
+pub mod operator;
+pub mod standin;
+pub mod tools;

@@ -1,0 +1,359 @@
+//! A stand-in for Camunda's Tasklist and its OAuth2 token endpoint, for tests.
+//!
+//! Each test starts its own server on `127.0.0.1` with an ephemeral port. It behaves like
+//! the real servers in the ways the operator depends on (see the wire facts in
+//! `/work/shared/reference/camunda-wire-facts.md`):
+//!
+//! - `POST /oauth/token`: SaaS-style client credentials (form or JSON body, or HTTP Basic),
+//!   answered with an ES256-signed JWT;
+//! - `POST /api/login`, `POST /api/logout`: Tasklist's cookie login with CSRF protection;
+//! - `/v1/**` and `/v2/**`: the Tasklist API as a connectivity probe, which accepts only a
+//!   valid bearer JWT or a live session cookie (plus the CSRF token on state-changing
+//!   requests).
+//!
+//! Tests flip switches (an endpoint down, slow or rejecting; odd token answers; revoked
+//! credentials; refused connections) and read back what the server saw.
+//!
+//! ```no_run
+//! # async fn example() -> anyhow::Result<()> {
+//! use testsupport::standin::StandinTasklist;
+//! let tasklist = StandinTasklist::start().await?;
+//! tasklist.add_client("orders", "s3cret");
+//! // point a TasklistConnection at tasklist.url() and tasklist.token_url() ...
+//! # Ok(()) }
+//! ```
+
+mod bearer;
+mod listener;
+mod oauth;
+mod state;
+mod tasklist;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::routing::{any, post};
+
+use self::listener::Listener;
+use self::state::Shared;
+
+/// The name of Tasklist's session cookie.
+pub const SESSION_COOKIE: &str = "TASKLIST-SESSION";
+/// The CSRF header and cookie name of Tasklist 8.5 and later.
+pub const CSRF_NAME: &str = "X-CSRF-TOKEN";
+/// The CSRF header and cookie name of older Tasklist versions.
+pub const LEGACY_CSRF_NAME: &str = "TASKLIST-X-CSRF-TOKEN";
+
+/// How a stand-in is set up; fixed for its lifetime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StandinOptions {
+    /// Serve HTTPS with a certificate for `127.0.0.1` and `localhost`, signed by a CA
+    /// generated at start (see [`StandinTasklist::ca_pem`]).
+    pub tls: bool,
+    /// Tasklist's CSRF protection (`camunda.tasklist.csrfPreventionEnabled`); default on.
+    pub csrf: bool,
+    /// Use the older CSRF name `TASKLIST-X-CSRF-TOKEN` for both the header and the cookie.
+    pub legacy_csrf_name: bool,
+    /// The audience the token endpoint requires; default `tasklist.camunda.io`.
+    /// The API accepts tokens for it as well as for `tasklist.camunda.io` and `tasklist-api`.
+    pub audience: String,
+}
+
+impl Default for StandinOptions {
+    fn default() -> Self {
+        Self {
+            tls: false,
+            csrf: true,
+            legacy_csrf_name: false,
+            audience: "tasklist.camunda.io".to_owned(),
+        }
+    }
+}
+
+impl StandinOptions {
+    /// The CSRF header and cookie name these options select.
+    pub fn csrf_name(&self) -> &'static str {
+        if self.legacy_csrf_name { LEGACY_CSRF_NAME } else { CSRF_NAME }
+    }
+}
+
+/// How an endpoint behaves; each switch takes effect for the next request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EndpointMode {
+    /// Works as the real server does.
+    #[default]
+    Normal,
+    /// `503 Service Unavailable` with a small body.
+    Down,
+    /// Waits this long, then answers normally.
+    Slow(Duration),
+    /// Rejects every request: the token endpoint with `401 invalid_client`, login and the
+    /// API with `401`.
+    Reject,
+}
+
+/// What a successful token request gets back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TokenAnswer {
+    /// A signed JWT with `expires_in` (the default).
+    #[default]
+    Jwt,
+    /// A random token that is not a JWT, with `expires_in`. The API accepts it for the
+    /// token lifetime.
+    OpaqueWithExpiresIn,
+    /// A random token that is not a JWT, without `expires_in`. The API accepts it for the
+    /// token lifetime.
+    OpaqueWithoutExpiresIn,
+    /// `200` with an HTML page (a proxy's or login page instead of the token endpoint).
+    Html200,
+    /// `200` with a JSON body that has no `access_token`.
+    JsonWithoutAccessToken,
+    /// `200` with a 10 MB body: valid JSON with a working token after 10 MB of padding, so
+    /// only a client that limits the answer's size rejects it.
+    Huge,
+    /// Keycloak's behaviour: a JSON body gets `400 {"error":"invalid_request",
+    /// "error_description":"Missing form parameter: grant_type"}`; a form body works.
+    Keycloak400ForJson,
+}
+
+/// How a token request carried its parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRequestEncoding {
+    /// `application/x-www-form-urlencoded` body with the client credentials in it.
+    Form,
+    /// `application/json` body with the client credentials in it.
+    Json,
+    /// Client credentials in an HTTP Basic `Authorization` header (body of either kind).
+    Basic,
+    /// A body of any other content type (answered with `400`).
+    Other,
+}
+
+/// One request to `POST /oauth/token`. Never holds the client secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRequestRecord {
+    pub time: SystemTime,
+    pub encoding: TokenRequestEncoding,
+    /// Empty when the request had none.
+    pub client_id: String,
+    /// Empty when the request had none.
+    pub audience: String,
+    pub scope: Option<String>,
+    pub status: u16,
+}
+
+/// One request to `POST /api/login`. Never holds the password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginRecord {
+    pub time: SystemTime,
+    /// Empty when the request had none.
+    pub username: String,
+    pub status: u16,
+}
+
+/// The credential an API request presented (whether or not it was valid).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthKind {
+    /// An `Authorization: Bearer ...` header.
+    Bearer,
+    /// A `TASKLIST-SESSION` cookie (and no bearer token).
+    Cookie,
+    /// Neither.
+    None,
+}
+
+/// One request to `/v1/**` or `/v2/**`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiRequestRecord {
+    pub time: SystemTime,
+    pub method: String,
+    pub path: String,
+    pub auth: AuthKind,
+    pub status: u16,
+}
+
+/// A running stand-in. Clones share one server, which stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct StandinTasklist {
+    shared: Arc<Shared>,
+    listener: Arc<Listener>,
+    ca_pem: Option<String>,
+    /// The HTTP client [`Self::call_api_with_secret`] uses, trusting `ca_pem`.
+    app_client: reqwest::Client,
+}
+
+impl StandinTasklist {
+    /// Starts a stand-in with the default options (plain HTTP, CSRF on).
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(StandinOptions::default()).await
+    }
+
+    pub async fn start_with(options: StandinOptions) -> anyhow::Result<Self> {
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the stand-in Tasklist to 127.0.0.1")?;
+        let port = tcp.local_addr()?.port();
+        let tls = if options.tls {
+            Some(listener::generate_tls().context("generating TLS material for the stand-in")?)
+        } else {
+            None
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let base_url = format!("{scheme}://127.0.0.1:{port}");
+
+        let shared = Arc::new(Shared::new(options, base_url)?);
+        let router = Router::new()
+            .route("/oauth/token", post(oauth::token))
+            .route("/api/login", post(tasklist::login))
+            .route("/api/logout", post(tasklist::logout))
+            .route("/v1/{*rest}", any(tasklist::api))
+            .route("/v2/{*rest}", any(tasklist::api))
+            .with_state(shared.clone());
+
+        let mut app_client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            // A fresh connection per call, so refused connections show at once.
+            .pool_max_idle_per_host(0);
+        if let Some(tls) = &tls {
+            app_client = app_client.add_root_certificate(reqwest::Certificate::from_pem(tls.ca_pem.as_bytes())?);
+        }
+        let app_client = app_client.build()?;
+
+        let ca_pem = tls.as_ref().map(|tls| tls.ca_pem.clone());
+        let listener = Listener::start(tcp, tls.map(|tls| tls.acceptor), router);
+        Ok(Self {
+            shared,
+            listener: Arc::new(listener),
+            ca_pem,
+            app_client,
+        })
+    }
+
+    /// The base URL of "Tasklist", e.g. `http://127.0.0.1:PORT`, without a trailing slash.
+    pub fn url(&self) -> String {
+        self.shared.base_url.clone()
+    }
+
+    /// `{url}/oauth/token`.
+    pub fn token_url(&self) -> String {
+        format!("{}/oauth/token", self.shared.base_url)
+    }
+
+    /// With TLS: the PEM of the CA that signed the server certificate.
+    pub fn ca_pem(&self) -> Option<String> {
+        self.ca_pem.clone()
+    }
+
+    pub fn options(&self) -> &StandinOptions {
+        &self.shared.options
+    }
+
+    /// Registers (or replaces) an OAuth2 client.
+    pub fn add_client(&self, client_id: &str, client_secret: &str) {
+        self.shared.lock().clients.insert(client_id.to_owned(), client_secret.to_owned());
+    }
+
+    /// Registers (or replaces) a Tasklist user for cookie login.
+    pub fn add_user(&self, username: &str, password: &str) {
+        self.shared.lock().users.insert(username.to_owned(), password.to_owned());
+    }
+
+    /// Also accepts bearer JWTs signed by the keys of this JWKS (e.g. Keycloak's
+    /// `.../protocol/openid-connect/certs`). Keys are fetched when a token needs them.
+    pub fn trust_jwks(&self, jwks_url: &str) {
+        self.shared.lock().jwks.trust(jwks_url);
+    }
+
+    pub fn set_token_endpoint(&self, mode: EndpointMode) {
+        self.shared.lock().token_endpoint = mode;
+    }
+
+    pub fn set_login_endpoint(&self, mode: EndpointMode) {
+        self.shared.lock().login_endpoint = mode;
+    }
+
+    /// For `/v1/**` and `/v2/**`.
+    pub fn set_api(&self, mode: EndpointMode) {
+        self.shared.lock().api = mode;
+    }
+
+    pub fn set_token_answer(&self, answer: TokenAnswer) {
+        self.shared.lock().token_answer = answer;
+    }
+
+    /// The lifetime of issued tokens (JWT `exp` and `expires_in`); default 300 s.
+    /// Rounded up to whole seconds.
+    pub fn set_token_lifetime(&self, lifetime: Duration) {
+        self.shared.lock().token_lifetime = lifetime;
+    }
+
+    /// Reports this `expires_in` instead of the token lifetime, while the JWT's `exp` stays
+    /// at the lifetime (as SaaS does when it hands out a cached token).
+    pub fn set_expires_in_override(&self, seconds: Option<u64>) {
+        self.shared.lock().expires_in_override = seconds;
+    }
+
+    /// Sessions end this long after login (which also bounds their idle time); `None`
+    /// (the default) keeps them until [`Self::revoke_sessions`] or logout. Applies to
+    /// existing sessions too.
+    pub fn set_session_timeout(&self, timeout: Option<Duration>) {
+        self.shared.lock().session_timeout = timeout;
+    }
+
+    /// Forgets every session, as a Tasklist restart does.
+    pub fn revoke_sessions(&self) {
+        self.shared.lock().sessions.clear();
+    }
+
+    /// Rejects every bearer token issued before now: all tokens this stand-in issued or
+    /// has seen, and trusted-JWKS tokens it has not seen whose `iat` is before the current
+    /// second.
+    pub fn revoke_tokens(&self) {
+        self.shared.lock().tokens.revoke_all(SystemTime::now());
+    }
+
+    /// `true` closes the listener and drops open connections, so that connecting fails with
+    /// "connection refused"; `false` listens again on the same port.
+    pub async fn set_refusing_connections(&self, refusing: bool) -> anyhow::Result<()> {
+        self.listener.set_refusing(refusing).await
+    }
+
+    pub fn token_requests(&self) -> Vec<TokenRequestRecord> {
+        self.shared.lock().token_requests.clone()
+    }
+
+    pub fn logins(&self) -> Vec<LoginRecord> {
+        self.shared.lock().logins.clone()
+    }
+
+    pub fn api_requests(&self) -> Vec<ApiRequestRecord> {
+        self.shared.lock().api_requests.clone()
+    }
+
+    /// Acts like an application Pod using the operator's derived Secret: sends its
+    /// `authorization` as the `Authorization` header, or else its `cookie` as the `Cookie`
+    /// header plus its `csrfToken` (when present) as the CSRF header, in a
+    /// `POST {url}/v1/tasks/search` with `{"pageSize":1}`. Returns the status code.
+    ///
+    /// The CSRF header gets the name this stand-in expects (legacy or current), as an
+    /// application written for that Tasklist version would send.
+    pub async fn call_api_with_secret(&self, secret_data: &BTreeMap<String, String>) -> anyhow::Result<u16> {
+        let mut request = self
+            .app_client
+            .post(format!("{}/v1/tasks/search", self.shared.base_url))
+            .json(&serde_json::json!({ "pageSize": 1 }));
+        if let Some(authorization) = secret_data.get("authorization") {
+            request = request.header(reqwest::header::AUTHORIZATION, authorization);
+        } else if let Some(cookie) = secret_data.get("cookie") {
+            request = request.header(reqwest::header::COOKIE, cookie);
+            if let Some(csrf_token) = secret_data.get("csrfToken") {
+                request = request.header(self.shared.options.csrf_name(), csrf_token);
+            }
+        }
+        let response = request.send().await.context("calling the stand-in Tasklist API")?;
+        Ok(response.status().as_u16())
+    }
+}

@@ -1,0 +1,138 @@
+//! The stand-in's state, shared by the request handlers and the test's handle.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use rand::Rng as _;
+use rand::distr::Alphanumeric;
+
+use super::bearer::{KnownTokens, TrustedJwks};
+use super::oauth::TokenIssuer;
+use super::{ApiRequestRecord, EndpointMode, LoginRecord, StandinOptions, TokenAnswer, TokenRequestRecord};
+
+/// Audiences the API accepts besides the configured one: SaaS's and Self-Managed Identity's.
+const ALWAYS_ACCEPTED_AUDIENCES: [&str; 2] = ["tasklist.camunda.io", "tasklist-api"];
+
+pub(super) struct Shared {
+    pub options: StandinOptions,
+    pub base_url: String,
+    pub issuer: TokenIssuer,
+    pub accepted_audiences: Vec<String>,
+    state: Mutex<State>,
+}
+
+/// Everything that changes while the stand-in runs. The lock is never held across an
+/// `.await`.
+pub(super) struct State {
+    /// client id -> client secret
+    pub clients: HashMap<String, String>,
+    /// username -> password
+    pub users: HashMap<String, String>,
+    pub token_endpoint: EndpointMode,
+    pub login_endpoint: EndpointMode,
+    pub api: EndpointMode,
+    pub token_answer: TokenAnswer,
+    pub token_lifetime: Duration,
+    pub expires_in_override: Option<u64>,
+    pub session_timeout: Option<Duration>,
+    /// session id (the cookie value) -> session
+    pub sessions: HashMap<String, Session>,
+    pub tokens: KnownTokens,
+    pub jwks: TrustedJwks,
+    pub token_requests: Vec<TokenRequestRecord>,
+    pub logins: Vec<LoginRecord>,
+    pub api_requests: Vec<ApiRequestRecord>,
+}
+
+pub(super) struct Session {
+    /// The CSRF token handed out at login, when CSRF protection is on.
+    pub csrf_token: Option<String>,
+    pub logged_in_at: Instant,
+}
+
+impl Shared {
+    pub fn new(options: StandinOptions, base_url: String) -> anyhow::Result<Self> {
+        let mut accepted_audiences: Vec<String> = ALWAYS_ACCEPTED_AUDIENCES.iter().map(|audience| audience.to_string()).collect();
+        if !accepted_audiences.contains(&options.audience) {
+            accepted_audiences.push(options.audience.clone());
+        }
+        Ok(Self {
+            options,
+            issuer: TokenIssuer::generate()?,
+            base_url,
+            accepted_audiences,
+            state: Mutex::new(State {
+                clients: HashMap::new(),
+                users: HashMap::new(),
+                token_endpoint: EndpointMode::Normal,
+                login_endpoint: EndpointMode::Normal,
+                api: EndpointMode::Normal,
+                token_answer: TokenAnswer::Jwt,
+                token_lifetime: Duration::from_secs(300),
+                expires_in_override: None,
+                session_timeout: None,
+                sessions: HashMap::new(),
+                tokens: KnownTokens::default(),
+                jwks: TrustedJwks::default(),
+                token_requests: Vec::new(),
+                logins: Vec::new(),
+                api_requests: Vec::new(),
+            }),
+        })
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        // A test that panicked while holding the lock must not hide the real failure
+        // behind poison errors in every later request.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Applies an endpoint's mode before its normal work: `Some(answer)` replaces the normal
+/// answer, `None` lets the endpoint proceed (after any delay).
+pub(super) async fn apply_mode(mode: EndpointMode, rejection: impl FnOnce() -> Response) -> Option<Response> {
+    match mode {
+        EndpointMode::Normal => None,
+        EndpointMode::Slow(delay) => {
+            tokio::time::sleep(delay).await;
+            None
+        }
+        EndpointMode::Down => Some((StatusCode::SERVICE_UNAVAILABLE, "stand-in: service unavailable\n").into_response()),
+        EndpointMode::Reject => Some(rejection()),
+    }
+}
+
+pub(super) fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
+    (status, axum::Json(body)).into_response()
+}
+
+/// A random string for session ids, CSRF tokens and opaque access tokens.
+pub(super) fn random_token(length: usize) -> String {
+    rand::rng().sample_iter(&Alphanumeric).take(length).map(char::from).collect()
+}
+
+/// The cookies of a request as (name, value) pairs, from every `Cookie` header.
+pub(super) fn request_cookies(headers: &HeaderMap) -> impl Iterator<Item = (&str, &str)> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+}
+
+pub(super) fn request_cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    request_cookies(headers).find_map(|(cookie, value)| (cookie == name).then_some(value))
+}
+
+pub(super) fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers.get(name).and_then(|value| value.to_str().ok())
+}
+
+pub(super) fn header_value(value: &str) -> HeaderValue {
+    // Only ever built from our own ASCII tokens and fixed strings.
+    HeaderValue::from_str(value).expect("stand-in header values are ASCII")
+}

@@ -1,0 +1,196 @@
+//! Tasklist itself: cookie login and logout, and the API used as a connectivity probe.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::bearer::bearer_accepted;
+use super::state::{Session, Shared, apply_mode, header_str, header_value, json_response, random_token, request_cookie};
+use super::{ApiRequestRecord, AuthKind, LoginRecord, SESSION_COOKIE};
+
+/// `POST /api/login`: Spring Security form login, with the credentials as request
+/// parameters in the query string or a form body.
+pub(super) async fn login(State(shared): State<Arc<Shared>>, uri: Uri, body: Bytes) -> Response {
+    let time = SystemTime::now();
+    // Like a servlet's request parameters: the query string first, then the form body.
+    let mut parameters: HashMap<String, String> = HashMap::new();
+    let query_pairs = uri
+        .query()
+        .and_then(|query| serde_urlencoded::from_str::<Vec<(String, String)>>(query).ok());
+    let body_pairs = serde_urlencoded::from_bytes::<Vec<(String, String)>>(&body).ok();
+    for (name, value) in query_pairs.into_iter().chain(body_pairs).flatten() {
+        parameters.entry(name).or_insert(value);
+    }
+    let username = parameters.get("username").cloned().unwrap_or_default();
+    let password = parameters.get("password");
+
+    let mode = shared.lock().login_endpoint;
+    let response = match apply_mode(mode, login_failed).await {
+        Some(response) => response,
+        None => {
+            let mut state = shared.lock();
+            if password.is_some() && state.users.get(&username) == password {
+                let session_id = random_token(32);
+                let csrf_token = shared.options.csrf.then(|| random_token(32));
+                state.sessions.insert(
+                    session_id.clone(),
+                    Session {
+                        csrf_token: csrf_token.clone(),
+                        logged_in_at: Instant::now(),
+                    },
+                );
+                logged_in(&session_id, csrf_token.as_deref(), shared.options.csrf_name())
+            } else {
+                login_failed()
+            }
+        }
+    };
+    shared.lock().logins.push(LoginRecord {
+        time,
+        username,
+        status: response.status().as_u16(),
+    });
+    response
+}
+
+fn logged_in(session_id: &str, csrf_token: Option<&str>, csrf_name: &'static str) -> Response {
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    let headers = response.headers_mut();
+    headers.append(
+        header::SET_COOKIE,
+        header_value(&format!("{SESSION_COOKIE}={session_id}; Path=/; HttpOnly; SameSite=Lax")),
+    );
+    if let Some(csrf_token) = csrf_token {
+        headers.insert(csrf_name, header_value(csrf_token));
+        headers.append(
+            header::SET_COOKIE,
+            header_value(&format!("{csrf_name}={csrf_token}; Path=/; SameSite=Lax")),
+        );
+    }
+    response
+}
+
+fn login_failed() -> Response {
+    json_response(StatusCode::UNAUTHORIZED, json!({ "message": "Bad credentials" }))
+}
+
+/// `POST /api/logout`: ends the session, if any.
+pub(super) async fn logout(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Some(session_id) = request_cookie(&headers, SESSION_COOKIE) {
+        shared.lock().sessions.remove(session_id);
+    }
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    response
+        .headers_mut()
+        .insert(header::SET_COOKIE, header_value(&format!("{SESSION_COOKIE}=; Path=/; Max-Age=0")));
+    response
+}
+
+/// Any `/v1/**` or `/v2/**` request: authenticates it, then answers like an empty Tasklist
+/// (`[]` for v1 searches, `{}` for v2).
+pub(super) async fn api(State(shared): State<Arc<Shared>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    let time = SystemTime::now();
+    let bearer_token = bearer_token(&headers);
+    let session_id = request_cookie(&headers, SESSION_COOKIE);
+    let auth = match (bearer_token, session_id) {
+        (Some(_), _) => AuthKind::Bearer,
+        (None, Some(_)) => AuthKind::Cookie,
+        (None, None) => AuthKind::None,
+    };
+
+    let mode = shared.lock().api;
+    let response = match apply_mode(mode, unauthorized).await {
+        Some(response) => response,
+        None => {
+            let denial = match (bearer_token, session_id) {
+                (Some(token), _) => {
+                    if bearer_accepted(&shared, token).await {
+                        None
+                    } else {
+                        Some(invalid_bearer())
+                    }
+                }
+                (None, Some(session_id)) => check_session(&shared, session_id, &method, &headers),
+                (None, None) => Some(unauthorized()),
+            };
+            denial.unwrap_or_else(|| answer(uri.path(), &body))
+        }
+    };
+    shared.lock().api_requests.push(ApiRequestRecord {
+        time,
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+        auth,
+        status: response.status().as_u16(),
+    });
+    response
+}
+
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = header_str(headers, header::AUTHORIZATION.as_str())?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
+}
+
+/// `None` when the session is live and, for state-changing requests, the CSRF cookie and
+/// header both carry the session's CSRF token; otherwise the denial.
+fn check_session(shared: &Shared, session_id: &str, method: &Method, headers: &HeaderMap) -> Option<Response> {
+    let mut state = shared.lock();
+    let timeout = state.session_timeout;
+    let Some(session) = state.sessions.get(session_id) else {
+        return Some(unauthorized());
+    };
+    if timeout.is_some_and(|timeout| session.logged_in_at.elapsed() >= timeout) {
+        state.sessions.remove(session_id);
+        return Some(unauthorized());
+    }
+    let state_changing = [Method::POST, Method::PUT, Method::PATCH, Method::DELETE];
+    if let Some(expected) = &session.csrf_token
+        && state_changing.contains(method)
+    {
+        let csrf_name = shared.options.csrf_name();
+        let from_cookie = request_cookie(headers, csrf_name);
+        let from_header = header_str(headers, csrf_name);
+        if from_cookie != Some(expected.as_str()) || from_header != Some(expected.as_str()) {
+            return Some(json_response(
+                StatusCode::FORBIDDEN,
+                json!({ "error": "Access denied due to invalid CSRF token." }),
+            ));
+        }
+    }
+    None
+}
+
+/// The answer to an authenticated request.
+fn answer(path: &str, body: &[u8]) -> Response {
+    // Searches take a JSON body; a malformed one is a client error, as in Tasklist.
+    if !body.is_empty() && serde_json::from_slice::<serde_json::Value>(body).is_err() {
+        return json_response(StatusCode::BAD_REQUEST, json!({ "message": "Malformed JSON request body" }));
+    }
+    if path.starts_with("/v2/") {
+        json_response(StatusCode::OK, json!({}))
+    } else {
+        json_response(StatusCode::OK, json!([]))
+    }
+}
+
+fn unauthorized() -> Response {
+    json_response(
+        StatusCode::UNAUTHORIZED,
+        json!({ "message": "Full authentication is required to access this resource" }),
+    )
+}
+
+fn invalid_bearer() -> Response {
+    let mut response = unauthorized();
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, header_value(r#"Bearer error="invalid_token""#));
+    response
+}
