@@ -6,7 +6,7 @@
 ## Run the operator end to end on a local control plane with a stand-in Tasklist and
 ## Keycloak, apply examples/, print the status; Ctrl-C stops and cleans up everything.
 demo:
-	hack/demo.sh
+	hack/demo.sh $(ARGS)
 
 ## Run every test: formatting, lints, unit, integration, end-to-end and chart tests.
 test:
