@@ -9,6 +9,7 @@ use tasklist_operator::camunda::HttpSettings;
 use tasklist_operator::controller::{self, Context, Scope};
 use tasklist_operator::crd::TasklistConnection;
 use tasklist_operator::duration::parse_duration;
+use tasklist_operator::metrics::Metrics;
 use tasklist_operator::serve::{Health, serve};
 use tokio::sync::watch;
 use tracing::{error, info};
@@ -40,7 +41,7 @@ struct RunArgs {
     /// Timeout of each HTTP request to Camunda (token endpoint, login, probe).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     request_timeout: Duration,
-    /// Address of the port serving /healthz and /readyz.
+    /// Address of the port serving /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]
     listen_addr: SocketAddr,
 }
@@ -79,7 +80,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
 
     let health = Arc::new(Health::default());
-    let server = tokio::spawn(serve(args.listen_addr, health.clone(), shutdown()));
+    let metrics = Arc::new(Metrics::default());
+    let server = tokio::spawn(serve(args.listen_addr, health.clone(), metrics.clone(), shutdown()));
     wait_until_crd_answers(&client, &args.namespaces).await;
     health.set_ready(true);
 
@@ -92,7 +94,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         timeout: args.request_timeout,
         ..HttpSettings::default()
     };
-    let ctx = Arc::new(Context::new(client, settings));
+    let instance = std::env::var("POD_NAME").ok();
+    let ctx = Arc::new(Context::new(client, settings, metrics, instance));
     controller::run(ctx, scope, shutdown()).await;
     if let Ok(Err(error)) = server.await {
         error!("health server failed: {error}");

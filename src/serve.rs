@@ -1,5 +1,5 @@
-//! The operator's own HTTP port: `/healthz` (the process is alive) and `/readyz` (the
-//! CRD is installed and the API server answers).
+//! The operator's own HTTP port: `/metrics` (Prometheus text format), `/healthz` (the
+//! process is alive) and `/readyz` (the CRD is installed and the API server answers).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,9 +10,18 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 
+use crate::metrics::Metrics;
+
 #[derive(Default)]
 pub struct Health {
     ready: AtomicBool,
+}
+
+/// What the port serves from.
+#[derive(Clone)]
+struct Served {
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
 }
 
 impl Health {
@@ -21,20 +30,38 @@ impl Health {
     }
 }
 
-pub async fn serve(address: SocketAddr, health: Arc<Health>, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+/// Serves until `shutdown`. The bound address is logged (port 0 picks a free port).
+pub async fn serve(
+    address: SocketAddr,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .with_state(health);
+        .route("/metrics", get(metrics_text))
+        .with_state(Served { health, metrics });
     let listener = tokio::net::TcpListener::bind(address).await?;
+    tracing::info!(address = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }
 
-async fn readyz(State(health): State<Arc<Health>>) -> (StatusCode, &'static str) {
-    if health.ready.load(Ordering::Relaxed) {
+async fn readyz(State(served): State<Served>) -> (StatusCode, &'static str) {
+    if served.health.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ok")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready")
     }
+}
+
+async fn metrics_text(State(served): State<Served>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        served.metrics.encode(),
+    )
 }

@@ -65,6 +65,17 @@ impl Memory {
         }
     }
 
+    /// Forgets a deleted connection.
+    pub fn forget(&self, key: &ConnectionKey) {
+        if let Ok(mut map) = self.connections.lock() {
+            map.remove(key);
+        }
+        self.record_secrets(key, Vec::new());
+        if let Ok(mut secrets_of) = self.secrets_of.lock() {
+            secrets_of.remove(key);
+        }
+    }
+
     /// Records the Secrets a connection depends on, replacing what was recorded before.
     pub fn record_secrets(&self, key: &ConnectionKey, names: Vec<String>) {
         let (Ok(mut readers), Ok(mut secrets_of)) = (self.secret_readers.lock(), self.secrets_of.lock()) else {

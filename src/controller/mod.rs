@@ -20,7 +20,9 @@ use tracing::{info, warn};
 
 use crate::camunda::{HttpClient, HttpSettings, TlsTrust};
 use crate::crd::TasklistConnection;
+use crate::events::EventPublisher;
 use crate::inputs::Inputs;
+use crate::metrics::{Metrics, ReasonLabels};
 use memory::Memory;
 
 /// The field manager named in server-side apply of Secrets and status.
@@ -36,6 +38,8 @@ pub enum Error {
 /// Shared by every reconcile.
 pub struct Context {
     pub client: Client,
+    pub metrics: Arc<Metrics>,
+    events: EventPublisher,
     http_settings: HttpSettings,
     /// One HTTP client per trust configuration: most connections share the default.
     http_clients: Mutex<HashMap<TlsTrust, HttpClient>>,
@@ -43,13 +47,23 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(client: Client, http_settings: HttpSettings) -> Self {
+    /// `instance` names this operator process in Events (its Pod name).
+    pub fn new(client: Client, http_settings: HttpSettings, metrics: Arc<Metrics>, instance: Option<String>) -> Self {
         Context {
+            events: EventPublisher::new(client.clone(), instance),
             client,
+            metrics,
             http_settings,
             http_clients: Mutex::default(),
             memory: Memory::default(),
         }
+    }
+
+    /// A deleted connection leaves nothing behind in memory or in the metrics.
+    fn forget(&self, connection: &TasklistConnection) {
+        let (namespace, name) = (connection.namespace().unwrap_or_default(), connection.name_any());
+        self.memory.forget(&(namespace.clone(), name.clone()));
+        self.metrics.forget_connection(&namespace, &name);
     }
 
     fn http_client(&self, inputs: &Inputs) -> Result<HttpClient, String> {
@@ -94,9 +108,15 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
 
     let (reader, writer) = reflector::store();
     // Status writes change neither generation nor annotations: they do not wake the controller.
+    let forget_ctx = ctx.clone();
     let connection_changes = watcher(connections, watcher::Config::default())
         .default_backoff()
         .reflect(writer)
+        .inspect(move |event| {
+            if let Ok(watcher::Event::Delete(deleted)) = event {
+                forget_ctx.forget(deleted);
+            }
+        })
         .applied_objects()
         .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default());
     // Metadata is enough to know a Secret changed, and keeps memory small.
@@ -114,7 +134,20 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
 
 #[tracing::instrument(skip_all, fields(connection = %format!("{}/{}", connection.namespace().unwrap_or_default(), connection.name_any())))]
 async fn reconcile_logged(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
-    reconcile::reconcile(connection, ctx).await
+    let started = std::time::Instant::now();
+    let metrics = ctx.metrics.clone();
+    let result = reconcile::reconcile(connection, ctx).await;
+    metrics.reconciles.inc();
+    metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
+    if result.is_err() {
+        metrics
+            .reconcile_errors
+            .get_or_create(&ReasonLabels {
+                reason: "KubernetesApi".into(),
+            })
+            .inc();
+    }
+    result
 }
 
 fn error_policy(connection: Arc<TasklistConnection>, error: &Error, _ctx: Arc<Context>) -> Action {

@@ -1,0 +1,185 @@
+//! Kubernetes Events (events.k8s.io/v1) on a TasklistConnection, for transitions only:
+//! a failure that repeats is one Event whose series count grows, not a new Event per try.
+
+use kube::Resource;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use tracing::debug;
+
+use crate::crd::{TasklistConnection, TasklistConnectionStatus};
+use crate::status::{AUTHENTICATED, REACHABLE};
+
+/// What happened to a connection that a person would want to see in `kubectl describe`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionEvent {
+    /// A first credential was stored.
+    CredentialIssued,
+    /// A new credential replaced the stored one.
+    CredentialRefreshed,
+    /// The derived Secret was missing or edited and has been written again.
+    SecretRestored,
+    /// Authenticated turned False (or changed its reason).
+    RefreshFailed { reason: String, message: String },
+    /// Reachable turned False (or changed its reason).
+    ProbeFailed { reason: String, message: String },
+    /// A Secret of the derived name belongs to someone else.
+    SecretConflict { message: String },
+    /// Certificates are not verified for this connection.
+    InsecureSkipVerify,
+}
+
+impl ConnectionEvent {
+    fn to_event(&self) -> Event {
+        let (type_, reason, action, note) = match self {
+            ConnectionEvent::CredentialIssued => (
+                EventType::Normal,
+                "CredentialIssued",
+                "ObtainCredential",
+                "Stored a new credential in the Secret".to_owned(),
+            ),
+            ConnectionEvent::CredentialRefreshed => (
+                EventType::Normal,
+                "CredentialRefreshed",
+                "ObtainCredential",
+                "Replaced the credential in the Secret before it expired".to_owned(),
+            ),
+            ConnectionEvent::SecretRestored => (
+                EventType::Normal,
+                "SecretRestored",
+                "WriteSecret",
+                "The derived Secret was missing or edited; wrote it again".to_owned(),
+            ),
+            ConnectionEvent::RefreshFailed { reason, message } => (
+                EventType::Warning,
+                "RefreshFailed",
+                "ObtainCredential",
+                format!("{reason}: {message}"),
+            ),
+            ConnectionEvent::ProbeFailed { reason, message } => {
+                (EventType::Warning, "ProbeFailed", "Probe", format!("{reason}: {message}"))
+            }
+            ConnectionEvent::SecretConflict { message } => (EventType::Warning, "SecretConflict", "WriteSecret", message.clone()),
+            ConnectionEvent::InsecureSkipVerify => (
+                EventType::Warning,
+                "InsecureSkipVerify",
+                "ObtainCredential",
+                "tls.insecureSkipVerify is on: server certificates are not verified".to_owned(),
+            ),
+        };
+        // Notes are capped at 1 kB by the API server.
+        let note: String = note.chars().take(1000).collect();
+        Event {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: action.to_owned(),
+            secondary: None,
+        }
+    }
+}
+
+/// The Warning Events a status change calls for: a condition that became False, or
+/// stayed False with another reason.
+pub fn transitions(previous: Option<&TasklistConnectionStatus>, current: &TasklistConnectionStatus) -> Vec<ConnectionEvent> {
+    let find = |status: Option<&TasklistConnectionStatus>, type_: &str| {
+        status
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+            .map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    let mut events = Vec::new();
+    for type_ in [AUTHENTICATED, REACHABLE] {
+        let Some(now) = current.conditions.iter().find(|c| c.type_ == type_) else {
+            continue;
+        };
+        if now.status != "False" || find(previous, type_) == Some((now.status.clone(), now.reason.clone())) {
+            continue;
+        }
+        let (reason, message) = (now.reason.clone(), now.message.clone());
+        events.push(if type_ == AUTHENTICATED {
+            ConnectionEvent::RefreshFailed { reason, message }
+        } else {
+            ConnectionEvent::ProbeFailed { reason, message }
+        });
+    }
+    events
+}
+
+pub struct EventPublisher {
+    recorder: Recorder,
+}
+
+impl EventPublisher {
+    pub fn new(client: kube::Client, instance: Option<String>) -> Self {
+        let reporter = Reporter {
+            controller: "tasklist-operator".into(),
+            instance,
+        };
+        EventPublisher {
+            recorder: Recorder::new(client, reporter),
+        }
+    }
+
+    /// Publishes an Event; a failure to publish is logged, never fatal.
+    pub async fn publish(&self, connection: &TasklistConnection, event: ConnectionEvent) {
+        let reference = connection.object_ref(&());
+        if let Err(error) = self.recorder.publish(&event.to_event(), &reference).await {
+            debug!("could not publish an Event: {error}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::{ConditionState, Observation, desired_status};
+    use jiff::Timestamp;
+
+    fn status(authenticated: ConditionState, reachable: ConditionState) -> TasklistConnectionStatus {
+        let observation = Observation {
+            generation: Some(1),
+            secret_name: "s".into(),
+            auth_method: "oauth2",
+            credential: None,
+            next_refresh: None,
+            authenticated,
+            reachable,
+            secret_conflict: None,
+        };
+        desired_status(&observation, None, Timestamp::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn a_new_failure_is_announced_once() {
+        let healthy = status(ConditionState::ok("CredentialIssued", ""), ConditionState::ok("ProbeSucceeded", ""));
+        let failing = status(
+            ConditionState::failing("AuthServerError", "503"),
+            ConditionState::ok("ProbeSucceeded", ""),
+        );
+        assert_eq!(
+            transitions(Some(&healthy), &failing),
+            vec![ConnectionEvent::RefreshFailed {
+                reason: "AuthServerError".into(),
+                message: "503".into()
+            }]
+        );
+        // Still failing for the same reason (only the message differs): nothing new.
+        let again = status(
+            ConditionState::failing("AuthServerError", "timeout"),
+            ConditionState::ok("ProbeSucceeded", ""),
+        );
+        assert!(transitions(Some(&failing), &again).is_empty());
+        // Recovering is not a warning.
+        assert!(transitions(Some(&failing), &healthy).is_empty());
+    }
+
+    #[test]
+    fn probe_failures_are_announced_too() {
+        let healthy = status(ConditionState::ok("CredentialIssued", ""), ConditionState::ok("ProbeSucceeded", ""));
+        let unreachable = status(
+            ConditionState::ok("CredentialIssued", ""),
+            ConditionState::failing("Unreachable", "refused"),
+        );
+        assert!(
+            matches!(&transitions(Some(&healthy), &unreachable)[..], [ConnectionEvent::ProbeFailed { reason, .. }] if reason == "Unreachable")
+        );
+    }
+}
