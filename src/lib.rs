@@ -3,6 +3,7 @@
 //! Secret, and reports in status whether Tasklist accepts it.
 
 pub mod camunda;
+pub mod check;
 pub mod controller;
 pub mod crd;
 pub mod credential;

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use kube::CustomResourceExt;
 use kube::api::{Api, ListParams};
 use tasklist_operator::camunda::HttpSettings;
+use tasklist_operator::check;
 use tasklist_operator::controller::{self, Context, Scope};
 use tasklist_operator::crd::TasklistConnection;
 use tasklist_operator::duration::parse_duration;
@@ -28,6 +29,25 @@ enum Command {
     Run(RunArgs),
     /// Print the TasklistConnection CRD as YAML.
     Crd,
+    /// Run the credential and probe flow once, without a cluster, and say what happened.
+    /// Exit code 0: Tasklist accepted the credential; 1: no credential was obtained;
+    /// 2: Tasklist did not accept it or could not be reached; 3: unusable input.
+    Check(CheckArgs),
+}
+
+#[derive(Parser)]
+struct CheckArgs {
+    /// A manifest with the TasklistConnection (it may also hold the Secrets it references).
+    #[arg(short = 'f', long = "filename")]
+    connection: std::path::PathBuf,
+    /// A manifest with the referenced Secret(s). Without it, TASKLIST_CLIENT_ID and
+    /// TASKLIST_CLIENT_SECRET (oauth2) or TASKLIST_USERNAME and TASKLIST_PASSWORD (cookie)
+    /// are read from the environment.
+    #[arg(long)]
+    credentials: Option<std::path::PathBuf>,
+    /// Timeout of each HTTP request.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    request_timeout: Duration,
 }
 
 #[derive(Parser)]
@@ -53,13 +73,21 @@ enum LogFormat {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<std::process::ExitCode> {
     match Cli::parse().command {
         Command::Crd => {
             print!("{}", serde_yaml::to_string(&TasklistConnection::crd())?);
-            Ok(())
+            Ok(std::process::ExitCode::SUCCESS)
         }
-        Command::Run(args) => run(args).await,
+        Command::Check(args) => {
+            let settings = HttpSettings {
+                timeout: args.request_timeout,
+                ..HttpSettings::default()
+            };
+            let code = check::run(&args.connection, args.credentials.as_deref(), &settings, &mut std::io::stdout()).await;
+            Ok(std::process::ExitCode::from(code))
+        }
+        Command::Run(args) => run(args).await.map(|()| std::process::ExitCode::SUCCESS),
     }
 }
 

@@ -1,0 +1,235 @@
+//! `tasklist-operator check`: the credential and probe flow once, without a cluster, so a
+//! user can see a connection work (or why it does not) before applying it.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::ObjectMeta;
+
+use crate::camunda::probe::{Probe, ProbeOutcome};
+use crate::camunda::{AuthFailureKind, HttpClient, HttpSettings};
+use crate::crd::TasklistConnection;
+use crate::credential::Credential;
+use crate::derived_secret::rfc3339;
+use crate::inputs::{LoginMaterial, SecretSource, read_inputs};
+use crate::obtain::obtain_credential;
+
+/// Exit codes, so scripts can tell the failures apart.
+pub mod exit {
+    /// Tasklist accepted the credential.
+    pub const ACCEPTED: u8 = 0;
+    /// No credential: the inputs were incomplete, or the token endpoint or login refused or failed.
+    pub const NO_CREDENTIAL: u8 = 1;
+    /// A credential was obtained, but Tasklist did not accept it or could not be reached.
+    pub const NOT_ACCEPTED: u8 = 2;
+    /// The files given could not be used.
+    pub const USAGE: u8 = 3;
+}
+
+/// Environment variables read when a referenced Secret is not among the manifests.
+pub const ENVIRONMENT: [(&str, &str); 4] = [
+    ("client_id", "TASKLIST_CLIENT_ID"),
+    ("client_secret", "TASKLIST_CLIENT_SECRET"),
+    ("username", "TASKLIST_USERNAME"),
+    ("password", "TASKLIST_PASSWORD"),
+];
+
+/// Secrets from manifests, falling back to the environment.
+struct ManifestSecrets {
+    secrets: BTreeMap<String, Secret>,
+    from_environment: Secret,
+}
+
+impl SecretSource for ManifestSecrets {
+    async fn get(&self, name: &str) -> Result<Option<Secret>, kube::Error> {
+        if let Some(secret) = self.secrets.get(name) {
+            return Ok(Some(secret.clone()));
+        }
+        let has_any = self.from_environment.data.as_ref().is_some_and(|data| !data.is_empty());
+        Ok(has_any.then(|| self.from_environment.clone()))
+    }
+}
+
+/// Runs the check and writes what happened to `out`; returns the exit code.
+pub async fn run(connection_file: &Path, credentials_file: Option<&Path>, settings: &HttpSettings, out: &mut impl Write) -> u8 {
+    match check(connection_file, credentials_file, settings, out).await {
+        Ok(code) => code,
+        Err(message) => {
+            let _ = writeln!(out, "error: {message}");
+            exit::USAGE
+        }
+    }
+}
+
+async fn check(
+    connection_file: &Path,
+    credentials_file: Option<&Path>,
+    settings: &HttpSettings,
+    out: &mut impl Write,
+) -> Result<u8, String> {
+    let mut documents = read_documents(connection_file)?;
+    if let Some(file) = credentials_file {
+        documents.extend(read_documents(file)?);
+    }
+    let connection = documents
+        .iter()
+        .find(|doc| doc.get("kind").and_then(|k| k.as_str()) == Some("TasklistConnection"))
+        .ok_or_else(|| format!("{} holds no TasklistConnection", connection_file.display()))?;
+    let connection: TasklistConnection =
+        serde_json::from_value(connection.clone()).map_err(|error| format!("the TasklistConnection is not valid: {error}"))?;
+    let secrets: BTreeMap<String, Secret> = documents
+        .iter()
+        .filter(|doc| doc.get("kind").and_then(|k| k.as_str()) == Some("Secret"))
+        .filter_map(|doc| serde_json::from_value::<Secret>(doc.clone()).ok())
+        .filter_map(|secret| Some((secret.metadata.name.clone()?, with_string_data_merged(secret))))
+        .collect();
+    let source = ManifestSecrets {
+        secrets,
+        from_environment: environment_secret(),
+    };
+
+    let name = connection.metadata.name.as_deref().unwrap_or("<unnamed>");
+    say(
+        out,
+        &format!(
+            "connection {name} ({}), Tasklist at {}",
+            connection.spec.auth.method_name(),
+            connection.spec.url
+        ),
+    );
+    let inputs = match read_inputs(&connection, &source).await {
+        Ok(Ok(inputs)) => inputs,
+        Ok(Err(problem)) => {
+            say(out, &format!("credentials: {} ({})", problem.message, problem.reason));
+            say(
+                out,
+                "  give the Secret with --credentials secret.yaml, or set TASKLIST_CLIENT_ID/TASKLIST_CLIENT_SECRET or TASKLIST_USERNAME/TASKLIST_PASSWORD",
+            );
+            return Ok(exit::NO_CREDENTIAL);
+        }
+        Err(error) => return Err(error.to_string()),
+    };
+    let http = HttpClient::new(settings, &inputs.trust).map_err(|message| format!("TLS settings: {message}"))?;
+    if inputs.trust.insecure_skip_verify {
+        say(out, "warning: tls.insecureSkipVerify is on: server certificates are not verified");
+    }
+
+    let what = match &inputs.login {
+        LoginMaterial::OAuth2 { endpoint, client } => {
+            format!(
+                "token: POST {} ({:?} body, client id {:?}, audience {:?})",
+                endpoint.url, endpoint.encoding, client.client_id, endpoint.audience
+            )
+        }
+        LoginMaterial::Cookie { login, credentials, .. } => format!("login: POST {} as {:?}", login.login_url, credentials.username),
+    };
+    say(out, &what);
+    let started = Instant::now();
+    let stored = match obtain_credential(&inputs, &http).await {
+        Ok(stored) => stored,
+        Err(failure) => {
+            let reason = match failure.kind {
+                AuthFailureKind::Rejected => "CredentialsRejected",
+                AuthFailureKind::ServerError => "AuthServerError",
+            };
+            say(
+                out,
+                &format!(
+                    "  failed after {} ms: {} ({reason})",
+                    started.elapsed().as_millis(),
+                    failure.message
+                ),
+            );
+            return Ok(exit::NO_CREDENTIAL);
+        }
+    };
+    let kind = match &stored.credential {
+        Credential::Bearer(_) => "an access token".to_owned(),
+        Credential::Session(session) => {
+            let names: Vec<&str> = session.cookies.iter().map(|(name, _)| name.as_str()).collect();
+            let csrf = if session.csrf_token.is_some() { "with" } else { "without" };
+            format!("a session (cookies {}; {csrf} a CSRF token)", names.join(", "))
+        }
+    };
+    say(
+        out,
+        &format!(
+            "  ok in {} ms: {kind}, valid until {} ({} s), would be refreshed at {}",
+            started.elapsed().as_millis(),
+            rfc3339(stored.expires_at),
+            stored.expires_at.duration_since(stored.issued_at).as_secs(),
+            rfc3339(stored.refresh_at)
+        ),
+    );
+
+    let probe = Probe::new(&connection.spec.url, &connection.spec.probe);
+    if !connection.spec.probe.enabled {
+        say(out, "probe: disabled in the spec; running it once anyway");
+    }
+    say(out, &format!("probe: {}", probe.describe()));
+    let started = Instant::now();
+    let outcome = probe.run(&http, stored.credential.as_probe_credential()).await;
+    say(
+        out,
+        &format!(
+            "  after {} ms: {}",
+            started.elapsed().as_millis(),
+            outcome.message(&probe.describe())
+        ),
+    );
+    if outcome == ProbeOutcome::Succeeded {
+        say(out, "Tasklist accepts the credential");
+        Ok(exit::ACCEPTED)
+    } else {
+        Ok(exit::NOT_ACCEPTED)
+    }
+}
+
+fn say(out: &mut impl Write, line: &str) {
+    let _ = writeln!(out, "{line}");
+}
+
+fn read_documents(path: &Path) -> Result<Vec<serde_json::Value>, String> {
+    let text = std::fs::read_to_string(path).map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+    let mut documents = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let value = serde_yaml::Value::deserialize(document).map_err(|error| format!("{} is not YAML: {error}", path.display()))?;
+        if value.is_null() {
+            continue;
+        }
+        documents.push(serde_json::to_value(value).map_err(|error| format!("{}: {error}", path.display()))?);
+    }
+    Ok(documents)
+}
+
+use serde::Deserialize as _;
+
+/// A Secret manifest may use `stringData`; the API server would merge it into `data`.
+fn with_string_data_merged(mut secret: Secret) -> Secret {
+    if let Some(string_data) = secret.string_data.take() {
+        let data = secret.data.get_or_insert_with(BTreeMap::new);
+        for (key, value) in string_data {
+            data.insert(key, ByteString(value.into_bytes()));
+        }
+    }
+    secret
+}
+
+fn environment_secret() -> Secret {
+    let data: BTreeMap<String, ByteString> = ENVIRONMENT
+        .iter()
+        .filter_map(|(key, variable)| Some((key.to_string(), ByteString(std::env::var(variable).ok()?.into_bytes()))))
+        .collect();
+    Secret {
+        metadata: ObjectMeta {
+            name: Some("environment".into()),
+            ..ObjectMeta::default()
+        },
+        data: Some(data),
+        ..Secret::default()
+    }
+}

@@ -1,0 +1,146 @@
+//! `tasklist-operator check` against a stand-in Tasklist: what it prints and its exit codes.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use testsupport::standin::{EndpointMode, StandinTasklist};
+
+struct Files {
+    _dir: tempfile::TempDir,
+    connection: PathBuf,
+    credentials: PathBuf,
+}
+
+fn write_files(connection: &str, credentials: &str) -> Files {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let (connection_path, credentials_path) = (dir.path().join("connection.yaml"), dir.path().join("secret.yaml"));
+    std::fs::write(&connection_path, connection).expect("write the connection");
+    std::fs::write(&credentials_path, credentials).expect("write the Secret");
+    Files {
+        _dir: dir,
+        connection: connection_path,
+        credentials: credentials_path,
+    }
+}
+
+fn oauth2_connection(standin: &StandinTasklist) -> String {
+    format!(
+        "apiVersion: tasklist.camunda.community/v1alpha1\nkind: TasklistConnection\nmetadata: {{name: orders}}\nspec:\n  url: {}\n  auth:\n    oauth2:\n      tokenUrl: {}\n      clientSecretRef: {{name: client}}\n",
+        standin.url(),
+        standin.token_url()
+    )
+}
+
+fn client_secret(secret: &str) -> String {
+    format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: client}}\nstringData:\n  client_id: orders\n  client_secret: {secret}\n")
+}
+
+/// Runs the check in a blocking thread (the stand-in needs the runtime to keep serving).
+async fn check(args: Vec<String>, env: Vec<(&'static str, String)>) -> (i32, String) {
+    tokio::task::spawn_blocking(move || {
+        let output = Command::new(env!("CARGO_BIN_EXE_tasklist-operator"))
+            .arg("check")
+            .args(&args)
+            .args(["--request-timeout", "2s"])
+            .env_remove("TASKLIST_CLIENT_ID")
+            .env_remove("TASKLIST_CLIENT_SECRET")
+            .envs(env)
+            .output()
+            .expect("run tasklist-operator check");
+        let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+        (output.status.code().unwrap_or(-1), text)
+    })
+    .await
+    .expect("the check ran")
+}
+
+fn args(files: &Files, with_credentials: bool) -> Vec<String> {
+    let mut args = vec!["-f".to_string(), files.connection.display().to_string()];
+    if with_credentials {
+        args.extend(["--credentials".to_string(), files.credentials.display().to_string()]);
+    }
+    args
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn accepted_credentials_exit_0_and_print_no_secret() {
+    let standin = StandinTasklist::start().await.expect("stand-in");
+    standin.add_client("orders", "check-secret-123");
+    let files = write_files(&oauth2_connection(&standin), &client_secret("check-secret-123"));
+    let (code, output) = check(args(&files, true), vec![]).await;
+    assert_eq!(code, 0, "{output}");
+    assert!(output.contains("Tasklist accepts the credential"), "{output}");
+    assert!(output.contains("an access token, valid until"), "{output}");
+    assert!(!output.contains("check-secret-123"), "the client secret was printed:\n{output}");
+    assert!(!output.contains("eyJ"), "a token was printed:\n{output}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_from_the_environment_work_too() {
+    let standin = StandinTasklist::start().await.expect("stand-in");
+    standin.add_client("orders", "env-secret-456");
+    let files = write_files(&oauth2_connection(&standin), "");
+    let env = vec![
+        ("TASKLIST_CLIENT_ID", "orders".to_string()),
+        ("TASKLIST_CLIENT_SECRET", "env-secret-456".to_string()),
+    ];
+    let (code, output) = check(args(&files, false), env).await;
+    assert_eq!(code, 0, "{output}");
+    assert!(!output.contains("env-secret-456"), "{output}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_failure_has_its_exit_code_and_reason() {
+    let standin = StandinTasklist::start().await.expect("stand-in");
+    standin.add_client("orders", "right-secret");
+
+    let missing = write_files(&oauth2_connection(&standin), "");
+    let (code, output) = check(args(&missing, false), vec![]).await;
+    assert_eq!(code, 1, "{output}");
+    assert!(output.contains("SecretNotFound"), "{output}");
+
+    let rejected = write_files(&oauth2_connection(&standin), &client_secret("wrong-secret"));
+    let (code, output) = check(args(&rejected, true), vec![]).await;
+    assert_eq!(code, 1, "{output}");
+    assert!(
+        output.contains("CredentialsRejected") && output.contains("invalid_client"),
+        "{output}"
+    );
+    assert!(!output.contains("wrong-secret"), "{output}");
+
+    standin.set_token_endpoint(EndpointMode::Down);
+    let down = write_files(&oauth2_connection(&standin), &client_secret("right-secret"));
+    let (code, output) = check(args(&down, true), vec![]).await;
+    assert_eq!(code, 1, "{output}");
+    assert!(output.contains("AuthServerError") && output.contains("503"), "{output}");
+    standin.set_token_endpoint(EndpointMode::Normal);
+
+    standin.set_api(EndpointMode::Reject);
+    let (code, output) = check(args(&down, true), vec![]).await;
+    assert_eq!(code, 2, "{output}");
+    assert!(output.contains("401"), "{output}");
+    standin.set_api(EndpointMode::Normal);
+
+    let unusable = write_files("kind: ConfigMap\n", "");
+    let (code, output) = check(args(&unusable, false), vec![]).await;
+    assert_eq!(code, 3, "{output}");
+    assert!(output.contains("no TasklistConnection"), "{output}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cookie_connection_logs_in_and_probes() {
+    let standin = StandinTasklist::start().await.expect("stand-in");
+    standin.add_user("demo", "cookie-pass-789");
+    let connection = format!(
+        "apiVersion: tasklist.camunda.community/v1alpha1\nkind: TasklistConnection\nmetadata: {{name: orders}}\nspec:\n  url: {}\n  auth:\n    cookie:\n      credentialsSecretRef: {{name: login}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: login}}\nstringData: {{username: demo, password: cookie-pass-789}}\n",
+        standin.url()
+    );
+    let files = write_files(&connection, "");
+    let (code, output) = check(args(&files, false), vec![]).await;
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        output.contains("a session (cookies TASKLIST-SESSION, X-CSRF-TOKEN; with a CSRF token)"),
+        "{output}"
+    );
+    assert!(!output.contains("cookie-pass-789"), "{output}");
+}
