@@ -26,6 +26,7 @@ impl Credential {
             Credential::Session(session) => ProbeCredential::Session {
                 cookie_header: session.cookie_header_ref(),
                 csrf_token: session.csrf_token.as_ref(),
+                csrf_header: session.csrf_header_name(),
             },
         }
     }

@@ -108,10 +108,8 @@ struct Observation {
 /// How an attempt to renew ended, when the API server answered.
 enum Renewal {
     Renewed,
-    /// Someone else holds the Lease now, or it is gone: `why` says which.
-    Lost {
-        why: String,
-    },
+    /// Someone else holds the Lease now, or nobody, or it is gone: the text says which.
+    Lost(String),
 }
 
 impl LeaderElector {
@@ -123,7 +121,10 @@ impl LeaderElector {
         }
     }
 
-    /// Waits until this process holds the lease (acquire when free, expired, or already ours). Never returns an error for API failures: logs and retries every retry_period.
+    /// Waits until this process holds the lease: takes it when it is free, expired, or already
+    /// ours. API failures are logged and retried every retry period, never returned: a standby
+    /// has nothing better to do than wait. Race it against the shutdown signal, or a standby
+    /// ignores SIGTERM.
     pub async fn acquire(&self) {
         let mut observed = None;
         loop {
@@ -138,7 +139,10 @@ impl LeaderElector {
         }
     }
 
-    /// Keeps renewing every retry_period; resolves when leadership is LOST (a renewal did not succeed within renew_deadline, or another holder took the lease). The caller then stops reconciling and exits.
+    /// Keeps renewing every retry period; resolves when leadership is lost: no renewal succeeded
+    /// within the renew deadline, or the lease has another holder (or none, or was deleted). The
+    /// caller must then stop reconciling at once (it has lease duration minus renew deadline
+    /// before a standby may take over) and exit.
     ///
     /// Call it right after `acquire` and keep it running as long as this process acts as the
     /// leader: the first renewal is sent at once. Resolves at once when called without holding
@@ -156,7 +160,7 @@ impl LeaderElector {
                 Ok(Ok(Renewal::Renewed)) => {
                     debug!(identity = %self.settings.identity, lease = %self.lease_path(), "renewed the leader election lease");
                 }
-                Ok(Ok(Renewal::Lost { why })) => {
+                Ok(Ok(Renewal::Lost(why))) => {
                     self.forget_write();
                     info!(identity = %self.settings.identity, lease = %self.lease_path(), "lost leadership: {why}");
                     return;
@@ -179,7 +183,9 @@ impl LeaderElector {
         }
     }
 
-    /// Gives the lease up (sets holderIdentity to None / leaseDurationSeconds so others may take it at once) — called on graceful shutdown.
+    /// Gives the lease up, for a graceful shutdown: clears holderIdentity (and sets a lease of
+    /// one second) so that a standby takes over at its next try instead of waiting for expiry.
+    /// Call it after reconciling stopped and after `hold` was dropped.
     ///
     /// Does nothing when someone else holds the lease. One attempt, bounded by the renew
     /// deadline: if it fails, standbys take over once the lease expires.
@@ -269,22 +275,16 @@ impl LeaderElector {
     async fn try_renew(&self) -> Result<Renewal, kube::Error> {
         let attempt_started = Instant::now();
         let Some(mut lease) = self.leases.get_opt(&self.settings.lease_name).await? else {
-            return Ok(Renewal::Lost {
-                why: "the lease was deleted".into(),
-            });
+            return Ok(Renewal::Lost("the lease was deleted".into()));
         };
         let spec = lease.spec.get_or_insert_default();
         match holder(spec) {
             Some(holder) if holder == self.settings.identity => {}
             Some(other) => {
-                return Ok(Renewal::Lost {
-                    why: format!("the lease is held by {other}"),
-                });
+                return Ok(Renewal::Lost(format!("the lease is held by {other}")));
             }
             None => {
-                return Ok(Renewal::Lost {
-                    why: "the lease was released".into(),
-                });
+                return Ok(Renewal::Lost("the lease was released".into()));
             }
         }
         spec.renew_time = Some(MicroTime(Timestamp::now()));

@@ -10,6 +10,7 @@ use tasklist_operator::check;
 use tasklist_operator::controller::{self, Context, Scope};
 use tasklist_operator::crd::TasklistConnection;
 use tasklist_operator::duration::parse_duration;
+use tasklist_operator::leader::{LeaderElector, LeaseSettings};
 use tasklist_operator::metrics::Metrics;
 use tasklist_operator::serve::{Health, serve};
 use tokio::sync::watch;
@@ -64,6 +65,19 @@ struct RunArgs {
     /// Address of the port serving /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]
     listen_addr: SocketAddr,
+    /// Reconcile only while holding a coordination.k8s.io Lease, so that several replicas
+    /// can run with one active at a time.
+    #[arg(long)]
+    leader_election: bool,
+    /// Namespace of the Lease (the operator's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", required_if_eq("leader_election", "true"))]
+    leader_election_namespace: Option<String>,
+    /// Name of the Lease.
+    #[arg(long, default_value = "tasklist-operator")]
+    leader_election_lease_name: String,
+    /// This replica's identity in the Lease; must be unique among replicas (the Pod name).
+    #[arg(long, env = "POD_NAME")]
+    leader_election_identity: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -107,29 +121,68 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
 
+    let elector = match leader_election(&args, &client) {
+        Ok(elector) => elector,
+        Err(message) => anyhow::bail!("leader election: {message}"),
+    };
     let health = Arc::new(Health::default());
     let metrics = Arc::new(Metrics::default());
     let server = tokio::spawn(serve(args.listen_addr, health.clone(), metrics.clone(), shutdown()));
     wait_until_crd_answers(&client, &args.namespaces).await;
+    // Standbys are ready too: they are healthy, just not the one reconciling.
     health.set_ready(true);
 
     let scope = if args.namespaces.is_empty() {
         Scope::AllNamespaces
     } else {
-        Scope::Namespaces(args.namespaces)
+        Scope::Namespaces(args.namespaces.clone())
     };
     let settings = HttpSettings {
         timeout: args.request_timeout,
         ..HttpSettings::default()
     };
-    let instance = std::env::var("POD_NAME").ok();
-    let ctx = Arc::new(Context::new(client, settings, metrics, instance));
-    controller::run(ctx, scope, shutdown()).await;
+    let ctx = Arc::new(Context::new(client, settings, metrics, args.leader_election_identity.clone()));
+    match &elector {
+        None => controller::run(ctx, scope, shutdown()).await,
+        Some(elector) => {
+            tokio::select! {
+                _ = elector.acquire() => {}
+                _ = shutdown() => return wait_for_server(server).await,
+            }
+            // While stopping gracefully the lease keeps being renewed; when it is lost, the
+            // controller is dropped at once and the process exits, to restart as a standby.
+            tokio::select! {
+                _ = controller::run(ctx, scope, shutdown()) => elector.release().await,
+                _ = elector.hold() => anyhow::bail!("lost leadership; exiting so that another replica takes over"),
+            }
+        }
+    }
+    wait_for_server(server).await
+}
+
+async fn wait_for_server(server: tokio::task::JoinHandle<anyhow::Result<()>>) -> anyhow::Result<()> {
     if let Ok(Err(error)) = server.await {
         error!("health server failed: {error}");
     }
     info!("stopped");
     Ok(())
+}
+
+fn leader_election(args: &RunArgs, client: &kube::Client) -> Result<Option<LeaderElector>, String> {
+    if !args.leader_election {
+        return Ok(None);
+    }
+    let namespace = args
+        .leader_election_namespace
+        .clone()
+        .ok_or("--leader-election-namespace (or POD_NAMESPACE) is required")?;
+    let identity = args
+        .leader_election_identity
+        .clone()
+        .ok_or("--leader-election-identity (or POD_NAME) is required: it must be unique per replica")?;
+    let settings = LeaseSettings::new(namespace, args.leader_election_lease_name.clone(), identity);
+    settings.validate()?;
+    Ok(Some(LeaderElector::new(client.clone(), settings)))
 }
 
 /// Waits until TasklistConnections can be listed: the CRD is installed and RBAC allows it.

@@ -61,6 +61,16 @@ impl Session {
     pub fn cookie_header_ref(&self) -> &Sensitive {
         &self.cookie_header
     }
+
+    /// The header name to send the CSRF token under: the name of the CSRF cookie the
+    /// server set (older Tasklists use `TASKLIST-X-CSRF-TOKEN`), else `X-CSRF-TOKEN`.
+    pub fn csrf_header_name(&self) -> &'static str {
+        CSRF_HEADERS
+            .iter()
+            .find(|header| self.cookies.iter().any(|(name, _)| name.eq_ignore_ascii_case(header)))
+            .copied()
+            .unwrap_or(CSRF_HEADERS[0])
+    }
 }
 
 fn cookie_header(cookies: &[(String, Sensitive)]) -> Sensitive {

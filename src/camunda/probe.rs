@@ -3,7 +3,6 @@
 use reqwest::Method;
 
 use super::http::HttpClient;
-use super::login::CSRF_HEADERS;
 use super::token::describe_status;
 use super::{Sensitive, join_url};
 use crate::crd::{ProbeMethod, ProbeSpec};
@@ -15,6 +14,8 @@ pub enum ProbeCredential<'a> {
     Session {
         cookie_header: &'a Sensitive,
         csrf_token: Option<&'a Sensitive>,
+        /// The header name the server expects the CSRF token under.
+        csrf_header: &'static str,
     },
 }
 
@@ -95,10 +96,14 @@ impl Probe {
         };
         let request = match credential {
             ProbeCredential::Bearer(token) => request.bearer_auth(token.expose()),
-            ProbeCredential::Session { cookie_header, csrf_token } => {
+            ProbeCredential::Session {
+                cookie_header,
+                csrf_token,
+                csrf_header,
+            } => {
                 let request = request.header("cookie", cookie_header.expose());
                 match csrf_token {
-                    Some(token) => request.header(CSRF_HEADERS[0], token.expose()),
+                    Some(token) => request.header(csrf_header, token.expose()),
                     None => request,
                 }
             }

@@ -32,13 +32,6 @@ pub struct TokenGrant {
     pub expires_in: Option<u64>,
 }
 
-#[derive(Deserialize)]
-struct TokenAnswer {
-    access_token: Option<String>,
-    #[serde(default, deserialize_with = "number_or_string")]
-    expires_in: Option<u64>,
-}
-
 /// RFC 6749's error answer.
 #[derive(Deserialize)]
 struct OAuthError {
@@ -84,22 +77,38 @@ impl TokenEndpoint {
 }
 
 fn parse_grant(body: &[u8]) -> Result<TokenGrant, AuthFailure> {
-    let not_a_token = || {
-        AuthFailure::server_error(format!(
-            "the token endpoint answered with success but not with an OAuth2 token (expected JSON with access_token, got {:?})",
-            excerpt(body, 60)
-        ))
+    // The body is never quoted: an answer that cannot be parsed may still hold a token.
+    let Ok(answer) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Err(AuthFailure::server_error(format!(
+            "the token endpoint answered with success but not with JSON ({} bytes; expected an OAuth2 token answer with access_token)",
+            body.len()
+        )));
     };
-    let answer: TokenAnswer = serde_json::from_slice(body).map_err(|_| not_a_token())?;
-    match answer.access_token {
-        Some(token) if !token.trim().is_empty() => Ok(TokenGrant {
-            access_token: Sensitive::new(token.trim()),
-            expires_in: answer.expires_in,
-        }),
-        // Never echo a body that may hold a token: say what is missing instead.
-        _ => Err(AuthFailure::server_error(
+    let token = answer
+        .get("access_token")
+        .and_then(|token| token.as_str())
+        .map(str::trim)
+        .filter(|token| !token.is_empty());
+    let Some(token) = token else {
+        return Err(AuthFailure::server_error(
             "the token endpoint answered with success but without an access_token",
-        )),
+        ));
+    };
+    Ok(TokenGrant {
+        access_token: Sensitive::new(token),
+        expires_in: answer.get("expires_in").and_then(seconds),
+    })
+}
+
+/// `expires_in` as a number of seconds, also when a server sends it as a string; anything
+/// else counts as absent.
+fn seconds(value: &serde_json::Value) -> Option<u64> {
+    match value {
+        serde_json::Value::Number(number) => number
+            .as_u64()
+            .or_else(|| number.as_f64().filter(|n| n.is_finite() && *n >= 0.0).map(|n| n as u64)),
+        serde_json::Value::String(text) => text.trim().parse().ok(),
+        _ => None,
     }
 }
 
@@ -135,20 +144,6 @@ pub(crate) fn describe_status(status: StatusCode) -> String {
     }
 }
 
-fn number_or_string<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Lenient {
-        Number(f64),
-        Text(String),
-    }
-    Ok(match Option::<Lenient>::deserialize(deserializer)? {
-        Some(Lenient::Number(n)) if n.is_finite() && n >= 0.0 => Some(n as u64),
-        Some(Lenient::Text(text)) => text.trim().parse().ok(),
-        _ => None,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,7 +171,11 @@ mod tests {
     fn a_page_or_json_without_a_token_is_a_server_error_that_names_no_token() {
         let html = parse_grant(b"<html><body>Login</body></html>").unwrap_err();
         assert_eq!(html.kind, super::super::AuthFailureKind::ServerError);
-        assert!(html.message.contains("not with an OAuth2 token"), "{}", html.message);
+        assert!(html.message.contains("not with JSON"), "{}", html.message);
+        let odd = parse_grant(br#"{"access_token":"secret-token-value","expires_in":true}"#).unwrap();
+        assert_eq!(odd.expires_in, None);
+        let bare = parse_grant(b"secret-token-value").unwrap_err();
+        assert!(!bare.message.contains("secret-token-value"), "{}", bare.message);
         let empty = parse_grant(br#"{"token_type":"Bearer"}"#).unwrap_err();
         assert!(empty.message.contains("without an access_token"));
     }

@@ -83,10 +83,7 @@ impl ControlPlane {
     /// calling thread staying alive (see [`tools`]'s `spawn_supervised`).
     pub async fn start(tools: &Tools) -> anyhow::Result<ControlPlane> {
         let started = Instant::now();
-        let workdir = tempfile::Builder::new()
-            .prefix("tasklist-e2e-controlplane-")
-            .tempdir()
-            .context("cannot create the control plane's temporary folder")?;
+        let workdir = tools::fixture_workdir("controlplane")?;
         let dir = workdir.path();
 
         let pki = generate_pki()?;
@@ -110,7 +107,6 @@ impl ControlPlane {
         let etcd_peer_port = tools::free_loopback_port()?;
         let apiserver_port = tools::free_loopback_port()?;
 
-        let etcd = start_etcd(tools, dir, etcd_client_port, etcd_peer_port)?;
         let apiserver_args: Vec<OsString> = vec![
             format!("--etcd-servers=http://127.0.0.1:{etcd_client_port}").into(),
             "--bind-address=127.0.0.1".into(),
@@ -152,7 +148,7 @@ impl ControlPlane {
 
         // From here on, a failing step drops `control_plane`, which kills what did start.
         let mut control_plane = ControlPlane {
-            etcd,
+            etcd: start_etcd(tools, dir, etcd_client_port, etcd_peer_port)?,
             apiserver: None,
             controller_manager: None,
             apiserver_binary: tools.kube_apiserver.clone(),
@@ -265,10 +261,13 @@ impl ControlPlane {
                 },
                 ..Default::default()
             };
-            accounts
-                .create(&PostParams::default(), &account)
-                .await
-                .with_context(|| format!("cannot create service account {namespace}/{service_account}"))?;
+            let created = accounts.create(&PostParams::default(), &account).await;
+            // 409: created meanwhile (the service-account controller makes `default` everywhere).
+            if let Err(error) = created
+                && !matches!(&error, kube::Error::Api(status) if status.code == 409)
+            {
+                return Err(error).with_context(|| format!("cannot create service account {namespace}/{service_account}"));
+            }
         }
         let request = TokenRequest {
             spec: TokenRequestSpec {

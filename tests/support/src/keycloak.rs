@@ -54,13 +54,17 @@ impl Keycloak {
     /// access tokens carry the audience [`TASKLIST_AUDIENCE`].
     pub async fn start(tools: &Tools) -> anyhow::Result<Keycloak> {
         let started = Instant::now();
-        let workdir = tempfile::Builder::new()
-            .prefix("tasklist-e2e-keycloak-")
-            .tempdir()
-            .context("cannot create Keycloak's temporary folder")?;
+        let workdir = tools::fixture_workdir("keycloak")?;
         let port = tools::free_loopback_port()?;
         let admin_password = random_password();
-        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build()?;
+        // No idle connections are kept: a pooled connection belongs to the tokio runtime that
+        // opened it and breaks when that runtime ends, and a shared Keycloak outlives the
+        // runtimes of the tests that use it.
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_secs(30))
+            .build()?;
 
         // Dev mode may rebuild the distribution's configuration (in lib/quarkus) while starting;
         // two starts doing that at once could corrupt it, so starts take turns.

@@ -27,10 +27,7 @@ impl OperatorProcess {
     /// `info,tasklist_operator=debug`) and the extra `env`, which wins over both.
     /// The rest of the environment is inherited.
     pub fn start(binary: &Path, kubeconfig: &Path, args: &[String], env: &[(String, String)]) -> anyhow::Result<OperatorProcess> {
-        let workdir = tempfile::Builder::new()
-            .prefix("tasklist-e2e-operator-")
-            .tempdir()
-            .context("cannot create the operator's temporary folder")?;
+        let workdir = tools::fixture_workdir("operator")?;
         let log = workdir.path().join("operator.log");
         let mut command = Command::new(binary);
         command.args(args).env("KUBECONFIG", kubeconfig).stdin(Stdio::null());

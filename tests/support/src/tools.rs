@@ -14,6 +14,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use tempfile::TempDir;
 
 /// Paths of the external components. Every one is required: a test that cannot find one fails.
 #[derive(Debug, Clone)]
@@ -204,6 +205,51 @@ pub(crate) async fn wait_until_ready(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Start of the names of fixture folders in the temporary directory.
+const WORKDIR_PREFIX: &str = "tasklist-e2e-";
+/// File in a fixture folder holding the pid of the test process that owns it.
+const WORKDIR_OWNER_FILE: &str = "owner.pid";
+
+/// Creates a temporary folder for one fixture, `tasklist-e2e-{what}-XXXXXX`, removed when the
+/// returned value is dropped. A test process killed by a signal never drops it, and etcd's
+/// data alone is tens of megabytes, so each folder records its owner's pid and every new one
+/// first removes the folders whose owner is gone.
+pub(crate) fn fixture_workdir(what: &str) -> anyhow::Result<TempDir> {
+    remove_abandoned_workdirs();
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{WORKDIR_PREFIX}{what}-"))
+        .tempdir()
+        .with_context(|| format!("cannot create a temporary folder for {what}"))?;
+    std::fs::write(dir.path().join(WORKDIR_OWNER_FILE), std::process::id().to_string())?;
+    Ok(dir)
+}
+
+fn remove_abandoned_workdirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(WORKDIR_PREFIX) {
+            continue;
+        }
+        // No owner file: not one of ours, or being created right now. Leave it.
+        let Ok(owner) = std::fs::read_to_string(entry.path().join(WORKDIR_OWNER_FILE)) else {
+            continue;
+        };
+        if owner.trim().parse::<libc::pid_t>().is_ok_and(|pid| !process_exists(pid)) {
+            // Another process may be removing it at the same time; either way it goes.
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+fn process_exists(pid: libc::pid_t) -> bool {
+    // SAFETY: signal 0 only checks whether the process exists; nothing is sent.
+    let result = unsafe { libc::kill(pid, 0) };
+    // EPERM means it exists but belongs to someone else.
+    result == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
 /// Opens `path` for appending (so a restarted process adds to its earlier log) and returns

@@ -87,3 +87,12 @@ fn config_map(name: &str, owner: Option<OwnerReference>) -> ConfigMap {
         ..Default::default()
     }
 }
+
+/// Shared fixtures live in statics or `Arc`s used by many test threads.
+#[test]
+fn fixtures_can_be_shared_between_threads() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<ControlPlane>();
+    shareable::<testsupport::keycloak::Keycloak>();
+    shareable::<testsupport::operator::OperatorProcess>();
+}

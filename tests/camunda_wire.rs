@@ -1,0 +1,1231 @@
+//! The wire behaviour of the HTTP layer to Camunda (`tasklist_operator::camunda`) and of
+//! `obtain_credential`, against the stand-in Tasklist and small servers written here for
+//! what the stand-in does not do (redirects, slow or endless bodies, a probe that answers
+//! 401 once). Each test asserts what a user would notice: which requests went out, the
+//! kind of failure, its message, and that no credential ends up in a message.
+
+use std::future::IntoFuture as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, post};
+use jiff::Timestamp;
+use tasklist_operator::camunda::login::{CookieLogin, LoginCredentials, Session};
+use tasklist_operator::camunda::probe::{Probe, ProbeCredential, ProbeOutcome};
+use tasklist_operator::camunda::token::{ClientCredentials, TokenEndpoint, TokenGrant};
+use tasklist_operator::camunda::{AuthFailure, AuthFailureKind, HttpClient, HttpSettings, Sensitive, TlsTrust, join_url};
+use tasklist_operator::crd::{ProbeMethod, ProbeSpec, RequestEncoding};
+use tasklist_operator::credential::{Credential, jwt_expiry};
+use tasklist_operator::derived_secret::StoredCredential;
+use tasklist_operator::inputs::{Inputs, LoginMaterial};
+use tasklist_operator::obtain::obtain_credential;
+use testsupport::standin::{
+    AuthKind, CSRF_NAME, EndpointMode, LEGACY_CSRF_NAME, SESSION_COOKIE, StandinOptions, StandinTasklist, TokenAnswer, TokenRequestEncoding,
+};
+
+const CLIENT_ID: &str = "orders";
+const CLIENT_SECRET: &str = "s3cr3t-client-value";
+const USERNAME: &str = "demo-user";
+const PASSWORD: &str = "p4ssw0rd-value";
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+fn settings(timeout: Duration) -> HttpSettings {
+    HttpSettings {
+        timeout,
+        ..HttpSettings::default()
+    }
+}
+
+fn http() -> HttpClient {
+    HttpClient::new(&settings(Duration::from_secs(5)), &TlsTrust::default()).expect("an HTTP client")
+}
+
+fn http_with_timeout(timeout: Duration) -> HttpClient {
+    HttpClient::new(&settings(timeout), &TlsTrust::default()).expect("an HTTP client")
+}
+
+fn endpoint(url: &str, encoding: RequestEncoding, scope: Option<&str>) -> TokenEndpoint {
+    TokenEndpoint {
+        url: url.to_owned(),
+        audience: "tasklist.camunda.io".to_owned(),
+        scope: scope.map(str::to_owned),
+        encoding,
+    }
+}
+
+fn client(secret: &str) -> ClientCredentials {
+    ClientCredentials {
+        client_id: CLIENT_ID.to_owned(),
+        client_secret: Sensitive::new(secret),
+    }
+}
+
+fn login_credentials(password: &str) -> LoginCredentials {
+    LoginCredentials {
+        username: USERNAME.to_owned(),
+        password: Sensitive::new(password),
+    }
+}
+
+fn cookie_login(base_url: &str) -> CookieLogin {
+    CookieLogin {
+        login_url: join_url(base_url, "/api/login"),
+    }
+}
+
+fn default_probe(base_url: &str) -> Probe {
+    Probe::new(base_url, &ProbeSpec::default())
+}
+
+/// A stand-in with the OAuth2 client and the Tasklist user registered.
+async fn standin_with(options: StandinOptions) -> StandinTasklist {
+    let standin = StandinTasklist::start_with(options).await.expect("the stand-in starts");
+    standin.add_client(CLIENT_ID, CLIENT_SECRET);
+    standin.add_user(USERNAME, PASSWORD);
+    standin
+}
+
+async fn standin() -> StandinTasklist {
+    standin_with(StandinOptions::default()).await
+}
+
+async fn request_token(http: &HttpClient, endpoint: &TokenEndpoint, secret: &str) -> Result<TokenGrant, AuthFailure> {
+    endpoint.request_token(http, &client(secret)).await
+}
+
+/// Fails unless `result` is a failure of `kind`; returns its message.
+fn failure_of<T: std::fmt::Debug>(result: Result<T, AuthFailure>, kind: AuthFailureKind) -> String {
+    match result {
+        Ok(value) => panic!("expected a {kind:?} failure, got {value:?}"),
+        Err(failure) => {
+            assert_eq!(failure.kind, kind, "wrong kind of failure: {}", failure.message);
+            failure.message
+        }
+    }
+}
+
+fn assert_no_credential(message: &str, credentials: &[&str]) {
+    for credential in credentials {
+        assert!(!message.contains(credential), "the message leaks a credential: {message}");
+    }
+}
+
+fn assert_quick(started: Instant, limit: Duration, what: &str) {
+    let elapsed = started.elapsed();
+    assert!(elapsed < limit, "{what} took {elapsed:?}, more than {limit:?}");
+}
+
+/// Serves `router` on an ephemeral port of 127.0.0.1 for the rest of the test; returns
+/// `http://127.0.0.1:PORT`.
+async fn serve(router: Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1");
+    let address = listener.local_addr().expect("a local address");
+    tokio::spawn(axum::serve(listener, router).into_future());
+    format!("http://{address}")
+}
+
+fn token_json(token: &str, expires_in: u64) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        format!(r#"{{"access_token":"{token}","expires_in":{expires_in},"token_type":"Bearer"}}"#),
+    )
+        .into_response()
+}
+
+/// A body that never ends: 64 KiB chunks as fast as the client takes them.
+fn endless_body() -> Body {
+    let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+    Body::from_stream(futures::stream::repeat_with(move || Ok::<_, std::io::Error>(chunk.clone())))
+}
+
+/// A body that starts at once and then trickles a byte every 200 ms, forever.
+fn trickling_body() -> Body {
+    let stream = futures::stream::unfold(0u32, |step| async move {
+        if step > 0 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let chunk = if step == 0 {
+            Bytes::from_static(br#"{"access_token":""#)
+        } else {
+            Bytes::from_static(b"a")
+        };
+        Some((Ok::<_, std::io::Error>(chunk), step + 1))
+    });
+    Body::from_stream(stream)
+}
+
+fn oauth2_inputs(endpoint: TokenEndpoint, refresh_before: Option<Duration>) -> Inputs {
+    Inputs {
+        login: LoginMaterial::OAuth2 {
+            endpoint,
+            client: client(CLIENT_SECRET),
+        },
+        trust: TlsTrust::default(),
+        refresh_before,
+        probe_interval: Duration::from_secs(60),
+        fingerprint: "camunda-wire-test".to_owned(),
+    }
+}
+
+fn cookie_inputs(base_url: &str, session_timeout: Duration) -> Inputs {
+    Inputs {
+        login: LoginMaterial::Cookie {
+            login: cookie_login(base_url),
+            credentials: login_credentials(PASSWORD),
+            session_timeout,
+        },
+        trust: TlsTrust::default(),
+        refresh_before: None,
+        probe_interval: Duration::from_secs(60),
+        fingerprint: "camunda-wire-test".to_owned(),
+    }
+}
+
+/// Seconds from issue to expiry and from issue to refresh.
+fn lifetime_and_refresh(stored: &StoredCredential) -> (i64, i64) {
+    (
+        stored.expires_at.as_second() - stored.issued_at.as_second(),
+        stored.refresh_at.as_second() - stored.issued_at.as_second(),
+    )
+}
+
+/// The contract's refresh window: 80 % of the lifetime (or `refresh_before` before expiry
+/// when earlier) minus a jitter of up to 10 % of the lifetime, never later than 5 s before
+/// expiry. Bounds are in whole seconds, as stored.
+fn assert_refresh_in_window(stored: &StoredCredential, refresh_before: Option<u64>) {
+    let (lifetime, refresh) = lifetime_and_refresh(stored);
+    let lifetime_f = lifetime as f64;
+    let mut latest = 0.8 * lifetime_f;
+    if let Some(before) = refresh_before {
+        latest = latest.min(lifetime_f - before as f64);
+    }
+    let latest = latest.min(lifetime_f - 5.0).max(0.0);
+    let earliest = (latest - 0.1 * lifetime_f).max(0.0);
+    assert!(
+        (refresh as f64) >= earliest.floor() && (refresh as f64) <= latest,
+        "refresh {refresh}s after issue is outside [{earliest}, {latest}] for a {lifetime}s lifetime"
+    );
+    assert!(stored.refresh_at >= stored.issued_at && stored.refresh_at < stored.expires_at);
+}
+
+fn assert_issued_about_now(stored: &StoredCredential) {
+    let drift = (Timestamp::now().as_second() - stored.issued_at.as_second()).abs();
+    assert!(drift <= 5, "issued_at {} is not about now", stored.issued_at);
+}
+
+fn bearer(stored: &StoredCredential) -> &Sensitive {
+    match &stored.credential {
+        Credential::Bearer(token) => token,
+        Credential::Session(_) => panic!("a bearer token expected"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Token endpoint
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn token_request_is_a_form_body_by_default_without_scope() {
+    let standin = standin().await;
+    let grant = request_token(
+        &http(),
+        &endpoint(&standin.token_url(), RequestEncoding::default(), None),
+        CLIENT_SECRET,
+    )
+    .await
+    .expect("a token");
+    assert!(jwt_expiry(grant.access_token.expose()).is_some(), "the stand-in issues a JWT");
+    assert_eq!(grant.expires_in, Some(300));
+
+    let records = standin.token_requests();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].encoding, TokenRequestEncoding::Form);
+    assert_eq!(records[0].client_id, CLIENT_ID);
+    assert_eq!(records[0].audience, "tasklist.camunda.io");
+    assert_eq!(records[0].scope, None, "no scope is sent when none is set");
+    assert_eq!(records[0].status, 200);
+}
+
+#[tokio::test]
+async fn token_request_is_json_with_request_encoding_json_and_sends_the_scope() {
+    let standin = standin().await;
+    request_token(
+        &http(),
+        &endpoint(&standin.token_url(), RequestEncoding::Json, Some("tasklist:read")),
+        CLIENT_SECRET,
+    )
+    .await
+    .expect("a token");
+    let records = standin.token_requests();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].encoding, TokenRequestEncoding::Json);
+    assert_eq!(records[0].audience, "tasklist.camunda.io");
+    assert_eq!(records[0].scope.as_deref(), Some("tasklist:read"));
+    assert_eq!(records[0].status, 200);
+}
+
+#[tokio::test]
+async fn an_empty_scope_is_not_sent() {
+    let standin = standin().await;
+    for encoding in [RequestEncoding::Form, RequestEncoding::Json] {
+        request_token(&http(), &endpoint(&standin.token_url(), encoding, Some("")), CLIENT_SECRET)
+            .await
+            .expect("a token");
+    }
+    for record in standin.token_requests() {
+        assert_eq!(record.scope, None, "{record:?}");
+    }
+}
+
+#[tokio::test]
+async fn keycloak_style_endpoint_works_with_form_and_rejects_json_with_invalid_request() {
+    let standin = standin().await;
+    standin.set_token_answer(TokenAnswer::Keycloak400ForJson);
+
+    request_token(&http(), &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET)
+        .await
+        .expect("a form body works against Keycloak");
+
+    let result = request_token(&http(), &endpoint(&standin.token_url(), RequestEncoding::Json, None), CLIENT_SECRET).await;
+    let message = failure_of(result, AuthFailureKind::Rejected);
+    assert!(message.contains("invalid_request"), "{message}");
+    assert!(message.contains("400"), "{message}");
+    assert_no_credential(&message, &[CLIENT_SECRET]);
+}
+
+#[tokio::test]
+async fn wrong_secret_is_rejected_with_invalid_client_and_without_the_secret() {
+    let standin = standin().await;
+    let wrong_secret = "wrong-secret-value";
+    let result = request_token(&http(), &endpoint(&standin.token_url(), RequestEncoding::Form, None), wrong_secret).await;
+    let message = failure_of(result, AuthFailureKind::Rejected);
+    assert!(message.contains("invalid_client"), "{message}");
+    assert!(message.contains("401"), "{message}");
+    assert_no_credential(&message, &[wrong_secret, CLIENT_SECRET]);
+    assert_eq!(standin.token_requests()[0].status, 401);
+}
+
+#[tokio::test]
+async fn an_oauth_error_that_echoes_the_secret_is_redacted() {
+    let router = Router::new().route(
+        "/oauth/token",
+        post(|| async {
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::CONTENT_TYPE, "application/json")],
+                format!(r#"{{"error":"invalid_client","error_description":"secret {CLIENT_SECRET} is wrong"}}"#),
+            )
+        }),
+    );
+    let base = serve(router).await;
+    let result = request_token(
+        &http(),
+        &endpoint(&format!("{base}/oauth/token"), RequestEncoding::Form, None),
+        CLIENT_SECRET,
+    )
+    .await;
+    let message = failure_of(result, AuthFailureKind::Rejected);
+    assert!(message.contains("invalid_client"), "{message}");
+    assert_no_credential(&message, &[CLIENT_SECRET]);
+}
+
+#[tokio::test]
+async fn token_endpoint_503_is_a_server_error() {
+    let standin = standin().await;
+    standin.set_token_endpoint(EndpointMode::Down);
+    let result = request_token(&http(), &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET).await;
+    let message = failure_of(result, AuthFailureKind::ServerError);
+    assert!(message.contains("503"), "{message}");
+    assert_no_credential(&message, &[CLIENT_SECRET]);
+}
+
+#[tokio::test]
+async fn refused_connection_to_the_token_endpoint_is_a_server_error() {
+    let standin = standin().await;
+    standin.set_refusing_connections(true).await.expect("refusing");
+    let started = Instant::now();
+    let result = request_token(&http(), &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET).await;
+    let message = failure_of(result, AuthFailureKind::ServerError);
+    assert!(message.contains("could not connect"), "{message}");
+    assert_no_credential(&message, &[CLIENT_SECRET]);
+    assert_quick(started, Duration::from_secs(3), "a refused connection");
+}
+
+#[tokio::test]
+async fn slow_token_endpoint_times_out_as_a_server_error() {
+    let standin = standin().await;
+    standin.set_token_endpoint(EndpointMode::Slow(Duration::from_secs(4)));
+    let started = Instant::now();
+    let result = request_token(
+        &http_with_timeout(Duration::from_secs(1)),
+        &endpoint(&standin.token_url(), RequestEncoding::Form, None),
+        CLIENT_SECRET,
+    )
+    .await;
+    let message = failure_of(result, AuthFailureKind::ServerError);
+    assert!(message.contains("no answer within 1s"), "{message}");
+    assert_quick(started, Duration::from_secs(3), "a timed-out token request");
+}
+
+#[tokio::test]
+async fn a_body_that_trickles_in_times_out_as_a_server_error() {
+    let router = Router::new().route(
+        "/oauth/token",
+        post(|| async { ([(header::CONTENT_TYPE, "application/json")], trickling_body()) }),
+    );
+    let base = serve(router).await;
+    let started = Instant::now();
+    let result = request_token(
+        &http_with_timeout(Duration::from_secs(1)),
+        &endpoint(&format!("{base}/oauth/token"), RequestEncoding::Form, None),
+        CLIENT_SECRET,
+    )
+    .await;
+    let message = failure_of(result, AuthFailureKind::ServerError);
+    assert!(message.contains("no answer within 1s"), "{message}");
+    assert_quick(started, Duration::from_secs(3), "a token answer that trickles in");
+}
+
+#[tokio::test]
+async fn html_page_with_200_is_a_server_error_that_says_so() {
+    let standin = standin().await;
+    standin.set_token_answer(TokenAnswer::Html200);
+    let result = request_token(&http(), &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET).await;
+    let message = failure_of(result, AuthFailureKind::ServerError);
+    assert!(message.contains("not with JSON"), "{message}");
+    assert_no_credential(&message, &[CLIENT_SECRET]);
+}
+
+#[tokio::test]
+async fn json_without_access_token_is_a_server_error_that_says_so() {
+    let standin = standin().await;
+    standin.set_token_answer(TokenAnswer::JsonWithoutAccessToken);
+    let result = request_token(&http(), &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET).await;
+    let message = failure_of(result, AuthFailureKind::ServerError);
+    assert!(message.contains("without an access_token"), "{message}");
+    assert_no_credential(&message, &[CLIENT_SECRET]);
+}
+
+/// An answer with a token in it that the operator cannot use (here `expires_in` is a
+/// boolean) must not be quoted in the error message: it holds the token.
+#[tokio::test]
+async fn an_unusable_token_answer_is_not_quoted_in_the_message() {
+    const TOKEN: &str = "opaque-token-value-1234";
+    // A bare token in plain text: not an OAuth2 answer, and the message must not quote it.
+    let router = Router::new().route("/oauth/token", post(|| async { ([(header::CONTENT_TYPE, "text/plain")], TOKEN) }));
+    let base = serve(router).await;
+    let result = request_token(
+        &http(),
+        &endpoint(&format!("{base}/oauth/token"), RequestEncoding::Form, None),
+        CLIENT_SECRET,
+    )
+    .await;
+    let message = failure_of(result, AuthFailureKind::ServerError);
+    assert_no_credential(&message, &[TOKEN, CLIENT_SECRET]);
+}
+
+#[tokio::test]
+async fn an_expires_in_of_the_wrong_type_counts_as_absent() {
+    const TOKEN: &str = "opaque-token-value-5678";
+    let router = Router::new().route(
+        "/oauth/token",
+        post(|| async {
+            (
+                [(header::CONTENT_TYPE, "application/json")],
+                format!(r#"{{"access_token":"{TOKEN}","expires_in":true}}"#),
+            )
+        }),
+    );
+    let base = serve(router).await;
+    let grant = request_token(
+        &http(),
+        &endpoint(&format!("{base}/oauth/token"), RequestEncoding::Form, None),
+        CLIENT_SECRET,
+    )
+    .await
+    .expect("the token is usable");
+    assert_eq!(grant.access_token.expose(), TOKEN);
+    assert_eq!(grant.expires_in, None);
+}
+
+#[tokio::test]
+async fn huge_token_answer_is_refused_by_the_size_cap() {
+    let standin = standin().await;
+    standin.set_token_answer(TokenAnswer::Huge);
+    let started = Instant::now();
+    let result = request_token(&http(), &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET).await;
+    let message = failure_of(result, AuthFailureKind::ServerError);
+    assert!(message.contains("larger than"), "{message}");
+    assert_quick(started, Duration::from_secs(4), "a 10 MB token answer");
+}
+
+/// Without a Content-Length the cap applies while reading: an endless body stops at the cap.
+#[tokio::test]
+async fn endless_token_answer_stops_at_the_size_cap() {
+    let router = Router::new().route(
+        "/oauth/token",
+        post(|| async { ([(header::CONTENT_TYPE, "application/json")], endless_body()) }),
+    );
+    let base = serve(router).await;
+    let started = Instant::now();
+    let result = request_token(
+        &http(),
+        &endpoint(&format!("{base}/oauth/token"), RequestEncoding::Form, None),
+        CLIENT_SECRET,
+    )
+    .await;
+    let message = failure_of(result, AuthFailureKind::ServerError);
+    assert!(message.contains("larger than"), "{message}");
+    assert_quick(started, Duration::from_secs(4), "an endless token answer");
+}
+
+// ---------------------------------------------------------------------------------------
+// Lifetimes through obtain_credential
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn jwt_exp_wins_over_a_lying_expires_in() {
+    let standin = standin().await;
+    standin.set_token_lifetime(Duration::from_secs(600));
+    standin.set_expires_in_override(Some(86_400));
+    let inputs = oauth2_inputs(endpoint(&standin.token_url(), RequestEncoding::Form, None), None);
+    let stored = obtain_credential(&inputs, &http()).await.expect("a credential");
+
+    assert_issued_about_now(&stored);
+    let exp = jwt_expiry(bearer(&stored).expose()).expect("a JWT with exp");
+    assert_eq!(stored.expires_at, exp, "expiry comes from the JWT exp claim");
+    let (lifetime, _) = lifetime_and_refresh(&stored);
+    assert!(
+        (599..=601).contains(&lifetime),
+        "lifetime {lifetime}s, expected about 600s, not 86400s"
+    );
+    assert_refresh_in_window(&stored, None);
+    assert_eq!(stored.inputs, "camunda-wire-test");
+}
+
+#[tokio::test]
+async fn opaque_token_with_expires_in_lives_that_long() {
+    let standin = standin().await;
+    standin.set_token_answer(TokenAnswer::OpaqueWithExpiresIn);
+    standin.set_token_lifetime(Duration::from_secs(120));
+    let inputs = oauth2_inputs(endpoint(&standin.token_url(), RequestEncoding::Form, None), None);
+    let stored = obtain_credential(&inputs, &http()).await.expect("a credential");
+
+    assert!(jwt_expiry(bearer(&stored).expose()).is_none(), "an opaque token");
+    assert_issued_about_now(&stored);
+    assert_eq!(lifetime_and_refresh(&stored).0, 120);
+    assert_refresh_in_window(&stored, None);
+}
+
+#[tokio::test]
+async fn opaque_token_without_expires_in_lives_300_seconds() {
+    let standin = standin().await;
+    standin.set_token_answer(TokenAnswer::OpaqueWithoutExpiresIn);
+    standin.set_token_lifetime(Duration::from_secs(1000));
+    let inputs = oauth2_inputs(endpoint(&standin.token_url(), RequestEncoding::Form, None), None);
+    let stored = obtain_credential(&inputs, &http()).await.expect("a credential");
+
+    assert_issued_about_now(&stored);
+    assert_eq!(lifetime_and_refresh(&stored).0, 300);
+    assert_refresh_in_window(&stored, None);
+}
+
+#[tokio::test]
+async fn refresh_time_stays_in_the_contract_window() {
+    let standin = standin().await;
+    standin.set_token_answer(TokenAnswer::OpaqueWithExpiresIn);
+    let http = http();
+
+    // 70-80 % of the lifetime, whatever the jitter.
+    standin.set_token_lifetime(Duration::from_secs(1000));
+    let inputs = oauth2_inputs(endpoint(&standin.token_url(), RequestEncoding::Form, None), None);
+    for _ in 0..10 {
+        let stored = obtain_credential(&inputs, &http).await.expect("a credential");
+        assert_eq!(lifetime_and_refresh(&stored).0, 1000);
+        assert_refresh_in_window(&stored, None);
+        let refresh = lifetime_and_refresh(&stored).1;
+        assert!((700..=800).contains(&refresh), "refresh {refresh}s into a 1000s lifetime");
+    }
+
+    // refreshBefore wins when it comes earlier than 80 %.
+    let inputs = oauth2_inputs(
+        endpoint(&standin.token_url(), RequestEncoding::Form, None),
+        Some(Duration::from_secs(300)),
+    );
+    for _ in 0..5 {
+        let stored = obtain_credential(&inputs, &http).await.expect("a credential");
+        let refresh = lifetime_and_refresh(&stored).1;
+        assert!(
+            (600..=700).contains(&refresh),
+            "refresh {refresh}s into 1000s with refreshBefore 300s"
+        );
+    }
+
+    // A short lifetime: never later than 5 s before expiry.
+    standin.set_token_lifetime(Duration::from_secs(10));
+    let inputs = oauth2_inputs(endpoint(&standin.token_url(), RequestEncoding::Form, None), None);
+    for _ in 0..5 {
+        let stored = obtain_credential(&inputs, &http).await.expect("a credential");
+        let (lifetime, refresh) = lifetime_and_refresh(&stored);
+        assert_eq!(lifetime, 10);
+        assert!((0..=5).contains(&refresh), "refresh {refresh}s into a 10s lifetime");
+    }
+}
+
+#[tokio::test]
+async fn cookie_session_lives_for_session_timeout() {
+    let standin = standin().await;
+    let inputs = cookie_inputs(&standin.url(), Duration::from_secs(1800));
+    let stored = obtain_credential(&inputs, &http()).await.expect("a session");
+    assert!(matches!(stored.credential, Credential::Session(_)));
+    assert_issued_about_now(&stored);
+    assert_eq!(lifetime_and_refresh(&stored).0, 1800);
+    assert_refresh_in_window(&stored, None);
+}
+
+#[tokio::test]
+async fn obtain_credential_passes_rejections_on() {
+    let standin = standin().await;
+    let mut inputs = oauth2_inputs(endpoint(&standin.token_url(), RequestEncoding::Form, None), None);
+    inputs.login = LoginMaterial::OAuth2 {
+        endpoint: endpoint(&standin.token_url(), RequestEncoding::Form, None),
+        client: client("not-the-secret"),
+    };
+    let message = failure_of(obtain_credential(&inputs, &http()).await, AuthFailureKind::Rejected);
+    assert!(message.contains("invalid_client"), "{message}");
+    assert_no_credential(&message, &["not-the-secret"]);
+}
+
+/// A JWT whose `exp` has passed already cannot be handed to applications: the token
+/// endpoint is misbehaving (a stale cache, a wrong clock), which is a server error.
+#[tokio::test]
+async fn a_jwt_that_expired_already_is_a_server_error() {
+    // {"alg":"none"} . {"exp":1000,"sub":"orders"} . signature
+    const EXPIRED: &str = "eyJhbGciOiJub25lIn0.eyJleHAiOjEwMDAsInN1YiI6Im9yZGVycyJ9.c2ln";
+    let router = Router::new().route("/oauth/token", post(|| async { token_json(EXPIRED, 300) }));
+    let base = serve(router).await;
+    let inputs = oauth2_inputs(endpoint(&format!("{base}/oauth/token"), RequestEncoding::Form, None), None);
+    let message = failure_of(obtain_credential(&inputs, &http()).await, AuthFailureKind::ServerError);
+    assert!(message.contains("expired already"), "{message}");
+    assert_no_credential(&message, &[EXPIRED]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Cookie login
+// ---------------------------------------------------------------------------------------
+
+fn cookie_value<'a>(session: &'a Session, name: &str) -> Option<&'a str> {
+    session
+        .cookies
+        .iter()
+        .find(|(cookie, _)| cookie == name)
+        .map(|(_, value)| value.expose())
+}
+
+#[tokio::test]
+async fn cookie_login_with_csrf_keeps_session_and_csrf_token() {
+    let standin = standin().await;
+    let session = cookie_login(&standin.url())
+        .log_in(&http(), &login_credentials(PASSWORD))
+        .await
+        .expect("logged in");
+
+    let header = session.cookie_header();
+    assert!(
+        header.expose().contains(&format!("{SESSION_COOKIE}=")),
+        "cookie header lacks the session"
+    );
+    assert!(
+        header.expose().contains(&format!("{CSRF_NAME}=")),
+        "cookie header lacks the CSRF cookie"
+    );
+    let csrf = session.csrf_token.as_ref().expect("a CSRF token");
+    assert!(!csrf.is_empty());
+    assert_eq!(cookie_value(&session, CSRF_NAME), Some(csrf.expose()), "header and cookie agree");
+
+    let logins = standin.logins();
+    assert_eq!(logins.len(), 1);
+    assert_eq!(logins[0].username, USERNAME);
+    assert_eq!(logins[0].status, 204);
+}
+
+#[tokio::test]
+async fn cookie_login_without_csrf() {
+    let standin = standin_with(StandinOptions {
+        csrf: false,
+        ..StandinOptions::default()
+    })
+    .await;
+    let session = cookie_login(&standin.url())
+        .log_in(&http(), &login_credentials(PASSWORD))
+        .await
+        .expect("logged in");
+    assert!(session.csrf_token.is_none());
+    assert_eq!(session.cookies.len(), 1);
+    assert!(cookie_value(&session, SESSION_COOKIE).is_some());
+
+    let outcome = default_probe(&standin.url())
+        .run(
+            &http(),
+            ProbeCredential::Session {
+                cookie_header: session.cookie_header_ref(),
+                csrf_token: None,
+                csrf_header: session.csrf_header_name(),
+            },
+        )
+        .await;
+    assert_eq!(outcome, ProbeOutcome::Succeeded);
+}
+
+#[tokio::test]
+async fn cookie_login_reads_the_legacy_csrf_name() {
+    let standin = standin_with(StandinOptions {
+        legacy_csrf_name: true,
+        ..StandinOptions::default()
+    })
+    .await;
+    let session = cookie_login(&standin.url())
+        .log_in(&http(), &login_credentials(PASSWORD))
+        .await
+        .expect("logged in");
+    let csrf = session.csrf_token.as_ref().expect("the CSRF token from TASKLIST-X-CSRF-TOKEN");
+    assert_eq!(cookie_value(&session, LEGACY_CSRF_NAME), Some(csrf.expose()));
+    assert!(session.cookie_header().expose().contains(&format!("{LEGACY_CSRF_NAME}=")));
+}
+
+/// A Tasklist with the older CSRF name expects the token in the `TASKLIST-X-CSRF-TOKEN`
+/// header: a fresh session must pass the POST probe there too.
+#[tokio::test]
+async fn probe_with_a_legacy_csrf_session_succeeds() {
+    let standin = standin_with(StandinOptions {
+        legacy_csrf_name: true,
+        ..StandinOptions::default()
+    })
+    .await;
+    let session = cookie_login(&standin.url())
+        .log_in(&http(), &login_credentials(PASSWORD))
+        .await
+        .expect("logged in");
+    let outcome = default_probe(&standin.url())
+        .run(
+            &http(),
+            ProbeCredential::Session {
+                cookie_header: session.cookie_header_ref(),
+                csrf_token: session.csrf_token.as_ref(),
+                csrf_header: session.csrf_header_name(),
+            },
+        )
+        .await;
+    assert_eq!(outcome, ProbeOutcome::Succeeded, "{:?}", standin.api_requests());
+}
+
+#[tokio::test]
+async fn cookie_login_with_a_bad_password_is_rejected() {
+    let standin = standin().await;
+    let wrong = "wrong-password-value";
+    let result = cookie_login(&standin.url()).log_in(&http(), &login_credentials(wrong)).await;
+    let message = failure_of(result, AuthFailureKind::Rejected);
+    assert!(message.contains("401"), "{message}");
+    assert_no_credential(&message, &[wrong, PASSWORD]);
+}
+
+#[tokio::test]
+async fn cookie_login_when_tasklist_is_down_is_a_server_error() {
+    let standin = standin().await;
+    standin.set_login_endpoint(EndpointMode::Down);
+    let result = cookie_login(&standin.url()).log_in(&http(), &login_credentials(PASSWORD)).await;
+    let message = failure_of(result, AuthFailureKind::ServerError);
+    assert!(message.contains("503"), "{message}");
+}
+
+#[derive(Default)]
+struct SeenLogin {
+    query: Option<String>,
+    content_type: Option<String>,
+    body: String,
+}
+
+#[tokio::test]
+async fn the_password_goes_in_a_form_body_not_the_query_string() {
+    let seen = Arc::new(Mutex::new(SeenLogin::default()));
+    let router = Router::new()
+        .route(
+            "/api/login",
+            post(
+                |State(seen): State<Arc<Mutex<SeenLogin>>>, uri: Uri, headers: HeaderMap, body: Bytes| async move {
+                    *seen.lock().unwrap() = SeenLogin {
+                        query: uri.query().map(str::to_owned),
+                        content_type: headers
+                            .get(header::CONTENT_TYPE)
+                            .and_then(|value| value.to_str().ok())
+                            .map(str::to_owned),
+                        body: String::from_utf8_lossy(&body).into_owned(),
+                    };
+                    (
+                        StatusCode::NO_CONTENT,
+                        [(header::SET_COOKIE, "TASKLIST-SESSION=abc123; Path=/; HttpOnly")],
+                    )
+                },
+            ),
+        )
+        .with_state(seen.clone());
+    let base = serve(router).await;
+    let session = cookie_login(&base)
+        .log_in(&http(), &login_credentials(PASSWORD))
+        .await
+        .expect("logged in");
+    assert_eq!(session.cookie_header().expose(), "TASKLIST-SESSION=abc123");
+
+    let seen = seen.lock().unwrap();
+    assert!(seen.query.as_deref().unwrap_or("").is_empty(), "query string: {:?}", seen.query);
+    assert_eq!(seen.content_type.as_deref(), Some("application/x-www-form-urlencoded"));
+    let fields: Vec<(String, String)> = form_pairs(&seen.body);
+    assert!(fields.contains(&("username".to_owned(), USERNAME.to_owned())), "{fields:?}");
+    assert!(
+        fields.contains(&("password".to_owned(), PASSWORD.to_owned())),
+        "form body lacks the password"
+    );
+}
+
+/// `a=b&c=d` into pairs (the test crate has no form decoder; values here need no decoding).
+fn form_pairs(body: &str) -> Vec<(String, String)> {
+    body.split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Probe
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn probe_with_an_accepted_bearer_token_succeeds() {
+    let standin = standin().await;
+    let http = http();
+    let grant = request_token(&http, &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET)
+        .await
+        .expect("a token");
+    let probe = default_probe(&standin.url());
+    assert_eq!(
+        probe.run(&http, ProbeCredential::Bearer(&grant.access_token)).await,
+        ProbeOutcome::Succeeded
+    );
+
+    let requests = standin.api_requests();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].method, "POST");
+    assert_eq!(requests[0].path, "/v1/tasks/search");
+    assert_eq!(requests[0].auth, AuthKind::Bearer);
+    assert_eq!(requests[0].status, 200);
+
+    // A token the server does not know is Unauthorized{401}.
+    let unknown = Sensitive::new("not-a-token-the-server-issued");
+    assert_eq!(
+        probe.run(&http, ProbeCredential::Bearer(&unknown)).await,
+        ProbeOutcome::Unauthorized { status: 401 }
+    );
+}
+
+#[tokio::test]
+async fn post_probe_with_session_sends_the_csrf_header() {
+    let standin = standin().await;
+    let http = http();
+    let session = cookie_login(&standin.url())
+        .log_in(&http, &login_credentials(PASSWORD))
+        .await
+        .expect("logged in");
+    let probe = default_probe(&standin.url());
+    let outcome = probe
+        .run(
+            &http,
+            ProbeCredential::Session {
+                cookie_header: session.cookie_header_ref(),
+                csrf_token: session.csrf_token.as_ref(),
+                csrf_header: session.csrf_header_name(),
+            },
+        )
+        .await;
+    assert_eq!(outcome, ProbeOutcome::Succeeded);
+    let requests = standin.api_requests();
+    assert_eq!(requests[0].auth, AuthKind::Cookie);
+    assert_eq!(requests[0].status, 200);
+
+    // Without the CSRF header the same session is refused with 403: the header above counted.
+    let outcome = probe
+        .run(
+            &http,
+            ProbeCredential::Session {
+                cookie_header: session.cookie_header_ref(),
+                csrf_token: None,
+                csrf_header: session.csrf_header_name(),
+            },
+        )
+        .await;
+    assert_eq!(outcome, ProbeOutcome::Unauthorized { status: 403 });
+}
+
+#[tokio::test]
+async fn get_probe_with_session_succeeds() {
+    let standin = standin().await;
+    let http = http();
+    let session = cookie_login(&standin.url())
+        .log_in(&http, &login_credentials(PASSWORD))
+        .await
+        .expect("logged in");
+    let probe = Probe::new(
+        &standin.url(),
+        &ProbeSpec {
+            method: ProbeMethod::Get,
+            path: "/v2/topology".to_owned(),
+            ..ProbeSpec::default()
+        },
+    );
+    assert_eq!(probe.describe(), format!("GET {}/v2/topology", standin.url()));
+    let outcome = probe
+        .run(
+            &http,
+            ProbeCredential::Session {
+                cookie_header: session.cookie_header_ref(),
+                csrf_token: session.csrf_token.as_ref(),
+                csrf_header: session.csrf_header_name(),
+            },
+        )
+        .await;
+    assert_eq!(outcome, ProbeOutcome::Succeeded);
+    assert_eq!(standin.api_requests()[0].method, "GET");
+}
+
+#[tokio::test]
+async fn probe_answered_401_once_then_200() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let router = Router::new()
+        .route(
+            "/v1/tasks/search",
+            post(|State(calls): State<Arc<AtomicUsize>>, headers: HeaderMap| async move {
+                let authorized = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok()) == Some("Bearer tok-123");
+                if !authorized {
+                    return StatusCode::BAD_REQUEST;
+                }
+                if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                    StatusCode::UNAUTHORIZED
+                } else {
+                    StatusCode::OK
+                }
+            }),
+        )
+        .with_state(calls.clone());
+    let base = serve(router).await;
+    let http = http();
+    let token = Sensitive::new("tok-123");
+    let probe = default_probe(&base);
+    assert_eq!(
+        probe.run(&http, ProbeCredential::Bearer(&token)).await,
+        ProbeOutcome::Unauthorized { status: 401 }
+    );
+    assert_eq!(probe.run(&http, ProbeCredential::Bearer(&token)).await, ProbeOutcome::Succeeded);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+async fn probe_against_status(status: StatusCode) -> ProbeOutcome {
+    let router = Router::new().route("/v1/tasks/search", post(move || async move { status }));
+    let base = serve(router).await;
+    default_probe(&base)
+        .run(&http(), ProbeCredential::Bearer(&Sensitive::new("tok")))
+        .await
+}
+
+#[tokio::test]
+async fn probe_answered_403_is_unauthorized_403() {
+    let outcome = probe_against_status(StatusCode::FORBIDDEN).await;
+    assert_eq!(outcome, ProbeOutcome::Unauthorized { status: 403 });
+    assert!(outcome.message("POST x").contains("403 Forbidden"));
+}
+
+#[tokio::test]
+async fn probe_answered_500_is_failed() {
+    let outcome = probe_against_status(StatusCode::INTERNAL_SERVER_ERROR).await;
+    assert_eq!(outcome, ProbeOutcome::Failed { status: 500 });
+    assert!(outcome.message("POST x").contains("500 Internal Server Error"));
+}
+
+#[tokio::test]
+async fn probe_of_a_refused_connection_is_unreachable() {
+    let standin = standin().await;
+    standin.set_refusing_connections(true).await.expect("refusing");
+    let token = Sensitive::new("tok-value-123");
+    let outcome = default_probe(&standin.url()).run(&http(), ProbeCredential::Bearer(&token)).await;
+    match outcome {
+        ProbeOutcome::Unreachable { cause } => {
+            assert!(cause.contains("could not connect"), "{cause}");
+            assert_no_credential(&cause, &["tok-value-123"]);
+        }
+        other => panic!("expected Unreachable, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn probe_of_a_slow_tasklist_is_unreachable_after_the_timeout() {
+    let standin = standin().await;
+    standin.set_api(EndpointMode::Slow(Duration::from_secs(4)));
+    let started = Instant::now();
+    let outcome = default_probe(&standin.url())
+        .run(
+            &http_with_timeout(Duration::from_secs(1)),
+            ProbeCredential::Bearer(&Sensitive::new("tok")),
+        )
+        .await;
+    match outcome {
+        ProbeOutcome::Unreachable { cause } => assert!(cause.contains("no answer within 1s"), "{cause}"),
+        other => panic!("expected Unreachable, got {other:?}"),
+    }
+    assert_quick(started, Duration::from_secs(3), "a timed-out probe");
+}
+
+#[tokio::test]
+async fn probe_ignores_a_huge_body() {
+    let router = Router::new().route(
+        "/v1/tasks/search",
+        post(|| async { ([(header::CONTENT_TYPE, "application/json")], endless_body()) }),
+    );
+    let base = serve(router).await;
+    let started = Instant::now();
+    let outcome = default_probe(&base)
+        .run(
+            &http_with_timeout(Duration::from_secs(2)),
+            ProbeCredential::Bearer(&Sensitive::new("tok")),
+        )
+        .await;
+    assert_eq!(outcome, ProbeOutcome::Succeeded);
+    assert_quick(started, Duration::from_secs(2), "a probe with an endless body");
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTP client: redirects and TLS
+// ---------------------------------------------------------------------------------------
+
+/// Counts every request that reaches it and answers with a token.
+async fn landing_server(hits: Arc<AtomicUsize>) -> String {
+    let router = Router::new()
+        .fallback(any(|State(hits): State<Arc<AtomicUsize>>| async move {
+            hits.fetch_add(1, Ordering::SeqCst);
+            token_json("leaked-token", 300)
+        }))
+        .with_state(hits);
+    serve(router).await
+}
+
+fn redirect_to(location: String) -> Response {
+    (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, location)]).into_response()
+}
+
+#[tokio::test]
+async fn a_redirect_to_another_port_is_not_followed() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let elsewhere = landing_server(hits.clone()).await;
+    let target = elsewhere.clone();
+    let router = Router::new()
+        .route(
+            "/oauth/token",
+            post(move || async move { redirect_to(format!("{target}/oauth/token")) }),
+        )
+        .route(
+            "/v1/tasks/search",
+            post(move || async move { redirect_to(format!("{elsewhere}/v1/tasks/search")) }),
+        );
+    let base = serve(router).await;
+    let http = http();
+
+    let result = request_token(
+        &http,
+        &endpoint(&format!("{base}/oauth/token"), RequestEncoding::Form, None),
+        CLIENT_SECRET,
+    )
+    .await;
+    let message = failure_of(result, AuthFailureKind::ServerError);
+    assert!(message.contains("307"), "{message}");
+
+    let token = Sensitive::new("tok-value-123");
+    let outcome = default_probe(&base).run(&http, ProbeCredential::Bearer(&token)).await;
+    assert_eq!(outcome, ProbeOutcome::Failed { status: 307 });
+
+    let login = CookieLogin {
+        login_url: format!("{base}/oauth/token"),
+    };
+    let result = login.log_in(&http, &login_credentials(PASSWORD)).await;
+    failure_of(result, AuthFailureKind::ServerError);
+
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "a credential travelled to another server");
+}
+
+#[tokio::test]
+async fn a_redirect_to_another_host_name_on_the_same_port_is_not_followed() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let router = Router::new()
+        .route(
+            "/oauth/token",
+            post(move || async move { redirect_to(format!("http://localhost:{port}/landing")) }),
+        )
+        .route(
+            "/landing",
+            any(|State(hits): State<Arc<AtomicUsize>>| async move {
+                hits.fetch_add(1, Ordering::SeqCst);
+                token_json("leaked-token", 300)
+            }),
+        )
+        .with_state(hits.clone());
+    tokio::spawn(axum::serve(listener, router).into_future());
+
+    let result = request_token(
+        &http(),
+        &endpoint(&format!("http://127.0.0.1:{port}/oauth/token"), RequestEncoding::Form, None),
+        CLIENT_SECRET,
+    )
+    .await;
+    failure_of(result, AuthFailureKind::ServerError);
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "the redirect to localhost was followed");
+}
+
+#[tokio::test]
+async fn a_same_origin_redirect_is_followed_with_the_credential() {
+    let secrets_seen = Arc::new(AtomicUsize::new(0));
+    let router = Router::new()
+        .route("/old/oauth/token", post(|| async { redirect_to("/oauth/token".to_owned()) }))
+        .route(
+            "/oauth/token",
+            post(|State(seen): State<Arc<AtomicUsize>>, body: Bytes| async move {
+                let body = String::from_utf8_lossy(&body).into_owned();
+                if body.contains(&format!("client_secret={CLIENT_SECRET}")) {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    token_json("tok-after-redirect", 120)
+                } else {
+                    StatusCode::BAD_REQUEST.into_response()
+                }
+            }),
+        )
+        .route(
+            "/old/v1/tasks/search",
+            post(|| async { redirect_to("/v1/tasks/search".to_owned()) }),
+        )
+        .route(
+            "/v1/tasks/search",
+            post(|headers: HeaderMap| async move {
+                if headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) == Some("Bearer tok-after-redirect") {
+                    StatusCode::OK
+                } else {
+                    StatusCode::UNAUTHORIZED
+                }
+            }),
+        )
+        .with_state(secrets_seen.clone());
+    let base = serve(router).await;
+    let http = http();
+
+    let grant = request_token(
+        &http,
+        &endpoint(&format!("{base}/old/oauth/token"), RequestEncoding::Form, None),
+        CLIENT_SECRET,
+    )
+    .await
+    .expect("the redirect is followed");
+    assert_eq!(grant.access_token.expose(), "tok-after-redirect");
+    assert_eq!(grant.expires_in, Some(120));
+    assert_eq!(secrets_seen.load(Ordering::SeqCst), 1);
+
+    let outcome = default_probe(&format!("{base}/old"))
+        .run(&http, ProbeCredential::Bearer(&grant.access_token))
+        .await;
+    assert_eq!(outcome, ProbeOutcome::Succeeded);
+}
+
+async fn tls_standin() -> StandinTasklist {
+    standin_with(StandinOptions {
+        tls: true,
+        ..StandinOptions::default()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn tls_without_trust_is_refused() {
+    let standin = tls_standin().await;
+    assert!(standin.token_url().starts_with("https://"));
+    let result = request_token(&http(), &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET).await;
+    let message = failure_of(result, AuthFailureKind::ServerError);
+    assert!(message.to_lowercase().contains("certificate"), "{message}");
+    assert!(standin.token_requests().is_empty(), "the request must not reach the server");
+}
+
+#[tokio::test]
+async fn tls_with_the_ca_is_accepted() {
+    let standin = tls_standin().await;
+    let trust = TlsTrust {
+        extra_roots_pem: standin.ca_pem(),
+        ..TlsTrust::default()
+    };
+    let http = HttpClient::new(&HttpSettings::default(), &trust).expect("a client trusting the CA");
+    let grant = request_token(&http, &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET)
+        .await
+        .expect("a token over TLS");
+    let outcome = default_probe(&standin.url())
+        .run(&http, ProbeCredential::Bearer(&grant.access_token))
+        .await;
+    assert_eq!(outcome, ProbeOutcome::Succeeded);
+}
+
+#[tokio::test]
+async fn tls_with_insecure_skip_verify_is_accepted() {
+    let standin = tls_standin().await;
+    let trust = TlsTrust {
+        insecure_skip_verify: true,
+        ..TlsTrust::default()
+    };
+    let http = HttpClient::new(&HttpSettings::default(), &trust).expect("a client");
+    request_token(&http, &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET)
+        .await
+        .expect("a token over unverified TLS");
+    let session = cookie_login(&standin.url())
+        .log_in(&http, &login_credentials(PASSWORD))
+        .await
+        .expect("a session over unverified TLS");
+    assert!(session.csrf_token.is_some());
+}
+
+#[tokio::test]
+async fn an_invalid_ca_bundle_is_a_clear_error() {
+    let cases = [
+        ("not PEM at all", "no certificate"),
+        (
+            "-----BEGIN CERTIFICATE-----\n!!!! not base64 !!!!\n-----END CERTIFICATE-----\n",
+            "not valid PEM",
+        ),
+    ];
+    for (pem, expected) in cases {
+        let trust = TlsTrust {
+            extra_roots_pem: Some(pem.to_owned()),
+            ..TlsTrust::default()
+        };
+        let error = HttpClient::new(&HttpSettings::default(), &trust).expect_err("an invalid CA bundle");
+        assert!(error.contains(expected), "for {pem:?}: {error}");
+    }
+
+    // Valid PEM whose content is not a certificate.
+    let trust = TlsTrust {
+        extra_roots_pem: Some("-----BEGIN CERTIFICATE-----\naGVsbG8gd29ybGQ=\n-----END CERTIFICATE-----\n".to_owned()),
+        ..TlsTrust::default()
+    };
+    let error = HttpClient::new(&HttpSettings::default(), &trust).expect_err("a PEM block that is not a certificate");
+    assert!(error.contains("certificate"), "{error}");
+}
