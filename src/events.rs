@@ -3,7 +3,9 @@
 
 use kube::Resource;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use tracing::debug;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tracing::{debug, warn};
 
 use crate::crd::{TasklistConnection, TasklistConnectionStatus};
 use crate::status::{AUTHENTICATED, REACHABLE};
@@ -105,6 +107,8 @@ pub fn transitions(previous: Option<&TasklistConnectionStatus>, current: &Taskli
 
 pub struct EventPublisher {
     recorder: Recorder,
+    /// Whether a failure to publish was already logged as a warning.
+    warned: AtomicBool,
 }
 
 impl EventPublisher {
@@ -115,14 +119,20 @@ impl EventPublisher {
         };
         EventPublisher {
             recorder: Recorder::new(client, reporter),
+            warned: AtomicBool::new(false),
         }
     }
 
-    /// Publishes an Event; a failure to publish is logged, never fatal.
+    /// Publishes an Event; a failure to publish is logged (as a warning the first time, so
+    /// that missing RBAC for Events shows at the default log level), never fatal.
     pub async fn publish(&self, connection: &TasklistConnection, event: ConnectionEvent) {
         let reference = connection.object_ref(&());
         if let Err(error) = self.recorder.publish(&event.to_event(), &reference).await {
-            debug!("could not publish an Event: {error}");
+            if self.warned.swap(true, Ordering::Relaxed) {
+                debug!("could not publish an Event: {error}");
+            } else {
+                warn!("could not publish an Event (further failures are logged at debug level): {error}");
+            }
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The operator's own HTTP port: `/metrics` (Prometheus text format), `/healthz` (the
-//! process is alive) and `/readyz` (the CRD is installed and the API server answers).
+//! process is alive) and `/readyz` (the CRD could be listed once at start-up; after that,
+//! watches reconnect on their own and the process stays ready).
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -69,7 +69,7 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
     let inputs = match read_inputs(&connection, &this.secrets).await? {
         Ok(inputs) => inputs,
         Err(problem) => {
-            warn!(reason = problem.reason, message = problem.message, "cannot obtain a credential");
+            warn!(reason = problem.reason, detail = %problem.message, "cannot obtain a credential");
             let authenticated = ConditionState::failing(problem.reason, problem.message);
             let reachable = this.last_probe_result(stored.as_ref());
             this.write_status_if_changed(&this.observe(stored.as_ref(), None, authenticated, reachable), now)
