@@ -71,7 +71,7 @@ impl StoredCredential {
         let data = self.secret_data(&connection.spec.url);
         let annotations = BTreeMap::from([
             (ISSUED_AT.to_owned(), rfc3339(self.issued_at)),
-            (REFRESH_AT.to_owned(), rfc3339(self.refresh_at)),
+            (REFRESH_AT.to_owned(), self.refresh_at.to_string()),
             (INPUTS.to_owned(), self.inputs.clone()),
             (DATA_HASH.to_owned(), data_hash(&data)),
         ]);
@@ -178,7 +178,7 @@ mod tests {
             credential: Credential::Bearer(Sensitive::new("eyJ.token.sig")),
             issued_at: Timestamp::from_second(1_000).unwrap(),
             expires_at: Timestamp::from_second(1_300).unwrap(),
-            refresh_at: Timestamp::from_second(1_240).unwrap(),
+            refresh_at: Timestamp::from_millisecond(1_240_250).unwrap(),
             inputs: "fingerprint".into(),
         }
     }

@@ -65,6 +65,7 @@ pub async fn read_inputs(connection: &TasklistConnection, secrets: &impl SecretS
     let spec = &connection.spec;
     let mut reader = SecretReader {
         secrets,
+        read: BTreeMap::new(),
         versions: BTreeMap::new(),
     };
 
@@ -178,13 +179,19 @@ pub fn referenced_secret_names(connection: &TasklistConnection) -> Vec<String> {
 
 struct SecretReader<'a, S> {
     secrets: &'a S,
+    /// Each Secret is read once, so that all its keys come from the same version.
+    read: BTreeMap<String, Option<Secret>>,
     /// name -> (uid, resourceVersion) of every Secret read, for the fingerprint.
     versions: BTreeMap<String, (String, String)>,
 }
 
 impl<S: SecretSource> SecretReader<'_, S> {
     async fn value(&mut self, name: &str, key: &str) -> Result<Result<Sensitive, InputProblem>, kube::Error> {
-        let Some(secret) = self.secrets.get(name).await? else {
+        if !self.read.contains_key(name) {
+            let secret = self.secrets.get(name).await?;
+            self.read.insert(name.to_owned(), secret);
+        }
+        let Some(secret) = self.read.get(name).cloned().flatten() else {
             return Ok(Err(InputProblem {
                 reason: "SecretNotFound",
                 message: format!("Secret {name:?} not found in the connection's namespace"),

@@ -34,7 +34,9 @@ pub async fn obtain_credential(inputs: &Inputs, http: &HttpClient) -> Result<Sto
         credential,
         issued_at,
         expires_at: whole_seconds(expires_at),
-        refresh_at: whole_seconds(refresh_at),
+        // Milliseconds: with short lifetimes, whole seconds would bunch the jitter into a
+        // few instants.
+        refresh_at: Timestamp::from_millisecond(refresh_at.as_millisecond()).unwrap_or(refresh_at),
         inputs: inputs.fingerprint.clone(),
     })
 }

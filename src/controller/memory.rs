@@ -49,6 +49,9 @@ pub struct Memory {
     secret_readers: Mutex<HashMap<(String, String), BTreeSet<String>>>,
     /// (namespace, connection name) -> the Secret names it was last recorded with.
     secrets_of: Mutex<HashMap<ConnectionKey, Vec<String>>>,
+    /// (namespace, Secret name) -> the resourceVersion of the operator's own last write, so
+    /// that the watch event of that write does not wake the connection a second time.
+    own_writes: Mutex<HashMap<(String, String), String>>,
 }
 
 impl Memory {
@@ -69,6 +72,13 @@ impl Memory {
     pub fn forget(&self, key: &ConnectionKey) {
         if let Ok(mut map) = self.connections.lock() {
             map.remove(key);
+        }
+        if let (Ok(mut writes), Ok(secrets_of)) = (self.own_writes.lock(), self.secrets_of.lock())
+            && let Some(names) = secrets_of.get(key)
+        {
+            for name in names {
+                writes.remove(&(key.0.clone(), name.clone()));
+            }
         }
         self.record_secrets(key, Vec::new());
         if let Ok(mut secrets_of) = self.secrets_of.lock() {
@@ -103,10 +113,25 @@ impl Memory {
         secrets_of.insert(key.clone(), names);
     }
 
+    /// Remembers the resourceVersion the operator's own write of a derived Secret produced.
+    pub fn record_own_write(&self, namespace: &str, secret: &str, resource_version: Option<String>) {
+        if let (Ok(mut writes), Some(version)) = (self.own_writes.lock(), resource_version) {
+            writes.insert((namespace.to_owned(), secret.to_owned()), version);
+        }
+    }
+
     /// The connections to reconcile when `secret` changed: its controller owner, and every
     /// connection that reads it or wants to write a Secret of that name.
     pub fn connections_affected_by(&self, secret: &PartialObjectMeta<Secret>) -> Vec<ObjectRef<TasklistConnection>> {
         let namespace = secret.namespace().unwrap_or_default();
+        let own_write = self
+            .own_writes
+            .lock()
+            .ok()
+            .and_then(|writes| writes.get(&(namespace.clone(), secret.name_any())).cloned());
+        if own_write.is_some() && own_write == secret.resource_version() {
+            return Vec::new();
+        }
         let mut affected: Vec<ObjectRef<TasklistConnection>> = secret
             .owner_references()
             .iter()

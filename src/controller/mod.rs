@@ -110,7 +110,7 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
     // Status writes change neither generation nor annotations: they do not wake the controller.
     let forget_ctx = ctx.clone();
     let connection_changes = watcher(connections, watcher::Config::default())
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .reflect(writer)
         .inspect(move |event| {
             if let Ok(watcher::Event::Delete(deleted)) = event {
@@ -120,12 +120,17 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
         .applied_objects()
         .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default());
     // Metadata is enough to know a Secret changed, and keeps memory small.
-    let secret_changes = watcher(secrets, watcher::Config::default()).default_backoff().touched_objects();
+    let secret_changes = watcher(secrets, watcher::Config::default())
+        .backoff(WatchBackoff::default())
+        .touched_objects();
     let mapper_ctx = ctx.clone();
 
     Controller::for_stream(connection_changes, reader)
         .watches_stream(secret_changes, move |secret| mapper_ctx.memory.connections_affected_by(&secret))
         .with_config(controller::Config::default().concurrency(32))
+        // The controller backs off its trigger streams too; kube's default would again wait
+        // up to half a minute and more after an API server restart.
+        .trigger_backoff(WatchBackoff::default())
         .graceful_shutdown_on(shutdown)
         .run(reconcile_logged, error_policy, ctx)
         .for_each(|_| std::future::ready(()))
@@ -163,5 +168,38 @@ where
     match namespace {
         Some(namespace) => Api::namespaced(client.clone(), namespace),
         None => Api::all(client.clone()),
+    }
+}
+
+/// How long a watch waits before reconnecting: from 0.5 s, doubling up to 5 s, reset once
+/// it works again. kube's default waits up to 30 s and more (jitter on top); after an API
+/// server restart that left connections blind for over a minute.
+struct WatchBackoff {
+    next: Duration,
+}
+
+const FIRST_RECONNECT: Duration = Duration::from_millis(500);
+const MAX_RECONNECT: Duration = Duration::from_secs(5);
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        WatchBackoff { next: FIRST_RECONNECT }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let wait = self.next;
+        self.next = (self.next * 2).min(MAX_RECONNECT);
+        // Up to 20 % jitter, so that replicas of many operators do not reconnect in step.
+        Some(wait.mul_f64(1.0 + 0.2 * rand::random::<f64>()))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = FIRST_RECONNECT;
     }
 }

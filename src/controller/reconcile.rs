@@ -230,7 +230,18 @@ impl<'a> Reconciling<'a> {
             }
             Err(failure) => {
                 let consecutive = previous_failure.map_or(1, |previous| previous.consecutive.saturating_add(1));
-                let delay = retry_delay(consecutive, failure.kind, rand::random());
+                let mut retry_at = add(now, retry_delay(consecutive, failure.kind, rand::random()));
+                // A server that comes back should get a try before the kept credential expires.
+                // Rejections keep their 30 s minimum: the same credentials would be refused again.
+                if failure.kind == AuthFailureKind::ServerError
+                    && let Some(current) = &stored
+                {
+                    let last_moment = current.expires_at - jiff::SignedDuration::from_secs(5);
+                    if last_moment > now {
+                        retry_at = retry_at.min(last_moment);
+                    }
+                }
+                let delay = retry_at.duration_since(now);
                 warn!(consecutive, retry_in = ?delay, "could not obtain a credential: {}", failure.message);
                 let authenticated = failed_condition(&failure);
                 ctx.memory.update(key, |memory| {
@@ -238,7 +249,7 @@ impl<'a> Reconciling<'a> {
                         fingerprint: inputs.fingerprint.clone(),
                         failure,
                         consecutive,
-                        retry_at: add(now, delay),
+                        retry_at,
                     })
                 });
                 Ok(FreshCredential {
@@ -255,9 +266,13 @@ impl<'a> Reconciling<'a> {
     async fn write_credential(&self, credential: &StoredCredential) -> Result<(), Error> {
         let secret = credential.to_secret(self.connection);
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        self.secrets
+        let written = self
+            .secrets
             .patch(&self.connection.secret_name(), &params, &Patch::Apply(&secret))
             .await?;
+        self.ctx
+            .memory
+            .record_own_write(&self.key.0, &self.connection.secret_name(), written.metadata.resource_version);
         Ok(())
     }
 

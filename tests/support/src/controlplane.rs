@@ -30,6 +30,19 @@ use tempfile::TempDir;
 use crate::tools::{self, Tools};
 
 /// How long the API server may take to become ready (also after [`ControlPlane::start_apiserver`]).
+/// The API server's audit log, in the control plane's folder.
+const AUDIT_LOG: &str = "audit.log";
+const AUDIT_POLICY: &str = r#"apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+  - level: Metadata
+    verbs: ["patch", "update"]
+    resources:
+      - group: tasklist.camunda.community
+        resources: ["tasklistconnections/status"]
+  - level: None
+"#;
 const STARTUP_DEADLINE: Duration = Duration::from_secs(90);
 /// How long a stopped API server gets to shut down before it is killed. It stops listening
 /// at once on SIGTERM, finishes short requests, then would wait for the watches clients hold
@@ -103,6 +116,10 @@ impl ControlPlane {
         // Static token file format: token,user,uid,"group1,group2".
         let token_file = write("tokens.csv", &format!("{admin_token},admin,admin,system:masters\n"))?;
 
+        // Audit only status writes of TasklistConnections: tests count them to prove the
+        // operator writes status only when something in it changed.
+        let audit_policy_file = write("audit-policy.yaml", AUDIT_POLICY)?;
+
         let etcd_client_port = tools::free_loopback_port()?;
         let etcd_peer_port = tools::free_loopback_port()?;
         let apiserver_port = tools::free_loopback_port()?;
@@ -128,6 +145,8 @@ impl ControlPlane {
             // The reconciler would publish 127.0.0.1 as the `kubernetes` service's endpoint, which
             // validation rejects (loopback), logging an error every few seconds. No pod needs it.
             "--endpoint-reconciler-type=none".into(),
+            flag_with_path("--audit-policy-file", &audit_policy_file),
+            flag_with_path("--audit-log-path", &dir.join(AUDIT_LOG)),
         ];
 
         let admin_kubeconfig = dir.join("admin.kubeconfig");
@@ -293,6 +312,23 @@ impl ControlPlane {
         let user = format!("system:serviceaccount:{namespace}:{service_account}");
         write_kubeconfig(&path, &self.server_url(), &self.ca_pem, &user, &token, Some(namespace))?;
         Ok(path)
+    }
+
+    /// How many writes (patch or update) of TasklistConnection status in `namespace` the API
+    /// server has completed, from its audit log.
+    pub fn status_writes(&self, namespace: &str) -> usize {
+        let Ok(text) = std::fs::read_to_string(self.workdir.path().join(AUDIT_LOG)) else {
+            return 0;
+        };
+        text.lines()
+            // A line still being written does not parse; it is counted next time.
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|event| {
+                event["stage"] == "ResponseComplete"
+                    && event["objectRef"]["namespace"] == namespace
+                    && event["objectRef"]["subresource"] == "status"
+            })
+            .count()
     }
 
     /// The last `lines` lines of each component's log, for failure messages.
