@@ -5,7 +5,11 @@
 //!
 //! A missing component fails every scenario: nothing is skipped.
 
+mod chart;
 mod core;
+mod ha;
+mod observability;
+mod reliability;
 mod scenario;
 
 use std::process::ExitCode;
@@ -17,7 +21,12 @@ use scenario::World;
 type ScenarioFn = fn(Arc<World>) -> futures::future::BoxFuture<'static, anyhow::Result<()>>;
 
 fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
-    core::scenarios()
+    let mut all = core::scenarios();
+    all.extend(chart::scenarios());
+    all.extend(ha::scenarios());
+    all.extend(reliability::scenarios());
+    all.extend(observability::scenarios());
+    all
 }
 
 fn main() -> ExitCode {

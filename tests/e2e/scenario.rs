@@ -2,7 +2,7 @@
 //! Tasklist and an operator process, with helpers that read like the user's actions.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -21,6 +21,7 @@ use testsupport::tools::Tools;
 
 /// The shared world: one control plane, one Keycloak.
 pub struct World {
+    pub tools: Tools,
     pub runtime: tokio::runtime::Runtime,
     pub control_plane: ControlPlane,
     pub keycloak: Keycloak,
@@ -38,6 +39,7 @@ impl World {
             anyhow::Ok((control_plane, keycloak))
         })?;
         Ok(World {
+            tools,
             runtime,
             control_plane,
             keycloak,
@@ -54,7 +56,8 @@ impl World {
     }
 }
 
-async fn install_crd(client: &Client) -> anyhow::Result<()> {
+/// Installs the CRD from `crds/` and waits until it is established.
+pub async fn install_crd(client: &Client) -> anyhow::Result<()> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let committed: CustomResourceDefinition = serde_yaml::from_str(&std::fs::read_to_string(crd_path())?)?;
     crds.create(&PostParams::default(), &committed)
@@ -107,6 +110,66 @@ impl Scenario {
             secrets_used: Vec::new(),
             earlier_logs: Vec::new(),
         })
+    }
+
+    /// A scenario on `control_plane`, which need not be the shared one (e.g. a control plane
+    /// the scenario stops and starts; install the CRD first with [`install_crd`]).
+    /// `env` is passed to [`start_operator_with`].
+    pub async fn start_on(control_plane: &ControlPlane, prefix: &str, env: &[(&str, &str)]) -> anyhow::Result<Scenario> {
+        let namespace = control_plane.create_namespace(prefix).await?;
+        let standin = StandinTasklist::start().await?;
+        let kubeconfig = control_plane.kubeconfig().to_path_buf();
+        let operator = start_operator_with(&kubeconfig, &namespace, &[], env)?;
+        Ok(Scenario {
+            namespace,
+            client: control_plane.client(),
+            standin,
+            operator,
+            kubeconfig,
+            secrets_used: Vec::new(),
+            earlier_logs: Vec::new(),
+        })
+    }
+
+    /// A scenario in an existing `namespace`, with an operator the caller started (e.g. with
+    /// a Helm chart's arguments, as the chart's ServiceAccount). `kubeconfig` is the one
+    /// [`Scenario::restart_operator_after_crash`] gives the restarted operator.
+    pub async fn with_operator(world: &World, namespace: &str, kubeconfig: &Path, operator: OperatorProcess) -> anyhow::Result<Scenario> {
+        Ok(Scenario {
+            namespace: namespace.to_owned(),
+            client: world.client(),
+            standin: StandinTasklist::start().await?,
+            operator,
+            kubeconfig: kubeconfig.to_path_buf(),
+            secrets_used: Vec::new(),
+            earlier_logs: Vec::new(),
+        })
+    }
+
+    /// Stops the operator with SIGTERM, as a rollout would, and puts `operator` in its place.
+    /// The old log stays part of [`Scenario::all_operator_logs`] and the leak check.
+    pub async fn replace_operator(&mut self, operator: OperatorProcess) -> anyhow::Result<()> {
+        self.operator.terminate(Duration::from_secs(10)).await?;
+        let previous = std::mem::replace(&mut self.operator, operator);
+        self.earlier_logs.push(previous.logs());
+        Ok(())
+    }
+
+    /// The logs of every operator process of this scenario, oldest first.
+    pub fn all_operator_logs(&self) -> String {
+        let mut logs = self.earlier_logs.clone();
+        logs.push(self.operator.logs());
+        logs.join("\n")
+    }
+
+    /// The base URL (`http://ADDRESS`) of the operator's `/metrics`, `/healthz` and `/readyz` port.
+    pub async fn operator_url(&self) -> anyhow::Result<String> {
+        served_url(&self.operator, Duration::from_secs(60)).await
+    }
+
+    /// The operator's `/metrics` URL.
+    pub async fn metrics_url(&self) -> anyhow::Result<String> {
+        Ok(format!("{}/metrics", self.operator_url().await?))
     }
 
     /// Stops the operator with SIGKILL and starts a new one, as a crash and restart would.
@@ -267,6 +330,16 @@ impl Scenario {
         }
     }
 
+    /// Remembers one more value for the leak check (e.g. a secret stored in another namespace).
+    pub fn remember_secret_value(&mut self, value: &str) {
+        self.secrets_used.push(value.to_owned());
+    }
+
+    /// Every credential value remembered so far, for checks beyond [`Scenario::assert_no_credential_leaked`].
+    pub fn credential_values(&self) -> &[String] {
+        &self.secrets_used
+    }
+
     /// No credential used in this scenario appears in the operator's logs, in any
     /// connection's status, or in any Event of the namespace.
     pub async fn assert_no_credential_leaked(&self) -> anyhow::Result<()> {
@@ -298,6 +371,17 @@ impl Scenario {
 }
 
 fn start_operator(kubeconfig: &std::path::Path, namespace: &str) -> anyhow::Result<OperatorProcess> {
+    start_operator_with(kubeconfig, namespace, &[], &[])
+}
+
+/// Starts an operator for `namespace` as [`Scenario::start`] does, with `extra_args` after the
+/// usual ones (e.g. `--log-format json`) and `env` winning over the usual `RUST_LOG`.
+pub fn start_operator_with(
+    kubeconfig: &std::path::Path,
+    namespace: &str,
+    extra_args: &[&str],
+    env: &[(&str, &str)],
+) -> anyhow::Result<OperatorProcess> {
     let args: Vec<String> = [
         "run",
         "--namespace",
@@ -308,11 +392,68 @@ fn start_operator(kubeconfig: &std::path::Path, namespace: &str) -> anyhow::Resu
         "3s",
     ]
     .iter()
+    .chain(extra_args)
     .map(|s| s.to_string())
     .collect();
     // Debug logging, so the leak check covers the most verbose output.
-    let env = vec![("RUST_LOG".to_owned(), "info,tasklist_operator=debug".to_owned())];
+    let mut env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    if !env.iter().any(|(name, _)| name == "RUST_LOG") {
+        env.push(("RUST_LOG".to_owned(), "info,tasklist_operator=debug".to_owned()));
+    }
     OperatorProcess::start(&operator_binary(), kubeconfig, &args, &env)
+}
+
+/// The base URL (`http://ADDRESS`) of the port an operator serves `/metrics`, `/healthz` and
+/// `/readyz` on, read from its `serving /metrics, /healthz and /readyz` log line (text or
+/// JSON format); waits up to `timeout` for that line.
+pub async fn served_url(operator: &OperatorProcess, timeout: Duration) -> anyhow::Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let logs = operator.logs();
+        if let Some(address) = logs.lines().find_map(served_address) {
+            return Ok(format!("http://{address}"));
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the operator did not log the address it serves /metrics on within {timeout:?}\n--- operator log (tail) ---\n{}",
+                tail(&logs, 40)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The `address` of a `serving /metrics, ...` log line, in text or JSON format.
+fn served_address(line: &str) -> Option<String> {
+    let line = strip_ansi(line);
+    if !line.contains("serving /metrics") {
+        return None;
+    }
+    if let Ok(serde_json::Value::Object(object)) = serde_json::from_str::<serde_json::Value>(&line) {
+        let fields = object.get("fields").and_then(|f| f.as_object()).unwrap_or(&object);
+        return fields.get("address").and_then(|a| a.as_str()).map(str::to_owned);
+    }
+    let (_, rest) = line.split_once("address=")?;
+    Some(rest.split_whitespace().next()?.trim_matches('"').to_owned())
+}
+
+/// `text` without ANSI escape sequences (`ESC [ ... letter`).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The status and reason of a condition.

@@ -1,0 +1,1095 @@
+//! What the operator shows: metrics, Events, logs, kubectl.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use tasklist_operator::crd::{REFRESH_ANNOTATION, TasklistConnection};
+use testsupport::standin::EndpointMode;
+
+use crate::ScenarioFn;
+use crate::scenario::{Scenario, World, start_operator_with, strip_ansi, tail};
+
+pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
+    vec![
+        (
+            "observability::metrics_change_when_a_credential_is_refreshed_and_when_the_standin_fails",
+            |w| Box::pin(metrics_change_when_a_credential_is_refreshed_and_when_the_standin_fails(w)),
+        ),
+        (
+            "observability::events_are_published_for_transitions_and_aggregated_during_a_failure_loop",
+            |w| Box::pin(events_are_published_for_transitions_and_aggregated_during_a_failure_loop(w)),
+        ),
+        ("observability::json_logs_are_structured_and_name_the_connection", |w| {
+            Box::pin(json_logs_are_structured_and_name_the_connection(w))
+        }),
+        ("observability::kubectl_explain_reads_well", |w| {
+            Box::pin(kubectl_explain_reads_well(w))
+        }),
+        ("observability::health_endpoints_answer", |w| Box::pin(health_endpoints_answer(w))),
+    ]
+}
+
+const SECRET: &str = "orders-tasklist-auth";
+const CONNECTION_READY: &str = "tasklist_operator_connection_ready";
+const CREDENTIAL_EXPIRY: &str = "tasklist_operator_credential_expiry_timestamp_seconds";
+const CREDENTIAL_REQUESTS: &str = "tasklist_operator_credential_requests_total";
+const CREDENTIAL_REFRESHES: &str = "tasklist_operator_credential_refreshes_total";
+const TOKEN_REQUEST_DURATION: &str = "tasklist_operator_token_request_duration_seconds";
+const PROBE_DURATION: &str = "tasklist_operator_probe_duration_seconds";
+
+fn saas_spec(scenario: &Scenario) -> Value {
+    json!({
+        "url": scenario.standin.url(),
+        "auth": {"oauth2": {"tokenUrl": scenario.standin.token_url(), "clientSecretRef": {"name": "client"}}},
+    })
+}
+
+async fn start_saas(world: &World, prefix: &str) -> anyhow::Result<Scenario> {
+    let mut scenario = Scenario::start(world, prefix).await?;
+    add_client(&mut scenario).await?;
+    Ok(scenario)
+}
+
+async fn add_client(scenario: &mut Scenario) -> anyhow::Result<()> {
+    scenario.standin.add_client("orders", "orders-secret-1");
+    scenario
+        .apply_secret("client", &[("client_id", "orders"), ("client_secret", "orders-secret-1")])
+        .await
+}
+
+fn http_client() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?)
+}
+
+fn unix_seconds(rfc3339: &str) -> anyhow::Result<i64> {
+    Ok(rfc3339
+        .parse::<Timestamp>()
+        .with_context(|| format!("{rfc3339:?} is not RFC 3339"))?
+        .as_second())
+}
+
+// ---------------------------------------------------------------------------------------
+// Metrics
+// ---------------------------------------------------------------------------------------
+
+/// One line of the Prometheus text format.
+#[derive(Debug, Clone)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// One answer of `/metrics`.
+struct Scrape {
+    text: String,
+    samples: Vec<Sample>,
+}
+
+impl Scrape {
+    /// The value of the series with exactly these labels.
+    fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.samples
+            .iter()
+            .find(|sample| {
+                sample.name == name
+                    && sample.labels.len() == labels.len()
+                    && labels.iter().all(|(k, v)| sample.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|sample| sample.value)
+    }
+
+    /// The value of the series with exactly these labels, 0 when there is none.
+    fn count(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.get(name, labels).unwrap_or(0.0)
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.samples.iter().any(|sample| sample.name == name)
+    }
+
+    /// The lines of the families named, without histogram buckets except `+Inf`: what a
+    /// person would look at.
+    fn excerpt(&self, namespace: &str) -> String {
+        self.text
+            .lines()
+            .filter(|line| line.starts_with("tasklist_operator_"))
+            .filter(|line| !line.contains("_bucket") || line.contains("le=\"+Inf\""))
+            .filter(|line| !line.contains("namespace=") || line.contains(namespace))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+fn parse_samples(text: &str) -> anyhow::Result<Vec<Sample>> {
+    let mut samples = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let name_end = line.find(['{', ' ']).with_context(|| format!("no value in {line:?}"))?;
+        let name = line[..name_end].to_owned();
+        let mut rest = &line[name_end..];
+        let mut labels = BTreeMap::new();
+        if let Some(inner) = rest.strip_prefix('{') {
+            let (parsed, after) = parse_labels(inner).with_context(|| format!("bad labels in {line:?}"))?;
+            labels = parsed;
+            rest = after;
+        }
+        let value = rest.split_whitespace().next().with_context(|| format!("no value in {line:?}"))?;
+        let value = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            other => other.parse().with_context(|| format!("bad value in {line:?}"))?,
+        };
+        samples.push(Sample { name, labels, value });
+    }
+    Ok(samples)
+}
+
+/// Parses `key="value",...}` and returns the labels and what follows the `}`.
+fn parse_labels(text: &str) -> anyhow::Result<(BTreeMap<String, String>, &str)> {
+    let mut labels = BTreeMap::new();
+    let mut rest = text;
+    loop {
+        rest = rest.trim_start_matches([',', ' ']);
+        if let Some(after) = rest.strip_prefix('}') {
+            return Ok((labels, after));
+        }
+        let (key, after) = rest.split_once("=\"").context("expected key=\"value\"")?;
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            match chars.next().context("unterminated label value")? {
+                (_, '\\') => match chars.next().context("dangling escape")?.1 {
+                    'n' => value.push('\n'),
+                    other => value.push(other),
+                },
+                (index, '"') => break index,
+                (_, c) => value.push(c),
+            }
+        };
+        labels.insert(key.trim().to_owned(), value);
+        rest = &after[end + 1..];
+    }
+}
+
+async fn scrape(http: &reqwest::Client, url: &str) -> anyhow::Result<Scrape> {
+    let response = http.get(url).send().await.with_context(|| format!("GET {url}"))?;
+    ensure!(response.status() == 200, "GET {url} answered {}", response.status());
+    let content_type = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    ensure!(
+        content_type.starts_with("application/openmetrics-text") || content_type.starts_with("text/plain"),
+        "/metrics has content type {content_type:?}"
+    );
+    let text = response.text().await?;
+    let samples = parse_samples(&text)?;
+    Ok(Scrape { text, samples })
+}
+
+async fn wait_for_scrape(
+    http: &reqwest::Client,
+    url: &str,
+    what: &str,
+    timeout: Duration,
+    check: impl Fn(&Scrape) -> bool,
+) -> anyhow::Result<Scrape> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let scraped = scrape(http, url).await?;
+        if check(&scraped) {
+            return Ok(scraped);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "/metrics did not show {what} within {timeout:?}; last scrape:\n{}",
+                scraped.excerpt("")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Prometheus naming conventions: one prefix, snake case, counters end in `_total`,
+/// durations and timestamps are in seconds, every family has HELP and TYPE.
+fn check_naming_conventions(scraped: &Scrape) -> anyhow::Result<()> {
+    let mut types = BTreeMap::new();
+    let mut helped = BTreeSet::new();
+    for line in scraped.text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["#", "TYPE", name, type_] => {
+                types.insert(name.to_string(), type_.to_string());
+            }
+            ["#", "HELP", name, ..] => {
+                helped.insert(name.to_string());
+            }
+            _ => {}
+        }
+    }
+    ensure!(!types.is_empty(), "no # TYPE lines in /metrics");
+    ensure!(
+        scraped.text.trim_end().ends_with("# EOF"),
+        "the OpenMetrics answer does not end with # EOF"
+    );
+    for (family, type_) in &types {
+        ensure!(
+            family.starts_with("tasklist_operator_"),
+            "{family} lacks the tasklist_operator_ prefix"
+        );
+        ensure!(
+            family.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+            "{family} is not snake case"
+        );
+        ensure!(helped.contains(family), "{family} has no # HELP");
+        if family.contains("duration") || family.contains("timestamp") {
+            ensure!(family.ends_with("_seconds"), "{family} is a time but not in _seconds");
+        }
+        if type_ == "counter" {
+            ensure!(
+                !family.ends_with("_total"),
+                "counter family {family} repeats _total in its TYPE line"
+            );
+        }
+        ensure!(
+            ["counter", "gauge", "histogram"].contains(&type_.as_str()),
+            "{family} has unexpected type {type_}"
+        );
+    }
+    for sample in &scraped.samples {
+        // Its family: the longest family name the sample's name starts with.
+        let (family, type_) = types
+            .iter()
+            .filter(|(family, _)| sample.name.starts_with(family.as_str()))
+            .max_by_key(|(family, _)| family.len())
+            .with_context(|| format!("sample {} has no # TYPE", sample.name))?;
+        let suffix = &sample.name[family.len()..];
+        let allowed: &[&str] = match type_.as_str() {
+            "counter" => &["_total", "_created"],
+            "histogram" => &["_bucket", "_sum", "_count", "_created"],
+            _ => &[""],
+        };
+        ensure!(
+            allowed.contains(&suffix),
+            "{} is a sample of {type_} {family} with a wrong suffix (counters end in _total)",
+            sample.name
+        );
+        if suffix == "_bucket" {
+            ensure!(sample.labels.contains_key("le"), "{} has no le label", sample.name);
+        }
+    }
+    Ok(())
+}
+
+/// Label values stay bounded and harmless: no URL, no token, no secret.
+fn check_label_hygiene(scraped: &Scrape, forbidden: &[String]) -> anyhow::Result<()> {
+    let allowed_keys = ["namespace", "name", "method", "result", "reason", "le"];
+    for sample in &scraped.samples {
+        for (key, value) in &sample.labels {
+            ensure!(
+                allowed_keys.contains(&key.as_str()),
+                "{} has an unexpected label {key}={value:?}",
+                sample.name
+            );
+            ensure!(
+                !value.contains("://") && !value.contains("127.0.0.1") && value.len() <= 253,
+                "{} has a label value that looks like a URL or is long: {key}={value:?}",
+                sample.name
+            );
+        }
+    }
+    for secret in forbidden.iter().filter(|value| value.len() >= 4) {
+        ensure!(
+            !scraped.text.contains(secret.as_str()),
+            "/metrics contains a forbidden value ({} characters)",
+            secret.len()
+        );
+    }
+    Ok(())
+}
+
+async fn metrics_change_when_a_credential_is_refreshed_and_when_the_standin_fails(world: Arc<World>) -> anyhow::Result<()> {
+    let mut s = start_saas(&world, "metrics").await?;
+    let http = http_client()?;
+    let url = s.metrics_url().await?;
+    let namespace = s.namespace.clone();
+    let connection = [("namespace", namespace.as_str()), ("name", "orders")];
+    let success = [("method", "oauth2"), ("result", "success")];
+    let server_error = [("method", "oauth2"), ("result", "AuthServerError")];
+    let oauth2 = [("method", "oauth2")];
+
+    // Before any connection: the families are there, with no per-connection series.
+    let empty = scrape(&http, &url).await?;
+    check_naming_conventions(&empty)?;
+    ensure!(empty.get(CONNECTION_READY, &connection).is_none());
+
+    // Ready: one successful token request, the expiry of the stored token, one probe.
+    s.apply_connection("orders", saas_spec(&s)).await?;
+    s.wait_ready("orders").await?;
+    let first = s.derived_secret(SECRET).await?.context("no derived Secret")?;
+    s.remember_credential(&first);
+    let first_expiry = unix_seconds(&first["expiresAt"])?;
+    let ready = wait_for_scrape(&http, &url, "the connection Ready", Duration::from_secs(30), |m| {
+        m.get(CONNECTION_READY, &connection) == Some(1.0)
+    })
+    .await?;
+    ensure!(
+        ready.get(CREDENTIAL_EXPIRY, &connection) == Some(first_expiry as f64),
+        "expiry gauge {:?}, the Secret's expiresAt is {first_expiry}",
+        ready.get(CREDENTIAL_EXPIRY, &connection)
+    );
+    ensure!(
+        ready.get(CREDENTIAL_REQUESTS, &success) == Some(1.0),
+        "requests_total{{success}} is {:?}",
+        ready.get(CREDENTIAL_REQUESTS, &success)
+    );
+    ensure!(
+        ready.count(CREDENTIAL_REFRESHES, &oauth2) == 0.0,
+        "a first credential counted as a refresh"
+    );
+    let token_count = format!("{TOKEN_REQUEST_DURATION}_count");
+    ensure!(
+        ready.get(&token_count, &[]) == Some(1.0),
+        "token request histogram count {:?}",
+        ready.get(&token_count, &[])
+    );
+    ensure!(ready.get(&format!("{TOKEN_REQUEST_DURATION}_bucket"), &[("le", "+Inf")]) == Some(1.0));
+    ensure!(ready.has(&format!("{TOKEN_REQUEST_DURATION}_sum")));
+    let probes = ready.count(&format!("{PROBE_DURATION}_count"), &[("result", "ProbeSucceeded")]);
+    ensure!(probes >= 1.0, "no probe in the probe duration histogram");
+    ensure!(ready.get(&format!("{PROBE_DURATION}_bucket"), &[("result", "ProbeSucceeded"), ("le", "+Inf")]) == Some(probes));
+    ensure!(ready.count("tasklist_operator_reconciles_total", &[]) >= 1.0);
+    ensure!(ready.has("tasklist_operator_reconcile_duration_seconds_count"));
+
+    // A refresh by annotation: a second success, one refresh, and the expiry moves
+    // (the stand-in now issues 600 s tokens instead of 300 s).
+    s.standin.set_token_lifetime(Duration::from_secs(600));
+    s.annotate_connection("orders", REFRESH_ANNOTATION, "metrics-1").await?;
+    let second = s
+        .wait_for_secret(SECRET, "refreshed", Duration::from_secs(15), |data| {
+            data.get("token") != first.get("token")
+        })
+        .await?;
+    s.remember_credential(&second);
+    let second_expiry = unix_seconds(&second["expiresAt"])?;
+    ensure!(second_expiry >= first_expiry + 250, "the new token does not live longer");
+    let refreshed = wait_for_scrape(&http, &url, "the refresh", Duration::from_secs(30), |m| {
+        m.count(CREDENTIAL_REQUESTS, &success) == 2.0 && m.get(CREDENTIAL_EXPIRY, &connection) == Some(second_expiry as f64)
+    })
+    .await?;
+    ensure!(
+        refreshed.get(CREDENTIAL_REFRESHES, &oauth2) == Some(1.0),
+        "refreshes_total is {:?}",
+        refreshed.get(CREDENTIAL_REFRESHES, &oauth2)
+    );
+    ensure!(refreshed.get(&token_count, &[]) == Some(2.0));
+    ensure!(refreshed.get(CONNECTION_READY, &connection) == Some(1.0));
+
+    // The token endpoint fails: a failure counted by reason, not Ready, and the expiry of the
+    // token that is kept stays.
+    s.standin.set_token_endpoint(EndpointMode::Down);
+    s.annotate_connection("orders", REFRESH_ANNOTATION, "metrics-2").await?;
+    s.wait_not_ready_because("orders", "AuthServerError").await?;
+    let failing = wait_for_scrape(&http, &url, "the failure", Duration::from_secs(30), |m| {
+        m.count(CREDENTIAL_REQUESTS, &server_error) > 0.0 && m.get(CONNECTION_READY, &connection) == Some(0.0)
+    })
+    .await?;
+    ensure!(
+        failing.count(CREDENTIAL_REQUESTS, &success) == 2.0,
+        "a failure counted as a success"
+    );
+    ensure!(
+        failing.count(CREDENTIAL_REFRESHES, &oauth2) == 1.0,
+        "a failure counted as a refresh"
+    );
+    ensure!(
+        failing.get(CREDENTIAL_EXPIRY, &connection) == Some(second_expiry as f64),
+        "the expiry gauge no longer shows the kept token's expiry: {:?}",
+        failing.get(CREDENTIAL_EXPIRY, &connection)
+    );
+    ensure!(failing.count(&token_count, &[]) >= 3.0);
+
+    // Names and labels.
+    check_naming_conventions(&failing)?;
+    let forbidden = [
+        s.standin.url(),
+        s.standin.token_url(),
+        "orders-secret-1".to_owned(),
+        first["token"].clone(),
+        second["token"].clone(),
+    ];
+    check_label_hygiene(&failing, &forbidden)?;
+    println!("--- /metrics excerpt ({namespace}) ---\n{}\n---", failing.excerpt(&namespace));
+    s.assert_no_credential_leaked().await?;
+
+    // A deleted connection leaves no series behind.
+    s.connections().delete("orders", &DeleteParams::default()).await?;
+    wait_for_scrape(&http, &url, "no series of the deleted connection", Duration::from_secs(30), |m| {
+        m.get(CONNECTION_READY, &connection).is_none() && m.get(CREDENTIAL_EXPIRY, &connection).is_none()
+    })
+    .await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Events
+// ---------------------------------------------------------------------------------------
+
+/// The events.k8s.io/v1 Events regarding one connection, oldest first.
+async fn events_about(s: &Scenario, connection: &str) -> anyhow::Result<Vec<Event>> {
+    let events: Api<Event> = Api::namespaced(s.client.clone(), &s.namespace);
+    let mut found: Vec<Event> = events
+        .list(&ListParams::default())
+        .await?
+        .into_iter()
+        .filter(|event| {
+            event
+                .regarding
+                .as_ref()
+                .is_some_and(|r| r.kind.as_deref() == Some("TasklistConnection") && r.name.as_deref() == Some(connection))
+        })
+        .collect();
+    found.sort_by_key(|event| event.event_time.as_ref().map(|t| t.0));
+    Ok(found)
+}
+
+fn with_reason<'a>(events: &'a [Event], reason: &str) -> Vec<&'a Event> {
+    events.iter().filter(|e| e.reason.as_deref() == Some(reason)).collect()
+}
+
+/// How often the Event happened: its series count, else 1.
+fn occurrences(event: &Event) -> i32 {
+    event.series.as_ref().map_or(event.deprecated_count.unwrap_or(1), |s| s.count)
+}
+
+fn describe(event: &Event) -> String {
+    format!(
+        "{:<8} {:<20} x{:<3} {:<10} {}",
+        event.type_.as_deref().unwrap_or("?"),
+        event.reason.as_deref().unwrap_or("?"),
+        occurrences(event),
+        event.regarding.as_ref().and_then(|r| r.name.as_deref()).unwrap_or("?"),
+        event.note.as_deref().unwrap_or(""),
+    )
+}
+
+fn describe_all(events: &[Event]) -> String {
+    events.iter().map(describe).collect::<Vec<_>>().join("\n")
+}
+
+async fn wait_for_event(s: &Scenario, connection: &str, reason: &str, timeout: Duration) -> anyhow::Result<Event> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let events = events_about(s, connection).await?;
+        if let Some(event) = with_reason(&events, reason).last() {
+            return Ok((*event).clone());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "no {reason} Event about {connection} within {timeout:?}; Events:\n{}\n--- operator log (tail) ---\n{}",
+                describe_all(&events),
+                tail(&s.operator.logs(), 30)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Waits until the (latest) Event with `reason` about `connection` has happened `count` times.
+async fn wait_for_series(s: &Scenario, connection: &str, reason: &str, count: i32, timeout: Duration) -> anyhow::Result<Event> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let events = events_about(s, connection).await?;
+        if let Some(event) = with_reason(&events, reason).last()
+            && occurrences(event) >= count
+        {
+            return Ok((*event).clone());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "no {reason} Event about {connection} counted {count} times within {timeout:?}; Events:\n{}",
+                describe_all(&events)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Exactly one Event object with `reason` about `connection`, of `type_`, whose note
+/// contains `note`; returns it.
+async fn the_one_event(s: &Scenario, connection: &str, reason: &str, type_: &str, note: &str) -> anyhow::Result<Event> {
+    let events = events_about(s, connection).await?;
+    let matching = with_reason(&events, reason);
+    ensure!(
+        matching.len() == 1,
+        "expected one {reason} Event object about {connection}, found {}:\n{}",
+        matching.len(),
+        describe_all(&events)
+    );
+    let event = matching[0].clone();
+    ensure!(
+        event.type_.as_deref() == Some(type_),
+        "{reason} is not of type {type_}: {}",
+        describe(&event)
+    );
+    ensure!(
+        event.note.as_deref().is_some_and(|n| n.contains(note)),
+        "the note of {reason} does not mention {note:?}: {}",
+        describe(&event)
+    );
+    ensure!(
+        event.reporting_controller.as_deref() == Some("tasklist-operator"),
+        "{reason} is reported by {:?}",
+        event.reporting_controller
+    );
+    ensure!(event.action.as_deref().is_some_and(|a| !a.is_empty()), "{reason} has no action");
+    Ok(event)
+}
+
+async fn events_are_published_for_transitions_and_aggregated_during_a_failure_loop(world: Arc<World>) -> anyhow::Result<()> {
+    let mut s = start_saas(&world, "events").await?;
+    let mut spec = saas_spec(&s);
+    spec["probe"] = json!({"interval": "2s"});
+    s.apply_connection("orders", spec).await?;
+    s.wait_ready("orders").await?;
+    let first = s.derived_secret(SECRET).await?.context("no derived Secret")?;
+    s.remember_credential(&first);
+    let long = Duration::from_secs(15);
+
+    // A first credential.
+    wait_for_event(&s, "orders", "CredentialIssued", long).await?;
+    the_one_event(&s, "orders", "CredentialIssued", "Normal", "credential").await?;
+
+    // A refresh by annotation.
+    s.annotate_connection("orders", REFRESH_ANNOTATION, "events-1").await?;
+    wait_for_event(&s, "orders", "CredentialRefreshed", long).await?;
+    the_one_event(&s, "orders", "CredentialRefreshed", "Normal", "credential").await?;
+    let refreshed = s.derived_secret(SECRET).await?.context("no derived Secret")?;
+    s.remember_credential(&refreshed);
+
+    // The token endpoint fails; the operator retries with backoff (1, 2, 4, 8 s) and the user
+    // asks again in between. One Warning, not one per try.
+    s.standin.set_token_endpoint(EndpointMode::Down);
+    let tries_before = s.standin.token_requests().len();
+    s.annotate_connection("orders", REFRESH_ANNOTATION, "events-2").await?;
+    s.wait_not_ready_because("orders", "AuthServerError").await?;
+    wait_for_event(&s, "orders", "RefreshFailed", long).await?;
+    let loop_started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    s.annotate_connection("orders", REFRESH_ANNOTATION, "events-3").await?;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let failed_tries = s.standin.token_requests()[tries_before..]
+        .iter()
+        .filter(|request| request.status == 503)
+        .count();
+    ensure!(
+        failed_tries >= 4,
+        "expected at least 4 failed token requests in {:?} of failure loop, saw {failed_tries}",
+        loop_started.elapsed()
+    );
+    let failed = the_one_event(&s, "orders", "RefreshFailed", "Warning", "AuthServerError").await?;
+    println!(
+        "{failed_tries} failed token requests in the failure loop gave one Event: {}",
+        describe(&failed)
+    );
+    ensure!(
+        s.derived_secret(SECRET).await?.as_ref() == Some(&refreshed),
+        "the kept token was replaced during the outage"
+    );
+
+    // The endpoint comes back; the next retry (at most ~20 s away) succeeds.
+    s.standin.set_token_endpoint(EndpointMode::Normal);
+    s.wait_for_connection("orders", "Ready again", Duration::from_secs(60), |c| {
+        crate::scenario::condition(c, "Ready").is_some_and(|(status, _)| status == "True")
+    })
+    .await?;
+    let recovered = s.derived_secret(SECRET).await?.context("no derived Secret")?;
+    s.remember_credential(&recovered);
+    // The recovery's refresh repeats the earlier one: the same Event object, counted twice.
+    let refreshed_again = wait_for_series(&s, "orders", "CredentialRefreshed", 2, long).await?;
+    ensure!(
+        with_reason(&events_about(&s, "orders").await?, "CredentialRefreshed").len() == 1,
+        "a repeated refresh created a second Event object"
+    );
+    println!("after recovery: {}", describe(&refreshed_again));
+
+    // A second outage repeats the Warning: still one object, now a series of two.
+    s.standin.set_token_endpoint(EndpointMode::Down);
+    s.annotate_connection("orders", REFRESH_ANNOTATION, "events-4").await?;
+    s.wait_not_ready_because("orders", "AuthServerError").await?;
+    let failed_again = wait_for_series(&s, "orders", "RefreshFailed", 2, long).await?;
+    the_one_event(&s, "orders", "RefreshFailed", "Warning", "AuthServerError").await?;
+    println!("after a second outage: {}", describe(&failed_again));
+    s.standin.set_token_endpoint(EndpointMode::Normal);
+    s.wait_for_connection("orders", "Ready again", Duration::from_secs(60), |c| {
+        crate::scenario::condition(c, "Ready").is_some_and(|(status, _)| status == "True")
+    })
+    .await?;
+    let recovered = s.derived_secret(SECRET).await?.context("no derived Secret")?;
+    s.remember_credential(&recovered);
+
+    // The probe fails (Tasklist answers 503) for several probe intervals: one Warning.
+    s.standin.set_api(EndpointMode::Down);
+    s.wait_not_ready_because("orders", "ProbeFailed").await?;
+    wait_for_event(&s, "orders", "ProbeFailed", long).await?;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    the_one_event(&s, "orders", "ProbeFailed", "Warning", "ProbeFailed").await?;
+    s.standin.set_api(EndpointMode::Normal);
+    s.wait_ready("orders").await?;
+
+    // Someone deletes the derived Secret: it is written again, and that is said.
+    s.secrets().delete(SECRET, &DeleteParams::default()).await?;
+    let restored = s
+        .wait_for_secret(SECRET, "restored", long, |data| data.contains_key("token"))
+        .await?;
+    s.remember_credential(&restored);
+    wait_for_event(&s, "orders", "SecretRestored", long).await?;
+    the_one_event(&s, "orders", "SecretRestored", "Normal", "Secret").await?;
+
+    // A second connection whose Secret name is taken: one Warning, also after the foreign
+    // Secret changes and wakes the connection again.
+    let foreign = Secret {
+        metadata: ObjectMeta {
+            name: Some("billing-tasklist-auth".into()),
+            ..ObjectMeta::default()
+        },
+        string_data: Some([("note".to_string(), "someone else's".to_string())].into()),
+        ..Secret::default()
+    };
+    s.secrets().create(&PostParams::default(), &foreign).await?;
+    s.apply_connection("billing", saas_spec(&s)).await?;
+    s.wait_not_ready_because("billing", "SecretConflict").await?;
+    wait_for_event(&s, "billing", "SecretConflict", long).await?;
+    let touch = json!({"metadata": {"labels": {"touched": "yes"}}});
+    s.secrets()
+        .patch("billing-tasklist-auth", &PatchParams::default(), &Patch::Merge(touch))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    the_one_event(&s, "billing", "SecretConflict", "Warning", "billing-tasklist-auth").await?;
+
+    // Every transition above gave exactly one Event object.
+    let events = events_about(&s, "orders").await?;
+    for reason in [
+        "CredentialIssued",
+        "CredentialRefreshed",
+        "RefreshFailed",
+        "ProbeFailed",
+        "SecretRestored",
+    ] {
+        ensure!(!with_reason(&events, reason).is_empty(), "no {reason} Event");
+    }
+    ensure!(
+        with_reason(&events, "RefreshFailed").len() == 1,
+        "more than one RefreshFailed object:\n{}",
+        describe_all(&events)
+    );
+    let mut all = events;
+    all.extend(events_about(&s, "billing").await?);
+    println!(
+        "--- Events in {} (type, reason, count, regarding, note) ---\n{}\n---",
+        s.namespace,
+        describe_all(&all)
+    );
+    s.assert_no_credential_leaked().await
+}
+
+// ---------------------------------------------------------------------------------------
+// Logs
+// ---------------------------------------------------------------------------------------
+
+/// Every non-empty line of `logs` as a JSON object; an error names the first line that is not.
+fn json_lines(logs: &str) -> anyhow::Result<Vec<serde_json::Map<String, Value>>> {
+    let mut lines = Vec::new();
+    for (number, line) in logs.lines().enumerate().filter(|(_, line)| !line.trim().is_empty()) {
+        ensure!(!line.contains('\u{1b}'), "line {} holds ANSI escapes: {line:?}", number + 1);
+        let object = match serde_json::from_str::<Value>(line) {
+            Ok(Value::Object(object)) => object,
+            _ => bail!("line {} is not a JSON object: {line:?}", number + 1),
+        };
+        // serde_json keeps the last of two equal keys, as most log pipelines do: a field
+        // named like one of the formatter's own keys silently replaces it.
+        let keys = serde_json::from_str::<ObjectKeys>(line)?.0;
+        let mut seen = BTreeSet::new();
+        for key in &keys {
+            ensure!(
+                seen.insert(key),
+                "line {} has the key {key:?} twice, so a JSON reader keeps only the last one: {line}",
+                number + 1
+            );
+        }
+        lines.push(object);
+    }
+    Ok(lines)
+}
+
+/// The top-level keys of a JSON object, in order and with repeats.
+struct ObjectKeys(Vec<String>);
+
+impl<'de> serde::Deserialize<'de> for ObjectKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ObjectKeys;
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<ObjectKeys, A::Error> {
+                let mut keys = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    keys.push(key);
+                }
+                Ok(ObjectKeys(keys))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
+}
+
+fn text<'a>(line: &'a serde_json::Map<String, Value>, key: &str) -> Option<&'a str> {
+    line.get(key).and_then(Value::as_str)
+}
+
+/// The `connection` a log line was logged in: a field of its own, or of its current span or
+/// of any span it is in.
+fn connection_of(line: &serde_json::Map<String, Value>) -> Option<String> {
+    if let Some(connection) = text(line, "connection") {
+        return Some(connection.to_owned());
+    }
+    let fields = line.get("fields").and_then(Value::as_object);
+    if let Some(connection) = fields.and_then(|f| f.get("connection")).and_then(Value::as_str) {
+        return Some(connection.to_owned());
+    }
+    let spans = line
+        .get("span")
+        .into_iter()
+        .chain(line.get("spans").and_then(Value::as_array).into_iter().flatten());
+    spans
+        .filter_map(|span| span.get("connection").and_then(Value::as_str))
+        .map(str::to_owned)
+        .next()
+}
+
+fn message_of(line: &serde_json::Map<String, Value>) -> Option<&str> {
+    text(line, "message").or_else(|| line.get("fields").and_then(|f| f.get("message")).and_then(Value::as_str))
+}
+
+/// A line has a timestamp, a level, a target and a message or fields.
+fn check_structure(line: &serde_json::Map<String, Value>) -> anyhow::Result<()> {
+    let shown = Value::Object(line.clone());
+    ensure!(
+        text(line, "level").is_some_and(|l| ["TRACE", "DEBUG", "INFO", "WARN", "ERROR"].contains(&l)),
+        "no level in {shown}"
+    );
+    ensure!(
+        text(line, "timestamp").is_some_and(|t| t.parse::<Timestamp>().is_ok()),
+        "no RFC 3339 timestamp in {shown}"
+    );
+    ensure!(text(line, "target").is_some(), "no target in {shown}");
+    ensure!(
+        message_of(line).is_some() || line.get("fields").is_some_and(Value::is_object),
+        "no message or fields in {shown}"
+    );
+    Ok(())
+}
+
+async fn wait_for_log(s: &Scenario, what: &str, timeout: Duration, check: impl Fn(&str) -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let logs = s.operator.logs();
+        if check(&logs) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the operator did not log {what} within {timeout:?}\n--- operator log (tail) ---\n{}",
+                tail(&logs, 30)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+async fn json_logs_are_structured_and_name_the_connection(world: Arc<World>) -> anyhow::Result<()> {
+    let namespace = world.control_plane.create_namespace("jsonlogs").await?;
+    let kubeconfig = world.control_plane.kubeconfig().to_path_buf();
+    let operator = start_operator_with(&kubeconfig, &namespace, &["--log-format", "json"], &[])?;
+    let mut s = Scenario::with_operator(&world, &namespace, &kubeconfig, operator).await?;
+    add_client(&mut s).await?;
+    s.apply_connection("orders", saas_spec(&s)).await?;
+    s.wait_ready("orders").await?;
+    let data = s.derived_secret(SECRET).await?.context("no derived Secret")?;
+    s.remember_credential(&data);
+    // A connection whose client Secret is missing: a warning inside its reconcile.
+    let mut broken = saas_spec(&s);
+    broken["auth"]["oauth2"]["clientSecretRef"]["name"] = json!("missing");
+    s.apply_connection("broken", broken).await?;
+    s.wait_not_ready_because("broken", "SecretNotFound").await?;
+    wait_for_log(&s, "the missing Secret", Duration::from_secs(15), |logs| {
+        logs.contains("cannot obtain a credential")
+    })
+    .await?;
+
+    let logs = s.operator.logs();
+    let lines = json_lines(&logs)?;
+    ensure!(lines.len() >= 4, "only {} log lines:\n{logs}", lines.len());
+    println!("--- JSON log of {namespace} ---\n{logs}---");
+    for line in &lines {
+        check_structure(line)?;
+    }
+    let serving = lines
+        .iter()
+        .find(|l| message_of(l).is_some_and(|m| m.contains("serving /metrics")))
+        .context("no 'serving /metrics' line")?;
+    ensure!(
+        text(serving, "address").is_some_and(|a| a.starts_with("127.0.0.1:")),
+        "the serving line has no address field: {}",
+        Value::Object(serving.clone())
+    );
+    let orders = format!("{namespace}/orders");
+    let ours = [orders.clone(), format!("{namespace}/broken")];
+    let reconcile_lines: Vec<_> = lines
+        .iter()
+        .filter(|l| text(l, "target").is_some_and(|t| t.starts_with("tasklist_operator::controller::reconcile")))
+        .collect();
+    ensure!(!reconcile_lines.is_empty(), "no line from the reconcile");
+    for line in &reconcile_lines {
+        let connection = connection_of(line);
+        ensure!(
+            connection.as_ref().is_some_and(|c| ours.contains(c)),
+            "a reconcile line does not name the connection: {}",
+            Value::Object((*line).clone())
+        );
+    }
+    let stored = reconcile_lines
+        .iter()
+        .find(|l| message_of(l).is_some_and(|m| m.contains("stored a new credential")))
+        .context("no 'stored a new credential' line")?;
+    ensure!(
+        connection_of(stored).as_deref() == Some(orders.as_str()),
+        "'stored a new credential' names {:?}",
+        connection_of(stored)
+    );
+    let warning = lines
+        .iter()
+        .find(|l| {
+            text(l, "level") == Some("WARN")
+                && (message_of(l).is_some_and(|m| m.contains("cannot obtain a credential")) || text(l, "reason") == Some("SecretNotFound"))
+        })
+        .context("no warning about the missing Secret")?;
+    ensure!(
+        connection_of(warning).as_deref() == Some(format!("{namespace}/broken").as_str()),
+        "the warning names {:?}",
+        connection_of(warning)
+    );
+    println!("--- a JSON log line ---\n{}\n---", Value::Object((*stored).clone()));
+
+    // RUST_LOG=warn: only warnings and errors.
+    let quiet = start_operator_with(&kubeconfig, &namespace, &["--log-format", "json"], &[("RUST_LOG", "warn")])?;
+    s.replace_operator(quiet).await?;
+    wait_for_log(&s, "the missing Secret after the restart", Duration::from_secs(30), |logs| {
+        logs.contains("cannot obtain a credential")
+    })
+    .await?;
+    let quiet_lines = json_lines(&s.operator.logs())?;
+    for line in &quiet_lines {
+        check_structure(line)?;
+        ensure!(
+            matches!(text(line, "level"), Some("WARN" | "ERROR")),
+            "RUST_LOG=warn let through {}",
+            Value::Object(line.clone())
+        );
+    }
+    s.assert_no_credential_leaked().await
+}
+
+// ---------------------------------------------------------------------------------------
+// kubectl explain and get
+// ---------------------------------------------------------------------------------------
+
+/// Paths of properties below `schema` (spec or status) without a description.
+fn undescribed(path: &str, schema: &Value, missing: &mut Vec<String>) {
+    if schema
+        .get("description")
+        .and_then(Value::as_str)
+        .is_none_or(|d| d.trim().is_empty())
+    {
+        missing.push(path.to_owned());
+    }
+    if let Some(properties) = schema.get("properties").and_then(Value::as_object) {
+        for (name, property) in properties {
+            undescribed(&format!("{path}.{name}"), property, missing);
+        }
+    }
+    if let Some(items) = schema.get("items") {
+        undescribed(&format!("{path}[]"), items, missing);
+    }
+    if let Some(values) = schema.get("additionalProperties").filter(|v| v.is_object()) {
+        undescribed(&format!("{path}{{}}"), values, missing);
+    }
+}
+
+async fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> anyhow::Result<(bool, String)> {
+    let output = tokio::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .output()
+        .await
+        .context("running kubectl")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok((output.status.success(), text))
+}
+
+fn kubectl_available() -> bool {
+    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join("kubectl").is_file()))
+}
+
+async fn kubectl_explain_reads_well(world: Arc<World>) -> anyhow::Result<()> {
+    let s = start_saas(&world, "explain").await?;
+    s.apply_connection("orders", saas_spec(&s)).await?;
+    s.wait_ready("orders").await?;
+
+    // What the API server serves.
+    let crds: Api<CustomResourceDefinition> = Api::all(s.client.clone());
+    let crd = crds.get(TasklistConnection::crd_name()).await?;
+    ensure!(crd.spec.names.short_names.iter().flatten().any(|n| n == "tlc"), "no short name tlc");
+    let version = crd
+        .spec
+        .versions
+        .iter()
+        .find(|v| v.served && v.storage)
+        .context("no served storage version")?;
+    let schema = serde_json::to_value(
+        version
+            .schema
+            .as_ref()
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+            .context("no schema")?,
+    )?;
+    let mut missing = Vec::new();
+    for part in ["spec", "status"] {
+        let part_schema = schema
+            .pointer(&format!("/properties/{part}"))
+            .with_context(|| format!("no {part} in the schema"))?;
+        undescribed(part, part_schema, &mut missing);
+    }
+    ensure!(missing.is_empty(), "fields without a description: {missing:?}");
+    let oauth2 = schema
+        .pointer("/properties/spec/properties/auth/properties/oauth2/description")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    ensure!(oauth2.contains("OAuth2"), "spec.auth.oauth2's description: {oauth2:?}");
+    let columns: Vec<&str> = version
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
+    ensure!(
+        columns == ["Ready", "Auth", "Expires", "Reason", "Age"],
+        "printer columns are {columns:?}"
+    );
+
+    if !kubectl_available() {
+        println!("kubectl is not on PATH: checked the CRD through the API only");
+        return Ok(());
+    }
+    let kubeconfig = world.control_plane.kubeconfig();
+    // The OpenAPI document can lag behind the CRD by a few seconds.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let explained = loop {
+        let (ok, out) = kubectl(kubeconfig, &["explain", "tasklistconnection.spec.auth.oauth2"]).await?;
+        if ok && out.contains("tokenUrl") {
+            break out;
+        }
+        ensure!(Instant::now() < deadline, "kubectl explain failed:\n{out}");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    };
+    println!("--- kubectl explain tasklistconnection.spec.auth.oauth2 ---\n{explained}---");
+    for expected in [
+        "DESCRIPTION",
+        "OAuth2 client credentials",
+        "FIELDS",
+        "tokenUrl",
+        "clientSecretRef",
+        "audience",
+    ] {
+        ensure!(explained.contains(expected), "kubectl explain lacks {expected:?}:\n{explained}");
+    }
+    let (ok, got) = kubectl(kubeconfig, &["get", "tlc", "-n", &s.namespace]).await?;
+    ensure!(ok, "kubectl get tlc failed:\n{got}");
+    println!("--- kubectl get tlc -n {} ---\n{got}---", s.namespace);
+    let mut rows = got.lines();
+    let header: Vec<&str> = rows.next().unwrap_or_default().split_whitespace().collect();
+    ensure!(
+        header == ["NAME", "READY", "AUTH", "EXPIRES", "REASON", "AGE"],
+        "kubectl get tlc header: {header:?}"
+    );
+    let row: Vec<&str> = rows
+        .find(|row| row.starts_with("orders"))
+        .context("no row for orders")?
+        .split_whitespace()
+        .collect();
+    ensure!(
+        row.len() == 6 && row[1] == "True" && row[2] == "oauth2" && row[3].parse::<Timestamp>().is_ok(),
+        "kubectl get tlc row: {row:?}"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Health
+// ---------------------------------------------------------------------------------------
+
+async fn health_endpoints_answer(world: Arc<World>) -> anyhow::Result<()> {
+    let s = Scenario::start(&world, "health").await?;
+    let http = http_client()?;
+    let base = s.operator_url().await?;
+
+    let healthz = http.get(format!("{base}/healthz")).send().await?;
+    ensure!(healthz.status() == 200, "/healthz answered {}", healthz.status());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let readyz = http.get(format!("{base}/readyz")).send().await?;
+        if readyz.status() == 200 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "/readyz still answers {} after 30 s\n--- operator log (tail) ---\n{}",
+            readyz.status(),
+            tail(&strip_ansi(&s.operator.logs()), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let metrics = scrape(&http, &format!("{base}/metrics")).await?;
+    ensure!(
+        metrics.has("tasklist_operator_reconciles_total"),
+        "/metrics lacks the reconcile counter"
+    );
+    let unknown = http.get(format!("{base}/nothing-here")).send().await?;
+    ensure!(unknown.status() == 404, "an unknown path answered {}", unknown.status());
+    // Health does not depend on any connection, and it stays up while the operator works.
+    let healthz = http.get(format!("{base}/healthz")).send().await?;
+    ensure!(healthz.status() == 200);
+    Ok(())
+}
