@@ -62,6 +62,32 @@ impl SecretSource for Api<Secret> {
 pub type ReadResult = Result<Result<Inputs, InputProblem>, kube::Error>;
 
 pub async fn read_inputs(connection: &TasklistConnection, secrets: &impl SecretSource) -> ReadResult {
+    match read(connection, secrets).await {
+        Ok(inputs) => Ok(Ok(inputs)),
+        Err(ReadError::Problem(problem)) => Ok(Err(problem)),
+        Err(ReadError::Kube(error)) => Err(error),
+    }
+}
+
+/// Either kind of failure, so that `read` can use `?` for both.
+enum ReadError {
+    Kube(kube::Error),
+    Problem(InputProblem),
+}
+
+impl From<kube::Error> for ReadError {
+    fn from(error: kube::Error) -> Self {
+        ReadError::Kube(error)
+    }
+}
+
+impl From<InputProblem> for ReadError {
+    fn from(problem: InputProblem) -> Self {
+        ReadError::Problem(problem)
+    }
+}
+
+async fn read(connection: &TasklistConnection, secrets: &impl SecretSource) -> Result<Inputs, ReadError> {
     let spec = &connection.spec;
     let mut reader = SecretReader {
         secrets,
@@ -71,18 +97,8 @@ pub async fn read_inputs(connection: &TasklistConnection, secrets: &impl SecretS
 
     let login = if let Some(cookie) = &spec.auth.cookie {
         let reference = &cookie.credentials_secret_ref;
-        let username = match reader.value(&reference.name, &reference.username_key).await? {
-            Ok(value) => value,
-            Err(problem) => return Ok(Err(problem)),
-        };
-        let password = match reader.value(&reference.name, &reference.password_key).await? {
-            Ok(value) => value,
-            Err(problem) => return Ok(Err(problem)),
-        };
-        let session_timeout = match duration_field("auth.cookie.sessionTimeout", &cookie.session_timeout) {
-            Ok(timeout) => timeout,
-            Err(problem) => return Ok(Err(problem)),
-        };
+        let username = reader.value(&reference.name, &reference.username_key).await?;
+        let password = reader.value(&reference.name, &reference.password_key).await?;
         LoginMaterial::Cookie {
             login: CookieLogin {
                 login_url: join_url(&spec.url, &cookie.login_path),
@@ -91,18 +107,12 @@ pub async fn read_inputs(connection: &TasklistConnection, secrets: &impl SecretS
                 username: username.expose().to_owned(),
                 password,
             },
-            session_timeout,
+            session_timeout: duration_field("auth.cookie.sessionTimeout", &cookie.session_timeout)?,
         }
     } else if let Some(oauth2) = &spec.auth.oauth2 {
         let reference = &oauth2.client_secret_ref;
-        let client_id = match reader.value(&reference.name, &reference.client_id_key).await? {
-            Ok(value) => value,
-            Err(problem) => return Ok(Err(problem)),
-        };
-        let client_secret = match reader.value(&reference.name, &reference.client_secret_key).await? {
-            Ok(value) => value,
-            Err(problem) => return Ok(Err(problem)),
-        };
+        let client_id = reader.value(&reference.name, &reference.client_id_key).await?;
+        let client_secret = reader.value(&reference.name, &reference.client_secret_key).await?;
         LoginMaterial::OAuth2 {
             endpoint: TokenEndpoint {
                 url: oauth2.token_url.clone(),
@@ -116,36 +126,26 @@ pub async fn read_inputs(connection: &TasklistConnection, secrets: &impl SecretS
             },
         }
     } else {
-        return Ok(Err(InputProblem {
+        return Err(InputProblem {
             reason: "InvalidSpec",
             message: "auth has neither oauth2 nor cookie".into(),
-        }));
+        }
+        .into());
     };
 
     let tls = spec.tls.clone().unwrap_or_default();
     let extra_roots_pem = match &tls.ca_secret_ref {
-        Some(reference) => match reader.value(&reference.name, &reference.key).await? {
-            Ok(pem) => Some(pem.expose().to_owned()),
-            Err(problem) => return Ok(Err(problem)),
-        },
+        Some(reference) => Some(reader.value(&reference.name, &reference.key).await?.expose().to_owned()),
         None => None,
     };
-    let refresh_before = match spec
+    let refresh_before = spec
         .refresh_before
         .as_deref()
         .map(|text| duration_field("refreshBefore", text))
-        .transpose()
-    {
-        Ok(value) => value,
-        Err(problem) => return Ok(Err(problem)),
-    };
-    let probe_interval = match duration_field("probe.interval", &spec.probe.interval) {
-        Ok(interval) => interval.max(Duration::from_secs(1)),
-        Err(problem) => return Ok(Err(problem)),
-    };
+        .transpose()?;
+    let probe_interval = duration_field("probe.interval", &spec.probe.interval)?.max(Duration::from_secs(1));
 
-    let fingerprint = fingerprint(connection, &reader.versions);
-    Ok(Ok(Inputs {
+    Ok(Inputs {
         login,
         trust: TlsTrust {
             extra_roots_pem,
@@ -153,8 +153,8 @@ pub async fn read_inputs(connection: &TasklistConnection, secrets: &impl SecretS
         },
         refresh_before,
         probe_interval,
-        fingerprint,
-    }))
+        fingerprint: fingerprint(connection, &reader.versions),
+    })
 }
 
 /// The names of the Secrets a connection reads, for mapping Secret changes to connections.
@@ -186,16 +186,18 @@ struct SecretReader<'a, S> {
 }
 
 impl<S: SecretSource> SecretReader<'_, S> {
-    async fn value(&mut self, name: &str, key: &str) -> Result<Result<Sensitive, InputProblem>, kube::Error> {
+    async fn value(&mut self, name: &str, key: &str) -> Result<Sensitive, ReadError> {
         if !self.read.contains_key(name) {
             let secret = self.secrets.get(name).await?;
             self.read.insert(name.to_owned(), secret);
         }
         let Some(secret) = self.read.get(name).cloned().flatten() else {
-            return Ok(Err(InputProblem {
+            let message = format!("Secret {name:?} not found in the connection's namespace");
+            return Err(InputProblem {
                 reason: "SecretNotFound",
-                message: format!("Secret {name:?} not found in the connection's namespace"),
-            }));
+                message,
+            }
+            .into());
         };
         self.versions.insert(
             name.to_owned(),
@@ -221,17 +223,17 @@ impl<S: SecretSource> SecretReader<'_, S> {
                     .map(|v| v.clone().into_bytes())
             });
         let Some(bytes) = bytes else {
-            return Ok(Err(missing("has no")));
+            return Err(missing("has no").into());
         };
         let Ok(text) = String::from_utf8(bytes) else {
-            return Ok(Err(missing("has a non-UTF-8 value under")));
+            return Err(missing("has a non-UTF-8 value under").into());
         };
         // `echo secret > file` adds a newline that is never part of the value.
         let value = text.trim_end_matches(['\n', '\r']);
         if value.is_empty() {
-            return Ok(Err(missing("has an empty value under")));
+            return Err(missing("has an empty value under").into());
         }
-        Ok(Ok(Sensitive::new(value)))
+        Ok(Sensitive::new(value))
     }
 }
 

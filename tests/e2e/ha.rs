@@ -13,7 +13,7 @@ use testsupport::operator::OperatorProcess;
 use testsupport::standin::StandinTasklist;
 
 use crate::ScenarioFn;
-use crate::scenario::{World, operator_binary, secret_text, tail};
+use crate::scenario::{World, secret_text, start_operator_with, tail};
 
 pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     vec![("ha::only_the_leader_reconciles_and_a_standby_takes_over", |w| {
@@ -22,22 +22,14 @@ pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
 }
 
 fn start_replica(world: &World, namespace: &str, identity: &str) -> anyhow::Result<OperatorProcess> {
-    let args: Vec<String> = [
-        "run",
-        "--namespace",
-        namespace,
-        "--listen-addr",
-        "127.0.0.1:0",
+    let leader_election = [
         "--leader-election",
         "--leader-election-namespace",
         namespace,
         "--leader-election-identity",
         identity,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    OperatorProcess::start(&operator_binary(), world.control_plane.kubeconfig(), &args, &[])
+    ];
+    start_operator_with(world.control_plane.kubeconfig(), namespace, &leader_election, &[])
 }
 
 async fn only_the_leader_reconciles_and_a_standby_takes_over(world: Arc<World>) -> anyhow::Result<()> {
