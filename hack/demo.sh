@@ -5,6 +5,8 @@
 # and prints the status. Runs until Ctrl-C, then stops everything it started.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-eval "$(hack/tools.sh)"
+# Captured first so that a failing tools.sh stops here (set -e), not in a test later.
+exports=$(hack/tools.sh)
+eval "$exports"
 cargo build --locked --bin tasklist-operator -p tasklist-operator
 exec cargo run --locked -q -p tasklist-testsupport --bin demo -- "$@"

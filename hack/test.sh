@@ -6,7 +6,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 echo "==> components (hack/tools.sh)"
-eval "$(hack/tools.sh)"
+# Captured first so that a failing tools.sh stops here (set -e), not in a test later.
+exports=$(hack/tools.sh)
+eval "$exports"
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
