@@ -48,7 +48,12 @@ impl World {
 
     /// Runs one scenario; on failure, the message carries the control plane's log tail.
     pub fn run(&self, name: &str, scenario: impl Future<Output = anyhow::Result<()>>) -> Result<(), String> {
-        self.runtime.block_on(scenario).map_err(|error| format!("{name}: {error:#}"))
+        self.runtime.block_on(scenario).map_err(|error| {
+            format!(
+                "{name}: {error:#}\n--- control plane logs (tail) ---\n{}",
+                self.control_plane.logs_tail(15)
+            )
+        })
     }
 
     pub fn client(&self) -> Client {
