@@ -22,7 +22,7 @@ use testsupport::controlplane::ControlPlane;
 use testsupport::standin::{EndpointMode, StandinTasklist, TokenAnswer, TokenRequestEncoding};
 
 use crate::ScenarioFn;
-use crate::scenario::{Scenario, World, condition, install_crd, secret_text, start_operator_with, strip_ansi, tail};
+use crate::scenario::{Scenario, World, condition, find_condition, install_crd, secret_text, start_operator_with, strip_ansi, tail};
 
 pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     vec![
@@ -92,13 +92,7 @@ async fn start_saas(world: &World, prefix: &str) -> anyhow::Result<Scenario> {
 
 /// Status, reason and message of a condition.
 fn condition_detail(connection: &TasklistConnection, type_: &str) -> Option<(String, String, String)> {
-    connection
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+    find_condition(connection, type_).map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
 /// Each condition's type with its lastTransitionTime, as JSON text.

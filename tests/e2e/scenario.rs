@@ -10,6 +10,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, CustomResourceExt};
 use tasklist_operator::crd::TasklistConnection;
@@ -461,15 +462,14 @@ pub fn strip_ansi(text: &str) -> String {
     out
 }
 
+/// A condition of the connection's status, by type.
+pub fn find_condition<'a>(connection: &'a TasklistConnection, type_: &str) -> Option<&'a Condition> {
+    connection.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
+}
+
 /// The status and reason of a condition.
 pub fn condition(connection: &TasklistConnection, type_: &str) -> Option<(String, String)> {
-    connection
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| (c.status.clone(), c.reason.clone()))
+    find_condition(connection, type_).map(|c| (c.status.clone(), c.reason.clone()))
 }
 
 pub fn secret_text(secret: &Secret) -> BTreeMap<String, String> {
