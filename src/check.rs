@@ -9,9 +9,10 @@ use std::time::Instant;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::ObjectMeta;
+use serde::Deserialize as _;
 
 use crate::camunda::probe::{Probe, ProbeOutcome};
-use crate::camunda::{AuthFailureKind, HttpClient, HttpSettings};
+use crate::camunda::{HttpClient, HttpSettings};
 use crate::crd::TasklistConnection;
 use crate::credential::Credential;
 use crate::derived_secret::rfc3339;
@@ -132,10 +133,7 @@ async fn check(
     let stored = match obtain_credential(&inputs, &http).await {
         Ok(stored) => stored,
         Err(failure) => {
-            let reason = match failure.kind {
-                AuthFailureKind::Rejected => "CredentialsRejected",
-                AuthFailureKind::ServerError => "AuthServerError",
-            };
+            let reason = failure.kind.condition_reason();
             say(
                 out,
                 &format!(
@@ -205,8 +203,6 @@ fn read_documents(path: &Path) -> Result<Vec<serde_json::Value>, String> {
     }
     Ok(documents)
 }
-
-use serde::Deserialize as _;
 
 /// A Secret manifest may use `stringData`; the API server would merge it into `data`.
 fn with_string_data_merged(mut secret: Secret) -> Secret {

@@ -30,6 +30,16 @@ pub enum AuthFailureKind {
     ServerError,
 }
 
+impl AuthFailureKind {
+    /// The Authenticated condition's reason for this kind of failure.
+    pub fn condition_reason(self) -> &'static str {
+        match self {
+            AuthFailureKind::Rejected => "CredentialsRejected",
+            AuthFailureKind::ServerError => "AuthServerError",
+        }
+    }
+}
+
 impl AuthFailure {
     pub(crate) fn rejected(message: impl Into<String>) -> Self {
         AuthFailure {

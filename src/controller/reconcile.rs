@@ -18,7 +18,7 @@ use super::{Context, Error, FIELD_MANAGER};
 use crate::camunda::probe::{Probe, ProbeOutcome};
 use crate::camunda::{AuthFailure, AuthFailureKind, HttpClient};
 use crate::crd::{TasklistConnection, TasklistConnectionStatus};
-use crate::credential::Credential;
+use crate::credential::{Credential, add};
 use crate::derived_secret::{StoredCredential, Unusable, is_owned_by};
 use crate::events::{ConnectionEvent, transitions};
 use crate::inputs::{Inputs, LoginMaterial, read_inputs, referenced_secret_names};
@@ -462,11 +462,7 @@ impl<'a> Reconciling<'a> {
 }
 
 fn failed_condition(failure: &AuthFailure) -> ConditionState {
-    let reason = match failure.kind {
-        AuthFailureKind::Rejected => "CredentialsRejected",
-        AuthFailureKind::ServerError => "AuthServerError",
-    };
-    ConditionState::failing(reason, failure.message.clone())
+    ConditionState::failing(failure.kind.condition_reason(), failure.message.clone())
 }
 
 fn issued_message(credential: &StoredCredential) -> String {
@@ -479,10 +475,6 @@ fn issued_message(credential: &StoredCredential) -> String {
 
 fn is_session(credential: Option<&StoredCredential>) -> bool {
     matches!(credential.map(|c| &c.credential), Some(Credential::Session(_)))
-}
-
-fn add(timestamp: Timestamp, duration: Duration) -> Timestamp {
-    crate::credential::add(timestamp, duration)
 }
 
 /// How long from `now` until `at`; at least one second, and `LONGEST_SLEEP` when nothing is due.
