@@ -416,8 +416,8 @@ async fn json_without_access_token_is_a_server_error_that_says_so() {
     assert_no_credential(&message, &[CLIENT_SECRET]);
 }
 
-/// An answer with a token in it that the operator cannot use (here `expires_in` is a
-/// boolean) must not be quoted in the error message: it holds the token.
+/// An answer that is not an OAuth2 token answer (here a bare token in plain text) must not
+/// be quoted in the error message: it may hold the token.
 #[tokio::test]
 async fn an_unusable_token_answer_is_not_quoted_in_the_message() {
     const TOKEN: &str = "opaque-token-value-1234";

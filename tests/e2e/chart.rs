@@ -29,7 +29,7 @@ use tasklist_operator::crd::{REFRESH_ANNOTATION, TasklistConnection};
 use testsupport::operator::OperatorProcess;
 
 use crate::ScenarioFn;
-use crate::scenario::{Scenario, World, operator_binary, tail};
+use crate::scenario::{DEFAULT_CLIENT_SECRET, Scenario, World, operator_binary, tail};
 
 pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     vec![
@@ -477,14 +477,8 @@ async fn install_and_reach_ready(world: &World) -> anyhow::Result<(Release, Scen
     let operator = start_like_the_deployment(&deployment, "first", &kubeconfig)?;
     let mut s = Scenario::with_operator(world, &team, &kubeconfig, operator).await?;
 
-    s.standin.add_client("orders", "orders-secret-1");
-    s.apply_secret("client", &[("client_id", "orders"), ("client_secret", "orders-secret-1")])
-        .await?;
-    let spec = json!({
-        "url": s.standin.url(),
-        "auth": {"oauth2": {"tokenUrl": s.standin.token_url(), "clientSecretRef": {"name": "client"}}},
-    });
-    s.apply_connection("orders", spec).await?;
+    s.add_saas_client(DEFAULT_CLIENT_SECRET).await?;
+    s.apply_connection("orders", s.saas_spec()).await?;
     s.wait_ready("orders").await?;
     let data = s.derived_secret(SECRET).await?.context("the derived Secret is missing")?;
     s.remember_credential(&data);
@@ -879,14 +873,8 @@ async fn two_replicas_elect_a_leader_as_the_service_account(world: Arc<World>) -
     let mut second = start_like_the_deployment(&deployment, "b", &kubeconfig)?;
     let pods = [format!("{}-a", deployment.name_any()), format!("{}-b", deployment.name_any())];
     let mut s = Scenario::with_operator(&world, &team, &kubeconfig, first).await?;
-    s.standin.add_client("orders", "orders-secret-1");
-    s.apply_secret("client", &[("client_id", "orders"), ("client_secret", "orders-secret-1")])
-        .await?;
-    let spec = json!({
-        "url": s.standin.url(),
-        "auth": {"oauth2": {"tokenUrl": s.standin.token_url(), "clientSecretRef": {"name": "client"}}},
-    });
-    s.apply_connection("orders", spec).await?;
+    s.add_saas_client(DEFAULT_CLIENT_SECRET).await?;
+    s.apply_connection("orders", s.saas_spec()).await?;
     s.wait_ready("orders").await?;
     let data = s.derived_secret(SECRET).await?.context("the derived Secret is missing")?;
     s.remember_credential(&data);

@@ -64,25 +64,9 @@ pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
 
 const SECRET: &str = "orders-tasklist-auth";
 
-fn saas_spec(scenario: &Scenario) -> serde_json::Value {
-    json!({
-        "url": scenario.standin.url(),
-        "auth": {"oauth2": {"tokenUrl": scenario.standin.token_url(), "clientSecretRef": {"name": "client"}}},
-    })
-}
-
-async fn start_saas(world: &World, prefix: &str) -> anyhow::Result<Scenario> {
-    let mut scenario = Scenario::start(world, prefix).await?;
-    scenario.standin.add_client("orders", "orders-secret-1");
-    scenario
-        .apply_secret("client", &[("client_id", "orders"), ("client_secret", "orders-secret-1")])
-        .await?;
-    Ok(scenario)
-}
-
 async fn saas_token_reaches_ready_and_tasklist_accepts_it(world: Arc<World>) -> anyhow::Result<()> {
-    let mut s = start_saas(&world, "saas").await?;
-    s.apply_connection("orders", saas_spec(&s)).await?;
+    let mut s = Scenario::start_saas(&world, "saas").await?;
+    s.apply_connection("orders", s.saas_spec()).await?;
     let connection = s.wait_ready("orders").await?;
 
     let data = s.derived_secret(SECRET).await?.context("the derived Secret is missing")?;
@@ -205,8 +189,8 @@ async fn cookie_session_with_csrf_and_relogin_after_revocation(world: Arc<World>
 }
 
 async fn changes_get_a_new_credential_at_once(world: Arc<World>) -> anyhow::Result<()> {
-    let mut s = start_saas(&world, "changes").await?;
-    s.apply_connection("orders", saas_spec(&s)).await?;
+    let mut s = Scenario::start_saas(&world, "changes").await?;
+    s.apply_connection("orders", s.saas_spec()).await?;
     s.wait_ready("orders").await?;
     let original = s.derived_secret(SECRET).await?.context("no derived Secret")?;
     s.remember_credential(&original);
@@ -258,7 +242,7 @@ async fn changes_get_a_new_credential_at_once(world: Arc<World>) -> anyhow::Resu
     );
 
     // The spec changes (a new audience the stand-in does not know is not needed: a scope).
-    let mut spec = saas_spec(&s);
+    let mut spec = s.saas_spec();
     spec["auth"]["oauth2"]["scope"] = json!("tasklist");
     s.apply_connection("orders", spec).await?;
     let rescoped = s
@@ -270,8 +254,8 @@ async fn changes_get_a_new_credential_at_once(world: Arc<World>) -> anyhow::Resu
 }
 
 async fn restart_reuses_the_stored_credential(world: Arc<World>) -> anyhow::Result<()> {
-    let mut s = start_saas(&world, "restart").await?;
-    s.apply_connection("orders", saas_spec(&s)).await?;
+    let mut s = Scenario::start_saas(&world, "restart").await?;
+    s.apply_connection("orders", s.saas_spec()).await?;
     let before = s.wait_ready("orders").await?;
     let data = s.derived_secret(SECRET).await?.context("no derived Secret")?;
     s.remember_credential(&data);
@@ -311,9 +295,9 @@ async fn restart_reuses_the_stored_credential(world: Arc<World>) -> anyhow::Resu
 }
 
 async fn tokens_are_replaced_before_they_expire(world: Arc<World>) -> anyhow::Result<()> {
-    let mut s = start_saas(&world, "expiry").await?;
+    let mut s = Scenario::start_saas(&world, "expiry").await?;
     s.standin.set_token_lifetime(Duration::from_secs(12));
-    s.apply_connection("orders", saas_spec(&s)).await?;
+    s.apply_connection("orders", s.saas_spec()).await?;
     s.wait_ready("orders").await?;
 
     // Sample the Secret as a Pod would, for three lifetimes.
@@ -350,7 +334,7 @@ async fn tokens_are_replaced_before_they_expire(world: Arc<World>) -> anyhow::Re
 async fn missing_secret_and_key_are_reported_then_fixed_by_watch(world: Arc<World>) -> anyhow::Result<()> {
     let mut s = Scenario::start(&world, "missing").await?;
     s.standin.add_client("orders", "orders-secret-1");
-    s.apply_connection("orders", saas_spec(&s)).await?;
+    s.apply_connection("orders", s.saas_spec()).await?;
     let connection = s.wait_not_ready_because("orders", "SecretNotFound").await?;
     ensure!(condition(&connection, "Authenticated") == Some(("False".into(), "SecretNotFound".into())));
 
@@ -376,7 +360,7 @@ async fn rejected_credentials_are_not_retried_in_a_loop(world: Arc<World>) -> an
     s.standin.add_client("orders", "the-right-secret");
     s.apply_secret("client", &[("client_id", "orders"), ("client_secret", "a-wrong-secret")])
         .await?;
-    s.apply_connection("orders", saas_spec(&s)).await?;
+    s.apply_connection("orders", s.saas_spec()).await?;
     let connection = s.wait_not_ready_because("orders", "CredentialsRejected").await?;
     let message = connection
         .status
@@ -402,8 +386,8 @@ async fn rejected_credentials_are_not_retried_in_a_loop(world: Arc<World>) -> an
 }
 
 async fn a_dead_token_endpoint_keeps_the_last_valid_token(world: Arc<World>) -> anyhow::Result<()> {
-    let mut s = start_saas(&world, "dead").await?;
-    s.apply_connection("orders", saas_spec(&s)).await?;
+    let mut s = Scenario::start_saas(&world, "dead").await?;
+    s.apply_connection("orders", s.saas_spec()).await?;
     s.wait_ready("orders").await?;
     let valid = s.derived_secret(SECRET).await?.context("no derived Secret")?;
     s.remember_credential(&valid);
@@ -429,8 +413,8 @@ async fn a_dead_token_endpoint_keeps_the_last_valid_token(world: Arc<World>) -> 
 }
 
 async fn probe_failures_show_in_reachable(world: Arc<World>) -> anyhow::Result<()> {
-    let mut s = start_saas(&world, "probe").await?;
-    let mut spec = saas_spec(&s);
+    let mut s = Scenario::start_saas(&world, "probe").await?;
+    let mut spec = s.saas_spec();
     spec["probe"] = json!({"interval": "1s"});
     s.apply_connection("orders", spec.clone()).await?;
     s.wait_ready("orders").await?;
@@ -529,8 +513,8 @@ async fn invalid_manifests_are_rejected_with_readable_messages(world: Arc<World>
 }
 
 async fn deleting_a_connection_deletes_its_secret(world: Arc<World>) -> anyhow::Result<()> {
-    let mut s = start_saas(&world, "delete").await?;
-    s.apply_connection("orders", saas_spec(&s)).await?;
+    let mut s = Scenario::start_saas(&world, "delete").await?;
+    s.apply_connection("orders", s.saas_spec()).await?;
     s.wait_ready("orders").await?;
     let data = s.derived_secret(SECRET).await?.context("no derived Secret")?;
     s.remember_credential(&data);
@@ -544,7 +528,7 @@ async fn deleting_a_connection_deletes_its_secret(world: Arc<World>) -> anyhow::
 }
 
 async fn a_secret_the_operator_does_not_own_is_left_alone(world: Arc<World>) -> anyhow::Result<()> {
-    let s = start_saas(&world, "conflict").await?;
+    let s = Scenario::start_saas(&world, "conflict").await?;
     let foreign = Secret {
         metadata: ObjectMeta {
             name: Some(SECRET.into()),
@@ -554,7 +538,7 @@ async fn a_secret_the_operator_does_not_own_is_left_alone(world: Arc<World>) -> 
         ..Secret::default()
     };
     s.secrets().create(&PostParams::default(), &foreign).await?;
-    s.apply_connection("orders", saas_spec(&s)).await?;
+    s.apply_connection("orders", s.saas_spec()).await?;
     s.wait_not_ready_because("orders", "SecretConflict").await?;
     let data = s.derived_secret(SECRET).await?.context("the foreign Secret vanished")?;
     ensure!(
@@ -574,8 +558,8 @@ async fn a_secret_the_operator_does_not_own_is_left_alone(world: Arc<World>) -> 
 }
 
 async fn status_is_not_written_when_nothing_changed(world: Arc<World>) -> anyhow::Result<()> {
-    let mut s = start_saas(&world, "quiet").await?;
-    let mut spec = saas_spec(&s);
+    let mut s = Scenario::start_saas(&world, "quiet").await?;
+    let mut spec = s.saas_spec();
     spec["probe"] = json!({"interval": "1s"});
     s.apply_connection("orders", spec).await?;
     s.wait_ready("orders").await?;

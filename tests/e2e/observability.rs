@@ -16,7 +16,7 @@ use tasklist_operator::crd::{REFRESH_ANNOTATION, TasklistConnection};
 use testsupport::standin::EndpointMode;
 
 use crate::ScenarioFn;
-use crate::scenario::{Scenario, World, start_operator_with, strip_ansi, tail};
+use crate::scenario::{DEFAULT_CLIENT_SECRET, Scenario, World, start_operator_with, strip_ansi, tail};
 
 pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     vec![
@@ -45,26 +45,6 @@ const CREDENTIAL_REQUESTS: &str = "tasklist_operator_credential_requests_total";
 const CREDENTIAL_REFRESHES: &str = "tasklist_operator_credential_refreshes_total";
 const TOKEN_REQUEST_DURATION: &str = "tasklist_operator_token_request_duration_seconds";
 const PROBE_DURATION: &str = "tasklist_operator_probe_duration_seconds";
-
-fn saas_spec(scenario: &Scenario) -> Value {
-    json!({
-        "url": scenario.standin.url(),
-        "auth": {"oauth2": {"tokenUrl": scenario.standin.token_url(), "clientSecretRef": {"name": "client"}}},
-    })
-}
-
-async fn start_saas(world: &World, prefix: &str) -> anyhow::Result<Scenario> {
-    let mut scenario = Scenario::start(world, prefix).await?;
-    add_client(&mut scenario).await?;
-    Ok(scenario)
-}
-
-async fn add_client(scenario: &mut Scenario) -> anyhow::Result<()> {
-    scenario.standin.add_client("orders", "orders-secret-1");
-    scenario
-        .apply_secret("client", &[("client_id", "orders"), ("client_secret", "orders-secret-1")])
-        .await
-}
 
 fn http_client() -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?)
@@ -323,7 +303,7 @@ fn check_label_hygiene(scraped: &Scrape, forbidden: &[String]) -> anyhow::Result
 }
 
 async fn metrics_change_when_a_credential_is_refreshed_and_when_the_standin_fails(world: Arc<World>) -> anyhow::Result<()> {
-    let mut s = start_saas(&world, "metrics").await?;
+    let mut s = Scenario::start_saas(&world, "metrics").await?;
     let http = http_client()?;
     let url = s.metrics_url().await?;
     let namespace = s.namespace.clone();
@@ -338,7 +318,7 @@ async fn metrics_change_when_a_credential_is_refreshed_and_when_the_standin_fail
     ensure!(empty.get(CONNECTION_READY, &connection).is_none());
 
     // Ready: one successful token request, the expiry of the stored token, one probe.
-    s.apply_connection("orders", saas_spec(&s)).await?;
+    s.apply_connection("orders", s.saas_spec()).await?;
     s.wait_ready("orders").await?;
     let first = s.derived_secret(SECRET).await?.context("no derived Secret")?;
     s.remember_credential(&first);
@@ -561,8 +541,8 @@ async fn the_one_event(s: &Scenario, connection: &str, reason: &str, type_: &str
 }
 
 async fn events_are_published_for_transitions_and_aggregated_during_a_failure_loop(world: Arc<World>) -> anyhow::Result<()> {
-    let mut s = start_saas(&world, "events").await?;
-    let mut spec = saas_spec(&s);
+    let mut s = Scenario::start_saas(&world, "events").await?;
+    let mut spec = s.saas_spec();
     spec["probe"] = json!({"interval": "2s"});
     s.apply_connection("orders", spec).await?;
     s.wait_ready("orders").await?;
@@ -671,7 +651,7 @@ async fn events_are_published_for_transitions_and_aggregated_during_a_failure_lo
         ..Secret::default()
     };
     s.secrets().create(&PostParams::default(), &foreign).await?;
-    s.apply_connection("billing", saas_spec(&s)).await?;
+    s.apply_connection("billing", s.saas_spec()).await?;
     s.wait_not_ready_because("billing", "SecretConflict").await?;
     wait_for_event(&s, "billing", "SecretConflict", long).await?;
     let touch = json!({"metadata": {"labels": {"touched": "yes"}}});
@@ -829,13 +809,13 @@ async fn json_logs_are_structured_and_name_the_connection(world: Arc<World>) -> 
     let kubeconfig = world.control_plane.kubeconfig().to_path_buf();
     let operator = start_operator_with(&kubeconfig, &namespace, &["--log-format", "json"], &[])?;
     let mut s = Scenario::with_operator(&world, &namespace, &kubeconfig, operator).await?;
-    add_client(&mut s).await?;
-    s.apply_connection("orders", saas_spec(&s)).await?;
+    s.add_saas_client(DEFAULT_CLIENT_SECRET).await?;
+    s.apply_connection("orders", s.saas_spec()).await?;
     s.wait_ready("orders").await?;
     let data = s.derived_secret(SECRET).await?.context("no derived Secret")?;
     s.remember_credential(&data);
     // A connection whose client Secret is missing: a warning inside its reconcile.
-    let mut broken = saas_spec(&s);
+    let mut broken = s.saas_spec();
     broken["auth"]["oauth2"]["clientSecretRef"]["name"] = json!("missing");
     s.apply_connection("broken", broken).await?;
     s.wait_not_ready_because("broken", "SecretNotFound").await?;
@@ -964,8 +944,8 @@ fn kubectl_available() -> bool {
 }
 
 async fn kubectl_explain_reads_well(world: Arc<World>) -> anyhow::Result<()> {
-    let s = start_saas(&world, "explain").await?;
-    s.apply_connection("orders", saas_spec(&s)).await?;
+    let s = Scenario::start_saas(&world, "explain").await?;
+    s.apply_connection("orders", s.saas_spec()).await?;
     s.wait_ready("orders").await?;
 
     // What the API server serves.

@@ -22,7 +22,9 @@ use testsupport::controlplane::ControlPlane;
 use testsupport::standin::{EndpointMode, StandinTasklist, TokenAnswer, TokenRequestEncoding};
 
 use crate::ScenarioFn;
-use crate::scenario::{Scenario, World, condition, find_condition, install_crd, secret_text, start_operator_with, strip_ansi, tail};
+use crate::scenario::{
+    CLIENT_ID, Scenario, World, condition, find_condition, install_crd, saas_spec_for, secret_text, start_operator_with, strip_ansi, tail,
+};
 
 pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     vec![
@@ -63,30 +65,15 @@ pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
 }
 
 const SECRET: &str = "orders-tasklist-auth";
-const CLIENT_ID: &str = "orders";
 const CLIENT_SECRET: &str = "orders-reliability-secret-1";
 
 fn derived_name(connection: &str) -> String {
     format!("{connection}-tasklist-auth")
 }
 
-fn saas_spec_for(standin: &StandinTasklist, client_secret_ref: &str) -> Value {
-    json!({
-        "url": standin.url(),
-        "auth": {"oauth2": {"tokenUrl": standin.token_url(), "clientSecretRef": {"name": client_secret_ref}}},
-    })
-}
-
-fn saas_spec(scenario: &Scenario) -> Value {
-    saas_spec_for(&scenario.standin, "client")
-}
-
 async fn start_saas(world: &World, prefix: &str) -> anyhow::Result<Scenario> {
     let mut scenario = Scenario::start(world, prefix).await?;
-    scenario.standin.add_client(CLIENT_ID, CLIENT_SECRET);
-    scenario
-        .apply_secret("client", &[("client_id", CLIENT_ID), ("client_secret", CLIENT_SECRET)])
-        .await?;
+    scenario.add_saas_client(CLIENT_SECRET).await?;
     Ok(scenario)
 }
 
@@ -409,7 +396,7 @@ const MEMORY_LIMIT_KIB: u64 = 100 * 1024;
 
 async fn garbage_from_the_token_endpoint_is_reported_and_memory_stays_bounded(world: Arc<World>) -> anyhow::Result<()> {
     let mut s = start_saas(&world, "garbage").await?;
-    s.apply_connection("orders", saas_spec(&s)).await?;
+    s.apply_connection("orders", s.saas_spec()).await?;
     s.wait_ready("orders").await?;
     let valid = s.derived_secret(SECRET).await?.context("no derived Secret")?;
     s.remember_credential(&valid);
@@ -587,7 +574,7 @@ async fn rejected_credentials_are_tried_at_most_every_30s(world: Arc<World>) -> 
 
 async fn derived_secret_deleted_during_an_outage_returns_with_the_server(world: Arc<World>) -> anyhow::Result<()> {
     let mut s = start_saas(&world, "deleted-outage").await?;
-    s.apply_connection("orders", saas_spec(&s)).await?;
+    s.apply_connection("orders", s.saas_spec()).await?;
     s.wait_ready("orders").await?;
     let valid = s.derived_secret(SECRET).await?.context("no derived Secret")?;
     s.remember_credential(&valid);
@@ -635,7 +622,7 @@ async fn sigkill_keeps_cookie_sessions_and_condition_times(world: Arc<World>) ->
         json!({"url": s.standin.url(), "auth": {"cookie": {"credentialsSecretRef": {"name": "login"}}}}),
     )
     .await?;
-    s.apply_connection("orders", saas_spec(&s)).await?;
+    s.apply_connection("orders", s.saas_spec()).await?;
     let mut before = BTreeMap::new();
     let mut data = BTreeMap::new();
     for name in ["cookie", "orders"] {
@@ -705,7 +692,7 @@ async fn apiserver_outage_of_30s_is_survived_without_spinning(world: Arc<World>)
     s.standin.add_client(CLIENT_ID, CLIENT_SECRET);
     s.apply_secret("client", &[("client_id", CLIENT_ID), ("client_secret", CLIENT_SECRET)])
         .await?;
-    s.apply_connection("orders", saas_spec(&s)).await?;
+    s.apply_connection("orders", s.saas_spec()).await?;
     s.wait_ready("orders").await?;
     let first = s.derived_secret(SECRET).await?.context("no derived Secret")?;
     s.remember_credential(&first);
@@ -854,7 +841,7 @@ async fn secrets_in_other_namespaces_are_never_read(world: Arc<World>) -> anyhow
         .await?;
 
     // A user who writes a namespace into the reference gets it refused or dropped.
-    let mut spec = saas_spec(&s);
+    let mut spec = s.saas_spec();
     spec["auth"]["oauth2"]["clientSecretRef"]["namespace"] = json!(elsewhere);
     let manifest = json!({
         "apiVersion": "tasklist.camunda.community/v1alpha1", "kind": "TasklistConnection",
@@ -876,7 +863,7 @@ async fn secrets_in_other_namespaces_are_never_read(world: Arc<World>) -> anyhow
                 error.to_string().contains("namespace"),
                 "the refusal does not name the field: {error}"
             );
-            s.apply_connection("orders", saas_spec(&s)).await?;
+            s.apply_connection("orders", s.saas_spec()).await?;
         }
         Ok(_) => {
             let stored = raw.get("orders").await?;
@@ -1025,7 +1012,7 @@ async fn nothing_leaks_with_trace_logging(world: Arc<World>) -> anyhow::Result<(
 
 async fn sigterm_stops_within_5s_leaving_secret_and_status_consistent(world: Arc<World>) -> anyhow::Result<()> {
     let mut s = start_saas(&world, "sigterm").await?;
-    s.apply_connection("orders", saas_spec(&s)).await?;
+    s.apply_connection("orders", s.saas_spec()).await?;
     s.wait_ready("orders").await?;
     let data = s.derived_secret(SECRET).await?.context("no derived Secret")?;
     s.remember_credential(&data);

@@ -20,6 +20,19 @@ use testsupport::operator::OperatorProcess;
 use testsupport::standin::StandinTasklist;
 use testsupport::tools::Tools;
 
+/// The OAuth2 client id most scenarios register with their stand-in.
+pub const CLIENT_ID: &str = "orders";
+/// Its secret, unless a scenario chooses another.
+pub const DEFAULT_CLIENT_SECRET: &str = "orders-secret-1";
+
+/// An oauth2 connection spec against `standin`, reading the client from Secret `client_secret_ref`.
+pub fn saas_spec_for(standin: &StandinTasklist, client_secret_ref: &str) -> serde_json::Value {
+    serde_json::json!({
+        "url": standin.url(),
+        "auth": {"oauth2": {"tokenUrl": standin.token_url(), "clientSecretRef": {"name": client_secret_ref}}},
+    })
+}
+
 /// The shared world: one control plane, one Keycloak.
 pub struct World {
     pub tools: Tools,
@@ -176,6 +189,26 @@ impl Scenario {
     /// The operator's `/metrics` URL.
     pub async fn metrics_url(&self) -> anyhow::Result<String> {
         Ok(format!("{}/metrics", self.operator_url().await?))
+    }
+
+    /// A scenario whose stand-in knows the client [`CLIENT_ID`] with [`DEFAULT_CLIENT_SECRET`],
+    /// and whose Secret `client` holds them.
+    pub async fn start_saas(world: &World, prefix: &str) -> anyhow::Result<Scenario> {
+        let mut scenario = Scenario::start(world, prefix).await?;
+        scenario.add_saas_client(DEFAULT_CLIENT_SECRET).await?;
+        Ok(scenario)
+    }
+
+    /// Registers [`CLIENT_ID`] with `client_secret` at the stand-in and applies Secret `client`.
+    pub async fn add_saas_client(&mut self, client_secret: &str) -> anyhow::Result<()> {
+        self.standin.add_client(CLIENT_ID, client_secret);
+        self.apply_secret("client", &[("client_id", CLIENT_ID), ("client_secret", client_secret)])
+            .await
+    }
+
+    /// An oauth2 spec against this scenario's stand-in, reading Secret `client`.
+    pub fn saas_spec(&self) -> serde_json::Value {
+        saas_spec_for(&self.standin, "client")
     }
 
     /// Stops the operator with SIGKILL and starts a new one, as a crash and restart would.
