@@ -18,6 +18,7 @@ use crate::credential::Credential;
 use crate::derived_secret::rfc3339;
 use crate::inputs::{LoginMaterial, SecretSource, read_inputs};
 use crate::obtain::obtain_credential;
+use crate::reason::Reason;
 
 /// Exit codes, so scripts can tell the failures apart.
 pub mod exit {
@@ -133,7 +134,7 @@ async fn check(
     let stored = match obtain_credential(&inputs, &http).await {
         Ok(stored) => stored,
         Err(failure) => {
-            let reason = failure.kind.condition_reason();
+            let reason = Reason::of_auth_failure(failure.kind);
             say(
                 out,
                 &format!(

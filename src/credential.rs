@@ -5,7 +5,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use jiff::{SignedDuration, Timestamp};
 
-use crate::camunda::Sensitive;
+use crate::camunda::{AuthFailure, AuthFailureKind, Sensitive};
 use crate::camunda::login::Session;
 use crate::camunda::probe::ProbeCredential;
 
@@ -32,21 +32,33 @@ impl Credential {
     }
 }
 
-/// When a freshly issued bearer token expires: from the JWT `exp` claim when the token is
-/// a JWT with one (SaaS may hand back a cached token whose `expires_in` overstates its
-/// life), otherwise from `expires_in`, otherwise after [`DEFAULT_TOKEN_LIFETIME`].
-pub fn bearer_token_expiry(token: &Sensitive, expires_in: Option<u64>, now: Timestamp) -> Result<Timestamp, String> {
-    if let Some(exp) = jwt_expiry(token.expose()) {
-        if exp <= now {
-            return Err(format!("the token endpoint issued a token that expired already (exp {exp})"));
-        }
-        return Ok(exp);
+/// When a freshly issued bearer token expires: the earlier of the JWT `exp` claim (when
+/// the token is a JWT with one) and `now + expires_in` (when the endpoint said), otherwise
+/// after [`DEFAULT_TOKEN_LIFETIME`]; never later than `now + max_lifetime`. Each source alone
+/// can overstate the life: SaaS may hand back a cached token whose `expires_in` is too long,
+/// and a server clock ahead of ours moves `exp` later. A token whose `exp` has passed
+/// already is refused: the clocks disagree, and storing it would help no one.
+pub fn bearer_token_expiry(token: &Sensitive, expires_in: Option<u64>, now: Timestamp, max_lifetime: Duration) -> Result<Timestamp, AuthFailure> {
+    let exp = jwt_expiry(token.expose());
+    if let Some(exp) = exp
+        && exp <= now
+    {
+        return Err(AuthFailure {
+            kind: AuthFailureKind::ExpiredOnArrival,
+            message: format!(
+                "the token endpoint issued a token that had expired already (exp {exp}, {}s before this machine's time {now}): \
+                 probably the clocks of this machine and the token server disagree",
+                now.duration_since(exp).as_secs()
+            ),
+        });
     }
-    let lifetime = match expires_in {
-        Some(seconds) if seconds > 0 => Duration::from_secs(seconds),
-        _ => DEFAULT_TOKEN_LIFETIME,
+    let from_expires_in = expires_in.filter(|seconds| *seconds > 0).map(|seconds| add(now, Duration::from_secs(seconds)));
+    let expiry = match (exp, from_expires_in) {
+        (Some(exp), Some(stated)) => exp.min(stated),
+        (Some(only), None) | (None, Some(only)) => only,
+        (None, None) => add(now, DEFAULT_TOKEN_LIFETIME),
     };
-    Ok(add(now, lifetime))
+    Ok(expiry.min(add(now, max_lifetime)))
 }
 
 /// The `exp` claim of a JWT, read without verifying the signature: the operator only needs
@@ -89,26 +101,42 @@ mod tests {
         Timestamp::from_second(second).unwrap()
     }
 
+    const DAY: Duration = Duration::from_secs(86_400);
+
     #[test]
-    fn jwt_exp_wins_over_expires_in() {
+    fn the_earlier_of_exp_and_expires_in_wins() {
         let token = Sensitive::new(jwt(r#"{"exp":1000,"sub":"x"}"#));
-        assert_eq!(bearer_token_expiry(&token, Some(86_400), at(400)), Ok(at(1000)));
+        // A cached SaaS token: expires_in overstates its life.
+        assert_eq!(bearer_token_expiry(&token, Some(86_400), at(400), DAY), Ok(at(1000)));
+        // A server clock ahead of ours: exp overstates it.
+        assert_eq!(bearer_token_expiry(&token, Some(100), at(400), DAY), Ok(at(500)));
     }
 
     #[test]
     fn expires_in_is_used_for_opaque_tokens_and_300s_otherwise() {
         let opaque = Sensitive::new("not-a-jwt");
-        assert_eq!(bearer_token_expiry(&opaque, Some(60), at(0)), Ok(at(60)));
-        assert_eq!(bearer_token_expiry(&opaque, None, at(0)), Ok(at(300)));
-        assert_eq!(bearer_token_expiry(&opaque, Some(0), at(0)), Ok(at(300)));
+        assert_eq!(bearer_token_expiry(&opaque, Some(60), at(0), DAY), Ok(at(60)));
+        assert_eq!(bearer_token_expiry(&opaque, None, at(0), DAY), Ok(at(300)));
+        assert_eq!(bearer_token_expiry(&opaque, Some(0), at(0), DAY), Ok(at(300)));
         let jwt_without_exp = Sensitive::new(jwt(r#"{"sub":"x"}"#));
-        assert_eq!(bearer_token_expiry(&jwt_without_exp, Some(120), at(0)), Ok(at(120)));
+        assert_eq!(bearer_token_expiry(&jwt_without_exp, Some(120), at(0), DAY), Ok(at(120)));
     }
 
     #[test]
-    fn a_token_that_expired_already_is_an_error() {
+    fn lifetimes_are_capped_by_the_maximum() {
+        let opaque = Sensitive::new("not-a-jwt");
+        assert_eq!(bearer_token_expiry(&opaque, Some(u64::MAX), at(0), DAY), Ok(at(86_400)));
+        let far = Sensitive::new(jwt(r#"{"exp":4102444800}"#));
+        assert_eq!(bearer_token_expiry(&far, None, at(0), Duration::from_secs(3600)), Ok(at(3600)));
+    }
+
+    #[test]
+    fn a_token_that_expired_already_names_a_clock_skew() {
         let token = Sensitive::new(jwt(r#"{"exp":100}"#));
-        assert!(bearer_token_expiry(&token, Some(300), at(200)).is_err());
+        let failure = bearer_token_expiry(&token, Some(300), at(200), DAY).unwrap_err();
+        assert_eq!(failure.kind, AuthFailureKind::ExpiredOnArrival);
+        assert!(failure.message.contains("clocks"), "{}", failure.message);
+        assert!(bearer_token_expiry(&token, Some(300), at(100), DAY).is_err());
     }
 
     #[test]

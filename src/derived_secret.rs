@@ -24,7 +24,7 @@ const REFRESH_AT: &str = "tasklist.camunda.community/refresh-at";
 /// refresh annotation); it holds no credential material.
 const INPUTS: &str = "tasklist.camunda.community/inputs";
 /// SHA-256 of the data as the operator wrote it: a hand edit shows as a mismatch.
-const DATA_HASH: &str = "tasklist.camunda.community/data-hash";
+pub const DATA_HASH: &str = "tasklist.camunda.community/data-hash";
 
 /// A credential as kept in the derived Secret.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -27,6 +27,8 @@ pub enum ConnectionEvent {
     SecretConflict { message: String },
     /// Certificates are not verified for this connection.
     InsecureSkipVerify,
+    /// `refreshBefore` (or `sessionTimeout`) cannot be honoured for this credential.
+    RefreshBeforeTooLong { message: String },
 }
 
 impl ConnectionEvent {
@@ -66,6 +68,9 @@ impl ConnectionEvent {
                 "ObtainCredential",
                 "tls.insecureSkipVerify is on: server certificates are not verified".to_owned(),
             ),
+            ConnectionEvent::RefreshBeforeTooLong { message } => {
+                (EventType::Warning, "RefreshBeforeTooLong", "ObtainCredential", message.clone())
+            }
         };
         // Notes are capped at 1 kB by the API server.
         let note: String = note.chars().take(1000).collect();
@@ -140,6 +145,7 @@ impl EventPublisher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reason::Reason;
     use crate::status::{ConditionState, Observation, desired_status};
     use jiff::Timestamp;
 
@@ -159,10 +165,10 @@ mod tests {
 
     #[test]
     fn a_new_failure_is_announced_once() {
-        let healthy = status(ConditionState::ok("CredentialIssued", ""), ConditionState::ok("ProbeSucceeded", ""));
+        let healthy = status(ConditionState::ok(Reason::CredentialIssued, ""), ConditionState::ok(Reason::ProbeSucceeded, ""));
         let failing = status(
-            ConditionState::failing("AuthServerError", "503"),
-            ConditionState::ok("ProbeSucceeded", ""),
+            ConditionState::failing(Reason::AuthServerError, "503"),
+            ConditionState::ok(Reason::ProbeSucceeded, ""),
         );
         assert_eq!(
             transitions(Some(&healthy), &failing),
@@ -173,8 +179,8 @@ mod tests {
         );
         // Still failing for the same reason (only the message differs): nothing new.
         let again = status(
-            ConditionState::failing("AuthServerError", "timeout"),
-            ConditionState::ok("ProbeSucceeded", ""),
+            ConditionState::failing(Reason::AuthServerError, "timeout"),
+            ConditionState::ok(Reason::ProbeSucceeded, ""),
         );
         assert!(transitions(Some(&failing), &again).is_empty());
         // Recovering is not a warning.
@@ -183,10 +189,10 @@ mod tests {
 
     #[test]
     fn probe_failures_are_announced_too() {
-        let healthy = status(ConditionState::ok("CredentialIssued", ""), ConditionState::ok("ProbeSucceeded", ""));
+        let healthy = status(ConditionState::ok(Reason::CredentialIssued, ""), ConditionState::ok(Reason::ProbeSucceeded, ""));
         let unreachable = status(
-            ConditionState::ok("CredentialIssued", ""),
-            ConditionState::failing("Unreachable", "refused"),
+            ConditionState::ok(Reason::CredentialIssued, ""),
+            ConditionState::failing(Reason::Unreachable, "refused"),
         );
         assert!(
             matches!(&transitions(Some(&healthy), &unreachable)[..], [ConnectionEvent::ProbeFailed { reason, .. }] if reason == "Unreachable")

@@ -13,6 +13,7 @@ use crate::camunda::token::{ClientCredentials, TokenEndpoint};
 use crate::camunda::{Sensitive, TlsTrust, join_url};
 use crate::crd::TasklistConnection;
 use crate::duration::parse_duration;
+use crate::reason::Reason;
 
 /// How to obtain a credential, with the values read from the referenced Secret.
 #[derive(Debug, Clone)]
@@ -39,10 +40,10 @@ pub struct Inputs {
     pub fingerprint: String,
 }
 
-/// Why the inputs could not be read; `reason` is a condition reason.
+/// Why the inputs could not be read; `reason` is the Authenticated condition's reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InputProblem {
-    pub reason: &'static str,
+    pub reason: Reason,
     pub message: String,
 }
 
@@ -127,7 +128,7 @@ async fn read(connection: &TasklistConnection, secrets: &impl SecretSource) -> R
         }
     } else {
         return Err(InputProblem {
-            reason: "InvalidSpec",
+            reason: Reason::InvalidSpec,
             message: "auth has neither oauth2 nor cookie".into(),
         }
         .into());
@@ -194,7 +195,7 @@ impl<S: SecretSource> SecretReader<'_, S> {
         let Some(secret) = self.read.get(name).cloned().flatten() else {
             let message = format!("Secret {name:?} not found in the connection's namespace");
             return Err(InputProblem {
-                reason: "SecretNotFound",
+                reason: Reason::SecretNotFound,
                 message,
             }
             .into());
@@ -207,7 +208,7 @@ impl<S: SecretSource> SecretReader<'_, S> {
             ),
         );
         let missing = |what: &str| InputProblem {
-            reason: "SecretKeyMissing",
+            reason: Reason::SecretKeyMissing,
             message: format!("Secret {name:?} {what} key {key:?}"),
         };
         let bytes = secret
@@ -239,7 +240,7 @@ impl<S: SecretSource> SecretReader<'_, S> {
 
 fn duration_field(field: &str, text: &str) -> Result<Duration, InputProblem> {
     parse_duration(text).map_err(|message| InputProblem {
-        reason: "InvalidSpec",
+        reason: Reason::InvalidSpec,
         message: format!("{field}: {message}"),
     })
 }
@@ -323,10 +324,10 @@ mod tests {
     #[tokio::test]
     async fn missing_secret_and_missing_key_have_their_reasons() {
         let problem = read_inputs(&oauth2(), &secrets(vec![])).await.unwrap().unwrap_err();
-        assert_eq!(problem.reason, "SecretNotFound");
+        assert_eq!(problem.reason, Reason::SecretNotFound);
         let source = secrets(vec![secret("client", "1", &[("client_id", "orders")])]);
         let problem = read_inputs(&oauth2(), &source).await.unwrap().unwrap_err();
-        assert_eq!(problem.reason, "SecretKeyMissing");
+        assert_eq!(problem.reason, Reason::SecretKeyMissing);
         assert!(problem.message.contains("client_secret"), "{}", problem.message);
     }
 

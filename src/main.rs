@@ -13,6 +13,7 @@ use tasklist_operator::crd::TasklistConnection;
 use tasklist_operator::duration::parse_duration;
 use tasklist_operator::leader::{LeaderElector, LeaseSettings};
 use tasklist_operator::metrics::Metrics;
+use tasklist_operator::schedule::RefreshPolicy;
 use tasklist_operator::serve::{Health, serve};
 use tokio::sync::watch;
 use tracing::{error, info};
@@ -66,6 +67,14 @@ struct RunArgs {
     /// Address of the port serving /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]
     listen_addr: SocketAddr,
+    /// Room left before a credential expires for the kubelet to copy the new one into the
+    /// Pods' Secret volumes: credentials are replaced at the latest this long before expiry
+    /// (at most half their lifetime, at least 5 s).
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    secret_volume_delay: Duration,
+    /// No credential is taken to live longer than this, whatever the token endpoint says.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    max_credential_lifetime: Duration,
     /// Reconcile only while holding a coordination.k8s.io Lease, so that several replicas
     /// can run with one active at a time.
     #[arg(long)]
@@ -142,7 +151,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         timeout: args.request_timeout,
         ..HttpSettings::default()
     };
-    let ctx = Arc::new(Context::new(client, settings, metrics, args.leader_election_identity.clone()));
+    let policy = RefreshPolicy {
+        secret_volume_delay: args.secret_volume_delay,
+        max_credential_lifetime: args.max_credential_lifetime,
+    };
+    let ctx = Arc::new(Context::new(client, settings, policy, metrics, args.leader_election_identity.clone()));
     match &elector {
         None => controller::run(ctx, scope, shutdown()).await,
         Some(elector) => {

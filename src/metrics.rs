@@ -104,7 +104,7 @@ impl Default for Metrics {
         let reconcile_errors = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "reconcile_errors",
-            "Reconciles that failed or found the connection not Ready, by reason",
+            "Reconciles that failed with a Kubernetes API error and were retried, by reason",
             reconcile_errors.clone(),
         );
         let reconcile_duration = Histogram::new(request_buckets());

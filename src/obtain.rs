@@ -8,16 +8,21 @@ use crate::credential::{Credential, add, bearer_token_expiry};
 use crate::derived_secret::StoredCredential;
 use crate::inputs::Inputs;
 use crate::inputs::LoginMaterial;
-use crate::schedule::refresh_time;
+use crate::schedule::{RefreshPolicy, refresh_time, session_lifetime};
 
+/// With the default refresh policy (as `check` uses it).
 pub async fn obtain_credential(inputs: &Inputs, http: &HttpClient) -> Result<StoredCredential, AuthFailure> {
+    obtain_credential_with(inputs, http, &RefreshPolicy::default()).await
+}
+
+pub async fn obtain_credential_with(inputs: &Inputs, http: &HttpClient, policy: &RefreshPolicy) -> Result<StoredCredential, AuthFailure> {
     // Whole seconds: the Secret stores RFC 3339 without fractions, and a credential read
     // back after a restart must compare equal to the one written.
     let issued_at = whole_seconds(Timestamp::now());
     let (credential, expires_at) = match &inputs.login {
         LoginMaterial::OAuth2 { endpoint, client } => {
             let grant = endpoint.request_token(http, client).await?;
-            let expires_at = bearer_token_expiry(&grant.access_token, grant.expires_in, issued_at).map_err(AuthFailure::server_error)?;
+            let expires_at = bearer_token_expiry(&grant.access_token, grant.expires_in, issued_at, policy.max_credential_lifetime)?;
             (Credential::Bearer(grant.access_token), expires_at)
         }
         LoginMaterial::Cookie {
@@ -26,14 +31,16 @@ pub async fn obtain_credential(inputs: &Inputs, http: &HttpClient) -> Result<Sto
             session_timeout,
         } => {
             let session = login.log_in(http, credentials).await?;
-            (Credential::Session(session), add(issued_at, *session_timeout))
+            let lifetime = session_lifetime(*session_timeout).min(policy.max_credential_lifetime);
+            (Credential::Session(session), add(issued_at, lifetime))
         }
     };
-    let refresh_at = refresh_time(issued_at, expires_at, inputs.refresh_before, rand::random());
+    let expires_at = whole_seconds(expires_at);
+    let refresh_at = refresh_time(issued_at, expires_at, inputs.refresh_before, policy, rand::random());
     Ok(StoredCredential {
         credential,
         issued_at,
-        expires_at: whole_seconds(expires_at),
+        expires_at,
         // Milliseconds: with short lifetimes, whole seconds would bunch the jitter into a
         // few instants.
         refresh_at: Timestamp::from_millisecond(refresh_at.as_millisecond()).unwrap_or(refresh_at),

@@ -6,6 +6,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::TasklistConnectionStatus;
 use crate::derived_secret::rfc3339;
+use crate::reason::Reason;
 
 pub const AUTHENTICATED: &str = "Authenticated";
 pub const REACHABLE: &str = "Reachable";
@@ -15,26 +16,26 @@ pub const READY: &str = "Ready";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConditionState {
     pub status: Option<bool>,
-    pub reason: &'static str,
+    pub reason: Reason,
     pub message: String,
 }
 
 impl ConditionState {
-    pub fn ok(reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn ok(reason: Reason, message: impl Into<String>) -> Self {
         ConditionState {
             status: Some(true),
             reason,
             message: message.into(),
         }
     }
-    pub fn failing(reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn failing(reason: Reason, message: impl Into<String>) -> Self {
         ConditionState {
             status: Some(false),
             reason,
             message: message.into(),
         }
     }
-    pub fn unknown(reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn unknown(reason: Reason, message: impl Into<String>) -> Self {
         ConditionState {
             status: None,
             reason,
@@ -68,14 +69,14 @@ pub struct Observation {
 /// the first failing condition's reason (or SecretConflict).
 pub fn readiness(observation: &Observation) -> ConditionState {
     if let Some(message) = &observation.secret_conflict {
-        return ConditionState::failing("SecretConflict", message.clone());
+        return ConditionState::failing(Reason::SecretConflict, message.clone());
     }
     for condition in [&observation.authenticated, &observation.reachable] {
         if condition.status != Some(true) {
             return ConditionState::failing(condition.reason, condition.message.clone());
         }
     }
-    ConditionState::ok("Ready", "Tasklist accepts the credential in the Secret")
+    ConditionState::ok(Reason::Ready, "Tasklist accepts the credential in the Secret")
 }
 
 /// The status to write. `lastTransitionTime` is carried over from `previous` for every
@@ -122,7 +123,7 @@ fn condition(
     Condition {
         type_: type_.to_owned(),
         status: status.to_owned(),
-        reason: state.reason.to_owned(),
+        reason: state.reason.as_str().to_owned(),
         message: state.message.clone(),
         observed_generation: generation,
         last_transition_time,
@@ -143,8 +144,8 @@ mod tests {
                 expires_at: Timestamp::from_second(1_300).unwrap(),
             }),
             next_refresh: Some(Timestamp::from_second(1_240).unwrap()),
-            authenticated: ConditionState::ok("CredentialIssued", "issued"),
-            reachable: ConditionState::ok("ProbeSucceeded", "probe ok"),
+            authenticated: ConditionState::ok(Reason::CredentialIssued, "issued"),
+            reachable: ConditionState::ok(Reason::ProbeSucceeded, "probe ok"),
             secret_conflict: None,
         }
     }
@@ -168,23 +169,23 @@ mod tests {
     #[test]
     fn not_ready_with_the_first_failing_reason() {
         let mut observed = observation();
-        observed.reachable = ConditionState::failing("Unreachable", "down");
-        assert_eq!(readiness(&observed).reason, "Unreachable");
-        observed.authenticated = ConditionState::failing("SecretNotFound", "no secret");
-        assert_eq!(readiness(&observed).reason, "SecretNotFound");
+        observed.reachable = ConditionState::failing(Reason::Unreachable, "down");
+        assert_eq!(readiness(&observed).reason, Reason::Unreachable);
+        observed.authenticated = ConditionState::failing(Reason::SecretNotFound, "no secret");
+        assert_eq!(readiness(&observed).reason, Reason::SecretNotFound);
         observed.secret_conflict = Some("not ours".into());
-        assert_eq!(readiness(&observed), ConditionState::failing("SecretConflict", "not ours"));
+        assert_eq!(readiness(&observed), ConditionState::failing(Reason::SecretConflict, "not ours"));
     }
 
     #[test]
     fn transition_time_moves_only_when_status_changes() {
         let first = desired_status(&observation(), None, Timestamp::from_second(1_001).unwrap());
         let mut observed = observation();
-        observed.reachable = ConditionState::ok("ProbeSucceeded", "a different message");
+        observed.reachable = ConditionState::ok(Reason::ProbeSucceeded, "a different message");
         let second = desired_status(&observed, Some(&first), Timestamp::from_second(2_000).unwrap());
         assert_eq!(find(&second, READY).last_transition_time, find(&first, READY).last_transition_time);
 
-        observed.reachable = ConditionState::failing("ProbeFailed", "500");
+        observed.reachable = ConditionState::failing(Reason::ProbeFailed, "500");
         let third = desired_status(&observed, Some(&second), Timestamp::from_second(3_000).unwrap());
         assert_eq!(
             find(&third, REACHABLE).last_transition_time.0,

@@ -6,7 +6,7 @@ use reqwest::header::{HeaderMap, SET_COOKIE};
 
 use super::http::{HttpClient, excerpt};
 use super::token::describe_status;
-use super::{AuthFailure, Sensitive};
+use super::{AuthFailure, Sensitive, redact};
 
 /// Header names Tasklist uses for the CSRF token: the current one, then the one older
 /// versions used.
@@ -154,11 +154,9 @@ fn login_error_detail(body: &[u8], credentials: &LoginCredentials) -> String {
     let Some(message) = serde_json::from_slice::<LoginError>(body).ok().and_then(|error| error.message) else {
         return String::new();
     };
-    let mut message = excerpt(message.as_bytes(), 200);
-    if credentials.password.expose().len() >= 3 {
-        message = message.replace(credentials.password.expose(), "<redacted>");
-    }
-    format!(": {message}")
+    // Redact first, then shorten: shortening first could leave a prefix of the password.
+    let message = redact(&message, &[credentials.password.expose()]);
+    format!(": {}", excerpt(message.as_bytes(), 200))
 }
 
 #[cfg(test)]

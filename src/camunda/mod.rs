@@ -11,7 +11,7 @@ mod sensitive;
 pub mod token;
 
 pub use http::{HttpClient, HttpSettings, TlsTrust};
-pub use sensitive::Sensitive;
+pub use sensitive::{REDACTED, Sensitive, redact};
 
 /// Why a credential could not be obtained, in words a person can act on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -21,23 +21,16 @@ pub struct AuthFailure {
     pub message: String,
 }
 
-/// The two kinds of failure the contract tells apart.
+/// The kinds of failure the contract tells apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthFailureKind {
     /// The token endpoint or the login answered 4xx: retrying soon will not help.
     Rejected,
     /// 5xx, a timeout, a connection failure or an answer that could not be understood.
     ServerError,
-}
-
-impl AuthFailureKind {
-    /// The Authenticated condition's reason for this kind of failure.
-    pub fn condition_reason(self) -> &'static str {
-        match self {
-            AuthFailureKind::Rejected => "CredentialsRejected",
-            AuthFailureKind::ServerError => "AuthServerError",
-        }
-    }
+    /// A token whose `exp` had passed when it arrived: most likely the clocks of this
+    /// machine and the token server disagree.
+    ExpiredOnArrival,
 }
 
 impl AuthFailure {

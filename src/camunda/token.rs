@@ -4,7 +4,7 @@ use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 
 use super::http::{HttpClient, TransportError, excerpt};
-use super::{AuthFailure, Sensitive};
+use super::{AuthFailure, Sensitive, redact};
 use crate::crd::RequestEncoding;
 
 /// Where and how to ask for a token.
@@ -113,7 +113,8 @@ fn seconds(value: &serde_json::Value) -> Option<u64> {
 }
 
 /// ": invalid_client: Invalid client credentials", or "" when the body is not an OAuth2
-/// error. Anything that repeats the client id or secret is cut out.
+/// error. Anything that repeats the client id or secret, in any encoding it was sent in, is
+/// cut out before the text is shortened (shortening first could leave a prefix behind).
 fn oauth_error_detail(body: &[u8], client: &ClientCredentials) -> String {
     let Ok(error) = serde_json::from_slice::<OAuthError>(body) else {
         return String::new();
@@ -124,13 +125,10 @@ fn oauth_error_detail(body: &[u8], client: &ClientCredentials) -> String {
         (None, Some(description)) => description,
         (None, None) => return String::new(),
     };
-    let mut text = excerpt(text.as_bytes(), 200);
-    for value in [client.client_secret.expose(), client.client_id.as_str()] {
-        if value.len() >= 3 {
-            text = text.replace(value, "<redacted>");
-        }
-    }
-    format!(": {text}")
+    let secret = client.client_secret.expose();
+    let basic = format!("{}:{secret}", client.client_id);
+    let text = redact(&text, &[secret, &basic, &client.client_id]);
+    format!(": {}", excerpt(text.as_bytes(), 200))
 }
 
 fn unreachable_token_endpoint(error: &TransportError) -> AuthFailure {
@@ -188,5 +186,23 @@ mod tests {
         );
         assert_eq!(detail, ": invalid_client: bad secret <redacted> for <redacted>");
         assert_eq!(oauth_error_detail(b"<html>", &client()), "");
+    }
+
+    #[test]
+    fn a_secret_straddling_the_200_character_cut_leaves_no_prefix() {
+        let secret = client().client_secret;
+        for offset in 185..200 {
+            let description = format!("{}{} was wrong", "x".repeat(offset), secret.expose());
+            let body = serde_json::json!({"error": "invalid_client", "error_description": description}).to_string();
+            let detail = oauth_error_detail(body.as_bytes(), &client());
+            for prefix_length in 3..=secret.expose().len() {
+                let prefix = &secret.expose()[..prefix_length];
+                assert!(!detail.contains(prefix), "offset {offset}: {prefix:?} in {detail}");
+            }
+            let description = format!("{}{}", "y".repeat(offset), base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("orders:{}", secret.expose())));
+            let body = serde_json::json!({"error_description": description}).to_string();
+            let detail = oauth_error_detail(body.as_bytes(), &client());
+            assert!(!detail.contains("b3JkZXJz"), "offset {offset}: base64 prefix in {detail}");
+        }
     }
 }

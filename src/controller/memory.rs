@@ -11,8 +11,10 @@ use kube::ResourceExt;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::ObjectRef;
 
+use super::decide::UnauthorizedReobtain;
 use crate::camunda::AuthFailure;
 use crate::crd::TasklistConnection;
+use crate::derived_secret::DATA_HASH;
 use crate::status::ConditionState;
 
 /// Namespace and name of a connection.
@@ -40,6 +42,8 @@ pub struct ProbeRecord {
 pub struct ConnectionMemory {
     pub failure: Option<FailureRecord>,
     pub last_probe: Option<ProbeRecord>,
+    /// The last time a 401 from the probe made the operator obtain a new credential.
+    pub unauthorized_reobtain: Option<UnauthorizedReobtain>,
 }
 
 #[derive(Default)]
@@ -52,6 +56,10 @@ pub struct Memory {
     /// (namespace, Secret name) -> the resourceVersion of the operator's own last write, so
     /// that the watch event of that write does not wake the connection a second time.
     own_writes: Mutex<HashMap<(String, String), String>>,
+    /// (namespace, Secret name) -> the data-hash annotation of a write in flight. Its watch
+    /// event can arrive before the write's answer (and so before `own_writes` knows its
+    /// resourceVersion); the hash recognises it then.
+    writes_in_flight: Mutex<HashMap<(String, String), String>>,
 }
 
 impl Memory {
@@ -73,11 +81,13 @@ impl Memory {
         if let Ok(mut map) = self.connections.lock() {
             map.remove(key);
         }
-        if let (Ok(mut writes), Ok(secrets_of)) = (self.own_writes.lock(), self.secrets_of.lock())
+        if let (Ok(mut writes), Ok(mut in_flight), Ok(secrets_of)) =
+            (self.own_writes.lock(), self.writes_in_flight.lock(), self.secrets_of.lock())
             && let Some(names) = secrets_of.get(key)
         {
             for name in names {
                 writes.remove(&(key.0.clone(), name.clone()));
+                in_flight.remove(&(key.0.clone(), name.clone()));
             }
         }
         self.record_secrets(key, Vec::new());
@@ -113,23 +123,42 @@ impl Memory {
         secrets_of.insert(key.clone(), names);
     }
 
-    /// Remembers the resourceVersion the operator's own write of a derived Secret produced.
-    pub fn record_own_write(&self, namespace: &str, secret: &str, resource_version: Option<String>) {
-        if let (Ok(mut writes), Some(version)) = (self.own_writes.lock(), resource_version) {
-            writes.insert((namespace.to_owned(), secret.to_owned()), version);
+    /// Remembers, just before writing a derived Secret, the data hash the write carries.
+    pub fn record_write_in_flight(&self, namespace: &str, secret: &str, data_hash: Option<String>) {
+        if let (Ok(mut in_flight), Some(hash)) = (self.writes_in_flight.lock(), data_hash) {
+            in_flight.insert((namespace.to_owned(), secret.to_owned()), hash);
         }
+    }
+
+    /// Remembers the resourceVersion the operator's own write of a derived Secret produced
+    /// (`None` when the write failed), and that the write is no longer in flight.
+    pub fn record_own_write(&self, namespace: &str, secret: &str, resource_version: Option<String>) {
+        let key = (namespace.to_owned(), secret.to_owned());
+        if let (Ok(mut writes), Some(version)) = (self.own_writes.lock(), resource_version) {
+            writes.insert(key.clone(), version);
+        }
+        if let Ok(mut in_flight) = self.writes_in_flight.lock() {
+            in_flight.remove(&key);
+        }
+    }
+
+    /// Whether this watch event is the operator's own write of the Secret: the
+    /// resourceVersion it produced, or the data hash of a write whose answer has not come yet.
+    fn is_own_write(&self, secret: &PartialObjectMeta<Secret>) -> bool {
+        let key = (secret.namespace().unwrap_or_default(), secret.name_any());
+        let version = secret.resource_version();
+        if version.is_some() && self.own_writes.lock().ok().and_then(|writes| writes.get(&key).cloned()) == version {
+            return true;
+        }
+        let hash = secret.annotations().get(DATA_HASH);
+        hash.is_some() && self.writes_in_flight.lock().ok().and_then(|in_flight| in_flight.get(&key).cloned()).as_ref() == hash
     }
 
     /// The connections to reconcile when `secret` changed: its controller owner, and every
     /// connection that reads it or wants to write a Secret of that name.
     pub fn connections_affected_by(&self, secret: &PartialObjectMeta<Secret>) -> Vec<ObjectRef<TasklistConnection>> {
         let namespace = secret.namespace().unwrap_or_default();
-        let own_write = self
-            .own_writes
-            .lock()
-            .ok()
-            .and_then(|writes| writes.get(&(namespace.clone(), secret.name_any())).cloned());
-        if own_write.is_some() && own_write == secret.resource_version() {
+        if self.is_own_write(secret) {
             return Vec::new();
         }
         let mut affected: Vec<ObjectRef<TasklistConnection>> = secret
@@ -144,5 +173,47 @@ impl Memory {
             affected.extend(names.iter().map(|name| ObjectRef::new(name).within(&namespace)));
         }
         affected
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::api::ObjectMeta;
+    use std::collections::BTreeMap;
+
+    fn event(version: &str, hash: &str) -> PartialObjectMeta<Secret> {
+        PartialObjectMeta {
+            types: None,
+            metadata: ObjectMeta {
+                name: Some("orders-tasklist-auth".into()),
+                namespace: Some("team-a".into()),
+                resource_version: Some(version.into()),
+                annotations: Some(BTreeMap::from([(DATA_HASH.to_owned(), hash.to_owned())])),
+                owner_references: Some(vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                    controller: Some(true),
+                    kind: "TasklistConnection".into(),
+                    name: "orders".into(),
+                    ..Default::default()
+                }]),
+                ..ObjectMeta::default()
+            },
+            _phantom: Default::default(),
+        }
+    }
+
+    #[test]
+    fn the_watch_event_of_an_own_write_wakes_nothing_even_before_the_write_answered() {
+        let memory = Memory::default();
+        memory.record_write_in_flight("team-a", "orders-tasklist-auth", Some("h2".into()));
+        // The event arrives before the write's answer: recognised by its data hash.
+        assert!(memory.connections_affected_by(&event("7", "h2")).is_empty());
+        // A change carrying other data (a hand edit of an earlier version) wakes the owner.
+        assert_eq!(memory.connections_affected_by(&event("8", "h1")).len(), 1);
+        memory.record_own_write("team-a", "orders-tasklist-auth", Some("7".into()));
+        // The event arrives after the answer: recognised by its resourceVersion.
+        assert!(memory.connections_affected_by(&event("7", "h2")).is_empty());
+        // Anything later wakes the owner.
+        assert_eq!(memory.connections_affected_by(&event("9", "h2")).len(), 1);
     }
 }

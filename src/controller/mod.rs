@@ -1,5 +1,6 @@
 //! The Kubernetes side: watches TasklistConnections and Secrets, and runs the reconcile.
 
+mod decide;
 mod memory;
 mod reconcile;
 
@@ -23,6 +24,7 @@ use crate::crd::TasklistConnection;
 use crate::events::EventPublisher;
 use crate::inputs::Inputs;
 use crate::metrics::{Metrics, ReasonLabels};
+use crate::schedule::RefreshPolicy;
 use memory::Memory;
 
 /// The field manager named in server-side apply of Secrets and status.
@@ -35,12 +37,23 @@ pub enum Error {
     Kube(#[from] kube::Error),
 }
 
+impl Error {
+    /// The `reason` label of `reconcile_errors`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "KubernetesApi",
+        }
+    }
+}
+
 /// Shared by every reconcile.
 pub struct Context {
     pub client: Client,
     pub metrics: Arc<Metrics>,
     events: EventPublisher,
     http_settings: HttpSettings,
+    /// The operator-wide settings of the refresh rule.
+    policy: RefreshPolicy,
     /// One HTTP client per trust configuration: most connections share the default.
     http_clients: Mutex<HashMap<TlsTrust, HttpClient>>,
     memory: Memory,
@@ -48,12 +61,19 @@ pub struct Context {
 
 impl Context {
     /// `instance` names this operator process in Events (its Pod name).
-    pub fn new(client: Client, http_settings: HttpSettings, metrics: Arc<Metrics>, instance: Option<String>) -> Self {
+    pub fn new(
+        client: Client,
+        http_settings: HttpSettings,
+        policy: RefreshPolicy,
+        metrics: Arc<Metrics>,
+        instance: Option<String>,
+    ) -> Self {
         Context {
             events: EventPublisher::new(client.clone(), instance),
             client,
             metrics,
             http_settings,
+            policy,
             http_clients: Mutex::default(),
             memory: Memory::default(),
         }
@@ -144,11 +164,13 @@ async fn reconcile_logged(connection: Arc<TasklistConnection>, ctx: Arc<Context>
     let result = reconcile::reconcile(connection, ctx).await;
     metrics.reconciles.inc();
     metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
-    if result.is_err() {
+    // Only reconciles that failed and are retried count as errors; a connection that is
+    // not Ready is a condition in its status, not a reconcile error.
+    if let Err(error) = &result {
         metrics
             .reconcile_errors
             .get_or_create(&ReasonLabels {
-                reason: "KubernetesApi".into(),
+                reason: error.metric_label().into(),
             })
             .inc();
     }

@@ -13,22 +13,23 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
+use super::decide::{
+    self, CredentialDecision, DerivedSecretState, Kept, LONGEST_SLEEP, LastProbe, PendingRetry, UnauthorizedReobtain,
+};
 use super::memory::{ConnectionKey, FailureRecord, ProbeRecord};
 use super::{Context, Error, FIELD_MANAGER};
 use crate::camunda::probe::{Probe, ProbeOutcome};
-use crate::camunda::{AuthFailure, AuthFailureKind, HttpClient};
+use crate::camunda::{AuthFailure, HttpClient};
 use crate::crd::{TasklistConnection, TasklistConnectionStatus};
 use crate::credential::{Credential, add};
-use crate::derived_secret::{StoredCredential, Unusable, is_owned_by};
+use crate::derived_secret::{DATA_HASH, StoredCredential, Unusable, is_owned_by};
 use crate::events::{ConnectionEvent, transitions};
 use crate::inputs::{Inputs, LoginMaterial, read_inputs, referenced_secret_names};
 use crate::metrics::{ConnectionLabels, CredentialRequestLabels, MethodLabels, ResultLabels};
-use crate::obtain::obtain_credential;
-use crate::schedule::retry_delay;
-use crate::status::{ConditionState, CredentialTimes, Observation, READY, desired_status};
+use crate::obtain::obtain_credential_with;
+use crate::reason::Reason;
+use crate::status::{AUTHENTICATED, ConditionState, CredentialTimes, Observation, READY, desired_status};
 
-/// Wake up at least this often, whatever is scheduled, so that nothing missed stays missed.
-const LONGEST_SLEEP: Duration = Duration::from_secs(3600);
 /// Retry interval while a Secret of the derived name belongs to someone else (a watch
 /// also wakes the connection when that Secret changes).
 const CONFLICT_RECHECK: Duration = Duration::from_secs(300);
@@ -48,15 +49,17 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
         return this.report_secret_conflict(now).await;
     }
     let stored = existing.as_ref().map(StoredCredential::from_secret);
-    let restoring = match &stored {
-        Some(Err(Unusable::EditedByHand)) => true,
-        // Status says this Secret held a credential: someone deleted it.
-        None => connection
-            .status
-            .as_ref()
-            .is_some_and(|s| s.expires_at.is_some() && s.secret_name == Some(connection.secret_name())),
-        _ => false,
+    let secret_state = match &stored {
+        None => DerivedSecretState::Absent,
+        Some(Ok(_)) => DerivedSecretState::Usable,
+        Some(Err(Unusable::EditedByHand)) => DerivedSecretState::EditedByHand,
+        Some(Err(Unusable::Incomplete)) => DerivedSecretState::Incomplete,
     };
+    let status_says_it_held_a_credential = connection
+        .status
+        .as_ref()
+        .is_some_and(|s| s.expires_at.is_some() && s.secret_name == Some(connection.secret_name()));
+    let restoring = decide::is_restoring(secret_state, status_says_it_held_a_credential);
     if restoring {
         info!(
             secret = connection.secret_name(),
@@ -69,22 +72,20 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
     let inputs = match read_inputs(&connection, &this.secrets).await? {
         Ok(inputs) => inputs,
         Err(problem) => {
-            warn!(reason = problem.reason, detail = %problem.message, "cannot obtain a credential");
+            warn!(reason = problem.reason.as_str(), detail = %problem.message, "cannot obtain a credential");
             let authenticated = ConditionState::failing(problem.reason, problem.message);
             let reachable = this.last_probe_result(stored.as_ref());
             this.write_status_if_changed(&this.observe(stored.as_ref(), None, authenticated, reachable), now)
                 .await?;
             // A watch on the referenced Secret wakes the connection when it is fixed.
-            return Ok(Action::requeue(
-                until(now, stored.as_ref().map(|s| s.refresh_at)).min(LONGEST_SLEEP),
-            ));
+            return Ok(Action::requeue(decide::next_wake(now, [stored.as_ref().map(|s| s.refresh_at)])));
         }
     };
     let http = match ctx.http_client(&inputs) {
         Ok(http) => http,
         Err(message) => {
-            let authenticated = ConditionState::failing("InvalidCABundle", message);
-            let reachable = ConditionState::unknown("NotProbed", "no usable TLS settings");
+            let authenticated = ConditionState::failing(Reason::InvalidCABundle, message);
+            let reachable = ConditionState::unknown(Reason::NotProbed, "no usable TLS settings");
             this.write_status_if_changed(&this.observe(stored.as_ref(), None, authenticated, reachable), now)
                 .await?;
             return Ok(Action::requeue(LONGEST_SLEEP));
@@ -94,18 +95,32 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
     // 3. Keep the stored credential while it is good, obtain a new one when it is due.
     let mut fresh = this.ensure_fresh_credential(&inputs, &http, stored, false, restoring).await?;
 
-    // 4. Ask Tasklist whether it accepts the credential. A cookie session the server has
-    //    forgotten (a Tasklist restart) is re-established once, without waiting for expiry.
+    // 4. Ask Tasklist whether it accepts the credential. A 401 means the credential is
+    //    missing, expired or revoked (a Tasklist restart forgets sessions; an identity
+    //    provider revokes tokens): obtain a new one once, rate-limited, without waiting
+    //    for the planned refresh.
     let (mut reachable, outcome) = this.probe_if_due(&http, fresh.credential.as_ref(), &inputs, now).await;
-    if outcome == Some(ProbeOutcome::Unauthorized { status: 401 }) && is_session(fresh.credential.as_ref()) && !fresh.newly_issued {
-        info!("Tasklist no longer accepts the session; logging in again");
+    if let (Some(outcome), Some(probed)) = (&outcome, &fresh.credential)
+        && decide::reobtain_after_unauthorized(
+            unauthorized_status(outcome),
+            probed.issued_at,
+            fresh.newly_issued,
+            ctx.memory.get(&this.key).unauthorized_reobtain,
+            now,
+        )
+    {
+        info!("Tasklist answered 401 Unauthorized: obtaining a new credential once");
         fresh = this.ensure_fresh_credential(&inputs, &http, fresh.credential, true, false).await?;
+        let obtained_issued_at = fresh.newly_issued.then(|| fresh.credential.as_ref().map(|c| c.issued_at)).flatten();
+        ctx.memory.update(&this.key, |memory| {
+            memory.unauthorized_reobtain = Some(UnauthorizedReobtain { at: now, obtained_issued_at })
+        });
         if fresh.newly_issued {
             (reachable, _) = this.probe_if_due(&http, fresh.credential.as_ref(), &inputs, now).await;
         }
     }
 
-    // 5. Tell the user.
+    // 5. Tell the user, including a refreshBefore or sessionTimeout that cannot be honoured.
     let memory = ctx.memory.get(&this.key);
     let pending_retry = memory
         .failure
@@ -113,7 +128,24 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
         .filter(|f| f.fingerprint == inputs.fingerprint)
         .map(|f| f.retry_at);
     let next_refresh = pending_retry.or(fresh.credential.as_ref().map(|c| c.refresh_at));
-    let observation = this.observe(fresh.credential.as_ref(), next_refresh, fresh.authenticated, reachable);
+    let mut authenticated = fresh.authenticated;
+    if authenticated.status == Some(true)
+        && let Some(warning) = this.refresh_warning(fresh.credential.as_ref(), &inputs)
+    {
+        let previous = connection
+            .status
+            .as_ref()
+            .and_then(|status| status.conditions.iter().find(|c| c.type_ == AUTHENTICATED))
+            .map(|c| c.message.as_str());
+        if decide::announce_refresh_warning(previous, Some(&warning)) {
+            warn!("{warning}");
+            ctx.events
+                .publish(&connection, ConnectionEvent::RefreshBeforeTooLong { message: warning.clone() })
+                .await;
+        }
+        authenticated.message = format!("{}; {warning}", authenticated.message);
+    }
+    let observation = this.observe(fresh.credential.as_ref(), next_refresh, authenticated, reachable);
     this.write_status_if_changed(&observation, now).await?;
 
     // 6. Wake up when the next thing is due: the refresh (or retry), or the next probe.
@@ -122,8 +154,7 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
         .as_ref()
         .filter(|_| connection.spec.probe.enabled)
         .map(|probe| add(probe.at, inputs.probe_interval));
-    let wake_at = [next_refresh, next_probe].into_iter().flatten().min();
-    Ok(Action::requeue(until(Timestamp::now(), wake_at).min(LONGEST_SLEEP)))
+    Ok(Action::requeue(decide::next_wake(Timestamp::now(), [next_refresh, next_probe])))
 }
 
 /// What every step of one reconcile works on.
@@ -153,10 +184,9 @@ impl<'a> Reconciling<'a> {
         }
     }
 
-    /// Keeps `stored` when it was made from the same inputs and its refresh time has not come;
-    /// otherwise obtains a new credential and writes it. A failure leaves the Secret as it is
-    /// (the last valid credential stays in place) and is retried with backoff; a retry for the
-    /// same inputs is not attempted before its time, whatever woke the connection.
+    /// Keeps `stored`, waits for a pending retry, or obtains and writes a new credential, as
+    /// [`decide::credential_decision`] says. A failure leaves the Secret as it is (the last
+    /// valid credential stays in place) and is retried with backoff.
     async fn ensure_fresh_credential(
         &self,
         inputs: &Inputs,
@@ -165,39 +195,61 @@ impl<'a> Reconciling<'a> {
         replace_now: bool,
         restoring: bool,
     ) -> Result<FreshCredential, Error> {
-        let (ctx, key) = (self.ctx, &self.key);
         let now = Timestamp::now();
-        if let Some(current) = &stored
-            && !replace_now
-            && current.inputs == inputs.fingerprint
-            && now < current.refresh_at
-        {
-            let authenticated = ConditionState::ok("CredentialIssued", issued_message(current));
-            return Ok(FreshCredential {
-                credential: stored,
-                authenticated,
-                newly_issued: false,
-            });
-        }
-
-        let previous_failure = ctx
+        let previous_failure = self
+            .ctx
             .memory
-            .get(key)
+            .get(&self.key)
             .failure
             .filter(|failure| failure.fingerprint == inputs.fingerprint);
-        if let Some(failure) = &previous_failure
-            && now < failure.retry_at
-        {
-            debug!(retry_at = %failure.retry_at, "waiting before trying again");
-            return Ok(FreshCredential {
-                credential: stored,
-                authenticated: failed_condition(&failure.failure),
-                newly_issued: false,
-            });
+        let kept = stored.as_ref().map(|current| Kept {
+            inputs: &current.inputs,
+            refresh_at: current.refresh_at,
+        });
+        let pending = previous_failure.as_ref().map(|failure| PendingRetry {
+            inputs: &failure.fingerprint,
+            retry_at: failure.retry_at,
+        });
+        match decide::credential_decision(kept, pending, &inputs.fingerprint, replace_now, now) {
+            CredentialDecision::Keep => {
+                let authenticated = stored.as_ref().map_or_else(
+                    || ConditionState::unknown(Reason::NoCredential, "no credential"),
+                    |current| ConditionState::ok(Reason::CredentialIssued, issued_message(current)),
+                );
+                Ok(FreshCredential {
+                    credential: stored,
+                    authenticated,
+                    newly_issued: false,
+                })
+            }
+            CredentialDecision::WaitForRetry { retry_at } => {
+                debug!(%retry_at, "waiting before trying again");
+                let authenticated = previous_failure.as_ref().map_or_else(
+                    || ConditionState::unknown(Reason::NoCredential, "waiting to try again"),
+                    |failure| failed_condition(&failure.failure),
+                );
+                Ok(FreshCredential {
+                    credential: stored,
+                    authenticated,
+                    newly_issued: false,
+                })
+            }
+            CredentialDecision::Obtain => self.obtain_and_store(inputs, http, stored, restoring, previous_failure).await,
         }
+    }
 
+    /// Obtains a new credential and writes it; on failure, records when to try again.
+    async fn obtain_and_store(
+        &self,
+        inputs: &Inputs,
+        http: &HttpClient,
+        stored: Option<StoredCredential>,
+        restoring: bool,
+        previous_failure: Option<FailureRecord>,
+    ) -> Result<FreshCredential, Error> {
+        let (ctx, key) = (self.ctx, &self.key);
         let started = std::time::Instant::now();
-        let result = obtain_credential(inputs, http).await;
+        let result = obtain_credential_with(inputs, http, &ctx.policy).await;
         self.record_credential_request(inputs, &result, started.elapsed());
         match result {
             Ok(credential) => {
@@ -221,7 +273,7 @@ impl<'a> Reconciling<'a> {
                 if inputs.trust.insecure_skip_verify {
                     ctx.events.publish(self.connection, ConnectionEvent::InsecureSkipVerify).await;
                 }
-                let authenticated = ConditionState::ok("CredentialIssued", issued_message(&credential));
+                let authenticated = ConditionState::ok(Reason::CredentialIssued, issued_message(&credential));
                 Ok(FreshCredential {
                     credential: Some(credential),
                     authenticated,
@@ -229,18 +281,10 @@ impl<'a> Reconciling<'a> {
                 })
             }
             Err(failure) => {
+                let now = Timestamp::now();
                 let consecutive = previous_failure.map_or(1, |previous| previous.consecutive.saturating_add(1));
-                let mut retry_at = add(now, retry_delay(consecutive, failure.kind, rand::random()));
-                // A server that comes back should get a try before the kept credential expires.
-                // Rejections keep their 30 s minimum: the same credentials would be refused again.
-                if failure.kind == AuthFailureKind::ServerError
-                    && let Some(current) = &stored
-                {
-                    let last_moment = current.expires_at - jiff::SignedDuration::from_secs(5);
-                    if last_moment > now {
-                        retry_at = retry_at.min(last_moment);
-                    }
-                }
+                let kept_expires_at = stored.as_ref().map(|current| current.expires_at);
+                let retry_at = decide::next_retry(now, consecutive, failure.kind, rand::random(), kept_expires_at);
                 let delay = retry_at.duration_since(now);
                 warn!(consecutive, retry_in = ?delay, "could not obtain a credential: {}", failure.message);
                 let authenticated = failed_condition(&failure);
@@ -261,18 +305,36 @@ impl<'a> Reconciling<'a> {
         }
     }
 
+    /// The warning for a `refreshBefore` or `sessionTimeout` this credential cannot honour.
+    fn refresh_warning(&self, credential: Option<&StoredCredential>, inputs: &Inputs) -> Option<String> {
+        let credential = credential?;
+        let session_timeout = match &inputs.login {
+            LoginMaterial::Cookie { session_timeout, .. } => Some(*session_timeout),
+            LoginMaterial::OAuth2 { .. } => None,
+        };
+        decide::refresh_warning(
+            credential.issued_at,
+            credential.expires_at,
+            inputs.refresh_before,
+            session_timeout,
+            &self.ctx.policy,
+        )
+    }
+
     /// Applies the derived Secret. The resourceVersion it was read at is not needed: the
     /// field manager owns every field it writes, and ownership was checked just before.
+    /// Memory learns of the write before it is sent, so that its watch event, which may
+    /// arrive before the answer, does not wake the connection again.
     async fn write_credential(&self, credential: &StoredCredential) -> Result<(), Error> {
         let secret = credential.to_secret(self.connection);
+        let name = self.connection.secret_name();
+        let data_hash = secret.metadata.annotations.as_ref().and_then(|a| a.get(DATA_HASH)).cloned();
+        self.ctx.memory.record_write_in_flight(&self.key.0, &name, data_hash);
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        let written = self
-            .secrets
-            .patch(&self.connection.secret_name(), &params, &Patch::Apply(&secret))
-            .await?;
-        self.ctx
-            .memory
-            .record_own_write(&self.key.0, &self.connection.secret_name(), written.metadata.resource_version);
+        let written = self.secrets.patch(&name, &params, &Patch::Apply(&secret)).await;
+        let version = written.as_ref().ok().and_then(|w| w.metadata.resource_version.clone());
+        self.ctx.memory.record_own_write(&self.key.0, &name, version);
+        written?;
         Ok(())
     }
 
@@ -284,7 +346,7 @@ impl<'a> Reconciling<'a> {
         let metrics = &self.ctx.metrics;
         let outcome = match result {
             Ok(_) => "success",
-            Err(failure) => failed_condition(failure).reason,
+            Err(failure) => Reason::of_auth_failure(failure.kind).as_str(),
         };
         metrics
             .credential_requests
@@ -312,17 +374,24 @@ impl<'a> Reconciling<'a> {
         let (connection, ctx, key) = (self.connection, self.ctx, &self.key);
         let spec = &connection.spec.probe;
         if !spec.enabled {
-            return (ConditionState::ok("ProbeDisabled", "the probe is disabled"), None);
+            return (ConditionState::ok(Reason::ProbeDisabled, "the probe is disabled"), None);
         }
         let Some(credential) = credential else {
             return (
-                ConditionState::unknown("NoCredential", "there is no credential to probe Tasklist with yet"),
+                ConditionState::unknown(Reason::NoCredential, "there is no credential to probe Tasklist with yet"),
                 None,
             );
         };
         if let Some(last) = ctx.memory.get(key).last_probe
-            && last.credential_issued_at == credential.issued_at
-            && now < add(last.at, inputs.probe_interval)
+            && !decide::probe_due(
+                Some(LastProbe {
+                    at: last.at,
+                    credential_issued_at: last.credential_issued_at,
+                }),
+                credential.issued_at,
+                inputs.probe_interval,
+                now,
+            )
         {
             return (last.result, None);
         }
@@ -331,20 +400,19 @@ impl<'a> Reconciling<'a> {
         let outcome = probe.run(http, credential.credential.as_probe_credential()).await;
         let took = started.elapsed().as_secs_f64();
         let message = outcome.message(&probe.describe());
+        let reason = Reason::of_probe(&outcome);
         let result = match &outcome {
-            ProbeOutcome::Succeeded => ConditionState::ok("ProbeSucceeded", message),
-            ProbeOutcome::Unauthorized { .. } => ConditionState::failing("ProbeUnauthorized", message),
-            ProbeOutcome::Failed { .. } => ConditionState::failing("ProbeFailed", message),
-            ProbeOutcome::Unreachable { .. } => ConditionState::failing("Unreachable", message),
+            ProbeOutcome::Succeeded => ConditionState::ok(reason, message),
+            _ => ConditionState::failing(reason, message),
         };
         ctx.metrics
             .probe_duration
             .get_or_create(&ResultLabels {
-                result: result.reason.into(),
+                result: result.reason.as_str().into(),
             })
             .observe(took);
         if result.status != Some(true) {
-            warn!(reason = result.reason, "probe failed: {}", result.message);
+            warn!(reason = result.reason.as_str(), "probe failed: {}", result.message);
         }
         let record = ProbeRecord {
             at: now,
@@ -359,7 +427,7 @@ impl<'a> Reconciling<'a> {
     fn last_probe_result(&self, credential: Option<&StoredCredential>) -> ConditionState {
         match (self.ctx.memory.get(&self.key).last_probe, credential) {
             (Some(last), Some(credential)) if last.credential_issued_at == credential.issued_at => last.result,
-            _ => ConditionState::unknown("NotProbed", "Tasklist was not probed: the credential's inputs are not usable"),
+            _ => ConditionState::unknown(Reason::NotProbed, "Tasklist was not probed: the credential's inputs are not usable"),
         }
     }
 
@@ -371,13 +439,13 @@ impl<'a> Reconciling<'a> {
         );
         warn!("{message}");
         let not_attempted =
-            |what: &str| ConditionState::unknown("SecretConflict", format!("{what} not attempted: the Secret name is taken"));
+            |what: &str| ConditionState::unknown(Reason::SecretConflict, format!("{what} not attempted: the Secret name is taken"));
         let mut observation = self.observe(None, None, not_attempted("authentication"), not_attempted("probe"));
         observation.secret_conflict = Some(message.clone());
         let already_reported = connection
             .status
             .as_ref()
-            .is_some_and(|status| status.conditions.iter().any(|c| c.type_ == READY && c.reason == "SecretConflict"));
+            .is_some_and(|status| status.conditions.iter().any(|c| c.type_ == READY && c.reason == Reason::SecretConflict.as_str()));
         if !already_reported {
             self.ctx
                 .events
@@ -462,7 +530,7 @@ impl<'a> Reconciling<'a> {
 }
 
 fn failed_condition(failure: &AuthFailure) -> ConditionState {
-    ConditionState::failing(failure.kind.condition_reason(), failure.message.clone())
+    ConditionState::failing(Reason::of_auth_failure(failure.kind), failure.message.clone())
 }
 
 fn issued_message(credential: &StoredCredential) -> String {
@@ -473,30 +541,11 @@ fn issued_message(credential: &StoredCredential) -> String {
     format!("{kind} obtained at {}, valid until {}", credential.issued_at, credential.expires_at)
 }
 
-fn is_session(credential: Option<&StoredCredential>) -> bool {
-    matches!(credential.map(|c| &c.credential), Some(Credential::Session(_)))
-}
 
-/// How long from `now` until `at`; at least one second, and `LONGEST_SLEEP` when nothing is due.
-fn until(now: Timestamp, at: Option<Timestamp>) -> Duration {
-    match at {
-        Some(at) => Duration::try_from(at.duration_since(now))
-            .unwrap_or_default()
-            .max(Duration::from_secs(1)),
-        None => LONGEST_SLEEP,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use jiff::SignedDuration;
-
-    #[test]
-    fn sleeps_at_least_a_second_and_at_most_an_hour_when_idle() {
-        let now = Timestamp::from_second(1_000).unwrap();
-        assert_eq!(until(now, Some(Timestamp::from_second(900).unwrap())), Duration::from_secs(1));
-        assert_eq!(until(now, Some(now + SignedDuration::from_secs(42))), Duration::from_secs(42));
-        assert_eq!(until(now, None), LONGEST_SLEEP);
+/// The HTTP status of a probe that Tasklist refused (401 or 403).
+fn unauthorized_status(outcome: &ProbeOutcome) -> Option<u16> {
+    match outcome {
+        ProbeOutcome::Unauthorized { status } => Some(*status),
+        _ => None,
     }
 }
