@@ -5,9 +5,9 @@ use std::time::Duration;
 use base64::Engine as _;
 use jiff::{SignedDuration, Timestamp};
 
-use crate::camunda::{AuthFailure, AuthFailureKind, Sensitive};
 use crate::camunda::login::Session;
 use crate::camunda::probe::ProbeCredential;
+use crate::camunda::{AuthFailure, AuthFailureKind, Sensitive};
 
 /// Lifetime assumed for a token that is not a JWT with `exp` and comes without `expires_in`.
 pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(300);
@@ -38,7 +38,12 @@ impl Credential {
 /// can overstate the life: SaaS may hand back a cached token whose `expires_in` is too long,
 /// and a server clock ahead of ours moves `exp` later. A token whose `exp` has passed
 /// already is refused: the clocks disagree, and storing it would help no one.
-pub fn bearer_token_expiry(token: &Sensitive, expires_in: Option<u64>, now: Timestamp, max_lifetime: Duration) -> Result<Timestamp, AuthFailure> {
+pub fn bearer_token_expiry(
+    token: &Sensitive,
+    expires_in: Option<u64>,
+    now: Timestamp,
+    max_lifetime: Duration,
+) -> Result<Timestamp, AuthFailure> {
     let exp = jwt_expiry(token.expose());
     if let Some(exp) = exp
         && exp <= now
@@ -52,7 +57,9 @@ pub fn bearer_token_expiry(token: &Sensitive, expires_in: Option<u64>, now: Time
             ),
         });
     }
-    let from_expires_in = expires_in.filter(|seconds| *seconds > 0).map(|seconds| add(now, Duration::from_secs(seconds)));
+    let from_expires_in = expires_in
+        .filter(|seconds| *seconds > 0)
+        .map(|seconds| add(now, Duration::from_secs(seconds)));
     let expiry = match (exp, from_expires_in) {
         (Some(exp), Some(stated)) => exp.min(stated),
         (Some(only), None) | (None, Some(only)) => only,

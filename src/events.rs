@@ -165,7 +165,10 @@ mod tests {
 
     #[test]
     fn a_new_failure_is_announced_once() {
-        let healthy = status(ConditionState::ok(Reason::CredentialIssued, ""), ConditionState::ok(Reason::ProbeSucceeded, ""));
+        let healthy = status(
+            ConditionState::ok(Reason::CredentialIssued, ""),
+            ConditionState::ok(Reason::ProbeSucceeded, ""),
+        );
         let failing = status(
             ConditionState::failing(Reason::AuthServerError, "503"),
             ConditionState::ok(Reason::ProbeSucceeded, ""),
@@ -189,7 +192,10 @@ mod tests {
 
     #[test]
     fn probe_failures_are_announced_too() {
-        let healthy = status(ConditionState::ok(Reason::CredentialIssued, ""), ConditionState::ok(Reason::ProbeSucceeded, ""));
+        let healthy = status(
+            ConditionState::ok(Reason::CredentialIssued, ""),
+            ConditionState::ok(Reason::ProbeSucceeded, ""),
+        );
         let unreachable = status(
             ConditionState::ok(Reason::CredentialIssued, ""),
             ConditionState::failing(Reason::Unreachable, "refused"),

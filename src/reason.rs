@@ -89,9 +89,15 @@ mod tests {
     fn each_failure_and_probe_outcome_has_its_contract_reason() {
         assert_eq!(Reason::of_auth_failure(AuthFailureKind::Rejected).as_str(), "CredentialsRejected");
         assert_eq!(Reason::of_auth_failure(AuthFailureKind::ServerError).as_str(), "AuthServerError");
-        assert_eq!(Reason::of_probe(&ProbeOutcome::Unauthorized { status: 403 }).as_str(), "ProbeUnauthorized");
+        assert_eq!(
+            Reason::of_probe(&ProbeOutcome::Unauthorized { status: 403 }).as_str(),
+            "ProbeUnauthorized"
+        );
         assert_eq!(Reason::of_probe(&ProbeOutcome::Failed { status: 500 }).as_str(), "ProbeFailed");
-        assert_eq!(Reason::of_probe(&ProbeOutcome::Unreachable { cause: "x".into() }).as_str(), "Unreachable");
+        assert_eq!(
+            Reason::of_probe(&ProbeOutcome::Unreachable { cause: "x".into() }).as_str(),
+            "Unreachable"
+        );
         assert_eq!(Reason::Ready.to_string(), "Ready");
     }
 }

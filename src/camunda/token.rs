@@ -199,7 +199,11 @@ mod tests {
                 let prefix = &secret.expose()[..prefix_length];
                 assert!(!detail.contains(prefix), "offset {offset}: {prefix:?} in {detail}");
             }
-            let description = format!("{}{}", "y".repeat(offset), base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("orders:{}", secret.expose())));
+            let description = format!(
+                "{}{}",
+                "y".repeat(offset),
+                base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("orders:{}", secret.expose()))
+            );
             let body = serde_json::json!({"error_description": description}).to_string();
             let detail = oauth_error_detail(body.as_bytes(), &client());
             assert!(!detail.contains("b3JkZXJz"), "offset {offset}: base64 prefix in {detail}");

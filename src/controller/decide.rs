@@ -72,9 +72,7 @@ pub fn credential_decision(
         return CredentialDecision::Keep;
     }
     match pending {
-        Some(retry) if retry.inputs == inputs && now < retry.retry_at => CredentialDecision::WaitForRetry {
-            retry_at: retry.retry_at,
-        },
+        Some(retry) if retry.inputs == inputs && now < retry.retry_at => CredentialDecision::WaitForRetry { retry_at: retry.retry_at },
         _ => CredentialDecision::Obtain,
     }
 }
@@ -105,13 +103,7 @@ pub fn is_restoring(secret: DerivedSecretState, status_says_it_held_a_credential
 /// expires, so server errors retry at the latest 5 s before that expiry (when that is still
 /// ahead); rejections keep their 30 s minimum, since the same credentials would be refused
 /// again.
-pub fn next_retry(
-    now: Timestamp,
-    consecutive: u32,
-    kind: AuthFailureKind,
-    jitter: f64,
-    kept_expires_at: Option<Timestamp>,
-) -> Timestamp {
+pub fn next_retry(now: Timestamp, consecutive: u32, kind: AuthFailureKind, jitter: f64, kept_expires_at: Option<Timestamp>) -> Timestamp {
     let retry_at = add(now, retry_delay(consecutive, kind, jitter));
     let last_moment = kept_expires_at.and_then(|expires| expires.checked_sub(SignedDuration::try_from(LAST_TRY_BEFORE_EXPIRY).ok()?).ok());
     match (kind, last_moment) {
@@ -149,9 +141,7 @@ pub fn reobtain_after_unauthorized(
     }
     match last {
         None => true,
-        Some(last) => {
-            last.obtained_issued_at != Some(probed_issued_at) && now >= add(last.at, REOBTAIN_AFTER_UNAUTHORIZED_EVERY)
-        }
+        Some(last) => last.obtained_issued_at != Some(probed_issued_at) && now >= add(last.at, REOBTAIN_AFTER_UNAUTHORIZED_EVERY),
     }
 }
 
@@ -245,12 +235,18 @@ mod tests {
     #[test]
     fn a_stored_credential_is_kept_until_its_refresh_time() {
         assert_eq!(credential_decision(kept(100), None, "fp", false, at(99)), CredentialDecision::Keep);
-        assert_eq!(credential_decision(kept(100), None, "fp", false, at(100)), CredentialDecision::Obtain);
+        assert_eq!(
+            credential_decision(kept(100), None, "fp", false, at(100)),
+            CredentialDecision::Obtain
+        );
     }
 
     #[test]
     fn changed_inputs_get_a_new_credential_at_once() {
-        assert_eq!(credential_decision(kept(100), None, "new", false, at(10)), CredentialDecision::Obtain);
+        assert_eq!(
+            credential_decision(kept(100), None, "new", false, at(10)),
+            CredentialDecision::Obtain
+        );
     }
 
     #[test]
@@ -268,12 +264,18 @@ mod tests {
             credential_decision(None, pending("fp", 150), "fp", true, at(120)),
             CredentialDecision::WaitForRetry { retry_at: at(150) }
         );
-        assert_eq!(credential_decision(kept(100), pending("fp", 150), "fp", false, at(150)), CredentialDecision::Obtain);
+        assert_eq!(
+            credential_decision(kept(100), pending("fp", 150), "fp", false, at(150)),
+            CredentialDecision::Obtain
+        );
     }
 
     #[test]
     fn a_retry_pending_for_other_inputs_does_not_hold_back_new_inputs() {
-        assert_eq!(credential_decision(kept(100), pending("old", 150), "fp", false, at(120)), CredentialDecision::Obtain);
+        assert_eq!(
+            credential_decision(kept(100), pending("old", 150), "fp", false, at(120)),
+            CredentialDecision::Obtain
+        );
     }
 
     #[test]
@@ -287,7 +289,10 @@ mod tests {
     fn a_deleted_or_edited_secret_is_restored() {
         assert!(is_restoring(DerivedSecretState::EditedByHand, false));
         assert!(is_restoring(DerivedSecretState::Absent, true));
-        assert!(!is_restoring(DerivedSecretState::Absent, false), "a first credential restores nothing");
+        assert!(
+            !is_restoring(DerivedSecretState::Absent, false),
+            "a first credential restores nothing"
+        );
         assert!(!is_restoring(DerivedSecretState::Usable, true));
         assert!(!is_restoring(DerivedSecretState::Incomplete, true));
     }
@@ -413,7 +418,10 @@ mod tests {
         let policy = RefreshPolicy::default();
         let warning = refresh_warning(at(0), at(30), None, Some(Duration::from_secs(3)), &policy).unwrap();
         assert!(warning.contains("sessionTimeout 3s cannot be honoured"), "{warning}");
-        assert_eq!(refresh_warning(at(0), at(1800), None, Some(Duration::from_secs(1800)), &policy), None);
+        assert_eq!(
+            refresh_warning(at(0), at(1800), None, Some(Duration::from_secs(1800)), &policy),
+            None
+        );
     }
 
     #[test]
@@ -434,8 +442,17 @@ mod tests {
         let (mut now, mut count) = (at(0), 0);
         while now < at(window) {
             count += 1;
-            let refresh_at = refresh_time(now, add(now, Duration::from_secs(lifetime as u64)), refresh_before.map(Duration::from_secs), &policy, rand::random());
-            assert_eq!(credential_decision(Some(Kept { inputs: "fp", refresh_at }), None, "fp", false, now), CredentialDecision::Keep);
+            let refresh_at = refresh_time(
+                now,
+                add(now, Duration::from_secs(lifetime as u64)),
+                refresh_before.map(Duration::from_secs),
+                &policy,
+                rand::random(),
+            );
+            assert_eq!(
+                credential_decision(Some(Kept { inputs: "fp", refresh_at }), None, "fp", false, now),
+                CredentialDecision::Keep
+            );
             now = refresh_at;
         }
         count

@@ -151,7 +151,14 @@ impl Memory {
             return true;
         }
         let hash = secret.annotations().get(DATA_HASH);
-        hash.is_some() && self.writes_in_flight.lock().ok().and_then(|in_flight| in_flight.get(&key).cloned()).as_ref() == hash
+        hash.is_some()
+            && self
+                .writes_in_flight
+                .lock()
+                .ok()
+                .and_then(|in_flight| in_flight.get(&key).cloned())
+                .as_ref()
+                == hash
     }
 
     /// The connections to reconcile when `secret` changed: its controller owner, and every

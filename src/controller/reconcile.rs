@@ -13,9 +13,7 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
-use super::decide::{
-    self, CredentialDecision, DerivedSecretState, Kept, LONGEST_SLEEP, LastProbe, PendingRetry, UnauthorizedReobtain,
-};
+use super::decide::{self, CredentialDecision, DerivedSecretState, Kept, LONGEST_SLEEP, LastProbe, PendingRetry, UnauthorizedReobtain};
 use super::memory::{ConnectionKey, FailureRecord, ProbeRecord};
 use super::{Context, Error, FIELD_MANAGER};
 use crate::camunda::probe::{Probe, ProbeOutcome};
@@ -113,7 +111,10 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
         fresh = this.ensure_fresh_credential(&inputs, &http, fresh.credential, true, false).await?;
         let obtained_issued_at = fresh.newly_issued.then(|| fresh.credential.as_ref().map(|c| c.issued_at)).flatten();
         ctx.memory.update(&this.key, |memory| {
-            memory.unauthorized_reobtain = Some(UnauthorizedReobtain { at: now, obtained_issued_at })
+            memory.unauthorized_reobtain = Some(UnauthorizedReobtain {
+                at: now,
+                obtained_issued_at,
+            })
         });
         if fresh.newly_issued {
             (reachable, _) = this.probe_if_due(&http, fresh.credential.as_ref(), &inputs, now).await;
@@ -442,10 +443,12 @@ impl<'a> Reconciling<'a> {
             |what: &str| ConditionState::unknown(Reason::SecretConflict, format!("{what} not attempted: the Secret name is taken"));
         let mut observation = self.observe(None, None, not_attempted("authentication"), not_attempted("probe"));
         observation.secret_conflict = Some(message.clone());
-        let already_reported = connection
-            .status
-            .as_ref()
-            .is_some_and(|status| status.conditions.iter().any(|c| c.type_ == READY && c.reason == Reason::SecretConflict.as_str()));
+        let already_reported = connection.status.as_ref().is_some_and(|status| {
+            status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == READY && c.reason == Reason::SecretConflict.as_str())
+        });
         if !already_reported {
             self.ctx
                 .events
@@ -540,7 +543,6 @@ fn issued_message(credential: &StoredCredential) -> String {
     };
     format!("{kind} obtained at {}, valid until {}", credential.issued_at, credential.expires_at)
 }
-
 
 /// The HTTP status of a probe that Tasklist refused (401 or 403).
 fn unauthorized_status(outcome: &ProbeOutcome) -> Option<u16> {
