@@ -145,6 +145,16 @@ pub fn reobtain_after_unauthorized(
     }
 }
 
+/// What to remember of the last 401 re-obtain after a probe: once Tasklist accepted a
+/// credential, a later 401 (a revocation) is a new problem, no longer "refused too"; the
+/// rate limit stays.
+pub fn after_probe(last: Option<UnauthorizedReobtain>, accepted: bool) -> Option<UnauthorizedReobtain> {
+    last.map(|last| UnauthorizedReobtain {
+        at: last.at,
+        obtained_issued_at: if accepted { None } else { last.obtained_issued_at },
+    })
+}
+
 /// The last probe, as far as deciding goes.
 #[derive(Debug, Clone, Copy)]
 pub struct LastProbe {
@@ -201,10 +211,11 @@ pub fn refresh_warning(
     (!notes.is_empty()).then(|| notes.join("; "))
 }
 
-/// Whether to publish the `RefreshBeforeTooLong` Warning Event: there is a warning, and the
-/// Authenticated condition did not say so already (one Event, not one per refresh).
-pub fn announce_refresh_warning(previous_authenticated_message: Option<&str>, warning: Option<&str>) -> bool {
-    warning.is_some() && !previous_authenticated_message.is_some_and(|message| message.contains(NOT_HONOURED))
+/// Whether to publish the `RefreshBeforeTooLong` Warning Event: there is a warning, and
+/// neither the Authenticated condition says so already nor this process announced it (the
+/// status it wrote may not have reached the reconcile yet): one Event, not one per refresh.
+pub fn announce_refresh_warning(previous_authenticated_message: Option<&str>, announced: bool, warning: Option<&str>) -> bool {
+    warning.is_some() && !announced && !previous_authenticated_message.is_some_and(|message| message.contains(NOT_HONOURED))
 }
 
 #[cfg(test)]
@@ -371,6 +382,19 @@ mod tests {
         assert!(reobtain_after_unauthorized(Some(401), at(0), false, Some(failed), at(160)));
     }
 
+    #[test]
+    fn a_credential_accepted_since_may_be_replaced_on_a_later_401() {
+        let last = Some(UnauthorizedReobtain {
+            at: at(100),
+            obtained_issued_at: Some(at(100)),
+        });
+        assert_eq!(after_probe(last, false), last);
+        let accepted = after_probe(last, true);
+        assert!(!reobtain_after_unauthorized(Some(401), at(100), false, accepted, at(159)));
+        assert!(reobtain_after_unauthorized(Some(401), at(100), false, accepted, at(160)));
+        assert_eq!(after_probe(None, true), None);
+    }
+
     // --- probe and wake-up ----------------------------------------------------------------
 
     #[test]
@@ -427,10 +451,11 @@ mod tests {
     #[test]
     fn the_warning_is_announced_once() {
         let warning = Some("refreshBefore 600s cannot be honoured: ...");
-        assert!(announce_refresh_warning(Some("access token obtained at ..."), warning));
-        assert!(announce_refresh_warning(None, warning));
-        assert!(!announce_refresh_warning(warning, warning));
-        assert!(!announce_refresh_warning(None, None));
+        assert!(announce_refresh_warning(Some("access token obtained at ..."), false, warning));
+        assert!(announce_refresh_warning(None, false, warning));
+        assert!(!announce_refresh_warning(None, true, warning));
+        assert!(!announce_refresh_warning(warning, false, warning));
+        assert!(!announce_refresh_warning(None, false, None));
     }
 
     // --- the whole loop: no hot loop whatever the user writes -----------------------------

@@ -44,6 +44,8 @@ pub struct ConnectionMemory {
     pub last_probe: Option<ProbeRecord>,
     /// The last time a 401 from the probe made the operator obtain a new credential.
     pub unauthorized_reobtain: Option<UnauthorizedReobtain>,
+    /// Whether the `RefreshBeforeTooLong` Event was published for the current warning.
+    pub refresh_warning_announced: bool,
 }
 
 #[derive(Default)]

@@ -120,6 +120,11 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
             (reachable, _) = this.probe_if_due(&http, fresh.credential.as_ref(), &inputs, now).await;
         }
     }
+    if reachable.reason == Reason::ProbeSucceeded {
+        ctx.memory.update(&this.key, |memory| {
+            memory.unauthorized_reobtain = decide::after_probe(memory.unauthorized_reobtain, true)
+        });
+    }
 
     // 5. Tell the user, including a refreshBefore or sessionTimeout that cannot be honoured.
     let memory = ctx.memory.get(&this.key);
@@ -130,21 +135,26 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
         .map(|f| f.retry_at);
     let next_refresh = pending_retry.or(fresh.credential.as_ref().map(|c| c.refresh_at));
     let mut authenticated = fresh.authenticated;
+    let warning = this.refresh_warning(fresh.credential.as_ref(), &inputs);
     if authenticated.status == Some(true)
-        && let Some(warning) = this.refresh_warning(fresh.credential.as_ref(), &inputs)
+        && let Some(warning) = &warning
     {
         let previous = connection
             .status
             .as_ref()
             .and_then(|status| status.conditions.iter().find(|c| c.type_ == AUTHENTICATED))
             .map(|c| c.message.as_str());
-        if decide::announce_refresh_warning(previous, Some(&warning)) {
+        if decide::announce_refresh_warning(previous, memory.refresh_warning_announced, Some(warning)) {
             warn!("{warning}");
             ctx.events
                 .publish(&connection, ConnectionEvent::RefreshBeforeTooLong { message: warning.clone() })
                 .await;
+            ctx.memory.update(&this.key, |memory| memory.refresh_warning_announced = true);
         }
         authenticated.message = format!("{}; {warning}", authenticated.message);
+    }
+    if warning.is_none() && memory.refresh_warning_announced {
+        ctx.memory.update(&this.key, |memory| memory.refresh_warning_announced = false);
     }
     let observation = this.observe(fresh.credential.as_ref(), next_refresh, authenticated, reachable);
     this.write_status_if_changed(&observation, now).await?;

@@ -306,7 +306,7 @@ async fn tokens_are_replaced_before_they_expire(world: Arc<World>) -> anyhow::Re
     while Instant::now() < until {
         let data = s.derived_secret(SECRET).await?.context("the derived Secret vanished")?;
         let expires_at: Timestamp = data["expiresAt"].parse()?;
-        // Replaced no later than 5 s before expiry; 2 s of margin for sampling and load.
+        // Replaced no later than 4.8 s before expiry; 1.8 s of margin for sampling and load.
         let left = expires_at.duration_since(Timestamp::now());
         ensure!(
             left >= jiff::SignedDuration::from_secs(3),
@@ -321,8 +321,9 @@ async fn tokens_are_replaced_before_they_expire(world: Arc<World>) -> anyhow::Re
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    // A 12 s token is replaced 5 s before expiry (that comes before 80 %), minus up to
-    // 1.2 s of jitter: every 5.8 to 7 s, so 36 s see 6 or 7 tokens.
+    // A 12 s token is replaced at half its lifetime (the floor; the kubelet margin would ask
+    // for earlier), plus up to 1.2 s of jitter reflected upward from the floor: every 6 to
+    // 7.2 s (less the whole-second rounding of the issue time), so 36 s see 6 or 7 tokens.
     ensure!(
         (5..=8).contains(&tokens.len()),
         "expected 6 or 7 tokens in 36 s, saw {}",

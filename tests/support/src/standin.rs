@@ -114,10 +114,19 @@ pub enum TokenAnswer {
     /// `200` with a 10 MB body: valid JSON with a working token after 10 MB of padding, so
     /// only a client that limits the answer's size rejects it.
     Huge,
+    /// A careless server: `401 invalid_client` whose `error_description` repeats the client
+    /// secret it was sent, starting at character [`ECHO_SECRET_AT`] of
+    /// `"<error>: <error_description>"`, so that it straddles a 200-character cut; then the
+    /// HTTP Basic form (`base64(client_id:client_secret)`).
+    EchoSecretInError,
     /// Keycloak's behaviour: a JSON body gets `400 {"error":"invalid_request",
     /// "error_description":"Missing form parameter: grant_type"}`; a form body works.
     Keycloak400ForJson,
 }
+
+/// Where [`TokenAnswer::EchoSecretInError`] puts the client secret in
+/// `"<error>: <error_description>"`.
+pub const ECHO_SECRET_AT: usize = 195;
 
 /// How a token request carried its parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

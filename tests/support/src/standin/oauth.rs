@@ -16,7 +16,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::state::{Shared, apply_mode, json_response, random_token};
-use super::{TokenAnswer, TokenRequestEncoding, TokenRequestRecord};
+use super::{ECHO_SECRET_AT, TokenAnswer, TokenRequestEncoding, TokenRequestRecord};
 
 /// Size of the [`TokenAnswer::Huge`] body.
 const HUGE_BODY_BYTES: usize = 10 * 1024 * 1024;
@@ -187,6 +187,16 @@ fn answer(shared: &Shared, request: &TokenRequest) -> Response {
     if request.encoding == TokenRequestEncoding::Other {
         return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "Unsupported content type");
     }
+    if token_answer == TokenAnswer::EchoSecretInError {
+        let secret = request.client_secret().unwrap_or_default();
+        let basic = BASE64.encode(format!("{}:{secret}", request.client_id().unwrap_or_default()));
+        let padding = "x".repeat(ECHO_SECRET_AT - "invalid_client: ".len());
+        return oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            &format!("{padding}{secret} is not the secret (Basic {basic})"),
+        );
+    }
     match request.field("grant_type") {
         Some("client_credentials") => {}
         None => {
@@ -235,7 +245,7 @@ fn answer(shared: &Shared, request: &TokenRequest) -> Response {
     let scope = scope.unwrap_or_default();
 
     let body = match token_answer {
-        TokenAnswer::Jwt | TokenAnswer::Keycloak400ForJson => match jwt() {
+        TokenAnswer::Jwt | TokenAnswer::Keycloak400ForJson | TokenAnswer::EchoSecretInError => match jwt() {
             Ok(token) => json!({
                 "access_token": token,
                 "expires_in": expires_in,
