@@ -9,7 +9,13 @@
 #
 # On success the last lines on stdout are `export NAME=path` lines for the test support
 # (TLO_KUBE_APISERVER, TLO_KUBE_CONTROLLER_MANAGER, TLO_ETCD, TLO_HELM, TLO_KEYCLOAK_HOME,
-# TLO_KEYCLOAK_JAVA); progress goes to stderr. Use:  eval "$(hack/tools.sh)"
+# TLO_KEYCLOAK_JAVA, and for the node tests TLO_KUBELET, TLO_KUBE_PROXY, TLO_KUBE_SCHEDULER, TLO_KUBECTL,
+# TLO_CONTAINERD, TLO_RUNC, TLO_CTR, TLO_CNI_BIN_DIR); progress goes to stderr.
+# Use:  eval "$(hack/tools.sh)"
+#
+# Two runs at once are safe: each component is built under an exclusive lock (flock on
+# <cache>/.lock-<component>), in a folder of its own, renamed into place when complete. The
+# second run waits for the lock, then finds the component cached.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -24,6 +30,29 @@ keycloak_version=26.5.6
 
 log() { echo "tools: $*" >&2; }
 
+# Runs "$2..." while holding an exclusive lock named $1, so that concurrent runs of this
+# script never build the same component into the same folder. The lock is released when
+# the file descriptor closes, also when the script is killed.
+with_lock() {
+  local name=$1; shift
+  local fd
+  exec {fd}>"$cache/.lock-$name"
+  flock "$fd"
+  "$@"
+  local status=$?
+  exec {fd}>&-
+  return $status
+}
+
+# Sets $work to a fresh, unique scratch folder next to $1 (the final folder). It is removed
+# on exit unless it has been renamed into place by then.
+new_scratch_next_to() {
+  work=$(mktemp -d "$1.partial.XXXXXX")
+  scratch_dirs+=("$work")
+}
+scratch_dirs=()
+trap 'rm -rf "${scratch_dirs[@]}"' EXIT
+
 build_control_plane() {
   local out="$cache/kubernetes-$kubernetes_version"
   if [[ -x $out/kube-apiserver && -x $out/kube-controller-manager && -x $out/etcd ]]; then
@@ -31,21 +60,69 @@ build_control_plane() {
     return
   fi
   log "building kube-apiserver, kube-controller-manager, etcd $kubernetes_version (cold: ~20 min on 2 cores)"
+  local ldflags work
+  ldflags=$(kubernetes_ldflags)
+  new_scratch_next_to "$out"
+  (
+    cd "$here/controlplane"
+    go build -ldflags "$ldflags" -o "$work/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
+    go build -ldflags "$ldflags" -o "$work/kube-controller-manager" k8s.io/kubernetes/cmd/kube-controller-manager
+    # A plain `go install` of etcd fails on its relative replaces; building it from this
+    # module uses the versions kube-apiserver was tested with.
+    go build -ldflags "-s -w" -o "$work/etcd" go.etcd.io/etcd/server/v3
+  )
+  rm -rf "$out" && mv "$work" "$out"
+}
+
+kubernetes_ldflags() {
   local minor=${kubernetes_version#v1.}; minor=${minor%%.*}
   local pkg=k8s.io/component-base/version
   local ldflags="-s -w -X $pkg.gitVersion=$kubernetes_version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
   ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
   ldflags+=" -X k8s.io/client-go/pkg/version.gitVersion=$kubernetes_version"
-  mkdir -p "$out.partial"
+  echo "$ldflags"
+}
+
+# The node's Kubernetes components (and kubectl, to run the chart's hints as users would),
+# from the same module and version as the control plane, in a folder of their own so that
+# adding them never rebuilds the control plane.
+build_node() {
+  local out="$cache/node-$kubernetes_version"
+  if [[ -x $out/kubelet && -x $out/kube-proxy && -x $out/kube-scheduler && -x $out/kubectl ]]; then
+    log "node components $kubernetes_version cached in $out"
+    return
+  fi
+  log "building kubelet, kube-proxy, kube-scheduler, kubectl $kubernetes_version (~5 min after the control plane)"
+  local ldflags work
+  ldflags=$(kubernetes_ldflags)
+  new_scratch_next_to "$out"
   (
     cd "$here/controlplane"
-    go build -ldflags "$ldflags" -o "$out.partial/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
-    go build -ldflags "$ldflags" -o "$out.partial/kube-controller-manager" k8s.io/kubernetes/cmd/kube-controller-manager
-    # A plain `go install` of etcd fails on its relative replaces; building it from this
-    # module uses the versions kube-apiserver was tested with.
-    go build -ldflags "-s -w" -o "$out.partial/etcd" go.etcd.io/etcd/server/v3
+    for component in kube-scheduler kube-proxy kubelet kubectl; do
+      go build -ldflags "$ldflags" -o "$work/$component" "k8s.io/kubernetes/cmd/$component"
+    done
   )
-  rm -rf "$out" && mv "$out.partial" "$out"
+  rm -rf "$out" && mv "$work" "$out"
+}
+
+# The node's container runtime and CNI plugins come from Debian's packages.
+node_runtime_present() {
+  command -v containerd >/dev/null && command -v runc >/dev/null && command -v ctr >/dev/null \
+    && [[ -x /usr/lib/cni/bridge && -x /usr/lib/cni/host-local && -x /usr/lib/cni/loopback ]]
+}
+
+install_node_runtime() {
+  if node_runtime_present; then
+    log "containerd, runc and the CNI plugins are installed"
+    return
+  fi
+  log "installing containerd, runc and containernetworking-plugins (apt-get)"
+  local packages=(containerd runc containernetworking-plugins)
+  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}" >&2; then
+    apt-get update -q >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}" >&2
+  fi
+  node_runtime_present || { log "containerd, runc or the CNI plugins are still missing after apt-get"; return 1; }
 }
 
 build_helm() {
@@ -55,7 +132,8 @@ build_helm() {
     return
   fi
   log "building helm $helm_version"
-  mkdir -p "$out.partial"
+  local work
+  new_scratch_next_to "$out"
   (
     cd "$here/helm"
     # Release builds stamp the Kubernetes version helm assumes for `kubeVersion` checks;
@@ -66,9 +144,9 @@ build_helm() {
     local ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$helm_version"
     ldflags+=" -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$minor"
     ldflags+=" -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$minor"
-    go build -ldflags "$ldflags" -o "$out.partial/helm" helm.sh/helm/v3/cmd/helm
+    go build -ldflags "$ldflags" -o "$work/helm" helm.sh/helm/v3/cmd/helm
   )
-  rm -rf "$out" && mv "$out.partial" "$out"
+  rm -rf "$out" && mv "$work" "$out"
 }
 
 fetch_keycloak() {
@@ -78,13 +156,13 @@ fetch_keycloak() {
     return
   fi
   log "fetching keycloak $keycloak_version from Maven Central"
-  local work="$cache/keycloak-$keycloak_version.partial"
-  rm -rf "$work" && mkdir -p "$work"
+  local work
+  new_scratch_next_to "$out"
   mvn -q -B dependency:copy \
     -Dartifact="org.keycloak:keycloak-quarkus-dist:$keycloak_version:tar.gz" \
     -DoutputDirectory="$work" >&2
   tar -xzf "$work/keycloak-quarkus-dist-$keycloak_version.tar.gz" -C "$work"
-  rm -rf "$out" && mv "$work/keycloak-$keycloak_version" "$out" && rm -rf "$work"
+  rm -rf "$out" && mv "$work/keycloak-$keycloak_version" "$out"
 }
 
 # Keycloak 26 wants Java 21 or newer; the machine's default JDK may be older.
@@ -106,17 +184,33 @@ keycloak_java() {
 
 only=${1:-all}
 case $only in
-  all) build_control_plane; build_helm; fetch_keycloak ;;
-  control-plane) build_control_plane ;;
-  helm) build_helm ;;
-  keycloak) fetch_keycloak ;;
-  *) echo "usage: hack/tools.sh [all|control-plane|helm|keycloak]" >&2; exit 2 ;;
+  all)
+    with_lock control-plane build_control_plane
+    with_lock node build_node
+    with_lock node-runtime install_node_runtime
+    with_lock helm build_helm
+    with_lock keycloak fetch_keycloak
+    ;;
+  control-plane) with_lock control-plane build_control_plane ;;
+  node) with_lock node build_node; with_lock node-runtime install_node_runtime ;;
+  helm) with_lock helm build_helm ;;
+  keycloak) with_lock keycloak fetch_keycloak ;;
+  *) echo "usage: hack/tools.sh [all|control-plane|node|helm|keycloak]" >&2; exit 2 ;;
 esac
 
 k8s="$cache/kubernetes-$kubernetes_version"
 echo "export TLO_KUBE_APISERVER=$k8s/kube-apiserver"
 echo "export TLO_KUBE_CONTROLLER_MANAGER=$k8s/kube-controller-manager"
 echo "export TLO_ETCD=$k8s/etcd"
+node="$cache/node-$kubernetes_version"
+echo "export TLO_KUBELET=$node/kubelet"
+echo "export TLO_KUBE_PROXY=$node/kube-proxy"
+echo "export TLO_KUBE_SCHEDULER=$node/kube-scheduler"
+echo "export TLO_KUBECTL=$node/kubectl"
+echo "export TLO_CONTAINERD=$(command -v containerd || true)"
+echo "export TLO_RUNC=$(command -v runc || true)"
+echo "export TLO_CTR=$(command -v ctr || true)"
+echo "export TLO_CNI_BIN_DIR=/usr/lib/cni"
 echo "export TLO_HELM=$cache/helm-$helm_version/helm"
 echo "export TLO_KEYCLOAK_HOME=$cache/keycloak-$keycloak_version"
 echo "export TLO_KEYCLOAK_JAVA=$(keycloak_java)"

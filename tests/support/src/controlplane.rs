@@ -10,6 +10,7 @@
 //! with a parent-death signal, also when the test process dies without dropping it.
 
 use std::ffi::OsString;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -88,6 +89,30 @@ struct Pki {
     service_account_public_key_pem: String,
 }
 
+/// What differs between a control plane without nodes (the default) and one that a real
+/// node joins (see [`crate::node`]).
+#[derive(Debug, Clone)]
+pub struct ControlPlaneOptions {
+    /// The address Pods reach the API server at, through the `kubernetes` Service. `None`:
+    /// the API server listens on 127.0.0.1 only and publishes no endpoint for the Service.
+    pub advertise_address: Option<Ipv4Addr>,
+    /// `--service-cluster-ip-range`.
+    pub service_cidr: String,
+    /// `--controllers` of kube-controller-manager.
+    pub controllers: Vec<&'static str>,
+}
+
+impl Default for ControlPlaneOptions {
+    fn default() -> Self {
+        Self {
+            advertise_address: None,
+            service_cidr: "10.0.0.0/24".to_owned(),
+            // Only what changes objects the operator cares about; no node, pod or volume machinery.
+            controllers: vec!["garbagecollector", "namespace", "serviceaccount-token", "serviceaccount"],
+        }
+    }
+}
+
 impl ControlPlane {
     /// Starts etcd, kube-apiserver and kube-controller-manager, and waits until the API server
     /// is ready and the controller manager works (it has created the `default` service account).
@@ -95,11 +120,22 @@ impl ControlPlane {
     /// May be called from any thread and any tokio runtime: the processes do not depend on the
     /// calling thread staying alive (see [`tools`]'s `spawn_supervised`).
     pub async fn start(tools: &Tools) -> anyhow::Result<ControlPlane> {
+        Self::start_with(tools, &ControlPlaneOptions::default()).await
+    }
+
+    /// [`ControlPlane::start`] with `options`.
+    pub async fn start_with(tools: &Tools, options: &ControlPlaneOptions) -> anyhow::Result<ControlPlane> {
         let started = Instant::now();
         let workdir = tools::fixture_workdir("controlplane")?;
         let dir = workdir.path();
 
-        let pki = generate_pki()?;
+        let extra_names: Vec<String> = options
+            .advertise_address
+            .iter()
+            .map(ToString::to_string)
+            .chain(first_service_address(&options.service_cidr))
+            .collect();
+        let pki = generate_pki(&extra_names)?;
         let admin_token = random_token();
         let write = |name: &str, contents: &str| -> anyhow::Result<PathBuf> {
             let path = dir.join(name);
@@ -124,10 +160,8 @@ impl ControlPlane {
         let etcd_peer_port = tools::free_loopback_port()?;
         let apiserver_port = tools::free_loopback_port()?;
 
-        let apiserver_args: Vec<OsString> = vec![
+        let mut apiserver_args: Vec<OsString> = vec![
             format!("--etcd-servers=http://127.0.0.1:{etcd_client_port}").into(),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
             format!("--secure-port={apiserver_port}").into(),
             flag_with_path("--tls-cert-file", &serving_cert_file),
             flag_with_path("--tls-private-key-file", &serving_key_file),
@@ -137,17 +171,30 @@ impl ControlPlane {
             format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}").into(),
             flag_with_path("--service-account-key-file", &service_account_public_key_file),
             flag_with_path("--service-account-signing-key-file", &service_account_key_file),
-            "--service-cluster-ip-range=10.0.0.0/24".into(),
+            format!("--service-cluster-ip-range={}", options.service_cidr).into(),
             "--allow-privileged=true".into(),
             // API Priority and Fairness adds start-up work and nothing these tests need.
             "--enable-priority-and-fairness=false".into(),
             "--profiling=false".into(),
-            // The reconciler would publish 127.0.0.1 as the `kubernetes` service's endpoint, which
-            // validation rejects (loopback), logging an error every few seconds. No pod needs it.
-            "--endpoint-reconciler-type=none".into(),
             flag_with_path("--audit-policy-file", &audit_policy_file),
             flag_with_path("--audit-log-path", &dir.join(AUDIT_LOG)),
         ];
+        match options.advertise_address {
+            Some(address) => apiserver_args.extend([
+                // Loopback for the tests and the tools, the node's address for the kubelet and Pods.
+                "--bind-address=0.0.0.0".into(),
+                format!("--advertise-address={address}").into(),
+                // `kubectl logs` and `exec` go to the kubelet at the node's InternalIP.
+                "--kubelet-preferred-address-types=InternalIP".into(),
+            ]),
+            None => apiserver_args.extend([
+                "--bind-address=127.0.0.1".into(),
+                "--advertise-address=127.0.0.1".into(),
+                // The reconciler would publish 127.0.0.1 as the `kubernetes` service's endpoint, which
+                // validation rejects (loopback), logging an error every few seconds. No pod needs it.
+                "--endpoint-reconciler-type=none".into(),
+            ]),
+        }
 
         let admin_kubeconfig = dir.join("admin.kubeconfig");
         write_kubeconfig(
@@ -188,6 +235,7 @@ impl ControlPlane {
             &control_plane.admin_kubeconfig,
             &service_account_key_file,
             &ca_file,
+            &options.controllers,
         )?);
         control_plane.wait_for_controller_manager().await?;
         eprintln!(
@@ -420,12 +468,12 @@ fn start_controller_manager(
     admin_kubeconfig: &Path,
     service_account_key_file: &Path,
     ca_file: &Path,
+    controllers: &[&str],
 ) -> anyhow::Result<Child> {
     let mut command = Command::new(&tools.kube_controller_manager);
     command
         .arg(flag_with_path("--kubeconfig", admin_kubeconfig))
-        // Only what changes objects the operator cares about; no node, pod or volume machinery.
-        .arg("--controllers=garbagecollector,namespace,serviceaccount-token,serviceaccount")
+        .arg(format!("--controllers={}", controllers.join(",")))
         .arg(flag_with_path("--service-account-private-key-file", service_account_key_file))
         .arg(flag_with_path("--root-ca-file", ca_file))
         .arg("--leader-elect=false")
@@ -437,7 +485,13 @@ fn start_controller_manager(
     tools::spawn_supervised(command, false).with_context(|| format!("cannot run {}", tools.kube_controller_manager.display()))
 }
 
-fn generate_pki() -> anyhow::Result<Pki> {
+/// The `kubernetes` Service's address: the first address of the service range.
+fn first_service_address(service_cidr: &str) -> Option<String> {
+    let network: Ipv4Addr = service_cidr.split('/').next()?.parse().ok()?;
+    Some(Ipv4Addr::from(u32::from(network) + 1).to_string())
+}
+
+fn generate_pki(extra_names: &[String]) -> anyhow::Result<Pki> {
     let mut ca_params = CertificateParams::default();
     ca_params.distinguished_name.push(DnType::CommonName, "tasklist-e2e-ca");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -456,7 +510,9 @@ fn generate_pki() -> anyhow::Result<Pki> {
         "kubernetes.default",
         "kubernetes.default.svc",
     ];
-    let mut serving_params = CertificateParams::new(names.map(String::from).to_vec())?;
+    let mut all_names: Vec<String> = names.map(String::from).to_vec();
+    all_names.extend(extra_names.iter().cloned());
+    let mut serving_params = CertificateParams::new(all_names)?;
     serving_params.distinguished_name.push(DnType::CommonName, "kube-apiserver");
     serving_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     serving_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];

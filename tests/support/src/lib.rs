@@ -3,7 +3,9 @@
 //! and the operator binary run as a child process.
 
 pub mod controlplane;
+pub mod image;
 pub mod keycloak;
+pub mod node;
 pub mod operator;
 pub mod standin;
 pub mod tools;

@@ -60,6 +60,9 @@ pub struct StandinOptions {
     /// The audience the token endpoint requires; default `tasklist.camunda.io`.
     /// The API accepts tokens for it as well as for `tasklist.camunda.io` and `tasklist-api`.
     pub audience: String,
+    /// The address to listen on, and the host of [`StandinTasklist::url`]; default 127.0.0.1.
+    /// The node tests use the node's address, which Pods reach.
+    pub listen_address: std::net::Ipv4Addr,
 }
 
 impl Default for StandinOptions {
@@ -69,6 +72,7 @@ impl Default for StandinOptions {
             csrf: true,
             legacy_csrf_name: false,
             audience: "tasklist.camunda.io".to_owned(),
+            listen_address: std::net::Ipv4Addr::LOCALHOST,
         }
     }
 }
@@ -182,6 +186,9 @@ pub struct ApiRequestRecord {
     pub path: String,
     pub auth: AuthKind,
     pub status: u16,
+    /// The `exp` of the bearer JWT the request carried (read without checking the
+    /// signature), so that a refusal can be told apart: expired, or invalid for another reason.
+    pub bearer_expires_at: Option<SystemTime>,
 }
 
 /// A running stand-in. Clones share one server, which stops when the last clone is dropped.
@@ -201,9 +208,9 @@ impl StandinTasklist {
     }
 
     pub async fn start_with(options: StandinOptions) -> anyhow::Result<Self> {
-        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let tcp = tokio::net::TcpListener::bind((options.listen_address, 0))
             .await
-            .context("binding the stand-in Tasklist to 127.0.0.1")?;
+            .with_context(|| format!("binding the stand-in Tasklist to {}", options.listen_address))?;
         let port = tcp.local_addr()?.port();
         let tls = if options.tls {
             Some(listener::generate_tls().context("generating TLS material for the stand-in")?)
@@ -211,7 +218,7 @@ impl StandinTasklist {
             None
         };
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let base_url = format!("{scheme}://127.0.0.1:{port}");
+        let base_url = format!("{scheme}://{}:{port}", options.listen_address);
 
         let shared = Arc::new(Shared::new(options, base_url)?);
         let router = Router::new()

@@ -79,7 +79,7 @@ impl Tools {
     }
 }
 
-fn is_executable_file(path: &Path) -> bool {
+pub(crate) fn is_executable_file(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     path.metadata()
         .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
@@ -208,7 +208,7 @@ pub(crate) async fn wait_until_ready(
 }
 
 /// Start of the names of fixture folders in the temporary directory.
-const WORKDIR_PREFIX: &str = "tasklist-e2e-";
+pub(crate) const WORKDIR_PREFIX: &str = "tasklist-e2e-";
 /// File in a fixture folder holding the pid of the test process that owns it.
 const WORKDIR_OWNER_FILE: &str = "owner.pid";
 
@@ -243,6 +243,15 @@ fn remove_abandoned_workdirs() {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
+}
+
+/// Whether the test process that created the fixture folder `dir` is still running (false
+/// also when the folder or its owner file is gone).
+pub(crate) fn workdir_owner_alive(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join(WORKDIR_OWNER_FILE))
+        .ok()
+        .and_then(|owner| owner.trim().parse::<libc::pid_t>().ok())
+        .is_some_and(process_exists)
 }
 
 fn process_exists(pid: libc::pid_t) -> bool {

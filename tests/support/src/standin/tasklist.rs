@@ -128,8 +128,20 @@ pub(super) async fn api(State(shared): State<Arc<Shared>>, method: Method, uri: 
         path: uri.path().to_owned(),
         auth,
         status: response.status().as_u16(),
+        bearer_expires_at: bearer_token.and_then(jwt_expiry),
     });
     response
+}
+
+/// The `exp` claim of a JWT, without checking anything else.
+fn jwt_expiry(token: &str) -> Option<SystemTime> {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(claims["exp"].as_u64()?))
 }
 
 fn bearer_token(headers: &HeaderMap) -> Option<&str> {
