@@ -23,6 +23,7 @@ use crate::crd::TasklistConnection;
 use crate::events::EventPublisher;
 use crate::inputs::Inputs;
 use crate::metrics::{Metrics, ReasonLabels};
+use crate::policy::HostPolicy;
 use memory::Memory;
 
 /// The field manager named in server-side apply of Secrets and status.
@@ -41,6 +42,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     events: EventPublisher,
     http_settings: HttpSettings,
+    /// Which hosts connections may send requests to (from `http_settings`).
+    policy: Arc<HostPolicy>,
     /// One HTTP client per trust configuration: most connections share the default.
     http_clients: Mutex<HashMap<TlsTrust, HttpClient>>,
     memory: Memory,
@@ -53,6 +56,7 @@ impl Context {
             events: EventPublisher::new(client.clone(), instance),
             client,
             metrics,
+            policy: http_settings.policy.clone().unwrap_or_default(),
             http_settings,
             http_clients: Mutex::default(),
             memory: Memory::default(),

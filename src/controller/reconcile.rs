@@ -32,6 +32,8 @@ const LONGEST_SLEEP: Duration = Duration::from_secs(3600);
 /// Retry interval while a Secret of the derived name belongs to someone else (a watch
 /// also wakes the connection when that Secret changes).
 const CONFLICT_RECHECK: Duration = Duration::from_secs(300);
+/// Recheck interval of a connection the policy does not allow (its host may resolve elsewhere later).
+const NOT_ALLOWED_RECHECK: Duration = Duration::from_secs(300);
 
 pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
     let now = Timestamp::now();
@@ -64,6 +66,11 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
         );
     }
     let stored = stored.and_then(Result::ok);
+
+    // The administrator's policy decides before anything is sent, or any Secret read.
+    if let Err(message) = ctx.policy.check_connection(&connection).await {
+        return this.report_not_allowed(stored.as_ref(), message, now).await;
+    }
 
     // 2. What the credential is made from.
     let inputs = match read_inputs(&connection, &this.secrets).await? {
@@ -386,6 +393,21 @@ impl<'a> Reconciling<'a> {
         }
         self.write_status_if_changed(&observation, now).await?;
         Ok(Action::requeue(CONFLICT_RECHECK))
+    }
+
+    /// The policy forbids this connection: say why, send nothing. The stored credential
+    /// stays in the Secret until it expires; it is no longer refreshed.
+    async fn report_not_allowed(&self, stored: Option<&StoredCredential>, message: String, now: Timestamp) -> Result<Action, Error> {
+        warn!(reason = "NotAllowed", "{message}");
+        let authenticated = ConditionState::failing("NotAllowed", message);
+        let reachable = ConditionState::unknown(
+            "NotProbed",
+            "Tasklist was not probed: the operator's policy does not allow this connection",
+        );
+        self.write_status_if_changed(&self.observe(stored, None, authenticated, reachable), now)
+            .await?;
+        // A spec change wakes the connection at once; the recheck catches DNS changes.
+        Ok(Action::requeue(NOT_ALLOWED_RECHECK))
     }
 
     fn observe(
