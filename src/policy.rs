@@ -24,7 +24,7 @@ pub struct PolicyArgs {
     /// (`tasklist.example.com`), name suffixes (`*.camunda.io`) and CIDRs (`10.0.0.0/8`).
     /// A host name also passes when every address it resolves to is in a listed CIDR.
     /// Empty: any host.
-    #[arg(long, value_delimiter = ',', value_name = "PATTERNS", env = "TASKLIST_OPERATOR_ALLOWED_HOSTS")]
+    #[arg(long, value_delimiter = ',', value_name = "PATTERNS")]
     pub allowed_hosts: Vec<String>,
     /// Refuse link-local addresses (169.254.0.0/16, fe80::/10: cloud metadata services),
     /// whatever `--allowed-hosts` says.

@@ -34,6 +34,20 @@ pub const FIELD_MANAGER: &str = "tasklist-operator";
 pub enum Error {
     #[error("Kubernetes API request failed: {0}")]
     Kube(#[from] kube::Error),
+    /// The derived Secret was created or changed by someone else between the check of its
+    /// owner and the write: it is not overwritten, and the next reconcile looks again.
+    #[error("the Secret {0:?} was created or changed by someone else while a credential was obtained; it was not overwritten")]
+    SecretChangedMeanwhile(String),
+}
+
+impl Error {
+    /// The `reason` label of the reconcile error metric.
+    fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "KubernetesApi",
+            Error::SecretChangedMeanwhile(_) => "SecretChangedMeanwhile",
+        }
+    }
 }
 
 /// Shared by every reconcile.
@@ -148,11 +162,11 @@ async fn reconcile_logged(connection: Arc<TasklistConnection>, ctx: Arc<Context>
     let result = reconcile::reconcile(connection, ctx).await;
     metrics.reconciles.inc();
     metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
-    if result.is_err() {
+    if let Err(error) = &result {
         metrics
             .reconcile_errors
             .get_or_create(&ReasonLabels {
-                reason: "KubernetesApi".into(),
+                reason: error.metric_label().into(),
             })
             .inc();
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use tracing::{debug, info, warn};
@@ -19,7 +19,7 @@ use crate::camunda::probe::{Probe, ProbeOutcome};
 use crate::camunda::{AuthFailure, AuthFailureKind, HttpClient};
 use crate::crd::{TasklistConnection, TasklistConnectionStatus};
 use crate::credential::{Credential, add};
-use crate::derived_secret::{StoredCredential, Unusable, is_owned_by};
+use crate::derived_secret::{StoredCredential, Unusable, is_owned_by, update_patch};
 use crate::events::{ConnectionEvent, transitions};
 use crate::inputs::{Inputs, LoginMaterial, read_inputs, referenced_secret_names};
 use crate::metrics::{ConnectionLabels, CredentialRequestLabels, MethodLabels, ResultLabels};
@@ -48,6 +48,9 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
         && !is_owned_by(secret, &connection)
     {
         return this.report_secret_conflict(now).await;
+    }
+    if let Ok(mut checked) = this.checked_secret.lock() {
+        checked.clone_from(&existing);
     }
     let stored = existing.as_ref().map(StoredCredential::from_secret);
     let restoring = match &stored {
@@ -139,6 +142,9 @@ struct Reconciling<'a> {
     ctx: &'a Context,
     key: ConnectionKey,
     secrets: Api<Secret>,
+    /// The derived Secret as read when its owner was checked (None: it did not exist), then
+    /// as last written: writes succeed only over exactly this.
+    checked_secret: std::sync::Mutex<Option<Secret>>,
 }
 
 /// The credential to use after step 3, and what the Authenticated condition says.
@@ -157,6 +163,7 @@ impl<'a> Reconciling<'a> {
             ctx,
             key,
             secrets,
+            checked_secret: std::sync::Mutex::new(None),
         }
     }
 
@@ -268,18 +275,49 @@ impl<'a> Reconciling<'a> {
         }
     }
 
-    /// Applies the derived Secret. The resourceVersion it was read at is not needed: the
-    /// field manager owns every field it writes, and ownership was checked just before.
+    /// Writes the derived Secret only over what was checked: a Secret that did not exist is
+    /// created (and a Secret of that name that appeared meanwhile makes the create fail), and
+    /// one we own is patched on condition that its resourceVersion is still the one read.
+    /// Either way, a Secret someone else wrote in between is never overwritten.
     async fn write_credential(&self, credential: &StoredCredential) -> Result<(), Error> {
-        let secret = credential.to_secret(self.connection);
-        let params = PatchParams::apply(FIELD_MANAGER).force();
-        let written = self
-            .secrets
-            .patch(&self.connection.secret_name(), &params, &Patch::Apply(&secret))
-            .await?;
+        let name = self.connection.secret_name();
+        let desired = credential.to_secret(self.connection);
+        let checked = self.checked_secret.lock().ok().and_then(|checked| checked.clone());
+        let written = match &checked {
+            None => {
+                let params = PostParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..PostParams::default()
+                };
+                self.secrets.create(&params, &desired).await
+            }
+            Some(checked) => {
+                let params = PatchParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..PatchParams::default()
+                };
+                let patch = update_patch(&desired, checked);
+                self.secrets.patch(&name, &params, &Patch::Merge(patch)).await
+            }
+        };
+        let written = match written {
+            Ok(written) => written,
+            // 409: created or changed meanwhile; 404: deleted meanwhile.
+            Err(kube::Error::Api(response)) if response.code == 409 || response.code == 404 => {
+                warn!(
+                    secret = name,
+                    "the Secret was created or changed by someone else meanwhile; not overwriting it"
+                );
+                return Err(Error::SecretChangedMeanwhile(name));
+            }
+            Err(error) => return Err(error.into()),
+        };
         self.ctx
             .memory
-            .record_own_write(&self.key.0, &self.connection.secret_name(), written.metadata.resource_version);
+            .record_own_write(&self.key.0, &name, written.metadata.resource_version.clone());
+        if let Ok(mut checked) = self.checked_secret.lock() {
+            *checked = Some(written);
+        }
         Ok(())
     }
 
