@@ -9,6 +9,7 @@ mod chart;
 mod core;
 mod ha;
 mod observability;
+mod policy;
 mod reliability;
 mod scenario;
 
@@ -26,6 +27,7 @@ fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     all.extend(ha::scenarios());
     all.extend(reliability::scenarios());
     all.extend(observability::scenarios());
+    all.extend(policy::scenarios());
     all
 }
 
