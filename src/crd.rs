@@ -210,8 +210,9 @@ pub struct ProbeSpec {
     #[serde(default = "default_probe_path")]
     #[schemars(regex(pattern = PATH_PATTERN))]
     pub path: String,
-    /// Body sent with POST as application/json.
+    /// Body sent with POST as application/json, at most 4096 characters (and 4 KiB).
     #[serde(default = "default_probe_body")]
+    #[schemars(length(max = 4096))]
     pub body: String,
     /// How often to probe (for example `60s`).
     #[serde(default = "default_probe_interval")]

@@ -140,6 +140,52 @@ pub fn is_owned_by(secret: &Secret, connection: &TasklistConnection) -> bool {
         .any(|owner| owner.controller == Some(true) && owner.uid == uid)
 }
 
+/// The JSON merge patch that turns `checked`, a Secret we own as it was read, into
+/// `desired`, and only if nobody changed it since: the patch carries the resourceVersion
+/// that was read, so the API server refuses it (409) otherwise. Keys of ours that the new
+/// credential no longer has are removed; labels, annotations and owner references that
+/// others added are kept.
+pub fn update_patch(desired: &Secret, checked: &Secret) -> serde_json::Value {
+    let mut data = serde_json::Map::new();
+    for key in checked.data.iter().flatten().map(|(key, _)| key) {
+        data.insert(key.clone(), serde_json::Value::Null);
+    }
+    for (key, value) in desired.data.iter().flatten() {
+        data.insert(key.clone(), serde_json::to_value(value).unwrap_or_default());
+    }
+    let ours: Vec<&str> = desired
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .map(|owner| owner.uid.as_str())
+        .collect();
+    let owners: Vec<_> = desired
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .chain(
+            checked
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .filter(|owner| !ours.contains(&owner.uid.as_str())),
+        )
+        .collect();
+    serde_json::json!({
+        "metadata": {
+            "resourceVersion": checked.metadata.resource_version,
+            "labels": desired.metadata.labels,
+            "annotations": desired.metadata.annotations,
+            "ownerReferences": owners,
+        },
+        "type": desired.type_,
+        "data": data,
+    })
+}
+
 fn data_hash(data: &BTreeMap<String, String>) -> String {
     let mut hasher = Sha256::new();
     for (key, value) in data {
@@ -237,6 +283,33 @@ mod tests {
         assert_eq!(StoredCredential::from_secret(&secret), Err(Unusable::EditedByHand));
         secret.metadata.annotations = None;
         assert_eq!(StoredCredential::from_secret(&secret), Err(Unusable::Incomplete));
+    }
+
+    #[test]
+    fn an_update_is_conditional_on_the_version_read_and_drops_keys_no_longer_written() {
+        let connection = connection();
+        let mut checked = bearer().to_secret(&connection);
+        checked.metadata.resource_version = Some("42".into());
+        checked
+            .data
+            .as_mut()
+            .unwrap()
+            .insert("csrfToken".into(), ByteString(b"old".to_vec()));
+        let mut foreign_owner = checked.metadata.owner_references.as_ref().unwrap()[0].clone();
+        foreign_owner.uid = "someone-else".into();
+        foreign_owner.controller = None;
+        checked.metadata.owner_references.as_mut().unwrap().push(foreign_owner);
+        let desired = bearer().to_secret(&connection);
+
+        let patch = update_patch(&desired, &checked);
+        assert_eq!(patch["metadata"]["resourceVersion"], "42");
+        assert_eq!(patch["data"]["csrfToken"], serde_json::Value::Null);
+        assert_eq!(patch["data"]["token"], serde_json::json!(ByteString(b"eyJ.token.sig".to_vec())));
+        let owners = patch["metadata"]["ownerReferences"].as_array().unwrap();
+        assert_eq!(owners.len(), 2, "{owners:?}");
+        assert_eq!(owners[0]["uid"], "uid-1");
+        assert_eq!(owners[0]["controller"], true);
+        assert_eq!(owners[1]["uid"], "someone-else");
     }
 
     #[test]

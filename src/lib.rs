@@ -14,6 +14,7 @@ pub mod inputs;
 pub mod leader;
 pub mod metrics;
 pub mod obtain;
+pub mod policy;
 pub mod reason;
 pub mod schedule;
 pub mod serve;

@@ -13,6 +13,7 @@ use tasklist_operator::crd::TasklistConnection;
 use tasklist_operator::duration::parse_duration;
 use tasklist_operator::leader::{LeaderElector, LeaseSettings};
 use tasklist_operator::metrics::Metrics;
+use tasklist_operator::policy::{HostPolicy, PolicyArgs};
 use tasklist_operator::schedule::RefreshPolicy;
 use tasklist_operator::serve::{Health, serve};
 use tokio::sync::watch;
@@ -88,6 +89,8 @@ struct RunArgs {
     /// This replica's identity in the Lease; must be unique among replicas (the Pod name).
     #[arg(long, env = "POD_NAME")]
     leader_election_identity: Option<String>,
+    #[command(flatten)]
+    policy: PolicyArgs,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -117,6 +120,8 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
+    let policy = Arc::new(HostPolicy::from_args(&args.policy).map_err(anyhow::Error::msg)?);
+    info!("policy: {}", policy.describe());
     let client = kube::Client::try_default().await?;
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {
@@ -149,6 +154,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let settings = HttpSettings {
         timeout: args.request_timeout,
+        policy: Some(policy),
         ..HttpSettings::default()
     };
     let policy = RefreshPolicy {

@@ -19,6 +19,8 @@ pub enum Reason {
     TokenExpiredOnArrival,
     InvalidCABundle,
     InvalidSpec,
+    /// The administrator's policy does not allow this connection's hosts or settings.
+    NotAllowed,
     // Reachable
     ProbeSucceeded,
     ProbeDisabled,
@@ -43,6 +45,7 @@ impl Reason {
             Reason::TokenExpiredOnArrival => "TokenExpiredOnArrival",
             Reason::InvalidCABundle => "InvalidCABundle",
             Reason::InvalidSpec => "InvalidSpec",
+            Reason::NotAllowed => "NotAllowed",
             Reason::ProbeSucceeded => "ProbeSucceeded",
             Reason::ProbeDisabled => "ProbeDisabled",
             Reason::ProbeUnauthorized => "ProbeUnauthorized",

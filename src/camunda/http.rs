@@ -1,6 +1,9 @@
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::{StatusCode, header::HeaderMap, redirect};
+
+use crate::policy::{HostPolicy, PolicyResolver};
 
 /// Limits that apply to every request to Camunda.
 #[derive(Debug, Clone)]
@@ -9,6 +12,9 @@ pub struct HttpSettings {
     pub timeout: Duration,
     /// Answers larger than this are not read (a token or a login answer is a few KiB).
     pub max_answer_bytes: usize,
+    /// The administrator's host policy, applied again to every address a host name
+    /// resolves to when connecting. None: any address.
+    pub policy: Option<Arc<HostPolicy>>,
 }
 
 impl Default for HttpSettings {
@@ -16,6 +22,7 @@ impl Default for HttpSettings {
         HttpSettings {
             timeout: Duration::from_secs(10),
             max_answer_bytes: 1024 * 1024,
+            policy: None,
         }
     }
 }
@@ -82,6 +89,9 @@ impl HttpClient {
         }
         if trust.insecure_skip_verify {
             builder = builder.danger_accept_invalid_certs(true);
+        }
+        if let Some(policy) = &settings.policy {
+            builder = builder.dns_resolver(Arc::new(PolicyResolver::new(policy.clone())));
         }
         let inner = builder
             .build()

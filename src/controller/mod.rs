@@ -24,6 +24,7 @@ use crate::crd::TasklistConnection;
 use crate::events::EventPublisher;
 use crate::inputs::Inputs;
 use crate::metrics::{Metrics, ReasonLabels};
+use crate::policy::HostPolicy;
 use crate::schedule::RefreshPolicy;
 use memory::Memory;
 
@@ -35,6 +36,10 @@ pub const FIELD_MANAGER: &str = "tasklist-operator";
 pub enum Error {
     #[error("Kubernetes API request failed: {0}")]
     Kube(#[from] kube::Error),
+    /// The derived Secret was created or changed by someone else between the check of its
+    /// owner and the write: it is not overwritten, and the next reconcile looks again.
+    #[error("the Secret {0:?} was created or changed by someone else while a credential was obtained; it was not overwritten")]
+    SecretChangedMeanwhile(String),
 }
 
 impl Error {
@@ -42,6 +47,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(_) => "KubernetesApi",
+            Error::SecretChangedMeanwhile(_) => "SecretChangedMeanwhile",
         }
     }
 }
@@ -53,7 +59,9 @@ pub struct Context {
     events: EventPublisher,
     http_settings: HttpSettings,
     /// The operator-wide settings of the refresh rule.
-    policy: RefreshPolicy,
+    refresh_policy: RefreshPolicy,
+    /// Which hosts connections may send requests to (from `http_settings`).
+    host_policy: Arc<HostPolicy>,
     /// One HTTP client per trust configuration: most connections share the default.
     http_clients: Mutex<HashMap<TlsTrust, HttpClient>>,
     memory: Memory,
@@ -72,8 +80,9 @@ impl Context {
             events: EventPublisher::new(client.clone(), instance),
             client,
             metrics,
+            host_policy: http_settings.policy.clone().unwrap_or_default(),
             http_settings,
-            policy,
+            refresh_policy: policy,
             http_clients: Mutex::default(),
             memory: Memory::default(),
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use tracing::{debug, info, warn};
@@ -20,7 +20,7 @@ use crate::camunda::probe::{Probe, ProbeOutcome};
 use crate::camunda::{AuthFailure, HttpClient};
 use crate::crd::{TasklistConnection, TasklistConnectionStatus};
 use crate::credential::{Credential, add};
-use crate::derived_secret::{DATA_HASH, StoredCredential, Unusable, is_owned_by};
+use crate::derived_secret::{DATA_HASH, StoredCredential, Unusable, is_owned_by, update_patch};
 use crate::events::{ConnectionEvent, transitions};
 use crate::inputs::{Inputs, LoginMaterial, read_inputs, referenced_secret_names};
 use crate::metrics::{ConnectionLabels, CredentialRequestLabels, MethodLabels, ResultLabels};
@@ -31,6 +31,8 @@ use crate::status::{AUTHENTICATED, ConditionState, CredentialTimes, Observation,
 /// Retry interval while a Secret of the derived name belongs to someone else (a watch
 /// also wakes the connection when that Secret changes).
 const CONFLICT_RECHECK: Duration = Duration::from_secs(300);
+/// Recheck interval of a connection the policy does not allow (its host may resolve elsewhere later).
+const NOT_ALLOWED_RECHECK: Duration = Duration::from_secs(300);
 
 pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
     let now = Timestamp::now();
@@ -45,6 +47,9 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
         && !is_owned_by(secret, &connection)
     {
         return this.report_secret_conflict(now).await;
+    }
+    if let Ok(mut checked) = this.checked_secret.lock() {
+        checked.clone_from(&existing);
     }
     let stored = existing.as_ref().map(StoredCredential::from_secret);
     let secret_state = match &stored {
@@ -65,6 +70,11 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
         );
     }
     let stored = stored.and_then(Result::ok);
+
+    // The administrator's policy decides before anything is sent, or any Secret read.
+    if let Err(message) = ctx.host_policy.check_connection(&connection).await {
+        return this.report_not_allowed(stored.as_ref(), message, now).await;
+    }
 
     // 2. What the credential is made from.
     let inputs = match read_inputs(&connection, &this.secrets).await? {
@@ -174,6 +184,9 @@ struct Reconciling<'a> {
     ctx: &'a Context,
     key: ConnectionKey,
     secrets: Api<Secret>,
+    /// The derived Secret as read when its owner was checked (None: it did not exist), then
+    /// as last written: writes succeed only over exactly this.
+    checked_secret: std::sync::Mutex<Option<Secret>>,
 }
 
 /// The credential to use after step 3, and what the Authenticated condition says.
@@ -192,6 +205,7 @@ impl<'a> Reconciling<'a> {
             ctx,
             key,
             secrets,
+            checked_secret: std::sync::Mutex::new(None),
         }
     }
 
@@ -260,7 +274,7 @@ impl<'a> Reconciling<'a> {
     ) -> Result<FreshCredential, Error> {
         let (ctx, key) = (self.ctx, &self.key);
         let started = std::time::Instant::now();
-        let result = obtain_credential_with(inputs, http, &ctx.policy).await;
+        let result = obtain_credential_with(inputs, http, &ctx.refresh_policy).await;
         self.record_credential_request(inputs, &result, started.elapsed());
         match result {
             Ok(credential) => {
@@ -328,24 +342,56 @@ impl<'a> Reconciling<'a> {
             credential.expires_at,
             inputs.refresh_before,
             session_timeout,
-            &self.ctx.policy,
+            &self.ctx.refresh_policy,
         )
     }
 
-    /// Applies the derived Secret. The resourceVersion it was read at is not needed: the
-    /// field manager owns every field it writes, and ownership was checked just before.
+    /// Writes the derived Secret only over what was checked: a Secret that did not exist is
+    /// created (and a Secret of that name that appeared meanwhile makes the create fail), and
+    /// one we own is patched on condition that its resourceVersion is still the one read.
+    /// Either way, a Secret someone else wrote in between is never overwritten.
     /// Memory learns of the write before it is sent, so that its watch event, which may
     /// arrive before the answer, does not wake the connection again.
     async fn write_credential(&self, credential: &StoredCredential) -> Result<(), Error> {
-        let secret = credential.to_secret(self.connection);
         let name = self.connection.secret_name();
-        let data_hash = secret.metadata.annotations.as_ref().and_then(|a| a.get(DATA_HASH)).cloned();
+        let desired = credential.to_secret(self.connection);
+        let data_hash = desired.metadata.annotations.as_ref().and_then(|a| a.get(DATA_HASH)).cloned();
         self.ctx.memory.record_write_in_flight(&self.key.0, &name, data_hash);
-        let params = PatchParams::apply(FIELD_MANAGER).force();
-        let written = self.secrets.patch(&name, &params, &Patch::Apply(&secret)).await;
+        let checked = self.checked_secret.lock().ok().and_then(|checked| checked.clone());
+        let written = match &checked {
+            None => {
+                let params = PostParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..PostParams::default()
+                };
+                self.secrets.create(&params, &desired).await
+            }
+            Some(checked) => {
+                let params = PatchParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..PatchParams::default()
+                };
+                let patch = update_patch(&desired, checked);
+                self.secrets.patch(&name, &params, &Patch::Merge(patch)).await
+            }
+        };
         let version = written.as_ref().ok().and_then(|w| w.metadata.resource_version.clone());
         self.ctx.memory.record_own_write(&self.key.0, &name, version);
-        written?;
+        let written = match written {
+            Ok(written) => written,
+            // 409: created or changed meanwhile; 404: deleted meanwhile.
+            Err(kube::Error::Api(response)) if response.code == 409 || response.code == 404 => {
+                warn!(
+                    secret = name,
+                    "the Secret was created or changed by someone else meanwhile; not overwriting it"
+                );
+                return Err(Error::SecretChangedMeanwhile(name));
+            }
+            Err(error) => return Err(error.into()),
+        };
+        if let Ok(mut checked) = self.checked_secret.lock() {
+            *checked = Some(written);
+        }
         Ok(())
     }
 
@@ -467,6 +513,21 @@ impl<'a> Reconciling<'a> {
         }
         self.write_status_if_changed(&observation, now).await?;
         Ok(Action::requeue(CONFLICT_RECHECK))
+    }
+
+    /// The policy forbids this connection: say why, send nothing. The stored credential
+    /// stays in the Secret until it expires; it is no longer refreshed.
+    async fn report_not_allowed(&self, stored: Option<&StoredCredential>, message: String, now: Timestamp) -> Result<Action, Error> {
+        warn!(reason = %Reason::NotAllowed, "{message}");
+        let authenticated = ConditionState::failing(Reason::NotAllowed, message);
+        let reachable = ConditionState::unknown(
+            Reason::NotProbed,
+            "Tasklist was not probed: the operator's policy does not allow this connection",
+        );
+        self.write_status_if_changed(&self.observe(stored, None, authenticated, reachable), now)
+            .await?;
+        // A spec change wakes the connection at once; the recheck catches DNS changes.
+        Ok(Action::requeue(NOT_ALLOWED_RECHECK))
     }
 
     fn observe(

@@ -9,6 +9,7 @@ mod chart;
 mod core;
 mod ha;
 mod observability;
+mod policy;
 mod refresh;
 mod reliability;
 mod scenario;
@@ -28,6 +29,7 @@ fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     all.extend(reliability::scenarios());
     all.extend(observability::scenarios());
     all.extend(refresh::scenarios());
+    all.extend(policy::scenarios());
     all
 }
 

@@ -341,6 +341,12 @@ impl StandinTasklist {
         self.shared.lock().token_requests.clone()
     }
 
+    /// Token requests received so far, including those not answered yet (e.g. while the
+    /// endpoint is [`EndpointMode::Slow`]).
+    pub fn token_requests_arrived(&self) -> usize {
+        self.shared.lock().token_requests_arrived
+    }
+
     pub fn logins(&self) -> Vec<LoginRecord> {
         self.shared.lock().logins.clone()
     }

@@ -158,7 +158,11 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
 pub(super) async fn token(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let time = SystemTime::now();
     let request = TokenRequest::parse(&headers, &body);
-    let mode = shared.lock().token_endpoint;
+    let mode = {
+        let mut state = shared.lock();
+        state.token_requests_arrived += 1;
+        state.token_endpoint
+    };
     let response = match apply_mode(mode, invalid_client).await {
         Some(response) => response,
         None => answer(&shared, &request),

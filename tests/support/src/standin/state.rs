@@ -43,6 +43,8 @@ pub(super) struct State {
     pub tokens: KnownTokens,
     pub jwks: TrustedJwks,
     pub token_requests: Vec<TokenRequestRecord>,
+    /// Token requests received, counted on arrival (`token_requests` records them on answer).
+    pub token_requests_arrived: usize,
     pub logins: Vec<LoginRecord>,
     pub api_requests: Vec<ApiRequestRecord>,
 }
@@ -78,6 +80,7 @@ impl Shared {
                 tokens: KnownTokens::default(),
                 jwks: TrustedJwks::default(),
                 token_requests: Vec::new(),
+                token_requests_arrived: 0,
                 logins: Vec::new(),
                 api_requests: Vec::new(),
             }),
