@@ -20,6 +20,7 @@ mkdir -p "$cache"
 module_version() { sed -n "s#^\s*$2 \(v[0-9.]*\).*#\1#p" "$here/$1/go.mod" | head -n1; }
 kubernetes_version=$(module_version controlplane k8s.io/kubernetes)
 helm_version=$(module_version helm helm.sh/helm/v3)
+prometheus_version=$(module_version promtool github.com/prometheus/prometheus)
 keycloak_version=26.5.6
 
 log() { echo "tools: $*" >&2; }
@@ -87,6 +88,24 @@ fetch_keycloak() {
   rm -rf "$out" && mv "$work/keycloak-$keycloak_version" "$out" && rm -rf "$work"
 }
 
+# promtool (`check rules`, `test rules`) and scrapecheck (Prometheus's scrape parsers, see
+# hack/promtool/scrapecheck) for the monitoring tests, from the Prometheus Go module.
+build_promtool() {
+  local out="$cache/promtool-$prometheus_version"
+  if [[ -x $out/promtool && -x $out/scrapecheck ]]; then
+    log "promtool $prometheus_version cached in $out"
+    return
+  fi
+  log "building promtool and scrapecheck $prometheus_version (cold: ~5 min on 2 cores)"
+  mkdir -p "$out.partial"
+  (
+    cd "$here/promtool"
+    go build -ldflags "-s -w" -o "$out.partial/promtool" github.com/prometheus/prometheus/cmd/promtool
+    go build -ldflags "-s -w" -o "$out.partial/scrapecheck" ./scrapecheck
+  )
+  rm -rf "$out" && mv "$out.partial" "$out"
+}
+
 # Keycloak 26 wants Java 21 or newer; the machine's default JDK may be older.
 keycloak_java() {
   local candidate
@@ -106,11 +125,12 @@ keycloak_java() {
 
 only=${1:-all}
 case $only in
-  all) build_control_plane; build_helm; fetch_keycloak ;;
+  all) build_control_plane; build_helm; fetch_keycloak; build_promtool ;;
   control-plane) build_control_plane ;;
   helm) build_helm ;;
   keycloak) fetch_keycloak ;;
-  *) echo "usage: hack/tools.sh [all|control-plane|helm|keycloak]" >&2; exit 2 ;;
+  promtool) build_promtool ;;
+  *) echo "usage: hack/tools.sh [all|control-plane|helm|keycloak|promtool]" >&2; exit 2 ;;
 esac
 
 k8s="$cache/kubernetes-$kubernetes_version"
@@ -120,3 +140,5 @@ echo "export TLO_ETCD=$k8s/etcd"
 echo "export TLO_HELM=$cache/helm-$helm_version/helm"
 echo "export TLO_KEYCLOAK_HOME=$cache/keycloak-$keycloak_version"
 echo "export TLO_KEYCLOAK_JAVA=$(keycloak_java)"
+echo "export TLO_PROMTOOL=$cache/promtool-$prometheus_version/promtool"
+echo "export TLO_SCRAPECHECK=$cache/promtool-$prometheus_version/scrapecheck"
