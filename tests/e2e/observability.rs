@@ -553,7 +553,7 @@ async fn the_one_event(s: &Scenario, connection: &str, reason: &str, type_: &str
 async fn events_are_published_for_transitions_and_aggregated_during_a_failure_loop(world: Arc<World>) -> anyhow::Result<()> {
     let mut s = Scenario::start_saas(&world, "events").await?;
     let mut spec = s.saas_spec();
-    spec["probe"] = json!({"interval": "2s"});
+    spec["probe"] = json!({"interval": "10s"});
     s.apply_connection("orders", spec).await?;
     s.wait_ready("orders").await?;
     let first = s.derived_secret(SECRET).await?.context("no derived Secret")?;
