@@ -26,6 +26,7 @@ mkdir -p "$cache"
 module_version() { sed -n "s#^\s*$2 \(v[0-9.]*\).*#\1#p" "$here/$1/go.mod" | head -n1; }
 kubernetes_version=$(module_version controlplane k8s.io/kubernetes)
 helm_version=$(module_version helm helm.sh/helm/v3)
+prometheus_version=$(module_version promtool github.com/prometheus/prometheus)
 keycloak_version=26.5.6
 
 log() { echo "tools: $*" >&2; }
@@ -165,6 +166,24 @@ fetch_keycloak() {
   rm -rf "$out" && mv "$work/keycloak-$keycloak_version" "$out"
 }
 
+# promtool (`check rules`, `test rules`) and scrapecheck (Prometheus's scrape parsers, see
+# hack/promtool/scrapecheck) for the monitoring tests, from the Prometheus Go module.
+build_promtool() {
+  local out="$cache/promtool-$prometheus_version"
+  if [[ -x $out/promtool && -x $out/scrapecheck ]]; then
+    log "promtool $prometheus_version cached in $out"
+    return
+  fi
+  log "building promtool and scrapecheck $prometheus_version (cold: ~5 min on 2 cores)"
+  mkdir -p "$out.partial"
+  (
+    cd "$here/promtool"
+    go build -ldflags "-s -w" -o "$out.partial/promtool" github.com/prometheus/prometheus/cmd/promtool
+    go build -ldflags "-s -w" -o "$out.partial/scrapecheck" ./scrapecheck
+  )
+  rm -rf "$out" && mv "$out.partial" "$out"
+}
+
 # Keycloak 26 wants Java 21 or newer; the machine's default JDK may be older.
 keycloak_java() {
   local candidate
@@ -190,12 +209,14 @@ case $only in
     with_lock node-runtime install_node_runtime
     with_lock helm build_helm
     with_lock keycloak fetch_keycloak
+    with_lock promtool build_promtool
     ;;
   control-plane) with_lock control-plane build_control_plane ;;
   node) with_lock node build_node; with_lock node-runtime install_node_runtime ;;
   helm) with_lock helm build_helm ;;
   keycloak) with_lock keycloak fetch_keycloak ;;
-  *) echo "usage: hack/tools.sh [all|control-plane|node|helm|keycloak]" >&2; exit 2 ;;
+  promtool) with_lock promtool build_promtool ;;
+  *) echo "usage: hack/tools.sh [all|control-plane|node|helm|keycloak|promtool]" >&2; exit 2 ;;
 esac
 
 k8s="$cache/kubernetes-$kubernetes_version"
@@ -214,3 +235,5 @@ echo "export TLO_CNI_BIN_DIR=/usr/lib/cni"
 echo "export TLO_HELM=$cache/helm-$helm_version/helm"
 echo "export TLO_KEYCLOAK_HOME=$cache/keycloak-$keycloak_version"
 echo "export TLO_KEYCLOAK_JAVA=$(keycloak_java)"
+echo "export TLO_PROMTOOL=$cache/promtool-$prometheus_version/promtool"
+echo "export TLO_SCRAPECHECK=$cache/promtool-$prometheus_version/scrapecheck"

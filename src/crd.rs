@@ -4,6 +4,7 @@
 //! a bad manifest with a readable message before the operator ever sees it.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::core::{Message, Rule};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -18,6 +19,62 @@ pub const OBJECT_NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9
 pub const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
 /// An absolute request path.
 pub const PATH_PATTERN: &str = r"^/[^\s]*$";
+
+/// The shortest `sessionTimeout`: a session trusted for less would mean a login every few
+/// seconds.
+pub const MIN_SESSION_TIMEOUT: &str = "30s";
+/// The shortest probe interval: each probe is a request to Tasklist.
+pub const MIN_PROBE_INTERVAL: &str = "10s";
+
+// The CRD rejects a bad value with a CEL rule whose message says what to write instead
+// (a plain `pattern` would answer with the regular expression). The rules repeat the
+// patterns above; CEL's own duration() then checks the minimums.
+
+/// A duration such as `30s`, `5m`, `1h30m`.
+fn duration_rule() -> Rule {
+    Rule::new(format!("self.matches(r'{DURATION_PATTERN}')"))
+        .message(Message::Expression(
+            "'write a duration such as 30s, 5m or 1h30m, not \"' + self + '\"'".into(),
+        ))
+        .reason(kube::core::Reason::FieldValueInvalid)
+}
+
+/// A well-formed duration of at least `minimum`.
+fn minimum_duration_rule(minimum: &str, why: &str) -> Rule {
+    Rule::new(format!(
+        "!self.matches(r'{DURATION_PATTERN}') || duration(self) >= duration('{minimum}')"
+    ))
+    .message(Message::Expression(format!("'must be at least {minimum} ({why}), not ' + self")))
+    .reason(kube::core::Reason::FieldValueInvalid)
+}
+
+/// An http(s) URL with a host.
+fn http_url_rule() -> Rule {
+    Rule::new(format!("self.matches(r'{HTTP_URL_PATTERN}')"))
+        .message("write an http:// or https:// URL with a host, such as https://bru-2.tasklist.camunda.io/abc123")
+        .reason(kube::core::Reason::FieldValueInvalid)
+}
+
+/// A Kubernetes object name.
+fn object_name_rule() -> Rule {
+    Rule::new(format!("self.matches(r'{OBJECT_NAME_PATTERN}')"))
+        .message("must be a Kubernetes object name: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, such as orders-tasklist-auth")
+        .reason(kube::core::Reason::FieldValueInvalid)
+}
+
+/// A key of a Secret's data.
+fn secret_key_rule() -> Rule {
+    Rule::new(format!("self.matches(r'{SECRET_KEY_PATTERN}')"))
+        .message("must be a Secret key: letters, digits, '-', '_' and '.', such as client_secret")
+        .reason(kube::core::Reason::FieldValueInvalid)
+}
+
+/// An absolute request path.
+fn path_rule() -> Rule {
+    Rule::new(format!("self.matches(r'{PATH_PATTERN}')"))
+        .message("write an absolute path without spaces, such as /v1/tasks/search")
+        .reason(kube::core::Reason::FieldValueInvalid)
+}
 
 /// The annotation whose change of value asks for a new credential at once.
 pub const REFRESH_ANNOTATION: &str = "tasklist.camunda.community/refresh";
@@ -66,7 +123,8 @@ pub const REFRESH_ANNOTATION: &str = "tasklist.camunda.community/refresh";
 pub struct TasklistConnectionSpec {
     /// Base URL of Tasklist, http or https, for example https://bru-2.tasklist.camunda.io/abc123.
     /// The probe and the cookie login are sent to paths below it.
-    #[schemars(regex(pattern = HTTP_URL_PATTERN), length(max = 2048))]
+    #[x_kube(validation = http_url_rule())]
+    #[schemars(length(max = 2048))]
     pub url: String,
 
     /// How to obtain a credential: exactly one of `oauth2` (SaaS or Self-Managed Identity)
@@ -76,13 +134,15 @@ pub struct TasklistConnectionSpec {
     /// Name of the Secret the operator writes the credential to, in this namespace.
     /// Defaults to `<metadata.name>-tasklist-auth`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = OBJECT_NAME_PATTERN), length(min = 1, max = 253))]
+    #[x_kube(validation = object_name_rule())]
+    #[schemars(length(min = 1, max = 253))]
     pub secret_name: Option<String>,
 
     /// Obtain a new credential at least this long before the current one expires
     /// (for example `5m`). Without it, a credential is replaced after 80 % of its lifetime.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[x_kube(validation = duration_rule())]
+    #[schemars(length(max = 64))]
     pub refresh_before: Option<String>,
 
     /// A request sent to Tasklist with the credential to check that Tasklist accepts it.
@@ -114,7 +174,8 @@ pub struct OAuth2Spec {
     /// Token endpoint of the authorization server, http or https. SaaS:
     /// https://login.cloud.camunda.io/oauth/token; Identity: the Keycloak realm's
     /// .../protocol/openid-connect/token.
-    #[schemars(regex(pattern = HTTP_URL_PATTERN), length(max = 2048))]
+    #[x_kube(validation = http_url_rule())]
+    #[schemars(length(max = 2048))]
     pub token_url: String,
 
     /// Audience requested for the token. SaaS: tasklist.camunda.io; Identity: usually tasklist-api.
@@ -150,15 +211,18 @@ pub enum RequestEncoding {
 #[serde(rename_all = "camelCase")]
 pub struct ClientSecretRef {
     /// Name of a Secret in the connection's namespace.
-    #[schemars(regex(pattern = OBJECT_NAME_PATTERN), length(min = 1, max = 253))]
+    #[x_kube(validation = object_name_rule())]
+    #[schemars(length(min = 1, max = 253))]
     pub name: String,
     /// Key of the client id in that Secret.
     #[serde(default = "default_client_id_key")]
-    #[schemars(regex(pattern = SECRET_KEY_PATTERN))]
+    #[x_kube(validation = secret_key_rule())]
+    #[schemars(length(max = 253))]
     pub client_id_key: String,
     /// Key of the client secret in that Secret.
     #[serde(default = "default_client_secret_key")]
-    #[schemars(regex(pattern = SECRET_KEY_PATTERN))]
+    #[x_kube(validation = secret_key_rule())]
+    #[schemars(length(max = 253))]
     pub client_secret_key: String,
 }
 
@@ -168,11 +232,14 @@ pub struct ClientSecretRef {
 pub struct CookieSpec {
     /// Path of the login endpoint below `url`.
     #[serde(default = "default_login_path")]
-    #[schemars(regex(pattern = PATH_PATTERN))]
+    #[x_kube(validation = path_rule())]
+    #[schemars(length(max = 1024))]
     pub login_path: String,
-    /// How long a session is trusted before the operator logs in again (for example `30m`).
+    /// How long a session is trusted before the operator logs in again (for example `30m`);
+    /// at least 30s.
     #[serde(default = "default_session_timeout")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[x_kube(validation = duration_rule(), validation = minimum_duration_rule(MIN_SESSION_TIMEOUT, "a shorter session would mean a login every few seconds"))]
+    #[schemars(length(max = 64))]
     pub session_timeout: String,
     /// The Secret in this namespace that holds the username and password.
     pub credentials_secret_ref: CredentialsSecretRef,
@@ -183,15 +250,18 @@ pub struct CookieSpec {
 #[serde(rename_all = "camelCase")]
 pub struct CredentialsSecretRef {
     /// Name of a Secret in the connection's namespace.
-    #[schemars(regex(pattern = OBJECT_NAME_PATTERN), length(min = 1, max = 253))]
+    #[x_kube(validation = object_name_rule())]
+    #[schemars(length(min = 1, max = 253))]
     pub name: String,
     /// Key of the username in that Secret.
     #[serde(default = "default_username_key")]
-    #[schemars(regex(pattern = SECRET_KEY_PATTERN))]
+    #[x_kube(validation = secret_key_rule())]
+    #[schemars(length(max = 253))]
     pub username_key: String,
     /// Key of the password in that Secret.
     #[serde(default = "default_password_key")]
-    #[schemars(regex(pattern = SECRET_KEY_PATTERN))]
+    #[x_kube(validation = secret_key_rule())]
+    #[schemars(length(max = 253))]
     pub password_key: String,
 }
 
@@ -208,15 +278,17 @@ pub struct ProbeSpec {
     /// Path below `url`. The default works on Tasklist 8.2 to 8.9; on 8.10 and later use
     /// GET /v2/topology.
     #[serde(default = "default_probe_path")]
-    #[schemars(regex(pattern = PATH_PATTERN))]
+    #[x_kube(validation = path_rule())]
+    #[schemars(length(max = 1024))]
     pub path: String,
     /// Body sent with POST as application/json, at most 4096 characters (and 4 KiB).
     #[serde(default = "default_probe_body")]
     #[schemars(length(max = 4096))]
     pub body: String,
-    /// How often to probe (for example `60s`).
+    /// How often to probe (for example `60s`); at least 10s.
     #[serde(default = "default_probe_interval")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[x_kube(validation = duration_rule(), validation = minimum_duration_rule(MIN_PROBE_INTERVAL, "each probe is a request to Tasklist"))]
+    #[schemars(length(max = 64))]
     pub interval: String,
 }
 
@@ -262,11 +334,13 @@ pub struct TlsSpec {
 #[serde(rename_all = "camelCase")]
 pub struct CaSecretRef {
     /// Name of a Secret in the connection's namespace.
-    #[schemars(regex(pattern = OBJECT_NAME_PATTERN), length(min = 1, max = 253))]
+    #[x_kube(validation = object_name_rule())]
+    #[schemars(length(min = 1, max = 253))]
     pub name: String,
     /// Key of the PEM bundle in that Secret.
     #[serde(default = "default_ca_key")]
-    #[schemars(regex(pattern = SECRET_KEY_PATTERN))]
+    #[x_kube(validation = secret_key_rule())]
+    #[schemars(length(max = 253))]
     pub key: String,
 }
 

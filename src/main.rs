@@ -89,6 +89,18 @@ struct RunArgs {
     /// This replica's identity in the Lease; must be unique among replicas (the Pod name).
     #[arg(long, env = "POD_NAME")]
     leader_election_identity: Option<String>,
+    /// How long standbys wait after the leader's last renewal before taking over.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    leader_election_lease_duration: Duration,
+    /// The leader gives up when it could not renew the Lease for this long.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    leader_election_renew_deadline: Duration,
+    /// Pause between tries to take (standbys) or renew (the leader) the Lease.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    leader_election_retry_period: Duration,
+    /// How many connections are reconciled at once (per watched namespace); 0 means no limit.
+    #[arg(long, default_value_t = controller::DEFAULT_CONCURRENCY)]
+    concurrency: u16,
     #[command(flatten)]
     policy: PolicyArgs,
 }
@@ -167,7 +179,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         policy,
         metrics,
         args.leader_election_identity.clone(),
-    ));
+    )
+    .with_concurrency(args.concurrency));
     match &elector {
         None => controller::run(ctx, scope, shutdown()).await,
         Some(elector) => {
@@ -206,7 +219,12 @@ fn leader_election(args: &RunArgs, client: &kube::Client) -> Result<Option<Leade
         .leader_election_identity
         .clone()
         .ok_or("--leader-election-identity (or POD_NAME) is required: it must be unique per replica")?;
-    let settings = LeaseSettings::new(namespace, args.leader_election_lease_name.clone(), identity);
+    let settings = LeaseSettings {
+        lease_duration: args.leader_election_lease_duration,
+        renew_deadline: args.leader_election_renew_deadline,
+        retry_period: args.leader_election_retry_period,
+        ..LeaseSettings::new(namespace, args.leader_election_lease_name.clone(), identity)
+    };
     settings.validate()?;
     Ok(Some(LeaderElector::new(client.clone(), settings)))
 }

@@ -125,14 +125,70 @@ impl Default for Metrics {
     }
 }
 
-impl Metrics {
-    /// The Prometheus text format.
-    pub fn encode(&self) -> String {
-        let mut text = String::new();
-        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
-            text.clear();
+/// The two exposition formats `/metrics` serves, chosen by the scraper's `Accept` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpositionFormat {
+    /// The Prometheus text format 0.0.4: what Prometheus, its agents and most tools read.
+    Text,
+    /// OpenMetrics 1.0.0: counters are typed without `_total`, and the answer ends in `# EOF`.
+    OpenMetrics,
+}
+
+impl ExpositionFormat {
+    pub fn content_type(self) -> &'static str {
+        match self {
+            ExpositionFormat::Text => "text/plain; version=0.0.4; charset=utf-8",
+            ExpositionFormat::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
         }
-        text
+    }
+
+    /// Content negotiation as Prometheus's own client libraries do it: the acceptable
+    /// media range with the highest `q` wins, the first one on a tie; without an `Accept`
+    /// header, or when nothing listed is acceptable, the text format.
+    pub fn negotiate(accept: Option<&str>) -> ExpositionFormat {
+        let mut best: Option<(f32, ExpositionFormat)> = None;
+        for range in accept.unwrap_or_default().split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media_type = parts.next().unwrap_or_default().to_ascii_lowercase();
+            let mut quality = 1.0_f32;
+            let mut version = None;
+            for parameter in parts {
+                let Some((key, value)) = parameter.split_once('=') else { continue };
+                match key.trim().to_ascii_lowercase().as_str() {
+                    "q" => quality = value.trim().parse().unwrap_or(0.0),
+                    "version" => version = Some(value.trim().to_owned()),
+                    _ => {}
+                }
+            }
+            let format = match media_type.as_str() {
+                // prometheus-client writes OpenMetrics 1.0.0, which 0.0.1 readers read too.
+                "application/openmetrics-text" => match version.as_deref() {
+                    None | Some("1.0.0") | Some("0.0.1") => ExpositionFormat::OpenMetrics,
+                    Some(_) => continue,
+                },
+                // Text format 1.0.0 only adds UTF-8 names; these names are plain ASCII.
+                "text/plain" | "text/*" | "*/*" => ExpositionFormat::Text,
+                _ => continue,
+            };
+            if quality > 0.0 && best.is_none_or(|(best_quality, _)| quality > best_quality) {
+                best = Some((quality, format));
+            }
+        }
+        best.map_or(ExpositionFormat::Text, |(_, format)| format)
+    }
+}
+
+impl Metrics {
+    /// Every metric, in the format asked for.
+    pub fn encode(&self, format: ExpositionFormat) -> String {
+        let mut openmetrics = String::new();
+        if prometheus_client::encoding::text::encode(&mut openmetrics, &self.registry).is_err() {
+            openmetrics.clear();
+        }
+        match format {
+            ExpositionFormat::OpenMetrics => openmetrics,
+            ExpositionFormat::Text => openmetrics_to_text_format(&openmetrics),
+        }
     }
 
     /// Drops the per-connection series of a deleted connection.
@@ -144,6 +200,52 @@ impl Metrics {
         self.connection_ready.remove(&labels);
         self.credential_expiry.remove(&labels);
     }
+}
+
+/// Rewrites prometheus-client's OpenMetrics output as the Prometheus text format 0.0.4.
+///
+/// The two differ, for the families this operator has, only in the metadata: an
+/// OpenMetrics counter family `x` has samples `x_total`, while the text format names the
+/// family `x_total` (a text-format reader would otherwise see a counter without samples
+/// and an untyped `x_total`); `unknown` is `untyped`; `# UNIT` and `# EOF` do not exist;
+/// HELP escapes only `\\` and `\n`. Samples are the same in both.
+pub fn openmetrics_to_text_format(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let family_name = |name: &str| {
+        if counters.contains(name) {
+            format!("{name}_total")
+        } else {
+            name.to_owned()
+        }
+    };
+    let mut text = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let kind = if kind == "unknown" { "untyped" } else { kind };
+            text.push_str(&format!("# TYPE {} {kind}\n", family_name(name)));
+        } else if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            text.push_str(&format!("# HELP {} {}\n", family_name(name), help.replace("\\\"", "\"")));
+        } else if counters
+            .iter()
+            .any(|counter| line.strip_prefix(counter).is_some_and(|rest| rest.starts_with("_created")))
+        {
+            // A counter's creation time has no place in the text format.
+            continue;
+        } else {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    text
 }
 
 #[cfg(test)]
@@ -166,7 +268,7 @@ mod tests {
             })
             .inc();
         metrics.token_request_duration.observe(0.02);
-        let text = metrics.encode();
+        let text = metrics.encode(ExpositionFormat::OpenMetrics);
         assert!(
             text.contains(r#"tasklist_operator_connection_ready{namespace="team-a",name="orders"} 1"#),
             "{text}"
@@ -177,6 +279,69 @@ mod tests {
         );
         assert!(text.contains("tasklist_operator_token_request_duration_seconds_bucket"), "{text}");
         metrics.forget_connection("team-a", "orders");
-        assert!(!metrics.encode().contains(r#"name="orders""#));
+        assert!(!metrics.encode(ExpositionFormat::OpenMetrics).contains(r#"name="orders""#));
+    }
+
+    #[test]
+    fn scrapers_get_the_format_they_ask_for() {
+        use ExpositionFormat::{OpenMetrics, Text};
+        // Prometheus 2.x and 3.x scrape headers.
+        let prometheus2 = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        let prometheus3 = "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,application/openmetrics-text;version=0.0.1;q=0.5,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2";
+        let text_only = "text/plain;version=0.0.4;q=1,*/*;q=0.1";
+        let cases = [
+            (None, Text),
+            (Some(""), Text),
+            (Some("*/*"), Text),
+            (Some(prometheus2), OpenMetrics),
+            (Some(prometheus3), OpenMetrics),
+            (Some(text_only), Text),
+            (Some("text/plain"), Text),
+            (Some("application/openmetrics-text"), OpenMetrics),
+            (Some("application/openmetrics-text; version=2.0.0, text/plain;q=0.1"), Text),
+            (Some("application/openmetrics-text;q=0, text/plain;q=0.1"), Text),
+            (Some("text/plain;q=0.2, application/openmetrics-text;q=0.9"), OpenMetrics),
+            (Some("text/plain, application/openmetrics-text"), Text),
+            (Some("application/json"), Text),
+        ];
+        for (accept, expected) in cases {
+            assert_eq!(ExpositionFormat::negotiate(accept), expected, "Accept: {accept:?}");
+        }
+    }
+
+    #[test]
+    fn the_text_format_names_counter_families_with_total() {
+        let openmetrics = "# HELP x_reconciles Reconciles \\\"run\\\".\n# TYPE x_reconciles counter\n\
+            x_reconciles_total 3\nx_reconciles_created 1.7e9\n# HELP x_up Up.\n# TYPE x_up gauge\n# UNIT x_up seconds\n\
+            x_up{name=\"a\"} 1\n# TYPE x_odd unknown\nx_odd 2\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_text_format(openmetrics),
+            "# HELP x_reconciles_total Reconciles \"run\".\n# TYPE x_reconciles_total counter\nx_reconciles_total 3\n\
+             # HELP x_up Up.\n# TYPE x_up gauge\nx_up{name=\"a\"} 1\n# TYPE x_odd untyped\nx_odd 2\n"
+        );
+    }
+
+    #[test]
+    fn every_family_reads_the_same_in_both_formats() {
+        let metrics = Metrics::default();
+        let labels = ConnectionLabels {
+            namespace: "team-a".into(),
+            name: "orders".into(),
+        };
+        metrics.connection_ready.get_or_create(&labels).set(1);
+        metrics.reconciles.inc();
+        metrics
+            .probe_duration
+            .get_or_create(&ResultLabels {
+                result: "ProbeSucceeded".into(),
+            })
+            .observe(0.1);
+        let openmetrics = metrics.encode(ExpositionFormat::OpenMetrics);
+        let text = metrics.encode(ExpositionFormat::Text);
+        let samples = |exposition: &str| -> Vec<String> { exposition.lines().filter(|l| !l.starts_with('#')).map(str::to_owned).collect() };
+        assert_eq!(samples(&openmetrics), samples(&text));
+        assert!(text.contains("# TYPE tasklist_operator_reconciles_total counter\n"), "{text}");
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(openmetrics.ends_with("# EOF\n"), "{openmetrics}");
     }
 }

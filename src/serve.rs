@@ -1,6 +1,7 @@
-//! The operator's own HTTP port: `/metrics` (Prometheus text format), `/healthz` (the
-//! process is alive) and `/readyz` (the CRD could be listed once at start-up; after that,
-//! watches reconnect on their own and the process stays ready).
+//! The operator's own HTTP port: `/metrics` (Prometheus text format 0.0.4, or OpenMetrics
+//! when the scraper asks for it), `/healthz` (the process is alive) and `/readyz` (the CRD
+//! could be listed once at start-up; after that, watches reconnect on their own and the
+//! process stays ready).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 
-use crate::metrics::Metrics;
+use crate::metrics::{ExpositionFormat, Metrics};
 
 #[derive(Default)]
 pub struct Health {
@@ -57,12 +58,14 @@ async fn readyz(State(served): State<Served>) -> (StatusCode, &'static str) {
     }
 }
 
-async fn metrics_text(State(served): State<Served>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+async fn metrics_text(
+    State(served): State<Served>,
+    headers: axum::http::HeaderMap,
+) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    let accept = headers.get(axum::http::header::ACCEPT).and_then(|value| value.to_str().ok());
+    let format = ExpositionFormat::negotiate(accept);
     (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        served.metrics.encode(),
+        [(axum::http::header::CONTENT_TYPE, format.content_type())],
+        served.metrics.encode(format),
     )
 }

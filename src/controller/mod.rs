@@ -65,7 +65,12 @@ pub struct Context {
     /// One HTTP client per trust configuration: most connections share the default.
     http_clients: Mutex<HashMap<TlsTrust, HttpClient>>,
     memory: Memory,
+    /// How many connections are reconciled at once (per watched namespace).
+    concurrency: u16,
 }
+
+/// Reconciles in flight at once unless `--concurrency` says otherwise.
+pub const DEFAULT_CONCURRENCY: u16 = 32;
 
 impl Context {
     /// `instance` names this operator process in Events (its Pod name).
@@ -85,7 +90,14 @@ impl Context {
             refresh_policy: policy,
             http_clients: Mutex::default(),
             memory: Memory::default(),
+            concurrency: DEFAULT_CONCURRENCY,
         }
+    }
+
+    /// Reconcile at most this many connections at once (0: no limit).
+    pub fn with_concurrency(mut self, concurrency: u16) -> Self {
+        self.concurrency = concurrency;
+        self
     }
 
     /// A deleted connection leaves nothing behind in memory or in the metrics.
@@ -156,7 +168,7 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
 
     Controller::for_stream(connection_changes, reader)
         .watches_stream(secret_changes, move |secret| mapper_ctx.memory.connections_affected_by(&secret))
-        .with_config(controller::Config::default().concurrency(32))
+        .with_config(controller::Config::default().concurrency(ctx.concurrency))
         // The controller backs off its trigger streams too; kube's default would again wait
         // up to half a minute and more after an API server restart.
         .trigger_backoff(WatchBackoff::default())

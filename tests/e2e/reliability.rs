@@ -929,7 +929,7 @@ async fn nothing_leaks_with_trace_logging(world: Arc<World>) -> anyhow::Result<(
         .await?;
     s.apply_secret("wrong-login", &[("username", "demo"), ("password", "trace-wrong-password-11")])
         .await?;
-    let cookie_spec = |secret: &str| json!({"url": s.standin.url(), "auth": {"cookie": {"credentialsSecretRef": {"name": secret}}}, "probe": {"interval": "2s"}});
+    let cookie_spec = |secret: &str| json!({"url": s.standin.url(), "auth": {"cookie": {"credentialsSecretRef": {"name": secret}}}, "probe": {"interval": "10s"}});
     let mut json_spec = saas_spec_for(&s.standin, "client");
     json_spec["auth"]["oauth2"]["requestEncoding"] = json!("Json");
     let connections = [

@@ -41,6 +41,9 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/component: operator
 app.kubernetes.io/part-of: tasklist-operator
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.global.commonLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -119,4 +122,47 @@ ClusterRole (cluster-wide mode) and the per-namespace Roles (namespaced mode).
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+{{- end }}
+
+{{/*
+A duration written like 10s, 1m30s or 500ms, in whole seconds (rounded up).
+*/}}
+{{- define "tasklist-operator.seconds" -}}
+{{- $milliseconds := 0 }}
+{{- range regexFindAll "[0-9]+(ms|h|m|s)" . -1 }}
+{{- $amount := int (regexFind "^[0-9]+" .) }}
+{{- $unit := trimPrefix (toString $amount) . }}
+{{- $milliseconds = add $milliseconds (mul $amount (get (dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000) $unit)) }}
+{{- end }}
+{{- div (add $milliseconds 999) 1000 }}
+{{- end }}
+
+{{/*
+Seconds a stopping pod gets: the value, or 2 × requestTimeout + 10 s, so that a token request
+in flight (and the Secret write after it) can finish.
+*/}}
+{{- define "tasklist-operator.terminationGracePeriodSeconds" -}}
+{{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
+{{- add (mul 2 (include "tasklist-operator.seconds" .Values.requestTimeout)) 10 }}
+{{- else }}
+{{- int .Values.terminationGracePeriodSeconds }}
+{{- end }}
+{{- end }}
+
+{{/*
+The image pull Secrets: global ones first, then the chart's, without duplicates.
+*/}}
+{{- define "tasklist-operator.imagePullSecrets" -}}
+{{- $secrets := concat (default (list) .Values.global.imagePullSecrets) (default (list) .Values.imagePullSecrets) | uniq }}
+{{- with $secrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Namespace of an optional monitoring object: its own value or the release namespace.
+*/}}
+{{- define "tasklist-operator.namespaceOr" -}}
+{{- default .context.Release.Namespace .namespace }}
 {{- end }}

@@ -1,0 +1,421 @@
+//! The chart's values, rendered with `helm template` and checked object by object: each
+//! platform value lands where it should, and the defaults stay safe. (tests/e2e/chart.rs
+//! installs the chart on a real API server.) Needs `TLO_HELM` (`eval "$(hack/tools.sh)"`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Deserialize as _;
+use serde_json::{Value, json};
+
+fn helm() -> PathBuf {
+    match std::env::var_os("TLO_HELM").filter(|value| !value.is_empty()) {
+        Some(path) if Path::new(&path).is_file() => PathBuf::from(path),
+        _ => panic!("TLO_HELM is not set to a helm binary; run `eval \"$(hack/tools.sh)\"` before `cargo test`"),
+    }
+}
+
+fn chart() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/tasklist-operator")
+}
+
+/// `helm template` with `--set`/`--set-json` arguments; the rendered objects.
+fn render(args: &[&str]) -> Vec<Value> {
+    let output = Command::new(helm())
+        .args(["template", "tlo"])
+        .arg(chart())
+        .args(["--namespace", "tlo-system"])
+        .args(args)
+        .output()
+        .expect("run helm");
+    assert!(
+        output.status.success(),
+        "helm template {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).expect("UTF-8");
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|document| Value::deserialize(document).expect("valid YAML"))
+        .filter(|object| !object.is_null())
+        .collect()
+}
+
+/// `helm template` that must fail; its error message.
+fn render_error(args: &[&str]) -> String {
+    let output = Command::new(helm())
+        .args(["template", "tlo"])
+        .arg(chart())
+        .args(args)
+        .output()
+        .expect("run helm");
+    assert!(!output.status.success(), "helm template {args:?} should fail");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn all_of<'a>(objects: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    objects.iter().filter(|object| object["kind"] == kind).collect()
+}
+
+fn one<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
+    match all_of(objects, kind).as_slice() {
+        [object] => object,
+        other => panic!("expected one {kind}, found {}", other.len()),
+    }
+}
+
+fn pod(objects: &[Value]) -> &Value {
+    &one(objects, "Deployment")["spec"]["template"]["spec"]
+}
+
+fn container(objects: &[Value]) -> &Value {
+    &pod(objects)["containers"][0]
+}
+
+fn args(objects: &[Value]) -> Vec<String> {
+    container(objects)["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|arg| arg.as_str().expect("a string arg").to_owned())
+        .collect()
+}
+
+/// The value following `flag` in the operator's args.
+fn flag(objects: &[Value], flag: &str) -> Option<String> {
+    let args = args(objects);
+    args.iter().position(|arg| arg == flag).and_then(|at| args.get(at + 1).cloned())
+}
+
+#[test]
+fn service_monitor_keeps_the_metrics_own_namespace_label() {
+    let objects = render(&["--set", "serviceMonitor.enabled=true"]);
+    let endpoint = &one(&objects, "ServiceMonitor")["spec"]["endpoints"][0];
+    assert_eq!(
+        endpoint["honorLabels"], true,
+        "without honorLabels Prometheus renames the metrics' namespace label to exported_namespace: {endpoint}"
+    );
+
+    let objects = render(&[
+        "--set",
+        "serviceMonitor.enabled=true",
+        "--set",
+        "serviceMonitor.namespace=monitoring",
+        "--set",
+        "serviceMonitor.annotations.team=platform",
+        "--set-json",
+        r#"serviceMonitor.relabelings=[{"targetLabel":"cluster","replacement":"eu-1"}]"#,
+        "--set-json",
+        r#"serviceMonitor.metricRelabelings=[{"sourceLabels":["__name__"],"regex":"go_.*","action":"drop"}]"#,
+        "--set",
+        "podMonitor.enabled=true",
+    ]);
+    let monitor = one(&objects, "ServiceMonitor");
+    assert_eq!(monitor["metadata"]["namespace"], "monitoring");
+    assert_eq!(monitor["metadata"]["annotations"], json!({"team": "platform"}));
+    assert_eq!(monitor["spec"]["namespaceSelector"], json!({"matchNames": ["tlo-system"]}));
+    let endpoint = &monitor["spec"]["endpoints"][0];
+    assert_eq!(endpoint["relabelings"], json!([{"targetLabel": "cluster", "replacement": "eu-1"}]));
+    assert_eq!(endpoint["metricRelabelings"][0]["action"], "drop");
+    let pod_monitor = one(&objects, "PodMonitor");
+    assert_eq!(pod_monitor["spec"]["podMetricsEndpoints"][0]["honorLabels"], true);
+    assert_eq!(pod_monitor["spec"]["podMetricsEndpoints"][0]["port"], "http");
+    assert_eq!(
+        pod_monitor["spec"]["selector"]["matchLabels"],
+        one(&objects, "Deployment")["spec"]["selector"]["matchLabels"]
+    );
+}
+
+#[test]
+fn monitoring_objects_are_off_by_default() {
+    let objects = render(&[]);
+    for kind in [
+        "ServiceMonitor",
+        "PodMonitor",
+        "PrometheusRule",
+        "ConfigMap",
+        "NetworkPolicy",
+        "CustomResourceDefinition",
+    ] {
+        assert!(all_of(&objects, kind).is_empty(), "a {kind} by default");
+    }
+}
+
+#[test]
+fn security_contexts_can_be_overridden_for_openshift() {
+    let defaults = render(&[]);
+    assert_eq!(pod(&defaults)["securityContext"]["runAsUser"], 65532);
+    assert_eq!(pod(&defaults)["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+    assert_eq!(container(&defaults)["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(container(&defaults)["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
+
+    // restricted-v2 assigns the UID, GID and fsGroup itself.
+    let openshift = render(&[
+        "--set",
+        "podSecurityContext.runAsUser=null",
+        "--set",
+        "podSecurityContext.runAsGroup=null",
+        "--set",
+        "podSecurityContext.fsGroup=null",
+    ]);
+    let context = &pod(&openshift)["securityContext"];
+    assert_eq!(
+        context,
+        &json!({"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}}),
+        "{context}"
+    );
+    // Values merge into the defaults: a key added, a key changed, a key removed.
+    let custom = render(&[
+        "--set",
+        "securityContext.privileged=false",
+        "--set",
+        "securityContext.readOnlyRootFilesystem=false",
+        "--set",
+        "securityContext.capabilities=null",
+    ]);
+    assert_eq!(
+        container(&custom)["securityContext"],
+        json!({"allowPrivilegeEscalation": false, "privileged": false, "readOnlyRootFilesystem": false, "runAsNonRoot": true})
+    );
+}
+
+#[test]
+fn deployment_values_reach_the_pod() {
+    let objects = render(&[
+        "--set-json",
+        r#"extraArgs=["--log-format","json"]"#,
+        "--set-json",
+        r#"extraVolumes=[{"name":"scratch","emptyDir":{}}]"#,
+        "--set-json",
+        r#"extraVolumeMounts=[{"name":"scratch","mountPath":"/scratch"}]"#,
+        "--set-json",
+        r#"topologySpreadConstraints=[{"maxSkew":1,"topologyKey":"topology.kubernetes.io/zone","whenUnsatisfiable":"ScheduleAnyway"}]"#,
+        "--set",
+        "terminationGracePeriodSeconds=45",
+        "--set",
+        "revisionHistoryLimit=2",
+        "--set-json",
+        r#"strategy={"type":"RollingUpdate","rollingUpdate":{"maxSurge":0,"maxUnavailable":1}}"#,
+        "--set",
+        "concurrency=8",
+    ]);
+    let rendered_args = args(&objects);
+    assert_eq!(
+        rendered_args[rendered_args.len() - 2..],
+        ["--log-format", "json"],
+        "{rendered_args:?}"
+    );
+    assert_eq!(flag(&objects, "--concurrency").as_deref(), Some("8"));
+    assert_eq!(pod(&objects)["volumes"], json!([{"name": "scratch", "emptyDir": {}}]));
+    assert_eq!(
+        container(&objects)["volumeMounts"],
+        json!([{"name": "scratch", "mountPath": "/scratch"}])
+    );
+    assert_eq!(pod(&objects)["topologySpreadConstraints"][0]["maxSkew"], 1);
+    assert_eq!(pod(&objects)["terminationGracePeriodSeconds"], 45);
+    let deployment = one(&objects, "Deployment");
+    assert_eq!(deployment["spec"]["revisionHistoryLimit"], 2);
+    assert_eq!(deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 1);
+
+    let defaults = render(&[]);
+    assert_eq!(flag(&defaults, "--concurrency").as_deref(), Some("32"));
+    assert_eq!(one(&defaults, "Deployment")["spec"]["strategy"], json!({"type": "Recreate"}));
+    assert!(pod(&defaults)["volumes"].is_null() && container(&defaults)["volumeMounts"].is_null());
+}
+
+#[test]
+fn termination_grace_follows_the_request_timeout() {
+    // 2 × requestTimeout + 10 s: a token request in flight and the Secret write after it finish.
+    for (timeout, seconds) in [("10s", 30), ("1m", 130), ("1m30s", 190), ("2500ms", 16)] {
+        let objects = render(&["--set", &format!("requestTimeout={timeout}")]);
+        assert_eq!(pod(&objects)["terminationGracePeriodSeconds"], seconds, "requestTimeout={timeout}");
+    }
+}
+
+#[test]
+fn leader_election_durations_are_passed_on() {
+    let objects = render(&[
+        "--set",
+        "replicaCount=2",
+        "--set",
+        "leaderElection.leaseDuration=30s",
+        "--set",
+        "leaderElection.renewDeadline=20s",
+        "--set",
+        "leaderElection.retryPeriod=4s",
+    ]);
+    assert_eq!(flag(&objects, "--leader-election-lease-duration").as_deref(), Some("30s"));
+    assert_eq!(flag(&objects, "--leader-election-renew-deadline").as_deref(), Some("20s"));
+    assert_eq!(flag(&objects, "--leader-election-retry-period").as_deref(), Some("4s"));
+    let wrong = render_error(&["--set", "leaderElection.leaseDuration=soon"]);
+    assert!(wrong.contains("/leaderElection/leaseDuration"), "{wrong}");
+}
+
+#[test]
+fn global_pull_secrets_and_common_labels() {
+    let objects = render(&[
+        "--set-json",
+        r#"global.imagePullSecrets=[{"name":"shared"},{"name":"own"}]"#,
+        "--set-json",
+        r#"imagePullSecrets=[{"name":"own"}]"#,
+        "--set",
+        "global.commonLabels.cost-center=platform",
+        "--set",
+        "serviceMonitor.enabled=true",
+        "--set",
+        "networkPolicy.enabled=true",
+    ]);
+    assert_eq!(pod(&objects)["imagePullSecrets"], json!([{"name": "shared"}, {"name": "own"}]));
+    for object in &objects {
+        assert_eq!(
+            object["metadata"]["labels"]["cost-center"], "platform",
+            "{} {} lacks the common label",
+            object["kind"], object["metadata"]["name"]
+        );
+    }
+    assert_eq!(
+        one(&objects, "Deployment")["spec"]["template"]["metadata"]["labels"]["cost-center"],
+        "platform"
+    );
+}
+
+#[test]
+fn aggregated_cluster_roles_extend_view_and_edit() {
+    let objects = render(&[]);
+    let roles = all_of(&objects, "ClusterRole");
+    let labelled = |label: &str| -> Vec<&Value> {
+        roles
+            .iter()
+            .copied()
+            .filter(|role| role["metadata"]["labels"][label] == "true")
+            .collect()
+    };
+    let view = labelled("rbac.authorization.k8s.io/aggregate-to-view");
+    assert_eq!(view.len(), 1, "one ClusterRole aggregated into view");
+    assert_eq!(view[0]["rules"][0]["verbs"], json!(["get", "list", "watch"]));
+    let edit = labelled("rbac.authorization.k8s.io/aggregate-to-edit");
+    assert!(
+        edit.iter().any(|role| role["rules"][0]["verbs"]
+            .as_array()
+            .is_some_and(|verbs| verbs.contains(&json!("delete")))),
+        "no ClusterRole lets edit delete TasklistConnections"
+    );
+    for role in roles {
+        for rule in role["rules"].as_array().expect("rules") {
+            if rule["resources"]
+                .as_array()
+                .expect("resources")
+                .contains(&json!("tasklistconnections/status"))
+                && role["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+            {
+                assert_eq!(rule["verbs"], json!(["get", "list", "watch"]), "edit may not write status");
+            }
+        }
+    }
+    let off = render(&["--set", "rbac.aggregateToDefaultRoles=false"]);
+    assert_eq!(all_of(&off, "ClusterRole").len(), 1, "only the operator's own ClusterRole");
+}
+
+#[test]
+fn network_policy_allows_dns_the_api_server_camunda_and_scrapers_only() {
+    let objects = render(&[
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set-json",
+        r#"networkPolicy.apiServer.cidrs=["172.18.0.2/32"]"#,
+        "--set-json",
+        r#"networkPolicy.egressCIDRs=["10.20.0.0/16"]"#,
+        "--set-json",
+        r#"networkPolicy.egressPorts=[443]"#,
+        "--set-json",
+        r#"networkPolicy.metricsNamespaceSelector={"kubernetes.io/metadata.name":"monitoring"}"#,
+    ]);
+    let policy = one(&objects, "NetworkPolicy");
+    let spec = &policy["spec"];
+    assert_eq!(spec["policyTypes"], json!(["Ingress", "Egress"]));
+    assert_eq!(
+        spec["podSelector"]["matchLabels"],
+        one(&objects, "Deployment")["spec"]["selector"]["matchLabels"]
+    );
+    assert_eq!(
+        spec["ingress"],
+        json!([{
+            "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+            "ports": [{"port": "http", "protocol": "TCP"}]
+        }])
+    );
+    let egress = spec["egress"].as_array().expect("egress");
+    assert_eq!(egress.len(), 3, "{egress:?}");
+    assert_eq!(egress[0]["ports"][0], json!({"port": 53, "protocol": "UDP"}));
+    assert_eq!(egress[1]["to"], json!([{"ipBlock": {"cidr": "172.18.0.2/32"}}]));
+    assert_eq!(
+        egress[1]["ports"],
+        json!([{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}])
+    );
+    assert_eq!(egress[2]["to"], json!([{"ipBlock": {"cidr": "10.20.0.0/16"}}]));
+    assert_eq!(egress[2]["ports"], json!([{"port": 443, "protocol": "TCP"}]));
+
+    // Nothing selected: nobody may scrape.
+    let closed = render(&["--set", "networkPolicy.enabled=true"]);
+    assert_eq!(one(&closed, "NetworkPolicy")["spec"]["ingress"], json!([]));
+    let wrong = render_error(&[
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set-json",
+        r#"networkPolicy.egressCIDRs=["10.0.0.0"]"#,
+    ]);
+    assert!(wrong.contains("/networkPolicy/egressCIDRs/0"), "{wrong}");
+}
+
+#[test]
+fn templated_crd_is_the_crds_folder_copy_and_kept_on_uninstall() {
+    let objects = render(&["--set", "crds.enabled=true"]);
+    let crd = one(&objects, "CustomResourceDefinition");
+    let committed: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart().join("crds/tasklistconnection.yaml")).expect("the chart's CRD"))
+            .expect("YAML");
+    assert_eq!(crd["spec"], committed["spec"], "the templated CRD differs from crds/");
+    assert_eq!(crd["metadata"]["name"], committed["metadata"]["name"]);
+    assert_eq!(crd["metadata"]["annotations"]["helm.sh/resource-policy"], "keep");
+    assert_eq!(crd["metadata"]["labels"]["app.kubernetes.io/managed-by"], "Helm");
+
+    let not_kept = render(&["--set", "crds.enabled=true", "--set", "crds.keep=false"]);
+    assert!(one(&not_kept, "CustomResourceDefinition")["metadata"]["annotations"]["helm.sh/resource-policy"].is_null());
+}
+
+#[test]
+fn operator_wide_ca_bundle_is_mounted_and_passed() {
+    let objects = render(&["--set", "caBundle.configMapName=proxy-ca", "--set", "caBundle.key=bundle.pem"]);
+    assert_eq!(
+        flag(&objects, "--ca-bundle").as_deref(),
+        Some("/etc/tasklist-operator/ca/bundle.pem")
+    );
+    assert_eq!(
+        pod(&objects)["volumes"],
+        json!([{"name": "ca-bundle", "configMap": {"name": "proxy-ca", "items": [{"key": "bundle.pem", "path": "bundle.pem"}]}}])
+    );
+    assert_eq!(
+        container(&objects)["volumeMounts"],
+        json!([{"name": "ca-bundle", "mountPath": "/etc/tasklist-operator/ca", "readOnly": true}])
+    );
+    let from_secret = render(&["--set", "caBundle.secretName=proxy-ca"]);
+    assert_eq!(pod(&from_secret)["volumes"][0]["secret"]["secretName"], "proxy-ca");
+    assert!(flag(&render(&[]), "--ca-bundle").is_none());
+    let both = render_error(&["--set", "caBundle.secretName=a", "--set", "caBundle.configMapName=b"]);
+    assert!(both.contains("set configMapName or secretName, not both"), "{both}");
+}
+
+#[test]
+fn grafana_dashboard_configmap_for_the_sidecar() {
+    let objects = render(&[
+        "--set",
+        "grafanaDashboard.enabled=true",
+        "--set",
+        "grafanaDashboard.annotations.grafana_folder=Operators",
+    ]);
+    let config_map = one(&objects, "ConfigMap");
+    assert_eq!(config_map["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(config_map["metadata"]["annotations"]["grafana_folder"], "Operators");
+    let dashboard: Value =
+        serde_json::from_str(config_map["data"]["tasklist-operator.json"].as_str().expect("the dashboard")).expect("JSON");
+    assert_eq!(dashboard["uid"], "tasklist-operator");
+}
