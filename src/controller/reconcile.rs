@@ -90,7 +90,7 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
             ));
         }
     };
-    let http = match ctx.http_client(&inputs) {
+    let http = match ctx.http_client(&this.key, &inputs) {
         Ok(http) => http,
         Err(message) => {
             let authenticated = ConditionState::failing("InvalidCABundle", message);
