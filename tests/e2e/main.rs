@@ -8,6 +8,7 @@
 mod chart;
 mod core;
 mod ha;
+mod isolation;
 mod observability;
 mod policy;
 mod reliability;
@@ -28,6 +29,7 @@ fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     all.extend(reliability::scenarios());
     all.extend(observability::scenarios());
     all.extend(policy::scenarios());
+    all.extend(isolation::scenarios());
     all
 }
 
