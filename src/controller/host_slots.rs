@@ -11,7 +11,7 @@ use crate::crd::TasklistConnection;
 
 /// Reconciles in flight per host. A healthy host answers in milliseconds, so this rarely
 /// binds; a dead one holds at most this many of the controller's reconcile slots.
-pub const RECONCILES_PER_HOST: usize = 8;
+pub const RECONCILES_PER_HOST: usize = 16;
 
 /// How long a deferred reconcile waits, at least (jitter adds up to as much again).
 pub const DEFERRAL: Duration = Duration::from_millis(500);
