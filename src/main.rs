@@ -173,14 +173,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         secret_volume_delay: args.secret_volume_delay,
         max_credential_lifetime: args.max_credential_lifetime,
     };
-    let ctx = Arc::new(Context::new(
-        client,
-        settings,
-        policy,
-        metrics,
-        args.leader_election_identity.clone(),
-    )
-    .with_concurrency(args.concurrency));
+    let ctx =
+        Arc::new(Context::new(client, settings, policy, metrics, args.leader_election_identity.clone()).with_concurrency(args.concurrency));
     match &elector {
         None => controller::run(ctx, scope, shutdown()).await,
         Some(elector) => {

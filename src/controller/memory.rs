@@ -78,6 +78,18 @@ impl Memory {
         }
     }
 
+    /// Every connection something is remembered about.
+    pub fn keys(&self) -> Vec<ConnectionKey> {
+        let mut keys: BTreeSet<ConnectionKey> = BTreeSet::new();
+        if let Ok(map) = self.connections.lock() {
+            keys.extend(map.keys().cloned());
+        }
+        if let Ok(secrets_of) = self.secrets_of.lock() {
+            keys.extend(secrets_of.keys().cloned());
+        }
+        keys.into_iter().collect()
+    }
+
     /// Forgets a deleted connection.
     pub fn forget(&self, key: &ConnectionKey) {
         if let Ok(mut map) = self.connections.lock() {

@@ -1,10 +1,12 @@
 //! The Kubernetes side: watches TasklistConnections and Secrets, and runs the reconcile.
 
 mod decide;
+mod host_slots;
 mod memory;
 mod reconcile;
+mod shared_clients;
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +19,7 @@ use kube::runtime::utils::Predicate;
 use kube::runtime::watcher::{self, watcher};
 use kube::runtime::{WatchStreamExt, predicates};
 use kube::{Api, Client, ResourceExt};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::camunda::{HttpClient, HttpSettings, TlsTrust};
 use crate::crd::TasklistConnection;
@@ -26,7 +28,9 @@ use crate::inputs::Inputs;
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::policy::HostPolicy;
 use crate::schedule::RefreshPolicy;
-use memory::Memory;
+use host_slots::{DEFERRAL, HostSlots, RECONCILES_PER_HOST, reconcile_deadline, request_hosts};
+use memory::{ConnectionKey, Memory};
+use shared_clients::SharedByUsers;
 
 /// The field manager named in server-side apply of Secrets and status.
 pub const FIELD_MANAGER: &str = "tasklist-operator";
@@ -40,6 +44,10 @@ pub enum Error {
     /// owner and the write: it is not overwritten, and the next reconcile looks again.
     #[error("the Secret {0:?} was created or changed by someone else while a credential was obtained; it was not overwritten")]
     SecretChangedMeanwhile(String),
+    /// The reconcile took longer than any reconcile should (every request has a timeout,
+    /// so this bounds what has none, such as a hung Kubernetes API call).
+    #[error("the reconcile did not finish within {0:?}; abandoned")]
+    DeadlineExceeded(Duration),
 }
 
 impl Error {
@@ -48,6 +56,7 @@ impl Error {
         match self {
             Error::Kube(_) => "KubernetesApi",
             Error::SecretChangedMeanwhile(_) => "SecretChangedMeanwhile",
+            Error::DeadlineExceeded(_) => "DeadlineExceeded",
         }
     }
 }
@@ -62,11 +71,14 @@ pub struct Context {
     refresh_policy: RefreshPolicy,
     /// Which hosts connections may send requests to (from `http_settings`).
     host_policy: Arc<HostPolicy>,
-    /// One HTTP client per trust configuration: most connections share the default.
-    http_clients: Mutex<HashMap<TlsTrust, HttpClient>>,
+    /// One HTTP client per trust configuration: most connections share the default. A
+    /// client no connection uses any more is dropped.
+    http_clients: Mutex<SharedByUsers<ConnectionKey, TlsTrust, HttpClient>>,
     memory: Memory,
     /// How many connections are reconciled at once (per watched namespace).
     concurrency: u16,
+    /// Reconciles in flight per host, so that a dead host cannot hold every reconcile slot.
+    host_slots: HostSlots,
 }
 
 /// Reconciles in flight at once unless `--concurrency` says otherwise.
@@ -91,6 +103,7 @@ impl Context {
             http_clients: Mutex::default(),
             memory: Memory::default(),
             concurrency: DEFAULT_CONCURRENCY,
+            host_slots: HostSlots::default(),
         }
     }
 
@@ -100,22 +113,47 @@ impl Context {
         self
     }
 
-    /// A deleted connection leaves nothing behind in memory or in the metrics.
+    /// A deleted connection leaves nothing behind in memory, in the metrics or in the HTTP
+    /// client cache.
     fn forget(&self, connection: &TasklistConnection) {
-        let (namespace, name) = (connection.namespace().unwrap_or_default(), connection.name_any());
-        self.memory.forget(&(namespace.clone(), name.clone()));
-        self.metrics.forget_connection(&namespace, &name);
+        self.forget_key(&(connection.namespace().unwrap_or_default(), connection.name_any()));
     }
 
-    fn http_client(&self, inputs: &Inputs) -> Result<HttpClient, String> {
-        let mut clients = self.http_clients.lock().map_err(|_| "HTTP client cache poisoned".to_string())?;
-        if let Some(client) = clients.get(&inputs.trust) {
-            return Ok(client.clone());
+    fn forget_key(&self, key: &ConnectionKey) {
+        self.memory.forget(key);
+        self.metrics.forget_connection(&key.0, &key.1);
+        if let Ok(mut clients) = self.http_clients.lock() {
+            clients.forget(key);
         }
-        let client = HttpClient::new(&self.http_settings, &inputs.trust)?;
-        clients.insert(inputs.trust.clone(), client.clone());
-        Ok(client)
     }
+
+    /// After a relist: forgets every connection of `namespace` (None: all namespaces) that
+    /// is not in `present`. A connection deleted while the watch was down sends no Delete
+    /// event; without this its records and metric series would stay for good.
+    fn forget_absent(&self, namespace: Option<&str>, present: &[Arc<TasklistConnection>]) {
+        let present: HashSet<ConnectionKey> = present
+            .iter()
+            .map(|connection| (connection.namespace().unwrap_or_default(), connection.name_any()))
+            .collect();
+        for key in absent_in_scope(self.memory.keys(), namespace, &present) {
+            info!(connection = %format!("{}/{}", key.0, key.1), "forgetting a connection deleted while the watch was down");
+            self.forget_key(&key);
+        }
+    }
+
+    fn http_client(&self, key: &ConnectionKey, inputs: &Inputs) -> Result<HttpClient, String> {
+        let mut clients = self.http_clients.lock().map_err(|_| "HTTP client cache poisoned".to_string())?;
+        clients.get_or_make(key.clone(), &inputs.trust, || HttpClient::new(&self.http_settings, &inputs.trust))
+    }
+}
+
+/// The keys of `known` that belong to `namespace` (None: any) and are not `present`.
+fn absent_in_scope(known: Vec<ConnectionKey>, namespace: Option<&str>, present: &HashSet<ConnectionKey>) -> Vec<ConnectionKey> {
+    known
+        .into_iter()
+        .filter(|key| namespace.is_none_or(|namespace| key.0 == namespace))
+        .filter(|key| !present.contains(key))
+        .collect()
 }
 
 /// Which namespaces to watch: all of them, or only the listed ones.
@@ -150,13 +188,15 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
     let (reader, writer) = reflector::store();
     // Status writes change neither generation nor annotations: they do not wake the controller.
     let forget_ctx = ctx.clone();
+    let (listed, scope) = (reader.clone(), namespace.clone());
     let connection_changes = watcher(connections, watcher::Config::default())
         .backoff(WatchBackoff::default())
         .reflect(writer)
-        .inspect(move |event| {
-            if let Ok(watcher::Event::Delete(deleted)) = event {
-                forget_ctx.forget(deleted);
-            }
+        .inspect(move |event| match event {
+            Ok(watcher::Event::Delete(deleted)) => forget_ctx.forget(deleted),
+            // The store holds the new list by now (`reflect` comes first).
+            Ok(watcher::Event::InitDone) => forget_ctx.forget_absent(scope.as_deref(), &listed.state()),
+            _ => {}
         })
         .applied_objects()
         .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default());
@@ -180,9 +220,17 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
 
 #[tracing::instrument(skip_all, fields(connection = %format!("{}/{}", connection.namespace().unwrap_or_default(), connection.name_any())))]
 async fn reconcile_logged(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let Some(_entered) = ctx.host_slots.try_enter(request_hosts(&connection), RECONCILES_PER_HOST) else {
+        debug!("deferred: a host of this connection already has {RECONCILES_PER_HOST} reconciles in flight");
+        return Ok(Action::requeue(DEFERRAL.mul_f64(1.0 + rand::random::<f64>())));
+    };
     let started = std::time::Instant::now();
     let metrics = ctx.metrics.clone();
-    let result = reconcile::reconcile(connection, ctx).await;
+    let deadline = reconcile_deadline(ctx.http_settings.timeout);
+    let result = match tokio::time::timeout(deadline, reconcile::reconcile(connection, ctx)).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::DeadlineExceeded(deadline)),
+    };
     metrics.reconciles.inc();
     metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
     // Only reconciles that failed and are retried count as errors; a connection that is
@@ -244,5 +292,24 @@ impl Iterator for WatchBackoff {
 impl kube::runtime::utils::Backoff for WatchBackoff {
     fn reset(&mut self) {
         self.next = FIRST_RECONNECT;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(namespace: &str, name: &str) -> ConnectionKey {
+        (namespace.to_owned(), name.to_owned())
+    }
+
+    #[test]
+    fn a_relist_forgets_only_absent_connections_of_its_own_namespace() {
+        let known = vec![key("a", "kept"), key("a", "deleted"), key("b", "other-scope")];
+        let present = HashSet::from([key("a", "kept")]);
+        assert_eq!(absent_in_scope(known.clone(), Some("a"), &present), vec![key("a", "deleted")]);
+        let mut everywhere = absent_in_scope(known, None, &present);
+        everywhere.sort();
+        assert_eq!(everywhere, vec![key("a", "deleted"), key("b", "other-scope")]);
     }
 }

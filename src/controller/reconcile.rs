@@ -89,7 +89,7 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
             return Ok(Action::requeue(decide::next_wake(now, [stored.as_ref().map(|s| s.refresh_at)])));
         }
     };
-    let http = match ctx.http_client(&inputs) {
+    let http = match ctx.http_client(&this.key, &inputs) {
         Ok(http) => http,
         Err(message) => {
             let authenticated = ConditionState::failing(Reason::InvalidCABundle, message);

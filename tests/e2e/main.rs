@@ -8,6 +8,7 @@
 mod chart;
 mod core;
 mod ha;
+mod isolation;
 mod observability;
 mod policy;
 mod refresh;
@@ -30,6 +31,7 @@ fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     all.extend(observability::scenarios());
     all.extend(refresh::scenarios());
     all.extend(policy::scenarios());
+    all.extend(isolation::scenarios());
     all
 }
 

@@ -1,0 +1,147 @@
+//! Isolation between hosts: a slow or dead host must not hold every reconcile slot. A
+//! reconcile of a connection enters the slots of the hosts it may send requests to (`url`
+//! and `tokenUrl`); when one of them already has `limit` reconciles in flight, it does not
+//! wait for a slot but is deferred, leaving its reconcile slot to connections elsewhere.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::crd::TasklistConnection;
+
+/// Reconciles in flight per host. A healthy host answers in milliseconds, so this rarely
+/// binds; a dead one holds at most this many of the controller's reconcile slots.
+pub const RECONCILES_PER_HOST: usize = 16;
+
+/// How long a deferred reconcile waits, at least (jitter adds up to as much again).
+pub const DEFERRAL: Duration = Duration::from_millis(500);
+
+#[derive(Clone, Default)]
+pub struct HostSlots {
+    in_flight: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// Held while a reconcile runs; leaving frees its hosts' slots.
+pub struct Entered {
+    hosts: Vec<String>,
+    in_flight: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl HostSlots {
+    /// Enters one slot of each of `hosts`, or none when any of them is full.
+    pub fn try_enter(&self, hosts: Vec<String>, limit: usize) -> Option<Entered> {
+        let mut in_flight = self.in_flight.lock().ok()?;
+        if hosts.iter().any(|host| in_flight.get(host).is_some_and(|count| *count >= limit)) {
+            return None;
+        }
+        for host in &hosts {
+            *in_flight.entry(host.clone()).or_default() += 1;
+        }
+        Some(Entered {
+            hosts,
+            in_flight: self.in_flight.clone(),
+        })
+    }
+
+    #[cfg(test)]
+    fn hosts_tracked(&self) -> usize {
+        self.in_flight.lock().map(|map| map.len()).unwrap_or_default()
+    }
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        let Ok(mut in_flight) = self.in_flight.lock() else {
+            return;
+        };
+        for host in &self.hosts {
+            if let Some(count) = in_flight.get_mut(host) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    in_flight.remove(host);
+                }
+            }
+        }
+    }
+}
+
+/// The distinct hosts (`host:port`) a connection may send requests to. A URL that cannot
+/// be parsed adds nothing: the reconcile reports it without sending anything.
+pub fn request_hosts(connection: &TasklistConnection) -> Vec<String> {
+    let spec = &connection.spec;
+    let urls = std::iter::once(spec.url.as_str()).chain(spec.auth.oauth2.as_ref().map(|oauth2| oauth2.token_url.as_str()));
+    let mut hosts: Vec<String> = urls
+        .filter_map(|url| reqwest::Url::parse(url).ok())
+        .filter_map(|url| Some(format!("{}:{}", url.host_str()?, url.port_or_known_default()?)))
+        .collect();
+    hosts.sort();
+    hosts.dedup();
+    hosts
+}
+
+/// The longest a reconcile may take: two requests per credential attempt (token or login,
+/// then the probe), twice when a session is re-established, plus time for the Kubernetes
+/// API calls. A reconcile that takes longer is abandoned and retried.
+pub fn reconcile_deadline(request_timeout: Duration) -> Duration {
+    request_timeout * 4 + Duration::from_secs(30)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_host_defers_the_next_reconcile_until_one_leaves() {
+        let slots = HostSlots::default();
+        let dead = || vec!["dead:80".to_owned()];
+        let entered: Vec<Entered> = (0..3).map(|_| slots.try_enter(dead(), 3).expect("a free slot")).collect();
+        assert!(slots.try_enter(dead(), 3).is_none());
+        assert!(
+            slots.try_enter(vec!["healthy:443".into()], 3).is_some(),
+            "other hosts are not affected"
+        );
+        drop(entered.into_iter().next());
+        assert!(slots.try_enter(dead(), 3).is_some());
+    }
+
+    #[test]
+    fn a_connection_needs_a_slot_on_each_of_its_hosts() {
+        let slots = HostSlots::default();
+        let _busy = slots.try_enter(vec!["login:443".into()], 1).unwrap();
+        assert!(slots.try_enter(vec!["login:443".into(), "tasklist:443".into()], 1).is_none());
+        // Nothing was taken from tasklist:443 by the refused attempt.
+        assert!(slots.try_enter(vec!["tasklist:443".into()], 1).is_some());
+    }
+
+    #[test]
+    fn hosts_are_forgotten_when_nothing_is_in_flight() {
+        let slots = HostSlots::default();
+        for index in 0..100 {
+            let _entered = slots.try_enter(vec![format!("host-{index}:443")], 8).unwrap();
+        }
+        assert_eq!(slots.hosts_tracked(), 0);
+    }
+
+    #[test]
+    fn hosts_are_the_distinct_origins_of_url_and_token_url() {
+        let connection: TasklistConnection = serde_json::from_value(serde_json::json!({
+            "apiVersion": "tasklist.camunda.community/v1alpha1",
+            "kind": "TasklistConnection",
+            "metadata": {"name": "orders"},
+            "spec": {
+                "url": "https://bru-2.tasklist.camunda.io/abc",
+                "auth": {"oauth2": {"tokenUrl": "https://login.cloud.camunda.io/oauth/token", "clientSecretRef": {"name": "c"}}},
+            },
+        }))
+        .unwrap();
+        assert_eq!(
+            request_hosts(&connection),
+            vec!["bru-2.tasklist.camunda.io:443", "login.cloud.camunda.io:443"]
+        );
+    }
+
+    #[test]
+    fn the_deadline_covers_four_requests() {
+        assert_eq!(reconcile_deadline(Duration::from_secs(10)), Duration::from_secs(70));
+    }
+}

@@ -1,0 +1,228 @@
+//! Nothing left behind, and nobody held up: a connection deleted while the operator's
+//! watch was down leaves no metric series after the relist; a host that accepts
+//! connections and never answers does not delay a connection elsewhere.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use kube::api::DeleteParams;
+use serde_json::json;
+use testsupport::controlplane::ControlPlane;
+use testsupport::operator::OperatorProcess;
+use tokio::io::AsyncReadExt as _;
+
+use crate::ScenarioFn;
+use crate::scenario::{Scenario, World, condition, install_crd, operator_binary, tail};
+
+pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
+    vec![
+        ("isolation::a_connection_deleted_while_the_watch_was_down_leaves_no_metrics", |w| {
+            Box::pin(a_connection_deleted_while_the_watch_was_down_leaves_no_metrics(w))
+        }),
+        ("isolation::a_dead_host_does_not_delay_a_healthy_connection", |w| {
+            Box::pin(a_dead_host_does_not_delay_a_healthy_connection(w))
+        }),
+    ]
+}
+
+/// Runs `future` to completion on this thread (testsupport's ControlPlane futures are not `Send`).
+fn block_here<F: Future>(future: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(future))
+}
+
+fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()?;
+    ensure!(status.success(), "kill -{signal} {pid} failed");
+    Ok(())
+}
+
+async fn metrics_text(url: &str) -> anyhow::Result<String> {
+    Ok(reqwest::get(url).await?.error_for_status()?.text().await?)
+}
+
+/// The operator is frozen (SIGSTOP) while kube-apiserver restarts and a connection is
+/// deleted, so it never sees the Delete event. Thawed, its watch cannot resume from its old
+/// resourceVersion (the restarted API server's watch cache starts later), so it lists
+/// again. After that relist, the deleted connection's metric series must be gone and the
+/// other connection's kept.
+async fn a_connection_deleted_while_the_watch_was_down_leaves_no_metrics(world: Arc<World>) -> anyhow::Result<()> {
+    let mut plane = block_here(ControlPlane::start(&world.tools)).context("starting a control plane of its own")?;
+    install_crd(&plane.client()).await?;
+    let mut s = Scenario::start_on(&plane, "leftovers", &[]).await?;
+    s.add_saas_client(crate::scenario::DEFAULT_CLIENT_SECRET).await?;
+    s.apply_connection("kept", s.saas_spec()).await?;
+    s.apply_connection("gone", s.saas_spec()).await?;
+    s.wait_ready("kept").await?;
+    s.wait_ready("gone").await?;
+    let metrics_url = s.metrics_url().await?;
+    let series = |name: &str| {
+        format!(
+            r#"tasklist_operator_connection_ready{{namespace="{}",name="{name}"}} 1"#,
+            s.namespace
+        )
+    };
+    let before = metrics_text(&metrics_url).await?;
+    ensure!(
+        before.contains(&series("gone")) && before.contains(&series("kept")),
+        "both connections should have a Ready series:\n{before}"
+    );
+
+    let pid = s.operator.pid();
+    signal(pid, "STOP")?;
+    let outcome = async {
+        block_here(plane.stop_apiserver())?;
+        block_here(plane.start_apiserver())?;
+        s.connections().delete("gone", &DeleteParams::default()).await?;
+        anyhow::Ok(())
+    }
+    .await;
+    signal(pid, "CONT")?;
+    outcome?;
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = metrics_text(&metrics_url).await?;
+        if !text.contains(r#"name="gone""#) {
+            ensure!(text.contains(&series("kept")), "the kept connection's series went too:\n{text}");
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "60 s after the relist, the deleted connection still has metric series:\n{}\n--- operator log (tail) ---\n{}",
+                text.lines()
+                    .filter(|line| line.contains(r#"name="gone""#))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                tail(&s.operator.logs(), 30)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // The relist, not a Delete event, removed them: this is the case being tested.
+    let logs = s.operator.logs();
+    ensure!(
+        logs.contains("forgetting a connection deleted while the watch was down"),
+        "the series went, but not through a relist; the scenario did not provoke one:\n{}",
+        tail(&logs, 30)
+    );
+    s.wait_ready("kept").await?;
+    s.assert_no_credential_leaked().await
+}
+
+/// A TCP server that accepts connections and never answers. Counts connections accepted,
+/// closed by the client, and the most open at once.
+#[derive(Default)]
+struct DeadHost {
+    accepted: AtomicUsize,
+    closed: AtomicUsize,
+    most_open: AtomicUsize,
+}
+
+impl DeadHost {
+    async fn start() -> anyhow::Result<(Arc<DeadHost>, String)> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let host = Arc::new(DeadHost::default());
+        let counting = host.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let accepted = counting.accepted.fetch_add(1, Ordering::SeqCst) + 1;
+                let open = accepted - counting.closed.load(Ordering::SeqCst);
+                counting.most_open.fetch_max(open, Ordering::SeqCst);
+                let closing = counting.clone();
+                tokio::spawn(async move {
+                    let mut buffer = [0u8; 4096];
+                    // Read whatever comes, answer nothing, until the client gives up.
+                    while matches!(socket.read(&mut buffer).await, Ok(read) if read > 0) {}
+                    closing.closed.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Ok((host, url))
+    }
+
+    fn open(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst) - self.closed.load(Ordering::SeqCst)
+    }
+}
+
+/// 40 connections point at a host that accepts and never answers; the operator's request
+/// timeout is 30 s here, so each of their requests holds on for 30 s. A healthy connection
+/// created after them in the same namespace (the same controller and reconcile slots) must
+/// become Ready before any of those requests has timed out: it did not wait for a slot.
+/// And the dead host never has more than the per-host limit (16) of requests open.
+async fn a_dead_host_does_not_delay_a_healthy_connection(world: Arc<World>) -> anyhow::Result<()> {
+    const DEAD: usize = 40;
+    const PER_HOST: usize = 16;
+    let namespace = world.control_plane.create_namespace("isolation").await?;
+    let kubeconfig = world.control_plane.kubeconfig();
+    let args: Vec<String> = [
+        "run",
+        "--namespace",
+        &namespace,
+        "--listen-addr",
+        "127.0.0.1:0",
+        "--request-timeout",
+        "30s",
+    ]
+    .iter()
+    .map(|arg| arg.to_string())
+    .collect();
+    let operator = OperatorProcess::start(&operator_binary(), kubeconfig, &args, &[])?;
+    let mut s = Scenario::with_operator(&world, &namespace, kubeconfig, operator).await?;
+    s.add_saas_client(crate::scenario::DEFAULT_CLIENT_SECRET).await?;
+    let (dead, dead_url) = DeadHost::start().await?;
+
+    for index in 0..DEAD {
+        let spec = json!({
+            "url": dead_url,
+            "auth": {"oauth2": {"tokenUrl": format!("{dead_url}/oauth/token"), "clientSecretRef": {"name": "client"}}},
+            "probe": {"interval": "10s"},
+        });
+        s.apply_connection(&format!("dead-{index:02}"), spec).await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while dead.open() < PER_HOST {
+        ensure!(
+            Instant::now() < deadline,
+            "only {} requests reached the dead host within 20 s",
+            dead.open()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Let the remaining dead connections be picked up too (or be deferred).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(dead.closed.load(Ordering::SeqCst) == 0, "a dead-host request ended early");
+
+    s.apply_connection("healthy", s.saas_spec()).await?;
+    let ready = s
+        .wait_for_connection("healthy", "Ready", Duration::from_secs(25), |c| {
+            condition(c, "Ready").is_some_and(|(status, _)| status == "True")
+        })
+        .await;
+    let (closed, most_open, accepted) = (
+        dead.closed.load(Ordering::SeqCst),
+        dead.most_open.load(Ordering::SeqCst),
+        dead.accepted.load(Ordering::SeqCst),
+    );
+    eprintln!("isolation: dead host: {accepted} accepted, {closed} closed, at most {most_open} open at once");
+    ready?;
+    ensure!(
+        closed == 0,
+        "{closed} dead-host requests had timed out before the healthy connection was Ready: it waited for them"
+    );
+    ensure!(
+        most_open <= PER_HOST,
+        "the dead host had {most_open} requests open at once; at most {PER_HOST} should be"
+    );
+    ensure!(
+        s.standin.token_requests().len() == 1,
+        "the healthy connection should have obtained one token"
+    );
+    s.assert_no_credential_leaked().await
+}
