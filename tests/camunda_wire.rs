@@ -212,7 +212,7 @@ fn assert_refresh_in_window(stored: &StoredCredential, refresh_before: Option<u6
     if let Some(before) = refresh_before {
         planned = planned.min(lifetime_f - before as f64);
     }
-    let margin = (lifetime_f / 2.0).min(120.0).max(5.0);
+    let margin = (lifetime_f / 2.0).clamp(5.0, 120.0);
     let planned = planned.min(lifetime_f - margin).max(floor);
     let lowest = planned - 0.1 * lifetime_f;
     let (earliest, latest) = if lowest >= floor {
