@@ -3,6 +3,8 @@
 mod decide;
 mod memory;
 mod reconcile;
+#[cfg(test)]
+mod wiring_tests;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
