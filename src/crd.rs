@@ -140,6 +140,8 @@ pub struct TasklistConnectionSpec {
 
     /// Obtain a new credential at least this long before the current one expires
     /// (for example `5m`). Without it, a credential is replaced after 80 % of its lifetime.
+    /// A credential is never replaced before half its lifetime: a longer refreshBefore is
+    /// reported in the Authenticated condition, not obeyed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = duration_rule())]
     #[schemars(length(max = 64))]

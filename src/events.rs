@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tracing::{debug, warn};
 
 use crate::crd::{TasklistConnection, TasklistConnectionStatus};
-use crate::status::{AUTHENTICATED, REACHABLE};
+use crate::reason::Reason;
+use crate::status::{AUTHENTICATED, Observation, REACHABLE};
 
 /// What happened to a connection that a person would want to see in `kubectl describe`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,9 +21,9 @@ pub enum ConnectionEvent {
     /// The derived Secret was missing or edited and has been written again.
     SecretRestored,
     /// Authenticated turned False (or changed its reason).
-    RefreshFailed { reason: String, message: String },
+    RefreshFailed { reason: Reason, message: String },
     /// Reachable turned False (or changed its reason).
-    ProbeFailed { reason: String, message: String },
+    ProbeFailed { reason: Reason, message: String },
     /// A Secret of the derived name belongs to someone else.
     SecretConflict { message: String },
     /// Certificates are not verified for this connection.
@@ -84,23 +85,20 @@ impl ConnectionEvent {
     }
 }
 
-/// The Warning Events a status change calls for: a condition that became False, or
-/// stayed False with another reason.
-pub fn transitions(previous: Option<&TasklistConnectionStatus>, current: &TasklistConnectionStatus) -> Vec<ConnectionEvent> {
-    let find = |status: Option<&TasklistConnectionStatus>, type_: &str| {
-        status
+/// The Warning Events a status change calls for: a condition of `observed` that is False,
+/// and was not False with the same reason in `previous`.
+pub fn transitions(previous: Option<&TasklistConnectionStatus>, observed: &Observation) -> Vec<ConnectionEvent> {
+    let was = |type_: &str| {
+        previous
             .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
-            .map(|c| (c.status.clone(), c.reason.clone()))
+            .map(|c| (c.status.as_str(), c.reason.as_str()))
     };
     let mut events = Vec::new();
-    for type_ in [AUTHENTICATED, REACHABLE] {
-        let Some(now) = current.conditions.iter().find(|c| c.type_ == type_) else {
-            continue;
-        };
-        if now.status != "False" || find(previous, type_) == Some((now.status.clone(), now.reason.clone())) {
+    for (type_, now) in [(AUTHENTICATED, &observed.authenticated), (REACHABLE, &observed.reachable)] {
+        if now.status != Some(false) || was(type_) == Some(("False", now.reason.as_str())) {
             continue;
         }
-        let (reason, message) = (now.reason.clone(), now.message.clone());
+        let (reason, message) = (now.reason, now.message.clone());
         events.push(if type_ == AUTHENTICATED {
             ConnectionEvent::RefreshFailed { reason, message }
         } else {
@@ -145,12 +143,11 @@ impl EventPublisher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reason::Reason;
-    use crate::status::{ConditionState, Observation, desired_status};
+    use crate::status::{ConditionState, desired_status};
     use jiff::Timestamp;
 
-    fn status(authenticated: ConditionState, reachable: ConditionState) -> TasklistConnectionStatus {
-        let observation = Observation {
+    fn observed(authenticated: ConditionState, reachable: ConditionState) -> Observation {
+        Observation {
             generation: Some(1),
             secret_name: "s".into(),
             auth_method: "oauth2",
@@ -159,49 +156,56 @@ mod tests {
             authenticated,
             reachable,
             secret_conflict: None,
-        };
-        desired_status(&observation, None, Timestamp::UNIX_EPOCH)
+        }
+    }
+
+    fn status(observation: &Observation) -> TasklistConnectionStatus {
+        desired_status(observation, None, Timestamp::UNIX_EPOCH)
     }
 
     #[test]
     fn a_new_failure_is_announced_once() {
-        let healthy = status(
+        let healthy = observed(
             ConditionState::ok(Reason::CredentialIssued, ""),
             ConditionState::ok(Reason::ProbeSucceeded, ""),
         );
-        let failing = status(
+        let failing = observed(
             ConditionState::failing(Reason::AuthServerError, "503"),
             ConditionState::ok(Reason::ProbeSucceeded, ""),
         );
         assert_eq!(
-            transitions(Some(&healthy), &failing),
+            transitions(Some(&status(&healthy)), &failing),
             vec![ConnectionEvent::RefreshFailed {
-                reason: "AuthServerError".into(),
+                reason: Reason::AuthServerError,
                 message: "503".into()
             }]
         );
         // Still failing for the same reason (only the message differs): nothing new.
-        let again = status(
+        let again = observed(
             ConditionState::failing(Reason::AuthServerError, "timeout"),
             ConditionState::ok(Reason::ProbeSucceeded, ""),
         );
-        assert!(transitions(Some(&failing), &again).is_empty());
+        assert!(transitions(Some(&status(&failing)), &again).is_empty());
         // Recovering is not a warning.
-        assert!(transitions(Some(&failing), &healthy).is_empty());
+        assert!(transitions(Some(&status(&failing)), &healthy).is_empty());
     }
 
     #[test]
     fn probe_failures_are_announced_too() {
-        let healthy = status(
+        let healthy = observed(
             ConditionState::ok(Reason::CredentialIssued, ""),
             ConditionState::ok(Reason::ProbeSucceeded, ""),
         );
-        let unreachable = status(
+        let unreachable = observed(
             ConditionState::ok(Reason::CredentialIssued, ""),
             ConditionState::failing(Reason::Unreachable, "refused"),
         );
-        assert!(
-            matches!(&transitions(Some(&healthy), &unreachable)[..], [ConnectionEvent::ProbeFailed { reason, .. }] if reason == "Unreachable")
+        assert_eq!(
+            transitions(Some(&status(&healthy)), &unreachable),
+            vec![ConnectionEvent::ProbeFailed {
+                reason: Reason::Unreachable,
+                message: "refused".into()
+            }]
         );
     }
 }

@@ -5,6 +5,8 @@ mod host_slots;
 mod memory;
 mod reconcile;
 mod shared_clients;
+#[cfg(test)]
+mod wiring_tests;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};

@@ -563,7 +563,7 @@ impl<'a> Reconciling<'a> {
         if connection.status.as_ref() == Some(&desired) {
             return Ok(());
         }
-        for event in transitions(connection.status.as_ref(), &desired) {
+        for event in transitions(connection.status.as_ref(), observation) {
             ctx.events.publish(connection, event).await;
         }
         let api: Api<TasklistConnection> = Api::namespaced(ctx.client.clone(), &self.key.0);

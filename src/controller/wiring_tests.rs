@@ -1,0 +1,320 @@
+//! Wiring tests: one reconcile against a scripted Kubernetes API (in the style of
+//! controller-rs's `fixtures.rs`) and a stand-in Tasklist. They pin the exact requests, in
+//! order, that the decisions of `decide.rs` lead to, in milliseconds and without a control
+//! plane.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::ObjectMeta;
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use serde_json::{Value, json};
+use testsupport::standin::StandinTasklist;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::reconcile::reconcile;
+use super::{Context, Error, FIELD_MANAGER};
+use crate::camunda::HttpSettings;
+use crate::crd::{TasklistConnection, TasklistConnectionStatus};
+use crate::metrics::Metrics;
+use crate::schedule::RefreshPolicy;
+
+const NAMESPACE: &str = "team-a";
+const CLIENT_SECRET: &str = "wiring-secret-1";
+
+type Exchange = (Request<Body>, oneshot::Sender<Response<Body>>);
+
+/// The API server's side: every request the operator sends, with a way to answer it.
+struct ApiServer {
+    requests: mpsc::UnboundedReceiver<Exchange>,
+}
+
+impl ApiServer {
+    /// Waits for the next request, checks its method and path (the query is ignored unless
+    /// `path` has one), and returns it with the body as JSON (Null when empty).
+    async fn expect(&mut self, method: Method, path: &str) -> (Value, oneshot::Sender<Response<Body>>, String) {
+        let (request, reply) = tokio::time::timeout(std::time::Duration::from_secs(10), self.requests.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no request within 10 s; expected {method} {path}"))
+            .unwrap_or_else(|| panic!("the client went away; expected {method} {path}"));
+        let uri = request.uri().clone();
+        let seen = if path.contains('?') {
+            uri.path_and_query().map(ToString::to_string).unwrap_or_default()
+        } else {
+            uri.path().to_owned()
+        };
+        assert_eq!(
+            (request.method().clone(), seen.as_str()),
+            (method, path),
+            "unexpected request {uri}"
+        );
+        let bytes = request.into_body().collect_bytes().await.expect("a readable body");
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).expect("a JSON body")
+        };
+        (body, reply, uri.query().unwrap_or_default().to_owned())
+    }
+
+    /// Nothing more is sent until the reconcile ends, successfully. (An unexpected request
+    /// would otherwise wait for an answer forever.)
+    async fn finish(&mut self, running: JoinHandle<Result<Action, Error>>) {
+        tokio::select! {
+            ended = running => {
+                ended.expect("the reconcile ends").expect("the reconcile succeeds");
+            }
+            Some((request, _)) = self.requests.recv() => {
+                panic!("unexpected request {} {}", request.method(), request.uri());
+            }
+        }
+    }
+}
+
+impl ApiServer {
+    /// As [`ApiServer::finish`], but answers one status write if it comes.
+    async fn finish_allowing_status(&mut self, mut running: JoinHandle<Result<Action, Error>>, standin: &StandinTasklist) {
+        tokio::select! {
+            ended = &mut running => {
+                ended.expect("the reconcile ends").expect("the reconcile succeeds");
+                return;
+            }
+            Some((request, reply)) = self.requests.recv() => {
+                assert_eq!((request.method(), request.uri().path()), (&Method::PATCH, STATUS), "unexpected request");
+                let bytes = request.into_body().collect_bytes().await.expect("a readable body");
+                let patch: Value = serde_json::from_slice(&bytes).expect("a JSON body");
+                let status = serde_json::from_value(patch["status"].clone()).expect("a status");
+                answer(reply, StatusCode::OK, &serde_json::to_value(connection(standin, Some(status))).expect("JSON"));
+            }
+        }
+        self.finish(running).await;
+    }
+}
+
+fn answer(reply: oneshot::Sender<Response<Body>>, status: StatusCode, body: &Value) {
+    let response = Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Body::from(serde_json::to_vec(body).expect("JSON")))
+        .expect("a response");
+    let _ = reply.send(response);
+}
+
+fn not_found(reply: oneshot::Sender<Response<Body>>) {
+    answer(
+        reply,
+        StatusCode::NOT_FOUND,
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}),
+    );
+}
+
+/// A kube client whose every request goes to the returned [`ApiServer`].
+fn scripted_client() -> (kube::Client, ApiServer) {
+    let (sender, requests) = mpsc::unbounded_channel::<Exchange>();
+    let service = tower::service_fn(move |request: Request<Body>| {
+        let sender = sender.clone();
+        async move {
+            let (reply, response) = oneshot::channel();
+            sender.send((request, reply)).map_err(|_| "the test stopped listening")?;
+            response.await.map_err(|_| "the test dropped the request")
+        }
+    });
+    (kube::Client::new(service, NAMESPACE), ApiServer { requests })
+}
+
+fn connection(standin: &StandinTasklist, status: Option<TasklistConnectionStatus>) -> TasklistConnection {
+    let spec = serde_json::from_value(json!({
+        "url": standin.url(),
+        "auth": {"oauth2": {"tokenUrl": standin.token_url(), "clientSecretRef": {"name": "client"}}},
+    }))
+    .expect("a spec");
+    let mut connection = TasklistConnection::new("orders", spec);
+    connection.metadata.namespace = Some(NAMESPACE.into());
+    connection.metadata.uid = Some("uid-orders".into());
+    connection.metadata.generation = Some(1);
+    connection.status = status;
+    connection
+}
+
+fn client_secret() -> Value {
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some("client".into()),
+            namespace: Some(NAMESPACE.into()),
+            uid: Some("uid-client".into()),
+            resource_version: Some("11".into()),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([
+            ("client_id".to_owned(), ByteString(b"orders".to_vec())),
+            ("client_secret".to_owned(), ByteString(CLIENT_SECRET.as_bytes().to_vec())),
+        ])),
+        ..Secret::default()
+    };
+    serde_json::to_value(secret).expect("JSON")
+}
+
+/// The object an apply answer carries: what was sent, with a resourceVersion.
+fn applied(mut body: Value, version: &str) -> Value {
+    body["metadata"]["resourceVersion"] = json!(version);
+    body
+}
+
+struct Harness {
+    standin: StandinTasklist,
+    ctx: Arc<Context>,
+    api: ApiServer,
+}
+
+async fn harness() -> Harness {
+    let standin = StandinTasklist::start().await.expect("the stand-in starts");
+    standin.add_client("orders", CLIENT_SECRET);
+    let (client, api) = scripted_client();
+    let ctx = Arc::new(Context::new(
+        client,
+        HttpSettings::default(),
+        RefreshPolicy::default(),
+        Arc::new(Metrics::default()),
+        None,
+    ));
+    Harness { standin, ctx, api }
+}
+
+const SECRETS: &str = "/api/v1/namespaces/team-a/secrets";
+const DERIVED: &str = "/api/v1/namespaces/team-a/secrets/orders-tasklist-auth";
+const CLIENT: &str = "/api/v1/namespaces/team-a/secrets/client";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/team-a/events";
+const STATUS: &str = "/apis/tasklist.camunda.community/v1alpha1/namespaces/team-a/tasklistconnections/orders/status";
+
+/// First pass: GET the derived Secret (absent), GET the client Secret, create the Secret
+/// (never apply: one that appeared meanwhile must not be taken over), the CredentialIssued
+/// Event, apply status. Returns the written Secret and status.
+async fn first_pass(h: &mut Harness) -> (Value, TasklistConnectionStatus) {
+    let running = tokio::spawn(reconcile(Arc::new(connection(&h.standin, None)), h.ctx.clone()));
+    let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
+    not_found(reply);
+    let (_, reply, _) = h.api.expect(Method::GET, CLIENT).await;
+    answer(reply, StatusCode::OK, &client_secret());
+    let (secret, reply, query) = h.api.expect(Method::POST, SECRETS).await;
+    assert!(query.contains(&format!("fieldManager={FIELD_MANAGER}")), "{query}");
+    assert_eq!(secret["metadata"]["name"], "orders-tasklist-auth");
+    assert!(secret["data"]["token"].is_string(), "no token in {secret}");
+    answer(reply, StatusCode::CREATED, &applied(secret.clone(), "21"));
+    let (event, reply, _) = h.api.expect(Method::POST, EVENTS).await;
+    assert_eq!(event["reason"], "CredentialIssued");
+    answer(reply, StatusCode::CREATED, &event);
+    let (patch, reply, _) = h.api.expect(Method::PATCH, STATUS).await;
+    let status: TasklistConnectionStatus = serde_json::from_value(patch["status"].clone()).expect("a status");
+    let mut object = serde_json::to_value(connection(&h.standin, Some(status.clone()))).expect("JSON");
+    object["metadata"]["resourceVersion"] = json!("22");
+    answer(reply, StatusCode::OK, &object);
+    h.api.finish(running).await;
+    assert_eq!(h.standin.token_requests().len(), 1);
+    (applied(secret, "21"), status)
+}
+
+#[tokio::test]
+async fn first_pass_reads_writes_the_secret_announces_and_writes_status_in_that_order() {
+    let mut h = harness().await;
+    let (_, status) = first_pass(&mut h).await;
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready").expect("Ready");
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "Ready"));
+}
+
+#[tokio::test]
+async fn second_pass_writes_nothing() {
+    let mut h = harness().await;
+    let (secret, status) = first_pass(&mut h).await;
+    let running = tokio::spawn(reconcile(Arc::new(connection(&h.standin, Some(status))), h.ctx.clone()));
+    let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
+    answer(reply, StatusCode::OK, &secret);
+    let (_, reply, _) = h.api.expect(Method::GET, CLIENT).await;
+    answer(reply, StatusCode::OK, &client_secret());
+    h.api.finish(running).await;
+    assert_eq!(
+        h.standin.token_requests().len(),
+        1,
+        "a second token for a credential that is not due"
+    );
+}
+
+#[tokio::test]
+async fn a_hand_edited_secret_is_restored() {
+    let mut h = harness().await;
+    let (mut secret, status) = first_pass(&mut h).await;
+    secret["data"]["token"] = json!("ZWRpdGVk");
+    let running = tokio::spawn(reconcile(Arc::new(connection(&h.standin, Some(status))), h.ctx.clone()));
+    let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
+    answer(reply, StatusCode::OK, &secret);
+    let (_, reply, _) = h.api.expect(Method::GET, CLIENT).await;
+    answer(reply, StatusCode::OK, &client_secret());
+    // A merge patch on condition of the resourceVersion that was checked.
+    let (patch, reply, _) = h.api.expect(Method::PATCH, DERIVED).await;
+    assert_eq!(patch["metadata"]["resourceVersion"], "21");
+    assert_ne!(patch["data"]["token"], json!("ZWRpdGVk"));
+    let mut written = secret.clone();
+    written["data"]["token"] = patch["data"]["token"].clone();
+    answer(reply, StatusCode::OK, &applied(written, "31"));
+    let (event, reply, _) = h.api.expect(Method::POST, EVENTS).await;
+    assert_eq!(event["reason"], "SecretRestored");
+    answer(reply, StatusCode::CREATED, &event);
+    // Status is written again only when the new credential's times (whole seconds) differ.
+    h.api.finish_allowing_status(running, &h.standin).await;
+    assert_eq!(h.standin.token_requests().len(), 2);
+}
+
+#[tokio::test]
+async fn a_conflict_is_announced_once_then_only_read() {
+    let mut h = harness().await;
+    let foreign = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "orders-tasklist-auth", "namespace": NAMESPACE, "resourceVersion": "5"}, "data": {"x": "eA=="}});
+
+    let running = tokio::spawn(reconcile(Arc::new(connection(&h.standin, None)), h.ctx.clone()));
+    let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
+    answer(reply, StatusCode::OK, &foreign);
+    let (event, reply, _) = h.api.expect(Method::POST, EVENTS).await;
+    assert_eq!(event["reason"], "SecretConflict");
+    answer(reply, StatusCode::CREATED, &event);
+    let (patch, reply, _) = h.api.expect(Method::PATCH, STATUS).await;
+    let status: TasklistConnectionStatus = serde_json::from_value(patch["status"].clone()).expect("a status");
+    answer(
+        reply,
+        StatusCode::OK,
+        &serde_json::to_value(connection(&h.standin, Some(status.clone()))).expect("JSON"),
+    );
+    h.api.finish(running).await;
+
+    // Again, with that status: no Event, no status write, no token request.
+    let running = tokio::spawn(reconcile(Arc::new(connection(&h.standin, Some(status))), h.ctx.clone()));
+    let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
+    answer(reply, StatusCode::OK, &foreign);
+    h.api.finish(running).await;
+    assert!(h.standin.token_requests().is_empty());
+}
+
+#[tokio::test]
+async fn a_secret_created_meanwhile_is_not_overwritten() {
+    let mut h = harness().await;
+    let running = tokio::spawn(reconcile(Arc::new(connection(&h.standin, None)), h.ctx.clone()));
+    let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
+    not_found(reply);
+    let (_, reply, _) = h.api.expect(Method::GET, CLIENT).await;
+    answer(reply, StatusCode::OK, &client_secret());
+    // Someone created a Secret of that name while the token was requested: the create fails.
+    let (_, reply, _) = h.api.expect(Method::POST, SECRETS).await;
+    answer(
+        reply,
+        StatusCode::CONFLICT,
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409}),
+    );
+    // No second write of any kind: the reconcile ends with an error and the next one looks again.
+    let ended = tokio::select! {
+        ended = running => ended.expect("the reconcile ends"),
+        Some((request, _)) = h.api.requests.recv() => panic!("unexpected request {} {}", request.method(), request.uri()),
+    };
+    assert!(matches!(ended, Err(Error::SecretChangedMeanwhile(_))), "{ended:?}");
+}
