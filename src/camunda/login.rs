@@ -197,6 +197,19 @@ mod tests {
     }
 
     #[test]
+    fn a_password_straddling_the_200_character_cut_leaves_no_prefix() {
+        let credentials = LoginCredentials {
+            username: "demo".into(),
+            password: Sensitive::new("Pw9xK2mQ7vLr"),
+        };
+        for offset in 190..200 {
+            let body = serde_json::json!({"message": format!("{}{} is wrong", "m".repeat(offset), "Pw9xK2mQ7vLr")}).to_string();
+            let detail = login_error_detail(body.as_bytes(), &credentials);
+            assert!(!detail.contains("Pw9x"), "offset {offset}: {detail}");
+        }
+    }
+
+    #[test]
     fn success_without_a_cookie_is_a_server_error() {
         assert!(session_from_answer(&headers(&[])).is_err());
         assert!(session_from_answer(&headers(&[("set-cookie", "TASKLIST-SESSION=; Max-Age=0")])).is_err());
