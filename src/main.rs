@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use kube::CustomResourceExt;
 use kube::api::{Api, ListParams};
-use tasklist_operator::camunda::HttpSettings;
+use tasklist_operator::camunda::{HttpClient, HttpSettings, TlsTrust};
 use tasklist_operator::check;
 use tasklist_operator::controller::{self, Context, Scope};
 use tasklist_operator::crd::TasklistConnection;
@@ -50,6 +50,9 @@ struct CheckArgs {
     /// Timeout of each HTTP request.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     request_timeout: Duration,
+    /// A PEM CA bundle to trust on top of the public roots (and the connection's caSecretRef).
+    #[arg(long, value_name = "FILE")]
+    ca_bundle: Option<std::path::PathBuf>,
 }
 
 #[derive(Parser)]
@@ -63,6 +66,10 @@ struct RunArgs {
     /// Timeout of each HTTP request to Camunda (token endpoint, login, probe).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     request_timeout: Duration,
+    /// A PEM CA bundle every connection trusts on top of the public roots and its own
+    /// caSecretRef, for clusters behind an intercepting proxy. Read at start-up.
+    #[arg(long, value_name = "FILE")]
+    ca_bundle: Option<std::path::PathBuf>,
     /// Address of the port serving /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]
     listen_addr: SocketAddr,
@@ -107,9 +114,12 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Check(args) => {
-            let settings = HttpSettings {
-                timeout: args.request_timeout,
-                ..HttpSettings::default()
+            let settings = match http_settings(args.request_timeout, args.ca_bundle.as_deref()) {
+                Ok(settings) => settings,
+                Err(message) => {
+                    eprintln!("{message}");
+                    return Ok(std::process::ExitCode::from(3));
+                }
             };
             let code = check::run(&args.connection, args.credentials.as_deref(), &settings, &mut std::io::stdout()).await;
             Ok(std::process::ExitCode::from(code))
@@ -120,6 +130,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
+    let settings = http_settings(args.request_timeout, args.ca_bundle.as_deref()).map_err(anyhow::Error::msg)?;
     let client = kube::Client::try_default().await?;
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {
@@ -150,10 +161,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         Scope::Namespaces(args.namespaces.clone())
     };
-    let settings = HttpSettings {
-        timeout: args.request_timeout,
-        ..HttpSettings::default()
-    };
     let ctx = Arc::new(Context::new(client, settings, metrics, args.leader_election_identity.clone()).with_concurrency(args.concurrency));
     match &elector {
         None => controller::run(ctx, scope, shutdown()).await,
@@ -179,6 +186,23 @@ async fn wait_for_server(server: tokio::task::JoinHandle<anyhow::Result<()>>) ->
     }
     info!("stopped");
     Ok(())
+}
+
+/// The operator-wide HTTP settings; an unreadable or unusable `--ca-bundle` is refused here,
+/// at start-up, rather than failing every connection later.
+fn http_settings(timeout: Duration, ca_bundle: Option<&std::path::Path>) -> Result<HttpSettings, String> {
+    let ca_bundle_pem = match ca_bundle {
+        Some(path) => Some(std::fs::read_to_string(path).map_err(|error| format!("cannot read --ca-bundle {}: {error}", path.display()))?),
+        None => None,
+    };
+    let settings = HttpSettings {
+        timeout,
+        ca_bundle_pem,
+        ..HttpSettings::default()
+    };
+    HttpClient::new(&settings, &TlsTrust::default())
+        .map_err(|error| format!("{error} ({})", ca_bundle.map(|p| p.display().to_string()).unwrap_or_default()))?;
+    Ok(settings)
 }
 
 fn leader_election(args: &RunArgs, client: &kube::Client) -> Result<Option<LeaderElector>, String> {

@@ -9,7 +9,6 @@ use std::process::Command;
 use std::sync::Arc;
 
 use serde::Deserialize;
-use serde::Deserialize as _;
 use tasklist_operator::metrics::{ConnectionLabels, CredentialRequestLabels, MethodLabels, Metrics, ReasonLabels, ResultLabels};
 use tasklist_operator::serve::{Health, serve};
 

@@ -18,7 +18,7 @@ use kube::runtime::{WatchStreamExt, predicates};
 use kube::{Api, Client, ResourceExt};
 use tracing::{info, warn};
 
-use crate::camunda::{HttpClient, HttpSettings, TlsTrust};
+use crate::camunda::{HttpClient, HttpClientError, HttpSettings, TlsTrust};
 use crate::crd::TasklistConnection;
 use crate::events::EventPublisher;
 use crate::inputs::Inputs;
@@ -78,8 +78,11 @@ impl Context {
         self.metrics.forget_connection(&namespace, &name);
     }
 
-    fn http_client(&self, inputs: &Inputs) -> Result<HttpClient, String> {
-        let mut clients = self.http_clients.lock().map_err(|_| "HTTP client cache poisoned".to_string())?;
+    fn http_client(&self, inputs: &Inputs) -> Result<HttpClient, HttpClientError> {
+        let mut clients = self
+            .http_clients
+            .lock()
+            .map_err(|_| HttpClientError::Setup("HTTP client cache poisoned".into()))?;
         if let Some(client) = clients.get(&inputs.trust) {
             return Ok(client.clone());
         }

@@ -82,8 +82,8 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
     };
     let http = match ctx.http_client(&inputs) {
         Ok(http) => http,
-        Err(message) => {
-            let authenticated = ConditionState::failing("InvalidCABundle", message);
+        Err(error) => {
+            let authenticated = ConditionState::failing(error.condition_reason(), error.to_string());
             let reachable = ConditionState::unknown("NotProbed", "no usable TLS settings");
             this.write_status_if_changed(&this.observe(stored.as_ref(), None, authenticated, reachable), now)
                 .await?;
