@@ -1,4 +1,3 @@
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +11,7 @@ use tasklist_operator::controller::{self, Context, Scope};
 use tasklist_operator::crd::TasklistConnection;
 use tasklist_operator::duration::parse_duration;
 use tasklist_operator::leader::{LeaderElector, LeaseSettings};
+use tasklist_operator::logging;
 use tasklist_operator::metrics::Metrics;
 use tasklist_operator::serve::{Health, serve};
 use tokio::sync::watch;
@@ -129,7 +129,10 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    init_logging(args.log_format);
+    logging::init(match args.log_format {
+        LogFormat::Text => logging::LogFormat::Text,
+        LogFormat::Json => logging::LogFormat::Json,
+    });
     let settings = http_settings(args.request_timeout, args.ca_bundle.as_deref()).map_err(anyhow::Error::msg)?;
     let client = kube::Client::try_default().await?;
     let (stop, stopped) = watch::channel(false);
@@ -252,19 +255,5 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only for a person at a terminal: `kubectl logs` and log files get plain text.
-    let colours = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(colours);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
     }
 }

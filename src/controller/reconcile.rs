@@ -22,6 +22,7 @@ use crate::credential::{Credential, add};
 use crate::derived_secret::{StoredCredential, Unusable, is_owned_by};
 use crate::events::{ConnectionEvent, transitions};
 use crate::inputs::{Inputs, LoginMaterial, read_inputs, referenced_secret_names};
+use crate::logging::{ProbeLogLevel, human_signed_duration, probe_log_level};
 use crate::metrics::{ConnectionLabels, CredentialRequestLabels, MethodLabels, ResultLabels};
 use crate::obtain::obtain_credential;
 use crate::schedule::retry_delay;
@@ -242,7 +243,7 @@ impl<'a> Reconciling<'a> {
                     }
                 }
                 let delay = retry_at.duration_since(now);
-                warn!(consecutive, retry_in = ?delay, "could not obtain a credential: {}", failure.message);
+                warn!(consecutive, retry_in = %human_signed_duration(delay), "could not obtain a credential: {}", failure.message);
                 let authenticated = failed_condition(&failure);
                 ctx.memory.update(key, |memory| {
                     memory.failure = Some(FailureRecord {
@@ -343,8 +344,12 @@ impl<'a> Reconciling<'a> {
                 result: result.reason.into(),
             })
             .observe(took);
-        if result.status != Some(true) {
-            warn!(reason = result.reason, "probe failed: {}", result.message);
+        let previous = ctx.memory.get(key).last_probe.map(|last| last.result);
+        let succeeded = |state: &ConditionState| (state.status == Some(true), state.reason);
+        match probe_log_level(previous.as_ref().map(succeeded), succeeded(&result)) {
+            ProbeLogLevel::Warn => warn!(reason = result.reason, "probe failed: {}", result.message),
+            ProbeLogLevel::Info => info!("probe succeeds again: {}", result.message),
+            ProbeLogLevel::Debug => debug!(reason = result.reason, "probe: {}", result.message),
         }
         let record = ProbeRecord {
             at: now,
