@@ -313,6 +313,11 @@ fn aggregated_cluster_roles_extend_view_and_edit() {
     }
     let off = render(&["--set", "rbac.aggregateToDefaultRoles=false"]);
     assert_eq!(all_of(&off, "ClusterRole").len(), 1, "only the operator's own ClusterRole");
+    let namespaced = render(&["--set", "watchNamespaces={team-a}"]);
+    assert!(
+        all_of(&namespaced, "ClusterRole").is_empty(),
+        "a namespaced install must create nothing cluster-wide"
+    );
 }
 
 #[test]

@@ -425,7 +425,9 @@ fn start_controller_manager(
     command
         .arg(flag_with_path("--kubeconfig", admin_kubeconfig))
         // Only what changes objects the operator cares about; no node, pod or volume machinery.
-        .arg("--controllers=garbagecollector,namespace,serviceaccount-token,serviceaccount")
+        // clusterrole-aggregation fills the built-in view/edit roles from the chart's
+        // aggregated ClusterRoles.
+        .arg("--controllers=garbagecollector,namespace,serviceaccount-token,serviceaccount,clusterrole-aggregation")
         .arg(flag_with_path("--service-account-private-key-file", service_account_key_file))
         .arg(flag_with_path("--root-ca-file", ca_file))
         .arg("--leader-elect=false")
