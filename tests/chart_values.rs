@@ -182,7 +182,7 @@ fn security_contexts_can_be_overridden_for_openshift() {
 fn deployment_values_reach_the_pod() {
     let objects = render(&[
         "--set-json",
-        r#"extraArgs=["--log-format","json"]"#,
+        r#"extraArgs=["--namespace","team-c"]"#,
         "--set-json",
         r#"extraVolumes=[{"name":"scratch","emptyDir":{}}]"#,
         "--set-json",
@@ -201,7 +201,7 @@ fn deployment_values_reach_the_pod() {
     let rendered_args = args(&objects);
     assert_eq!(
         rendered_args[rendered_args.len() - 2..],
-        ["--log-format", "json"],
+        ["--namespace", "team-c"],
         "{rendered_args:?}"
     );
     assert_eq!(flag(&objects, "--concurrency").as_deref(), Some("8"));
