@@ -106,8 +106,6 @@ fn service_monitor_keeps_the_metrics_own_namespace_label() {
         r#"serviceMonitor.relabelings=[{"targetLabel":"cluster","replacement":"eu-1"}]"#,
         "--set-json",
         r#"serviceMonitor.metricRelabelings=[{"sourceLabels":["__name__"],"regex":"go_.*","action":"drop"}]"#,
-        "--set",
-        "podMonitor.enabled=true",
     ]);
     let monitor = one(&objects, "ServiceMonitor");
     assert_eq!(monitor["metadata"]["namespace"], "monitoring");
@@ -116,6 +114,8 @@ fn service_monitor_keeps_the_metrics_own_namespace_label() {
     let endpoint = &monitor["spec"]["endpoints"][0];
     assert_eq!(endpoint["relabelings"], json!([{"targetLabel": "cluster", "replacement": "eu-1"}]));
     assert_eq!(endpoint["metricRelabelings"][0]["action"], "drop");
+    let objects = render(&["--set", "podMonitor.enabled=true"]);
+    assert!(all_of(&objects, "ServiceMonitor").is_empty());
     let pod_monitor = one(&objects, "PodMonitor");
     assert_eq!(pod_monitor["spec"]["podMetricsEndpoints"][0]["honorLabels"], true);
     assert_eq!(pod_monitor["spec"]["podMetricsEndpoints"][0]["port"], "http");
@@ -123,6 +123,12 @@ fn service_monitor_keeps_the_metrics_own_namespace_label() {
         pod_monitor["spec"]["selector"]["matchLabels"],
         one(&objects, "Deployment")["spec"]["selector"]["matchLabels"]
     );
+}
+
+#[test]
+fn pod_and_service_monitor_exclude_each_other() {
+    let both = render_error(&["--set", "podMonitor.enabled=true", "--set", "serviceMonitor.enabled=true"]);
+    assert!(both.contains("choose one"), "{both}");
 }
 
 #[test]

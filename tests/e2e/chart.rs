@@ -1052,6 +1052,36 @@ async fn check_platform_install(world: &World, release: &Release, installed: any
         "no topologySpreadConstraints on the Deployment"
     );
 
+    // crds.enabled: the templated CRD is one the API server accepts in place of the
+    // installed one (a server-side dry run, so that the shared CRD stays as it is).
+    let chart = chart_path();
+    let rendered = helm_ok(
+        world,
+        &[
+            "template",
+            "crds",
+            chart.to_str().context("the chart path is not UTF-8")?,
+            "--set",
+            "crds.enabled=true",
+            "--show-only",
+            "templates/crds.yaml",
+        ],
+    )
+    .await?;
+    let crd: CustomResourceDefinition = serde_yaml::from_str(&rendered)?;
+    ensure!(
+        crd.annotations().get("helm.sh/resource-policy").map(String::as_str) == Some("keep"),
+        "the templated CRD is not kept on uninstall"
+    );
+    Api::<CustomResourceDefinition>::all(world.client())
+        .patch(
+            TasklistConnection::crd_name(),
+            &kube::api::PatchParams::apply("tasklist-operator-chart-test").dry_run().force(),
+            &kube::api::Patch::Apply(&crd),
+        )
+        .await
+        .context("the API server refuses the templated CRD")?;
+
     // The aggregated ClusterRoles: view may read connections, edit may change them.
     let admin = world.client();
     let team = world.control_plane.create_namespace("tlo-viewers").await?;
