@@ -430,3 +430,34 @@ fn grafana_dashboard_configmap_for_the_sidecar() {
         serde_json::from_str(config_map["data"]["tasklist-operator.json"].as_str().expect("the dashboard")).expect("JSON");
     assert_eq!(dashboard["uid"], "tasklist-operator");
 }
+
+#[test]
+fn the_operator_down_alert_watches_the_job_the_monitor_produces() {
+    let expression = |set: &[&str]| -> String {
+        let mut args = vec!["--set", "prometheusRule.enabled=true"];
+        args.extend(set);
+        let objects = render(&args);
+        let rules = one(&objects, "PrometheusRule")["spec"]["groups"][0]["rules"].clone();
+        rules
+            .as_array()
+            .expect("rules")
+            .iter()
+            .find(|rule| rule["alert"] == "TasklistOperatorDown")
+            .expect("the TasklistOperatorDown alert")["expr"]
+            .as_str()
+            .expect("an expression")
+            .to_owned()
+    };
+    assert_eq!(
+        expression(&["--set", "serviceMonitor.enabled=true"]),
+        r#"absent(up{job="tlo-tasklist-operator"} == 1)"#
+    );
+    assert_eq!(
+        expression(&["--set", "podMonitor.enabled=true"]),
+        r#"absent(up{job="tlo-system/tlo-tasklist-operator"} == 1)"#
+    );
+    assert_eq!(
+        expression(&["--set", "prometheusRule.job=tasklist"]),
+        r#"absent(up{job="tasklist"} == 1)"#
+    );
+}
