@@ -1,7 +1,7 @@
 # The two commands of the README. Both build whatever is missing first (hack/tools.sh
 # caches the control plane, helm and Keycloak outside the checkout, keyed by version).
 
-.PHONY: demo test tools crd
+.PHONY: demo test tools crd chart-docs
 
 ## Run the operator end to end on a local control plane with a stand-in Tasklist and
 ## Keycloak, apply examples/, print the status; Ctrl-C stops and cleans up everything.
@@ -20,3 +20,7 @@ tools:
 crd:
 	cargo run -q -- crd > crds/tasklistconnection.yaml
 	cp crds/tasklistconnection.yaml charts/tasklist-operator/crds/tasklistconnection.yaml
+
+## Regenerate the values table in charts/tasklist-operator/README.md from values.yaml.
+chart-docs:
+	TLO_WRITE_CHART_DOCS=1 cargo test -q --test chart_docs

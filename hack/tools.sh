@@ -174,7 +174,7 @@ build_promtool() {
     log "promtool $prometheus_version cached in $out"
     return
   fi
-  log "building promtool and scrapecheck $prometheus_version (cold: ~5 min on 2 cores)"
+  log "building promtool and scrapecheck $prometheus_version (cold: 16 min on a busy 2-core machine, modules downloaded)"
   mkdir -p "$out.partial"
   (
     cd "$here/promtool"

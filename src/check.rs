@@ -115,7 +115,7 @@ async fn check(
         }
         Err(error) => return Err(error.to_string()),
     };
-    let http = HttpClient::new(settings, &inputs.trust).map_err(|message| format!("TLS settings: {message}"))?;
+    let http = HttpClient::new(settings, &inputs.trust).map_err(|error| format!("TLS settings: {error}"))?;
     if inputs.trust.insecure_skip_verify {
         say(out, "warning: tls.insecureSkipVerify is on: server certificates are not verified");
     }

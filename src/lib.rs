@@ -12,6 +12,7 @@ pub mod duration;
 pub mod events;
 pub mod inputs;
 pub mod leader;
+pub mod logging;
 pub mod metrics;
 pub mod obtain;
 pub mod policy;

@@ -1,4 +1,3 @@
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -6,12 +5,13 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use kube::CustomResourceExt;
 use kube::api::{Api, ListParams};
-use tasklist_operator::camunda::HttpSettings;
+use tasklist_operator::camunda::{HttpClient, HttpSettings, TlsTrust};
 use tasklist_operator::check;
 use tasklist_operator::controller::{self, Context, Scope};
 use tasklist_operator::crd::TasklistConnection;
 use tasklist_operator::duration::parse_duration;
 use tasklist_operator::leader::{LeaderElector, LeaseSettings};
+use tasklist_operator::logging;
 use tasklist_operator::metrics::Metrics;
 use tasklist_operator::policy::{HostPolicy, PolicyArgs};
 use tasklist_operator::schedule::RefreshPolicy;
@@ -52,6 +52,9 @@ struct CheckArgs {
     /// Timeout of each HTTP request.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     request_timeout: Duration,
+    /// A PEM CA bundle to trust on top of the public roots (and the connection's caSecretRef).
+    #[arg(long, value_name = "FILE")]
+    ca_bundle: Option<std::path::PathBuf>,
 }
 
 #[derive(Parser)]
@@ -65,6 +68,10 @@ struct RunArgs {
     /// Timeout of each HTTP request to Camunda (token endpoint, login, probe).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     request_timeout: Duration,
+    /// A PEM CA bundle every connection trusts on top of the public roots and its own
+    /// caSecretRef, for clusters behind an intercepting proxy. Read at start-up.
+    #[arg(long, value_name = "FILE")]
+    ca_bundle: Option<std::path::PathBuf>,
     /// Address of the port serving /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]
     listen_addr: SocketAddr,
@@ -119,9 +126,12 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Check(args) => {
-            let settings = HttpSettings {
-                timeout: args.request_timeout,
-                ..HttpSettings::default()
+            let settings = match http_settings(args.request_timeout, args.ca_bundle.as_deref()) {
+                Ok(settings) => settings,
+                Err(message) => {
+                    eprintln!("{message}");
+                    return Ok(std::process::ExitCode::from(3));
+                }
             };
             let code = check::run(&args.connection, args.credentials.as_deref(), &settings, &mut std::io::stdout()).await;
             Ok(std::process::ExitCode::from(code))
@@ -131,7 +141,11 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    init_logging(args.log_format);
+    logging::init(match args.log_format {
+        LogFormat::Text => logging::LogFormat::Text,
+        LogFormat::Json => logging::LogFormat::Json,
+    });
+    let settings = http_settings(args.request_timeout, args.ca_bundle.as_deref()).map_err(anyhow::Error::msg)?;
     let policy = Arc::new(HostPolicy::from_args(&args.policy).map_err(anyhow::Error::msg)?);
     info!("policy: {}", policy.describe());
     let client = kube::Client::try_default().await?;
@@ -165,9 +179,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Scope::Namespaces(args.namespaces.clone())
     };
     let settings = HttpSettings {
-        timeout: args.request_timeout,
         policy: Some(policy),
-        ..HttpSettings::default()
+        ..settings
     };
     let policy = RefreshPolicy {
         secret_volume_delay: args.secret_volume_delay,
@@ -199,6 +212,23 @@ async fn wait_for_server(server: tokio::task::JoinHandle<anyhow::Result<()>>) ->
     }
     info!("stopped");
     Ok(())
+}
+
+/// The operator-wide HTTP settings; an unreadable or unusable `--ca-bundle` is refused here,
+/// at start-up, rather than failing every connection later.
+fn http_settings(timeout: Duration, ca_bundle: Option<&std::path::Path>) -> Result<HttpSettings, String> {
+    let ca_bundle_pem = match ca_bundle {
+        Some(path) => Some(std::fs::read_to_string(path).map_err(|error| format!("cannot read --ca-bundle {}: {error}", path.display()))?),
+        None => None,
+    };
+    let settings = HttpSettings {
+        timeout,
+        ca_bundle_pem,
+        ..HttpSettings::default()
+    };
+    HttpClient::new(&settings, &TlsTrust::default())
+        .map_err(|error| format!("{error} ({})", ca_bundle.map(|p| p.display().to_string()).unwrap_or_default()))?;
+    Ok(settings)
 }
 
 fn leader_election(args: &RunArgs, client: &kube::Client) -> Result<Option<LeaderElector>, String> {
@@ -248,19 +278,5 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only for a person at a terminal: `kubectl logs` and log files get plain text.
-    let colours = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(colours);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
     }
 }

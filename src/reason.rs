@@ -4,8 +4,8 @@
 
 use std::fmt;
 
-use crate::camunda::AuthFailureKind;
 use crate::camunda::probe::ProbeOutcome;
+use crate::camunda::{AuthFailureKind, HttpClientError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reason {
@@ -18,6 +18,10 @@ pub enum Reason {
     /// The token endpoint issued a token whose `exp` had passed already (clock skew).
     TokenExpiredOnArrival,
     InvalidCABundle,
+    /// The operator-wide CA bundle (`--ca-bundle`) cannot be used.
+    InvalidOperatorCABundle,
+    /// The TLS backend could not be set up, whatever the bundles.
+    HttpSetupFailed,
     InvalidSpec,
     /// The administrator's policy does not allow this connection's hosts or settings.
     NotAllowed,
@@ -44,6 +48,8 @@ impl Reason {
             Reason::AuthServerError => "AuthServerError",
             Reason::TokenExpiredOnArrival => "TokenExpiredOnArrival",
             Reason::InvalidCABundle => "InvalidCABundle",
+            Reason::InvalidOperatorCABundle => "InvalidOperatorCABundle",
+            Reason::HttpSetupFailed => "HttpSetupFailed",
             Reason::InvalidSpec => "InvalidSpec",
             Reason::NotAllowed => "NotAllowed",
             Reason::ProbeSucceeded => "ProbeSucceeded",
@@ -64,6 +70,15 @@ impl Reason {
             AuthFailureKind::Rejected => Reason::CredentialsRejected,
             AuthFailureKind::ServerError => Reason::AuthServerError,
             AuthFailureKind::ExpiredOnArrival => Reason::TokenExpiredOnArrival,
+        }
+    }
+
+    /// The Authenticated condition's reason when no HTTP client could be set up.
+    pub fn of_http_client_error(error: &HttpClientError) -> Reason {
+        match error {
+            HttpClientError::InvalidCaBundle(_) => Reason::InvalidCABundle,
+            HttpClientError::InvalidOperatorCaBundle(_) => Reason::InvalidOperatorCABundle,
+            HttpClientError::Setup(_) => Reason::HttpSetupFailed,
         }
     }
 

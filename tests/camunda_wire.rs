@@ -25,6 +25,7 @@ use tasklist_operator::credential::{Credential, jwt_expiry};
 use tasklist_operator::derived_secret::StoredCredential;
 use tasklist_operator::inputs::{Inputs, LoginMaterial};
 use tasklist_operator::obtain::obtain_credential;
+use tasklist_operator::reason::Reason;
 use testsupport::standin::{
     AuthKind, CSRF_NAME, EndpointMode, LEGACY_CSRF_NAME, SESSION_COOKIE, StandinOptions, StandinTasklist, TokenAnswer, TokenRequestEncoding,
 };
@@ -1244,7 +1245,28 @@ async fn an_invalid_ca_bundle_is_a_clear_error() {
             ..TlsTrust::default()
         };
         let error = HttpClient::new(&HttpSettings::default(), &trust).expect_err("an invalid CA bundle");
-        assert!(error.contains(expected), "for {pem:?}: {error}");
+        assert_eq!(
+            Reason::of_http_client_error(&error).as_str(),
+            "InvalidCABundle",
+            "for {pem:?}: {error}"
+        );
+        assert!(error.to_string().contains(expected), "for {pem:?}: {error}");
+
+        // The same bundle given operator-wide is reported as the operator's.
+        let settings = HttpSettings {
+            ca_bundle_pem: Some(pem.to_owned()),
+            ..HttpSettings::default()
+        };
+        let error = HttpClient::new(&settings, &TlsTrust::default()).expect_err("an invalid operator CA bundle");
+        assert_eq!(
+            Reason::of_http_client_error(&error).as_str(),
+            "InvalidOperatorCABundle",
+            "for {pem:?}: {error}"
+        );
+        assert!(
+            error.to_string().contains("--ca-bundle") && error.to_string().contains(expected),
+            "{error}"
+        );
     }
 
     // Valid PEM whose content is not a certificate.
@@ -1253,5 +1275,29 @@ async fn an_invalid_ca_bundle_is_a_clear_error() {
         ..TlsTrust::default()
     };
     let error = HttpClient::new(&HttpSettings::default(), &trust).expect_err("a PEM block that is not a certificate");
-    assert!(error.contains("certificate"), "{error}");
+    assert_eq!(Reason::of_http_client_error(&error).as_str(), "InvalidCABundle", "{error}");
+    assert!(error.to_string().contains("certificate"), "{error}");
+}
+
+#[tokio::test]
+async fn the_operator_wide_ca_bundle_is_trusted_for_every_connection() {
+    let standin = tls_standin().await;
+    // No caSecretRef on the connection: the operator's --ca-bundle alone makes TLS work.
+    let settings = HttpSettings {
+        ca_bundle_pem: standin.ca_pem(),
+        ..HttpSettings::default()
+    };
+    let http = HttpClient::new(&settings, &TlsTrust::default()).expect("a client trusting the operator's CA");
+    request_token(&http, &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET)
+        .await
+        .expect("a token over TLS trusted through --ca-bundle");
+    // Both bundles at once: the operator's and the connection's.
+    let trust = TlsTrust {
+        extra_roots_pem: standin.ca_pem(),
+        ..TlsTrust::default()
+    };
+    let http = HttpClient::new(&settings, &trust).expect("a client with both bundles");
+    request_token(&http, &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET)
+        .await
+        .expect("a token with both bundles");
 }

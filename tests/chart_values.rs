@@ -106,8 +106,6 @@ fn service_monitor_keeps_the_metrics_own_namespace_label() {
         r#"serviceMonitor.relabelings=[{"targetLabel":"cluster","replacement":"eu-1"}]"#,
         "--set-json",
         r#"serviceMonitor.metricRelabelings=[{"sourceLabels":["__name__"],"regex":"go_.*","action":"drop"}]"#,
-        "--set",
-        "podMonitor.enabled=true",
     ]);
     let monitor = one(&objects, "ServiceMonitor");
     assert_eq!(monitor["metadata"]["namespace"], "monitoring");
@@ -116,6 +114,8 @@ fn service_monitor_keeps_the_metrics_own_namespace_label() {
     let endpoint = &monitor["spec"]["endpoints"][0];
     assert_eq!(endpoint["relabelings"], json!([{"targetLabel": "cluster", "replacement": "eu-1"}]));
     assert_eq!(endpoint["metricRelabelings"][0]["action"], "drop");
+    let objects = render(&["--set", "podMonitor.enabled=true"]);
+    assert!(all_of(&objects, "ServiceMonitor").is_empty());
     let pod_monitor = one(&objects, "PodMonitor");
     assert_eq!(pod_monitor["spec"]["podMetricsEndpoints"][0]["honorLabels"], true);
     assert_eq!(pod_monitor["spec"]["podMetricsEndpoints"][0]["port"], "http");
@@ -123,6 +123,12 @@ fn service_monitor_keeps_the_metrics_own_namespace_label() {
         pod_monitor["spec"]["selector"]["matchLabels"],
         one(&objects, "Deployment")["spec"]["selector"]["matchLabels"]
     );
+}
+
+#[test]
+fn pod_and_service_monitor_exclude_each_other() {
+    let both = render_error(&["--set", "podMonitor.enabled=true", "--set", "serviceMonitor.enabled=true"]);
+    assert!(both.contains("choose one"), "{both}");
 }
 
 #[test]
@@ -182,7 +188,7 @@ fn security_contexts_can_be_overridden_for_openshift() {
 fn deployment_values_reach_the_pod() {
     let objects = render(&[
         "--set-json",
-        r#"extraArgs=["--log-format","json"]"#,
+        r#"extraArgs=["--namespace","team-c"]"#,
         "--set-json",
         r#"extraVolumes=[{"name":"scratch","emptyDir":{}}]"#,
         "--set-json",
@@ -201,7 +207,7 @@ fn deployment_values_reach_the_pod() {
     let rendered_args = args(&objects);
     assert_eq!(
         rendered_args[rendered_args.len() - 2..],
-        ["--log-format", "json"],
+        ["--namespace", "team-c"],
         "{rendered_args:?}"
     );
     assert_eq!(flag(&objects, "--concurrency").as_deref(), Some("8"));
@@ -313,6 +319,11 @@ fn aggregated_cluster_roles_extend_view_and_edit() {
     }
     let off = render(&["--set", "rbac.aggregateToDefaultRoles=false"]);
     assert_eq!(all_of(&off, "ClusterRole").len(), 1, "only the operator's own ClusterRole");
+    let namespaced = render(&["--set", "watchNamespaces={team-a}"]);
+    assert!(
+        all_of(&namespaced, "ClusterRole").is_empty(),
+        "a namespaced install must create nothing cluster-wide"
+    );
 }
 
 #[test]
@@ -418,4 +429,35 @@ fn grafana_dashboard_configmap_for_the_sidecar() {
     let dashboard: Value =
         serde_json::from_str(config_map["data"]["tasklist-operator.json"].as_str().expect("the dashboard")).expect("JSON");
     assert_eq!(dashboard["uid"], "tasklist-operator");
+}
+
+#[test]
+fn the_operator_down_alert_watches_the_job_the_monitor_produces() {
+    let expression = |set: &[&str]| -> String {
+        let mut args = vec!["--set", "prometheusRule.enabled=true"];
+        args.extend(set);
+        let objects = render(&args);
+        let rules = one(&objects, "PrometheusRule")["spec"]["groups"][0]["rules"].clone();
+        rules
+            .as_array()
+            .expect("rules")
+            .iter()
+            .find(|rule| rule["alert"] == "TasklistOperatorDown")
+            .expect("the TasklistOperatorDown alert")["expr"]
+            .as_str()
+            .expect("an expression")
+            .to_owned()
+    };
+    assert_eq!(
+        expression(&["--set", "serviceMonitor.enabled=true"]),
+        r#"absent(up{job="tlo-tasklist-operator"} == 1)"#
+    );
+    assert_eq!(
+        expression(&["--set", "podMonitor.enabled=true"]),
+        r#"absent(up{job="tlo-system/tlo-tasklist-operator"} == 1)"#
+    );
+    assert_eq!(
+        expression(&["--set", "prometheusRule.job=tasklist"]),
+        r#"absent(up{job="tasklist"} == 1)"#
+    );
 }

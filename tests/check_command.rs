@@ -144,3 +144,34 @@ async fn a_cookie_connection_logs_in_and_probes() {
     );
     assert!(!output.contains("cookie-pass-789"), "{output}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operator_wide_ca_bundle_makes_tls_work_and_a_bad_one_is_refused() {
+    let standin = StandinTasklist::start_with(testsupport::standin::StandinOptions {
+        tls: true,
+        ..Default::default()
+    })
+    .await
+    .expect("stand-in");
+    standin.add_client("orders", "check-secret-456");
+    let files = write_files(&oauth2_connection(&standin), &client_secret("check-secret-456"));
+    let bundle = files.connection.with_file_name("proxy-ca.pem");
+
+    // Without the bundle, the stand-in's certificate is not trusted: no credential.
+    let (code, output) = check(args(&files, true), vec![]).await;
+    assert_eq!(code, 1, "{output}");
+
+    std::fs::write(&bundle, standin.ca_pem().expect("a TLS stand-in has a CA")).expect("write the bundle");
+    let mut with_bundle = args(&files, true);
+    with_bundle.extend(["--ca-bundle".to_string(), bundle.display().to_string()]);
+    let (code, output) = check(with_bundle.clone(), vec![]).await;
+    assert_eq!(code, 0, "{output}");
+
+    std::fs::write(&bundle, "not a certificate").expect("write a broken bundle");
+    let (code, output) = check(with_bundle, vec![]).await;
+    assert_eq!(code, 3, "{output}");
+    assert!(
+        output.contains("the operator's CA bundle (--ca-bundle) holds no certificate"),
+        "{output}"
+    );
+}

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use serde::Deserialize;
-use tasklist_operator::metrics::{ConnectionLabels, CredentialRequestLabels, Metrics, ResultLabels};
+use tasklist_operator::metrics::{ConnectionLabels, CredentialRequestLabels, MethodLabels, Metrics, ReasonLabels, ResultLabels};
 use tasklist_operator::serve::{Health, serve};
 
 fn tool(var: &str) -> PathBuf {
@@ -76,9 +76,9 @@ fn scrape(url: &str, accept: Option<&str>) -> ScrapeReport {
     serde_json::from_slice(&output.stdout).expect("scrapecheck prints JSON")
 }
 
-/// Serves a registry with a series in every kind of family on a free loopback port.
-async fn serve_some_metrics() -> String {
-    let metrics = Arc::new(Metrics::default());
+/// A registry with a series in every family (a family without series is not exported).
+fn metrics_with_a_series_in_every_family() -> Metrics {
+    let metrics = Metrics::default();
     let orders = ConnectionLabels {
         namespace: "team-a".into(),
         name: "orders".into(),
@@ -95,13 +95,31 @@ async fn serve_some_metrics() -> String {
             result: "CredentialsRejected".into(),
         })
         .inc();
+    metrics
+        .credential_refreshes
+        .get_or_create(&MethodLabels { method: "cookie".into() })
+        .inc();
+    metrics
+        .reconcile_errors
+        .get_or_create(&ReasonLabels {
+            reason: "KubernetesApi".into(),
+        })
+        .inc();
     metrics.token_request_duration.observe(0.2);
+    metrics.login_duration.observe(0.3);
+    metrics.reconcile_duration.observe(0.01);
     metrics
         .probe_duration
         .get_or_create(&ResultLabels {
             result: "ProbeSucceeded".into(),
         })
         .observe(0.05);
+    metrics
+}
+
+/// Serves a registry with a series in every family on a free loopback port.
+async fn serve_some_metrics() -> String {
+    let metrics = Arc::new(metrics_with_a_series_in_every_family());
     let port = testsupport::tools::free_loopback_port().expect("a free port");
     let address = format!("127.0.0.1:{port}").parse().expect("an address");
     tokio::spawn(serve(address, Arc::new(Health::default()), metrics, std::future::pending()));
@@ -198,4 +216,138 @@ async fn prometheus_reads_the_same_metrics_in_both_formats() {
         expiry.samples()[0].labels,
         BTreeMap::from([("namespace".into(), "team-a".into()), ("name".into(), "orders".into())])
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// The chart's alerts and dashboard
+
+/// `helm template` of the chart with `--set` values; the one object of `kind`.
+fn render_one(kind: &str, set: &[&str]) -> serde_json::Value {
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/tasklist-operator");
+    let mut command = Command::new(tool("TLO_HELM"));
+    command.args(["template", "tlo"]).arg(chart).args(["--namespace", "tlo-system"]);
+    for value in set {
+        command.args(["--set", value]);
+    }
+    let output = command.output().expect("run helm");
+    assert!(
+        output.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).expect("UTF-8");
+    let mut found: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|document| serde_json::Value::deserialize(document).expect("YAML"))
+        .filter(|object| object["kind"] == kind)
+        .collect();
+    assert_eq!(found.len(), 1, "expected one {kind}");
+    found.remove(0)
+}
+
+fn promtool(dir: &Path, args: &[&str]) -> String {
+    let output = Command::new(tool("TLO_PROMTOOL"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run promtool");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "promtool {args:?} failed:\n{said}");
+    said
+}
+
+/// Every metric name in a PromQL expression that belongs to the operator.
+fn operator_metrics_in(expression: &str) -> Vec<String> {
+    expression
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|word| word.starts_with("tasklist_operator_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The sample names the operator exports (the text format names counters with `_total`).
+fn exported_names() -> Vec<String> {
+    let text = metrics_with_a_series_in_every_family().encode(tasklist_operator::metrics::ExpositionFormat::Text);
+    let mut names = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("a TYPE line");
+            names.push(name.to_owned());
+            if kind == "histogram" {
+                names.extend(["_bucket", "_sum", "_count"].map(|suffix| format!("{name}{suffix}")));
+            }
+        }
+    }
+    names
+}
+
+#[test]
+fn promtool_checks_the_alerts_and_fires_them_on_recorded_series() {
+    let rule = render_one("PrometheusRule", &["prometheusRule.enabled=true"]);
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    std::fs::write(dir.path().join("rules.yaml"), serde_yaml::to_string(&rule["spec"]).expect("YAML")).expect("write rules.yaml");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/monitoring/alerts_test.yaml"),
+        dir.path().join("alerts_test.yaml"),
+    )
+    .expect("copy the rule tests");
+    let checked = promtool(dir.path(), &["check", "rules", "rules.yaml"]);
+    assert!(checked.contains("SUCCESS: 4 rules found"), "{checked}");
+    // Each alert fires at the minute tests/monitoring/alerts_test.yaml says, and no earlier.
+    promtool(dir.path(), &["test", "rules", "alerts_test.yaml"]);
+
+    let exported = exported_names();
+    for rule in rule["spec"]["groups"][0]["rules"].as_array().expect("rules") {
+        let expression = rule["expr"].as_str().expect("an expression");
+        for name in operator_metrics_in(expression) {
+            assert!(
+                exported.contains(&name),
+                "alert {} uses {name}, which the operator does not export",
+                rule["alert"]
+            );
+        }
+    }
+}
+
+#[test]
+fn dashboard_queries_are_valid_promql_on_exported_metrics() {
+    let config_map = render_one("ConfigMap", &["grafanaDashboard.enabled=true"]);
+    let dashboard: serde_json::Value =
+        serde_json::from_str(config_map["data"]["tasklist-operator.json"].as_str().expect("the dashboard")).expect("JSON");
+    let exported = exported_names();
+    let mut recording_rules = Vec::new();
+    let mut titles = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        titles.push(panel["title"].as_str().expect("a title").to_owned());
+        for target in panel["targets"].as_array().expect("targets") {
+            let expression = target["expr"].as_str().expect("an expression");
+            let names = operator_metrics_in(expression);
+            assert!(!names.is_empty(), "panel {} queries no operator metric", panel["title"]);
+            for name in names {
+                assert!(
+                    exported.contains(&name),
+                    "panel {} uses {name}, which the operator does not export",
+                    panel["title"]
+                );
+            }
+            // Grafana's variables, as Grafana would fill them in.
+            let promql = expression.replace("$__rate_interval", "5m").replace("$namespace", ".*");
+            recording_rules.push(serde_json::json!({"record": format!("dashboard:panel{}", recording_rules.len()), "expr": promql}));
+        }
+    }
+    for wanted in ["Ready", "expiry", "Token request latency", "Login latency", "failures by reason"] {
+        assert!(
+            titles.iter().any(|title| title.contains(wanted)),
+            "no panel about {wanted:?}: {titles:?}"
+        );
+    }
+    // promtool parses every query (as recording rules).
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let rules = serde_json::json!({"groups": [{"name": "dashboard", "rules": recording_rules}]});
+    std::fs::write(dir.path().join("dashboard.yaml"), serde_yaml::to_string(&rules).expect("YAML")).expect("write");
+    let checked = promtool(dir.path(), &["check", "rules", "dashboard.yaml"]);
+    assert!(checked.contains("SUCCESS"), "{checked}");
 }

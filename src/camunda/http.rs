@@ -15,6 +15,9 @@ pub struct HttpSettings {
     /// The administrator's host policy, applied again to every address a host name
     /// resolves to when connecting. None: any address.
     pub policy: Option<Arc<HostPolicy>>,
+    /// PEM certificates every connection trusts on top of the public roots and its own
+    /// `caSecretRef` (`--ca-bundle`, for clusters behind an intercepting proxy).
+    pub ca_bundle_pem: Option<String>,
 }
 
 impl Default for HttpSettings {
@@ -23,6 +26,7 @@ impl Default for HttpSettings {
             timeout: Duration::from_secs(10),
             max_answer_bytes: 1024 * 1024,
             policy: None,
+            ca_bundle_pem: None,
         }
     }
 }
@@ -70,32 +74,50 @@ impl std::fmt::Display for TransportError {
     }
 }
 
+/// Why no HTTP client could be set up, told apart so that each gets its own condition reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HttpClientError {
+    /// The connection's own CA bundle (`spec.tls.caSecretRef`) cannot be used.
+    #[error("the CA bundle from spec.tls.caSecretRef {0}")]
+    InvalidCaBundle(String),
+    /// The operator-wide CA bundle (`--ca-bundle`) cannot be used.
+    #[error("the operator's CA bundle (--ca-bundle) {0}")]
+    InvalidOperatorCaBundle(String),
+    /// The TLS backend could not be set up, whatever the bundles.
+    #[error("cannot set up HTTP: {0}")]
+    Setup(String),
+}
+
+/// The certificates of a PEM bundle; the message says what is wrong with it.
+fn certificates_of(pem: Option<&str>) -> Result<Vec<reqwest::Certificate>, String> {
+    let Some(pem) = pem else { return Ok(Vec::new()) };
+    let certificates = reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(|_| "is not valid PEM".to_string())?;
+    if certificates.is_empty() {
+        return Err("holds no certificate".into());
+    }
+    Ok(certificates)
+}
+
 impl HttpClient {
-    pub fn new(settings: &HttpSettings, trust: &TlsTrust) -> Result<Self, String> {
-        let mut builder = reqwest::Client::builder()
-            .timeout(settings.timeout)
-            .connect_timeout(settings.timeout)
-            .redirect(same_origin_redirects())
-            .user_agent(concat!("tasklist-operator/", env!("CARGO_PKG_VERSION")));
-        if let Some(pem) = &trust.extra_roots_pem {
-            let certificates =
-                reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(|_| "the CA bundle is not valid PEM".to_string())?;
-            if certificates.is_empty() {
-                return Err("the CA bundle holds no certificate".into());
+    pub fn new(settings: &HttpSettings, trust: &TlsTrust) -> Result<Self, HttpClientError> {
+        let operator_roots = certificates_of(settings.ca_bundle_pem.as_deref()).map_err(HttpClientError::InvalidOperatorCaBundle)?;
+        let connection_roots = certificates_of(trust.extra_roots_pem.as_deref()).map_err(HttpClientError::InvalidCaBundle)?;
+        let build = |roots: &[&[reqwest::Certificate]]| build_client(settings, trust.insecure_skip_verify, roots);
+        let inner = match build(&[&operator_roots, &connection_roots]) {
+            Ok(inner) => inner,
+            // A certificate the TLS backend refuses shows only here: find whose it is.
+            Err(cause) if !connection_roots.is_empty() && build(&[&operator_roots]).is_ok() => {
+                return Err(HttpClientError::InvalidCaBundle(format!(
+                    "holds a certificate that cannot be used: {cause}"
+                )));
             }
-            for certificate in certificates {
-                builder = builder.add_root_certificate(certificate);
+            Err(cause) if !operator_roots.is_empty() && build(&[]).is_ok() => {
+                return Err(HttpClientError::InvalidOperatorCaBundle(format!(
+                    "holds a certificate that cannot be used: {cause}"
+                )));
             }
-        }
-        if trust.insecure_skip_verify {
-            builder = builder.danger_accept_invalid_certs(true);
-        }
-        if let Some(policy) = &settings.policy {
-            builder = builder.dns_resolver(Arc::new(PolicyResolver::new(policy.clone())));
-        }
-        let inner = builder
-            .build()
-            .map_err(|error| format!("cannot set up HTTP: {}", root_cause(&error)))?;
+            Err(cause) => return Err(HttpClientError::Setup(cause)),
+        };
         Ok(HttpClient {
             inner,
             settings: settings.clone(),
@@ -140,6 +162,24 @@ impl HttpClient {
             TransportError::Other(root_cause(error))
         }
     }
+}
+
+fn build_client(settings: &HttpSettings, insecure_skip_verify: bool, roots: &[&[reqwest::Certificate]]) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(settings.timeout)
+        .connect_timeout(settings.timeout)
+        .redirect(same_origin_redirects())
+        .user_agent(concat!("tasklist-operator/", env!("CARGO_PKG_VERSION")));
+    for certificate in roots.iter().flat_map(|bundle| bundle.iter()) {
+        builder = builder.add_root_certificate(certificate.clone());
+    }
+    if insecure_skip_verify {
+        builder = builder.danger_accept_invalid_certs(true);
+    }
+    if let Some(policy) = &settings.policy {
+        builder = builder.dns_resolver(Arc::new(PolicyResolver::new(policy.clone())));
+    }
+    builder.build().map_err(|error| root_cause(&error))
 }
 
 /// Follows redirects only within the same scheme, host and port, so that a credential

@@ -10,7 +10,7 @@ pub mod probe;
 mod sensitive;
 pub mod token;
 
-pub use http::{HttpClient, HttpSettings, TlsTrust};
+pub use http::{HttpClient, HttpClientError, HttpSettings, TlsTrust};
 pub use sensitive::{REDACTED, Sensitive, redact};
 
 /// Why a credential could not be obtained, in words a person can act on.

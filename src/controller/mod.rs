@@ -23,7 +23,7 @@ use kube::runtime::{WatchStreamExt, predicates};
 use kube::{Api, Client, ResourceExt};
 use tracing::{debug, info, warn};
 
-use crate::camunda::{HttpClient, HttpSettings, TlsTrust};
+use crate::camunda::{HttpClient, HttpClientError, HttpSettings, TlsTrust};
 use crate::crd::TasklistConnection;
 use crate::events::EventPublisher;
 use crate::inputs::Inputs;
@@ -143,8 +143,11 @@ impl Context {
         }
     }
 
-    fn http_client(&self, key: &ConnectionKey, inputs: &Inputs) -> Result<HttpClient, String> {
-        let mut clients = self.http_clients.lock().map_err(|_| "HTTP client cache poisoned".to_string())?;
+    fn http_client(&self, key: &ConnectionKey, inputs: &Inputs) -> Result<HttpClient, HttpClientError> {
+        let mut clients = self
+            .http_clients
+            .lock()
+            .map_err(|_| HttpClientError::Setup("HTTP client cache poisoned".into()))?;
         clients.get_or_make(key.clone(), &inputs.trust, || HttpClient::new(&self.http_settings, &inputs.trust))
     }
 }

@@ -23,6 +23,7 @@ use crate::credential::{Credential, add};
 use crate::derived_secret::{DATA_HASH, StoredCredential, Unusable, is_owned_by, update_patch};
 use crate::events::{ConnectionEvent, transitions};
 use crate::inputs::{Inputs, LoginMaterial, read_inputs, referenced_secret_names};
+use crate::logging::{ProbeLogLevel, human_signed_duration, probe_log_level};
 use crate::metrics::{ConnectionLabels, CredentialRequestLabels, MethodLabels, ResultLabels};
 use crate::obtain::obtain_credential_with;
 use crate::reason::Reason;
@@ -91,8 +92,8 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
     };
     let http = match ctx.http_client(&this.key, &inputs) {
         Ok(http) => http,
-        Err(message) => {
-            let authenticated = ConditionState::failing(Reason::InvalidCABundle, message);
+        Err(error) => {
+            let authenticated = ConditionState::failing(Reason::of_http_client_error(&error), error.to_string());
             let reachable = ConditionState::unknown(Reason::NotProbed, "no usable TLS settings");
             this.write_status_if_changed(&this.observe(stored.as_ref(), None, authenticated, reachable), now)
                 .await?;
@@ -311,7 +312,7 @@ impl<'a> Reconciling<'a> {
                 let kept_expires_at = stored.as_ref().map(|current| current.expires_at);
                 let retry_at = decide::next_retry(now, consecutive, failure.kind, rand::random(), kept_expires_at);
                 let delay = retry_at.duration_since(now);
-                warn!(consecutive, retry_in = ?delay, "could not obtain a credential: {}", failure.message);
+                warn!(consecutive, retry_in = %human_signed_duration(delay), "could not obtain a credential: {}", failure.message);
                 let authenticated = failed_condition(&failure);
                 ctx.memory.update(key, |memory| {
                     memory.failure = Some(FailureRecord {
@@ -468,8 +469,12 @@ impl<'a> Reconciling<'a> {
                 result: result.reason.as_str().into(),
             })
             .observe(took);
-        if result.status != Some(true) {
-            warn!(reason = result.reason.as_str(), "probe failed: {}", result.message);
+        let previous = ctx.memory.get(key).last_probe.map(|last| last.result);
+        let succeeded = |state: &ConditionState| (state.status == Some(true), state.reason.as_str());
+        match probe_log_level(previous.as_ref().map(succeeded), succeeded(&result)) {
+            ProbeLogLevel::Warn => warn!(reason = %result.reason, "probe failed: {}", result.message),
+            ProbeLogLevel::Info => info!("probe succeeds again: {}", result.message),
+            ProbeLogLevel::Debug => debug!(reason = %result.reason, "probe: {}", result.message),
         }
         let record = ProbeRecord {
             at: now,

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec};
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec, SubjectAccessReview, SubjectAccessReviewSpec,
+};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Container, PodSpec, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
@@ -45,6 +47,9 @@ pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
         }),
         ("chart::two_replicas_elect_a_leader_as_the_service_account", |w| {
             Box::pin(two_replicas_elect_a_leader_as_the_service_account(w))
+        }),
+        ("chart::platform_values_are_accepted_and_notes_advise_mounting", |w| {
+            Box::pin(platform_values_are_accepted_and_notes_advise_mounting(w))
         }),
     ]
 }
@@ -357,7 +362,14 @@ async fn lint_template_and_schema(world: Arc<World>) -> anyhow::Result<()> {
     // Defaults: cluster-wide RBAC, one replica, no leader election, no PDB.
     let defaults = parse_manifest(&helm_ok(&world, &["template", "lint", chart, "--namespace", "tlo-system"]).await?)?;
     let names = describe_objects(&defaults);
-    ensure!(of_kind(&defaults, "ClusterRole").len() == 1, "no ClusterRole by default: {names}");
+    let operator_roles = of_kind(&defaults, "ClusterRole")
+        .into_iter()
+        .filter(|role| {
+            role["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"].is_null()
+                && role["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"].is_null()
+        })
+        .count();
+    ensure!(operator_roles == 1, "not one ClusterRole for the operator by default: {names}");
     ensure!(
         of_kind(&defaults, "ClusterRoleBinding").len() == 1,
         "no ClusterRoleBinding by default: {names}"
@@ -824,6 +836,10 @@ async fn object_exists(client: &Client, object: &Value) -> anyhow::Result<bool> 
             .get_opt(name)
             .await?
             .is_some(),
+        "NetworkPolicy" => Api::<k8s_openapi::api::networking::v1::NetworkPolicy>::namespaced(client, namespace)
+            .get_opt(name)
+            .await?
+            .is_some(),
         kind => bail!("the release has a {kind} {name} this test does not know how to look up"),
     };
     Ok(exists)
@@ -919,4 +935,184 @@ async fn two_replicas_elect_a_leader_as_the_service_account(world: Arc<World>) -
     );
     assert_nothing_forbidden(&format!("{}\n{}", s.all_operator_logs(), second.logs()))?;
     s.assert_no_credential_leaked().await
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. platform values on the real API server; NOTES
+
+/// Whether `user` may `verb` TasklistConnections in `namespace`, as the API server's
+/// authorizer (with the aggregated ClusterRoles) answers.
+async fn user_may(client: &Client, user: &str, verb: &str, namespace: &str) -> anyhow::Result<bool> {
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(user.to_owned()),
+            resource_attributes: Some(ResourceAttributes {
+                verb: Some(verb.to_owned()),
+                group: Some(CRD_GROUP.to_owned()),
+                resource: Some("tasklistconnections".to_owned()),
+                namespace: Some(namespace.to_owned()),
+                ..ResourceAttributes::default()
+            }),
+            ..SubjectAccessReviewSpec::default()
+        },
+        ..SubjectAccessReview::default()
+    };
+    let answer = Api::<SubjectAccessReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await?;
+    Ok(answer.status.is_some_and(|status| status.allowed))
+}
+
+async fn platform_values_are_accepted_and_notes_advise_mounting(world: Arc<World>) -> anyhow::Result<()> {
+    let namespace = world.control_plane.create_namespace("tlo-platform").await?;
+    let release = Release::for_namespace(&namespace);
+    let chart = chart_path();
+    let chart = chart.to_str().context("the chart path is not UTF-8")?;
+    // Every platform value at once, with the default cluster-wide scope (so that the
+    // aggregated ClusterRoles exist). The API server validates each object it creates.
+    let values = [
+        "--set-json",
+        r#"networkPolicy={"enabled":true,"apiServer":{"cidrs":["127.0.0.1/32"]},"egressCIDRs":["10.20.0.0/16"],"metricsNamespaceSelector":{"kubernetes.io/metadata.name":"monitoring"}}"#,
+        "--set-json",
+        r#"extraVolumes=[{"name":"scratch","emptyDir":{}}]"#,
+        "--set-json",
+        r#"extraVolumeMounts=[{"name":"scratch","mountPath":"/scratch"}]"#,
+        "--set-json",
+        r#"topologySpreadConstraints=[{"maxSkew":1,"topologyKey":"topology.kubernetes.io/zone","whenUnsatisfiable":"ScheduleAnyway","labelSelector":{"matchLabels":{"app.kubernetes.io/name":"tasklist-operator"}}}]"#,
+        "--set",
+        "caBundle.configMapName=proxy-ca",
+        "--set",
+        "podSecurityContext.runAsUser=null",
+        "--set",
+        "podSecurityContext.fsGroup=null",
+        "--set",
+        "global.commonLabels.cost-center=platform",
+        "--set",
+        "concurrency=8",
+    ];
+    let mut args = vec!["install", &release.name, chart, "--namespace", &release.namespace, "--skip-crds"];
+    args.extend(values);
+    let installed = helm_ok(&world, &args).await;
+    // Cluster-wide objects must not outlive the scenario, whatever happens next.
+    let outcome = check_platform_install(&world, &release, installed).await;
+    let uninstalled = release.uninstall(&world).await;
+    outcome.and(uninstalled)
+}
+
+async fn check_platform_install(world: &World, release: &Release, installed: anyhow::Result<String>) -> anyhow::Result<()> {
+    let output = installed?;
+    // NOTES: mount the Secret; never a token in an environment variable.
+    let notes = output
+        .split_once("NOTES:")
+        .map(|(_, notes)| notes)
+        .context("helm printed no NOTES")?;
+    ensure!(
+        notes.contains("Mount it as a volume"),
+        "NOTES do not tell to mount the Secret:\n{notes}"
+    );
+    for wrong in ["from env", "envFrom", "secretKeyRef", "reference it from"] {
+        ensure!(
+            !notes.contains(wrong),
+            "NOTES suggest environment variables ({wrong:?}), which freeze an expiring token:\n{notes}"
+        );
+    }
+
+    let manifest = release.manifest(world).await?;
+    for object in &manifest {
+        ensure!(
+            object_exists(&world.client(), object).await?,
+            "{} {} was not created",
+            kind_of(object),
+            name_of(object)
+        );
+        ensure!(
+            object["metadata"]["labels"]["cost-center"] == "platform",
+            "{} {} lacks global.commonLabels",
+            kind_of(object),
+            name_of(object)
+        );
+    }
+    let (deployment, _) = release.deployment_and_service_account(world).await?;
+    let pod = pod_spec(&deployment)?;
+    let security = pod.security_context.as_ref().context("no pod securityContext")?;
+    ensure!(
+        security.run_as_user.is_none() && security.fs_group.is_none() && security.run_as_non_root == Some(true),
+        "the pod securityContext does not leave the UID to the platform: {security:?}"
+    );
+    ensure!(
+        pod.volumes.iter().flatten().any(|volume| volume.name == "ca-bundle")
+            && pod.volumes.iter().flatten().any(|volume| volume.name == "scratch"),
+        "the volumes did not reach the Deployment: {:?}",
+        pod.volumes
+    );
+    ensure!(
+        pod.topology_spread_constraints
+            .as_ref()
+            .is_some_and(|constraints| constraints.len() == 1),
+        "no topologySpreadConstraints on the Deployment"
+    );
+
+    // crds.enabled: the templated CRD is one the API server accepts in place of the
+    // installed one (a server-side dry run, so that the shared CRD stays as it is).
+    let chart = chart_path();
+    let rendered = helm_ok(
+        world,
+        &[
+            "template",
+            "crds",
+            chart.to_str().context("the chart path is not UTF-8")?,
+            "--set",
+            "crds.enabled=true",
+            "--show-only",
+            "templates/crds.yaml",
+        ],
+    )
+    .await?;
+    let crd: CustomResourceDefinition = serde_yaml::from_str(&rendered)?;
+    ensure!(
+        crd.annotations().get("helm.sh/resource-policy").map(String::as_str) == Some("keep"),
+        "the templated CRD is not kept on uninstall"
+    );
+    Api::<CustomResourceDefinition>::all(world.client())
+        .patch(
+            TasklistConnection::crd_name(),
+            &kube::api::PatchParams::apply("tasklist-operator-chart-test").dry_run().force(),
+            &kube::api::Patch::Apply(&crd),
+        )
+        .await
+        .context("the API server refuses the templated CRD")?;
+
+    // The aggregated ClusterRoles: view may read connections, edit may change them.
+    let admin = world.client();
+    let team = world.control_plane.create_namespace("tlo-viewers").await?;
+    for (user, role) in [("vera", "view"), ("eddie", "edit")] {
+        let binding: RoleBinding = serde_json::from_value(json!({
+            "metadata": {"name": user},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"kind": "User", "name": user, "apiGroup": "rbac.authorization.k8s.io"}],
+        }))?;
+        Api::<RoleBinding>::namespaced(admin.clone(), &team)
+            .create(&PostParams::default(), &binding)
+            .await?;
+    }
+    // The aggregation controller fills view and edit in shortly after the install.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answers = [
+            user_may(&admin, "vera", "list", &team).await?,
+            !user_may(&admin, "vera", "delete", &team).await?,
+            user_may(&admin, "eddie", "create", &team).await?,
+            user_may(&admin, "eddie", "delete", &team).await?,
+        ];
+        if answers.iter().all(|ok| *ok) {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "30 s after install, view/edit do not cover TasklistConnections as they should \
+             (vera list, vera not delete, eddie create, eddie delete): {answers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(())
 }

@@ -35,6 +35,9 @@ pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
             Box::pin(kubectl_explain_reads_well(w))
         }),
         ("observability::health_endpoints_answer", |w| Box::pin(health_endpoints_answer(w))),
+        ("observability::text_logs_name_the_connection_once_and_warn_on_changes_only", |w| {
+            Box::pin(text_logs_name_the_connection_once_and_warn_on_changes_only(w))
+        }),
     ]
 }
 
@@ -1082,4 +1085,105 @@ async fn health_endpoints_answer(world: Arc<World>) -> anyhow::Result<()> {
     let healthz = http.get(format!("{base}/healthz")).send().await?;
     ensure!(healthz.status() == 200);
     Ok(())
+}
+
+/// Text logs as `kubectl logs` shows them: the connection named once per line (not again
+/// by kube-runtime's span), one WARN when the probe starts failing rather than one per
+/// probe, and durations written like `962ms` or `5m`.
+async fn text_logs_name_the_connection_once_and_warn_on_changes_only(world: Arc<World>) -> anyhow::Result<()> {
+    let mut s = Scenario::start_saas(&world, "textlogs").await?;
+    let mut spec = s.saas_spec();
+    spec["probe"] = json!({"interval": "10s"});
+    s.apply_connection("orders", spec).await?;
+    s.wait_ready("orders").await?;
+    let data = s.derived_secret(SECRET).await?.context("no derived Secret")?;
+    s.remember_credential(&data);
+
+    // Tasklist refuses the token for three probes, then accepts it again.
+    s.standin.set_api(EndpointMode::Reject);
+    s.wait_not_ready_because("orders", "ProbeUnauthorized").await?;
+    let refused_from = s.standin.api_requests().len();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while s.standin.api_requests().len() < refused_from + 2 {
+        ensure!(
+            Instant::now() < deadline,
+            "the operator stopped probing while Tasklist refused the token"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let refused_probes = s.standin.api_requests().len() - refused_from + 1;
+    s.standin.set_api(EndpointMode::Normal);
+    s.wait_ready("orders").await?;
+
+    // A failing token endpoint: the retry delay is logged.
+    s.standin.set_token_endpoint(EndpointMode::Down);
+    s.annotate_connection("orders", REFRESH_ANNOTATION, "textlogs-1").await?;
+    s.wait_not_ready_because("orders", "AuthServerError").await?;
+    wait_for_log(&s, "the failed token request", Duration::from_secs(15), |logs| {
+        logs.contains("could not obtain a credential")
+    })
+    .await?;
+    s.standin.set_token_endpoint(EndpointMode::Normal);
+
+    let logs = strip_ansi(&s.operator.logs());
+    println!("--- text log of {} ---\n{logs}---", s.namespace);
+    let connection = format!("{}/orders", s.namespace);
+    let probe_warnings: Vec<&str> = logs
+        .lines()
+        .filter(|line| line.contains(" WARN ") && line.contains("probe failed"))
+        .collect();
+    ensure!(
+        probe_warnings.len() == 1,
+        "{refused_probes} refused probes gave {} WARN lines, want 1 (on the change only):\n{}",
+        probe_warnings.len(),
+        probe_warnings.join("\n")
+    );
+    ensure!(
+        logs.lines().filter(|line| line.contains("probe succeeds again")).count() == 1,
+        "no single INFO line when the probe succeeded again"
+    );
+    for line in logs.lines().filter(|line| line.contains(&s.namespace)) {
+        ensure!(
+            !line.contains("reconciling object") && !line.contains("object.ref"),
+            "kube-runtime's span names the connection again: {line}"
+        );
+        ensure!(
+            line.matches(&s.namespace).count() == 1,
+            "a line names the connection more than once: {line}"
+        );
+    }
+    let reconcile_lines: Vec<&str> = logs
+        .lines()
+        .filter(|line| line.contains("tasklist_operator::controller::reconcile"))
+        .collect();
+    ensure!(!reconcile_lines.is_empty(), "no line from the reconcile");
+    for line in &reconcile_lines {
+        ensure!(
+            line.contains(&format!("connection={connection}")),
+            "a reconcile line does not name its connection: {line}"
+        );
+    }
+    let retry = logs
+        .lines()
+        .find(|line| line.contains("could not obtain a credential"))
+        .context("no line about the failed token request")?;
+    let retry_in = retry
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("retry_in="))
+        .with_context(|| format!("no retry_in on {retry}"))?;
+    ensure!(
+        !retry_in.is_empty()
+            && retry_in
+                .trim_end_matches(|c: char| c.is_ascii_alphabetic())
+                .chars()
+                .all(|c| c.is_ascii_digit() || c == '.')
+            && ["ms", "s", "m", "h"].iter().any(|unit| retry_in.ends_with(unit)),
+        "retry_in is not written like 962ms or 5m: {retry_in:?}"
+    );
+    let nanoseconds = logs.split(|c: char| !(c.is_ascii_alphanumeric() || c == '.')).any(|word| {
+        word.strip_suffix("ns")
+            .is_some_and(|number| !number.is_empty() && number.chars().all(|c| c.is_ascii_digit()))
+    });
+    ensure!(!logs.contains('µ') && !nanoseconds, "a duration is printed with µs or ns:\n{logs}");
+    s.assert_no_credential_leaked().await
 }

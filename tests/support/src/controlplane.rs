@@ -108,7 +108,13 @@ impl Default for ControlPlaneOptions {
             advertise_address: None,
             service_cidr: "10.0.0.0/24".to_owned(),
             // Only what changes objects the operator cares about; no node, pod or volume machinery.
-            controllers: vec!["garbagecollector", "namespace", "serviceaccount-token", "serviceaccount"],
+            controllers: vec![
+                "garbagecollector",
+                "namespace",
+                "serviceaccount-token",
+                "serviceaccount",
+                "clusterrole-aggregation",
+            ],
         }
     }
 }
@@ -473,6 +479,8 @@ fn start_controller_manager(
     let mut command = Command::new(&tools.kube_controller_manager);
     command
         .arg(flag_with_path("--kubeconfig", admin_kubeconfig))
+        // clusterrole-aggregation fills the built-in view/edit roles from the chart's
+        // aggregated ClusterRoles.
         .arg(format!("--controllers={}", controllers.join(",")))
         .arg(flag_with_path("--service-account-private-key-file", service_account_key_file))
         .arg(flag_with_path("--root-ca-file", ca_file))
