@@ -4,7 +4,7 @@
 use jiff::Timestamp;
 
 use crate::camunda::{AuthFailure, HttpClient};
-use crate::credential::{Credential, add, bearer_token_expiry};
+use crate::credential::{Credential, NEVER, add, bearer_token_expiry};
 use crate::derived_secret::StoredCredential;
 use crate::inputs::Inputs;
 use crate::inputs::LoginMaterial;
@@ -27,6 +27,17 @@ pub async fn obtain_credential(inputs: &Inputs, http: &HttpClient) -> Result<Sto
         } => {
             let session = login.log_in(http, credentials).await?;
             (Credential::Session(session), add(issued_at, *session_timeout))
+        }
+        LoginMaterial::Basic { authorization, .. } => {
+            // Nothing to obtain and nothing expires: the credential is replaced only when
+            // the source Secret or the spec changes.
+            return Ok(StoredCredential {
+                credential: Credential::Basic(authorization.clone()),
+                issued_at,
+                expires_at: NEVER,
+                refresh_at: NEVER,
+                inputs: inputs.fingerprint.clone(),
+            });
         }
     };
     let refresh_at = refresh_time(issued_at, expires_at, inputs.refresh_before, rand::random());

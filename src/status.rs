@@ -94,9 +94,14 @@ pub fn desired_status(observation: &Observation, previous: Option<&TasklistConne
         observed_generation: observation.generation,
         secret_name: Some(observation.secret_name.clone()),
         auth_method: Some(observation.auth_method.to_owned()),
-        expires_at: observation.credential.map(|times| rfc3339(times.expires_at)),
+        // A credential that never expires (HTTP Basic) has no expiresAt.
+        expires_at: observation
+            .credential
+            .map(|times| times.expires_at)
+            .filter(|at| *at != crate::credential::NEVER)
+            .map(rfc3339),
         last_refresh_time: observation.credential.map(|times| rfc3339(times.issued_at)),
-        next_refresh_time: observation.next_refresh.map(rfc3339),
+        next_refresh_time: observation.next_refresh.filter(|at| *at != crate::credential::NEVER).map(rfc3339),
         conditions,
     }
 }

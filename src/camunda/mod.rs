@@ -4,6 +4,8 @@
 //! and reused by the `check` command. Every answer is read with a timeout and a size cap,
 //! and no message built here contains a credential.
 
+pub mod assertion;
+pub mod discovery;
 mod http;
 pub mod login;
 pub mod probe;
@@ -19,6 +21,9 @@ pub use sensitive::Sensitive;
 pub struct AuthFailure {
     pub kind: AuthFailureKind,
     pub message: String,
+    /// A condition reason more precise than the kind's (`DiscoveryFailed`,
+    /// `ClientAssertionRejected`); the kind still decides how retries back off.
+    pub specific_reason: Option<&'static str>,
 }
 
 /// The two kinds of failure the contract tells apart.
@@ -45,13 +50,26 @@ impl AuthFailure {
         AuthFailure {
             kind: AuthFailureKind::Rejected,
             message: message.into(),
+            specific_reason: None,
         }
     }
     pub(crate) fn server_error(message: impl Into<String>) -> Self {
         AuthFailure {
             kind: AuthFailureKind::ServerError,
             message: message.into(),
+            specific_reason: None,
         }
+    }
+    pub(crate) fn with_reason(self, reason: &'static str) -> Self {
+        AuthFailure {
+            specific_reason: Some(reason),
+            ..self
+        }
+    }
+
+    /// The Authenticated condition's reason for this failure.
+    pub fn condition_reason(&self) -> &'static str {
+        self.specific_reason.unwrap_or(self.kind.condition_reason())
     }
 }
 

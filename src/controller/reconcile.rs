@@ -54,7 +54,7 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
         None => connection
             .status
             .as_ref()
-            .is_some_and(|s| s.expires_at.is_some() && s.secret_name == Some(connection.secret_name())),
+            .is_some_and(|s| s.last_refresh_time.is_some() && s.secret_name == Some(connection.secret_name())),
         _ => false,
     };
     if restoring {
@@ -172,7 +172,7 @@ impl<'a> Reconciling<'a> {
             && current.inputs == inputs.fingerprint
             && now < current.refresh_at
         {
-            let authenticated = ConditionState::ok("CredentialIssued", issued_message(current));
+            let authenticated = ConditionState::ok("CredentialIssued", issued_message(current, inputs));
             return Ok(FreshCredential {
                 credential: stored,
                 authenticated,
@@ -221,7 +221,7 @@ impl<'a> Reconciling<'a> {
                 if inputs.trust.insecure_skip_verify {
                     ctx.events.publish(self.connection, ConnectionEvent::InsecureSkipVerify).await;
                 }
-                let authenticated = ConditionState::ok("CredentialIssued", issued_message(&credential));
+                let authenticated = ConditionState::ok("CredentialIssued", issued_message(&credential, inputs));
                 Ok(FreshCredential {
                     credential: Some(credential),
                     authenticated,
@@ -296,6 +296,7 @@ impl<'a> Reconciling<'a> {
         match inputs.login {
             LoginMaterial::OAuth2 { .. } => metrics.token_request_duration.observe(took.as_secs_f64()),
             LoginMaterial::Cookie { .. } => metrics.login_duration.observe(took.as_secs_f64()),
+            LoginMaterial::Basic { .. } => {}
         }
     }
 
@@ -450,7 +451,7 @@ impl<'a> Reconciling<'a> {
             .connection_ready
             .get_or_create(&labels)
             .set(i64::from(ready.is_some_and(|c| c.status == "True")));
-        match observation.credential {
+        match observation.credential.filter(|times| times.expires_at != crate::credential::NEVER) {
             Some(times) => {
                 metrics.credential_expiry.get_or_create(&labels).set(times.expires_at.as_second());
             }
@@ -462,13 +463,19 @@ impl<'a> Reconciling<'a> {
 }
 
 fn failed_condition(failure: &AuthFailure) -> ConditionState {
-    ConditionState::failing(failure.kind.condition_reason(), failure.message.clone())
+    ConditionState::failing(failure.condition_reason(), failure.message.clone())
 }
 
-fn issued_message(credential: &StoredCredential) -> String {
-    let kind = match credential.credential {
-        Credential::Bearer(_) => "access token",
-        Credential::Session(_) => "session",
+fn issued_message(credential: &StoredCredential, inputs: &Inputs) -> String {
+    let kind = match &inputs.login {
+        LoginMaterial::OAuth2 { endpoint, .. } => format!("access token from {}", endpoint.location.describe()),
+        LoginMaterial::Cookie { .. } => "session".to_owned(),
+        LoginMaterial::Basic { username, .. } => {
+            return format!(
+                "HTTP Basic credentials of user {username:?} stored at {}; they do not expire",
+                credential.issued_at
+            );
+        }
     };
     format!("{kind} obtained at {}, valid until {}", credential.issued_at, credential.expires_at)
 }
