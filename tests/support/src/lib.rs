@@ -4,6 +4,7 @@
 
 pub mod controlplane;
 pub mod keycloak;
+pub mod keys;
 pub mod operator;
 pub mod standin;
 pub mod tools;

@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use rand::Rng as _;
 use rand::distr::Alphanumeric;
 
+use super::assertion::AssertionClients;
 use super::bearer::{KnownTokens, TrustedJwks};
 use super::oauth::TokenIssuer;
 use super::{ApiRequestRecord, EndpointMode, LoginRecord, StandinOptions, TokenAnswer, TokenRequestRecord};
@@ -31,6 +32,12 @@ pub(super) struct State {
     pub clients: HashMap<String, String>,
     /// username -> password
     pub users: HashMap<String, String>,
+    /// username -> password, for HTTP Basic on the API (none: Basic is refused)
+    pub basic_users: HashMap<String, String>,
+    /// clients that authenticate with private_key_jwt
+    pub assertion_clients: AssertionClients,
+    pub discovery: EndpointMode,
+    pub discovery_requests: usize,
     pub token_endpoint: EndpointMode,
     pub login_endpoint: EndpointMode,
     pub api: EndpointMode,
@@ -67,6 +74,10 @@ impl Shared {
             state: Mutex::new(State {
                 clients: HashMap::new(),
                 users: HashMap::new(),
+                basic_users: HashMap::new(),
+                assertion_clients: AssertionClients::default(),
+                discovery: EndpointMode::Normal,
+                discovery_requests: 0,
                 token_endpoint: EndpointMode::Normal,
                 login_endpoint: EndpointMode::Normal,
                 api: EndpointMode::Normal,
