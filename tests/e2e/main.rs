@@ -5,6 +5,7 @@
 //!
 //! A missing component fails every scenario: nothing is skipped.
 
+mod auth_methods;
 mod chart;
 mod core;
 mod ha;
@@ -26,6 +27,7 @@ fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     all.extend(ha::scenarios());
     all.extend(reliability::scenarios());
     all.extend(observability::scenarios());
+    all.extend(auth_methods::scenarios());
     all
 }
 
