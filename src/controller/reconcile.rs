@@ -96,12 +96,14 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
 
     // 4. Ask Tasklist whether it accepts the credential. A cookie session the server has
     //    forgotten (a Tasklist restart) is re-established once, without waiting for expiry.
-    let (mut reachable, outcome) = this.probe_if_due(&http, fresh.credential.as_ref(), &inputs, now).await;
+    let (mut reachable, outcome) = this
+        .probe_if_due(&http, fresh.credential.as_ref(), fresh.newly_issued, &inputs, now)
+        .await;
     if outcome == Some(ProbeOutcome::Unauthorized { status: 401 }) && is_session(fresh.credential.as_ref()) && !fresh.newly_issued {
         info!("Tasklist no longer accepts the session; logging in again");
         fresh = this.ensure_fresh_credential(&inputs, &http, fresh.credential, true, false).await?;
         if fresh.newly_issued {
-            (reachable, _) = this.probe_if_due(&http, fresh.credential.as_ref(), &inputs, now).await;
+            (reachable, _) = this.probe_if_due(&http, fresh.credential.as_ref(), true, &inputs, now).await;
         }
     }
 
@@ -302,11 +304,14 @@ impl<'a> Reconciling<'a> {
 
     /// Probes when the probe is due (its interval has passed, or the credential changed) and
     /// returns the condition with the outcome; otherwise repeats what the last probe found,
-    /// with no outcome.
+    /// with no outcome. A credential issued in this reconcile is always probed: one issued
+    /// in the same second as the last (an HTTP Basic Secret edited twice) has the same
+    /// issue time.
     async fn probe_if_due(
         &self,
         http: &HttpClient,
         credential: Option<&StoredCredential>,
+        newly_issued: bool,
         inputs: &Inputs,
         now: Timestamp,
     ) -> (ConditionState, Option<ProbeOutcome>) {
@@ -322,6 +327,7 @@ impl<'a> Reconciling<'a> {
             );
         };
         if let Some(last) = ctx.memory.get(key).last_probe
+            && !newly_issued
             && last.credential_issued_at == credential.issued_at
             && now < add(last.at, inputs.probe_interval)
         {

@@ -22,6 +22,8 @@ pub(super) struct Shared {
     pub base_url: String,
     pub issuer: TokenIssuer,
     pub accepted_audiences: Vec<String>,
+    /// Held while the trusted JWKS are fetched (across an `.await`, hence tokio's).
+    pub jwks_fetch: tokio::sync::Mutex<()>,
     state: Mutex<State>,
 }
 
@@ -71,6 +73,7 @@ impl Shared {
             issuer: TokenIssuer::generate()?,
             base_url,
             accepted_audiences,
+            jwks_fetch: tokio::sync::Mutex::new(()),
             state: Mutex::new(State {
                 clients: HashMap::new(),
                 users: HashMap::new(),
