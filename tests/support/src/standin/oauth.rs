@@ -240,7 +240,7 @@ fn answer(shared: &Shared, request: &TokenRequest) -> Response {
     }
     let audience = match token_audience(&shared.options.audience, request) {
         Ok(audience) => audience,
-        Err(response) => return response,
+        Err((error, description)) => return oauth_error(StatusCode::BAD_REQUEST, error, description),
     };
     let audience = audience.as_str();
 
@@ -330,20 +330,19 @@ fn answer(shared: &Shared, request: &TokenRequest) -> Response {
 
 /// The audience of the token to issue. With an empty configured audience the endpoint acts
 /// like Microsoft Entra ID: an `audience` parameter is refused, and the resource comes from
-/// a `scope` of the form `<resource>/.default`.
-fn token_audience(configured: &str, request: &TokenRequest) -> Result<String, Response> {
+/// a `scope` of the form `<resource>/.default`. `Err` holds the OAuth2 error and its
+/// description, answered with 400.
+fn token_audience(configured: &str, request: &TokenRequest) -> Result<String, (&'static str, &'static str)> {
     if configured.is_empty() {
         if request.field("audience").is_some() {
-            return Err(oauth_error(
-                StatusCode::BAD_REQUEST,
+            return Err((
                 "invalid_request",
                 "AADSTS901002: The 'audience' request parameter is not supported.",
             ));
         }
         return match request.field("scope").and_then(|scope| scope.strip_suffix("/.default")) {
             Some(resource) if !resource.is_empty() => Ok(resource.to_owned()),
-            _ => Err(oauth_error(
-                StatusCode::BAD_REQUEST,
+            _ => Err((
                 "invalid_scope",
                 "AADSTS1002012: The provided value for scope is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier.",
             )),
@@ -351,11 +350,7 @@ fn token_audience(configured: &str, request: &TokenRequest) -> Result<String, Re
     }
     match request.field("audience") {
         Some(audience) if audience == configured => Ok(audience.to_owned()),
-        _ => Err(oauth_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "Unknown or missing audience",
-        )),
+        _ => Err(("invalid_request", "Unknown or missing audience")),
     }
 }
 
