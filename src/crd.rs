@@ -192,6 +192,12 @@ pub struct ClientAssertionKeyRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 256))]
     pub key_id: Option<String>,
+    /// Key of the key's PEM X.509 certificate in the same Secret. When set, the assertion's
+    /// header carries the certificate's thumbprints (`x5t`, `x5t#S256`), by which Microsoft
+    /// Entra ID finds the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = SECRET_KEY_PATTERN))]
+    pub certificate_key: Option<String>,
 }
 
 /// HTTP Basic authentication against Tasklist.

@@ -210,10 +210,17 @@ async fn client_credentials<S: SecretSource>(
                 .into());
             };
             let pem = reader.value(&key_ref.name, &key_ref.key).await?;
-            let key = AssertionKey::from_pem(pem.expose(), key_ref.key_id.clone()).map_err(|problem| InputProblem {
+            let invalid = |key: &str, problem: String| InputProblem {
                 reason: "InvalidClientKey",
-                message: format!("Secret {:?} key {:?} {problem}", key_ref.name, key_ref.key),
-            })?;
+                message: format!("Secret {:?} key {key:?} {problem}", key_ref.name),
+            };
+            let mut key = AssertionKey::from_pem(pem.expose(), key_ref.key_id.clone()).map_err(|problem| invalid(&key_ref.key, problem))?;
+            if let Some(certificate_key) = &key_ref.certificate_key {
+                let certificate = reader.value(&key_ref.name, certificate_key).await?;
+                key = key
+                    .with_certificate(certificate.expose())
+                    .map_err(|problem| invalid(certificate_key, problem))?;
+            }
             ClientProof::PrivateKeyJwt(key)
         }
     };

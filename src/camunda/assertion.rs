@@ -5,8 +5,10 @@
 use std::fmt;
 use std::time::Duration;
 
+use base64::Engine as _;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::Serialize;
+use sha2::Digest as _;
 
 use super::Sensitive;
 
@@ -22,6 +24,9 @@ pub struct AssertionKey {
     key: EncodingKey,
     pub algorithm: Algorithm,
     pub key_id: Option<String>,
+    /// SHA-1 and SHA-256 thumbprints of the key's certificate (`x5t`, `x5t#S256`), by which
+    /// Microsoft Entra ID finds the key.
+    pub thumbprints: Option<(String, String)>,
 }
 
 impl fmt::Debug for AssertionKey {
@@ -30,6 +35,7 @@ impl fmt::Debug for AssertionKey {
             .field("key", &"<redacted>")
             .field("algorithm", &self.algorithm)
             .field("key_id", &self.key_id)
+            .field("thumbprints", &self.thumbprints)
             .finish()
     }
 }
@@ -74,7 +80,12 @@ impl AssertionKey {
         ];
         for (key, algorithm) in candidates {
             let Ok(key) = key else { continue };
-            let candidate = AssertionKey { key, algorithm, key_id };
+            let candidate = AssertionKey {
+                key,
+                algorithm,
+                key_id,
+                thumbprints: None,
+            };
             if candidate.sign(&AssertionClaims::new("probe", "probe", 0)).is_ok() {
                 return Ok(candidate);
             }
@@ -86,10 +97,26 @@ impl AssertionKey {
         )
     }
 
+    /// Adds the `x5t` and `x5t#S256` headers of the key's PEM certificate. A certificate is
+    /// public, but the error still quotes none of it.
+    pub fn with_certificate(self, certificate_pem: &str) -> Result<AssertionKey, String> {
+        let der = certificate_der(certificate_pem).ok_or("is not a PEM certificate (expected -----BEGIN CERTIFICATE-----)")?;
+        let encode = |digest: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest);
+        let thumbprints = (encode(&sha1::Sha1::digest(&der)), encode(&sha2::Sha256::digest(&der)));
+        Ok(AssertionKey {
+            thumbprints: Some(thumbprints),
+            ..self
+        })
+    }
+
     /// The signed assertion for `claims`.
     pub fn sign(&self, claims: &AssertionClaims<'_>) -> Result<Sensitive, String> {
         let mut header = Header::new(self.algorithm);
         header.kid = self.key_id.clone();
+        if let Some((sha1, sha256)) = &self.thumbprints {
+            header.x5t = Some(sha1.clone());
+            header.x5t_s256 = Some(sha256.clone());
+        }
         jsonwebtoken::encode(&header, claims, &self.key)
             .map(Sensitive::new)
             // jsonwebtoken's error kinds name what failed, never key material.
@@ -98,11 +125,23 @@ impl AssertionKey {
 
     /// "RS256, key id \"k1\"" or "ES256, no key id", for messages.
     pub fn describe(&self) -> String {
-        match &self.key_id {
+        let kid = match &self.key_id {
             Some(kid) => format!("{:?}, key id {kid:?}", self.algorithm),
             None => format!("{:?}, no key id", self.algorithm),
+        };
+        match &self.thumbprints {
+            Some((sha1, _)) => format!("{kid}, certificate x5t {sha1:?}"),
+            None => kid,
         }
     }
+}
+
+/// The DER bytes of the first certificate in a PEM text.
+fn certificate_der(pem: &str) -> Option<Vec<u8>> {
+    let (_, rest) = pem.split_once("-----BEGIN CERTIFICATE-----")?;
+    let (body, _) = rest.split_once("-----END CERTIFICATE-----")?;
+    let base64: String = body.chars().filter(|c| !c.is_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD.decode(base64).ok()
 }
 
 /// jsonwebtoken needs one crypto backend chosen; an error only means one is chosen already.
@@ -155,6 +194,24 @@ mod tests {
         let header = decode_part(jwt.expose().split('.').next().unwrap());
         assert_eq!(header["alg"], "RS256");
         assert!(header.get("kid").is_none());
+    }
+
+    #[test]
+    fn a_certificate_adds_the_thumbprints_entra_looks_for() {
+        let key = AssertionKey::from_pem(TEST_RSA_KEY, None)
+            .unwrap()
+            .with_certificate(include_str!("../../tests/fixtures/rsa-2048-test-cert.pem"))
+            .unwrap();
+        let jwt = key.sign(&AssertionClaims::new("orders", "https://idp/token", 0)).unwrap();
+        let header = decode_part(jwt.expose().split('.').next().unwrap());
+        // Both from `openssl x509 -outform DER | openssl dgst -sha1|-sha256 -binary | basenc --base64url`.
+        assert_eq!(header["x5t"], "mHOSVnmJ61KWQbpyqXJNYCQgBcU");
+        assert_eq!(header["x5t#S256"], "GhMHzb1Dj30iT4J3qGRmXjL_4PinweUnmMTvwI13XRQ");
+        let error = AssertionKey::from_pem(TEST_RSA_KEY, None)
+            .unwrap()
+            .with_certificate("not a certificate")
+            .unwrap_err();
+        assert!(error.contains("not a PEM certificate"), "{error}");
     }
 
     #[test]
