@@ -152,7 +152,6 @@ fn install_crypto_provider() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use base64::Engine as _;
 
     fn decode_part(part: &str) -> serde_json::Value {
         let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(part).unwrap();
