@@ -299,5 +299,32 @@ async fn invalid_auth_manifests_are_rejected(world: Arc<World>) -> anyhow::Resul
     api.create(&PostParams::default(), &entra)
         .await
         .context("audience \"\" was refused")?;
+
+    // Every example's connection passes the API server's schema and rules.
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let folder = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples");
+    // Read first: the YAML parser cannot be held across an await.
+    let mut examples = Vec::new();
+    for entry in std::fs::read_dir(&folder)? {
+        let path = entry?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        for document in serde_yaml::Deserializer::from_str(&std::fs::read_to_string(&path)?) {
+            let value: serde_json::Value = serde::Deserialize::deserialize(document)?;
+            if value["kind"] == "TasklistConnection" {
+                examples.push((path.clone(), serde_json::from_value::<kube::api::DynamicObject>(value)?));
+            }
+        }
+    }
+    ensure!(examples.len() >= 5, "only {} example connections found", examples.len());
+    for (path, object) in examples {
+        api.create(&dry_run, &object)
+            .await
+            .with_context(|| format!("the API server refuses {}", path.display()))?;
+    }
     Ok(())
 }
