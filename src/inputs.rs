@@ -438,6 +438,64 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn basic_reads_the_login_into_a_header_and_refuses_a_colon_in_the_username() {
+        let connection = connection(serde_json::json!({"basic": {"credentialsSecretRef": {"name": "login"}}}));
+        let source = secrets(vec![secret("login", "1", &[("username", "demo"), ("password", "pa:ss")])]);
+        let inputs = read_inputs(&connection, &source).await.unwrap().unwrap();
+        let LoginMaterial::Basic { username, authorization } = inputs.login else {
+            panic!("basic expected")
+        };
+        assert_eq!(username, "demo");
+        // RFC 7617: base64 of "demo:pa:ss", no further encoding.
+        assert_eq!(authorization.expose(), "Basic ZGVtbzpwYTpzcw==");
+
+        let source = secrets(vec![secret("login", "1", &[("username", "de:mo"), ("password", "x")])]);
+        let problem = read_inputs(&connection, &source).await.unwrap().unwrap_err();
+        assert_eq!(problem.reason, "InvalidCredentials");
+        assert!(!problem.message.contains("de:mo"), "{}", problem.message);
+    }
+
+    #[tokio::test]
+    async fn issuer_body_basic_and_private_key_jwt_are_read_from_the_spec() {
+        let spec = |extra: serde_json::Value| {
+            let mut oauth2 = serde_json::json!({"issuerUrl": "https://idp/realm", "audience": "", "clientSecretRef": {"name": "client"}});
+            oauth2.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            connection(serde_json::json!({ "oauth2": oauth2 }))
+        };
+        let source = secrets(vec![
+            secret("client", "1", &[("client_id", "orders"), ("client_secret", "s3cret")]),
+            secret(
+                "keys",
+                "1",
+                &[("private_key.pem", include_str!("../tests/fixtures/ec-p256-test-key.pem"))],
+            ),
+        ]);
+        let inputs = read_inputs(&spec(serde_json::json!({"clientAuthentication": "Basic"})), &source)
+            .await
+            .unwrap()
+            .unwrap();
+        let LoginMaterial::OAuth2 { endpoint, client } = inputs.login else {
+            panic!("oauth2 expected")
+        };
+        assert_eq!(endpoint.location, TokenLocation::Issuer("https://idp/realm".into()));
+        assert_eq!(endpoint.audience, "");
+        assert!(matches!(client.proof, ClientProof::SecretInBasicHeader(_)));
+
+        let jwt =
+            spec(serde_json::json!({"clientAuthentication": "PrivateKeyJwt", "clientAssertionKeyRef": {"name": "keys", "keyId": "k1"}}));
+        let inputs = read_inputs(&jwt, &source).await.unwrap().unwrap();
+        let LoginMaterial::OAuth2 { client, .. } = inputs.login else {
+            panic!("oauth2 expected")
+        };
+        let ClientProof::PrivateKeyJwt(key) = client.proof else {
+            panic!("a signing key expected")
+        };
+        assert_eq!(key.key_id.as_deref(), Some("k1"));
+        // The key's Secret is watched like the client's.
+        assert_eq!(referenced_secret_names(&jwt), ["client", "keys"]);
+    }
+
+    #[tokio::test]
     async fn cookie_login_url_keeps_the_base_path() {
         let connection = connection(serde_json::json!({"cookie": {"credentialsSecretRef": {"name": "login"}}}));
         let source = secrets(vec![secret("login", "1", &[("username", "demo"), ("password", "demo")])]);
