@@ -151,7 +151,9 @@ pub struct OAuth2Spec {
     /// client_secret in the request body; the default), `Basic` (client_secret_basic: an
     /// HTTP Basic header) or `PrivateKeyJwt` (private_key_jwt: a short-lived JWT signed with
     /// the key in `clientAssertionKeyRef`; no client secret is needed).
-    #[serde(default)]
+    // Left out when `Body`, so that the fingerprint of connections written before this
+    // field existed stays the same and an upgrade does not replace every token at once.
+    #[serde(default, skip_serializing_if = "ClientAuthentication::is_body")]
     pub client_authentication: ClientAuthentication,
 
     /// The Secret in this namespace that holds the client id and client secret. With
@@ -174,6 +176,12 @@ pub enum ClientAuthentication {
     Basic,
     /// A JWT signed with the client's private key (private_key_jwt, RFC 7523).
     PrivateKeyJwt,
+}
+
+impl ClientAuthentication {
+    fn is_body(&self) -> bool {
+        *self == ClientAuthentication::Body
+    }
 }
 
 /// Where the private key for client assertions is.

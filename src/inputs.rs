@@ -495,6 +495,17 @@ mod tests {
         assert_eq!(referenced_secret_names(&jwt), ["client", "keys"]);
     }
 
+    #[test]
+    fn a_spec_without_the_new_fields_serializes_as_before_so_its_fingerprint_stays() {
+        let spec = serde_json::to_value(&oauth2().spec).unwrap();
+        let keys = |value: &serde_json::Value| value.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(keys(&spec["auth"]), ["oauth2"]);
+        assert_eq!(
+            keys(&spec["auth"]["oauth2"]),
+            ["audience", "clientSecretRef", "requestEncoding", "tokenUrl"]
+        );
+    }
+
     #[tokio::test]
     async fn cookie_login_url_keeps_the_base_path() {
         let connection = connection(serde_json::json!({"cookie": {"credentialsSecretRef": {"name": "login"}}}));

@@ -75,7 +75,7 @@ impl ClientCredentials {
         }
     }
 
-    /// "Form body, client id \"orders\"", for `check`.
+    /// `client id "orders", client secret in the body`, for `check`.
     pub fn describe(&self) -> String {
         let how = match &self.proof {
             ClientProof::SecretInBody(_) => "client secret in the body".to_owned(),
