@@ -406,3 +406,58 @@ async fn a_private_key_jwt_connection_needs_no_client_secret() {
     assert!(matches!(stored.credential, Credential::Bearer(_)));
     assert!(stored.expires_at > stored.issued_at && stored.expires_at != NEVER);
 }
+
+#[tokio::test]
+async fn entra_style_scope_certificate_thumbprint_and_discovery_work_together() {
+    use testsupport::keys::{RSA_CERTIFICATE_PEM, RSA_CERTIFICATE_X5T, public_jwks_with_x5t};
+    // Entra's ways: no audience parameter, a /.default scope, the key found by x5t.
+    let options = StandinOptions {
+        audience: String::new(),
+        ..StandinOptions::default()
+    };
+    let standin = StandinTasklist::start_with(options).await.expect("the stand-in starts");
+    let jwks = public_jwks_with_x5t(RSA_KEY_PEM, None, Some(RSA_CERTIFICATE_X5T)).expect("a JWKS");
+    // A second key, so that "the only key" cannot stand in for finding it by x5t.
+    let other = public_jwks(OTHER_RSA_KEY_PEM, Some("other")).expect("a JWKS");
+    let mut both = jwks;
+    both["keys"].as_array_mut().expect("keys").push(other["keys"][0].clone());
+    standin.add_assertion_client(CLIENT_ID, &both).expect("the stand-in takes the JWKS");
+
+    let spec = |certificate_key: Option<&str>| {
+        let mut key_ref = serde_json::json!({"name": "client", "key": "private_key.pem"});
+        if let Some(certificate_key) = certificate_key {
+            key_ref["certificateKey"] = serde_json::json!(certificate_key);
+        }
+        serde_json::json!({
+            "url": standin.url(),
+            "auth": {"oauth2": {
+                "issuerUrl": standin.issuer(),
+                "audience": "",
+                "scope": "api://tasklist-app/.default",
+                "clientAuthentication": "PrivateKeyJwt",
+                "clientSecretRef": {"name": "client"},
+                "clientAssertionKeyRef": key_ref,
+            }},
+        })
+    };
+    let source = secrets(&[(
+        "client",
+        &[
+            ("client_id", CLIENT_ID),
+            ("private_key.pem", RSA_KEY_PEM),
+            ("certificate.pem", RSA_CERTIFICATE_PEM),
+        ],
+    )]);
+    let stored = obtain_credential(&inputs(spec(Some("certificate.pem")), &source).await, &http())
+        .await
+        .expect("a token");
+    assert!(matches!(stored.credential, Credential::Bearer(_)));
+    // Without the certificate the server cannot tell which key signed.
+    let rejected = failure(obtain_credential(&inputs(spec(None), &source).await, &http()).await);
+    assert_eq!(rejected.condition_reason(), "ClientAssertionRejected");
+    let records = standin.token_requests();
+    assert_eq!(records.len(), 2);
+    assert_eq!((records[0].audience.as_str(), records[0].status), ("", 200));
+    assert_eq!(records[0].scope.as_deref(), Some("api://tasklist-app/.default"));
+    assert_eq!(records[1].status, 401);
+}

@@ -44,11 +44,16 @@ pub(super) fn verify(clients: &mut AssertionClients, client_id: &str, assertion:
     if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
         return Err("Client authentication with signed JWT failed: Invalid algorithm");
     }
-    let jwk: &Jwk = match &header.kid {
-        Some(kid) => keys.find(kid),
-        // Without a kid, Keycloak uses the single registered key.
-        None if keys.keys.len() == 1 => keys.keys.first(),
-        None => None,
+    let jwk: &Jwk = match (&header.kid, &header.x5t) {
+        (Some(kid), _) => keys.find(kid),
+        // Entra ID finds the key by its certificate's SHA-1 thumbprint.
+        (None, Some(x5t)) => keys
+            .keys
+            .iter()
+            .find(|jwk| jwk.common.x509_sha1_fingerprint.as_deref() == Some(x5t.as_str())),
+        // Without either, Keycloak uses the single registered key.
+        (None, None) if keys.keys.len() == 1 => keys.keys.first(),
+        (None, None) => None,
     }
     .ok_or("Unable to load public key")?;
     let key = DecodingKey::from_jwk(jwk).map_err(|_| "Unable to load public key")?;
