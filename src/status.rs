@@ -171,6 +171,24 @@ mod tests {
     }
 
     #[test]
+    fn a_credential_that_never_expires_has_no_expiry_nor_refresh_in_status() {
+        let never = crate::credential::NEVER;
+        let observed = Observation {
+            auth_method: "basic",
+            credential: Some(CredentialTimes {
+                issued_at: Timestamp::from_second(1_000).unwrap(),
+                expires_at: never,
+            }),
+            next_refresh: Some(never),
+            ..observation()
+        };
+        let status = desired_status(&observed, None, Timestamp::from_second(1_001).unwrap());
+        assert_eq!((status.expires_at, status.next_refresh_time), (None, None));
+        assert_eq!(status.last_refresh_time.as_deref(), Some("1970-01-01T00:16:40Z"));
+        assert_eq!(status.auth_method.as_deref(), Some("basic"));
+    }
+
+    #[test]
     fn not_ready_with_the_first_failing_reason() {
         let mut observed = observation();
         observed.reachable = ConditionState::failing("Unreachable", "down");
