@@ -11,10 +11,12 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::ObjectMeta;
 use serde::Deserialize as _;
 
+use crate::camunda::discovery;
 use crate::camunda::probe::{Probe, ProbeOutcome};
+use crate::camunda::token::TokenLocation;
 use crate::camunda::{HttpClient, HttpSettings};
 use crate::crd::TasklistConnection;
-use crate::credential::Credential;
+use crate::credential::{Credential, NEVER};
 use crate::derived_secret::rfc3339;
 use crate::inputs::{LoginMaterial, SecretSource, read_inputs};
 use crate::obtain::obtain_credential;
@@ -120,21 +122,56 @@ async fn check(
         say(out, "warning: tls.insecureSkipVerify is on: server certificates are not verified");
     }
 
+    if let LoginMaterial::OAuth2 { endpoint, .. } = &inputs.login
+        && let TokenLocation::Issuer(issuer) = &endpoint.location
+    {
+        say(out, &format!("discovery: GET {}", discovery::discovery_url(issuer)));
+        let started = Instant::now();
+        match discovery::token_endpoint(&http, issuer).await {
+            Ok(url) => say(out, &format!("  ok in {} ms: token endpoint {url}", started.elapsed().as_millis())),
+            Err(failure) => {
+                let reason = Reason::of_auth_failure(&failure);
+                say(
+                    out,
+                    &format!(
+                        "  failed after {} ms: {} ({reason})",
+                        started.elapsed().as_millis(),
+                        failure.message
+                    ),
+                );
+                return Ok(exit::NO_CREDENTIAL);
+            }
+        }
+    }
     let what = match &inputs.login {
         LoginMaterial::OAuth2 { endpoint, client } => {
+            let audience = if endpoint.audience.is_empty() {
+                "no audience".to_owned()
+            } else {
+                format!("audience {:?}", endpoint.audience)
+            };
+            let scope = endpoint
+                .scope
+                .as_deref()
+                .filter(|scope| !scope.is_empty())
+                .map(|scope| format!(", scope {scope:?}"))
+                .unwrap_or_default();
             format!(
-                "token: POST {} ({:?} body, client id {:?}, audience {:?})",
-                endpoint.url, endpoint.encoding, client.client_id, endpoint.audience
+                "token: POST {} ({:?} body, {}, {audience}{scope})",
+                endpoint.location.describe(),
+                endpoint.encoding,
+                client.describe()
             )
         }
         LoginMaterial::Cookie { login, credentials, .. } => format!("login: POST {} as {:?}", login.login_url, credentials.username),
+        LoginMaterial::Basic { username, .. } => format!("basic: HTTP Basic as {username:?}; nothing to obtain, it does not expire"),
     };
     say(out, &what);
     let started = Instant::now();
     let stored = match obtain_credential(&inputs, &http).await {
         Ok(stored) => stored,
         Err(failure) => {
-            let reason = Reason::of_auth_failure(failure.kind);
+            let reason = Reason::of_auth_failure(&failure);
             say(
                 out,
                 &format!(
@@ -148,22 +185,24 @@ async fn check(
     };
     let kind = match &stored.credential {
         Credential::Bearer(_) => "an access token".to_owned(),
+        Credential::Basic(_) => "an Authorization header".to_owned(),
         Credential::Session(session) => {
             let names: Vec<&str> = session.cookies.iter().map(|(name, _)| name.as_str()).collect();
             let csrf = if session.csrf_token.is_some() { "with" } else { "without" };
             format!("a session (cookies {}; {csrf} a CSRF token)", names.join(", "))
         }
     };
-    say(
-        out,
-        &format!(
-            "  ok in {} ms: {kind}, valid until {} ({} s), would be refreshed at {}",
-            started.elapsed().as_millis(),
+    let lifetime = if stored.expires_at == NEVER {
+        "which does not expire".to_owned()
+    } else {
+        format!(
+            "valid until {} ({} s), would be refreshed at {}",
             rfc3339(stored.expires_at),
             stored.expires_at.duration_since(stored.issued_at).as_secs(),
             rfc3339(stored.refresh_at)
-        ),
-    );
+        )
+    };
+    say(out, &format!("  ok in {} ms: {kind}, {lifetime}", started.elapsed().as_millis()));
 
     let probe = Probe::new(&connection.spec.url, &connection.spec.probe);
     if !connection.spec.probe.enabled {

@@ -103,7 +103,7 @@ pub const REFRESH_ANNOTATION: &str = "tasklist.camunda.community/refresh";
         name = "Auth",
         type_ = "string",
         json_path = ".status.authMethod",
-        description = "oauth2 or cookie"
+        description = "oauth2, cookie or basic"
     ),
     printcolumn(
         name = "Expires",
@@ -127,8 +127,8 @@ pub struct TasklistConnectionSpec {
     #[schemars(length(max = 2048))]
     pub url: String,
 
-    /// How to obtain a credential: exactly one of `oauth2` (SaaS or Self-Managed Identity)
-    /// or `cookie` (Tasklist's own login).
+    /// How to obtain a credential: exactly one of `oauth2` (SaaS, Self-Managed Identity or
+    /// another OIDC provider), `cookie` (Tasklist's own login) or `basic` (HTTP Basic).
     pub auth: AuthSpec,
 
     /// Name of the Secret the operator writes the credential to, in this namespace.
@@ -156,36 +156,53 @@ pub struct TasklistConnectionSpec {
     pub tls: Option<TlsSpec>,
 }
 
-/// How to obtain a credential. Exactly one of `oauth2` or `cookie` must be set.
+/// How to obtain a credential. Exactly one of `oauth2`, `cookie` or `basic` must be set.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
-#[x_kube(validation = Rule::new("has(self.oauth2) != has(self.cookie)").message("exactly one of auth.oauth2 or auth.cookie must be set"))]
+#[x_kube(validation = Rule::new("[has(self.oauth2), has(self.cookie), has(self.basic)].filter(set, set).size() == 1").message("exactly one of auth.oauth2, auth.cookie or auth.basic must be set"))]
 pub struct AuthSpec {
-    /// OAuth2 client credentials: Camunda SaaS, or Self-Managed with Identity (Keycloak).
+    /// OAuth2 client credentials: Camunda SaaS, Self-Managed with Identity (Keycloak), or
+    /// another OIDC provider (Microsoft Entra ID, Okta).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oauth2: Option<OAuth2Spec>,
     /// Tasklist's own login (`POST /api/login` with a username and password), for
     /// Self-Managed Tasklist without Identity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cookie: Option<CookieSpec>,
+    /// HTTP Basic authentication (Camunda 8.8+ Orchestration Cluster with Basic auth): the
+    /// derived Secret gets `authorization: Basic ...`, which never expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basic: Option<BasicSpec>,
 }
 
 /// OAuth2 client-credentials grant.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.tokenUrl) != has(self.issuerUrl)").message("exactly one of auth.oauth2.tokenUrl or auth.oauth2.issuerUrl must be set"))]
+#[x_kube(validation = Rule::new("!has(self.clientAuthentication) || self.clientAuthentication != 'PrivateKeyJwt' || has(self.clientAssertionKeyRef)").message("auth.oauth2.clientAuthentication PrivateKeyJwt needs auth.oauth2.clientAssertionKeyRef (the Secret with the private key)"))]
 pub struct OAuth2Spec {
     /// Token endpoint of the authorization server, http or https. SaaS:
     /// https://login.cloud.camunda.io/oauth/token; Identity: the Keycloak realm's
-    /// .../protocol/openid-connect/token.
+    /// .../protocol/openid-connect/token. Exactly one of `tokenUrl` and `issuerUrl`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = http_url_rule())]
     #[schemars(length(max = 2048))]
-    pub token_url: String,
+    pub token_url: Option<String>,
 
-    /// Audience requested for the token. SaaS: tasklist.camunda.io; Identity: usually tasklist-api.
+    /// Issuer of the authorization server, http or https (for example
+    /// https://login.microsoftonline.com/<tenant>/v2.0): the token endpoint is read from
+    /// `<issuerUrl>/.well-known/openid-configuration`. Exactly one of `tokenUrl` and `issuerUrl`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = http_url_rule())]
+    #[schemars(length(max = 2048))]
+    pub issuer_url: Option<String>,
+
+    /// Audience requested for the token. SaaS: tasklist.camunda.io; Identity: usually
+    /// tasklist-api. Set it to "" to send no audience (Microsoft Entra ID rejects it; use
+    /// `scope: api://<app-id>/.default` there).
     #[serde(default = "default_audience")]
-    #[schemars(length(min = 1))]
     pub audience: String,
 
-    /// OAuth2 scope, sent only when set.
+    /// OAuth2 scope, sent only when set (Microsoft Entra ID: `api://<app-id>/.default`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
 
@@ -194,8 +211,74 @@ pub struct OAuth2Spec {
     #[serde(default)]
     pub request_encoding: RequestEncoding,
 
-    /// The Secret in this namespace that holds the client id and client secret.
+    /// How the client proves who it is at the token endpoint: `Body` (client_id and
+    /// client_secret in the request body; the default), `Basic` (client_secret_basic: an
+    /// HTTP Basic header) or `PrivateKeyJwt` (private_key_jwt: a short-lived JWT signed with
+    /// the key in `clientAssertionKeyRef`; no client secret is needed).
+    // Left out when `Body`, so that the fingerprint of connections written before this
+    // field existed stays the same and an upgrade does not replace every token at once.
+    #[serde(default, skip_serializing_if = "ClientAuthentication::is_body")]
+    pub client_authentication: ClientAuthentication,
+
+    /// The Secret in this namespace that holds the client id and client secret. With
+    /// `PrivateKeyJwt`, only the client id is read from it.
     pub client_secret_ref: ClientSecretRef,
+
+    /// The Secret in this namespace that holds the PEM private key (RSA for RS256, P-256 EC
+    /// for ES256) that signs client assertions; required with `PrivateKeyJwt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_assertion_key_ref: Option<ClientAssertionKeyRef>,
+}
+
+/// How the client authenticates at the token endpoint.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ClientAuthentication {
+    /// `client_id` and `client_secret` in the request body (client_secret_post).
+    #[default]
+    Body,
+    /// `Authorization: Basic` with the client id and secret (client_secret_basic, RFC 6749 §2.3.1).
+    Basic,
+    /// A JWT signed with the client's private key (private_key_jwt, RFC 7523).
+    PrivateKeyJwt,
+}
+
+impl ClientAuthentication {
+    fn is_body(&self) -> bool {
+        *self == ClientAuthentication::Body
+    }
+}
+
+/// Where the private key for client assertions is.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientAssertionKeyRef {
+    /// Name of a Secret in the connection's namespace.
+    #[x_kube(validation = object_name_rule())]
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key of the PEM private key in that Secret (PKCS#8, or PKCS#1/SEC1).
+    #[serde(default = "default_private_key_key")]
+    #[x_kube(validation = secret_key_rule())]
+    pub key: String,
+    /// The `kid` put in the assertion's header: the id under which the authorization server
+    /// knows the public key. Left out of the header when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub key_id: Option<String>,
+    /// Key of the key's PEM X.509 certificate in the same Secret. When set, the assertion's
+    /// header carries the certificate's thumbprints (`x5t`, `x5t#S256`), by which Microsoft
+    /// Entra ID finds the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = secret_key_rule())]
+    pub certificate_key: Option<String>,
+}
+
+/// HTTP Basic authentication against Tasklist.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BasicSpec {
+    /// The Secret in this namespace that holds the username and password.
+    pub credentials_secret_ref: CredentialsSecretRef,
 }
 
 /// Body encoding of the token request.
@@ -356,7 +439,7 @@ pub struct TasklistConnectionStatus {
     /// The Secret that holds the credential.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,
-    /// `oauth2` or `cookie`.
+    /// `oauth2`, `cookie` or `basic`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_method: Option<String>,
     /// When the credential in the Secret expires (RFC 3339).
@@ -389,9 +472,15 @@ impl TasklistConnection {
 }
 
 impl AuthSpec {
-    /// `oauth2` or `cookie`, as shown in status and `kubectl get tlc`.
+    /// `oauth2`, `cookie` or `basic`, as shown in status and `kubectl get tlc`.
     pub fn method_name(&self) -> &'static str {
-        if self.cookie.is_some() { "cookie" } else { "oauth2" }
+        if self.cookie.is_some() {
+            "cookie"
+        } else if self.basic.is_some() {
+            "basic"
+        } else {
+            "oauth2"
+        }
     }
 }
 
@@ -400,6 +489,9 @@ fn default_audience() -> String {
 }
 fn default_client_id_key() -> String {
     "client_id".into()
+}
+fn default_private_key_key() -> String {
+    "private_key.pem".into()
 }
 fn default_client_secret_key() -> String {
     "client_secret".into()

@@ -9,20 +9,27 @@ use crate::camunda::login::Session;
 use crate::camunda::probe::ProbeCredential;
 use crate::camunda::{AuthFailure, AuthFailureKind, Sensitive};
 
+/// The expiry and refresh time of a credential that does not expire (HTTP Basic): it is
+/// replaced only when what it is made from changes. Never shown in status.
+pub const NEVER: Timestamp = Timestamp::MAX;
+
 /// Lifetime assumed for a token that is not a JWT with `exp` and comes without `expires_in`.
 pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(300);
 
-/// What Tasklist accepts: a bearer token or a logged-in session.
+/// What Tasklist accepts: a bearer token, a logged-in session, or HTTP Basic credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Credential {
     Bearer(Sensitive),
     Session(Session),
+    /// The whole `Authorization` header value, `Basic <base64(username:password)>`.
+    Basic(Sensitive),
 }
 
 impl Credential {
     pub fn as_probe_credential(&self) -> ProbeCredential<'_> {
         match self {
             Credential::Bearer(token) => ProbeCredential::Bearer(token),
+            Credential::Basic(authorization) => ProbeCredential::Authorization(authorization),
             Credential::Session(session) => ProbeCredential::Session {
                 cookie_header: session.cookie_header_ref(),
                 csrf_token: session.csrf_token.as_ref(),
@@ -55,6 +62,7 @@ pub fn bearer_token_expiry(
                  probably the clocks of this machine and the token server disagree",
                 now.duration_since(exp).as_secs()
             ),
+            detail: None,
         });
     }
     let from_expires_in = expires_in

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use crate::camunda::Sensitive;
 use crate::camunda::login::Session;
 use crate::crd::TasklistConnection;
-use crate::credential::Credential;
+use crate::credential::{Credential, NEVER};
 
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY_VALUE: &str = "tasklist-operator";
@@ -60,8 +60,13 @@ impl StoredCredential {
                     data.insert("csrfToken".into(), csrf.expose().to_owned());
                 }
             }
+            Credential::Basic(authorization) => {
+                data.insert("authorization".into(), authorization.expose().to_owned());
+            }
         }
-        data.insert("expiresAt".into(), rfc3339(self.expires_at));
+        if self.expires_at != NEVER {
+            data.insert("expiresAt".into(), rfc3339(self.expires_at));
+        }
         data.insert("url".into(), url.to_owned());
         data
     }
@@ -112,14 +117,21 @@ impl StoredCredential {
             Credential::Bearer(Sensitive::new(token.as_str()))
         } else if let Some(cookie) = data.get("cookie") {
             Credential::Session(Session::from_cookie_header(cookie, data.get("csrfToken").map(Sensitive::new)))
+        } else if let Some(authorization) = data.get("authorization").filter(|value| value.starts_with("Basic ")) {
+            Credential::Basic(Sensitive::new(authorization.as_str()))
         } else {
             return Err(Unusable::Incomplete);
         };
         let timestamp = |text: &str| text.parse::<Timestamp>().map_err(|_| Unusable::Incomplete);
+        let expires_at = match (&credential, data.get("expiresAt")) {
+            (Credential::Basic(_), None) => NEVER,
+            (_, Some(text)) => timestamp(text)?,
+            (_, None) => return Err(Unusable::Incomplete),
+        };
         Ok(StoredCredential {
             credential,
             issued_at: timestamp(annotation(ISSUED_AT)?)?,
-            expires_at: timestamp(data.get("expiresAt").ok_or(Unusable::Incomplete)?)?,
+            expires_at,
             refresh_at: timestamp(annotation(REFRESH_AT)?)?,
             inputs: annotation(INPUTS)?.clone(),
         })
@@ -274,6 +286,21 @@ mod tests {
             ..bearer()
         };
         assert_eq!(StoredCredential::from_secret(&cookie.to_secret(&connection)), Ok(cookie));
+    }
+
+    #[test]
+    fn a_basic_secret_has_authorization_and_url_only_and_reads_back_the_same() {
+        let basic = StoredCredential {
+            credential: Credential::Basic(Sensitive::new("Basic ZGVtbzpkZW1v")),
+            expires_at: NEVER,
+            refresh_at: NEVER,
+            ..bearer()
+        };
+        let data = basic.secret_data("https://t");
+        assert_eq!(data.len(), 2, "{:?}", data.keys());
+        assert_eq!(data["authorization"], "Basic ZGVtbzpkZW1v");
+        assert_eq!(data["url"], "https://t");
+        assert_eq!(StoredCredential::from_secret(&basic.to_secret(&connection())), Ok(basic));
     }
 
     #[test]

@@ -8,10 +8,11 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use sha2::{Digest, Sha256};
 
+use crate::camunda::assertion::AssertionKey;
 use crate::camunda::login::{CookieLogin, LoginCredentials};
-use crate::camunda::token::{ClientCredentials, TokenEndpoint};
+use crate::camunda::token::{ClientCredentials, ClientProof, TokenEndpoint, TokenLocation};
 use crate::camunda::{Sensitive, TlsTrust, join_url};
-use crate::crd::TasklistConnection;
+use crate::crd::{ClientAuthentication, OAuth2Spec, TasklistConnection};
 use crate::duration::parse_duration;
 use crate::reason::Reason;
 
@@ -27,6 +28,8 @@ pub enum LoginMaterial {
         credentials: LoginCredentials,
         session_timeout: Duration,
     },
+    /// HTTP Basic: the `Authorization` header value is the credential; nothing to obtain.
+    Basic { username: String, authorization: Sensitive },
 }
 
 /// Everything needed to obtain and check a credential.
@@ -110,21 +113,33 @@ async fn read(connection: &TasklistConnection, secrets: &impl SecretSource) -> R
             },
             session_timeout: duration_field("auth.cookie.sessionTimeout", &cookie.session_timeout)?,
         }
+    } else if let Some(basic) = &spec.auth.basic {
+        let reference = &basic.credentials_secret_ref;
+        let username = reader.value(&reference.name, &reference.username_key).await?;
+        let password = reader.value(&reference.name, &reference.password_key).await?;
+        // RFC 7617: the user-id cannot contain a colon, the password can.
+        if username.expose().contains(':') {
+            return Err(InputProblem {
+                reason: Reason::InvalidCredentials,
+                message: format!(
+                    "Secret {:?} key {:?}: a username for HTTP Basic cannot contain ':'",
+                    reference.name, reference.username_key
+                ),
+            }
+            .into());
+        }
+        let encoded = base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            format!("{}:{}", username.expose(), password.expose()),
+        );
+        LoginMaterial::Basic {
+            username: username.expose().to_owned(),
+            authorization: Sensitive::new(format!("Basic {encoded}")),
+        }
     } else if let Some(oauth2) = &spec.auth.oauth2 {
-        let reference = &oauth2.client_secret_ref;
-        let client_id = reader.value(&reference.name, &reference.client_id_key).await?;
-        let client_secret = reader.value(&reference.name, &reference.client_secret_key).await?;
         LoginMaterial::OAuth2 {
-            endpoint: TokenEndpoint {
-                url: oauth2.token_url.clone(),
-                audience: oauth2.audience.clone(),
-                scope: oauth2.scope.clone(),
-                encoding: oauth2.request_encoding,
-            },
-            client: ClientCredentials {
-                client_id: client_id.expose().to_owned(),
-                client_secret,
-            },
+            endpoint: token_endpoint(oauth2)?,
+            client: client_credentials(oauth2, &mut reader).await?,
         }
     } else {
         return Err(InputProblem {
@@ -158,12 +173,72 @@ async fn read(connection: &TasklistConnection, secrets: &impl SecretSource) -> R
     })
 }
 
+fn token_endpoint(oauth2: &OAuth2Spec) -> Result<TokenEndpoint, InputProblem> {
+    let location = match (&oauth2.token_url, &oauth2.issuer_url) {
+        (Some(url), None) => TokenLocation::Url(url.clone()),
+        (None, Some(issuer)) => TokenLocation::Issuer(issuer.clone()),
+        // The schema rejects both and neither; a CRD installed without its rules may not.
+        _ => {
+            return Err(InputProblem {
+                reason: Reason::InvalidSpec,
+                message: "exactly one of auth.oauth2.tokenUrl or auth.oauth2.issuerUrl must be set".into(),
+            });
+        }
+    };
+    Ok(TokenEndpoint {
+        location,
+        audience: oauth2.audience.clone(),
+        scope: oauth2.scope.clone(),
+        encoding: oauth2.request_encoding,
+    })
+}
+
+async fn client_credentials<S: SecretSource>(
+    oauth2: &OAuth2Spec,
+    reader: &mut SecretReader<'_, S>,
+) -> Result<ClientCredentials, ReadError> {
+    let reference = &oauth2.client_secret_ref;
+    let client_id = reader.value(&reference.name, &reference.client_id_key).await?.expose().to_owned();
+    let proof = match oauth2.client_authentication {
+        ClientAuthentication::Body => ClientProof::SecretInBody(reader.value(&reference.name, &reference.client_secret_key).await?),
+        ClientAuthentication::Basic => ClientProof::SecretInBasicHeader(reader.value(&reference.name, &reference.client_secret_key).await?),
+        ClientAuthentication::PrivateKeyJwt => {
+            let Some(key_ref) = &oauth2.client_assertion_key_ref else {
+                return Err(InputProblem {
+                    reason: Reason::InvalidSpec,
+                    message: "auth.oauth2.clientAuthentication PrivateKeyJwt needs auth.oauth2.clientAssertionKeyRef".into(),
+                }
+                .into());
+            };
+            let pem = reader.value(&key_ref.name, &key_ref.key).await?;
+            let invalid = |key: &str, problem: String| InputProblem {
+                reason: Reason::InvalidClientKey,
+                message: format!("Secret {:?} key {key:?} {problem}", key_ref.name),
+            };
+            let mut key = AssertionKey::from_pem(pem.expose(), key_ref.key_id.clone()).map_err(|problem| invalid(&key_ref.key, problem))?;
+            if let Some(certificate_key) = &key_ref.certificate_key {
+                let certificate = reader.value(&key_ref.name, certificate_key).await?;
+                key = key
+                    .with_certificate(certificate.expose())
+                    .map_err(|problem| invalid(certificate_key, problem))?;
+            }
+            ClientProof::PrivateKeyJwt(key)
+        }
+    };
+    Ok(ClientCredentials { client_id, proof })
+}
+
 /// The names of the Secrets a connection reads, for mapping Secret changes to connections.
 pub fn referenced_secret_names(connection: &TasklistConnection) -> Vec<String> {
     let auth = &connection.spec.auth;
     let mut names: Vec<String> = [
         auth.oauth2.as_ref().map(|o| o.client_secret_ref.name.clone()),
+        auth.oauth2
+            .as_ref()
+            .and_then(|o| o.client_assertion_key_ref.as_ref())
+            .map(|r| r.name.clone()),
         auth.cookie.as_ref().map(|c| c.credentials_secret_ref.name.clone()),
+        auth.basic.as_ref().map(|b| b.credentials_secret_ref.name.clone()),
         connection
             .spec
             .tls
@@ -174,6 +249,7 @@ pub fn referenced_secret_names(connection: &TasklistConnection) -> Vec<String> {
     .into_iter()
     .flatten()
     .collect();
+    names.sort();
     names.dedup();
     names
 }
@@ -316,7 +392,10 @@ mod tests {
             panic!("oauth2 expected")
         };
         assert_eq!(client.client_id, "orders");
-        assert_eq!(client.client_secret.expose(), "s3cret");
+        let ClientProof::SecretInBody(secret) = client.proof else {
+            panic!("the secret goes in the body by default")
+        };
+        assert_eq!(secret.expose(), "s3cret");
         assert_eq!(endpoint.audience, "tasklist.camunda.io");
         assert_eq!(inputs.probe_interval, Duration::from_secs(60));
     }
@@ -357,6 +436,75 @@ mod tests {
             .unwrap();
         assert_ne!(first.fingerprint, refreshed.fingerprint);
         assert!(!first.fingerprint.contains("s3cret"));
+    }
+
+    #[tokio::test]
+    async fn basic_reads_the_login_into_a_header_and_refuses_a_colon_in_the_username() {
+        let connection = connection(serde_json::json!({"basic": {"credentialsSecretRef": {"name": "login"}}}));
+        let source = secrets(vec![secret("login", "1", &[("username", "demo"), ("password", "pa:ss")])]);
+        let inputs = read_inputs(&connection, &source).await.unwrap().unwrap();
+        let LoginMaterial::Basic { username, authorization } = inputs.login else {
+            panic!("basic expected")
+        };
+        assert_eq!(username, "demo");
+        // RFC 7617: base64 of "demo:pa:ss", no further encoding.
+        assert_eq!(authorization.expose(), "Basic ZGVtbzpwYTpzcw==");
+
+        let source = secrets(vec![secret("login", "1", &[("username", "de:mo"), ("password", "x")])]);
+        let problem = read_inputs(&connection, &source).await.unwrap().unwrap_err();
+        assert_eq!(problem.reason, Reason::InvalidCredentials);
+        assert!(!problem.message.contains("de:mo"), "{}", problem.message);
+    }
+
+    #[tokio::test]
+    async fn issuer_body_basic_and_private_key_jwt_are_read_from_the_spec() {
+        let spec = |extra: serde_json::Value| {
+            let mut oauth2 = serde_json::json!({"issuerUrl": "https://idp/realm", "audience": "", "clientSecretRef": {"name": "client"}});
+            oauth2.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            connection(serde_json::json!({ "oauth2": oauth2 }))
+        };
+        let source = secrets(vec![
+            secret("client", "1", &[("client_id", "orders"), ("client_secret", "s3cret")]),
+            secret(
+                "keys",
+                "1",
+                &[("private_key.pem", include_str!("../tests/fixtures/ec-p256-test-key.pem"))],
+            ),
+        ]);
+        let inputs = read_inputs(&spec(serde_json::json!({"clientAuthentication": "Basic"})), &source)
+            .await
+            .unwrap()
+            .unwrap();
+        let LoginMaterial::OAuth2 { endpoint, client } = inputs.login else {
+            panic!("oauth2 expected")
+        };
+        assert_eq!(endpoint.location, TokenLocation::Issuer("https://idp/realm".into()));
+        assert_eq!(endpoint.audience, "");
+        assert!(matches!(client.proof, ClientProof::SecretInBasicHeader(_)));
+
+        let jwt =
+            spec(serde_json::json!({"clientAuthentication": "PrivateKeyJwt", "clientAssertionKeyRef": {"name": "keys", "keyId": "k1"}}));
+        let inputs = read_inputs(&jwt, &source).await.unwrap().unwrap();
+        let LoginMaterial::OAuth2 { client, .. } = inputs.login else {
+            panic!("oauth2 expected")
+        };
+        let ClientProof::PrivateKeyJwt(key) = client.proof else {
+            panic!("a signing key expected")
+        };
+        assert_eq!(key.key_id.as_deref(), Some("k1"));
+        // The key's Secret is watched like the client's.
+        assert_eq!(referenced_secret_names(&jwt), ["client", "keys"]);
+    }
+
+    #[test]
+    fn a_spec_without_the_new_fields_serializes_as_before_so_its_fingerprint_stays() {
+        let spec = serde_json::to_value(&oauth2().spec).unwrap();
+        let keys = |value: &serde_json::Value| value.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(keys(&spec["auth"]), ["oauth2"]);
+        assert_eq!(
+            keys(&spec["auth"]["oauth2"]),
+            ["audience", "clientSecretRef", "requestEncoding", "tokenUrl"]
+        );
     }
 
     #[tokio::test]

@@ -4,7 +4,7 @@
 use jiff::Timestamp;
 
 use crate::camunda::{AuthFailure, HttpClient};
-use crate::credential::{Credential, add, bearer_token_expiry};
+use crate::credential::{Credential, NEVER, add, bearer_token_expiry};
 use crate::derived_secret::StoredCredential;
 use crate::inputs::Inputs;
 use crate::inputs::LoginMaterial;
@@ -33,6 +33,17 @@ pub async fn obtain_credential_with(inputs: &Inputs, http: &HttpClient, policy: 
             let session = login.log_in(http, credentials).await?;
             let lifetime = session_lifetime(*session_timeout).min(policy.max_credential_lifetime);
             (Credential::Session(session), add(issued_at, lifetime))
+        }
+        LoginMaterial::Basic { authorization, .. } => {
+            // Nothing to obtain and nothing expires: the credential is replaced only when
+            // the source Secret or the spec changes.
+            return Ok(StoredCredential {
+                credential: Credential::Basic(authorization.clone()),
+                issued_at,
+                expires_at: NEVER,
+                refresh_at: NEVER,
+                inputs: inputs.fingerprint.clone(),
+            });
         }
     };
     let expires_at = whole_seconds(expires_at);

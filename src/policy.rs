@@ -336,7 +336,12 @@ impl HostPolicy {
         }
         let mut urls = vec![("url", spec.url.as_str())];
         if let Some(oauth2) = &spec.auth.oauth2 {
-            urls.push(("auth.oauth2.tokenUrl", oauth2.token_url.as_str()));
+            if let Some(token_url) = &oauth2.token_url {
+                urls.push(("auth.oauth2.tokenUrl", token_url.as_str()));
+            }
+            if let Some(issuer_url) = &oauth2.issuer_url {
+                urls.push(("auth.oauth2.issuerUrl", issuer_url.as_str()));
+            }
         }
         let mut to_resolve = Vec::new();
         for (field, url) in urls {

@@ -5,7 +5,7 @@
 use std::fmt;
 
 use crate::camunda::probe::ProbeOutcome;
-use crate::camunda::{AuthFailureKind, HttpClientError};
+use crate::camunda::{AuthFailure, AuthFailureKind, FailureDetail, HttpClientError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reason {
@@ -23,6 +23,15 @@ pub enum Reason {
     /// The TLS backend could not be set up, whatever the bundles.
     HttpSetupFailed,
     InvalidSpec,
+    /// The issuer's discovery document could not be read (`issuerUrl`).
+    DiscoveryFailed,
+    /// The token endpoint refused the client assertion (`PrivateKeyJwt`).
+    ClientAssertionRejected,
+    /// The private key or certificate for client assertions cannot be used.
+    InvalidClientKey,
+    /// The credentials in the referenced Secret cannot be used as they are (a Basic
+    /// username with a colon).
+    InvalidCredentials,
     /// The administrator's policy does not allow this connection's hosts or settings.
     NotAllowed,
     // Reachable
@@ -51,6 +60,10 @@ impl Reason {
             Reason::InvalidOperatorCABundle => "InvalidOperatorCABundle",
             Reason::HttpSetupFailed => "HttpSetupFailed",
             Reason::InvalidSpec => "InvalidSpec",
+            Reason::DiscoveryFailed => "DiscoveryFailed",
+            Reason::ClientAssertionRejected => "ClientAssertionRejected",
+            Reason::InvalidClientKey => "InvalidClientKey",
+            Reason::InvalidCredentials => "InvalidCredentials",
             Reason::NotAllowed => "NotAllowed",
             Reason::ProbeSucceeded => "ProbeSucceeded",
             Reason::ProbeDisabled => "ProbeDisabled",
@@ -65,8 +78,13 @@ impl Reason {
     }
 
     /// The Authenticated condition's reason for a failure to obtain a credential.
-    pub fn of_auth_failure(kind: AuthFailureKind) -> Reason {
-        match kind {
+    pub fn of_auth_failure(failure: &AuthFailure) -> Reason {
+        match failure.detail {
+            Some(FailureDetail::DiscoveryFailed) => return Reason::DiscoveryFailed,
+            Some(FailureDetail::ClientAssertionRejected) => return Reason::ClientAssertionRejected,
+            None => {}
+        }
+        match failure.kind {
             AuthFailureKind::Rejected => Reason::CredentialsRejected,
             AuthFailureKind::ServerError => Reason::AuthServerError,
             AuthFailureKind::ExpiredOnArrival => Reason::TokenExpiredOnArrival,
@@ -105,8 +123,23 @@ mod tests {
 
     #[test]
     fn each_failure_and_probe_outcome_has_its_contract_reason() {
-        assert_eq!(Reason::of_auth_failure(AuthFailureKind::Rejected).as_str(), "CredentialsRejected");
-        assert_eq!(Reason::of_auth_failure(AuthFailureKind::ServerError).as_str(), "AuthServerError");
+        let failure = |kind, detail| AuthFailure {
+            kind,
+            message: String::new(),
+            detail,
+        };
+        let reason = |kind, detail| Reason::of_auth_failure(&failure(kind, detail)).as_str();
+        assert_eq!(reason(AuthFailureKind::Rejected, None), "CredentialsRejected");
+        assert_eq!(reason(AuthFailureKind::ServerError, None), "AuthServerError");
+        assert_eq!(reason(AuthFailureKind::ExpiredOnArrival, None), "TokenExpiredOnArrival");
+        assert_eq!(
+            reason(AuthFailureKind::Rejected, Some(FailureDetail::ClientAssertionRejected)),
+            "ClientAssertionRejected"
+        );
+        assert_eq!(
+            reason(AuthFailureKind::ServerError, Some(FailureDetail::DiscoveryFailed)),
+            "DiscoveryFailed"
+        );
         assert_eq!(
             Reason::of_probe(&ProbeOutcome::Unauthorized { status: 403 }).as_str(),
             "ProbeUnauthorized"

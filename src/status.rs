@@ -95,9 +95,14 @@ pub fn desired_status(observation: &Observation, previous: Option<&TasklistConne
         observed_generation: observation.generation,
         secret_name: Some(observation.secret_name.clone()),
         auth_method: Some(observation.auth_method.to_owned()),
-        expires_at: observation.credential.map(|times| rfc3339(times.expires_at)),
+        // A credential that never expires (HTTP Basic) has no expiresAt.
+        expires_at: observation
+            .credential
+            .map(|times| times.expires_at)
+            .filter(|at| *at != crate::credential::NEVER)
+            .map(rfc3339),
         last_refresh_time: observation.credential.map(|times| rfc3339(times.issued_at)),
-        next_refresh_time: observation.next_refresh.map(rfc3339),
+        next_refresh_time: observation.next_refresh.filter(|at| *at != crate::credential::NEVER).map(rfc3339),
         conditions,
     }
 }
@@ -164,6 +169,24 @@ mod tests {
         assert_eq!(status.last_refresh_time.as_deref(), Some("1970-01-01T00:16:40Z"));
         assert_eq!(status.next_refresh_time.as_deref(), Some("1970-01-01T00:20:40Z"));
         assert_eq!(status.auth_method.as_deref(), Some("oauth2"));
+    }
+
+    #[test]
+    fn a_credential_that_never_expires_has_no_expiry_nor_refresh_in_status() {
+        let never = crate::credential::NEVER;
+        let observed = Observation {
+            auth_method: "basic",
+            credential: Some(CredentialTimes {
+                issued_at: Timestamp::from_second(1_000).unwrap(),
+                expires_at: never,
+            }),
+            next_refresh: Some(never),
+            ..observation()
+        };
+        let status = desired_status(&observed, None, Timestamp::from_second(1_001).unwrap());
+        assert_eq!((status.expires_at, status.next_refresh_time), (None, None));
+        assert_eq!(status.last_refresh_time.as_deref(), Some("1970-01-01T00:16:40Z"));
+        assert_eq!(status.auth_method.as_deref(), Some("basic"));
     }
 
     #[test]

@@ -55,19 +55,11 @@ fn http_with_timeout(timeout: Duration) -> HttpClient {
 }
 
 fn endpoint(url: &str, encoding: RequestEncoding, scope: Option<&str>) -> TokenEndpoint {
-    TokenEndpoint {
-        url: url.to_owned(),
-        audience: "tasklist.camunda.io".to_owned(),
-        scope: scope.map(str::to_owned),
-        encoding,
-    }
+    TokenEndpoint::at(url, "tasklist.camunda.io", scope.map(str::to_owned), encoding)
 }
 
 fn client(secret: &str) -> ClientCredentials {
-    ClientCredentials {
-        client_id: CLIENT_ID.to_owned(),
-        client_secret: Sensitive::new(secret),
-    }
+    ClientCredentials::with_secret_in_body(CLIENT_ID, Sensitive::new(secret))
 }
 
 fn login_credentials(password: &str) -> LoginCredentials {
@@ -236,7 +228,7 @@ fn assert_issued_about_now(stored: &StoredCredential) {
 fn bearer(stored: &StoredCredential) -> &Sensitive {
     match &stored.credential {
         Credential::Bearer(token) => token,
-        Credential::Session(_) => panic!("a bearer token expected"),
+        Credential::Session(_) | Credential::Basic(_) => panic!("a bearer token expected"),
     }
 }
 

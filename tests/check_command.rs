@@ -175,3 +175,62 @@ async fn the_operator_wide_ca_bundle_makes_tls_work_and_a_bad_one_is_refused() {
         "{output}"
     );
 }
+
+/// Indents every line of `text` by `spaces`, for a block scalar in YAML.
+fn indented(text: &str, spaces: usize) -> String {
+    text.lines().map(|line| format!("{}{line}\n", " ".repeat(spaces))).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn private_key_jwt_with_an_issuer_is_checked_and_prints_no_key() {
+    use testsupport::keys::{EC_KEY_PEM, public_jwks};
+    let standin = StandinTasklist::start().await.expect("stand-in");
+    standin
+        .add_assertion_client("orders", &public_jwks(EC_KEY_PEM, Some("k1")).expect("a JWKS"))
+        .expect("the stand-in takes the JWKS");
+    let connection = format!(
+        "apiVersion: tasklist.camunda.community/v1alpha1\nkind: TasklistConnection\nmetadata: {{name: orders}}\nspec:\n  url: {}\n  auth:\n    oauth2:\n      issuerUrl: {}\n      clientAuthentication: PrivateKeyJwt\n      clientSecretRef: {{name: client}}\n      clientAssertionKeyRef: {{name: client, key: key.pem, keyId: k1}}\n",
+        standin.url(),
+        standin.issuer()
+    );
+    let secret = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: client}}\nstringData:\n  client_id: orders\n  key.pem: |\n{}",
+        indented(EC_KEY_PEM, 4)
+    );
+    let files = write_files(&connection, &secret);
+    let (code, output) = check(args(&files, true), vec![]).await;
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        output.contains(&format!("discovery: GET {}/.well-known/openid-configuration", standin.issuer())),
+        "{output}"
+    );
+    assert!(output.contains(&format!("token endpoint {}", standin.token_url())), "{output}");
+    assert!(output.contains(r#"client assertion signed ES256, key id "k1""#), "{output}");
+    for line in EC_KEY_PEM.lines().filter(|line| !line.starts_with("-----")) {
+        assert!(!output.contains(line), "the private key was printed:\n{output}");
+    }
+    assert!(!output.contains("eyJ"), "a token or assertion was printed:\n{output}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn basic_auth_is_checked_against_tasklist() {
+    let standin = StandinTasklist::start().await.expect("stand-in");
+    standin.accept_basic("demo", "basic-pass-123");
+    let connection = format!(
+        "apiVersion: tasklist.camunda.community/v1alpha1\nkind: TasklistConnection\nmetadata: {{name: orders}}\nspec:\n  url: {}\n  auth:\n    basic:\n      credentialsSecretRef: {{name: login}}\n",
+        standin.url()
+    );
+    let login = |password: &str| {
+        format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: login}}\nstringData:\n  username: demo\n  password: {password}\n")
+    };
+    let files = write_files(&connection, &login("basic-pass-123"));
+    let (code, output) = check(args(&files, true), vec![]).await;
+    assert_eq!(code, 0, "{output}");
+    assert!(output.contains("an Authorization header, which does not expire"), "{output}");
+    assert!(!output.contains("basic-pass-123") && !output.contains("Basic ZGVt"), "{output}");
+
+    let files = write_files(&connection, &login("wrong-pass"));
+    let (code, output) = check(args(&files, true), vec![]).await;
+    assert_eq!(code, 2, "{output}");
+    assert!(output.contains("401 Unauthorized"), "{output}");
+}

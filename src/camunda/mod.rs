@@ -4,6 +4,8 @@
 //! and reused by the `check` command. Every answer is read with a timeout and a size cap,
 //! and no message built here contains a credential.
 
+pub mod assertion;
+pub mod discovery;
 mod http;
 pub mod login;
 pub mod probe;
@@ -19,6 +21,18 @@ pub use sensitive::{REDACTED, Sensitive, redact};
 pub struct AuthFailure {
     pub kind: AuthFailureKind,
     pub message: String,
+    /// What went wrong, more precisely than the kind says (discovery, a client assertion);
+    /// the kind still decides how retries back off.
+    pub detail: Option<FailureDetail>,
+}
+
+/// Failures that have a condition reason of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureDetail {
+    /// The issuer's OpenID Connect discovery document could not be read.
+    DiscoveryFailed,
+    /// The token endpoint refused the signed client assertion (private_key_jwt).
+    ClientAssertionRejected,
 }
 
 /// The kinds of failure the contract tells apart.
@@ -38,12 +52,20 @@ impl AuthFailure {
         AuthFailure {
             kind: AuthFailureKind::Rejected,
             message: message.into(),
+            detail: None,
         }
     }
     pub(crate) fn server_error(message: impl Into<String>) -> Self {
         AuthFailure {
             kind: AuthFailureKind::ServerError,
             message: message.into(),
+            detail: None,
+        }
+    }
+    pub(crate) fn with_detail(self, detail: FailureDetail) -> Self {
+        AuthFailure {
+            detail: Some(detail),
+            ..self
         }
     }
 }

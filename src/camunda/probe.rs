@@ -11,6 +11,8 @@ use crate::crd::{ProbeMethod, ProbeSpec};
 #[derive(Debug, Clone, Copy)]
 pub enum ProbeCredential<'a> {
     Bearer(&'a Sensitive),
+    /// A complete `Authorization` header value (HTTP Basic).
+    Authorization(&'a Sensitive),
     Session {
         cookie_header: &'a Sensitive,
         csrf_token: Option<&'a Sensitive>,
@@ -96,6 +98,12 @@ impl Probe {
         };
         let request = match credential {
             ProbeCredential::Bearer(token) => request.bearer_auth(token.expose()),
+            ProbeCredential::Authorization(value) => {
+                let mut value = reqwest::header::HeaderValue::from_str(value.expose())
+                    .unwrap_or_else(|_| reqwest::header::HeaderValue::from_static(""));
+                value.set_sensitive(true);
+                request.header(reqwest::header::AUTHORIZATION, value)
+            }
             ProbeCredential::Session {
                 cookie_header,
                 csrf_token,

@@ -1,26 +1,86 @@
-//! The OAuth2 client-credentials grant against Camunda SaaS or Identity (Keycloak).
+//! The OAuth2 client-credentials grant against Camunda SaaS, Identity (Keycloak) or
+//! another OIDC provider, with the client authenticated by a secret in the body, a secret
+//! in an HTTP Basic header, or a signed client assertion.
 
+use base64::Engine as _;
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 
+use super::assertion::{ASSERTION_TYPE, AssertionClaims, AssertionKey};
+use super::discovery;
 use super::http::{HttpClient, TransportError, excerpt};
-use super::{AuthFailure, Sensitive, redact};
+use super::{AuthFailure, FailureDetail, Sensitive, redact};
 use crate::crd::RequestEncoding;
 
 /// Where and how to ask for a token.
 #[derive(Debug, Clone)]
 pub struct TokenEndpoint {
-    pub url: String,
+    pub location: TokenLocation,
+    /// Sent only when not empty (Microsoft Entra ID rejects an `audience` parameter).
     pub audience: String,
     pub scope: Option<String>,
     pub encoding: RequestEncoding,
 }
 
-/// The client id and secret from the referenced Secret.
+/// The token endpoint as the spec names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenLocation {
+    /// `tokenUrl`.
+    Url(String),
+    /// `issuerUrl`: the token endpoint comes from OIDC discovery.
+    Issuer(String),
+}
+
+impl TokenLocation {
+    /// "https://idp/token", or "the token endpoint of issuer https://idp (https://idp/token)"
+    /// once discovered, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            TokenLocation::Url(url) => url.clone(),
+            TokenLocation::Issuer(issuer) => match discovery::cached_token_endpoint(issuer) {
+                Some(url) => format!("{url} (discovered from issuer {issuer})"),
+                None => format!("the token endpoint of issuer {issuer}"),
+            },
+        }
+    }
+}
+
+/// The client id, and how the client proves it is that client.
 #[derive(Debug, Clone)]
 pub struct ClientCredentials {
     pub client_id: String,
-    pub client_secret: Sensitive,
+    pub proof: ClientProof,
+}
+
+/// How the client authenticates at the token endpoint.
+#[derive(Debug, Clone)]
+pub enum ClientProof {
+    /// `client_id` and `client_secret` in the body (client_secret_post).
+    SecretInBody(Sensitive),
+    /// `Authorization: Basic` (client_secret_basic).
+    SecretInBasicHeader(Sensitive),
+    /// A signed JWT (private_key_jwt).
+    PrivateKeyJwt(AssertionKey),
+}
+
+impl ClientCredentials {
+    /// A client that sends its secret in the body, as Camunda's clients do by default.
+    pub fn with_secret_in_body(client_id: impl Into<String>, secret: Sensitive) -> Self {
+        ClientCredentials {
+            client_id: client_id.into(),
+            proof: ClientProof::SecretInBody(secret),
+        }
+    }
+
+    /// `client id "orders", client secret in the body`, for `check`.
+    pub fn describe(&self) -> String {
+        let how = match &self.proof {
+            ClientProof::SecretInBody(_) => "client secret in the body".to_owned(),
+            ClientProof::SecretInBasicHeader(_) => "client secret in an HTTP Basic header".to_owned(),
+            ClientProof::PrivateKeyJwt(key) => format!("client assertion signed {}", key.describe()),
+        };
+        format!("client id {:?}, {how}", self.client_id)
+    }
 }
 
 /// A token as the endpoint handed it out.
@@ -40,18 +100,68 @@ struct OAuthError {
 }
 
 impl TokenEndpoint {
-    /// POSTs `grant_type=client_credentials` with the client id, secret, audience and scope.
+    /// A token endpoint at a fixed URL.
+    pub fn at(url: impl Into<String>, audience: impl Into<String>, scope: Option<String>, encoding: RequestEncoding) -> Self {
+        TokenEndpoint {
+            location: TokenLocation::Url(url.into()),
+            audience: audience.into(),
+            scope,
+            encoding,
+        }
+    }
+
+    /// Asks for a token with the client-credentials grant. With an issuer, the token
+    /// endpoint is discovered first; a failed request forgets it, so that the next try
+    /// reads the discovery document again (the provider may have moved it).
     pub async fn request_token(&self, http: &HttpClient, client: &ClientCredentials) -> Result<TokenGrant, AuthFailure> {
-        let mut fields = vec![
-            ("grant_type", "client_credentials"),
-            ("client_id", client.client_id.as_str()),
-            ("client_secret", client.client_secret.expose()),
-            ("audience", self.audience.as_str()),
-        ];
+        match &self.location {
+            TokenLocation::Url(url) => self.request_token_at(url, http, client).await,
+            TokenLocation::Issuer(issuer) => {
+                let url = discovery::token_endpoint(http, issuer).await?;
+                let result = self.request_token_at(&url, http, client).await;
+                if let Err(failure) = &result {
+                    discovery::forget(issuer);
+                    return Err(AuthFailure {
+                        message: format!("{} (token endpoint {url}, discovered from issuer {issuer})", failure.message),
+                        ..failure.clone()
+                    });
+                }
+                result
+            }
+        }
+    }
+
+    /// POSTs `grant_type=client_credentials` with the client's proof, the audience and scope.
+    async fn request_token_at(&self, url: &str, http: &HttpClient, client: &ClientCredentials) -> Result<TokenGrant, AuthFailure> {
+        let client_id = client.client_id.as_str();
+        let mut fields = vec![("grant_type", "client_credentials")];
+        let assertion;
+        let mut assertion_claims = None;
+        match &client.proof {
+            ClientProof::SecretInBody(secret) => {
+                fields.push(("client_id", client_id));
+                fields.push(("client_secret", secret.expose()));
+            }
+            ClientProof::SecretInBasicHeader(_) => {}
+            ClientProof::PrivateKeyJwt(key) => {
+                let claims = AssertionClaims::new(client_id, url, jiff::Timestamp::now().as_second());
+                assertion = key.sign(&claims).map_err(AuthFailure::server_error)?;
+                assertion_claims = Some((claims.iat, claims.exp));
+                fields.push(("client_id", client_id));
+                fields.push(("client_assertion_type", ASSERTION_TYPE));
+                fields.push(("client_assertion", assertion.expose()));
+            }
+        }
+        if !self.audience.is_empty() {
+            fields.push(("audience", self.audience.as_str()));
+        }
         if let Some(scope) = self.scope.as_deref().filter(|scope| !scope.is_empty()) {
             fields.push(("scope", scope));
         }
-        let request = http.request(Method::POST, &self.url).header("accept", "application/json");
+        let mut request = http.request(Method::POST, url).header("accept", "application/json");
+        if let ClientProof::SecretInBasicHeader(secret) = &client.proof {
+            request = request.header("authorization", basic_authorization(client_id, secret.expose()).expose());
+        }
         let request = match self.encoding {
             RequestEncoding::Form => request.form(&fields),
             RequestEncoding::Json => request.json(&fields.iter().copied().collect::<std::collections::BTreeMap<_, _>>()),
@@ -62,6 +172,16 @@ impl TokenEndpoint {
             return parse_grant(&answer.body);
         }
         let detail = oauth_error_detail(&answer.body, client);
+        if let (ClientProof::PrivateKeyJwt(key), Some((iat, exp))) = (&client.proof, assertion_claims)
+            && status.is_client_error()
+        {
+            let failure = AuthFailure::rejected(format!(
+                "the token endpoint rejected the client assertion ({}){detail}; {}",
+                describe_status(status),
+                assertion_hint(&detail, key, iat, exp)
+            ));
+            return Err(failure.with_detail(FailureDetail::ClientAssertionRejected));
+        }
         if status.is_client_error() {
             Err(AuthFailure::rejected(format!(
                 "the token endpoint rejected the request ({}){detail}",
@@ -74,6 +194,58 @@ impl TokenEndpoint {
             )))
         }
     }
+}
+
+/// `Basic base64(urlencode(id) ":" urlencode(secret))`: RFC 6749 §2.3.1 form-encodes both
+/// before joining them, so that a `:` in the client id cannot split it.
+pub fn basic_authorization(client_id: &str, client_secret: &str) -> Sensitive {
+    let joined = format!("{}:{}", form_urlencode(client_id), form_urlencode(client_secret));
+    Sensitive::new(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(joined)))
+}
+
+/// application/x-www-form-urlencoded encoding of one value (RFC 6749 Appendix B).
+fn form_urlencode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => out.push(char::from(byte)),
+            b' ' => out.push('+'),
+            _ => out.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    out
+}
+
+/// What to check when a client assertion is refused, picked from the server's words
+/// where they say enough (Keycloak, Entra and Okta say different things).
+fn assertion_hint(detail: &str, key: &AssertionKey, iat: i64, exp: i64) -> String {
+    let detail = detail.to_ascii_lowercase();
+    let signed = format!(
+        "the assertion was signed {}, valid from {} to {} by this machine's clock",
+        key.describe(),
+        display_time(iat),
+        display_time(exp)
+    );
+    let cause = if ["expired", "not active", "nbf", "clock", "stale", "future", "too old"]
+        .iter()
+        .any(|word| detail.contains(word))
+    {
+        "the server considers it expired or not yet valid: its clock and this machine's differ"
+    } else if ["kid", "public key", "key id", "no key", "unable to load"]
+        .iter()
+        .any(|word| detail.contains(word))
+    {
+        "the server has no public key for this key id: check keyId against the keys registered for the client"
+    } else if detail.contains("signature") {
+        "the signature does not match the public key the server has for the client: the private key is not the registered one"
+    } else {
+        "check that the server has this key's public key for the client, under this key id, and that the clocks agree"
+    };
+    format!("{cause} ({signed})")
+}
+
+fn display_time(unix_seconds: i64) -> String {
+    jiff::Timestamp::from_second(unix_seconds).map_or_else(|_| unix_seconds.to_string(), |time| time.to_string())
 }
 
 fn parse_grant(body: &[u8]) -> Result<TokenGrant, AuthFailure> {
@@ -125,7 +297,10 @@ fn oauth_error_detail(body: &[u8], client: &ClientCredentials) -> String {
         (None, Some(description)) => description,
         (None, None) => return String::new(),
     };
-    let secret = client.client_secret.expose();
+    let secret = match &client.proof {
+        ClientProof::SecretInBody(secret) | ClientProof::SecretInBasicHeader(secret) => secret.expose(),
+        ClientProof::PrivateKeyJwt(_) => "",
+    };
     let basic = format!("{}:{secret}", client.client_id);
     let text = redact(&text, &[secret, &basic, &client.client_id]);
     format!(": {}", excerpt(text.as_bytes(), 200))
@@ -147,10 +322,35 @@ mod tests {
     use super::*;
 
     fn client() -> ClientCredentials {
-        ClientCredentials {
-            client_id: "orders".into(),
-            client_secret: Sensitive::new("s3cr3t-value"),
-        }
+        ClientCredentials::with_secret_in_body("orders", Sensitive::new("s3cr3t-value"))
+    }
+
+    #[test]
+    fn basic_authorization_form_encodes_id_and_secret_before_base64() {
+        // RFC 6749 §2.3.1 with Appendix B: "a b:c" becomes "a+b%3Ac".
+        let header = basic_authorization("my client:1", "p@ss w/rd+");
+        let encoded = header.expose().strip_prefix("Basic ").unwrap();
+        let decoded = base64::engine::general_purpose::STANDARD.decode(encoded).unwrap();
+        assert_eq!(String::from_utf8(decoded).unwrap(), "my+client%3A1:p%40ss+w%2Frd%2B");
+        let plain = basic_authorization("orders", "s3cret-._*");
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(plain.expose().strip_prefix("Basic ").unwrap())
+            .unwrap();
+        assert_eq!(decoded, b"orders:s3cret-._*");
+    }
+
+    #[test]
+    fn assertion_hints_follow_the_servers_words() {
+        let key = AssertionKey::from_pem(include_str!("../../tests/fixtures/ec-p256-test-key.pem"), Some("k1".into())).unwrap();
+        let hint = |detail: &str| assertion_hint(detail, &key, 0, 60);
+        assert!(hint(": unauthorized_client: Token is not active").contains("clock"));
+        assert!(hint(": invalid_client: Unable to load public key").contains("no public key for this key id"));
+        assert!(hint(": unauthorized_client: Signature on JWT token failed validation").contains("not the registered one"));
+        let general = hint("");
+        assert!(
+            general.contains("key id \"k1\"") && general.contains("1970-01-01T00:01:00Z"),
+            "{general}"
+        );
     }
 
     #[test]
@@ -190,7 +390,7 @@ mod tests {
 
     #[test]
     fn a_secret_straddling_the_200_character_cut_leaves_no_prefix() {
-        let secret = client().client_secret;
+        let secret = Sensitive::new("s3cr3t-value");
         for offset in 185..200 {
             let description = format!("{}{} was wrong", "x".repeat(offset), secret.expose());
             let body = serde_json::json!({"error": "invalid_client", "error_description": description}).to_string();

@@ -69,7 +69,13 @@ impl Drop for Entered {
 /// be parsed adds nothing: the reconcile reports it without sending anything.
 pub fn request_hosts(connection: &TasklistConnection) -> Vec<String> {
     let spec = &connection.spec;
-    let urls = std::iter::once(spec.url.as_str()).chain(spec.auth.oauth2.as_ref().map(|oauth2| oauth2.token_url.as_str()));
+    let oauth2_urls = spec
+        .auth
+        .oauth2
+        .iter()
+        .flat_map(|oauth2| [oauth2.token_url.as_deref(), oauth2.issuer_url.as_deref()])
+        .flatten();
+    let urls = std::iter::once(spec.url.as_str()).chain(oauth2_urls);
     let mut hosts: Vec<String> = urls
         .filter_map(|url| reqwest::Url::parse(url).ok())
         .filter_map(|url| Some(format!("{}:{}", url.host_str()?, url.port_or_known_default()?)))

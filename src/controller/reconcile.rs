@@ -19,7 +19,7 @@ use super::{Context, Error, FIELD_MANAGER};
 use crate::camunda::probe::{Probe, ProbeOutcome};
 use crate::camunda::{AuthFailure, HttpClient};
 use crate::crd::{TasklistConnection, TasklistConnectionStatus};
-use crate::credential::{Credential, add};
+use crate::credential::{NEVER, add};
 use crate::derived_secret::{DATA_HASH, StoredCredential, Unusable, is_owned_by, update_patch};
 use crate::events::{ConnectionEvent, transitions};
 use crate::inputs::{Inputs, LoginMaterial, read_inputs, referenced_secret_names};
@@ -62,7 +62,7 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
     let status_says_it_held_a_credential = connection
         .status
         .as_ref()
-        .is_some_and(|s| s.expires_at.is_some() && s.secret_name == Some(connection.secret_name()));
+        .is_some_and(|s| s.last_refresh_time.is_some() && s.secret_name == Some(connection.secret_name()));
     let restoring = decide::is_restoring(secret_state, status_says_it_held_a_credential);
     if restoring {
         info!(
@@ -108,7 +108,9 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
     //    missing, expired or revoked (a Tasklist restart forgets sessions; an identity
     //    provider revokes tokens): obtain a new one once, rate-limited, without waiting
     //    for the planned refresh.
-    let (mut reachable, outcome) = this.probe_if_due(&http, fresh.credential.as_ref(), &inputs, now).await;
+    let (mut reachable, outcome) = this
+        .probe_if_due(&http, fresh.credential.as_ref(), fresh.newly_issued, &inputs, now)
+        .await;
     if let (Some(outcome), Some(probed)) = (&outcome, &fresh.credential)
         && decide::reobtain_after_unauthorized(
             unauthorized_status(outcome),
@@ -128,7 +130,7 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
             })
         });
         if fresh.newly_issued {
-            (reachable, _) = this.probe_if_due(&http, fresh.credential.as_ref(), &inputs, now).await;
+            (reachable, _) = this.probe_if_due(&http, fresh.credential.as_ref(), true, &inputs, now).await;
         }
     }
     if reachable.reason == Reason::ProbeSucceeded {
@@ -240,7 +242,7 @@ impl<'a> Reconciling<'a> {
             CredentialDecision::Keep => {
                 let authenticated = stored.as_ref().map_or_else(
                     || ConditionState::unknown(Reason::NoCredential, "no credential"),
-                    |current| ConditionState::ok(Reason::CredentialIssued, issued_message(current)),
+                    |current| ConditionState::ok(Reason::CredentialIssued, issued_message(current, inputs)),
                 );
                 Ok(FreshCredential {
                     credential: stored,
@@ -299,7 +301,7 @@ impl<'a> Reconciling<'a> {
                 if inputs.trust.insecure_skip_verify {
                     ctx.events.publish(self.connection, ConnectionEvent::InsecureSkipVerify).await;
                 }
-                let authenticated = ConditionState::ok(Reason::CredentialIssued, issued_message(&credential));
+                let authenticated = ConditionState::ok(Reason::CredentialIssued, issued_message(&credential, inputs));
                 Ok(FreshCredential {
                     credential: Some(credential),
                     authenticated,
@@ -333,10 +335,10 @@ impl<'a> Reconciling<'a> {
 
     /// The warning for a `refreshBefore` or `sessionTimeout` this credential cannot honour.
     fn refresh_warning(&self, credential: Option<&StoredCredential>, inputs: &Inputs) -> Option<String> {
-        let credential = credential?;
+        let credential = credential.filter(|c| c.expires_at != NEVER)?;
         let session_timeout = match &inputs.login {
             LoginMaterial::Cookie { session_timeout, .. } => Some(*session_timeout),
-            LoginMaterial::OAuth2 { .. } => None,
+            LoginMaterial::OAuth2 { .. } | LoginMaterial::Basic { .. } => None,
         };
         decide::refresh_warning(
             credential.issued_at,
@@ -404,7 +406,7 @@ impl<'a> Reconciling<'a> {
         let metrics = &self.ctx.metrics;
         let outcome = match result {
             Ok(_) => "success",
-            Err(failure) => Reason::of_auth_failure(failure.kind).as_str(),
+            Err(failure) => Reason::of_auth_failure(failure).as_str(),
         };
         metrics
             .credential_requests
@@ -416,16 +418,20 @@ impl<'a> Reconciling<'a> {
         match inputs.login {
             LoginMaterial::OAuth2 { .. } => metrics.token_request_duration.observe(took.as_secs_f64()),
             LoginMaterial::Cookie { .. } => metrics.login_duration.observe(took.as_secs_f64()),
+            LoginMaterial::Basic { .. } => {}
         }
     }
 
     /// Probes when the probe is due (its interval has passed, or the credential changed) and
     /// returns the condition with the outcome; otherwise repeats what the last probe found,
-    /// with no outcome.
+    /// with no outcome. A credential issued in this reconcile is always probed: one issued
+    /// in the same second as the last (an HTTP Basic Secret edited twice) has the same
+    /// issue time.
     async fn probe_if_due(
         &self,
         http: &HttpClient,
         credential: Option<&StoredCredential>,
+        newly_issued: bool,
         inputs: &Inputs,
         now: Timestamp,
     ) -> (ConditionState, Option<ProbeOutcome>) {
@@ -441,6 +447,7 @@ impl<'a> Reconciling<'a> {
             );
         };
         if let Some(last) = ctx.memory.get(key).last_probe
+            && !newly_issued
             && !decide::probe_due(
                 Some(LastProbe {
                     at: last.at,
@@ -597,7 +604,7 @@ impl<'a> Reconciling<'a> {
             .connection_ready
             .get_or_create(&labels)
             .set(i64::from(ready.is_some_and(|c| c.status == "True")));
-        match observation.credential {
+        match observation.credential.filter(|times| times.expires_at != NEVER) {
             Some(times) => {
                 metrics.credential_expiry.get_or_create(&labels).set(times.expires_at.as_second());
             }
@@ -609,13 +616,19 @@ impl<'a> Reconciling<'a> {
 }
 
 fn failed_condition(failure: &AuthFailure) -> ConditionState {
-    ConditionState::failing(Reason::of_auth_failure(failure.kind), failure.message.clone())
+    ConditionState::failing(Reason::of_auth_failure(failure), failure.message.clone())
 }
 
-fn issued_message(credential: &StoredCredential) -> String {
-    let kind = match credential.credential {
-        Credential::Bearer(_) => "access token",
-        Credential::Session(_) => "session",
+fn issued_message(credential: &StoredCredential, inputs: &Inputs) -> String {
+    let kind = match &inputs.login {
+        LoginMaterial::OAuth2 { endpoint, .. } => format!("access token from {}", endpoint.location.describe()),
+        LoginMaterial::Cookie { .. } => "session".to_owned(),
+        LoginMaterial::Basic { username, .. } => {
+            return format!(
+                "HTTP Basic credentials of user {username:?} stored at {}; they do not expire",
+                credential.issued_at
+            );
+        }
     };
     format!("{kind} obtained at {}, valid until {}", credential.issued_at, credential.expires_at)
 }

@@ -449,11 +449,11 @@ async fn invalid_manifests_are_rejected_with_readable_messages(world: Arc<World>
     let cases = [
         (
             json!({"url": "https://t.example", "auth": {"oauth2": oauth2, "cookie": cookie}}),
-            "exactly one of auth.oauth2 or auth.cookie",
+            "exactly one of auth.oauth2, auth.cookie or auth.basic",
         ),
         (
             json!({"url": "https://t.example", "auth": {}}),
-            "exactly one of auth.oauth2 or auth.cookie",
+            "exactly one of auth.oauth2, auth.cookie or auth.basic",
         ),
         (
             json!({"url": "t.example", "auth": {"oauth2": oauth2}}),

@@ -5,6 +5,7 @@
 //!
 //! A missing component fails every scenario: nothing is skipped.
 
+mod auth_methods;
 mod chart;
 mod core;
 mod ha;
@@ -32,6 +33,7 @@ fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     all.extend(refresh::scenarios());
     all.extend(policy::scenarios());
     all.extend(isolation::scenarios());
+    all.extend(auth_methods::scenarios());
     all
 }
 

@@ -374,6 +374,16 @@ impl Scenario {
         self.secrets_used.push(value.to_owned());
     }
 
+    /// Remembers a PEM private key for the leak check: the whole key and each line of it.
+    pub fn remember_private_key(&mut self, pem: &str) {
+        self.secrets_used.push(pem.to_owned());
+        self.secrets_used.extend(
+            pem.lines()
+                .filter(|line| !line.starts_with("-----") && line.len() >= 16)
+                .map(str::to_owned),
+        );
+    }
+
     /// Every credential value remembered so far, for checks beyond [`Scenario::assert_no_credential_leaked`].
     pub fn credential_values(&self) -> &[String] {
         &self.secrets_used
@@ -403,6 +413,13 @@ impl Scenario {
                 if text.contains(secret.as_str()) {
                     bail!("a credential value ({} characters) appears in the {place}", secret.len());
                 }
+            }
+        }
+        // Client assertions are never stored anywhere a test could read them back: look
+        // for anything shaped like a JWT instead.
+        for (place, text) in &places {
+            if contains_jwt(text) {
+                bail!("something shaped like a JWT (a token or a client assertion) appears in the {place}");
             }
         }
         Ok(())
@@ -496,6 +513,16 @@ pub fn strip_ansi(text: &str) -> String {
 }
 
 /// A condition of the connection's status, by type.
+/// Whether `text` holds a JWT: two base64url JSON objects (`eyJ...`) joined by a dot.
+pub fn contains_jwt(text: &str) -> bool {
+    let is_base64url = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    text.match_indices("eyJ").any(|(start, _)| {
+        let rest = &text[start..];
+        let header_length = rest.find(|c: char| !is_base64url(c)).unwrap_or(rest.len());
+        header_length >= 10 && rest[header_length..].starts_with(".eyJ")
+    })
+}
+
 pub fn find_condition<'a>(connection: &'a TasklistConnection, type_: &str) -> Option<&'a Condition> {
     connection.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
 }

@@ -165,6 +165,41 @@ impl Keycloak {
         result.map_err(|error| self.failure_with_logs(error))
     }
 
+    /// Creates another confidential client in [`REALM`] for the client-credentials grant,
+    /// with the audience [`TASKLIST_AUDIENCE`], that authenticates with `authenticator`.
+    /// Returns its secret (`None` for [`ClientAuthenticator::SignedJwt`]).
+    pub async fn add_client(&self, client_id: &str, authenticator: &ClientAuthenticator) -> anyhow::Result<Option<String>> {
+        let mut client = client_representation(client_id);
+        match authenticator {
+            ClientAuthenticator::Secret => {}
+            ClientAuthenticator::SignedJwt { jwks } => {
+                client["clientAuthenticatorType"] = json!("client-jwt");
+                client["attributes"] = json!({
+                    "use.jwks.url": "false",
+                    "use.jwks.string": "true",
+                    "jwks.string": jwks.to_string(),
+                });
+            }
+        }
+        let clients_url = format!("{}/admin/realms/{REALM}/clients", self.base_url());
+        let request = self.admin_request(reqwest::Method::POST, &clients_url).await?;
+        let created = success(request.json(&client).send().await, "create a client").await?;
+        if matches!(authenticator, ClientAuthenticator::SignedJwt { .. }) {
+            return Ok(None);
+        }
+        let uuid = created
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|location| location.to_str().ok())
+            .and_then(|location| location.rsplit('/').next())
+            .context("Keycloak created the client but sent no Location header")?
+            .to_string();
+        let secret_url = format!("{clients_url}/{uuid}/client-secret");
+        let request = self.admin_request(reqwest::Method::GET, &secret_url).await?;
+        let credential: Value = json_of(request.send().await, "read the client secret").await?;
+        Ok(Some(secret_value(&credential)?))
+    }
+
     async fn create_realm_and_client(&mut self) -> anyhow::Result<()> {
         let base = self.base_url();
         let realm = json!({
@@ -175,28 +210,7 @@ impl Keycloak {
         let request = self.admin_request(reqwest::Method::POST, &format!("{base}/admin/realms")).await?;
         success(request.json(&realm).send().await, "create the realm").await?;
 
-        let client = json!({
-            "clientId": CLIENT_ID,
-            "enabled": true,
-            "protocol": "openid-connect",
-            "publicClient": false,
-            "clientAuthenticatorType": "client-secret",
-            "serviceAccountsEnabled": true,
-            "standardFlowEnabled": false,
-            "implicitFlowEnabled": false,
-            "directAccessGrantsEnabled": false,
-            "protocolMappers": [{
-                "name": "tasklist-api audience",
-                "protocol": "openid-connect",
-                "protocolMapper": "oidc-audience-mapper",
-                "config": {
-                    "included.custom.audience": TASKLIST_AUDIENCE,
-                    "access.token.claim": "true",
-                    "introspection.token.claim": "true",
-                    "id.token.claim": "false",
-                },
-            }],
-        });
+        let client = client_representation(CLIENT_ID);
         let clients_url = format!("{base}/admin/realms/{REALM}/clients");
         let request = self.admin_request(reqwest::Method::POST, &clients_url).await?;
         let created = success(request.json(&client).send().await, "create the client").await?;
@@ -233,6 +247,43 @@ impl Keycloak {
             .context("the admin token response has no access_token")?;
         Ok(self.http.request(method, url).bearer_auth(access_token))
     }
+}
+
+/// How a client created with [`Keycloak::add_client`] authenticates at the token endpoint.
+pub enum ClientAuthenticator {
+    /// Keycloak's "client-secret" authenticator, which takes the secret in the body
+    /// (client_secret_post) or in an HTTP Basic header (client_secret_basic).
+    Secret,
+    /// Keycloak's "client-jwt" authenticator (private_key_jwt), checking assertions against
+    /// this JWK Set (its `jwks.string` attribute).
+    SignedJwt { jwks: Value },
+}
+
+/// A confidential client for the client-credentials grant whose access tokens carry the
+/// audience [`TASKLIST_AUDIENCE`].
+fn client_representation(client_id: &str) -> Value {
+    json!({
+        "clientId": client_id,
+        "enabled": true,
+        "protocol": "openid-connect",
+        "publicClient": false,
+        "clientAuthenticatorType": "client-secret",
+        "serviceAccountsEnabled": true,
+        "standardFlowEnabled": false,
+        "implicitFlowEnabled": false,
+        "directAccessGrantsEnabled": false,
+        "protocolMappers": [{
+            "name": "tasklist-api audience",
+            "protocol": "openid-connect",
+            "protocolMapper": "oidc-audience-mapper",
+            "config": {
+                "included.custom.audience": TASKLIST_AUDIENCE,
+                "access.token.claim": "true",
+                "introspection.token.claim": "true",
+                "id.token.claim": "false",
+            },
+        }],
+    })
 }
 
 impl Drop for Keycloak {

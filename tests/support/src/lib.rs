@@ -5,6 +5,7 @@
 pub mod controlplane;
 pub mod image;
 pub mod keycloak;
+pub mod keys;
 pub mod node;
 pub mod operator;
 pub mod standin;

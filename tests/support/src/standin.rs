@@ -23,6 +23,7 @@
 //! # Ok(()) }
 //! ```
 
+mod assertion;
 mod bearer;
 mod listener;
 mod oauth;
@@ -35,7 +36,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use axum::Router;
-use axum::routing::{any, post};
+use axum::routing::{any, get, post};
 
 use self::listener::Listener;
 use self::state::Shared;
@@ -57,7 +58,9 @@ pub struct StandinOptions {
     pub csrf: bool,
     /// Use the older CSRF name `TASKLIST-X-CSRF-TOKEN` for both the header and the cookie.
     pub legacy_csrf_name: bool,
-    /// The audience the token endpoint requires; default `tasklist.camunda.io`.
+    /// The audience the token endpoint requires; default `tasklist.camunda.io`. Empty: the
+    /// endpoint acts like Microsoft Entra ID (no `audience` parameter allowed; a `scope` of
+    /// `<resource>/.default` names the token's audience).
     /// The API accepts tokens for it as well as for `tasklist.camunda.io` and `tasklist-api`.
     pub audience: String,
     /// The address to listen on, and the host of [`StandinTasklist::url`]; default 127.0.0.1.
@@ -141,6 +144,8 @@ pub enum TokenRequestEncoding {
     Json,
     /// Client credentials in an HTTP Basic `Authorization` header (body of either kind).
     Basic,
+    /// A signed client assertion (private_key_jwt) in a form or JSON body.
+    Assertion,
     /// A body of any other content type (answered with `400`).
     Other,
 }
@@ -174,6 +179,8 @@ pub enum AuthKind {
     Bearer,
     /// A `TASKLIST-SESSION` cookie (and no bearer token).
     Cookie,
+    /// An `Authorization: Basic ...` header.
+    Basic,
     /// Neither.
     None,
 }
@@ -223,6 +230,7 @@ impl StandinTasklist {
         let shared = Arc::new(Shared::new(options, base_url)?);
         let router = Router::new()
             .route("/oauth/token", post(oauth::token))
+            .route("/.well-known/openid-configuration", get(oauth::discovery))
             .route("/api/login", post(tasklist::login))
             .route("/api/logout", post(tasklist::logout))
             .route("/v1/{*rest}", any(tasklist::api))
@@ -275,6 +283,40 @@ impl StandinTasklist {
     /// Registers (or replaces) a Tasklist user for cookie login.
     pub fn add_user(&self, username: &str, password: &str) {
         self.shared.lock().users.insert(username.to_owned(), password.to_owned());
+    }
+
+    /// Accepts HTTP Basic with this username and password on the API (Camunda 8.8+ with
+    /// Basic authentication). Without any, an `Authorization: Basic` header gets 401.
+    pub fn accept_basic(&self, username: &str, password: &str) {
+        self.shared.lock().basic_users.insert(username.to_owned(), password.to_owned());
+    }
+
+    /// Registers (or replaces) a client that authenticates with private_key_jwt, with the
+    /// public keys (JWKS JSON) the server checks its assertions against.
+    pub fn add_assertion_client(&self, client_id: &str, jwks: &serde_json::Value) -> anyhow::Result<()> {
+        let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_value(jwks.clone()).context("the JWKS does not parse")?;
+        self.shared.lock().assertion_clients.keys.insert(client_id.to_owned(), jwks);
+        Ok(())
+    }
+
+    /// Makes the token endpoint's clock run this far ahead when it checks assertions.
+    pub fn set_assertion_clock_ahead(&self, ahead: Duration) {
+        self.shared.lock().assertion_clients.clock_ahead = ahead;
+    }
+
+    /// `{url}`: the issuer whose discovery document names [`Self::token_url`].
+    pub fn issuer(&self) -> String {
+        self.shared.base_url.clone()
+    }
+
+    /// For `GET /.well-known/openid-configuration`; `Reject` answers 404.
+    pub fn set_discovery(&self, mode: EndpointMode) {
+        self.shared.lock().discovery = mode;
+    }
+
+    /// How many discovery documents were requested.
+    pub fn discovery_requests(&self) -> usize {
+        self.shared.lock().discovery_requests
     }
 
     /// Also accepts bearer JWTs signed by the keys of this JWKS (e.g. Keycloak's

@@ -161,6 +161,9 @@ pub(super) async fn bearer_accepted(shared: &Shared, token: &str) -> bool {
 
 /// Trusted-JWKS keys for this key id, fetching the JWKS when none is cached.
 async fn trusted_keys(shared: &Shared, key_id: Option<&str>) -> Vec<DecodingKey> {
+    // One fetch at a time: a request arriving during a fetch waits for its keys instead of
+    // finding none (two connections probing at once both got 401 before).
+    let _fetching = shared.jwks_fetch.lock().await;
     let urls = {
         let mut state = shared.lock();
         if !state.jwks.worth_fetching(key_id) {

@@ -15,6 +15,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
 use serde::Serialize;
 use serde_json::json;
 
+use super::assertion::{self, ASSERTION_TYPE};
 use super::state::{Shared, apply_mode, json_response, random_token};
 use super::{ECHO_SECRET_AT, TokenAnswer, TokenRequestEncoding, TokenRequestRecord};
 
@@ -99,9 +100,14 @@ impl TokenRequest {
             (TokenRequestEncoding::Other, HashMap::new())
         };
         let basic = basic_credentials(headers);
+        let assertion = fields.contains_key("client_assertion");
         Self {
-            encoding: if basic.is_some() && body_encoding != TokenRequestEncoding::Other {
+            encoding: if body_encoding == TokenRequestEncoding::Other {
+                body_encoding
+            } else if basic.is_some() {
                 TokenRequestEncoding::Basic
+            } else if assertion {
+                TokenRequestEncoding::Assertion
             } else {
                 body_encoding
             },
@@ -152,7 +158,13 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
     }
     let decoded = String::from_utf8(BASE64.decode(encoded.trim()).ok()?).ok()?;
     let (client_id, client_secret) = decoded.split_once(':')?;
-    Some((client_id.to_owned(), client_secret.to_owned()))
+    // RFC 6749 §2.3.1: both are form-urlencoded before they are joined.
+    Some((form_decode(client_id)?, form_decode(client_secret)?))
+}
+
+fn form_decode(value: &str) -> Option<String> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(&format!("v={value}")).ok()?;
+    pairs.into_iter().next().map(|(_, decoded)| decoded)
 }
 
 pub(super) async fn token(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -210,13 +222,41 @@ fn answer(shared: &Shared, request: &TokenRequest) -> Response {
             return oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type", "Unsupported grant type");
         }
     }
-    if client_secret.is_none() || client_secret.as_deref() != request.client_secret() {
+    // RFC 6749 §2.3: a client uses one authentication method per request.
+    let methods = [
+        request.basic.is_some(),
+        request.field("client_secret").is_some(),
+        request.field("client_assertion").is_some(),
+    ];
+    if methods.iter().filter(|used| **used).count() > 1 {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "More than one client authentication method",
+        );
+    }
+    if let Some(client_assertion) = request.field("client_assertion") {
+        if request.field("client_assertion_type") != Some(ASSERTION_TYPE) {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_client",
+                "Parameter client_assertion_type is missing or incorrect",
+            );
+        }
+        let token_url = format!("{}/oauth/token", shared.base_url);
+        let client_id = request.client_id().unwrap_or_default();
+        let verdict = assertion::verify(&mut shared.lock().assertion_clients, client_id, client_assertion, &token_url);
+        if let Err(description) = verdict {
+            return oauth_error(StatusCode::UNAUTHORIZED, "unauthorized_client", description);
+        }
+    } else if client_secret.is_none() || client_secret.as_deref() != request.client_secret() {
         return invalid_client();
     }
-    let audience = request.field("audience").unwrap_or_default();
-    if audience != shared.options.audience {
-        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "Unknown or missing audience");
-    }
+    let audience = match token_audience(&shared.options.audience, request) {
+        Ok(audience) => audience,
+        Err((error, description)) => return oauth_error(StatusCode::BAD_REQUEST, error, description),
+    };
+    let audience = audience.as_str();
 
     let client_id = request.client_id().unwrap_or_default();
     let scope = request.field("scope");
@@ -302,6 +342,32 @@ fn answer(shared: &Shared, request: &TokenRequest) -> Response {
     response
 }
 
+/// The audience of the token to issue. With an empty configured audience the endpoint acts
+/// like Microsoft Entra ID: an `audience` parameter is refused, and the resource comes from
+/// a `scope` of the form `<resource>/.default`. `Err` holds the OAuth2 error and its
+/// description, answered with 400.
+fn token_audience(configured: &str, request: &TokenRequest) -> Result<String, (&'static str, &'static str)> {
+    if configured.is_empty() {
+        if request.field("audience").is_some() {
+            return Err((
+                "invalid_request",
+                "AADSTS901002: The 'audience' request parameter is not supported.",
+            ));
+        }
+        return match request.field("scope").and_then(|scope| scope.strip_suffix("/.default")) {
+            Some(resource) if !resource.is_empty() => Ok(resource.to_owned()),
+            _ => Err((
+                "invalid_scope",
+                "AADSTS1002012: The provided value for scope is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier.",
+            )),
+        };
+    }
+    match request.field("audience") {
+        Some(audience) if audience == configured => Ok(audience.to_owned()),
+        _ => Err(("invalid_request", "Unknown or missing audience")),
+    }
+}
+
 fn whole_seconds_rounded_up(duration: Duration) -> u64 {
     duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
 }
@@ -321,4 +387,29 @@ fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
 
 fn internal_error(error: &anyhow::Error) -> Response {
     (StatusCode::INTERNAL_SERVER_ERROR, format!("stand-in: {error:#}\n")).into_response()
+}
+
+/// `GET /.well-known/openid-configuration`: the parts of a discovery document a client
+/// credentials client reads.
+pub(super) async fn discovery(State(shared): State<Arc<Shared>>) -> Response {
+    let mode = {
+        let mut state = shared.lock();
+        state.discovery_requests += 1;
+        state.discovery
+    };
+    let not_found = || (StatusCode::NOT_FOUND, "stand-in: no such issuer\n").into_response();
+    if let Some(response) = apply_mode(mode, not_found).await {
+        return response;
+    }
+    json_response(
+        StatusCode::OK,
+        json!({
+            "issuer": shared.base_url,
+            "token_endpoint": format!("{}/oauth/token", shared.base_url),
+            "jwks_uri": format!("{}/oauth/jwks", shared.base_url),
+            "grant_types_supported": ["client_credentials"],
+            "token_endpoint_auth_methods_supported": ["client_secret_post", "client_secret_basic", "private_key_jwt"],
+            "token_endpoint_auth_signing_alg_values_supported": ["RS256", "ES256"],
+        }),
+    )
 }

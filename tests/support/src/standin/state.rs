@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use rand::Rng as _;
 use rand::distr::Alphanumeric;
 
+use super::assertion::AssertionClients;
 use super::bearer::{KnownTokens, TrustedJwks};
 use super::oauth::TokenIssuer;
 use super::{ApiRequestRecord, EndpointMode, LoginRecord, StandinOptions, TokenAnswer, TokenRequestRecord};
@@ -21,6 +22,8 @@ pub(super) struct Shared {
     pub base_url: String,
     pub issuer: TokenIssuer,
     pub accepted_audiences: Vec<String>,
+    /// Held while the trusted JWKS are fetched (across an `.await`, hence tokio's).
+    pub jwks_fetch: tokio::sync::Mutex<()>,
     state: Mutex<State>,
 }
 
@@ -31,6 +34,12 @@ pub(super) struct State {
     pub clients: HashMap<String, String>,
     /// username -> password
     pub users: HashMap<String, String>,
+    /// username -> password, for HTTP Basic on the API (none: Basic is refused)
+    pub basic_users: HashMap<String, String>,
+    /// clients that authenticate with private_key_jwt
+    pub assertion_clients: AssertionClients,
+    pub discovery: EndpointMode,
+    pub discovery_requests: usize,
     pub token_endpoint: EndpointMode,
     pub login_endpoint: EndpointMode,
     pub api: EndpointMode,
@@ -66,9 +75,14 @@ impl Shared {
             issuer: TokenIssuer::generate()?,
             base_url,
             accepted_audiences,
+            jwks_fetch: tokio::sync::Mutex::new(()),
             state: Mutex::new(State {
                 clients: HashMap::new(),
                 users: HashMap::new(),
+                basic_users: HashMap::new(),
+                assertion_clients: AssertionClients::default(),
+                discovery: EndpointMode::Normal,
+                discovery_requests: 0,
                 token_endpoint: EndpointMode::Normal,
                 login_endpoint: EndpointMode::Normal,
                 api: EndpointMode::Normal,

@@ -8,6 +8,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
 use serde_json::json;
 
 use super::bearer::bearer_accepted;
@@ -98,10 +99,12 @@ pub(super) async fn api(State(shared): State<Arc<Shared>>, method: Method, uri: 
     let time = SystemTime::now();
     let bearer_token = bearer_token(&headers);
     let session_id = request_cookie(&headers, SESSION_COOKIE);
-    let auth = match (bearer_token, session_id) {
-        (Some(_), _) => AuthKind::Bearer,
-        (None, Some(_)) => AuthKind::Cookie,
-        (None, None) => AuthKind::None,
+    let basic = basic_login(&headers);
+    let auth = match (bearer_token, session_id, &basic) {
+        (Some(_), _, _) => AuthKind::Bearer,
+        (None, _, Some(_)) => AuthKind::Basic,
+        (None, Some(_), None) => AuthKind::Cookie,
+        (None, None, None) => AuthKind::None,
     };
 
     let mode = shared.lock().api;
@@ -116,6 +119,7 @@ pub(super) async fn api(State(shared): State<Arc<Shared>>, method: Method, uri: 
                         Some(invalid_bearer())
                     }
                 }
+                (None, _) if basic.is_some() => check_basic(&shared, basic.as_ref()),
                 (None, Some(session_id)) => check_session(&shared, session_id, &method, &headers),
                 (None, None) => Some(unauthorized()),
             };
@@ -148,6 +152,39 @@ fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let value = header_str(headers, header::AUTHORIZATION.as_str())?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
+}
+
+/// The username and password of an `Authorization: Basic` header (RFC 7617: UTF-8, split at
+/// the first colon, no further decoding). `Some(None)` for a Basic header that does not decode.
+fn basic_login(headers: &HeaderMap) -> Option<Option<(String, String)>> {
+    let value = header_str(headers, header::AUTHORIZATION.as_str())?;
+    let (scheme, encoded) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok());
+    Some(decoded.and_then(|text| {
+        let (username, password) = text.split_once(':')?;
+        Some((username.to_owned(), password.to_owned()))
+    }))
+}
+
+/// `None` when Basic authentication is on and the username and password are known.
+fn check_basic(shared: &Shared, login: Option<&Option<(String, String)>>) -> Option<Response> {
+    let known = login
+        .and_then(Option::as_ref)
+        .is_some_and(|(username, password)| shared.lock().basic_users.get(username) == Some(password));
+    if known {
+        return None;
+    }
+    let mut response = unauthorized();
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, header_value(r#"Basic realm="Camunda""#));
+    Some(response)
 }
 
 /// `None` when the session is live and, for state-changing requests, the CSRF cookie and

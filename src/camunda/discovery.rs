@@ -1,0 +1,134 @@
+//! OpenID Connect discovery: the token endpoint of an issuer, read from
+//! `<issuer>/.well-known/openid-configuration` and kept until a token request fails.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use reqwest::Method;
+
+use super::http::HttpClient;
+use super::token::describe_status;
+use super::{AuthFailure, FailureDetail};
+
+/// Discovered token endpoints by issuer, shared by every connection of the process: an
+/// issuer's document is the same whoever asks.
+static TOKEN_ENDPOINTS: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
+
+/// `<issuer>/.well-known/openid-configuration` (OpenID Connect Discovery 1.0 §4).
+pub fn discovery_url(issuer: &str) -> String {
+    format!("{}/.well-known/openid-configuration", issuer.trim_end_matches('/'))
+}
+
+/// The token endpoint discovered for `issuer` earlier, if any.
+pub fn cached_token_endpoint(issuer: &str) -> Option<String> {
+    lock().get(issuer).cloned()
+}
+
+/// Forgets what was discovered for `issuer`, so that the next request reads the document again.
+pub fn forget(issuer: &str) {
+    lock().remove(issuer);
+}
+
+/// The token endpoint of `issuer`: from the cache, or read from its discovery document.
+pub async fn token_endpoint(http: &HttpClient, issuer: &str) -> Result<String, AuthFailure> {
+    if let Some(endpoint) = cached_token_endpoint(issuer) {
+        return Ok(endpoint);
+    }
+    let url = discovery_url(issuer);
+    let failed = |detail: String| format!("OIDC discovery at {url} failed: {detail}");
+    let request = http.request(Method::GET, &url).header("accept", "application/json");
+    let answer = http
+        .send(request)
+        .await
+        .map_err(|error| AuthFailure::server_error(failed(error.to_string())).with_detail(FailureDetail::DiscoveryFailed))?;
+    if !answer.status.is_success() {
+        let message = failed(format!("the issuer answered {}", describe_status(answer.status)));
+        // A 4xx means the URL is wrong; trying again soon will not help.
+        let failure = if answer.status.is_client_error() {
+            AuthFailure::rejected(message)
+        } else {
+            AuthFailure::server_error(message)
+        };
+        return Err(failure.with_detail(FailureDetail::DiscoveryFailed));
+    }
+    let endpoint = token_endpoint_of(&answer.body, issuer)
+        .map_err(|detail| AuthFailure::server_error(failed(detail)).with_detail(FailureDetail::DiscoveryFailed))?;
+    lock().insert(issuer.to_owned(), endpoint.clone());
+    Ok(endpoint)
+}
+
+/// The `token_endpoint` of a discovery document. An https issuer must name an https
+/// endpoint: the client's secret or assertion goes there.
+fn token_endpoint_of(document: &[u8], issuer: &str) -> Result<String, String> {
+    let Ok(document) = serde_json::from_slice::<serde_json::Value>(document) else {
+        return Err("the answer is not a JSON discovery document".into());
+    };
+    let Some(endpoint) = document.get("token_endpoint").and_then(|value| value.as_str()) else {
+        return Err("the discovery document has no token_endpoint".into());
+    };
+    let scheme_ok = if issuer.starts_with("https://") {
+        endpoint.starts_with("https://")
+    } else {
+        endpoint.starts_with("https://") || endpoint.starts_with("http://")
+    };
+    if !scheme_ok || endpoint.len() > 2048 {
+        return Err(format!(
+            "the discovery document's token_endpoint is not an {} URL",
+            if issuer.starts_with("https://") { "https" } else { "http(s)" }
+        ));
+    }
+    Ok(endpoint.to_owned())
+}
+
+fn lock() -> std::sync::MutexGuard<'static, BTreeMap<String, String>> {
+    // The map holds no invariant a panic could break.
+    TOKEN_ENDPOINTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_document_is_below_the_issuer_with_or_without_a_slash() {
+        assert_eq!(
+            discovery_url("https://login.example/tenant/v2.0/"),
+            "https://login.example/tenant/v2.0/.well-known/openid-configuration"
+        );
+        assert_eq!(
+            discovery_url("http://kc/auth/realms/camunda-platform"),
+            "http://kc/auth/realms/camunda-platform/.well-known/openid-configuration"
+        );
+    }
+
+    #[test]
+    fn reads_the_token_endpoint() {
+        let document = br#"{"issuer":"https://idp","token_endpoint":"https://idp/oauth2/v2.0/token","jwks_uri":"https://idp/keys"}"#;
+        assert_eq!(token_endpoint_of(document, "https://idp").unwrap(), "https://idp/oauth2/v2.0/token");
+    }
+
+    #[test]
+    fn refuses_documents_without_a_usable_endpoint() {
+        assert!(token_endpoint_of(b"<html>", "https://idp").unwrap_err().contains("not a JSON"));
+        assert!(
+            token_endpoint_of(br#"{"issuer":"x"}"#, "https://idp")
+                .unwrap_err()
+                .contains("no token_endpoint")
+        );
+        let downgrade = br#"{"token_endpoint":"http://idp/token"}"#;
+        assert!(token_endpoint_of(downgrade, "https://idp").unwrap_err().contains("https"));
+        assert!(token_endpoint_of(downgrade, "http://idp").is_ok());
+        assert!(token_endpoint_of(br#"{"token_endpoint":"ftp://idp/token"}"#, "http://idp").is_err());
+    }
+
+    #[test]
+    fn the_cache_is_forgotten_on_request() {
+        lock().insert("https://cache-test".into(), "https://cache-test/token".into());
+        assert_eq!(
+            cached_token_endpoint("https://cache-test").as_deref(),
+            Some("https://cache-test/token")
+        );
+        forget("https://cache-test");
+        assert_eq!(cached_token_endpoint("https://cache-test"), None);
+    }
+}
