@@ -9,9 +9,18 @@ use std::time::Duration;
 
 use crate::crd::TasklistConnection;
 
-/// Reconciles in flight per host. A healthy host answers in milliseconds, so this rarely
-/// binds; a dead one holds at most this many of the controller's reconcile slots.
-pub const RECONCILES_PER_HOST: usize = 16;
+/// Reconciles in flight per host: three quarters of the controller's reconcile slots
+/// (`--concurrency`, 0 for no limit), so that a dead host always leaves a quarter to the
+/// others. A healthy host answers in milliseconds and rarely reaches it; many connections
+/// on one healthy host refreshing together under load do, and then every slot the limit
+/// takes away from them makes refreshes later (with half the slots, 200 connections with
+/// 20 s tokens on a loaded machine saw expired tokens).
+pub fn reconciles_per_host(concurrency: u16) -> usize {
+    match usize::from(concurrency) {
+        0 => usize::MAX,
+        slots => (slots - slots / 4).max(1),
+    }
+}
 
 /// How long a deferred reconcile waits, at least (jitter adds up to as much again).
 pub const DEFERRAL: Duration = Duration::from_millis(500);
@@ -95,6 +104,14 @@ pub fn reconcile_deadline(request_timeout: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_gets_three_quarters_of_the_reconcile_slots() {
+        assert_eq!(reconciles_per_host(32), 24);
+        assert_eq!(reconciles_per_host(4), 3);
+        assert_eq!(reconciles_per_host(1), 1);
+        assert_eq!(reconciles_per_host(0), usize::MAX);
+    }
 
     #[test]
     fn a_full_host_defers_the_next_reconcile_until_one_leaves() {

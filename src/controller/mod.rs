@@ -30,7 +30,7 @@ use crate::inputs::Inputs;
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::policy::HostPolicy;
 use crate::schedule::RefreshPolicy;
-use host_slots::{DEFERRAL, HostSlots, RECONCILES_PER_HOST, reconcile_deadline, request_hosts};
+use host_slots::{DEFERRAL, HostSlots, reconcile_deadline, reconciles_per_host, request_hosts};
 use memory::{ConnectionKey, Memory};
 use shared_clients::SharedByUsers;
 
@@ -225,8 +225,9 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
 
 #[tracing::instrument(skip_all, fields(connection = %format!("{}/{}", connection.namespace().unwrap_or_default(), connection.name_any())))]
 async fn reconcile_logged(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let Some(_entered) = ctx.host_slots.try_enter(request_hosts(&connection), RECONCILES_PER_HOST) else {
-        debug!("deferred: a host of this connection already has {RECONCILES_PER_HOST} reconciles in flight");
+    let per_host = reconciles_per_host(ctx.concurrency);
+    let Some(_entered) = ctx.host_slots.try_enter(request_hosts(&connection), per_host) else {
+        debug!("deferred: a host of this connection already has {per_host} reconciles in flight");
         return Ok(Action::requeue(DEFERRAL.mul_f64(1.0 + rand::random::<f64>())));
     };
     let started = std::time::Instant::now();

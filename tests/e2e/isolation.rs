@@ -155,10 +155,11 @@ impl DeadHost {
 /// timeout is 30 s here, so each of their requests holds on for 30 s. A healthy connection
 /// created after them in the same namespace (the same controller and reconcile slots) must
 /// become Ready before any of those requests has timed out: it did not wait for a slot.
-/// And the dead host never has more than the per-host limit (16) of requests open.
+/// And the dead host never has more than the per-host limit (24 of the 32 reconcile slots) of
+/// requests open.
 async fn a_dead_host_does_not_delay_a_healthy_connection(world: Arc<World>) -> anyhow::Result<()> {
     const DEAD: usize = 40;
-    const PER_HOST: usize = 16;
+    const PER_HOST: usize = 24;
     let namespace = world.control_plane.create_namespace("isolation").await?;
     let kubeconfig = world.control_plane.kubeconfig();
     let args: Vec<String> = [
