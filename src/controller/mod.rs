@@ -16,7 +16,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::reflector;
+use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::utils::Predicate;
 use kube::runtime::watcher::{self, watcher};
 use kube::runtime::{WatchStreamExt, predicates};
@@ -210,6 +210,7 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
         .backoff(WatchBackoff::default())
         .touched_objects();
     let mapper_ctx = ctx.clone();
+    let present = reader.clone();
 
     Controller::for_stream(connection_changes, reader)
         .watches_stream(secret_changes, move |secret| mapper_ctx.memory.connections_affected_by(&secret))
@@ -218,13 +219,21 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
         // up to half a minute and more after an API server restart.
         .trigger_backoff(WatchBackoff::default())
         .graceful_shutdown_on(shutdown)
-        .run(reconcile_logged, error_policy, ctx)
+        .run(
+            move |connection, ctx| reconcile_logged(connection, ctx, present.clone()),
+            error_policy,
+            ctx,
+        )
         .for_each(|_| std::future::ready(()))
         .await;
 }
 
 #[tracing::instrument(skip_all, fields(connection = %format!("{}/{}", connection.namespace().unwrap_or_default(), connection.name_any())))]
-async fn reconcile_logged(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn reconcile_logged(
+    connection: Arc<TasklistConnection>,
+    ctx: Arc<Context>,
+    present: reflector::Store<TasklistConnection>,
+) -> Result<Action, Error> {
     let per_host = reconciles_per_host(ctx.concurrency);
     let Some(_entered) = ctx.host_slots.try_enter(request_hosts(&connection), per_host) else {
         debug!("deferred: a host of this connection already has {per_host} reconciles in flight");
@@ -233,10 +242,16 @@ async fn reconcile_logged(connection: Arc<TasklistConnection>, ctx: Arc<Context>
     let started = std::time::Instant::now();
     let metrics = ctx.metrics.clone();
     let deadline = reconcile_deadline(ctx.http_settings.timeout);
-    let result = match tokio::time::timeout(deadline, reconcile::reconcile(connection, ctx)).await {
+    let reference = ObjectRef::from_obj(connection.as_ref());
+    let result = match tokio::time::timeout(deadline, reconcile::reconcile(connection.clone(), ctx.clone())).await {
         Ok(result) => result,
         Err(_) => Err(Error::DeadlineExceeded(deadline)),
     };
+    // Deleted while this reconcile ran: the Delete event (or the relist) forgot the
+    // connection before this reconcile wrote its memory and metric series again.
+    if present.get(&reference).is_none() {
+        ctx.forget(&connection);
+    }
     metrics.reconciles.inc();
     metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
     // Only reconciles that failed and are retried count as errors; a connection that is
