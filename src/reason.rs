@@ -21,6 +21,8 @@ pub enum Reason {
     InvalidSpec,
     /// The administrator's policy does not allow this connection's hosts or settings.
     NotAllowed,
+    /// A credential was obtained, but the API server refused writing it to the derived Secret.
+    SecretWriteFailed,
     // Reachable
     ProbeSucceeded,
     ProbeDisabled,
@@ -46,6 +48,7 @@ impl Reason {
             Reason::InvalidCABundle => "InvalidCABundle",
             Reason::InvalidSpec => "InvalidSpec",
             Reason::NotAllowed => "NotAllowed",
+            Reason::SecretWriteFailed => "SecretWriteFailed",
             Reason::ProbeSucceeded => "ProbeSucceeded",
             Reason::ProbeDisabled => "ProbeDisabled",
             Reason::ProbeUnauthorized => "ProbeUnauthorized",
