@@ -196,8 +196,9 @@ pub fn failure_from_status(record: StatusRecord<'_>, now: Timestamp) -> Option<(
     ]
     .into_iter()
     .find(|kind| Reason::of_auth_failure(*kind).as_str() == reason)?;
-    let retry_at = record.next_refresh.filter(|at| *at > now)?;
-    record.current_generation.then_some((kind, retry_at))
+    // Status keeps whole seconds, cut off: the retry was due within the second after.
+    let retry_at = add(record.next_refresh?, Duration::from_secs(1));
+    (record.current_generation && retry_at > now).then_some((kind, retry_at))
 }
 
 /// The last time a 401 from the probe made the operator obtain a new credential.
@@ -554,7 +555,8 @@ mod tests {
     fn a_restart_keeps_the_30s_pause_after_a_rejection() {
         assert_eq!(
             failure_from_status(record("CredentialsRejected", Some(130), true), at(100)),
-            Some((AuthFailureKind::Rejected, at(130)))
+            // Status keeps whole seconds, cut off: the end of that second.
+            Some((AuthFailureKind::Rejected, at(131)))
         );
     }
 
@@ -562,17 +564,17 @@ mod tests {
     fn a_restart_keeps_the_backoff_in_progress() {
         assert_eq!(
             failure_from_status(record("AuthServerError", Some(164), true), at(100)),
-            Some((AuthFailureKind::ServerError, at(164)))
+            Some((AuthFailureKind::ServerError, at(165)))
         );
         assert_eq!(
             failure_from_status(record("TokenExpiredOnArrival", Some(101), true), at(100)),
-            Some((AuthFailureKind::ExpiredOnArrival, at(101)))
+            Some((AuthFailureKind::ExpiredOnArrival, at(102)))
         );
     }
 
     #[test]
     fn a_restart_after_the_retry_time_or_a_spec_change_tries_at_once() {
-        assert_eq!(failure_from_status(record("CredentialsRejected", Some(100), true), at(100)), None);
+        assert_eq!(failure_from_status(record("CredentialsRejected", Some(99), true), at(100)), None);
         assert_eq!(failure_from_status(record("CredentialsRejected", None, true), at(100)), None);
         assert_eq!(failure_from_status(record("CredentialsRejected", Some(130), false), at(100)), None);
     }

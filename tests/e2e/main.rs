@@ -14,6 +14,7 @@ mod policy;
 mod refresh;
 mod reliability;
 mod scenario;
+mod writes;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -32,6 +33,7 @@ fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     all.extend(refresh::scenarios());
     all.extend(policy::scenarios());
     all.extend(isolation::scenarios());
+    all.extend(writes::scenarios());
     all
 }
 
