@@ -30,6 +30,8 @@ pub enum ConnectionEvent {
     InsecureSkipVerify,
     /// `refreshBefore` (or `sessionTimeout`) cannot be honoured for this credential.
     RefreshBeforeTooLong { message: String },
+    /// The API server refused writing the derived Secret (once per episode).
+    SecretWriteFailed { message: String },
 }
 
 impl ConnectionEvent {
@@ -72,6 +74,7 @@ impl ConnectionEvent {
             ConnectionEvent::RefreshBeforeTooLong { message } => {
                 (EventType::Warning, "RefreshBeforeTooLong", "ObtainCredential", message.clone())
             }
+            ConnectionEvent::SecretWriteFailed { message } => (EventType::Warning, "SecretWriteFailed", "WriteSecret", message.clone()),
         };
         // Notes are capped at 1 kB by the API server.
         let note: String = note.chars().take(1000).collect();
@@ -96,6 +99,11 @@ pub fn transitions(previous: Option<&TasklistConnectionStatus>, observed: &Obser
     let mut events = Vec::new();
     for (type_, now) in [(AUTHENTICATED, &observed.authenticated), (REACHABLE, &observed.reachable)] {
         if now.status != Some(false) || was(type_) == Some(("False", now.reason.as_str())) {
+            continue;
+        }
+        // Its own Event, once per episode, is published where the write failed: status may
+        // not be writable either, and this one would repeat with every try.
+        if now.reason == Reason::SecretWriteFailed {
             continue;
         }
         let (reason, message) = (now.reason, now.message.clone());

@@ -34,6 +34,8 @@ pub enum Reason {
     InvalidCredentials,
     /// The administrator's policy does not allow this connection's hosts or settings.
     NotAllowed,
+    /// A credential was obtained, but the API server refused writing it to the derived Secret.
+    SecretWriteFailed,
     // Reachable
     ProbeSucceeded,
     ProbeDisabled,
@@ -65,6 +67,7 @@ impl Reason {
             Reason::InvalidClientKey => "InvalidClientKey",
             Reason::InvalidCredentials => "InvalidCredentials",
             Reason::NotAllowed => "NotAllowed",
+            Reason::SecretWriteFailed => "SecretWriteFailed",
             Reason::ProbeSucceeded => "ProbeSucceeded",
             Reason::ProbeDisabled => "ProbeDisabled",
             Reason::ProbeUnauthorized => "ProbeUnauthorized",

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 
-use crate::camunda::AuthFailureKind;
+use crate::camunda::{AuthFailure, AuthFailureKind, FailureDetail};
 use crate::credential::add;
+use crate::reason::Reason;
 use crate::schedule::{MIN_SESSION_TIMEOUT, RefreshPolicy, refresh_before_honoured, retry_delay};
 
 /// Wake up at least this often, whatever is scheduled, so that nothing missed stays missed.
@@ -110,6 +111,101 @@ pub fn next_retry(now: Timestamp, consecutive: u32, kind: AuthFailureKind, jitte
         (AuthFailureKind::ServerError, Some(last_moment)) if last_moment > now => retry_at.min(last_moment),
         _ => retry_at,
     }
+}
+
+/// A credential obtained but not written to the derived Secret (the API server refused the
+/// write), as far as deciding goes. It lives in memory only.
+#[derive(Debug, Clone, Copy)]
+pub struct PendingWrite<'a> {
+    /// The fingerprint of the inputs it was made from.
+    pub inputs: &'a str,
+    /// The kept credential's own refresh time; `None` once it was dropped.
+    pub refresh_at: Option<Timestamp>,
+    /// When to try the write again.
+    pub retry_at: Timestamp,
+}
+
+/// What to do about a credential whose write failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteRetryDecision {
+    /// The write's retry is not due: leave everything as it is until then.
+    Wait { retry_at: Timestamp },
+    /// Write the kept credential again; obtain nothing.
+    WriteKept,
+    /// Drop the kept credential and decide as usual (which may obtain a new one).
+    DecideAsUsual,
+}
+
+/// After a failed write of the derived Secret, retry only the write:
+/// - inputs that changed are acted on at once (the kept credential was made from the old ones);
+/// - otherwise nothing happens before the write's retry is due, whatever woke the connection;
+/// - then the kept credential is written again while its own refresh time has not come;
+/// - only once that time has come may a new credential be obtained.
+pub fn write_retry_decision(pending: PendingWrite<'_>, inputs: &str, now: Timestamp) -> WriteRetryDecision {
+    if pending.inputs != inputs {
+        return WriteRetryDecision::DecideAsUsual;
+    }
+    if now < pending.retry_at {
+        return WriteRetryDecision::Wait {
+            retry_at: pending.retry_at,
+        };
+    }
+    match pending.refresh_at {
+        Some(refresh_at) if now < refresh_at => WriteRetryDecision::WriteKept,
+        _ => WriteRetryDecision::DecideAsUsual,
+    }
+}
+
+/// When to try a failed Secret write again after the `consecutive`-th failure in a row:
+/// the backoff of a server error (1 s doubling to 5 min, ±25 % jitter).
+pub fn next_write_retry(now: Timestamp, consecutive: u32, jitter: f64) -> Timestamp {
+    add(now, retry_delay(consecutive, AuthFailureKind::ServerError, jitter))
+}
+
+/// Whether to publish the `SecretWriteFailed` Warning Event: once per episode (from the
+/// first failed write to the next successful one), so not when this process announced it
+/// already, nor when status says so already (an episode that began before a restart).
+pub fn announce_write_failure(previous_authenticated_reason: Option<&str>, announced: bool) -> bool {
+    !announced && previous_authenticated_reason != Some(Reason::SecretWriteFailed.as_str())
+}
+
+/// What status says about the Authenticated condition and the next try, as far as deciding
+/// goes after a restart.
+#[derive(Debug, Clone, Copy)]
+pub struct StatusRecord<'a> {
+    /// The Authenticated condition's status ("True", "False", "Unknown") and reason.
+    pub authenticated: Option<(&'a str, &'a str)>,
+    /// `status.nextRefreshTime`.
+    pub next_refresh: Option<Timestamp>,
+    /// Whether status was written for the current generation of the spec.
+    pub current_generation: bool,
+}
+
+/// On first sight of a connection (after a restart): the failure to obtain a credential
+/// that status records, and when its retry is due, so that a restart honours the 30 s
+/// pause after a rejection and any backoff in progress. Only when status was written for
+/// the current spec and its retry is still ahead; a spec change is acted on at once.
+pub fn failure_from_status(record: StatusRecord<'_>, now: Timestamp) -> Option<(AuthFailure, Timestamp)> {
+    let ("False", reason) = record.authenticated? else {
+        return None;
+    };
+    let failure = [
+        (AuthFailureKind::Rejected, None),
+        (AuthFailureKind::ServerError, None),
+        (AuthFailureKind::ExpiredOnArrival, None),
+        (AuthFailureKind::ServerError, Some(FailureDetail::DiscoveryFailed)),
+        (AuthFailureKind::Rejected, Some(FailureDetail::ClientAssertionRejected)),
+    ]
+    .into_iter()
+    .map(|(kind, detail)| AuthFailure {
+        kind,
+        message: String::new(),
+        detail,
+    })
+    .find(|failure| Reason::of_auth_failure(failure).as_str() == reason)?;
+    // Status keeps whole seconds, cut off: the retry was due within the second after.
+    let retry_at = add(record.next_refresh?, Duration::from_secs(1));
+    (record.current_generation && retry_at > now).then_some((failure, retry_at))
 }
 
 /// The last time a 401 from the probe made the operator obtain a new credential.
@@ -334,6 +430,199 @@ mod tests {
     fn a_token_expired_on_arrival_backs_off() {
         assert_eq!(next_retry(at(0), 1, AuthFailureKind::ExpiredOnArrival, 0.5, None), at(1));
         assert_eq!(next_retry(at(0), 6, AuthFailureKind::ExpiredOnArrival, 0.5, None), at(32));
+    }
+
+    // --- a failed Secret write ---------------------------------------------------------
+
+    fn pending_write(refresh_at: Option<i64>, retry_at: i64) -> PendingWrite<'static> {
+        PendingWrite {
+            inputs: "fp",
+            refresh_at: refresh_at.map(at),
+            retry_at: at(retry_at),
+        }
+    }
+
+    #[test]
+    fn a_failed_write_is_retried_with_the_kept_credential_not_a_new_one() {
+        assert_eq!(
+            write_retry_decision(pending_write(Some(100), 20), "fp", at(20)),
+            WriteRetryDecision::WriteKept
+        );
+    }
+
+    #[test]
+    fn a_failed_write_is_not_retried_before_its_backoff_whatever_woke_the_connection() {
+        assert_eq!(
+            write_retry_decision(pending_write(Some(100), 20), "fp", at(19)),
+            WriteRetryDecision::Wait { retry_at: at(20) }
+        );
+        // Also when the kept credential's refresh time came meanwhile.
+        assert_eq!(
+            write_retry_decision(pending_write(Some(10), 20), "fp", at(19)),
+            WriteRetryDecision::Wait { retry_at: at(20) }
+        );
+    }
+
+    #[test]
+    fn a_new_credential_only_once_the_kept_ones_refresh_time_has_come() {
+        assert_eq!(
+            write_retry_decision(pending_write(Some(100), 20), "fp", at(99)),
+            WriteRetryDecision::WriteKept
+        );
+        assert_eq!(
+            write_retry_decision(pending_write(Some(100), 20), "fp", at(100)),
+            WriteRetryDecision::DecideAsUsual
+        );
+        assert_eq!(
+            write_retry_decision(pending_write(None, 20), "fp", at(20)),
+            WriteRetryDecision::DecideAsUsual
+        );
+    }
+
+    #[test]
+    fn changed_inputs_are_acted_on_at_once_despite_a_failed_write() {
+        assert_eq!(
+            write_retry_decision(pending_write(Some(100), 20), "new", at(5)),
+            WriteRetryDecision::DecideAsUsual
+        );
+    }
+
+    #[test]
+    fn failed_writes_back_off_from_1s_to_5min() {
+        assert_eq!(next_write_retry(at(0), 1, 0.5), at(1));
+        assert_eq!(next_write_retry(at(0), 4, 0.5), at(8));
+        assert_eq!(next_write_retry(at(0), 30, 0.5), at(300));
+        // Jitter spreads by ±25 %.
+        assert_eq!(next_write_retry(at(0), 4, 0.0), at(6));
+        assert_eq!(next_write_retry(at(0), 4, 1.0), at(10));
+    }
+
+    #[test]
+    fn a_write_failure_is_announced_once_per_episode() {
+        assert!(announce_write_failure(Some("CredentialIssued"), false));
+        assert!(announce_write_failure(None, false));
+        assert!(!announce_write_failure(None, true));
+        // Status says so already: the episode began before a restart.
+        assert!(!announce_write_failure(Some("SecretWriteFailed"), false));
+    }
+
+    /// Simulates a connection whose every write fails for `window` seconds: each retry is
+    /// due at its backoff, and a new credential is obtained only at the kept one's refresh
+    /// time. Returns (credentials obtained, writes tried).
+    fn under_a_failing_write(lifetime: i64, window: i64) -> (usize, usize) {
+        let (mut obtained, mut writes) = (1, 1);
+        let mut issued = at(0);
+        let mut pending = PendingWrite {
+            inputs: "fp",
+            refresh_at: Some(at(lifetime / 2)),
+            retry_at: next_write_retry(at(0), 1, rand::random()),
+        };
+        let mut consecutive = 1;
+        let mut now = at(0);
+        while now < at(window) {
+            now = add(now, Duration::from_millis(100));
+            match write_retry_decision(pending, "fp", now) {
+                WriteRetryDecision::Wait { .. } => continue,
+                WriteRetryDecision::WriteKept => {}
+                WriteRetryDecision::DecideAsUsual => {
+                    obtained += 1;
+                    issued = now;
+                }
+            }
+            writes += 1;
+            consecutive += 1;
+            pending.refresh_at = Some(add(issued, Duration::from_secs(lifetime as u64 / 2)));
+            pending.retry_at = next_write_retry(now, consecutive, rand::random());
+        }
+        (obtained, writes)
+    }
+
+    #[test]
+    fn a_denied_write_costs_one_credential_per_refresh_and_a_bounded_number_of_writes() {
+        // The loop of issue 10: 12 tokens in 60 s, each issued and discarded. Now: one.
+        let (obtained, writes) = under_a_failing_write(300, 60);
+        assert_eq!(obtained, 1);
+        assert!(writes <= 8, "{writes} writes in 60 s");
+        // Over an hour of 300 s tokens: a new one only at each kept one's refresh time.
+        let (obtained, _) = under_a_failing_write(300, 3_600);
+        assert!(obtained <= 3_600 / 150 + 1, "{obtained} credentials in an hour");
+    }
+
+    // --- after a restart ------------------------------------------------------------------
+
+    fn record(reason: &'static str, next: Option<i64>, current: bool) -> StatusRecord<'static> {
+        StatusRecord {
+            authenticated: Some(("False", reason)),
+            next_refresh: next.map(at),
+            current_generation: current,
+        }
+    }
+
+    fn restored(kind: AuthFailureKind, detail: Option<FailureDetail>) -> AuthFailure {
+        AuthFailure {
+            kind,
+            message: String::new(),
+            detail,
+        }
+    }
+
+    #[test]
+    fn a_restart_keeps_the_pause_after_a_discovery_or_assertion_failure() {
+        assert_eq!(
+            failure_from_status(record("ClientAssertionRejected", Some(130), true), at(100)),
+            Some((
+                restored(AuthFailureKind::Rejected, Some(FailureDetail::ClientAssertionRejected)),
+                at(131)
+            ))
+        );
+        assert_eq!(
+            failure_from_status(record("DiscoveryFailed", Some(130), true), at(100)),
+            Some((
+                restored(AuthFailureKind::ServerError, Some(FailureDetail::DiscoveryFailed)),
+                at(131)
+            ))
+        );
+    }
+
+    #[test]
+    fn a_restart_keeps_the_30s_pause_after_a_rejection() {
+        assert_eq!(
+            failure_from_status(record("CredentialsRejected", Some(130), true), at(100)),
+            // Status keeps whole seconds, cut off: the end of that second.
+            Some((restored(AuthFailureKind::Rejected, None), at(131)))
+        );
+    }
+
+    #[test]
+    fn a_restart_keeps_the_backoff_in_progress() {
+        assert_eq!(
+            failure_from_status(record("AuthServerError", Some(164), true), at(100)),
+            Some((restored(AuthFailureKind::ServerError, None), at(165)))
+        );
+        assert_eq!(
+            failure_from_status(record("TokenExpiredOnArrival", Some(101), true), at(100)),
+            Some((restored(AuthFailureKind::ExpiredOnArrival, None), at(102)))
+        );
+    }
+
+    #[test]
+    fn a_restart_after_the_retry_time_or_a_spec_change_tries_at_once() {
+        assert_eq!(failure_from_status(record("CredentialsRejected", Some(99), true), at(100)), None);
+        assert_eq!(failure_from_status(record("CredentialsRejected", None, true), at(100)), None);
+        assert_eq!(failure_from_status(record("CredentialsRejected", Some(130), false), at(100)), None);
+    }
+
+    #[test]
+    fn a_restart_restores_only_failures_to_obtain_a_credential() {
+        for reason in ["SecretNotFound", "SecretWriteFailed", "NotAllowed", "CredentialIssued"] {
+            assert_eq!(failure_from_status(record(reason, Some(130), true), at(100)), None, "{reason}");
+        }
+        let healthy = StatusRecord {
+            authenticated: Some(("True", "CredentialIssued")),
+            next_refresh: Some(at(130)),
+            current_generation: true,
+        };
+        assert_eq!(failure_from_status(healthy, at(100)), None);
     }
 
     // --- 401 ------------------------------------------------------------------------------

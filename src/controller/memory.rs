@@ -14,7 +14,7 @@ use kube::runtime::reflector::ObjectRef;
 use super::decide::UnauthorizedReobtain;
 use crate::camunda::AuthFailure;
 use crate::crd::TasklistConnection;
-use crate::derived_secret::DATA_HASH;
+use crate::derived_secret::{DATA_HASH, StoredCredential};
 use crate::status::ConditionState;
 
 /// Namespace and name of a connection.
@@ -27,6 +27,23 @@ pub struct FailureRecord {
     pub failure: AuthFailure,
     pub consecutive: u32,
     pub retry_at: Timestamp,
+}
+
+/// A write of the derived Secret that the API server refused, and the credential it
+/// carried, kept (in memory only) so that only the write is retried.
+#[derive(Debug, Clone)]
+pub struct WriteFailureRecord {
+    /// The fingerprint of the inputs the kept credential was made from.
+    pub fingerprint: String,
+    /// The credential the failed write carried; `None` once dropped (its refresh time came
+    /// or the inputs changed) while the episode goes on.
+    pub credential: Option<StoredCredential>,
+    pub consecutive: u32,
+    pub retry_at: Timestamp,
+    /// The API server's answer, with every credential value cut out.
+    pub message: String,
+    /// Whether this episode's `SecretWriteFailed` Warning Event was published.
+    pub announced: bool,
 }
 
 /// The last probe and what it found.
@@ -46,6 +63,11 @@ pub struct ConnectionMemory {
     pub unauthorized_reobtain: Option<UnauthorizedReobtain>,
     /// Whether the `RefreshBeforeTooLong` Event was published for the current warning.
     pub refresh_warning_announced: bool,
+    /// A failed write of the derived Secret, retried with backoff.
+    pub write_failure: Option<WriteFailureRecord>,
+    /// Whether this process reconciled the connection before (false: first sight after a
+    /// start, when status tells what the previous process knew).
+    pub seen: bool,
 }
 
 #[derive(Default)]

@@ -13,11 +13,14 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
-use super::decide::{self, CredentialDecision, DerivedSecretState, Kept, LONGEST_SLEEP, LastProbe, PendingRetry, UnauthorizedReobtain};
-use super::memory::{ConnectionKey, FailureRecord, ProbeRecord};
+use super::decide::{
+    self, CredentialDecision, DerivedSecretState, Kept, LONGEST_SLEEP, LastProbe, PendingRetry, PendingWrite, StatusRecord,
+    UnauthorizedReobtain, WriteRetryDecision,
+};
+use super::memory::{ConnectionKey, FailureRecord, ProbeRecord, WriteFailureRecord};
 use super::{Context, Error, FIELD_MANAGER};
 use crate::camunda::probe::{Probe, ProbeOutcome};
-use crate::camunda::{AuthFailure, HttpClient};
+use crate::camunda::{AuthFailure, HttpClient, redact};
 use crate::crd::{TasklistConnection, TasklistConnectionStatus};
 use crate::credential::{NEVER, add};
 use crate::derived_secret::{DATA_HASH, StoredCredential, Unusable, is_owned_by, update_patch};
@@ -101,6 +104,9 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
         }
     };
 
+    // After a restart, status tells what the previous process knew of a failure.
+    this.restore_failure_from_status(&inputs, now);
+
     // 3. Keep the stored credential while it is good, obtain a new one when it is due.
     let mut fresh = this.ensure_fresh_credential(&inputs, &http, stored, false, restoring).await?;
 
@@ -146,7 +152,12 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
         .as_ref()
         .filter(|f| f.fingerprint == inputs.fingerprint)
         .map(|f| f.retry_at);
-    let next_refresh = pending_retry.or(fresh.credential.as_ref().map(|c| c.refresh_at));
+    let write_retry = memory
+        .write_failure
+        .as_ref()
+        .filter(|f| f.fingerprint == inputs.fingerprint)
+        .map(|f| f.retry_at);
+    let next_refresh = write_retry.or(pending_retry).or(fresh.credential.as_ref().map(|c| c.refresh_at));
     let mut authenticated = fresh.authenticated;
     let warning = this.refresh_warning(fresh.credential.as_ref(), &inputs);
     if authenticated.status == Some(true)
@@ -224,6 +235,39 @@ impl<'a> Reconciling<'a> {
         restoring: bool,
     ) -> Result<FreshCredential, Error> {
         let now = Timestamp::now();
+        if let Some(record) = self.ctx.memory.get(&self.key).write_failure {
+            let pending = PendingWrite {
+                inputs: &record.fingerprint,
+                refresh_at: record.credential.as_ref().map(|kept| kept.refresh_at),
+                retry_at: record.retry_at,
+            };
+            match decide::write_retry_decision(pending, &inputs.fingerprint, now) {
+                WriteRetryDecision::Wait { retry_at } => {
+                    debug!(%retry_at, "waiting before writing the derived Secret again");
+                    return Ok(FreshCredential {
+                        credential: stored,
+                        authenticated: ConditionState::failing(Reason::SecretWriteFailed, record.message),
+                        newly_issued: false,
+                    });
+                }
+                WriteRetryDecision::WriteKept => {
+                    if let Some(kept) = record.credential {
+                        info!(
+                            consecutive = record.consecutive,
+                            "writing the kept credential to the derived Secret again"
+                        );
+                        return self.store(inputs, kept, stored, restoring).await;
+                    }
+                }
+                // The episode goes on (its count and Event) until a write succeeds, or
+                // nothing needs writing any more; the kept credential is dropped.
+                WriteRetryDecision::DecideAsUsual => self.ctx.memory.update(&self.key, |memory| {
+                    if let Some(record) = memory.write_failure.as_mut() {
+                        record.credential = None;
+                    }
+                }),
+            }
+        }
         let previous_failure = self
             .ctx
             .memory
@@ -240,6 +284,7 @@ impl<'a> Reconciling<'a> {
         });
         match decide::credential_decision(kept, pending, &inputs.fingerprint, replace_now, now) {
             CredentialDecision::Keep => {
+                self.ctx.memory.update(&self.key, |memory| memory.write_failure = None);
                 let authenticated = stored.as_ref().map_or_else(
                     || ConditionState::unknown(Reason::NoCredential, "no credential"),
                     |current| ConditionState::ok(Reason::CredentialIssued, issued_message(current, inputs)),
@@ -252,6 +297,7 @@ impl<'a> Reconciling<'a> {
             }
             CredentialDecision::WaitForRetry { retry_at } => {
                 debug!(%retry_at, "waiting before trying again");
+                self.ctx.memory.update(&self.key, |memory| memory.write_failure = None);
                 let authenticated = previous_failure.as_ref().map_or_else(
                     || ConditionState::unknown(Reason::NoCredential, "waiting to try again"),
                     |failure| failed_condition(&failure.failure),
@@ -280,34 +326,7 @@ impl<'a> Reconciling<'a> {
         let result = obtain_credential_with(inputs, http, &ctx.refresh_policy).await;
         self.record_credential_request(inputs, &result, started.elapsed());
         match result {
-            Ok(credential) => {
-                self.write_credential(&credential).await?;
-                ctx.memory.update(key, |memory| memory.failure = None);
-                info!(expires_at = %credential.expires_at, refresh_at = %credential.refresh_at, "stored a new credential");
-                let event = match (&stored, restoring) {
-                    (_, true) => ConnectionEvent::SecretRestored,
-                    (Some(_), false) => ConnectionEvent::CredentialRefreshed,
-                    (None, false) => ConnectionEvent::CredentialIssued,
-                };
-                if stored.is_some() {
-                    ctx.metrics
-                        .credential_refreshes
-                        .get_or_create(&MethodLabels {
-                            method: self.method().into(),
-                        })
-                        .inc();
-                }
-                ctx.events.publish(self.connection, event).await;
-                if inputs.trust.insecure_skip_verify {
-                    ctx.events.publish(self.connection, ConnectionEvent::InsecureSkipVerify).await;
-                }
-                let authenticated = ConditionState::ok(Reason::CredentialIssued, issued_message(&credential, inputs));
-                Ok(FreshCredential {
-                    credential: Some(credential),
-                    authenticated,
-                    newly_issued: true,
-                })
-            }
+            Ok(credential) => self.store(inputs, credential, stored, restoring).await,
             Err(failure) => {
                 let now = Timestamp::now();
                 let consecutive = previous_failure.map_or(1, |previous| previous.consecutive.saturating_add(1));
@@ -317,6 +336,7 @@ impl<'a> Reconciling<'a> {
                 warn!(consecutive, retry_in = %human_signed_duration(delay), "could not obtain a credential: {}", failure.message);
                 let authenticated = failed_condition(&failure);
                 ctx.memory.update(key, |memory| {
+                    memory.write_failure = None;
                     memory.failure = Some(FailureRecord {
                         fingerprint: inputs.fingerprint.clone(),
                         failure,
@@ -331,6 +351,139 @@ impl<'a> Reconciling<'a> {
                 })
             }
         }
+    }
+
+    /// Writes a credential just obtained (or kept from a failed write) to the derived Secret.
+    /// A write the API server refuses is a state, not an error: the credential is kept in
+    /// memory and only the write is retried, with backoff.
+    async fn store(
+        &self,
+        inputs: &Inputs,
+        credential: StoredCredential,
+        stored: Option<StoredCredential>,
+        restoring: bool,
+    ) -> Result<FreshCredential, Error> {
+        let (ctx, key) = (self.ctx, &self.key);
+        match self.write_credential(&credential).await {
+            Ok(()) => {}
+            Err(Error::Kube(error)) => return Ok(self.record_write_failure(inputs, credential, stored, &error).await),
+            Err(other) => return Err(other),
+        }
+        let previous_write_failure = ctx.memory.get(key).write_failure;
+        ctx.memory.update(key, |memory| {
+            memory.failure = None;
+            memory.write_failure = None;
+        });
+        if let Some(previous) = previous_write_failure {
+            info!(
+                failed_writes = previous.consecutive,
+                "the derived Secret was written after failed writes"
+            );
+        }
+        info!(expires_at = %credential.expires_at, refresh_at = %credential.refresh_at, "stored a new credential");
+        let event = match (&stored, restoring) {
+            (_, true) => ConnectionEvent::SecretRestored,
+            (Some(_), false) => ConnectionEvent::CredentialRefreshed,
+            (None, false) => ConnectionEvent::CredentialIssued,
+        };
+        if stored.is_some() {
+            ctx.metrics
+                .credential_refreshes
+                .get_or_create(&MethodLabels {
+                    method: self.method().into(),
+                })
+                .inc();
+        }
+        ctx.events.publish(self.connection, event).await;
+        if inputs.trust.insecure_skip_verify {
+            ctx.events.publish(self.connection, ConnectionEvent::InsecureSkipVerify).await;
+        }
+        let authenticated = ConditionState::ok(Reason::CredentialIssued, issued_message(&credential, inputs));
+        Ok(FreshCredential {
+            credential: Some(credential),
+            authenticated,
+            newly_issued: true,
+        })
+    }
+
+    /// Keeps `credential` for the next try of the write, says why in the Authenticated
+    /// condition, and publishes one Warning Event per episode.
+    async fn record_write_failure(
+        &self,
+        inputs: &Inputs,
+        credential: StoredCredential,
+        stored: Option<StoredCredential>,
+        error: &kube::Error,
+    ) -> FreshCredential {
+        let (ctx, key, connection) = (self.ctx, &self.key, self.connection);
+        let now = Timestamp::now();
+        let message = write_failure_message(&connection.secret_name(), error, &credential, &connection.spec.url);
+        let previous = ctx.memory.get(key).write_failure;
+        let consecutive = previous.as_ref().map_or(1, |p| p.consecutive.saturating_add(1));
+        let retry_at = decide::next_write_retry(now, consecutive, rand::random());
+        warn!(consecutive, retry_in = ?retry_at.duration_since(now), "{message}");
+        let previous_reason = connection
+            .status
+            .as_ref()
+            .and_then(|status| status.conditions.iter().find(|c| c.type_ == AUTHENTICATED))
+            .map(|c| c.reason.as_str());
+        let mut announced = previous.as_ref().is_some_and(|p| p.announced);
+        if decide::announce_write_failure(previous_reason, announced) {
+            ctx.events
+                .publish(connection, ConnectionEvent::SecretWriteFailed { message: message.clone() })
+                .await;
+        }
+        announced = true;
+        ctx.memory.update(key, |memory| {
+            // Obtaining worked: no backoff for the token endpoint or the login.
+            memory.failure = None;
+            memory.write_failure = Some(WriteFailureRecord {
+                fingerprint: inputs.fingerprint.clone(),
+                credential: Some(credential),
+                consecutive,
+                retry_at,
+                message: message.clone(),
+                announced,
+            });
+        });
+        FreshCredential {
+            credential: stored,
+            authenticated: ConditionState::failing(Reason::SecretWriteFailed, message),
+            newly_issued: false,
+        }
+    }
+
+    /// On first sight of a connection after a start: remembers the failure to obtain a
+    /// credential that status records, with its retry time (`nextRefreshTime`), so that a
+    /// restart neither shortens the 30 s pause after a rejection nor a backoff in progress.
+    fn restore_failure_from_status(&self, inputs: &Inputs, now: Timestamp) {
+        let (ctx, key, connection) = (self.ctx, &self.key, self.connection);
+        if ctx.memory.get(key).seen {
+            return;
+        }
+        ctx.memory.update(key, |memory| memory.seen = true);
+        let Some(status) = &connection.status else {
+            return;
+        };
+        let authenticated = status.conditions.iter().find(|c| c.type_ == AUTHENTICATED);
+        let record = StatusRecord {
+            authenticated: authenticated.map(|c| (c.status.as_str(), c.reason.as_str())),
+            next_refresh: status.next_refresh_time.as_deref().and_then(|time| time.parse().ok()),
+            current_generation: status.observed_generation.is_some() && status.observed_generation == connection.metadata.generation,
+        };
+        let Some((restored, retry_at)) = decide::failure_from_status(record, now) else {
+            return;
+        };
+        info!(%retry_at, "status says the last try failed: not trying again before its retry time");
+        let message = authenticated.map(|c| c.message.clone()).unwrap_or_default();
+        ctx.memory.update(key, |memory| {
+            memory.failure.get_or_insert(FailureRecord {
+                fingerprint: inputs.fingerprint.clone(),
+                failure: AuthFailure { message, ..restored },
+                consecutive: 1,
+                retry_at,
+            });
+        });
     }
 
     /// The warning for a `refreshBefore` or `sessionTimeout` this credential cannot honour.
@@ -613,6 +766,30 @@ impl<'a> Reconciling<'a> {
             }
         }
     }
+}
+
+/// The longest API server answer quoted in a condition message.
+const MAX_QUOTED_ANSWER: usize = 400;
+
+/// Why the derived Secret could not be written, in the API server's words, with every
+/// value of the credential cut out (an admission policy's message may quote the object)
+/// before the answer is shortened.
+fn write_failure_message(secret: &str, error: &kube::Error, credential: &StoredCredential, url: &str) -> String {
+    let answer = match error {
+        kube::Error::Api(response) => format!("{} ({} {})", response.message, response.code, response.reason),
+        other => other.to_string(),
+    };
+    let values: Vec<String> = credential
+        .secret_data(url)
+        .into_iter()
+        .filter(|(key, _)| key != "expiresAt" && key != "url")
+        .map(|(_, value)| value)
+        .collect();
+    let values: Vec<&str> = values.iter().map(String::as_str).collect();
+    let answer: String = redact(&answer, &values).chars().take(MAX_QUOTED_ANSWER).collect();
+    format!(
+        "could not write the derived Secret {secret:?}: {answer}; the new credential is kept and only the write is retried, with backoff"
+    )
 }
 
 fn failed_condition(failure: &AuthFailure) -> ConditionState {

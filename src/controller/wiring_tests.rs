@@ -318,3 +318,101 @@ async fn a_secret_created_meanwhile_is_not_overwritten() {
     };
     assert!(matches!(ended, Err(Error::SecretChangedMeanwhile(_))), "{ended:?}");
 }
+
+/// A 403 to the Secret's create, as an admission policy answers, quoting `quoted`.
+fn forbidden(reply: oneshot::Sender<Response<Body>>, quoted: &str) {
+    answer(
+        reply,
+        StatusCode::FORBIDDEN,
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403,
+                "message": format!("secrets \"orders-tasklist-auth\" is forbidden: ValidatingAdmissionPolicy 'p' with binding 'b' denied request: {quoted}")}),
+    );
+}
+
+#[tokio::test]
+async fn a_denied_write_keeps_the_credential_and_a_failing_status_patch_obtains_nothing() {
+    let mut h = harness().await;
+    // 1. The create is denied; the policy's message quotes the token, plain and as sent (base64).
+    let running = tokio::spawn(reconcile(Arc::new(connection(&h.standin, None)), h.ctx.clone()));
+    let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
+    not_found(reply);
+    let (_, reply, _) = h.api.expect(Method::GET, CLIENT).await;
+    answer(reply, StatusCode::OK, &client_secret());
+    let (secret, reply, _) = h.api.expect(Method::POST, SECRETS).await;
+    let sent = secret["data"]["token"].as_str().expect("a token").to_owned();
+    let token =
+        String::from_utf8(base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &sent).expect("base64")).expect("text");
+    forbidden(reply, &format!("no tokens here: {sent} {token}"));
+    let (event, reply, _) = h.api.expect(Method::POST, EVENTS).await;
+    assert_eq!(
+        (event["reason"].as_str(), event["type"].as_str()),
+        (Some("SecretWriteFailed"), Some("Warning"))
+    );
+    let note = event["note"].as_str().expect("a note").to_owned();
+    answer(reply, StatusCode::CREATED, &event);
+    // 2. The status patch fails too.
+    let (patch, reply, _) = h.api.expect(Method::PATCH, STATUS).await;
+    let authenticated = patch["status"]["conditions"][0].clone();
+    answer(
+        reply,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError", "code": 500}),
+    );
+    let ended = tokio::select! {
+        ended = running => ended.expect("the reconcile ends"),
+        Some((request, _)) = h.api.requests.recv() => panic!("unexpected request {} {}", request.method(), request.uri()),
+    };
+    assert!(matches!(ended, Err(Error::Kube(_))), "{ended:?}");
+    assert_eq!(authenticated["reason"], "SecretWriteFailed");
+    let message = authenticated["message"].as_str().expect("a message");
+    assert!(message.contains("denied request: no tokens here"), "{message}");
+    for text in [message, note.as_str()] {
+        assert!(!text.contains(&token) && !text.contains(&sent), "a token in {text:?}");
+        assert!(
+            !text.contains(&token[..10]) && !text.contains(&sent[..10]),
+            "a token prefix in {text:?}"
+        );
+    }
+
+    // 3. At once again (the status never written): no token, no write before the backoff,
+    //    no second Event; status is tried again.
+    let running = tokio::spawn(reconcile(Arc::new(connection(&h.standin, None)), h.ctx.clone()));
+    let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
+    not_found(reply);
+    let (_, reply, _) = h.api.expect(Method::GET, CLIENT).await;
+    answer(reply, StatusCode::OK, &client_secret());
+    let (patch, reply, _) = h.api.expect(Method::PATCH, STATUS).await;
+    assert_eq!(patch["status"]["conditions"][0]["reason"], "SecretWriteFailed");
+    let status: TasklistConnectionStatus = serde_json::from_value(patch["status"].clone()).expect("a status");
+    answer(
+        reply,
+        StatusCode::OK,
+        &serde_json::to_value(connection(&h.standin, Some(status.clone()))).expect("JSON"),
+    );
+    h.api.finish(running).await;
+    assert_eq!(h.standin.token_requests().len(), 1);
+
+    // 4. After the first backoff (at most 1.25 s): the same token is written; nothing obtained.
+    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+    let running = tokio::spawn(reconcile(Arc::new(connection(&h.standin, Some(status))), h.ctx.clone()));
+    let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
+    not_found(reply);
+    let (_, reply, _) = h.api.expect(Method::GET, CLIENT).await;
+    answer(reply, StatusCode::OK, &client_secret());
+    let (secret, reply, _) = h.api.expect(Method::POST, SECRETS).await;
+    assert_eq!(secret["data"]["token"].as_str(), Some(sent.as_str()), "not the kept token");
+    answer(reply, StatusCode::CREATED, &applied(secret, "41"));
+    let (event, reply, _) = h.api.expect(Method::POST, EVENTS).await;
+    assert_eq!(event["reason"], "CredentialIssued");
+    answer(reply, StatusCode::CREATED, &event);
+    let (patch, reply, _) = h.api.expect(Method::PATCH, STATUS).await;
+    assert_eq!(patch["status"]["conditions"][0]["reason"], "CredentialIssued");
+    let status = serde_json::from_value(patch["status"].clone()).expect("a status");
+    answer(
+        reply,
+        StatusCode::OK,
+        &serde_json::to_value(connection(&h.standin, Some(status))).expect("JSON"),
+    );
+    h.api.finish(running).await;
+    assert_eq!(h.standin.token_requests().len(), 1, "a new token instead of the kept one");
+}

@@ -15,6 +15,7 @@ mod policy;
 mod refresh;
 mod reliability;
 mod scenario;
+mod writes;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -34,6 +35,7 @@ fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     all.extend(policy::scenarios());
     all.extend(isolation::scenarios());
     all.extend(auth_methods::scenarios());
+    all.extend(writes::scenarios());
     all
 }
 
