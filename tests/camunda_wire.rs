@@ -119,6 +119,16 @@ fn assert_no_credential(message: &str, credentials: &[&str]) {
     }
 }
 
+/// A client timeout far above every bound below: a bound that only holds because the
+/// client gave up would then fail.
+const LONG_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a slow stand-in holds its answer: far beyond the short client timeouts and the
+/// bounds, so that a client that waited for it would fail them.
+const SERVER_DELAY: Duration = Duration::from_secs(30);
+/// The bound for anything that must not wait for [`SERVER_DELAY`] or [`LONG_TIMEOUT`]:
+/// ten times the short (1 s) client timeout, a third of the long one.
+const QUICK: Duration = Duration::from_secs(10);
+
 fn assert_quick(started: Instant, limit: Duration, what: &str) {
     let elapsed = started.elapsed();
     assert!(elapsed < limit, "{what} took {elapsed:?}, more than {limit:?}");
@@ -268,6 +278,7 @@ async fn token_request_is_a_form_body_by_default_without_scope() {
 #[tokio::test]
 async fn token_request_is_json_with_request_encoding_json_and_sends_the_scope() {
     let standin = standin().await;
+    standin.add_scope("tasklist:read");
     request_token(
         &http(),
         &endpoint(&standin.token_url(), RequestEncoding::Json, Some("tasklist:read")),
@@ -363,17 +374,22 @@ async fn refused_connection_to_the_token_endpoint_is_a_server_error() {
     let standin = standin().await;
     standin.set_refusing_connections(true).await.expect("refusing");
     let started = Instant::now();
-    let result = request_token(&http(), &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET).await;
+    let result = request_token(
+        &http_with_timeout(LONG_TIMEOUT),
+        &endpoint(&standin.token_url(), RequestEncoding::Form, None),
+        CLIENT_SECRET,
+    )
+    .await;
     let message = failure_of(result, AuthFailureKind::ServerError);
     assert!(message.contains("could not connect"), "{message}");
     assert_no_credential(&message, &[CLIENT_SECRET]);
-    assert_quick(started, Duration::from_secs(3), "a refused connection");
+    assert_quick(started, QUICK, "a refused connection");
 }
 
 #[tokio::test]
 async fn slow_token_endpoint_times_out_as_a_server_error() {
     let standin = standin().await;
-    standin.set_token_endpoint(EndpointMode::Slow(Duration::from_secs(4)));
+    standin.set_token_endpoint(EndpointMode::Slow(SERVER_DELAY));
     let started = Instant::now();
     let result = request_token(
         &http_with_timeout(Duration::from_secs(1)),
@@ -383,7 +399,7 @@ async fn slow_token_endpoint_times_out_as_a_server_error() {
     .await;
     let message = failure_of(result, AuthFailureKind::ServerError);
     assert!(message.contains("no answer within 1s"), "{message}");
-    assert_quick(started, Duration::from_secs(3), "a timed-out token request");
+    assert_quick(started, QUICK, "a timed-out token request");
 }
 
 #[tokio::test]
@@ -402,7 +418,7 @@ async fn a_body_that_trickles_in_times_out_as_a_server_error() {
     .await;
     let message = failure_of(result, AuthFailureKind::ServerError);
     assert!(message.contains("no answer within 1s"), "{message}");
-    assert_quick(started, Duration::from_secs(3), "a token answer that trickles in");
+    assert_quick(started, QUICK, "a token answer that trickles in");
 }
 
 #[tokio::test]
@@ -472,10 +488,15 @@ async fn huge_token_answer_is_refused_by_the_size_cap() {
     let standin = standin().await;
     standin.set_token_answer(TokenAnswer::Huge);
     let started = Instant::now();
-    let result = request_token(&http(), &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET).await;
+    let result = request_token(
+        &http_with_timeout(LONG_TIMEOUT),
+        &endpoint(&standin.token_url(), RequestEncoding::Form, None),
+        CLIENT_SECRET,
+    )
+    .await;
     let message = failure_of(result, AuthFailureKind::ServerError);
     assert!(message.contains("larger than"), "{message}");
-    assert_quick(started, Duration::from_secs(4), "a 10 MB token answer");
+    assert_quick(started, QUICK, "a 10 MB token answer");
 }
 
 /// Without a Content-Length the cap applies while reading: an endless body stops at the cap.
@@ -488,14 +509,14 @@ async fn endless_token_answer_stops_at_the_size_cap() {
     let base = serve(router).await;
     let started = Instant::now();
     let result = request_token(
-        &http(),
+        &http_with_timeout(LONG_TIMEOUT),
         &endpoint(&format!("{base}/oauth/token"), RequestEncoding::Form, None),
         CLIENT_SECRET,
     )
     .await;
     let message = failure_of(result, AuthFailureKind::ServerError);
     assert!(message.contains("larger than"), "{message}");
-    assert_quick(started, Duration::from_secs(4), "an endless token answer");
+    assert_quick(started, QUICK, "an endless token answer");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1003,7 +1024,7 @@ async fn probe_of_a_refused_connection_is_unreachable() {
 #[tokio::test]
 async fn probe_of_a_slow_tasklist_is_unreachable_after_the_timeout() {
     let standin = standin().await;
-    standin.set_api(EndpointMode::Slow(Duration::from_secs(4)));
+    standin.set_api(EndpointMode::Slow(SERVER_DELAY));
     let started = Instant::now();
     let outcome = default_probe(&standin.url())
         .run(
@@ -1015,7 +1036,7 @@ async fn probe_of_a_slow_tasklist_is_unreachable_after_the_timeout() {
         ProbeOutcome::Unreachable { cause } => assert!(cause.contains("no answer within 1s"), "{cause}"),
         other => panic!("expected Unreachable, got {other:?}"),
     }
-    assert_quick(started, Duration::from_secs(3), "a timed-out probe");
+    assert_quick(started, QUICK, "a timed-out probe");
 }
 
 #[tokio::test]
@@ -1027,13 +1048,11 @@ async fn probe_ignores_a_huge_body() {
     let base = serve(router).await;
     let started = Instant::now();
     let outcome = default_probe(&base)
-        .run(
-            &http_with_timeout(Duration::from_secs(2)),
-            ProbeCredential::Bearer(&Sensitive::new("tok")),
-        )
+        .run(&http_with_timeout(LONG_TIMEOUT), ProbeCredential::Bearer(&Sensitive::new("tok")))
         .await;
+    // Reading the endless body would end in the timeout (Unreachable), after 30 s.
     assert_eq!(outcome, ProbeOutcome::Succeeded);
-    assert_quick(started, Duration::from_secs(2), "a probe with an endless body");
+    assert_quick(started, QUICK, "a probe with an endless body");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1254,4 +1273,20 @@ async fn an_invalid_ca_bundle_is_a_clear_error() {
     };
     let error = HttpClient::new(&HttpSettings::default(), &trust).expect_err("a PEM block that is not a certificate");
     assert!(error.contains("certificate"), "{error}");
+}
+
+/// An unknown scope is refused with `invalid_scope` (Keycloak's answer): a rejection that
+/// names the cause, not a server error.
+#[tokio::test]
+async fn an_unknown_scope_is_rejected_with_invalid_scope() {
+    let standin = standin().await;
+    let result = request_token(
+        &http(),
+        &endpoint(&standin.token_url(), RequestEncoding::Form, Some("no-such-scope")),
+        CLIENT_SECRET,
+    )
+    .await;
+    let message = failure_of(result, AuthFailureKind::Rejected);
+    assert!(message.contains("invalid_scope"), "{message}");
+    assert_no_credential(&message, &[CLIENT_SECRET]);
 }

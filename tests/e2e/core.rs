@@ -242,6 +242,7 @@ async fn changes_get_a_new_credential_at_once(world: Arc<World>) -> anyhow::Resu
     );
 
     // The spec changes (a new audience the stand-in does not know is not needed: a scope).
+    s.standin.add_scope("tasklist");
     let mut spec = s.saas_spec();
     spec["auth"]["oauth2"]["scope"] = json!("tasklist");
     s.apply_connection("orders", spec).await?;
@@ -300,18 +301,25 @@ async fn tokens_are_replaced_before_they_expire(world: Arc<World>) -> anyhow::Re
     s.apply_connection("orders", s.saas_spec()).await?;
     s.wait_ready("orders").await?;
 
-    // Sample the Secret as a Pod would, for three lifetimes.
+    // Sample the Secret as a Pod would, for three lifetimes. Each stored token's planned
+    // refresh must leave at least 40 % of the lifetime (the jitter reflected above the
+    // half-lifetime floor takes up to 10 %), less 1 s for whole-second expiry, before it
+    // expires. The time actually left at a sample is only reported: on a loaded machine it
+    // measures the machine as much as the operator.
+    let lifetime = 12.0;
     let until = Instant::now() + Duration::from_secs(36);
     let mut tokens = std::collections::BTreeSet::new();
+    let mut least_left = f64::MAX;
     while Instant::now() < until {
-        let data = s.derived_secret(SECRET).await?.context("the derived Secret vanished")?;
-        let expires_at: Timestamp = data["expiresAt"].parse()?;
-        // Replaced no later than 4.8 s before expiry; 1.8 s of margin for sampling and load.
-        let left = expires_at.duration_since(Timestamp::now());
+        let secret = s.secrets().get(SECRET).await.context("the derived Secret vanished")?;
+        let (planned, expires_at) = crate::scenario::planned_refresh_and_expiry(&secret)?;
+        let data = crate::scenario::secret_text(&secret);
+        let margin = expires_at.duration_since(planned).as_secs_f64();
         ensure!(
-            left >= jiff::SignedDuration::from_secs(3),
-            "the Secret holds a token that expires in {left:#}: it was not replaced 5 s before expiry"
+            margin >= 0.4 * lifetime - 1.0,
+            "the token expiring at {expires_at} is planned to be replaced at {planned}, only {margin:.1}s before"
         );
+        least_left = least_left.min(expires_at.duration_since(Timestamp::now()).as_secs_f64());
         ensure!(
             s.standin.call_api_with_secret(&data).await? == 200,
             "Tasklist refused the stored token"
@@ -321,6 +329,10 @@ async fn tokens_are_replaced_before_they_expire(world: Arc<World>) -> anyhow::Re
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    eprintln!(
+        "expiry: {} tokens in 36 s; least lifetime left at a sample {least_left:.1}s (reported, not asserted)",
+        tokens.len()
+    );
     // A 12 s token is replaced at half its lifetime (the floor; the kubelet margin would ask
     // for earlier), plus up to 1.2 s of jitter reflected upward from the floor: every 6 to
     // 7.2 s (less the whole-second rounding of the issue time), so 36 s see 6 or 7 tokens.
@@ -615,9 +627,9 @@ async fn status_is_not_written_when_nothing_changed(world: Arc<World>) -> anyhow
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Every probe succeeds again and nothing changes: the API server sees no status write.
-    let (writes, probes) = (world.control_plane.status_writes(&s.namespace), s.standin.api_requests().len());
+    let (writes, probes) = (world.control_plane.status_writes(&s.namespace)?, s.standin.api_requests().len());
     tokio::time::sleep(Duration::from_secs(25)).await;
-    let writes = world.control_plane.status_writes(&s.namespace) - writes;
+    let writes = world.control_plane.status_writes(&s.namespace)? - writes;
     let probed = s.standin.api_requests().len() - probes;
     ensure!(
         probed >= 2,

@@ -505,6 +505,28 @@ pub fn condition(connection: &TasklistConnection, type_: &str) -> Option<(String
     find_condition(connection, type_).map(|c| (c.status.clone(), c.reason.clone()))
 }
 
+/// The refresh time the operator planned for the credential in a derived Secret (its
+/// `refresh-at` annotation), and the credential's `expiresAt`. Comparing the two says
+/// whether the credential is replaced before it expires without reading the wall clock,
+/// which a busy machine makes unreliable.
+pub fn planned_refresh_and_expiry(secret: &Secret) -> anyhow::Result<(jiff::Timestamp, jiff::Timestamp)> {
+    let name = secret.metadata.name.as_deref().unwrap_or_default();
+    let planned = secret
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|annotations| annotations.get(tasklist_operator::derived_secret::REFRESH_AT))
+        .with_context(|| format!("Secret {name} has no refresh-at annotation"))?
+        .parse()
+        .with_context(|| format!("Secret {name}'s refresh-at is not a time"))?;
+    let expires = secret_text(secret)
+        .get("expiresAt")
+        .with_context(|| format!("Secret {name} has no expiresAt"))?
+        .parse()
+        .with_context(|| format!("Secret {name}'s expiresAt is not a time"))?;
+    Ok((planned, expires))
+}
+
 pub fn secret_text(secret: &Secret) -> BTreeMap<String, String> {
     secret
         .data
