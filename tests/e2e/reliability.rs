@@ -23,59 +23,32 @@ use testsupport::standin::{EndpointMode, StandinTasklist, TokenAnswer, TokenRequ
 
 use crate::ScenarioFn;
 use crate::scenario::{
-    CLIENT_ID, Scenario, World, condition, find_condition, install_crd, planned_refresh_and_expiry, saas_spec_for, secret_text,
-    start_operator_with, strip_ansi, tail,
+    CLIENT_ID, DEFAULT_CLIENT_SECRET, Scenario, World, condition, find_condition, install_crd, planned_refresh_and_expiry, saas_spec_for,
+    scrape, secret_text, start_operator_with, strip_ansi, tail, wait_until,
 };
 
 pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
-    vec![
-        ("reliability::token_endpoint_outages_keep_the_token_and_back_off", |w| {
-            Box::pin(token_endpoint_outages_keep_the_token_and_back_off(w))
-        }),
-        (
-            "reliability::garbage_from_the_token_endpoint_is_reported_and_memory_stays_bounded",
-            |w| Box::pin(garbage_from_the_token_endpoint_is_reported_and_memory_stays_bounded(w)),
-        ),
-        ("reliability::rejected_credentials_are_tried_at_most_every_30s", |w| {
-            Box::pin(rejected_credentials_are_tried_at_most_every_30s(w))
-        }),
-        (
-            "reliability::derived_secret_deleted_during_an_outage_returns_with_the_server",
-            |w| Box::pin(derived_secret_deleted_during_an_outage_returns_with_the_server(w)),
-        ),
-        ("reliability::sigkill_keeps_cookie_sessions_and_condition_times", |w| {
-            Box::pin(sigkill_keeps_cookie_sessions_and_condition_times(w))
-        }),
-        ("reliability::apiserver_outage_of_30s_is_survived_without_spinning", |w| {
-            Box::pin(apiserver_outage_of_30s_is_survived_without_spinning(w))
-        }),
-        ("reliability::secrets_in_other_namespaces_are_never_read", |w| {
-            Box::pin(secrets_in_other_namespaces_are_never_read(w))
-        }),
-        ("reliability::nothing_leaks_with_trace_logging", |w| {
-            Box::pin(nothing_leaks_with_trace_logging(w))
-        }),
-        ("reliability::sigterm_stops_within_5s_leaving_secret_and_status_consistent", |w| {
-            Box::pin(sigterm_stops_within_5s_leaving_secret_and_status_consistent(w))
-        }),
-        (
-            "reliability::two_hundred_connections_with_20s_tokens_never_hold_an_expired_one",
-            |w| Box::pin(two_hundred_connections_with_20s_tokens_never_hold_an_expired_one(w)),
-        ),
+    scenarios![
+        reliability:
+        token_endpoint_outages_keep_the_token_and_back_off,
+        garbage_from_the_token_endpoint_is_reported_and_memory_stays_bounded,
+        rejected_credentials_are_tried_at_most_every_30s,
+        derived_secret_deleted_during_an_outage_returns_with_the_server,
+        sigkill_keeps_cookie_sessions_and_condition_times,
+        apiserver_outage_of_30s_is_survived_without_spinning,
+        secrets_in_other_namespaces_are_never_read,
+        nothing_leaks_with_trace_logging,
+        sigterm_stops_within_5s_leaving_secret_and_status_consistent,
+        two_hundred_connections_with_20s_tokens_never_hold_an_expired_one,
     ]
 }
 
 const SECRET: &str = "orders-tasklist-auth";
-const CLIENT_SECRET: &str = "orders-reliability-secret-1";
+/// The secret [`Scenario::start_saas`] registers, for the stand-ins scenarios add.
+const CLIENT_SECRET: &str = DEFAULT_CLIENT_SECRET;
 
 fn derived_name(connection: &str) -> String {
     format!("{connection}-tasklist-auth")
-}
-
-async fn start_saas(world: &World, prefix: &str) -> anyhow::Result<Scenario> {
-    let mut scenario = Scenario::start(world, prefix).await?;
-    scenario.add_saas_client(CLIENT_SECRET).await?;
-    Ok(scenario)
 }
 
 /// Status, reason and message of a condition.
@@ -150,20 +123,6 @@ fn memory_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
     Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
-/// The operator's metrics, each name's samples summed over its labels.
-async fn scrape(url: &str) -> anyhow::Result<BTreeMap<String, f64>> {
-    let text = reqwest::get(url).await?.error_for_status()?.text().await?;
-    let mut sums = BTreeMap::new();
-    for line in text.lines().filter(|line| !line.starts_with('#')) {
-        let Some((series, value)) = line.rsplit_once(' ') else { continue };
-        let name = series.split('{').next().unwrap_or(series);
-        if let Ok(value) = value.parse::<f64>() {
-            *sums.entry(name.to_owned()).or_insert(0.0) += value;
-        }
-    }
-    Ok(sums)
-}
-
 /// CPU time (user + system) a process has used, in seconds.
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
@@ -176,16 +135,6 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
 
 /// The unit of /proc/PID/stat times (USER_HZ, `sysconf(_SC_CLK_TCK)`): 100 on Linux.
 const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
-
-/// Waits until `check` holds, polling every 200 ms, up to `timeout`.
-async fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        ensure!(Instant::now() < deadline, "{what} did not happen within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    Ok(())
-}
 
 // ---------------------------------------------------------------------------------------
 // 1. The token endpoint down (503), refusing connections, or slower than --request-timeout.
@@ -242,7 +191,7 @@ const OUTAGE: Duration = Duration::from_secs(120);
 /// Three connections, each with its own stand-in, go through a two-minute outage of one
 /// kind at the same time.
 async fn token_endpoint_outages_keep_the_token_and_back_off(world: Arc<World>) -> anyhow::Result<()> {
-    let mut s = start_saas(&world, "outage").await?;
+    let mut s = Scenario::start_saas(&world, "outage").await?;
     let outages = [Outage::Down, Outage::Refused, Outage::Slow];
     let mut standins = BTreeMap::new();
     for outage in outages {
@@ -396,7 +345,7 @@ async fn token_endpoint_outages_keep_the_token_and_back_off(world: Arc<World>) -
 const MEMORY_LIMIT_KIB: u64 = 100 * 1024;
 
 async fn garbage_from_the_token_endpoint_is_reported_and_memory_stays_bounded(world: Arc<World>) -> anyhow::Result<()> {
-    let mut s = start_saas(&world, "garbage").await?;
+    let mut s = Scenario::start_saas(&world, "garbage").await?;
     s.apply_connection("orders", s.saas_spec()).await?;
     s.wait_ready("orders").await?;
     let valid = s.derived_secret(SECRET).await?.context("no derived Secret")?;
@@ -576,7 +525,7 @@ async fn rejected_credentials_are_tried_at_most_every_30s(world: Arc<World>) -> 
 // ---------------------------------------------------------------------------------------
 
 async fn derived_secret_deleted_during_an_outage_returns_with_the_server(world: Arc<World>) -> anyhow::Result<()> {
-    let mut s = start_saas(&world, "deleted-outage").await?;
+    let s = Scenario::start_saas(&world, "deleted-outage").await?;
     s.apply_connection("orders", s.saas_spec()).await?;
     s.wait_ready("orders").await?;
     let valid = s.derived_secret(SECRET).await?.context("no derived Secret")?;
@@ -621,7 +570,7 @@ async fn derived_secret_deleted_during_an_outage_returns_with_the_server(world: 
 // ---------------------------------------------------------------------------------------
 
 async fn sigkill_keeps_cookie_sessions_and_condition_times(world: Arc<World>) -> anyhow::Result<()> {
-    let mut s = start_saas(&world, "sigkill").await?;
+    let mut s = Scenario::start_saas(&world, "sigkill").await?;
     s.standin.add_user("demo", "demo-password-6");
     s.apply_secret("login", &[("username", "demo"), ("password", "demo-password-6")])
         .await?;
@@ -1017,7 +966,7 @@ async fn nothing_leaks_with_trace_logging(world: Arc<World>) -> anyhow::Result<(
 // ---------------------------------------------------------------------------------------
 
 async fn sigterm_stops_within_5s_leaving_secret_and_status_consistent(world: Arc<World>) -> anyhow::Result<()> {
-    let mut s = start_saas(&world, "sigterm").await?;
+    let mut s = Scenario::start_saas(&world, "sigterm").await?;
     s.apply_connection("orders", s.saas_spec()).await?;
     s.wait_ready("orders").await?;
     let data = s.derived_secret(SECRET).await?.context("no derived Secret")?;
@@ -1124,7 +1073,7 @@ const LIFETIME: Duration = Duration::from_secs(20);
 const WATCH: Duration = Duration::from_secs(180);
 
 async fn two_hundred_connections_with_20s_tokens_never_hold_an_expired_one(world: Arc<World>) -> anyhow::Result<()> {
-    let mut s = Scenario::start(&world, "scale").await?;
+    let s = Scenario::start(&world, "scale").await?;
     s.standin.set_token_lifetime(LIFETIME);
     let client = |i: usize| (format!("app-{i:03}"), format!("app-{i:03}-client-secret"));
     for i in 0..CONNECTIONS {
@@ -1166,7 +1115,8 @@ async fn two_hundred_connections_with_20s_tokens_never_hold_an_expired_one(world
     let cpu_before = cpu_seconds(s.operator.pid())?;
     let own_cpu_before = cpu_seconds(std::process::id())?;
     let metrics_url = s.metrics_url().await?;
-    let metrics_before = scrape(&metrics_url).await?;
+    let http = reqwest::Client::new();
+    let metrics_before = scrape(&http, &metrics_url).await?.sums();
     let derived = ListParams::default().labels("app.kubernetes.io/managed-by=tasklist-operator");
     let (mut samples, mut all_present_after) = (0, None);
     let (mut expired, mut expired_seen) = (Vec::new(), 0);
@@ -1219,7 +1169,7 @@ async fn two_hundred_connections_with_20s_tokens_never_hold_an_expired_one(world
     let end = SystemTime::now();
     let cpu_used = cpu_seconds(s.operator.pid())? - cpu_before;
     let own_cpu_used = cpu_seconds(std::process::id())? - own_cpu_before;
-    let metrics_after = scrape(&metrics_url).await?;
+    let metrics_after = scrape(&http, &metrics_url).await?.sums();
     let delta = |name: &str| metrics_after.get(name).copied().unwrap_or_default() - metrics_before.get(name).copied().unwrap_or_default();
     let mean_ms = |base: &str| 1000.0 * delta(&format!("{base}_sum")) / delta(&format!("{base}_count")).max(1.0);
     let all_present_after = all_present_after.context("never were all 200 derived Secrets there at once")?;
