@@ -22,13 +22,12 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, ListParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, CustomResourceExt, ResourceExt};
-use serde::Deserialize as _;
 use serde_json::{Value, json};
 use tasklist_operator::crd::{REFRESH_ANNOTATION, TasklistConnection};
 use testsupport::operator::OperatorProcess;
 
 use crate::ScenarioFn;
-use crate::scenario::{DEFAULT_CLIENT_SECRET, Scenario, World, operator_binary, tail, wait_for_event};
+use crate::scenario::{DEFAULT_CLIENT_SECRET, Scenario, World, operator_binary, parse_manifest, tail, wait_for_event};
 
 /// How long an Event may take; a refused Event is only logged at debug level, so the Event
 /// itself shows that the chart's ServiceAccount may publish Events.
@@ -101,18 +100,6 @@ async fn helm_ok(world: &World, args: &[&str]) -> anyhow::Result<String> {
     let output = helm(world, args).await?;
     ensure!(output.success, "`helm {}` failed: {}", args.join(" "), output.describe());
     Ok(output.stdout)
-}
-
-/// The objects of a multi-document YAML manifest (empty documents left out).
-fn parse_manifest(text: &str) -> anyhow::Result<Vec<Value>> {
-    let mut objects = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(text) {
-        let object = Value::deserialize(document).context("the manifest is not valid YAML")?;
-        if !object.is_null() {
-            objects.push(object);
-        }
-    }
-    Ok(objects)
 }
 
 fn kind_of(object: &Value) -> &str {

@@ -12,13 +12,12 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
-use serde::Deserialize as _;
 use serde_json::{Value, json};
 use tasklist_operator::crd::TasklistConnection;
 use testsupport::standin::{EndpointMode, StandinOptions, StandinTasklist};
 
 use crate::ScenarioFn;
-use crate::scenario::{CLIENT_ID, DEFAULT_CLIENT_SECRET, Scenario, World, find_condition, start_operator_with, wait_until};
+use crate::scenario::{CLIENT_ID, DEFAULT_CLIENT_SECRET, Scenario, World, find_condition, parse_manifest, start_operator_with, wait_until};
 
 pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     scenarios![
@@ -129,18 +128,6 @@ async fn hosts_outside_the_policy_get_not_allowed_and_no_request(world: Arc<Worl
         "the operator does not log its policy at start"
     );
     s.assert_no_credential_leaked().await
-}
-
-/// The objects of a multi-document YAML manifest.
-fn parse_manifest(text: &str) -> anyhow::Result<Vec<Value>> {
-    let mut objects = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(text) {
-        let object = Value::deserialize(document).context("the manifest is not valid YAML")?;
-        if !object.is_null() {
-            objects.push(object);
-        }
-    }
-    Ok(objects)
 }
 
 async fn helm_template(world: &World, args: &[String]) -> anyhow::Result<String> {

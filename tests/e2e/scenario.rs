@@ -642,6 +642,19 @@ pub fn planned_refresh_and_expiry(secret: &Secret) -> anyhow::Result<(jiff::Time
     Ok((planned, expires))
 }
 
+/// The objects of a multi-document YAML manifest (empty documents left out).
+pub fn parse_manifest(text: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    use serde::Deserialize as _;
+    let mut objects = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(text) {
+        let object = serde_json::Value::deserialize(document).context("the manifest is not valid YAML")?;
+        if !object.is_null() {
+            objects.push(object);
+        }
+    }
+    Ok(objects)
+}
+
 pub fn secret_text(secret: &Secret) -> BTreeMap<String, String> {
     secret
         .data
