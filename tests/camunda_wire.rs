@@ -113,6 +113,15 @@ fn failure_of<T: std::fmt::Debug>(result: Result<T, AuthFailure>, kind: AuthFail
     }
 }
 
+/// Requests a token from `token_url` (form body, [`CLIENT_SECRET`]) with `http`, expecting a
+/// failure of `kind`; returns its message.
+async fn token_failure(http: &HttpClient, token_url: &str, kind: AuthFailureKind) -> String {
+    failure_of(
+        request_token(http, &endpoint(token_url, RequestEncoding::Form, None), CLIENT_SECRET).await,
+        kind,
+    )
+}
+
 fn assert_no_credential(message: &str, credentials: &[&str]) {
     for credential in credentials {
         assert!(!message.contains(credential), "the message leaks a credential: {message}");
@@ -348,13 +357,7 @@ async fn an_oauth_error_that_echoes_the_secret_is_redacted() {
         }),
     );
     let base = serve(router).await;
-    let result = request_token(
-        &http(),
-        &endpoint(&format!("{base}/oauth/token"), RequestEncoding::Form, None),
-        CLIENT_SECRET,
-    )
-    .await;
-    let message = failure_of(result, AuthFailureKind::Rejected);
+    let message = token_failure(&http(), &format!("{base}/oauth/token"), AuthFailureKind::Rejected).await;
     assert!(message.contains("invalid_client"), "{message}");
     assert_no_credential(&message, &[CLIENT_SECRET]);
 }
@@ -363,8 +366,7 @@ async fn an_oauth_error_that_echoes_the_secret_is_redacted() {
 async fn token_endpoint_503_is_a_server_error() {
     let standin = standin().await;
     standin.set_token_endpoint(EndpointMode::Down);
-    let result = request_token(&http(), &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET).await;
-    let message = failure_of(result, AuthFailureKind::ServerError);
+    let message = token_failure(&http(), &standin.token_url(), AuthFailureKind::ServerError).await;
     assert!(message.contains("503"), "{message}");
     assert_no_credential(&message, &[CLIENT_SECRET]);
 }
@@ -374,13 +376,7 @@ async fn refused_connection_to_the_token_endpoint_is_a_server_error() {
     let standin = standin().await;
     standin.set_refusing_connections(true).await.expect("refusing");
     let started = Instant::now();
-    let result = request_token(
-        &http_with_timeout(LONG_TIMEOUT),
-        &endpoint(&standin.token_url(), RequestEncoding::Form, None),
-        CLIENT_SECRET,
-    )
-    .await;
-    let message = failure_of(result, AuthFailureKind::ServerError);
+    let message = token_failure(&http_with_timeout(LONG_TIMEOUT), &standin.token_url(), AuthFailureKind::ServerError).await;
     assert!(message.contains("could not connect"), "{message}");
     assert_no_credential(&message, &[CLIENT_SECRET]);
     assert_quick(started, QUICK, "a refused connection");
@@ -391,13 +387,12 @@ async fn slow_token_endpoint_times_out_as_a_server_error() {
     let standin = standin().await;
     standin.set_token_endpoint(EndpointMode::Slow(SERVER_DELAY));
     let started = Instant::now();
-    let result = request_token(
+    let message = token_failure(
         &http_with_timeout(Duration::from_secs(1)),
-        &endpoint(&standin.token_url(), RequestEncoding::Form, None),
-        CLIENT_SECRET,
+        &standin.token_url(),
+        AuthFailureKind::ServerError,
     )
     .await;
-    let message = failure_of(result, AuthFailureKind::ServerError);
     assert!(message.contains("no answer within 1s"), "{message}");
     assert_quick(started, QUICK, "a timed-out token request");
 }
@@ -410,13 +405,12 @@ async fn a_body_that_trickles_in_times_out_as_a_server_error() {
     );
     let base = serve(router).await;
     let started = Instant::now();
-    let result = request_token(
+    let message = token_failure(
         &http_with_timeout(Duration::from_secs(1)),
-        &endpoint(&format!("{base}/oauth/token"), RequestEncoding::Form, None),
-        CLIENT_SECRET,
+        &format!("{base}/oauth/token"),
+        AuthFailureKind::ServerError,
     )
     .await;
-    let message = failure_of(result, AuthFailureKind::ServerError);
     assert!(message.contains("no answer within 1s"), "{message}");
     assert_quick(started, QUICK, "a token answer that trickles in");
 }
@@ -425,8 +419,7 @@ async fn a_body_that_trickles_in_times_out_as_a_server_error() {
 async fn html_page_with_200_is_a_server_error_that_says_so() {
     let standin = standin().await;
     standin.set_token_answer(TokenAnswer::Html200);
-    let result = request_token(&http(), &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET).await;
-    let message = failure_of(result, AuthFailureKind::ServerError);
+    let message = token_failure(&http(), &standin.token_url(), AuthFailureKind::ServerError).await;
     assert!(message.contains("not with JSON"), "{message}");
     assert_no_credential(&message, &[CLIENT_SECRET]);
 }
@@ -435,8 +428,7 @@ async fn html_page_with_200_is_a_server_error_that_says_so() {
 async fn json_without_access_token_is_a_server_error_that_says_so() {
     let standin = standin().await;
     standin.set_token_answer(TokenAnswer::JsonWithoutAccessToken);
-    let result = request_token(&http(), &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET).await;
-    let message = failure_of(result, AuthFailureKind::ServerError);
+    let message = token_failure(&http(), &standin.token_url(), AuthFailureKind::ServerError).await;
     assert!(message.contains("without an access_token"), "{message}");
     assert_no_credential(&message, &[CLIENT_SECRET]);
 }
@@ -449,13 +441,7 @@ async fn an_unusable_token_answer_is_not_quoted_in_the_message() {
     // A bare token in plain text: not an OAuth2 answer, and the message must not quote it.
     let router = Router::new().route("/oauth/token", post(|| async { ([(header::CONTENT_TYPE, "text/plain")], TOKEN) }));
     let base = serve(router).await;
-    let result = request_token(
-        &http(),
-        &endpoint(&format!("{base}/oauth/token"), RequestEncoding::Form, None),
-        CLIENT_SECRET,
-    )
-    .await;
-    let message = failure_of(result, AuthFailureKind::ServerError);
+    let message = token_failure(&http(), &format!("{base}/oauth/token"), AuthFailureKind::ServerError).await;
     assert_no_credential(&message, &[TOKEN, CLIENT_SECRET]);
 }
 
@@ -488,13 +474,7 @@ async fn huge_token_answer_is_refused_by_the_size_cap() {
     let standin = standin().await;
     standin.set_token_answer(TokenAnswer::Huge);
     let started = Instant::now();
-    let result = request_token(
-        &http_with_timeout(LONG_TIMEOUT),
-        &endpoint(&standin.token_url(), RequestEncoding::Form, None),
-        CLIENT_SECRET,
-    )
-    .await;
-    let message = failure_of(result, AuthFailureKind::ServerError);
+    let message = token_failure(&http_with_timeout(LONG_TIMEOUT), &standin.token_url(), AuthFailureKind::ServerError).await;
     assert!(message.contains("larger than"), "{message}");
     assert_quick(started, QUICK, "a 10 MB token answer");
 }
@@ -508,13 +488,12 @@ async fn endless_token_answer_stops_at_the_size_cap() {
     );
     let base = serve(router).await;
     let started = Instant::now();
-    let result = request_token(
+    let message = token_failure(
         &http_with_timeout(LONG_TIMEOUT),
-        &endpoint(&format!("{base}/oauth/token"), RequestEncoding::Form, None),
-        CLIENT_SECRET,
+        &format!("{base}/oauth/token"),
+        AuthFailureKind::ServerError,
     )
     .await;
-    let message = failure_of(result, AuthFailureKind::ServerError);
     assert!(message.contains("larger than"), "{message}");
     assert_quick(started, QUICK, "an endless token answer");
 }
@@ -1091,13 +1070,7 @@ async fn a_redirect_to_another_port_is_not_followed() {
     let base = serve(router).await;
     let http = http();
 
-    let result = request_token(
-        &http,
-        &endpoint(&format!("{base}/oauth/token"), RequestEncoding::Form, None),
-        CLIENT_SECRET,
-    )
-    .await;
-    let message = failure_of(result, AuthFailureKind::ServerError);
+    let message = token_failure(&http, &format!("{base}/oauth/token"), AuthFailureKind::ServerError).await;
     assert!(message.contains("307"), "{message}");
 
     let token = Sensitive::new("tok-value-123");
@@ -1207,8 +1180,7 @@ async fn tls_standin() -> StandinTasklist {
 async fn tls_without_trust_is_refused() {
     let standin = tls_standin().await;
     assert!(standin.token_url().starts_with("https://"));
-    let result = request_token(&http(), &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET).await;
-    let message = failure_of(result, AuthFailureKind::ServerError);
+    let message = token_failure(&http(), &standin.token_url(), AuthFailureKind::ServerError).await;
     assert!(message.to_lowercase().contains("certificate"), "{message}");
     assert!(standin.token_requests().is_empty(), "the request must not reach the server");
 }
