@@ -18,8 +18,9 @@ use crate::credential::{Credential, NEVER};
 
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY_VALUE: &str = "tasklist-operator";
-const ISSUED_AT: &str = "tasklist.camunda.community/issued-at";
-const REFRESH_AT: &str = "tasklist.camunda.community/refresh-at";
+pub const ISSUED_AT: &str = "tasklist.camunda.community/issued-at";
+/// When the operator plans to replace the stored credential (RFC 3339).
+pub const REFRESH_AT: &str = "tasklist.camunda.community/refresh-at";
 /// Fingerprint of what the credential was made from (spec, referenced Secrets' versions,
 /// refresh annotation); it holds no credential material.
 const INPUTS: &str = "tasklist.camunda.community/inputs";

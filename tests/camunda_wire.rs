@@ -106,11 +106,30 @@ fn failure_of<T: std::fmt::Debug>(result: Result<T, AuthFailure>, kind: AuthFail
     }
 }
 
+/// Requests a token from `token_url` (form body, [`CLIENT_SECRET`]) with `http`, expecting a
+/// failure of `kind`; returns its message.
+async fn token_failure(http: &HttpClient, token_url: &str, kind: AuthFailureKind) -> String {
+    failure_of(
+        request_token(http, &endpoint(token_url, RequestEncoding::Form, None), CLIENT_SECRET).await,
+        kind,
+    )
+}
+
 fn assert_no_credential(message: &str, credentials: &[&str]) {
     for credential in credentials {
         assert!(!message.contains(credential), "the message leaks a credential: {message}");
     }
 }
+
+/// A client timeout far above every bound below: a bound that only holds because the
+/// client gave up would then fail.
+const LONG_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a slow stand-in holds its answer: far beyond the short client timeouts and the
+/// bounds, so that a client that waited for it would fail them.
+const SERVER_DELAY: Duration = Duration::from_secs(30);
+/// The bound for anything that must not wait for [`SERVER_DELAY`] or [`LONG_TIMEOUT`]:
+/// ten times the short (1 s) client timeout, a third of the long one.
+const QUICK: Duration = Duration::from_secs(10);
 
 fn assert_quick(started: Instant, limit: Duration, what: &str) {
     let elapsed = started.elapsed();
@@ -261,6 +280,7 @@ async fn token_request_is_a_form_body_by_default_without_scope() {
 #[tokio::test]
 async fn token_request_is_json_with_request_encoding_json_and_sends_the_scope() {
     let standin = standin().await;
+    standin.add_scope("tasklist:read");
     request_token(
         &http(),
         &endpoint(&standin.token_url(), RequestEncoding::Json, Some("tasklist:read")),
@@ -330,13 +350,7 @@ async fn an_oauth_error_that_echoes_the_secret_is_redacted() {
         }),
     );
     let base = serve(router).await;
-    let result = request_token(
-        &http(),
-        &endpoint(&format!("{base}/oauth/token"), RequestEncoding::Form, None),
-        CLIENT_SECRET,
-    )
-    .await;
-    let message = failure_of(result, AuthFailureKind::Rejected);
+    let message = token_failure(&http(), &format!("{base}/oauth/token"), AuthFailureKind::Rejected).await;
     assert!(message.contains("invalid_client"), "{message}");
     assert_no_credential(&message, &[CLIENT_SECRET]);
 }
@@ -345,8 +359,7 @@ async fn an_oauth_error_that_echoes_the_secret_is_redacted() {
 async fn token_endpoint_503_is_a_server_error() {
     let standin = standin().await;
     standin.set_token_endpoint(EndpointMode::Down);
-    let result = request_token(&http(), &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET).await;
-    let message = failure_of(result, AuthFailureKind::ServerError);
+    let message = token_failure(&http(), &standin.token_url(), AuthFailureKind::ServerError).await;
     assert!(message.contains("503"), "{message}");
     assert_no_credential(&message, &[CLIENT_SECRET]);
 }
@@ -356,27 +369,25 @@ async fn refused_connection_to_the_token_endpoint_is_a_server_error() {
     let standin = standin().await;
     standin.set_refusing_connections(true).await.expect("refusing");
     let started = Instant::now();
-    let result = request_token(&http(), &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET).await;
-    let message = failure_of(result, AuthFailureKind::ServerError);
+    let message = token_failure(&http_with_timeout(LONG_TIMEOUT), &standin.token_url(), AuthFailureKind::ServerError).await;
     assert!(message.contains("could not connect"), "{message}");
     assert_no_credential(&message, &[CLIENT_SECRET]);
-    assert_quick(started, Duration::from_secs(3), "a refused connection");
+    assert_quick(started, QUICK, "a refused connection");
 }
 
 #[tokio::test]
 async fn slow_token_endpoint_times_out_as_a_server_error() {
     let standin = standin().await;
-    standin.set_token_endpoint(EndpointMode::Slow(Duration::from_secs(4)));
+    standin.set_token_endpoint(EndpointMode::Slow(SERVER_DELAY));
     let started = Instant::now();
-    let result = request_token(
+    let message = token_failure(
         &http_with_timeout(Duration::from_secs(1)),
-        &endpoint(&standin.token_url(), RequestEncoding::Form, None),
-        CLIENT_SECRET,
+        &standin.token_url(),
+        AuthFailureKind::ServerError,
     )
     .await;
-    let message = failure_of(result, AuthFailureKind::ServerError);
     assert!(message.contains("no answer within 1s"), "{message}");
-    assert_quick(started, Duration::from_secs(3), "a timed-out token request");
+    assert_quick(started, QUICK, "a timed-out token request");
 }
 
 #[tokio::test]
@@ -387,23 +398,21 @@ async fn a_body_that_trickles_in_times_out_as_a_server_error() {
     );
     let base = serve(router).await;
     let started = Instant::now();
-    let result = request_token(
+    let message = token_failure(
         &http_with_timeout(Duration::from_secs(1)),
-        &endpoint(&format!("{base}/oauth/token"), RequestEncoding::Form, None),
-        CLIENT_SECRET,
+        &format!("{base}/oauth/token"),
+        AuthFailureKind::ServerError,
     )
     .await;
-    let message = failure_of(result, AuthFailureKind::ServerError);
     assert!(message.contains("no answer within 1s"), "{message}");
-    assert_quick(started, Duration::from_secs(3), "a token answer that trickles in");
+    assert_quick(started, QUICK, "a token answer that trickles in");
 }
 
 #[tokio::test]
 async fn html_page_with_200_is_a_server_error_that_says_so() {
     let standin = standin().await;
     standin.set_token_answer(TokenAnswer::Html200);
-    let result = request_token(&http(), &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET).await;
-    let message = failure_of(result, AuthFailureKind::ServerError);
+    let message = token_failure(&http(), &standin.token_url(), AuthFailureKind::ServerError).await;
     assert!(message.contains("not with JSON"), "{message}");
     assert_no_credential(&message, &[CLIENT_SECRET]);
 }
@@ -412,8 +421,7 @@ async fn html_page_with_200_is_a_server_error_that_says_so() {
 async fn json_without_access_token_is_a_server_error_that_says_so() {
     let standin = standin().await;
     standin.set_token_answer(TokenAnswer::JsonWithoutAccessToken);
-    let result = request_token(&http(), &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET).await;
-    let message = failure_of(result, AuthFailureKind::ServerError);
+    let message = token_failure(&http(), &standin.token_url(), AuthFailureKind::ServerError).await;
     assert!(message.contains("without an access_token"), "{message}");
     assert_no_credential(&message, &[CLIENT_SECRET]);
 }
@@ -426,13 +434,7 @@ async fn an_unusable_token_answer_is_not_quoted_in_the_message() {
     // A bare token in plain text: not an OAuth2 answer, and the message must not quote it.
     let router = Router::new().route("/oauth/token", post(|| async { ([(header::CONTENT_TYPE, "text/plain")], TOKEN) }));
     let base = serve(router).await;
-    let result = request_token(
-        &http(),
-        &endpoint(&format!("{base}/oauth/token"), RequestEncoding::Form, None),
-        CLIENT_SECRET,
-    )
-    .await;
-    let message = failure_of(result, AuthFailureKind::ServerError);
+    let message = token_failure(&http(), &format!("{base}/oauth/token"), AuthFailureKind::ServerError).await;
     assert_no_credential(&message, &[TOKEN, CLIENT_SECRET]);
 }
 
@@ -465,10 +467,9 @@ async fn huge_token_answer_is_refused_by_the_size_cap() {
     let standin = standin().await;
     standin.set_token_answer(TokenAnswer::Huge);
     let started = Instant::now();
-    let result = request_token(&http(), &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET).await;
-    let message = failure_of(result, AuthFailureKind::ServerError);
+    let message = token_failure(&http_with_timeout(LONG_TIMEOUT), &standin.token_url(), AuthFailureKind::ServerError).await;
     assert!(message.contains("larger than"), "{message}");
-    assert_quick(started, Duration::from_secs(4), "a 10 MB token answer");
+    assert_quick(started, QUICK, "a 10 MB token answer");
 }
 
 /// Without a Content-Length the cap applies while reading: an endless body stops at the cap.
@@ -480,15 +481,14 @@ async fn endless_token_answer_stops_at_the_size_cap() {
     );
     let base = serve(router).await;
     let started = Instant::now();
-    let result = request_token(
-        &http(),
-        &endpoint(&format!("{base}/oauth/token"), RequestEncoding::Form, None),
-        CLIENT_SECRET,
+    let message = token_failure(
+        &http_with_timeout(LONG_TIMEOUT),
+        &format!("{base}/oauth/token"),
+        AuthFailureKind::ServerError,
     )
     .await;
-    let message = failure_of(result, AuthFailureKind::ServerError);
     assert!(message.contains("larger than"), "{message}");
-    assert_quick(started, Duration::from_secs(4), "an endless token answer");
+    assert_quick(started, QUICK, "an endless token answer");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -996,7 +996,7 @@ async fn probe_of_a_refused_connection_is_unreachable() {
 #[tokio::test]
 async fn probe_of_a_slow_tasklist_is_unreachable_after_the_timeout() {
     let standin = standin().await;
-    standin.set_api(EndpointMode::Slow(Duration::from_secs(4)));
+    standin.set_api(EndpointMode::Slow(SERVER_DELAY));
     let started = Instant::now();
     let outcome = default_probe(&standin.url())
         .run(
@@ -1008,7 +1008,7 @@ async fn probe_of_a_slow_tasklist_is_unreachable_after_the_timeout() {
         ProbeOutcome::Unreachable { cause } => assert!(cause.contains("no answer within 1s"), "{cause}"),
         other => panic!("expected Unreachable, got {other:?}"),
     }
-    assert_quick(started, Duration::from_secs(3), "a timed-out probe");
+    assert_quick(started, QUICK, "a timed-out probe");
 }
 
 #[tokio::test]
@@ -1020,13 +1020,11 @@ async fn probe_ignores_a_huge_body() {
     let base = serve(router).await;
     let started = Instant::now();
     let outcome = default_probe(&base)
-        .run(
-            &http_with_timeout(Duration::from_secs(2)),
-            ProbeCredential::Bearer(&Sensitive::new("tok")),
-        )
+        .run(&http_with_timeout(LONG_TIMEOUT), ProbeCredential::Bearer(&Sensitive::new("tok")))
         .await;
+    // Reading the endless body would end in the timeout (Unreachable), after 30 s.
     assert_eq!(outcome, ProbeOutcome::Succeeded);
-    assert_quick(started, Duration::from_secs(2), "a probe with an endless body");
+    assert_quick(started, QUICK, "a probe with an endless body");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1065,13 +1063,7 @@ async fn a_redirect_to_another_port_is_not_followed() {
     let base = serve(router).await;
     let http = http();
 
-    let result = request_token(
-        &http,
-        &endpoint(&format!("{base}/oauth/token"), RequestEncoding::Form, None),
-        CLIENT_SECRET,
-    )
-    .await;
-    let message = failure_of(result, AuthFailureKind::ServerError);
+    let message = token_failure(&http, &format!("{base}/oauth/token"), AuthFailureKind::ServerError).await;
     assert!(message.contains("307"), "{message}");
 
     let token = Sensitive::new("tok-value-123");
@@ -1181,8 +1173,7 @@ async fn tls_standin() -> StandinTasklist {
 async fn tls_without_trust_is_refused() {
     let standin = tls_standin().await;
     assert!(standin.token_url().starts_with("https://"));
-    let result = request_token(&http(), &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET).await;
-    let message = failure_of(result, AuthFailureKind::ServerError);
+    let message = token_failure(&http(), &standin.token_url(), AuthFailureKind::ServerError).await;
     assert!(message.to_lowercase().contains("certificate"), "{message}");
     assert!(standin.token_requests().is_empty(), "the request must not reach the server");
 }
@@ -1292,4 +1283,20 @@ async fn the_operator_wide_ca_bundle_is_trusted_for_every_connection() {
     request_token(&http, &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET)
         .await
         .expect("a token with both bundles");
+}
+
+/// An unknown scope is refused with `invalid_scope` (Keycloak's answer): a rejection that
+/// names the cause, not a server error.
+#[tokio::test]
+async fn an_unknown_scope_is_rejected_with_invalid_scope() {
+    let standin = standin().await;
+    let result = request_token(
+        &http(),
+        &endpoint(&standin.token_url(), RequestEncoding::Form, Some("no-such-scope")),
+        CLIENT_SECRET,
+    )
+    .await;
+    let message = failure_of(result, AuthFailureKind::Rejected);
+    assert!(message.contains("invalid_scope"), "{message}");
+    assert_no_credential(&message, &[CLIENT_SECRET]);
 }

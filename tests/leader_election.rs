@@ -260,18 +260,43 @@ async fn lease_spec(
 
 /// The API server goes away while A holds the lease: A's `hold` resolves once no renewal
 /// succeeded within the renew deadline, before a standby could take the lease over.
+///
+/// Measured against A's last successful renewal as the API server stored it (the Lease's
+/// `renewTime`, read back after the restart): A must give up within the renew deadline
+/// plus one retry period of it, which is shorter than the lease duration. Giving up only
+/// after the lease expired would let a standby lead while A still does (split brain).
 async fn holder_gives_up_when_it_cannot_renew(control_plane: &mut ControlPlane, namespace: &str) -> anyhow::Result<()> {
     let lease_name = "outage";
     let a = elector(control_plane, namespace, lease_name, "a", LEASE_DURATION);
     timeout(PATIENCE, a.acquire()).await.context("A did not acquire a free lease")?;
-    let a_holding = spawn_hold(a);
+    let a_holding = tokio::spawn(async move {
+        a.hold().await;
+        Timestamp::now()
+    });
     sleep(RETRY_PERIOD * 3).await;
     ensure!(!a_holding.is_finished(), "A lost leadership while the API server was up");
 
     control_plane.stop_apiserver().await?;
-    timeout(PATIENCE, a_holding)
+    let gave_up_at = timeout(PATIENCE, a_holding)
         .await
         .context("A's hold() did not resolve while the API server was down")??;
     control_plane.start_apiserver().await?;
+    let last_renewal = lease_spec(control_plane, namespace, lease_name)
+        .await?
+        .renew_time
+        .context("the lease has no renewTime")?
+        .0;
+    let held_on = gave_up_at.duration_since(last_renewal).unsigned_abs();
+    let bound = RENEW_DEADLINE + RETRY_PERIOD;
+    ensure!(
+        bound < LEASE_DURATION,
+        "the test's settings allow no bound: renew deadline + retry period must be shorter than the lease"
+    );
+    ensure!(
+        gave_up_at > last_renewal && held_on <= bound,
+        "A gave up {held_on:?} after its last renewal ({last_renewal} -> {gave_up_at}); the bound is the renew \
+         deadline plus the retry period, {bound:?} (a standby may take over after {LEASE_DURATION:?})"
+    );
+    println!("leader election: A gave up {held_on:?} after its last renewal (bound {bound:?})");
     Ok(())
 }

@@ -1,9 +1,11 @@
 //! What the operator remembers between reconciles, in memory only: failures (for backoff),
-//! the last probe (so a wake-up for something else does not probe again), and which
-//! Secrets each connection reads (so a change to one of them wakes the right connections).
+//! the last probe (so a wake-up for something else does not probe again), and its own last
+//! write of the derived Secret (so that write's watch event does not wake the connection).
+//! Which connections read a Secret is not kept here: the reflector store of connections
+//! answers that (see [`connections_affected_by`]).
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
@@ -15,6 +17,7 @@ use super::decide::UnauthorizedReobtain;
 use crate::camunda::AuthFailure;
 use crate::crd::TasklistConnection;
 use crate::derived_secret::{DATA_HASH, StoredCredential};
+use crate::inputs::referenced_secret_names;
 use crate::status::ConditionState;
 
 /// Namespace and name of a connection.
@@ -68,22 +71,25 @@ pub struct ConnectionMemory {
     /// Whether this process reconciled the connection before (false: first sight after a
     /// start, when status tells what the previous process knew).
     pub seen: bool,
+    /// The operator's own last write of the derived Secret.
+    pub own_write: Option<OwnWrite>,
+}
+
+/// The operator's own last write of a derived Secret, so that the watch event of that write
+/// does not wake the connection a second time.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct OwnWrite {
+    pub secret: String,
+    /// The resourceVersion the write produced, once it answered.
+    pub resource_version: Option<String>,
+    /// The data-hash annotation of a write in flight. Its watch event can arrive before the
+    /// write's answer (and so before its resourceVersion is known); the hash recognises it.
+    pub data_hash_in_flight: Option<String>,
 }
 
 #[derive(Default)]
 pub struct Memory {
     connections: Mutex<HashMap<ConnectionKey, ConnectionMemory>>,
-    /// (namespace, Secret name) -> names of connections that read or write it.
-    secret_readers: Mutex<HashMap<(String, String), BTreeSet<String>>>,
-    /// (namespace, connection name) -> the Secret names it was last recorded with.
-    secrets_of: Mutex<HashMap<ConnectionKey, Vec<String>>>,
-    /// (namespace, Secret name) -> the resourceVersion of the operator's own last write, so
-    /// that the watch event of that write does not wake the connection a second time.
-    own_writes: Mutex<HashMap<(String, String), String>>,
-    /// (namespace, Secret name) -> the data-hash annotation of a write in flight. Its watch
-    /// event can arrive before the write's answer (and so before `own_writes` knows its
-    /// resourceVersion); the hash recognises it then.
-    writes_in_flight: Mutex<HashMap<(String, String), String>>,
 }
 
 impl Memory {
@@ -100,123 +106,113 @@ impl Memory {
         }
     }
 
-    /// Every connection something is remembered about.
-    pub fn keys(&self) -> Vec<ConnectionKey> {
-        let mut keys: BTreeSet<ConnectionKey> = BTreeSet::new();
-        if let Ok(map) = self.connections.lock() {
-            keys.extend(map.keys().cloned());
-        }
-        if let Ok(secrets_of) = self.secrets_of.lock() {
-            keys.extend(secrets_of.keys().cloned());
-        }
-        keys.into_iter().collect()
+    /// Makes sure the connection has a record, so that a relist forgets it (and what else
+    /// is kept about it, such as metric series) once it is gone.
+    pub fn remember(&self, key: &ConnectionKey) {
+        self.update(key, |_| {});
     }
 
-    /// Forgets a deleted connection.
+    /// Every connection something is remembered about.
+    pub fn keys(&self) -> Vec<ConnectionKey> {
+        self.connections.lock().map(|map| map.keys().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Forgets a deleted connection, with its own-write record.
     pub fn forget(&self, key: &ConnectionKey) {
         if let Ok(mut map) = self.connections.lock() {
             map.remove(key);
         }
-        if let (Ok(mut writes), Ok(mut in_flight), Ok(secrets_of)) =
-            (self.own_writes.lock(), self.writes_in_flight.lock(), self.secrets_of.lock())
-            && let Some(names) = secrets_of.get(key)
-        {
-            for name in names {
-                writes.remove(&(key.0.clone(), name.clone()));
-                in_flight.remove(&(key.0.clone(), name.clone()));
-            }
-        }
-        self.record_secrets(key, Vec::new());
-        if let Ok(mut secrets_of) = self.secrets_of.lock() {
-            secrets_of.remove(key);
-        }
-    }
-
-    /// Records the Secrets a connection depends on, replacing what was recorded before.
-    pub fn record_secrets(&self, key: &ConnectionKey, names: Vec<String>) {
-        let (Ok(mut readers), Ok(mut secrets_of)) = (self.secret_readers.lock(), self.secrets_of.lock()) else {
-            return;
-        };
-        let (namespace, connection) = key;
-        if secrets_of.get(key) == Some(&names) {
-            return;
-        }
-        for old in secrets_of.remove(key).unwrap_or_default() {
-            let secret = (namespace.clone(), old);
-            if let Some(set) = readers.get_mut(&secret) {
-                set.remove(connection);
-                if set.is_empty() {
-                    readers.remove(&secret);
-                }
-            }
-        }
-        for name in &names {
-            readers
-                .entry((namespace.clone(), name.clone()))
-                .or_default()
-                .insert(connection.clone());
-        }
-        secrets_of.insert(key.clone(), names);
     }
 
     /// Remembers, just before writing a derived Secret, the data hash the write carries.
-    pub fn record_write_in_flight(&self, namespace: &str, secret: &str, data_hash: Option<String>) {
-        if let (Ok(mut in_flight), Some(hash)) = (self.writes_in_flight.lock(), data_hash) {
-            in_flight.insert((namespace.to_owned(), secret.to_owned()), hash);
-        }
+    pub fn record_write_in_flight(&self, key: &ConnectionKey, secret: &str, data_hash: Option<String>) {
+        let Some(hash) = data_hash else { return };
+        self.update(key, |memory| {
+            let write = own_write_of(memory, secret);
+            write.data_hash_in_flight = Some(hash);
+        });
     }
 
     /// Remembers the resourceVersion the operator's own write of a derived Secret produced
     /// (`None` when the write failed), and that the write is no longer in flight.
-    pub fn record_own_write(&self, namespace: &str, secret: &str, resource_version: Option<String>) {
-        let key = (namespace.to_owned(), secret.to_owned());
-        if let (Ok(mut writes), Some(version)) = (self.own_writes.lock(), resource_version) {
-            writes.insert(key.clone(), version);
-        }
-        if let Ok(mut in_flight) = self.writes_in_flight.lock() {
-            in_flight.remove(&key);
-        }
+    pub fn record_own_write(&self, key: &ConnectionKey, secret: &str, resource_version: Option<String>) {
+        self.update(key, |memory| {
+            let write = own_write_of(memory, secret);
+            if resource_version.is_some() {
+                write.resource_version = resource_version;
+            }
+            write.data_hash_in_flight = None;
+        });
     }
 
     /// Whether this watch event is the operator's own write of the Secret: the
     /// resourceVersion it produced, or the data hash of a write whose answer has not come yet.
+    /// Own writes carry the connection as their controller owner.
     fn is_own_write(&self, secret: &PartialObjectMeta<Secret>) -> bool {
-        let key = (secret.namespace().unwrap_or_default(), secret.name_any());
-        let version = secret.resource_version();
-        if version.is_some() && self.own_writes.lock().ok().and_then(|writes| writes.get(&key).cloned()) == version {
-            return true;
-        }
-        let hash = secret.annotations().get(DATA_HASH);
-        hash.is_some()
-            && self
-                .writes_in_flight
-                .lock()
-                .ok()
-                .and_then(|in_flight| in_flight.get(&key).cloned())
-                .as_ref()
-                == hash
+        let namespace = secret.namespace().unwrap_or_default();
+        let name = secret.name_any();
+        controller_owners(secret).any(|owner| {
+            let Some(write) = self.get(&(namespace.clone(), owner.to_owned())).own_write else {
+                return false;
+            };
+            let version = secret.resource_version();
+            let hash = secret.annotations().get(DATA_HASH);
+            write.secret == name
+                && ((version.is_some() && write.resource_version == version)
+                    || (hash.is_some() && write.data_hash_in_flight.as_ref() == hash))
+        })
     }
 
     /// The connections to reconcile when `secret` changed: its controller owner, and every
-    /// connection that reads it or wants to write a Secret of that name.
-    pub fn connections_affected_by(&self, secret: &PartialObjectMeta<Secret>) -> Vec<ObjectRef<TasklistConnection>> {
-        let namespace = secret.namespace().unwrap_or_default();
+    /// connection of the store (`connections`, the controller's reflector) that reads it or
+    /// wants to write a Secret of that name. Nothing for the operator's own write.
+    pub fn connections_affected_by(
+        &self,
+        secret: &PartialObjectMeta<Secret>,
+        connections: &[Arc<TasklistConnection>],
+    ) -> Vec<ObjectRef<TasklistConnection>> {
         if self.is_own_write(secret) {
             return Vec::new();
         }
-        let mut affected: Vec<ObjectRef<TasklistConnection>> = secret
-            .owner_references()
-            .iter()
-            .filter(|owner| owner.controller == Some(true) && owner.kind == "TasklistConnection")
-            .map(|owner| ObjectRef::new(&owner.name).within(&namespace))
+        let namespace = secret.namespace().unwrap_or_default();
+        let name = secret.name_any();
+        let mut affected: Vec<ObjectRef<TasklistConnection>> = controller_owners(secret)
+            .map(|owner| ObjectRef::new(owner).within(&namespace))
             .collect();
-        if let Ok(readers) = self.secret_readers.lock()
-            && let Some(names) = readers.get(&(namespace.clone(), secret.name_any()))
-        {
-            affected.extend(names.iter().map(|name| ObjectRef::new(name).within(&namespace)));
+        let users = connections
+            .iter()
+            .filter(|connection| connection.namespace().as_deref() == Some(namespace.as_str()))
+            .filter(|connection| connection.secret_name() == name || referenced_secret_names(connection).contains(&name))
+            .map(|connection| ObjectRef::new(&connection.name_any()).within(&namespace));
+        for user in users {
+            if !affected.contains(&user) {
+                affected.push(user);
+            }
         }
         affected
     }
+}
+
+/// The own-write record of `memory` for `secret`, started afresh when it was about another
+/// Secret (the connection's `secretName` changed).
+fn own_write_of<'m>(memory: &'m mut ConnectionMemory, secret: &str) -> &'m mut OwnWrite {
+    let write = memory.own_write.get_or_insert_with(OwnWrite::default);
+    if write.secret != secret {
+        *write = OwnWrite {
+            secret: secret.to_owned(),
+            ..OwnWrite::default()
+        };
+    }
+    write
+}
+
+/// The names of the TasklistConnections that are `secret`'s controller owner.
+fn controller_owners(secret: &PartialObjectMeta<Secret>) -> impl Iterator<Item = &str> {
+    secret
+        .owner_references()
+        .iter()
+        .filter(|owner| owner.controller == Some(true) && owner.kind == "TasklistConnection")
+        .map(|owner| owner.name.as_str())
 }
 
 #[cfg(test)]
@@ -245,18 +241,73 @@ mod tests {
         }
     }
 
+    fn key() -> ConnectionKey {
+        ("team-a".into(), "orders".into())
+    }
+
     #[test]
     fn the_watch_event_of_an_own_write_wakes_nothing_even_before_the_write_answered() {
         let memory = Memory::default();
-        memory.record_write_in_flight("team-a", "orders-tasklist-auth", Some("h2".into()));
+        memory.record_write_in_flight(&key(), "orders-tasklist-auth", Some("h2".into()));
         // The event arrives before the write's answer: recognised by its data hash.
-        assert!(memory.connections_affected_by(&event("7", "h2")).is_empty());
+        assert!(memory.connections_affected_by(&event("7", "h2"), &[]).is_empty());
         // A change carrying other data (a hand edit of an earlier version) wakes the owner.
-        assert_eq!(memory.connections_affected_by(&event("8", "h1")).len(), 1);
-        memory.record_own_write("team-a", "orders-tasklist-auth", Some("7".into()));
+        assert_eq!(memory.connections_affected_by(&event("8", "h1"), &[]).len(), 1);
+        memory.record_own_write(&key(), "orders-tasklist-auth", Some("7".into()));
         // The event arrives after the answer: recognised by its resourceVersion.
-        assert!(memory.connections_affected_by(&event("7", "h2")).is_empty());
+        assert!(memory.connections_affected_by(&event("7", "h2"), &[]).is_empty());
         // Anything later wakes the owner.
-        assert_eq!(memory.connections_affected_by(&event("9", "h2")).len(), 1);
+        assert_eq!(memory.connections_affected_by(&event("9", "h2"), &[]).len(), 1);
+        // A forgotten connection's writes are forgotten with it.
+        memory.forget(&key());
+        assert_eq!(memory.connections_affected_by(&event("7", "h2"), &[]).len(), 1);
+    }
+
+    fn connection(namespace: &str, name: &str, client_secret: &str) -> Arc<TasklistConnection> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "tasklist.camunda.community/v1alpha1", "kind": "TasklistConnection",
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": {"url": "https://t.example", "auth": {"oauth2": {
+                    "tokenUrl": "https://login.example/oauth/token", "clientSecretRef": {"name": client_secret}}}},
+            }))
+            .expect("a valid connection"),
+        )
+    }
+
+    fn changed(namespace: &str, name: &str) -> PartialObjectMeta<Secret> {
+        PartialObjectMeta {
+            types: None,
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(namespace.into()),
+                resource_version: Some("1".into()),
+                ..ObjectMeta::default()
+            },
+            _phantom: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_changed_secret_wakes_the_connections_of_the_store_that_read_it_in_its_namespace() {
+        let memory = Memory::default();
+        let store = [
+            connection("team-a", "orders", "client"),
+            connection("team-a", "billing", "client"),
+            connection("team-a", "other", "another-client"),
+            connection("team-b", "orders", "client"),
+        ];
+        let mut woken: Vec<String> = memory
+            .connections_affected_by(&changed("team-a", "client"), &store)
+            .into_iter()
+            .map(|reference| reference.name)
+            .collect();
+        woken.sort();
+        assert_eq!(woken, ["billing", "orders"]);
+        // A Secret taking the derived name (a conflict resolving) wakes the connection too.
+        let woken = memory.connections_affected_by(&changed("team-a", "other-tasklist-auth"), &store);
+        assert_eq!(woken.len(), 1);
+        assert_eq!(woken[0].name, "other");
+        assert!(memory.connections_affected_by(&changed("team-c", "client"), &store).is_empty());
     }
 }

@@ -211,9 +211,14 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
         .touched_objects();
     let mapper_ctx = ctx.clone();
     let present = reader.clone();
+    // Which connections a changed Secret concerns comes from the store the controller keeps
+    // anyway, not from a hand-kept index.
+    let store = reader.clone();
 
     Controller::for_stream(connection_changes, reader)
-        .watches_stream(secret_changes, move |secret| mapper_ctx.memory.connections_affected_by(&secret))
+        .watches_stream(secret_changes, move |secret| {
+            mapper_ctx.memory.connections_affected_by(&secret, &store.state())
+        })
         .with_config(controller::Config::default().concurrency(ctx.concurrency))
         // The controller backs off its trigger streams too; kube's default would again wait
         // up to half a minute and more after an API server restart.

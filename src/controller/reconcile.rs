@@ -25,7 +25,7 @@ use crate::crd::{TasklistConnection, TasklistConnectionStatus};
 use crate::credential::{NEVER, add};
 use crate::derived_secret::{DATA_HASH, StoredCredential, Unusable, is_owned_by, update_patch};
 use crate::events::{ConnectionEvent, transitions};
-use crate::inputs::{Inputs, LoginMaterial, read_inputs, referenced_secret_names};
+use crate::inputs::{Inputs, LoginMaterial, read_inputs};
 use crate::logging::{ProbeLogLevel, human_signed_duration, probe_log_level};
 use crate::metrics::{ConnectionLabels, CredentialRequestLabels, MethodLabels, ResultLabels};
 use crate::obtain::obtain_credential_with;
@@ -41,9 +41,7 @@ const NOT_ALLOWED_RECHECK: Duration = Duration::from_secs(300);
 pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
     let now = Timestamp::now();
     let this = Reconciling::new(&connection, &ctx);
-    let mut wanted_secrets = referenced_secret_names(&connection);
-    wanted_secrets.push(connection.secret_name());
-    ctx.memory.record_secrets(&this.key, wanted_secrets);
+    ctx.memory.remember(&this.key);
 
     // 1. The derived Secret must be ours to write.
     let existing = this.secrets.get_opt(&connection.secret_name()).await?;
@@ -512,7 +510,7 @@ impl<'a> Reconciling<'a> {
         let name = self.connection.secret_name();
         let desired = credential.to_secret(self.connection);
         let data_hash = desired.metadata.annotations.as_ref().and_then(|a| a.get(DATA_HASH)).cloned();
-        self.ctx.memory.record_write_in_flight(&self.key.0, &name, data_hash);
+        self.ctx.memory.record_write_in_flight(&self.key, &name, data_hash);
         let checked = self.checked_secret.lock().ok().and_then(|checked| checked.clone());
         let written = match &checked {
             None => {
@@ -532,7 +530,7 @@ impl<'a> Reconciling<'a> {
             }
         };
         let version = written.as_ref().ok().and_then(|w| w.metadata.resource_version.clone());
-        self.ctx.memory.record_own_write(&self.key.0, &name, version);
+        self.ctx.memory.record_own_write(&self.key, &name, version);
         let written = match written {
             Ok(written) => written,
             // 409: created or changed meanwhile; 404: deleted meanwhile.

@@ -17,17 +17,12 @@ use crate::ScenarioFn;
 use crate::scenario::{Scenario, World, condition};
 
 pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
-    vec![
-        ("auth::keycloak_client_secret_in_body_via_discovery_and_in_a_basic_header", |w| {
-            Box::pin(keycloak_client_secret_in_body_via_discovery_and_in_a_basic_header(w))
-        }),
-        ("auth::keycloak_private_key_jwt_and_wrong_keys", |w| {
-            Box::pin(keycloak_private_key_jwt_and_wrong_keys(w))
-        }),
-        ("auth::basic_auth_to_tasklist", |w| Box::pin(basic_auth_to_tasklist(w))),
-        ("auth::invalid_auth_manifests_are_rejected", |w| {
-            Box::pin(invalid_auth_manifests_are_rejected(w))
-        }),
+    scenarios![
+        auth_methods:
+        keycloak_client_secret_in_body_via_discovery_and_in_a_basic_header,
+        keycloak_private_key_jwt_and_wrong_keys,
+        basic_auth_to_tasklist,
+        invalid_auth_manifests_are_rejected,
     ]
 }
 

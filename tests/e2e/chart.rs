@@ -18,39 +18,32 @@ use k8s_openapi::api::authorization::v1::{
 };
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Container, PodSpec, Service, ServiceAccount};
-use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ListParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, CustomResourceExt, ResourceExt};
-use serde::Deserialize as _;
 use serde_json::{Value, json};
 use tasklist_operator::crd::{REFRESH_ANNOTATION, TasklistConnection};
 use testsupport::operator::OperatorProcess;
 
 use crate::ScenarioFn;
-use crate::scenario::{DEFAULT_CLIENT_SECRET, Scenario, World, operator_binary, tail};
+use crate::scenario::{DEFAULT_CLIENT_SECRET, Scenario, World, operator_binary, parse_manifest, tail, wait_for_event};
+
+/// How long an Event may take; a refused Event is only logged at debug level, so the Event
+/// itself shows that the chart's ServiceAccount may publish Events.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
-    vec![
-        ("chart::lint_template_and_schema", |w| Box::pin(lint_template_and_schema(w))),
-        ("chart::install_then_run_the_operator_as_its_service_account", |w| {
-            Box::pin(install_then_run_the_operator_as_its_service_account(w))
-        }),
-        ("chart::service_account_is_not_too_powerful", |w| {
-            Box::pin(service_account_is_not_too_powerful(w))
-        }),
-        ("chart::upgrade_keeps_connections_and_uninstall_removes_the_operator", |w| {
-            Box::pin(upgrade_keeps_connections_and_uninstall_removes_the_operator(w))
-        }),
-        ("chart::two_replicas_elect_a_leader_as_the_service_account", |w| {
-            Box::pin(two_replicas_elect_a_leader_as_the_service_account(w))
-        }),
-        ("chart::platform_values_are_accepted_and_notes_advise_mounting", |w| {
-            Box::pin(platform_values_are_accepted_and_notes_advise_mounting(w))
-        }),
+    scenarios![
+        chart:
+        lint_template_and_schema,
+        install_then_run_the_operator_as_its_service_account,
+        service_account_is_not_too_powerful,
+        upgrade_keeps_connections_and_uninstall_removes_the_operator,
+        two_replicas_elect_a_leader_as_the_service_account,
+        platform_values_are_accepted_and_notes_advise_mounting,
     ]
 }
 
@@ -110,18 +103,6 @@ async fn helm_ok(world: &World, args: &[&str]) -> anyhow::Result<String> {
     let output = helm(world, args).await?;
     ensure!(output.success, "`helm {}` failed: {}", args.join(" "), output.describe());
     Ok(output.stdout)
-}
-
-/// The objects of a multi-document YAML manifest (empty documents left out).
-fn parse_manifest(text: &str) -> anyhow::Result<Vec<Value>> {
-    let mut objects = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(text) {
-        let object = Value::deserialize(document).context("the manifest is not valid YAML")?;
-        if !object.is_null() {
-            objects.push(object);
-        }
-    }
-    Ok(objects)
 }
 
 fn kind_of(object: &Value) -> &str {
@@ -301,40 +282,6 @@ async fn client_from(kubeconfig: &Path) -> anyhow::Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
-/// Waits until an Event (events.k8s.io) with `reason` is recorded about connection `name`:
-/// the operator's ServiceAccount may publish Events (a refused Event is only logged at debug
-/// level, so the Event itself is what shows it).
-async fn wait_for_event(s: &Scenario, name: &str, reason: &str) -> anyhow::Result<()> {
-    let events: Api<Event> = Api::namespaced(s.client.clone(), &s.namespace);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let recorded = events.list(&ListParams::default()).await?.items;
-        if recorded
-            .iter()
-            .any(|event| event.reason.as_deref() == Some(reason) && event.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            let seen: Vec<String> = recorded
-                .iter()
-                .map(|event| {
-                    format!(
-                        "{:?} about {:?}",
-                        event.reason,
-                        event.regarding.as_ref().and_then(|r| r.name.clone())
-                    )
-                })
-                .collect();
-            bail!(
-                "no {reason} Event about {name} within 15 s (may the chart's ServiceAccount publish Events?); Events: {seen:?}\n--- operator log (tail) ---\n{}",
-                tail(&s.operator.logs(), 20)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
 fn assert_nothing_forbidden(logs: &str) -> anyhow::Result<()> {
     let forbidden: Vec<&str> = logs.lines().filter(|line| line.to_lowercase().contains("forbidden")).collect();
     ensure!(
@@ -503,7 +450,7 @@ async fn install_and_reach_ready(world: &World) -> anyhow::Result<(Release, Scen
 
 async fn install_then_run_the_operator_as_its_service_account(world: Arc<World>) -> anyhow::Result<()> {
     let (_release, s) = install_and_reach_ready(&world).await?;
-    wait_for_event(&s, "orders", "CredentialIssued").await?;
+    wait_for_event(&s, "orders", "CredentialIssued", EVENT_TIMEOUT).await?;
     assert_nothing_forbidden(&s.all_operator_logs())?;
     s.assert_no_credential_leaked().await
 }
@@ -744,7 +691,7 @@ async fn upgrade_keeps_connections_and_uninstall_removes_the_operator(world: Arc
         s.standin.call_api_with_secret(&refreshed).await? == 200,
         "Tasklist does not accept the token refreshed after the upgrade"
     );
-    wait_for_event(&s, "orders", "CredentialRefreshed").await?;
+    wait_for_event(&s, "orders", "CredentialRefreshed", EVENT_TIMEOUT).await?;
     ensure!(
         s.operator.logs().contains("DEBUG"),
         "logLevel=debug did not make the new operator log at debug level"

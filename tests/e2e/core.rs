@@ -13,59 +13,32 @@ use tasklist_operator::crd::REFRESH_ANNOTATION;
 use testsupport::standin::{EndpointMode, TokenRequestEncoding};
 
 use crate::ScenarioFn;
-use crate::scenario::{Scenario, World, condition};
+use crate::scenario::{Check, Scenario, World, condition, eventually, wait_until};
 
 pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
-    vec![
-        ("core::saas_token_reaches_ready_and_tasklist_accepts_it", |w| {
-            Box::pin(saas_token_reaches_ready_and_tasklist_accepts_it(w))
-        }),
-        ("core::identity_keycloak_jwt_reaches_ready", |w| {
-            Box::pin(identity_keycloak_jwt_reaches_ready(w))
-        }),
-        ("core::cookie_session_with_csrf_and_relogin_after_revocation", |w| {
-            Box::pin(cookie_session_with_csrf_and_relogin_after_revocation(w))
-        }),
-        ("core::changes_get_a_new_credential_at_once", |w| {
-            Box::pin(changes_get_a_new_credential_at_once(w))
-        }),
-        ("core::restart_reuses_the_stored_credential", |w| {
-            Box::pin(restart_reuses_the_stored_credential(w))
-        }),
-        ("core::tokens_are_replaced_before_they_expire", |w| {
-            Box::pin(tokens_are_replaced_before_they_expire(w))
-        }),
-        ("core::status_is_not_written_when_nothing_changed", |w| {
-            Box::pin(status_is_not_written_when_nothing_changed(w))
-        }),
-        ("core::missing_secret_and_key_are_reported_then_fixed_by_watch", |w| {
-            Box::pin(missing_secret_and_key_are_reported_then_fixed_by_watch(w))
-        }),
-        ("core::rejected_credentials_are_not_retried_in_a_loop", |w| {
-            Box::pin(rejected_credentials_are_not_retried_in_a_loop(w))
-        }),
-        ("core::a_dead_token_endpoint_keeps_the_last_valid_token", |w| {
-            Box::pin(a_dead_token_endpoint_keeps_the_last_valid_token(w))
-        }),
-        ("core::probe_failures_show_in_reachable", |w| {
-            Box::pin(probe_failures_show_in_reachable(w))
-        }),
-        ("core::invalid_manifests_are_rejected_with_readable_messages", |w| {
-            Box::pin(invalid_manifests_are_rejected_with_readable_messages(w))
-        }),
-        ("core::deleting_a_connection_deletes_its_secret", |w| {
-            Box::pin(deleting_a_connection_deletes_its_secret(w))
-        }),
-        ("core::a_secret_the_operator_does_not_own_is_left_alone", |w| {
-            Box::pin(a_secret_the_operator_does_not_own_is_left_alone(w))
-        }),
+    scenarios![
+        core:
+        saas_token_reaches_ready_and_tasklist_accepts_it,
+        identity_keycloak_jwt_reaches_ready,
+        cookie_session_with_csrf_and_relogin_after_revocation,
+        changes_get_a_new_credential_at_once,
+        restart_reuses_the_stored_credential,
+        tokens_are_replaced_before_they_expire,
+        status_is_not_written_when_nothing_changed,
+        missing_secret_and_key_are_reported_then_fixed_by_watch,
+        rejected_credentials_are_not_retried_in_a_loop,
+        a_dead_token_endpoint_keeps_the_last_valid_token,
+        probe_failures_show_in_reachable,
+        invalid_manifests_are_rejected_with_readable_messages,
+        deleting_a_connection_deletes_its_secret,
+        a_secret_the_operator_does_not_own_is_left_alone,
     ]
 }
 
 const SECRET: &str = "orders-tasklist-auth";
 
 async fn saas_token_reaches_ready_and_tasklist_accepts_it(world: Arc<World>) -> anyhow::Result<()> {
-    let mut s = Scenario::start_saas(&world, "saas").await?;
+    let s = Scenario::start_saas(&world, "saas").await?;
     s.apply_connection("orders", s.saas_spec()).await?;
     let connection = s.wait_ready("orders").await?;
 
@@ -217,11 +190,13 @@ async fn changes_get_a_new_credential_at_once(world: Arc<World>) -> anyhow::Resu
     s.remember_credential(&refreshed);
 
     // Someone edits the derived Secret by hand.
-    let edit = json!({"data": {"token": "ZWRpdGVk"}});
+    // A value no log line could contain by chance: the leak check remembers it too.
+    const EDITED: &str = "a-hand-edited-token-value";
+    let edit = json!({"data": {"token": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, EDITED)}});
     s.secrets().patch(SECRET, &PatchParams::default(), &Patch::Merge(edit)).await?;
     let restored = s
         .wait_for_secret(SECRET, "restored after an edit", soon, |data| {
-            data.get("token").is_some_and(|t| t != "edited")
+            data.get("token").is_some_and(|t| t != EDITED)
         })
         .await?;
     s.remember_credential(&restored);
@@ -242,6 +217,7 @@ async fn changes_get_a_new_credential_at_once(world: Arc<World>) -> anyhow::Resu
     );
 
     // The spec changes (a new audience the stand-in does not know is not needed: a scope).
+    s.standin.add_scope("tasklist");
     let mut spec = s.saas_spec();
     spec["auth"]["oauth2"]["scope"] = json!("tasklist");
     s.apply_connection("orders", spec).await?;
@@ -264,11 +240,10 @@ async fn restart_reuses_the_stored_credential(world: Arc<World>) -> anyhow::Resu
 
     s.restart_operator_after_crash()?;
     // The new process probes with the stored token: that is how we know it has looked.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while s.standin.api_requests().len() == probes {
-        ensure!(Instant::now() < deadline, "the restarted operator never probed");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_until("a probe by the restarted operator", Duration::from_secs(30), || {
+        s.standin.api_requests().len() > probes
+    })
+    .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = s.wait_ready("orders").await?;
     ensure!(
@@ -295,23 +270,30 @@ async fn restart_reuses_the_stored_credential(world: Arc<World>) -> anyhow::Resu
 }
 
 async fn tokens_are_replaced_before_they_expire(world: Arc<World>) -> anyhow::Result<()> {
-    let mut s = Scenario::start_saas(&world, "expiry").await?;
+    let s = Scenario::start_saas(&world, "expiry").await?;
     s.standin.set_token_lifetime(Duration::from_secs(12));
     s.apply_connection("orders", s.saas_spec()).await?;
     s.wait_ready("orders").await?;
 
-    // Sample the Secret as a Pod would, for three lifetimes.
+    // Sample the Secret as a Pod would, for three lifetimes. Each stored token's planned
+    // refresh must leave at least 40 % of the lifetime (the jitter reflected above the
+    // half-lifetime floor takes up to 10 %), less 1 s for whole-second expiry, before it
+    // expires. The time actually left at a sample is only reported: on a loaded machine it
+    // measures the machine as much as the operator.
+    let lifetime = 12.0;
     let until = Instant::now() + Duration::from_secs(36);
     let mut tokens = std::collections::BTreeSet::new();
+    let mut least_left = f64::MAX;
     while Instant::now() < until {
-        let data = s.derived_secret(SECRET).await?.context("the derived Secret vanished")?;
-        let expires_at: Timestamp = data["expiresAt"].parse()?;
-        // Replaced no later than 4.8 s before expiry; 1.8 s of margin for sampling and load.
-        let left = expires_at.duration_since(Timestamp::now());
+        let secret = s.secrets().get(SECRET).await.context("the derived Secret vanished")?;
+        let (planned, expires_at) = crate::scenario::planned_refresh_and_expiry(&secret)?;
+        let data = crate::scenario::secret_text(&secret);
+        let margin = expires_at.duration_since(planned).as_secs_f64();
         ensure!(
-            left >= jiff::SignedDuration::from_secs(3),
-            "the Secret holds a token that expires in {left:#}: it was not replaced 5 s before expiry"
+            margin >= 0.4 * lifetime - 1.0,
+            "the token expiring at {expires_at} is planned to be replaced at {planned}, only {margin:.1}s before"
         );
+        least_left = least_left.min(expires_at.duration_since(Timestamp::now()).as_secs_f64());
         ensure!(
             s.standin.call_api_with_secret(&data).await? == 200,
             "Tasklist refused the stored token"
@@ -321,6 +303,10 @@ async fn tokens_are_replaced_before_they_expire(world: Arc<World>) -> anyhow::Re
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    eprintln!(
+        "expiry: {} tokens in 36 s; least lifetime left at a sample {least_left:.1}s (reported, not asserted)",
+        tokens.len()
+    );
     // A 12 s token is replaced at half its lifetime (the floor; the kubelet margin would ask
     // for earlier), plus up to 1.2 s of jitter reflected upward from the floor: every 6 to
     // 7.2 s (less the whole-second rounding of the issue time), so 36 s see 6 or 7 tokens.
@@ -387,7 +373,7 @@ async fn rejected_credentials_are_not_retried_in_a_loop(world: Arc<World>) -> an
 }
 
 async fn a_dead_token_endpoint_keeps_the_last_valid_token(world: Arc<World>) -> anyhow::Result<()> {
-    let mut s = Scenario::start_saas(&world, "dead").await?;
+    let s = Scenario::start_saas(&world, "dead").await?;
     s.apply_connection("orders", s.saas_spec()).await?;
     s.wait_ready("orders").await?;
     let valid = s.derived_secret(SECRET).await?.context("no derived Secret")?;
@@ -414,7 +400,7 @@ async fn a_dead_token_endpoint_keeps_the_last_valid_token(world: Arc<World>) -> 
 }
 
 async fn probe_failures_show_in_reachable(world: Arc<World>) -> anyhow::Result<()> {
-    let mut s = Scenario::start_saas(&world, "probe").await?;
+    let s = Scenario::start_saas(&world, "probe").await?;
     let mut spec = s.saas_spec();
     // The shortest interval the CRD allows; each transition below waits for the next probe.
     spec["probe"] = json!({"interval": "10s"});
@@ -559,17 +545,19 @@ async fn invalid_manifests_are_rejected_with_readable_messages(world: Arc<World>
 }
 
 async fn deleting_a_connection_deletes_its_secret(world: Arc<World>) -> anyhow::Result<()> {
-    let mut s = Scenario::start_saas(&world, "delete").await?;
+    let s = Scenario::start_saas(&world, "delete").await?;
     s.apply_connection("orders", s.saas_spec()).await?;
     s.wait_ready("orders").await?;
     let data = s.derived_secret(SECRET).await?.context("no derived Secret")?;
     s.remember_credential(&data);
     s.connections().delete("orders", &DeleteParams::default()).await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while s.derived_secret(SECRET).await?.is_some() {
-        ensure!(Instant::now() < deadline, "the derived Secret outlived its connection by 30 s");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    eventually("the derived Secret going with its connection", Duration::from_secs(30), || async {
+        Ok(match s.derived_secret(SECRET).await? {
+            None => Check::Done(()),
+            Some(_) => Check::NotYet("it still exists".to_owned()),
+        })
+    })
+    .await?;
     s.assert_no_credential_leaked().await
 }
 
@@ -604,7 +592,7 @@ async fn a_secret_the_operator_does_not_own_is_left_alone(world: Arc<World>) -> 
 }
 
 async fn status_is_not_written_when_nothing_changed(world: Arc<World>) -> anyhow::Result<()> {
-    let mut s = Scenario::start_saas(&world, "quiet").await?;
+    let s = Scenario::start_saas(&world, "quiet").await?;
     let mut spec = s.saas_spec();
     // The shortest interval the CRD allows.
     spec["probe"] = json!({"interval": "10s"});
@@ -615,9 +603,9 @@ async fn status_is_not_written_when_nothing_changed(world: Arc<World>) -> anyhow
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Every probe succeeds again and nothing changes: the API server sees no status write.
-    let (writes, probes) = (world.control_plane.status_writes(&s.namespace), s.standin.api_requests().len());
+    let (writes, probes) = (world.control_plane.status_writes(&s.namespace)?, s.standin.api_requests().len());
     tokio::time::sleep(Duration::from_secs(25)).await;
-    let writes = world.control_plane.status_writes(&s.namespace) - writes;
+    let writes = world.control_plane.status_writes(&s.namespace)? - writes;
     let probed = s.standin.api_requests().len() - probes;
     ensure!(
         probed >= 2,

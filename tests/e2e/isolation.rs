@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 use kube::api::DeleteParams;
 use serde_json::json;
 use testsupport::controlplane::ControlPlane;
@@ -14,16 +14,13 @@ use testsupport::operator::OperatorProcess;
 use tokio::io::AsyncReadExt as _;
 
 use crate::ScenarioFn;
-use crate::scenario::{Scenario, World, condition, install_crd, operator_binary, tail};
+use crate::scenario::{Scenario, Scrape, World, condition, install_crd, operator_binary, scrape, tail, wait_for_scrape, wait_until};
 
 pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
-    vec![
-        ("isolation::a_connection_deleted_while_the_watch_was_down_leaves_no_metrics", |w| {
-            Box::pin(a_connection_deleted_while_the_watch_was_down_leaves_no_metrics(w))
-        }),
-        ("isolation::a_dead_host_does_not_delay_a_healthy_connection", |w| {
-            Box::pin(a_dead_host_does_not_delay_a_healthy_connection(w))
-        }),
+    scenarios![
+        isolation:
+        a_connection_deleted_while_the_watch_was_down_leaves_no_metrics,
+        a_dead_host_does_not_delay_a_healthy_connection,
     ]
 }
 
@@ -41,10 +38,6 @@ fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn metrics_text(url: &str) -> anyhow::Result<String> {
-    Ok(reqwest::get(url).await?.error_for_status()?.text().await?)
-}
-
 /// The operator is frozen (SIGSTOP) while kube-apiserver restarts and a connection is
 /// deleted, so it never sees the Delete event. Thawed, its watch cannot resume from its old
 /// resourceVersion (the restarted API server's watch cache starts later), so it lists
@@ -60,16 +53,14 @@ async fn a_connection_deleted_while_the_watch_was_down_leaves_no_metrics(world: 
     s.wait_ready("kept").await?;
     s.wait_ready("gone").await?;
     let metrics_url = s.metrics_url().await?;
-    let series = |name: &str| {
-        format!(
-            r#"tasklist_operator_connection_ready{{namespace="{}",name="{name}"}} 1"#,
-            s.namespace
-        )
-    };
-    let before = metrics_text(&metrics_url).await?;
+    let http = reqwest::Client::new();
+    let ready =
+        |scraped: &Scrape, name: &str| scraped.get("tasklist_operator_connection_ready", &[("namespace", &s.namespace), ("name", name)]);
+    let before = scrape(&http, &metrics_url).await?;
     ensure!(
-        before.contains(&series("gone")) && before.contains(&series("kept")),
-        "both connections should have a Ready series:\n{before}"
+        ready(&before, "gone") == Some(1.0) && ready(&before, "kept") == Some(1.0),
+        "both connections should have a Ready series:\n{}",
+        before.excerpt(&s.namespace)
     );
 
     let pid = s.operator.pid();
@@ -84,25 +75,26 @@ async fn a_connection_deleted_while_the_watch_was_down_leaves_no_metrics(world: 
     signal(pid, "CONT")?;
     outcome?;
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let text = metrics_text(&metrics_url).await?;
-        if !text.contains(r#"name="gone""#) {
-            ensure!(text.contains(&series("kept")), "the kept connection's series went too:\n{text}");
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "60 s after the relist, the deleted connection still has metric series:\n{}\n--- operator log (tail) ---\n{}",
-                text.lines()
-                    .filter(|line| line.contains(r#"name="gone""#))
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-                tail(&s.operator.logs(), 30)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let names_gone = |scraped: &Scrape| {
+        scraped
+            .samples
+            .iter()
+            .any(|sample| sample.labels.get("name").is_some_and(|n| n == "gone"))
+    };
+    let after = wait_for_scrape(
+        &http,
+        &metrics_url,
+        "no series of the deleted connection after the relist",
+        Duration::from_secs(60),
+        |scraped| !names_gone(scraped),
+    )
+    .await
+    .with_context(|| format!("--- operator log (tail) ---\n{}", tail(&s.operator.logs(), 30)))?;
+    ensure!(
+        ready(&after, "kept") == Some(1.0),
+        "the kept connection's series went too:\n{}",
+        after.excerpt(&s.namespace)
+    );
     // The relist, not a Delete event, removed them: this is the case being tested.
     let logs = s.operator.logs();
     ensure!(
@@ -187,15 +179,13 @@ async fn a_dead_host_does_not_delay_a_healthy_connection(world: Arc<World>) -> a
         });
         s.apply_connection(&format!("dead-{index:02}"), spec).await?;
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while dead.open() < PER_HOST {
-        ensure!(
-            Instant::now() < deadline,
-            "only {} requests reached the dead host within 20 s",
-            dead.open()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(
+        &format!("{PER_HOST} requests reaching the dead host"),
+        Duration::from_secs(20),
+        || dead.open() >= PER_HOST,
+    )
+    .await
+    .with_context(|| format!("only {} arrived", dead.open()))?;
     // Let the remaining dead connections be picked up too (or be deferred).
     tokio::time::sleep(Duration::from_secs(2)).await;
     ensure!(dead.closed.load(Ordering::SeqCst) == 0, "a dead-host request ended early");

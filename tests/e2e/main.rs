@@ -4,6 +4,20 @@
 //! its own namespace, stand-in Tasklist and operator process.
 //!
 //! A missing component fails every scenario: nothing is skipped.
+//!
+//! How to run one scenario and how to add one: `tests/README.md`.
+
+/// The scenarios of one module, each named `module::function`:
+/// `scenarios![core: saas_token_reaches_ready, restart_reuses_the_stored_credential]`.
+/// Used inside the module, as the body of its `pub fn scenarios()`.
+macro_rules! scenarios {
+    ($module:ident: $($scenario:ident),+ $(,)?) => {
+        vec![$({
+            let run: crate::ScenarioFn = |world| Box::pin($scenario(world));
+            (concat!(stringify!($module), "::", stringify!($scenario)), run)
+        }),+]
+    };
+}
 
 mod auth_methods;
 mod chart;

@@ -10,34 +10,26 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use tasklist_operator::crd::{REFRESH_ANNOTATION, TasklistConnection};
 use testsupport::standin::EndpointMode;
 
 use crate::ScenarioFn;
-use crate::scenario::{DEFAULT_CLIENT_SECRET, Scenario, World, start_operator_with, strip_ansi, tail};
+use crate::scenario::{
+    Check, DEFAULT_CLIENT_SECRET, Scenario, Scrape, World, describe, describe_all, events_about, eventually, scrape, start_operator_with,
+    strip_ansi, tail, wait_for_event, wait_for_scrape, wait_for_series, wait_until, with_reason,
+};
 
 pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
-    vec![
-        (
-            "observability::metrics_change_when_a_credential_is_refreshed_and_when_the_standin_fails",
-            |w| Box::pin(metrics_change_when_a_credential_is_refreshed_and_when_the_standin_fails(w)),
-        ),
-        (
-            "observability::events_are_published_for_transitions_and_aggregated_during_a_failure_loop",
-            |w| Box::pin(events_are_published_for_transitions_and_aggregated_during_a_failure_loop(w)),
-        ),
-        ("observability::json_logs_are_structured_and_name_the_connection", |w| {
-            Box::pin(json_logs_are_structured_and_name_the_connection(w))
-        }),
-        ("observability::kubectl_explain_reads_well", |w| {
-            Box::pin(kubectl_explain_reads_well(w))
-        }),
-        ("observability::health_endpoints_answer", |w| Box::pin(health_endpoints_answer(w))),
-        ("observability::text_logs_name_the_connection_once_and_warn_on_changes_only", |w| {
-            Box::pin(text_logs_name_the_connection_once_and_warn_on_changes_only(w))
-        }),
+    scenarios![
+        observability:
+        metrics_change_when_a_credential_is_refreshed_and_when_the_standin_fails,
+        events_are_published_for_transitions_and_aggregated_during_a_failure_loop,
+        json_logs_are_structured_and_name_the_connection,
+        kubectl_explain_reads_well,
+        health_endpoints_answer,
+        text_logs_name_the_connection_once_and_warn_on_changes_only,
     ]
 }
 
@@ -63,159 +55,6 @@ fn unix_seconds(rfc3339: &str) -> anyhow::Result<i64> {
 // ---------------------------------------------------------------------------------------
 // Metrics
 // ---------------------------------------------------------------------------------------
-
-/// One line of the Prometheus text format.
-#[derive(Debug, Clone)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-/// One answer of `/metrics`.
-struct Scrape {
-    text: String,
-    samples: Vec<Sample>,
-}
-
-impl Scrape {
-    /// The value of the series with exactly these labels.
-    fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        self.samples
-            .iter()
-            .find(|sample| {
-                sample.name == name
-                    && sample.labels.len() == labels.len()
-                    && labels.iter().all(|(k, v)| sample.labels.get(*k).map(String::as_str) == Some(*v))
-            })
-            .map(|sample| sample.value)
-    }
-
-    /// The value of the series with exactly these labels, 0 when there is none.
-    fn count(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.get(name, labels).unwrap_or(0.0)
-    }
-
-    fn has(&self, name: &str) -> bool {
-        self.samples.iter().any(|sample| sample.name == name)
-    }
-
-    /// The lines of the families named, without histogram buckets except `+Inf`: what a
-    /// person would look at.
-    fn excerpt(&self, namespace: &str) -> String {
-        self.text
-            .lines()
-            .filter(|line| line.starts_with("tasklist_operator_"))
-            .filter(|line| !line.contains("_bucket") || line.contains("le=\"+Inf\""))
-            .filter(|line| !line.contains("namespace=") || line.contains(namespace))
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-}
-
-fn parse_samples(text: &str) -> anyhow::Result<Vec<Sample>> {
-    let mut samples = Vec::new();
-    for line in text.lines().map(str::trim) {
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let name_end = line.find(['{', ' ']).with_context(|| format!("no value in {line:?}"))?;
-        let name = line[..name_end].to_owned();
-        let mut rest = &line[name_end..];
-        let mut labels = BTreeMap::new();
-        if let Some(inner) = rest.strip_prefix('{') {
-            let (parsed, after) = parse_labels(inner).with_context(|| format!("bad labels in {line:?}"))?;
-            labels = parsed;
-            rest = after;
-        }
-        let value = rest.split_whitespace().next().with_context(|| format!("no value in {line:?}"))?;
-        let value = match value {
-            "+Inf" => f64::INFINITY,
-            "-Inf" => f64::NEG_INFINITY,
-            other => other.parse().with_context(|| format!("bad value in {line:?}"))?,
-        };
-        samples.push(Sample { name, labels, value });
-    }
-    Ok(samples)
-}
-
-/// Parses `key="value",...}` and returns the labels and what follows the `}`.
-fn parse_labels(text: &str) -> anyhow::Result<(BTreeMap<String, String>, &str)> {
-    let mut labels = BTreeMap::new();
-    let mut rest = text;
-    loop {
-        rest = rest.trim_start_matches([',', ' ']);
-        if let Some(after) = rest.strip_prefix('}') {
-            return Ok((labels, after));
-        }
-        let (key, after) = rest.split_once("=\"").context("expected key=\"value\"")?;
-        let mut value = String::new();
-        let mut chars = after.char_indices();
-        let end = loop {
-            match chars.next().context("unterminated label value")? {
-                (_, '\\') => match chars.next().context("dangling escape")?.1 {
-                    'n' => value.push('\n'),
-                    other => value.push(other),
-                },
-                (index, '"') => break index,
-                (_, c) => value.push(c),
-            }
-        };
-        labels.insert(key.trim().to_owned(), value);
-        rest = &after[end + 1..];
-    }
-}
-
-async fn scrape(http: &reqwest::Client, url: &str) -> anyhow::Result<Scrape> {
-    // Prometheus's own Accept header: OpenMetrics preferred (tests/monitoring.rs reads the
-    // text format too, with Prometheus's parsers).
-    let response = http
-        .get(url)
-        .header(
-            reqwest::header::ACCEPT,
-            "application/openmetrics-text;version=1.0.0;q=0.6,text/plain;version=0.0.4;q=0.3,*/*;q=0.2",
-        )
-        .send()
-        .await
-        .with_context(|| format!("GET {url}"))?;
-    ensure!(response.status() == 200, "GET {url} answered {}", response.status());
-    let content_type = response
-        .headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    ensure!(
-        content_type.starts_with("application/openmetrics-text; version=1.0.0"),
-        "/metrics answered a scraper preferring OpenMetrics with content type {content_type:?}"
-    );
-    let text = response.text().await?;
-    let samples = parse_samples(&text)?;
-    Ok(Scrape { text, samples })
-}
-
-async fn wait_for_scrape(
-    http: &reqwest::Client,
-    url: &str,
-    what: &str,
-    timeout: Duration,
-    check: impl Fn(&Scrape) -> bool,
-) -> anyhow::Result<Scrape> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let scraped = scrape(http, url).await?;
-        if check(&scraped) {
-            return Ok(scraped);
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "/metrics did not show {what} within {timeout:?}; last scrape:\n{}",
-                scraped.excerpt("")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
 
 /// Prometheus naming conventions: one prefix, snake case, counters end in `_total`,
 /// durations and timestamps are in seconds, every family has HELP and TYPE.
@@ -316,7 +155,7 @@ fn check_label_hygiene(scraped: &Scrape, forbidden: &[String]) -> anyhow::Result
 }
 
 async fn metrics_change_when_a_credential_is_refreshed_and_when_the_standin_fails(world: Arc<World>) -> anyhow::Result<()> {
-    let mut s = Scenario::start_saas(&world, "metrics").await?;
+    let s = Scenario::start_saas(&world, "metrics").await?;
     let http = http_client()?;
     let url = s.metrics_url().await?;
     let namespace = s.namespace.clone();
@@ -442,86 +281,6 @@ async fn metrics_change_when_a_credential_is_refreshed_and_when_the_standin_fail
 // Events
 // ---------------------------------------------------------------------------------------
 
-/// The events.k8s.io/v1 Events regarding one connection, oldest first.
-async fn events_about(s: &Scenario, connection: &str) -> anyhow::Result<Vec<Event>> {
-    let events: Api<Event> = Api::namespaced(s.client.clone(), &s.namespace);
-    let mut found: Vec<Event> = events
-        .list(&ListParams::default())
-        .await?
-        .into_iter()
-        .filter(|event| {
-            event
-                .regarding
-                .as_ref()
-                .is_some_and(|r| r.kind.as_deref() == Some("TasklistConnection") && r.name.as_deref() == Some(connection))
-        })
-        .collect();
-    found.sort_by_key(|event| event.event_time.as_ref().map(|t| t.0));
-    Ok(found)
-}
-
-fn with_reason<'a>(events: &'a [Event], reason: &str) -> Vec<&'a Event> {
-    events.iter().filter(|e| e.reason.as_deref() == Some(reason)).collect()
-}
-
-/// How often the Event happened: its series count, else 1.
-fn occurrences(event: &Event) -> i32 {
-    event.series.as_ref().map_or(event.deprecated_count.unwrap_or(1), |s| s.count)
-}
-
-fn describe(event: &Event) -> String {
-    format!(
-        "{:<8} {:<20} x{:<3} {:<10} {}",
-        event.type_.as_deref().unwrap_or("?"),
-        event.reason.as_deref().unwrap_or("?"),
-        occurrences(event),
-        event.regarding.as_ref().and_then(|r| r.name.as_deref()).unwrap_or("?"),
-        event.note.as_deref().unwrap_or(""),
-    )
-}
-
-fn describe_all(events: &[Event]) -> String {
-    events.iter().map(describe).collect::<Vec<_>>().join("\n")
-}
-
-async fn wait_for_event(s: &Scenario, connection: &str, reason: &str, timeout: Duration) -> anyhow::Result<Event> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let events = events_about(s, connection).await?;
-        if let Some(event) = with_reason(&events, reason).last() {
-            return Ok((*event).clone());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "no {reason} Event about {connection} within {timeout:?}; Events:\n{}\n--- operator log (tail) ---\n{}",
-                describe_all(&events),
-                tail(&s.operator.logs(), 30)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
-/// Waits until the (latest) Event with `reason` about `connection` has happened `count` times.
-async fn wait_for_series(s: &Scenario, connection: &str, reason: &str, count: i32, timeout: Duration) -> anyhow::Result<Event> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let events = events_about(s, connection).await?;
-        if let Some(event) = with_reason(&events, reason).last()
-            && occurrences(event) >= count
-        {
-            return Ok((*event).clone());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "no {reason} Event about {connection} counted {count} times within {timeout:?}; Events:\n{}",
-                describe_all(&events)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
 /// Exactly one Event object with `reason` about `connection`, of `type_`, whose note
 /// contains `note`; returns it.
 async fn the_one_event(s: &Scenario, connection: &str, reason: &str, type_: &str, note: &str) -> anyhow::Result<Event> {
@@ -554,7 +313,7 @@ async fn the_one_event(s: &Scenario, connection: &str, reason: &str, type_: &str
 }
 
 async fn events_are_published_for_transitions_and_aggregated_during_a_failure_loop(world: Arc<World>) -> anyhow::Result<()> {
-    let mut s = Scenario::start_saas(&world, "events").await?;
+    let s = Scenario::start_saas(&world, "events").await?;
     let mut spec = s.saas_spec();
     spec["probe"] = json!({"interval": "10s"});
     s.apply_connection("orders", spec).await?;
@@ -801,20 +560,9 @@ fn check_structure(line: &serde_json::Map<String, Value>) -> anyhow::Result<()> 
 }
 
 async fn wait_for_log(s: &Scenario, what: &str, timeout: Duration, check: impl Fn(&str) -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let logs = s.operator.logs();
-        if check(&logs) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the operator did not log {what} within {timeout:?}\n--- operator log (tail) ---\n{}",
-                tail(&logs, 30)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    wait_until(&format!("the operator logging {what}"), timeout, || check(&s.operator.logs()))
+        .await
+        .with_context(|| format!("--- operator log (tail) ---\n{}", tail(&s.operator.logs(), 30)))
 }
 
 async fn json_logs_are_structured_and_name_the_connection(world: Arc<World>) -> anyhow::Result<()> {
@@ -936,8 +684,19 @@ fn undescribed(path: &str, schema: &Value, missing: &mut Vec<String>) {
     }
 }
 
+/// The kubectl to run: `TLO_KUBECTL` (hack/tools.sh builds it from the control plane's
+/// module and version). Missing, it fails the scenario: a check that cannot run is not passed.
+fn kubectl_binary() -> anyhow::Result<std::path::PathBuf> {
+    let path = std::env::var_os("TLO_KUBECTL")
+        .filter(|path| !path.is_empty())
+        .map(std::path::PathBuf::from)
+        .context("TLO_KUBECTL is not set: run `eval \"$(hack/tools.sh)\"` (it builds kubectl) before the e2e tests")?;
+    ensure!(path.is_file(), "TLO_KUBECTL={} is not a file: run hack/tools.sh", path.display());
+    Ok(path)
+}
+
 async fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> anyhow::Result<(bool, String)> {
-    let output = tokio::process::Command::new("kubectl")
+    let output = tokio::process::Command::new(kubectl_binary()?)
         .arg("--kubeconfig")
         .arg(kubeconfig)
         .args(args)
@@ -950,10 +709,6 @@ async fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> anyhow::Result<
         String::from_utf8_lossy(&output.stderr)
     );
     Ok((output.status.success(), text))
-}
-
-fn kubectl_available() -> bool {
-    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join("kubectl").is_file()))
 }
 
 async fn kubectl_explain_reads_well(world: Arc<World>) -> anyhow::Result<()> {
@@ -1002,10 +757,7 @@ async fn kubectl_explain_reads_well(world: Arc<World>) -> anyhow::Result<()> {
         "printer columns are {columns:?}"
     );
 
-    if !kubectl_available() {
-        println!("kubectl is not on PATH: checked the CRD through the API only");
-        return Ok(());
-    }
+    kubectl_binary()?;
     let kubeconfig = world.control_plane.kubeconfig();
     // The OpenAPI document can lag behind the CRD by a few seconds.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -1060,20 +812,19 @@ async fn health_endpoints_answer(world: Arc<World>) -> anyhow::Result<()> {
 
     let healthz = http.get(format!("{base}/healthz")).send().await?;
     ensure!(healthz.status() == 200, "/healthz answered {}", healthz.status());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually("/readyz answering 200", Duration::from_secs(30), || async {
         let readyz = http.get(format!("{base}/readyz")).send().await?;
-        if readyz.status() == 200 {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "/readyz still answers {} after 30 s\n--- operator log (tail) ---\n{}",
-            readyz.status(),
-            tail(&strip_ansi(&s.operator.logs()), 30)
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+        Ok(if readyz.status() == 200 {
+            Check::Done(())
+        } else {
+            Check::NotYet(format!(
+                "it answers {}\n--- operator log (tail) ---\n{}",
+                readyz.status(),
+                tail(&strip_ansi(&s.operator.logs()), 30)
+            ))
+        })
+    })
+    .await?;
     let metrics = scrape(&http, &format!("{base}/metrics")).await?;
     ensure!(
         metrics.has("tasklist_operator_reconciles_total"),
@@ -1091,7 +842,7 @@ async fn health_endpoints_answer(world: Arc<World>) -> anyhow::Result<()> {
 /// by kube-runtime's span), one WARN when the probe starts failing rather than one per
 /// probe, and durations written like `962ms` or `5m`.
 async fn text_logs_name_the_connection_once_and_warn_on_changes_only(world: Arc<World>) -> anyhow::Result<()> {
-    let mut s = Scenario::start_saas(&world, "textlogs").await?;
+    let s = Scenario::start_saas(&world, "textlogs").await?;
     let mut spec = s.saas_spec();
     spec["probe"] = json!({"interval": "10s"});
     s.apply_connection("orders", spec).await?;

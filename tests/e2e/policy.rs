@@ -12,25 +12,19 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
-use serde::Deserialize as _;
 use serde_json::{Value, json};
 use tasklist_operator::crd::TasklistConnection;
 use testsupport::standin::{EndpointMode, StandinOptions, StandinTasklist};
 
 use crate::ScenarioFn;
-use crate::scenario::{CLIENT_ID, DEFAULT_CLIENT_SECRET, Scenario, World, find_condition, start_operator_with};
+use crate::scenario::{CLIENT_ID, DEFAULT_CLIENT_SECRET, Scenario, World, find_condition, parse_manifest, start_operator_with, wait_until};
 
 pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
-    vec![
-        ("policy::hosts_outside_the_policy_get_not_allowed_and_no_request", |w| {
-            Box::pin(hosts_outside_the_policy_get_not_allowed_and_no_request(w))
-        }),
-        ("policy::the_admission_policy_refuses_what_the_operator_would", |w| {
-            Box::pin(the_admission_policy_refuses_what_the_operator_would(w))
-        }),
-        ("policy::a_secret_created_while_the_token_is_requested_is_not_taken_over", |w| {
-            Box::pin(a_secret_created_while_the_token_is_requested_is_not_taken_over(w))
-        }),
+    scenarios![
+        policy:
+        hosts_outside_the_policy_get_not_allowed_and_no_request,
+        the_admission_policy_refuses_what_the_operator_would,
+        a_secret_created_while_the_token_is_requested_is_not_taken_over,
     ]
 }
 
@@ -134,18 +128,6 @@ async fn hosts_outside_the_policy_get_not_allowed_and_no_request(world: Arc<Worl
         "the operator does not log its policy at start"
     );
     s.assert_no_credential_leaked().await
-}
-
-/// The objects of a multi-document YAML manifest.
-fn parse_manifest(text: &str) -> anyhow::Result<Vec<Value>> {
-    let mut objects = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(text) {
-        let object = Value::deserialize(document).context("the manifest is not valid YAML")?;
-        if !object.is_null() {
-            objects.push(object);
-        }
-    }
-    Ok(objects)
 }
 
 async fn helm_template(world: &World, args: &[String]) -> anyhow::Result<String> {
@@ -313,15 +295,14 @@ async fn check_admission(client: &kube::Client, watched: &str, unwatched: &str) 
 /// name. The operator's write must fail rather than overwrite it: the foreign Secret keeps
 /// its data and gains no owner, and the connection reports `SecretConflict`.
 async fn a_secret_created_while_the_token_is_requested_is_not_taken_over(world: Arc<World>) -> anyhow::Result<()> {
-    let mut s = Scenario::start_saas(&world, "policy-race").await?;
+    let s = Scenario::start_saas(&world, "policy-race").await?;
     // Slower than the check, faster than the operator's 3 s request timeout in tests.
     s.standin.set_token_endpoint(EndpointMode::Slow(Duration::from_millis(2000)));
     s.apply_connection("orders", s.saas_spec()).await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while s.standin.token_requests_arrived() == 0 {
-        ensure!(Instant::now() < deadline, "the operator sent no token request within 30 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("the operator's token request", Duration::from_secs(30), || {
+        s.standin.token_requests_arrived() > 0
+    })
+    .await?;
     let foreign = Secret {
         metadata: ObjectMeta {
             name: Some("orders-tasklist-auth".into()),

@@ -7,24 +7,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams};
 use testsupport::standin::{EndpointMode, TokenAnswer};
 
 use crate::ScenarioFn;
-use crate::scenario::{Scenario, World, find_condition, tail};
+use crate::scenario::{Scenario, World, events_about, find_condition, occurrences, tail, wait_for_event, with_reason};
 
 pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
-    vec![
-        ("refresh::refresh_before_longer_than_the_lifetime_is_reported_not_looped", |w| {
-            Box::pin(refresh_before_longer_than_the_lifetime_is_reported_not_looped(w))
-        }),
-        ("refresh::a_401_gets_one_new_token_and_no_loop_when_that_is_refused_too", |w| {
-            Box::pin(a_401_gets_one_new_token_and_no_loop_when_that_is_refused_too(w))
-        }),
-        ("refresh::an_endpoint_echoing_the_secret_leaks_no_prefix_of_it", |w| {
-            Box::pin(an_endpoint_echoing_the_secret_leaks_no_prefix_of_it(w))
-        }),
+    scenarios![
+        refresh:
+        refresh_before_longer_than_the_lifetime_is_reported_not_looped,
+        a_401_gets_one_new_token_and_no_loop_when_that_is_refused_too,
+        an_endpoint_echoing_the_secret_leaks_no_prefix_of_it,
     ]
 }
 
@@ -33,21 +26,14 @@ const SECRET: &str = "orders-tasklist-auth";
 /// How often Events with `reason` about connection `orders` happened: the sum of their
 /// series counts.
 async fn event_count(s: &Scenario, reason: &str) -> anyhow::Result<i32> {
-    let events: Api<Event> = Api::namespaced(s.client.clone(), &s.namespace);
-    Ok(events
-        .list(&ListParams::default())
-        .await?
-        .into_iter()
-        .filter(|e| e.reason.as_deref() == Some(reason))
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("orders"))
-        .map(|e| e.series.as_ref().map_or(e.deprecated_count.unwrap_or(1), |series| series.count))
-        .sum())
+    let events = events_about(s, "orders").await?;
+    Ok(with_reason(&events, reason).into_iter().map(occurrences).sum())
 }
 
 /// Issue 10, finding 1: `refreshBefore: 10m` against 300 s tokens made 64 token requests,
 /// Secret writes and Events in 40 s, while status said Ready with nothing to tell.
 async fn refresh_before_longer_than_the_lifetime_is_reported_not_looped(world: Arc<World>) -> anyhow::Result<()> {
-    let mut s = Scenario::start_saas(&world, "hotloop").await?;
+    let s = Scenario::start_saas(&world, "hotloop").await?;
     // The stand-in's default: 300 s tokens, Keycloak's default lifetime.
     let mut spec = s.saas_spec();
     spec["refreshBefore"] = "10m".into();
@@ -96,7 +82,7 @@ async fn refresh_before_longer_than_the_lifetime_is_reported_not_looped(world: A
 /// Issue 10, finding 3: after the token server revoked the tokens, the connection stayed
 /// `ProbeUnauthorized` with no new token until its planned refresh.
 async fn a_401_gets_one_new_token_and_no_loop_when_that_is_refused_too(world: Arc<World>) -> anyhow::Result<()> {
-    let mut s = Scenario::start_saas(&world, "unauth").await?;
+    let s = Scenario::start_saas(&world, "unauth").await?;
     let mut spec = s.saas_spec();
     spec["probe"] = serde_json::json!({"interval": "10s"});
     s.apply_connection("orders", spec).await?;
@@ -174,11 +160,7 @@ async fn an_endpoint_echoing_the_secret_leaks_no_prefix_of_it(world: Arc<World>)
         authenticated.message
     );
     // Wait for the RefreshFailed Event, so that it is among the places scanned.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while event_count(&s, "RefreshFailed").await? == 0 {
-        ensure!(Instant::now() < deadline, "no RefreshFailed Event within 30 s");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    wait_for_event(&s, "orders", "RefreshFailed", Duration::from_secs(30)).await?;
     // Every prefix of 5 characters or more, in every place a person reads.
     for length in 5..=secret.len() {
         s.remember_secret_value(&secret[..length]);

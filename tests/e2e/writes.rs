@@ -20,14 +20,10 @@ use crate::ScenarioFn;
 use crate::scenario::{CLIENT_ID, Scenario, World, condition, find_condition, saas_spec_for, strip_ansi, tail};
 
 pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
-    vec![
-        (
-            "writes::a_denied_secret_write_keeps_the_credential_and_retries_only_the_write",
-            |w| Box::pin(a_denied_secret_write_keeps_the_credential_and_retries_only_the_write(w)),
-        ),
-        ("writes::a_restart_keeps_the_30s_pause_after_a_rejection", |w| {
-            Box::pin(a_restart_keeps_the_30s_pause_after_a_rejection(w))
-        }),
+    scenarios![
+        writes:
+        a_denied_secret_write_keeps_the_credential_and_retries_only_the_write,
+        a_restart_keeps_the_30s_pause_after_a_rejection,
     ]
 }
 

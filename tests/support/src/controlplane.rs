@@ -370,11 +370,14 @@ impl ControlPlane {
 
     /// How many writes (patch or update) of TasklistConnection status in `namespace` the API
     /// server has completed, from its audit log.
-    pub fn status_writes(&self, namespace: &str) -> usize {
-        let Ok(text) = std::fs::read_to_string(self.workdir.path().join(AUDIT_LOG)) else {
-            return 0;
-        };
-        text.lines()
+    ///
+    /// Fails when the audit log cannot be read: a count of 0 must mean "no writes", never
+    /// "could not look".
+    pub fn status_writes(&self, namespace: &str) -> anyhow::Result<usize> {
+        let path = self.workdir.path().join(AUDIT_LOG);
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read the audit log {}", path.display()))?;
+        Ok(text
+            .lines()
             // A line still being written does not parse; it is counted next time.
             .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
             .filter(|event| {
@@ -382,7 +385,7 @@ impl ControlPlane {
                     && event["objectRef"]["namespace"] == namespace
                     && event["objectRef"]["subresource"] == "status"
             })
-            .count()
+            .count())
     }
 
     /// The last `lines` lines of each component's log, for failure messages.

@@ -43,6 +43,10 @@ use self::state::Shared;
 
 /// The name of Tasklist's session cookie.
 pub const SESSION_COOKIE: &str = "TASKLIST-SESSION";
+/// The session cookie of Camunda 8.8+ unified authentication (login at `POST /login`).
+pub const UNIFIED_SESSION_COOKIE: &str = "camunda-session";
+/// The audience SaaS requires for the Orchestration Cluster API (`/v2/**`).
+pub const ZEEBE_AUDIENCE: &str = "zeebe.camunda.io";
 /// The CSRF header and cookie name of Tasklist 8.5 and later.
 pub const CSRF_NAME: &str = "X-CSRF-TOKEN";
 /// The CSRF header and cookie name of older Tasklist versions.
@@ -233,6 +237,7 @@ impl StandinTasklist {
             .route("/.well-known/openid-configuration", get(oauth::discovery))
             .route("/api/login", post(tasklist::login))
             .route("/api/logout", post(tasklist::logout))
+            .route("/login", post(tasklist::unified_login))
             .route("/v1/{*rest}", any(tasklist::api))
             .route("/v2/{*rest}", any(tasklist::api))
             .with_state(shared.clone());
@@ -278,6 +283,20 @@ impl StandinTasklist {
     /// Registers (or replaces) an OAuth2 client.
     pub fn add_client(&self, client_id: &str, client_secret: &str) {
         self.shared.lock().clients.insert(client_id.to_owned(), client_secret.to_owned());
+    }
+
+    /// Registers (or replaces) an OAuth2 client whose tokens are valid but lack the
+    /// "Tasklist API" permission: the API answers them `403`.
+    pub fn add_client_without_permission(&self, client_id: &str, client_secret: &str) {
+        let mut state = self.shared.lock();
+        state.clients.insert(client_id.to_owned(), client_secret.to_owned());
+        state.clients_without_permission.insert(client_id.to_owned());
+    }
+
+    /// Lets the token endpoint grant `scope`; a request for any scope not added gets
+    /// `400 invalid_scope`, as Keycloak answers.
+    pub fn add_scope(&self, scope: &str) {
+        self.shared.lock().known_scopes.insert(scope.to_owned());
     }
 
     /// Registers (or replaces) a Tasklist user for cookie login.
@@ -354,8 +373,8 @@ impl StandinTasklist {
         self.shared.lock().expires_in_override = seconds;
     }
 
-    /// Sessions end this long after login (which also bounds their idle time); `None`
-    /// (the default) keeps them until [`Self::revoke_sessions`] or logout. Applies to
+    /// Sessions end after this long without a request (an idle timeout; default 30 min,
+    /// Spring's); `None` keeps them until [`Self::revoke_sessions`] or logout. Applies to
     /// existing sessions too.
     pub fn set_session_timeout(&self, timeout: Option<Duration>) {
         self.shared.lock().session_timeout = timeout;

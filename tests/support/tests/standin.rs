@@ -143,6 +143,23 @@ async fn token_request_as_form_json_and_basic() {
         .send()
         .await
         .unwrap();
+    // Only scopes the server knows are granted (Keycloak's `invalid_scope`).
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_scope");
+    standin.add_scope("tasks");
+    let response = client()
+        .post(standin.token_url())
+        .json(&json!({
+            "grant_type": "client_credentials",
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            "audience": "tasklist.camunda.io",
+            "scope": "tasks",
+        }))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["scope"], "tasks");
@@ -160,15 +177,26 @@ async fn token_request_as_form_json_and_basic() {
     let encodings: Vec<_> = records.iter().map(|record| record.encoding).collect();
     assert_eq!(
         encodings,
-        [TokenRequestEncoding::Form, TokenRequestEncoding::Json, TokenRequestEncoding::Basic]
+        [
+            TokenRequestEncoding::Form,
+            TokenRequestEncoding::Json,
+            TokenRequestEncoding::Json,
+            TokenRequestEncoding::Basic
+        ]
     );
     assert!(
         records
             .iter()
-            .all(|record| record.client_id == CLIENT_ID && record.audience == "tasklist.camunda.io" && record.status == 200)
+            .all(|record| record.client_id == CLIENT_ID && record.audience == "tasklist.camunda.io")
+    );
+    let statuses: Vec<u16> = records.iter().map(|record| record.status).collect();
+    assert_eq!(
+        statuses,
+        [200, 400, 200, 200],
+        "the unknown scope is refused, then granted once added"
     );
     assert_eq!(records[0].scope, None);
-    assert_eq!(records[1].scope.as_deref(), Some("tasks"));
+    assert_eq!(records[2].scope.as_deref(), Some("tasks"));
 }
 
 #[tokio::test]
@@ -216,7 +244,7 @@ async fn token_request_errors() {
         ("grant_type", "client_credentials"),
         ("client_id", CLIENT_ID),
         ("client_secret", CLIENT_SECRET),
-        ("audience", "zeebe.camunda.io"),
+        ("audience", "operate.camunda.io"),
     ])
     .await
     .unwrap();
@@ -241,14 +269,19 @@ async fn api_accepts_issued_tokens_and_rejects_others() {
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.json::<Value>().await.unwrap(), json!([]));
 
-    let response = client()
-        .get(format!("{}/v2/topology", standin.url()))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    // On SaaS the v2 (Orchestration) API wants the audience zeebe.camunda.io.
+    let topology = |token: String| client().get(format!("{}/v2/topology", standin.url())).bearer_auth(token).send();
+    assert_eq!(topology(token.clone()).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    let mut zeebe_form = credentials_form();
+    zeebe_form[3] = ("audience", "zeebe.camunda.io");
+    let response = client().post(standin.token_url()).form(&zeebe_form).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let zeebe_token = response.json::<Value>().await.unwrap()["access_token"].as_str().unwrap().to_owned();
+    let response = topology(zeebe_token.clone()).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.json::<Value>().await.unwrap(), json!({}));
+    // ... and v1 a Tasklist audience.
+    assert_eq!(search_with_bearer(&standin, &zeebe_token).await, StatusCode::UNAUTHORIZED);
 
     assert_eq!(search_with_bearer(&standin, "garbage").await, StatusCode::UNAUTHORIZED);
     // Same header and claims, someone else's signature.
@@ -273,7 +306,9 @@ async fn api_accepts_issued_tokens_and_rejects_others() {
         records,
         [
             ("POST".to_owned(), search.clone(), AuthKind::Bearer, 200),
+            ("GET".to_owned(), "/v2/topology".to_owned(), AuthKind::Bearer, 401),
             ("GET".to_owned(), "/v2/topology".to_owned(), AuthKind::Bearer, 200),
+            ("POST".to_owned(), search.clone(), AuthKind::Bearer, 401),
             ("POST".to_owned(), search.clone(), AuthKind::Bearer, 401),
             ("POST".to_owned(), search.clone(), AuthKind::Bearer, 401),
             ("POST".to_owned(), search, AuthKind::None, 401),
@@ -333,8 +368,13 @@ async fn token_answers_and_expires_in_override() {
     assert!(body.get("access_token").is_none());
 
     standin.set_token_answer(TokenAnswer::Huge);
-    let body = request_token_form(&standin).await.bytes().await.unwrap();
-    assert!(body.len() >= 10 * 1024 * 1024);
+    let response = request_token_form(&standin).await;
+    // Chunked, without a Content-Length: only a client that counts what it reads refuses it.
+    assert!(response.headers().get(reqwest::header::CONTENT_LENGTH).is_none());
+    assert_eq!(response.headers()[reqwest::header::TRANSFER_ENCODING], "chunked");
+    let body: Value = serde_json::from_slice(&response.bytes().await.unwrap()).expect("valid JSON");
+    assert!(body["padding"].as_str().unwrap().len() >= 10 * 1024 * 1024);
+    assert!(body["access_token"].is_string());
 
     standin.set_token_answer(TokenAnswer::Keycloak400ForJson);
     let response = client()
@@ -468,15 +508,21 @@ async fn sessions_end_on_revocation_logout_and_timeout() {
         StatusCode::UNAUTHORIZED
     );
 
-    standin.set_session_timeout(Some(Duration::from_millis(200)));
+    // An idle timeout: each request keeps the session alive, a pause longer than the
+    // timeout ends it.
+    standin.set_session_timeout(Some(Duration::from_millis(600)));
     let session = login(&standin).await;
     let csrf = session.csrf_token.clone().unwrap();
     let csrf_header = Some(("X-CSRF-TOKEN", csrf.as_str()));
-    assert_eq!(
-        search_with_cookie(&standin, &session.cookie, csrf_header).await.status(),
-        StatusCode::OK
-    );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            search_with_cookie(&standin, &session.cookie, csrf_header).await.status(),
+            StatusCode::OK,
+            "a session in use must not time out"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(
         search_with_cookie(&standin, &session.cookie, csrf_header).await.status(),
         StatusCode::UNAUTHORIZED
@@ -686,4 +732,83 @@ async fn server_stops_when_the_last_handle_is_dropped() {
         }
     }
     panic!("the stand-in still accepts connections after its last handle was dropped");
+}
+
+#[tokio::test]
+async fn each_endpoint_answers_only_its_own_method() {
+    let standin = standin().await;
+    let token = fetch_token(&standin).await;
+    let call = |method: reqwest::Method, path: &str| {
+        client()
+            .request(method, format!("{}{path}", standin.url()))
+            .bearer_auth(&token)
+            .json(&json!({ "pageSize": 1 }))
+            .send()
+    };
+    let get_search = call(reqwest::Method::GET, "/v1/tasks/search").await.unwrap();
+    assert_eq!(get_search.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(get_search.headers()[reqwest::header::ALLOW], "POST");
+    let put_search = call(reqwest::Method::PUT, "/v1/tasks/search").await.unwrap();
+    assert_eq!(put_search.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(
+        call(reqwest::Method::POST, "/v1/no-such-endpoint").await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        call(reqwest::Method::POST, "/v1/tasks/search").await.unwrap().status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn a_valid_token_without_the_tasklist_permission_gets_403() {
+    let standin = standin().await;
+    standin.add_client_without_permission("no-permission", "no-permission-secret");
+    let response = client()
+        .post(standin.token_url())
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", "no-permission"),
+            ("client_secret", "no-permission-secret"),
+            ("audience", "tasklist.camunda.io"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "the token is issued");
+    let token = response.json::<Value>().await.unwrap()["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(search_with_bearer(&standin, &token).await, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn unified_login_sets_camunda_session() {
+    let standin = standin().await;
+    let response = client()
+        .post(format!("{}/login", standin.url()))
+        .form(&[("username", USERNAME), ("password", PASSWORD)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    let cookies: Vec<String> = response
+        .headers()
+        .get_all(SET_COOKIE)
+        .iter()
+        .map(|value| value.to_str().unwrap().split(';').next().unwrap().to_owned())
+        .collect();
+    let session = cookies
+        .iter()
+        .find(|cookie| cookie.starts_with("camunda-session="))
+        .expect("a camunda-session cookie")
+        .clone();
+    assert!(!cookies.iter().any(|cookie| cookie.starts_with("TASKLIST-SESSION=")));
+    let csrf = response.headers()["X-CSRF-TOKEN"].to_str().unwrap().to_owned();
+    let cookie = cookies.join("; ");
+    let ok = search_with_cookie(&standin, &cookie, Some(("X-CSRF-TOKEN", &csrf))).await;
+    assert_eq!(ok.status(), StatusCode::OK);
+    // The session is valid under its own cookie name only.
+    let renamed = cookie.replace("camunda-session=", "TASKLIST-SESSION=");
+    assert!(renamed != cookie && session.starts_with("camunda-session="));
+    let refused = search_with_cookie(&standin, &renamed, Some(("X-CSRF-TOKEN", &csrf))).await;
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
+use super::ZEEBE_AUDIENCE;
 use super::state::Shared;
 
 /// Signature algorithms Tasklist accepts for bearer JWTs (those jsonwebtoken's RustCrypto
@@ -37,16 +38,33 @@ struct KnownToken {
     revoked: bool,
     /// For opaque tokens, which carry no `exp`: when the stand-in stops accepting them.
     opaque_expires_at: Option<SystemTime>,
+    /// For tokens this stand-in issued (SaaS-style): their audience.
+    issued_for: Option<String>,
+    /// False for tokens of a client without the Tasklist permission.
+    permitted: bool,
+}
+
+/// What an accepted bearer token allows.
+pub(super) struct Grant {
+    /// The token's audiences (`aud`).
+    pub audiences: Vec<String>,
+    /// Issued by this stand-in's own (SaaS-style) token endpoint, not by a trusted JWKS.
+    pub issued_here: bool,
+    /// Whether its client has the Tasklist permission; without it the API answers 403.
+    pub permitted: bool,
 }
 
 impl KnownTokens {
-    /// Remembers a token the stand-in handed out; `opaque_expires_at` for non-JWT tokens.
-    pub fn issued(&mut self, token: &str, opaque_expires_at: Option<SystemTime>) {
+    /// Remembers a token the stand-in handed out for `audience`; `opaque_expires_at` for
+    /// non-JWT tokens.
+    pub fn issued(&mut self, token: &str, opaque_expires_at: Option<SystemTime>, audience: &str, permitted: bool) {
         self.tokens.insert(
             token.to_owned(),
             KnownToken {
                 revoked: false,
                 opaque_expires_at,
+                issued_for: Some(audience.to_owned()),
+                permitted,
             },
         );
     }
@@ -58,11 +76,11 @@ impl KnownTokens {
         self.revoked_before_second = Some(unix_seconds(now));
     }
 
-    /// Records a JWT whose signature, expiry and audience were verified; false when it
-    /// counts as revoked.
-    fn accept_verified(&mut self, token: &str, issued_at: Option<u64>) -> bool {
+    /// Records a JWT whose signature, expiry and audience were verified; `None` when it
+    /// counts as revoked, else whether it was issued here and is permitted.
+    fn accept_verified(&mut self, token: &str, issued_at: Option<u64>) -> Option<(bool, bool)> {
         if let Some(known) = self.tokens.get(token) {
-            return !known.revoked;
+            return (!known.revoked).then_some((known.issued_for.is_some(), known.permitted));
         }
         let revoked = match (self.revoked_before_second, issued_at) {
             (Some(cutoff), Some(issued_at)) => issued_at < cutoff,
@@ -75,9 +93,11 @@ impl KnownTokens {
             KnownToken {
                 revoked,
                 opaque_expires_at: None,
+                issued_for: None,
+                permitted: true,
             },
         );
-        !revoked
+        (!revoked).then_some((false, true))
     }
 }
 
@@ -115,25 +135,28 @@ impl TrustedJwks {
     }
 }
 
-/// Whether the API accepts this bearer token.
-pub(super) async fn bearer_accepted(shared: &Shared, token: &str) -> bool {
+/// What the API accepts this bearer token for; `None` when it is invalid (signature,
+/// expiry, an audience of neither Tasklist nor the Orchestration API) or revoked.
+pub(super) async fn bearer_grant(shared: &Shared, token: &str) -> Option<Grant> {
     {
         let state = shared.lock();
         if let Some(known) = state.tokens.tokens.get(token) {
             if known.revoked {
-                return false;
+                return None;
             }
             if let Some(expires_at) = known.opaque_expires_at {
-                return SystemTime::now() < expires_at;
+                return (SystemTime::now() < expires_at).then(|| Grant {
+                    audiences: known.issued_for.iter().cloned().collect(),
+                    issued_here: known.issued_for.is_some(),
+                    permitted: known.permitted,
+                });
             }
         }
     }
 
-    let Ok(header) = jsonwebtoken::decode_header(token) else {
-        return false;
-    };
+    let header = jsonwebtoken::decode_header(token).ok()?;
     if !ACCEPTED_ALGORITHMS.contains(&header.alg) {
-        return false;
+        return None;
     }
     let key_id = header.kid.as_deref();
     let own_key = header.alg == Algorithm::ES256 && key_id.is_none_or(|key_id| key_id == shared.issuer.key_id);
@@ -147,16 +170,26 @@ pub(super) async fn bearer_accepted(shared: &Shared, token: &str) -> bool {
 
     let mut validation = Validation::new(header.alg);
     validation.leeway = 0;
-    validation.set_audience(&shared.accepted_audiences);
-    let Some(claims) = keys.iter().find_map(|key| {
+    let mut audiences = shared.accepted_audiences.clone();
+    audiences.push(ZEEBE_AUDIENCE.to_owned());
+    validation.set_audience(&audiences);
+    let claims = keys.iter().find_map(|key| {
         jsonwebtoken::decode::<serde_json::Value>(token, key, &validation)
             .ok()
             .map(|data| data.claims)
-    }) else {
-        return false;
-    };
+    })?;
     let issued_at = claims.get("iat").and_then(serde_json::Value::as_u64);
-    shared.lock().tokens.accept_verified(token, issued_at)
+    let (issued_here, permitted) = shared.lock().tokens.accept_verified(token, issued_at)?;
+    let audiences = match claims.get("aud") {
+        Some(serde_json::Value::String(audience)) => vec![audience.clone()],
+        Some(serde_json::Value::Array(list)) => list.iter().filter_map(|a| a.as_str().map(str::to_owned)).collect(),
+        _ => Vec::new(),
+    };
+    Some(Grant {
+        audiences,
+        issued_here,
+        permitted,
+    })
 }
 
 /// Trusted-JWKS keys for this key id, fetching the JWKS when none is cached.

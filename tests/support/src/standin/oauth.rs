@@ -17,7 +17,7 @@ use serde_json::json;
 
 use super::assertion::{self, ASSERTION_TYPE};
 use super::state::{Shared, apply_mode, json_response, random_token};
-use super::{ECHO_SECRET_AT, TokenAnswer, TokenRequestEncoding, TokenRequestRecord};
+use super::{ECHO_SECRET_AT, TokenAnswer, TokenRequestEncoding, TokenRequestRecord, ZEEBE_AUDIENCE};
 
 /// Size of the [`TokenAnswer::Huge`] body.
 const HUGE_BODY_BYTES: usize = 10 * 1024 * 1024;
@@ -191,10 +191,27 @@ pub(super) async fn token(State(shared): State<Arc<Shared>>, headers: HeaderMap,
 }
 
 fn answer(shared: &Shared, request: &TokenRequest) -> Response {
-    let (token_answer, lifetime, expires_in_override, client_secret) = {
+    let (token_answer, lifetime, expires_in_override, client_secret, permitted, unknown_scopes) = {
         let state = shared.lock();
         let client_secret = request.client_id().and_then(|client_id| state.clients.get(client_id).cloned());
-        (state.token_answer, state.token_lifetime, state.expires_in_override, client_secret)
+        let permitted = request
+            .client_id()
+            .is_none_or(|client_id| !state.clients_without_permission.contains(client_id));
+        let unknown_scopes: Vec<String> = request
+            .field("scope")
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter(|scope| !state.known_scopes.contains(*scope))
+            .map(str::to_owned)
+            .collect();
+        (
+            state.token_answer,
+            state.token_lifetime,
+            state.expires_in_override,
+            client_secret,
+            permitted,
+            unknown_scopes,
+        )
     };
 
     if request.json_body && token_answer == TokenAnswer::Keycloak400ForJson {
@@ -257,6 +274,14 @@ fn answer(shared: &Shared, request: &TokenRequest) -> Response {
         Err((error, description)) => return oauth_error(StatusCode::BAD_REQUEST, error, description),
     };
     let audience = audience.as_str();
+    // Entra-style endpoints (no configured audience) take the resource from `scope`.
+    if !shared.options.audience.is_empty() && !unknown_scopes.is_empty() {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_scope",
+            &format!("Invalid scopes: {}", unknown_scopes.join(" ")),
+        );
+    }
 
     let client_id = request.client_id().unwrap_or_default();
     let scope = request.field("scope");
@@ -277,13 +302,13 @@ fn answer(shared: &Shared, request: &TokenRequest) -> Response {
             scope,
         };
         let token = shared.issuer.sign(&claims)?;
-        shared.lock().tokens.issued(&token, None);
+        shared.lock().tokens.issued(&token, None, audience, permitted);
         anyhow::Ok(token)
     };
     let opaque = || {
         let token = random_token(40);
         let expires_at = now + Duration::from_secs(lifetime_secs);
-        shared.lock().tokens.issued(&token, Some(expires_at));
+        shared.lock().tokens.issued(&token, Some(expires_at), audience, permitted);
         token
     };
     let scope = scope.unwrap_or_default();
@@ -328,11 +353,12 @@ fn answer(shared: &Shared, request: &TokenRequest) -> Response {
                 Ok(token) => token,
                 Err(error) => return internal_error(&error),
             };
-            let body = format!(
-                r#"{{"padding":"{}","access_token":"{token}","expires_in":{expires_in},"token_type":"Bearer"}}"#,
-                "x".repeat(HUGE_BODY_BYTES)
-            );
-            return (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+            return (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                huge_body(&token, expires_in),
+            )
+                .into_response();
         }
     };
     let mut response = json_response(StatusCode::OK, body);
@@ -363,9 +389,27 @@ fn token_audience(configured: &str, request: &TokenRequest) -> Result<String, (&
         };
     }
     match request.field("audience") {
-        Some(audience) if audience == configured => Ok(audience.to_owned()),
+        // SaaS issues tokens for Tasklist's own API and for the Orchestration API (`/v2/**`).
+        Some(audience) if audience == configured || audience == ZEEBE_AUDIENCE => Ok(audience.to_owned()),
         _ => Err(("invalid_request", "Unknown or missing audience")),
     }
+}
+
+/// A valid token answer after [`HUGE_BODY_BYTES`] of padding, streamed in 64 KiB chunks
+/// without a Content-Length (chunked transfer encoding): a client can only refuse it by
+/// counting what it reads, not by looking at a header.
+fn huge_body(token: &str, expires_in: u64) -> axum::body::Body {
+    const CHUNK: usize = 64 * 1024;
+    let head = Bytes::from_static(br#"{"padding":""#);
+    let padding = Bytes::from(vec![b'x'; CHUNK]);
+    let tail = Bytes::from(format!(
+        r#"","access_token":"{token}","expires_in":{expires_in},"token_type":"Bearer"}}"#
+    ));
+    let chunks = std::iter::once(head)
+        .chain(std::iter::repeat_n(padding, HUGE_BODY_BYTES / CHUNK))
+        .chain(std::iter::once(tail))
+        .map(Ok::<_, std::io::Error>);
+    axum::body::Body::from_stream(futures::stream::iter(chunks))
 }
 
 fn whole_seconds_rounded_up(duration: Duration) -> u64 {

@@ -1,6 +1,6 @@
 //! The stand-in's state, shared by the request handlers and the test's handle.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,10 @@ use super::{ApiRequestRecord, EndpointMode, LoginRecord, StandinOptions, TokenAn
 /// Audiences the API accepts besides the configured one: SaaS's and Self-Managed Identity's.
 const ALWAYS_ACCEPTED_AUDIENCES: [&str; 2] = ["tasklist.camunda.io", "tasklist-api"];
 
+/// Spring Session's default idle timeout, which Tasklist keeps (the real value is not
+/// published; clients re-login on 401).
+pub const DEFAULT_SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
 pub(super) struct Shared {
     pub options: StandinOptions,
     pub base_url: String,
@@ -32,6 +36,10 @@ pub(super) struct Shared {
 pub(super) struct State {
     /// client id -> client secret
     pub clients: HashMap<String, String>,
+    /// Clients whose tokens are valid but lack the Tasklist permission: the API answers 403.
+    pub clients_without_permission: HashSet<String>,
+    /// Scopes the token endpoint knows; any other gets `400 invalid_scope`.
+    pub known_scopes: HashSet<String>,
     /// username -> password
     pub users: HashMap<String, String>,
     /// username -> password, for HTTP Basic on the API (none: Basic is refused)
@@ -46,6 +54,7 @@ pub(super) struct State {
     pub token_answer: TokenAnswer,
     pub token_lifetime: Duration,
     pub expires_in_override: Option<u64>,
+    /// Idle timeout of sessions: a session unused this long is gone.
     pub session_timeout: Option<Duration>,
     /// session id (the cookie value) -> session
     pub sessions: HashMap<String, Session>,
@@ -59,9 +68,13 @@ pub(super) struct State {
 }
 
 pub(super) struct Session {
+    /// The cookie the session was handed out as (`TASKLIST-SESSION` or `camunda-session`);
+    /// it is valid under that name only.
+    pub cookie_name: &'static str,
     /// The CSRF token handed out at login, when CSRF protection is on.
     pub csrf_token: Option<String>,
-    pub logged_in_at: Instant,
+    /// The session's last request (or its login): the idle timeout counts from here.
+    pub last_used: Instant,
 }
 
 impl Shared {
@@ -78,6 +91,8 @@ impl Shared {
             jwks_fetch: tokio::sync::Mutex::new(()),
             state: Mutex::new(State {
                 clients: HashMap::new(),
+                clients_without_permission: HashSet::new(),
+                known_scopes: HashSet::new(),
                 users: HashMap::new(),
                 basic_users: HashMap::new(),
                 assertion_clients: AssertionClients::default(),
@@ -89,7 +104,7 @@ impl Shared {
                 token_answer: TokenAnswer::Jwt,
                 token_lifetime: Duration::from_secs(300),
                 expires_in_override: None,
-                session_timeout: None,
+                session_timeout: Some(DEFAULT_SESSION_IDLE_TIMEOUT),
                 sessions: HashMap::new(),
                 tokens: KnownTokens::default(),
                 jwks: TrustedJwks::default(),

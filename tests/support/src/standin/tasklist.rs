@@ -11,20 +11,30 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde_json::json;
 
-use super::bearer::bearer_accepted;
+use super::bearer::{Grant, bearer_grant};
 use super::state::{Session, Shared, apply_mode, header_str, header_value, json_response, random_token, request_cookie};
-use super::{ApiRequestRecord, AuthKind, LoginRecord, SESSION_COOKIE};
+use super::{ApiRequestRecord, AuthKind, LoginRecord, SESSION_COOKIE, UNIFIED_SESSION_COOKIE, ZEEBE_AUDIENCE};
 
 /// `POST /api/login`: Spring Security form login, with the credentials as request
-/// parameters in the query string or a form body.
+/// parameters in the query string or a form body. The session is `TASKLIST-SESSION`.
 pub(super) async fn login(State(shared): State<Arc<Shared>>, uri: Uri, body: Bytes) -> Response {
+    login_as(&shared, &uri, &body, SESSION_COOKIE).await
+}
+
+/// `POST /login`: Camunda 8.8+ unified authentication, the same form login; the session is
+/// `camunda-session`.
+pub(super) async fn unified_login(State(shared): State<Arc<Shared>>, uri: Uri, body: Bytes) -> Response {
+    login_as(&shared, &uri, &body, UNIFIED_SESSION_COOKIE).await
+}
+
+async fn login_as(shared: &Shared, uri: &Uri, body: &Bytes, cookie_name: &'static str) -> Response {
     let time = SystemTime::now();
     // Like a servlet's request parameters: the query string first, then the form body.
     let mut parameters: HashMap<String, String> = HashMap::new();
     let query_pairs = uri
         .query()
         .and_then(|query| serde_urlencoded::from_str::<Vec<(String, String)>>(query).ok());
-    let body_pairs = serde_urlencoded::from_bytes::<Vec<(String, String)>>(&body).ok();
+    let body_pairs = serde_urlencoded::from_bytes::<Vec<(String, String)>>(body).ok();
     for (name, value) in query_pairs.into_iter().chain(body_pairs).flatten() {
         parameters.entry(name).or_insert(value);
     }
@@ -42,11 +52,12 @@ pub(super) async fn login(State(shared): State<Arc<Shared>>, uri: Uri, body: Byt
                 state.sessions.insert(
                     session_id.clone(),
                     Session {
+                        cookie_name,
                         csrf_token: csrf_token.clone(),
-                        logged_in_at: Instant::now(),
+                        last_used: Instant::now(),
                     },
                 );
-                logged_in(&session_id, csrf_token.as_deref(), shared.options.csrf_name())
+                logged_in(cookie_name, &session_id, csrf_token.as_deref(), shared.options.csrf_name())
             } else {
                 login_failed()
             }
@@ -60,12 +71,12 @@ pub(super) async fn login(State(shared): State<Arc<Shared>>, uri: Uri, body: Byt
     response
 }
 
-fn logged_in(session_id: &str, csrf_token: Option<&str>, csrf_name: &'static str) -> Response {
+fn logged_in(cookie_name: &str, session_id: &str, csrf_token: Option<&str>, csrf_name: &'static str) -> Response {
     let mut response = StatusCode::NO_CONTENT.into_response();
     let headers = response.headers_mut();
     headers.append(
         header::SET_COOKIE,
-        header_value(&format!("{SESSION_COOKIE}={session_id}; Path=/; HttpOnly; SameSite=Lax")),
+        header_value(&format!("{cookie_name}={session_id}; Path=/; HttpOnly; SameSite=Lax")),
     );
     if let Some(csrf_token) = csrf_token {
         headers.insert(csrf_name, header_value(csrf_token));
@@ -83,7 +94,7 @@ fn login_failed() -> Response {
 
 /// `POST /api/logout`: ends the session, if any.
 pub(super) async fn logout(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    if let Some(session_id) = request_cookie(&headers, SESSION_COOKIE) {
+    if let Some((_, session_id)) = session_cookie(&headers) {
         shared.lock().sessions.remove(session_id);
     }
     let mut response = StatusCode::NO_CONTENT.into_response();
@@ -93,12 +104,46 @@ pub(super) async fn logout(State(shared): State<Arc<Shared>>, headers: HeaderMap
     response
 }
 
-/// Any `/v1/**` or `/v2/**` request: authenticates it, then answers like an empty Tasklist
-/// (`[]` for v1 searches, `{}` for v2).
+/// The session cookie a request carries: `TASKLIST-SESSION`, else `camunda-session`.
+fn session_cookie(headers: &HeaderMap) -> Option<(&'static str, &str)> {
+    [SESSION_COOKIE, UNIFIED_SESSION_COOKIE]
+        .into_iter()
+        .find_map(|name| request_cookie(headers, name).map(|value| (name, value)))
+}
+
+/// The one method each Tasklist endpoint the stand-in serves answers to; `None` for a path
+/// it does not serve.
+fn endpoint_method(path: &str) -> Option<Method> {
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    match segments.as_slice() {
+        ["v1", "tasks", "search"] => Some(Method::POST),
+        ["v1", "tasks", _task_id] => Some(Method::GET),
+        ["v2", "topology"] => Some(Method::GET),
+        ["v2", "user-tasks", "search"] => Some(Method::POST),
+        _ => None,
+    }
+}
+
+/// Whether a token's audience fits the API it calls. On SaaS (a token this stand-in issued)
+/// the v2 Orchestration API wants `zeebe.camunda.io`, and v1 wants a Tasklist audience;
+/// Self-Managed tokens (trusted JWKS) carry a Tasklist audience for both.
+fn audience_fits(path: &str, grant: &Grant, tasklist_audiences: &[String]) -> bool {
+    if path.starts_with("/v2/") && grant.issued_here {
+        grant.audiences.iter().any(|audience| audience == ZEEBE_AUDIENCE)
+    } else {
+        grant.audiences.iter().any(|audience| tasklist_audiences.contains(audience))
+    }
+}
+
+/// Any `/v1/**` or `/v2/**` request: authenticates it (401; 403 without the Tasklist
+/// permission or the CSRF token), then routes it (404 for an unknown path, 405 for another
+/// method than the endpoint's), then answers like an empty Tasklist (`[]` for v1 searches,
+/// `{}` for v2), in Spring's order.
 pub(super) async fn api(State(shared): State<Arc<Shared>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     let time = SystemTime::now();
     let bearer_token = bearer_token(&headers);
-    let session_id = request_cookie(&headers, SESSION_COOKIE);
+    let session = session_cookie(&headers);
+    let session_id = session.map(|(_, id)| id);
     let basic = basic_login(&headers);
     let auth = match (bearer_token, session_id, &basic) {
         (Some(_), _, _) => AuthKind::Bearer,
@@ -111,19 +156,32 @@ pub(super) async fn api(State(shared): State<Arc<Shared>>, method: Method, uri: 
     let response = match apply_mode(mode, unauthorized).await {
         Some(response) => response,
         None => {
-            let denial = match (bearer_token, session_id) {
-                (Some(token), _) => {
-                    if bearer_accepted(&shared, token).await {
-                        None
-                    } else {
-                        Some(invalid_bearer())
-                    }
-                }
+            let denial = match (bearer_token, session) {
+                (Some(token), _) => match bearer_grant(&shared, token).await {
+                    Some(grant) if !audience_fits(uri.path(), &grant, &shared.accepted_audiences) => Some(invalid_bearer()),
+                    Some(grant) if !grant.permitted => Some(forbidden()),
+                    Some(_) => None,
+                    None => Some(invalid_bearer()),
+                },
                 (None, _) if basic.is_some() => check_basic(&shared, basic.as_ref()),
-                (None, Some(session_id)) => check_session(&shared, session_id, &method, &headers),
+                (None, Some((cookie_name, session_id))) => check_session(&shared, cookie_name, session_id, &method, &headers),
                 (None, None) => Some(unauthorized()),
             };
-            denial.unwrap_or_else(|| answer(uri.path(), &body))
+            denial.unwrap_or_else(|| match endpoint_method(uri.path()) {
+                None => json_response(
+                    StatusCode::NOT_FOUND,
+                    json!({ "message": format!("No endpoint {method} {}.", uri.path()) }),
+                ),
+                Some(allowed) if allowed != method => {
+                    let mut response = json_response(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        json!({ "message": format!("Request method '{method}' is not supported") }),
+                    );
+                    response.headers_mut().insert(header::ALLOW, header_value(allowed.as_str()));
+                    response
+                }
+                Some(_) => answer(uri.path(), &body),
+            })
         }
     };
     shared.lock().api_requests.push(ApiRequestRecord {
@@ -187,18 +245,24 @@ fn check_basic(shared: &Shared, login: Option<&Option<(String, String)>>) -> Opt
     Some(response)
 }
 
-/// `None` when the session is live and, for state-changing requests, the CSRF cookie and
-/// header both carry the session's CSRF token; otherwise the denial.
-fn check_session(shared: &Shared, session_id: &str, method: &Method, headers: &HeaderMap) -> Option<Response> {
+/// `None` when the session is live (used within the idle timeout, under the cookie name it
+/// was issued as) and, for state-changing requests, the CSRF cookie and header both carry
+/// the session's CSRF token; otherwise the denial. A live session counts as used now.
+fn check_session(shared: &Shared, cookie_name: &str, session_id: &str, method: &Method, headers: &HeaderMap) -> Option<Response> {
     let mut state = shared.lock();
     let timeout = state.session_timeout;
-    let Some(session) = state.sessions.get(session_id) else {
+    let Some(session) = state
+        .sessions
+        .get_mut(session_id)
+        .filter(|session| session.cookie_name == cookie_name)
+    else {
         return Some(unauthorized());
     };
-    if timeout.is_some_and(|timeout| session.logged_in_at.elapsed() >= timeout) {
+    if timeout.is_some_and(|timeout| session.last_used.elapsed() >= timeout) {
         state.sessions.remove(session_id);
         return Some(unauthorized());
     }
+    session.last_used = Instant::now();
     let state_changing = [Method::POST, Method::PUT, Method::PATCH, Method::DELETE];
     if let Some(expected) = &session.csrf_token
         && state_changing.contains(method)
@@ -227,6 +291,13 @@ fn answer(path: &str, body: &[u8]) -> Response {
     } else {
         json_response(StatusCode::OK, json!([]))
     }
+}
+
+fn forbidden() -> Response {
+    json_response(
+        StatusCode::FORBIDDEN,
+        json!({ "message": "Access is denied: the client has no permission for the Tasklist API" }),
+    )
 }
 
 fn unauthorized() -> Response {
