@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -29,7 +29,7 @@ use tasklist_operator::crd::{REFRESH_ANNOTATION, TasklistConnection};
 use testsupport::operator::OperatorProcess;
 
 use crate::ScenarioFn;
-use crate::scenario::{DEFAULT_CLIENT_SECRET, Scenario, World, operator_binary, parse_manifest, tail, wait_for_event};
+use crate::scenario::{Check, DEFAULT_CLIENT_SECRET, Scenario, World, eventually, operator_binary, parse_manifest, tail, wait_for_event};
 
 /// How long an Event may take; a refused Event is only logged at debug level, so the Event
 /// itself shows that the chart's ServiceAccount may publish Events.
@@ -704,24 +704,24 @@ async fn upgrade_keeps_connections_and_uninstall_removes_the_operator(world: Arc
     s.operator.terminate(Duration::from_secs(10)).await?;
     release.uninstall(&world).await?;
     let client = world.client();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut left = Vec::new();
-        for object in &manifest {
-            if object_exists(&client, object).await? {
-                left.push(object.clone());
+    eventually(
+        "every object of the release gone after helm uninstall",
+        Duration::from_secs(30),
+        || async {
+            let mut left = Vec::new();
+            for object in &manifest {
+                if object_exists(&client, object).await? {
+                    left.push(object.clone());
+                }
             }
-        }
-        if left.is_empty() {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "30 s after helm uninstall these objects of the release still exist: {}",
-            describe_objects(&left)
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+            Ok(if left.is_empty() {
+                Check::Done(())
+            } else {
+                Check::NotYet(format!("these still exist: {}", describe_objects(&left)))
+            })
+        },
+    )
+    .await?;
     let kinds: Vec<&str> = manifest.iter().map(kind_of).collect();
     for kind in ["Deployment", "ServiceAccount", "Role", "RoleBinding"] {
         ensure!(
@@ -748,21 +748,20 @@ async fn upgrade_keeps_connections_and_uninstall_removes_the_operator(world: Arc
 
     // The uninstalled operator's credentials no longer work.
     let sa_client = client_from(&kubeconfig).await?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        match Api::<TasklistConnection>::namespaced(sa_client.clone(), &team)
-            .list(&ListParams::default())
-            .await
-        {
-            Err(kube::Error::Api(status)) if status.code == 401 || status.code == 403 => break,
-            outcome => ensure!(
-                Instant::now() < deadline,
-                "15 s after uninstall the operator's ServiceAccount token still lists connections: {:?}",
-                outcome.map(|list| list.items.len())
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    eventually(
+        "the uninstalled operator's ServiceAccount token refused",
+        Duration::from_secs(15),
+        || async {
+            let outcome = Api::<TasklistConnection>::namespaced(sa_client.clone(), &team)
+                .list(&ListParams::default())
+                .await;
+            Ok(match outcome {
+                Err(kube::Error::Api(status)) if status.code == 401 || status.code == 403 => Check::Done(()),
+                outcome => Check::NotYet(format!("it still lists connections: {:?}", outcome.map(|list| list.items.len()))),
+            })
+        },
+    )
+    .await?;
     Ok(())
 }
 
@@ -859,15 +858,18 @@ async fn two_replicas_elect_a_leader_as_the_service_account(world: Arc<World>) -
         second.terminate(Duration::from_secs(10)).await?;
         (&pods[0], s.operator.logs())
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while holder(leases.get_opt(&lease_name).await?).as_ref() != Some(successor) {
-        ensure!(
-            Instant::now() < deadline,
-            "{successor} did not take the Lease within 30 s of {leader} stopping\n--- its log (tail) ---\n{}",
-            tail(&successor_logs, 20)
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    eventually(
+        &format!("{successor} taking the Lease after {leader} stopped"),
+        Duration::from_secs(30),
+        || async {
+            Ok(if holder(leases.get_opt(&lease_name).await?).as_ref() == Some(successor) {
+                Check::Done(())
+            } else {
+                Check::NotYet(format!("--- its log (tail) ---\n{}", tail(&successor_logs, 20)))
+            })
+        },
+    )
+    .await?;
     s.annotate_connection("orders", REFRESH_ANNOTATION, "after-failover").await?;
     let before = data["token"].clone();
     let refreshed = s

@@ -760,15 +760,15 @@ async fn kubectl_explain_reads_well(world: Arc<World>) -> anyhow::Result<()> {
     kubectl_binary()?;
     let kubeconfig = world.control_plane.kubeconfig();
     // The OpenAPI document can lag behind the CRD by a few seconds.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let explained = loop {
+    let explained = eventually("kubectl explain describing spec.auth.oauth2", Duration::from_secs(60), || async {
         let (ok, out) = kubectl(kubeconfig, &["explain", "tasklistconnection.spec.auth.oauth2"]).await?;
-        if ok && out.contains("tokenUrl") {
-            break out;
-        }
-        ensure!(Instant::now() < deadline, "kubectl explain failed:\n{out}");
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    };
+        Ok(if ok && out.contains("tokenUrl") {
+            Check::Done(out)
+        } else {
+            Check::NotYet(format!("it said:\n{out}"))
+        })
+    })
+    .await?;
     println!("--- kubectl explain tasklistconnection.spec.auth.oauth2 ---\n{explained}---");
     for expected in [
         "DESCRIPTION",

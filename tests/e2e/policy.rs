@@ -5,7 +5,7 @@
 
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use k8s_openapi::ByteString;
@@ -17,7 +17,9 @@ use tasklist_operator::crd::TasklistConnection;
 use testsupport::standin::{EndpointMode, StandinOptions, StandinTasklist};
 
 use crate::ScenarioFn;
-use crate::scenario::{CLIENT_ID, DEFAULT_CLIENT_SECRET, Scenario, World, find_condition, parse_manifest, start_operator_with, wait_until};
+use crate::scenario::{
+    CLIENT_ID, Check, DEFAULT_CLIENT_SECRET, Scenario, World, eventually, find_condition, parse_manifest, start_operator_with, wait_until,
+};
 
 pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     scenarios![
@@ -249,17 +251,14 @@ async fn check_admission(client: &kube::Client, watched: &str, unwatched: &str) 
     ];
     // The API server loads a new policy within a second or so: wait until the first
     // violation is refused.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while in_watched
-        .create(&dry_run, &connection("plain-http", spec_at("http://tasklist.example.com"))?)
-        .await
-        .is_ok()
-    {
-        if Instant::now() > deadline {
-            bail!("the ValidatingAdmissionPolicy did not take effect within 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let first_violation = connection("plain-http", spec_at("http://tasklist.example.com"))?;
+    eventually("the ValidatingAdmissionPolicy taking effect", Duration::from_secs(30), || async {
+        Ok(match in_watched.create(&dry_run, &first_violation).await {
+            Ok(_) => Check::NotYet("a violation was still accepted".to_owned()),
+            Err(_) => Check::Done(()),
+        })
+    })
+    .await?;
     for (name, spec, says) in violations {
         match in_watched.create(&dry_run, &connection(name, spec)?).await {
             Ok(_) => bail!("{name}: the API server accepted a connection the policy forbids"),
