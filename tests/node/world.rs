@@ -38,8 +38,6 @@ pub struct World {
     /// Dropped before the control plane: the kubelet talks to it until it stops.
     pub node: Node,
     pub control_plane: ControlPlane,
-    /// Size of the operator image's only layer, uncompressed.
-    pub operator_image_bytes: u64,
     /// Figures the scenarios measured, printed at the end (`name: value` lines).
     figures: Mutex<Vec<String>>,
     _images: TempDir,
@@ -73,7 +71,6 @@ impl World {
             runtime,
             node,
             control_plane,
-            operator_image_bytes,
             figures: Mutex::new(vec![format!(
                 "operator image: {:.1} MB (one layer, uncompressed)",
                 operator_image_bytes as f64 / 1e6
@@ -85,13 +82,41 @@ impl World {
     /// Runs one scenario; on failure, the message carries the node's and the control plane's
     /// log tails.
     pub fn run(&self, name: &str, scenario: impl Future<Output = anyhow::Result<()>>) -> Result<(), String> {
-        self.runtime.block_on(scenario).map_err(|error| {
-            format!(
-                "{name}: {error:#}\n--- node logs (tail) ---\n{}\n--- control plane logs (tail) ---\n{}",
-                self.node.logs_tail(15),
-                self.control_plane.logs_tail(10)
-            )
+        self.runtime.block_on(async {
+            match scenario.await {
+                Ok(()) => Ok(()),
+                Err(error) => Err(format!(
+                    "{name}: {error:#}\n--- Pods and Events ---\n{}\n--- node logs (tail) ---\n{}\n--- control plane logs (tail) ---\n{}",
+                    self.cluster_state().await,
+                    self.node.logs_tail(15),
+                    self.control_plane.logs_tail(10)
+                )),
+            }
         })
+    }
+
+    /// Every Pod and the latest Events, as kubectl shows them, for failure messages.
+    async fn cluster_state(&self) -> String {
+        let mut state = String::new();
+        for args in [
+            &["get", "pods", "--all-namespaces", "--output", "wide"][..],
+            &["get", "events", "--all-namespaces", "--sort-by", ".lastTimestamp"][..],
+        ] {
+            match self.kubectl(args).await {
+                Ok((_, output)) => state.push_str(&output),
+                Err(error) => state.push_str(&format!("kubectl {}: {error:#}\n", args.join(" "))),
+            }
+        }
+        let pods = Api::<Pod>::all(self.client()).list(&ListParams::default()).await;
+        for pod in pods.map(|list| list.items).unwrap_or_default() {
+            let (Some(namespace), Some(name)) = (pod.metadata.namespace, pod.metadata.name) else {
+                continue;
+            };
+            let logs = self.kubectl(&["logs", "--namespace", &namespace, &name, "--tail", "15"]).await;
+            let logs = logs.map(|(_, output)| output).unwrap_or_else(|error| format!("{error:#}"));
+            state.push_str(&format!("--- logs of {namespace}/{name} ---\n{logs}\n"));
+        }
+        state
     }
 
     pub fn client(&self) -> Client {
@@ -160,7 +185,7 @@ impl World {
             &watch,
             "--wait",
             "--timeout",
-            "180s",
+            "120s",
         ];
         args.extend_from_slice(extra);
         self.helm(&args).await
@@ -313,7 +338,7 @@ fn repository_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn chart_path() -> PathBuf {
+pub fn chart_path() -> PathBuf {
     repository_root().join("charts/tasklist-operator")
 }
 

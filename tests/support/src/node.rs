@@ -128,6 +128,8 @@ pub fn node_control_plane_options() -> ControlPlaneOptions {
             "endpointslice",
             // Removes Pods of a deleted node, and orphans; cheap.
             "podgc",
+            // Takes the not-ready taint the kubelet registers the node with off once it is Ready.
+            "nodelifecycle",
         ],
     }
 }
@@ -367,6 +369,9 @@ fn cni_config(dir: &Path) -> String {
             "ipam": {
                 "type": "host-local",
                 "ranges": [[{ "subnet": POD_CIDR, "rangeStart": "198.18.0.10", "gateway": NODE_IP.to_string() }]],
+                // Pods send everything to the node (Service addresses included); the node's
+                // namespace itself has no route beyond the bridge.
+                "routes": [{ "dst": "0.0.0.0/0" }],
                 "dataDir": dir.join("cni-ipam"),
             },
         }],
@@ -456,7 +461,8 @@ fn kube_proxy_config(kubeconfig: &Path) -> String {
         "clusterCIDR": POD_CIDR,
         // Zero: leave the conntrack sysctls alone (they are not all per network namespace).
         "conntrack": { "maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s" },
-        "metricsBindAddress": "127.0.0.1:0",
+        // Inside the node's own network namespace: the usual port cannot clash.
+        "metricsBindAddress": "127.0.0.1:10249",
         "healthzBindAddress": "",
     })
     .to_string()
