@@ -5,8 +5,9 @@
 //! The stand-in records every call with the `exp` of the token it carried, and the test
 //! records when each new token reached the Secret. From those come the figures: calls
 //! refused because the file still held an expired token, and the delay from a Secret update
-//! to the first call made with the new token (the kubelet's propagation delay, to within the
-//! consumer's one-second period).
+//! to the first call made with the new token or a later one (the kubelet's propagation delay,
+//! to within the consumer's one-second period; when refreshes come faster than the kubelet
+//! syncs, the file skips tokens).
 //!
 //! The kubelet refreshes Secret volumes when it syncs the Pod: every `syncFrequency` (1 min,
 //! left at its default here) plus up to 50 % jitter. A token that is replaced less than that
@@ -102,7 +103,7 @@ pub async fn reads_the_mounted_secret_through_refreshes(world: Arc<World>) -> an
         let Some(last) = seen.get(cycles.saturating_sub(1)) else {
             return Ok(false);
         };
-        let used = consumer_calls(&standin).any(|call| call.bearer_expires_at == Some(last.expires_at));
+        let used = consumer_calls(&standin).any(|call| call.bearer_expires_at.is_some_and(|expires_at| expires_at >= last.expires_at));
         Ok(used || last.seen_at.elapsed().unwrap_or_default() > KUBELET_PROPAGATION_BOUND)
     })
     .await?;
@@ -128,7 +129,7 @@ pub async fn reads_the_mounted_secret_through_refreshes(world: Arc<World>) -> an
     );
     ensure!(
         figures.unseen.is_empty(),
-        "these tokens reached the Secret but never the consumer within {KUBELET_PROPAGATION_BOUND:?}: expiring at {:?}",
+        "the mounted file never caught up with these Secret updates (tokens expiring at {:?})",
         figures.unseen
     );
     ensure!(
@@ -175,7 +176,8 @@ struct Figures {
     propagations: Vec<Duration>,
     propagation_p50: Duration,
     propagation_max: Duration,
-    /// Tokens the consumer never used (their expiry).
+    /// Updates the file never caught up with: the consumer used neither that token nor a
+    /// later one (their expiry).
     unseen: Vec<SystemTime>,
 }
 
@@ -194,10 +196,12 @@ fn analyse(calls: &[testsupport::standin::ApiRequestRecord], updates: &[Update],
             figures.other_refusals += 1;
         }
     }
+    // The file is up to date with an update once a call carries that token or a later one:
+    // when refreshes come faster than the kubelet syncs, it skips tokens, which is fine.
     for update in updates.iter().filter(|update| update.seen_at >= consumer_started).take(cycles) {
         let first_use = calls
             .iter()
-            .filter(|call| call.bearer_expires_at == Some(update.expires_at))
+            .filter(|call| call.bearer_expires_at.is_some_and(|expires_at| expires_at >= update.expires_at))
             .map(|call| call.time)
             .min();
         match first_use {

@@ -84,7 +84,7 @@ async fn install_then_restart(world: Arc<World>) -> anyhow::Result<()> {
         .and_then(|id| id.strip_prefix("containerd://"))
         .context("the operator container has no containerd id")?
         .to_owned();
-    world.node.kill_container_process(&container_id)?;
+    world.node().kill_container_process(&container_id)?;
     let killed_at = Instant::now();
     wait_for(
         "the kubelet restarting the operator container",

@@ -36,7 +36,7 @@ pub struct World {
     pub node_tools: NodeTools,
     pub runtime: tokio::runtime::Runtime,
     /// Dropped before the control plane: the kubelet talks to it until it stops.
-    pub node: Node,
+    node: Mutex<Node>,
     pub control_plane: ControlPlane,
     /// Figures the scenarios measured, printed at the end (`name: value` lines).
     figures: Mutex<Vec<String>>,
@@ -69,7 +69,7 @@ impl World {
             tools,
             node_tools,
             runtime,
-            node,
+            node: Mutex::new(node),
             control_plane,
             figures: Mutex::new(vec![format!(
                 "operator image: {:.1} MB (one layer, uncompressed)",
@@ -83,12 +83,13 @@ impl World {
     /// log tails.
     pub fn run(&self, name: &str, scenario: impl Future<Output = anyhow::Result<()>>) -> Result<(), String> {
         self.runtime.block_on(async {
-            match scenario.await {
+            // A node component that died (the kubelet once panicked here) explains any failure.
+            match scenario.await.and_then(|()| self.node().check_running()) {
                 Ok(()) => Ok(()),
                 Err(error) => Err(format!(
                     "{name}: {error:#}\n--- Pods and Events ---\n{}\n--- node logs (tail) ---\n{}\n--- control plane logs (tail) ---\n{}",
                     self.cluster_state().await,
-                    self.node.logs_tail(15),
+                    self.node().logs_tail(15),
                     self.control_plane.logs_tail(10)
                 )),
             }
@@ -121,6 +122,10 @@ impl World {
 
     pub fn client(&self) -> Client {
         self.control_plane.client()
+    }
+
+    pub fn node(&self) -> std::sync::MutexGuard<'_, Node> {
+        self.node.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Records a measured figure for the summary at the end of the run.

@@ -292,6 +292,21 @@ impl Node {
             .with_context(|| format!("containerd has no running task {container_id}:\n{output}"))
     }
 
+    /// Fails, naming it, if a component of the node has exited.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        for (child, what) in [
+            (&mut self.containerd, "containerd"),
+            (&mut self.kubelet, "the kubelet"),
+            (&mut self.kube_proxy, "kube-proxy"),
+            (&mut self.scheduler, "kube-scheduler"),
+        ] {
+            if let Some(status) = child.try_wait()? {
+                bail!("{what} exited with {status}");
+            }
+        }
+        Ok(())
+    }
+
     /// SIGKILLs the main process of a running container from outside, as an OOM kill would.
     pub fn kill_container_process(&self, container_id: &str) -> anyhow::Result<()> {
         let pid = self.container_pid(container_id)?;
@@ -447,6 +462,9 @@ fn kubelet_config(dir: &Path, socket: &Path, resolv_conf: &Path) -> String {
         "evictionHard": { "memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%", "nodefs.inodesFree": "1%" },
         "serializeImagePulls": false,
         "localStorageCapacityIsolation": false,
+        // With cgroupsPerQOS off, the in-place resize path dereferences the missing pod
+        // cgroup and the kubelet panics (v1.34.4, seen when Pods start at the same time).
+        "featureGates": { "InPlacePodVerticalScaling": false },
     })
     .to_string()
 }
