@@ -26,6 +26,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 use testsupport::node::NODE_IP;
 
+use testsupport::propagation::{Update, analyse};
+
 use crate::world::{self, CONSUMER_IMAGE, CONSUMER_PROGRAM, World, pod_ready, wait_for};
 
 /// The path the consumer calls; the operator's probe uses another, so the two never mix.
@@ -158,64 +160,6 @@ pub async fn reads_the_mounted_secret_through_refreshes(world: Arc<World>) -> an
 
 fn consumer_calls(standin: &testsupport::standin::StandinTasklist) -> impl Iterator<Item = testsupport::standin::ApiRequestRecord> {
     standin.api_requests().into_iter().filter(|call| call.path == CONSUMER_PATH)
-}
-
-/// One new token in the derived Secret.
-#[derive(Debug, Clone, Copy)]
-struct Update {
-    seen_at: SystemTime,
-    /// The Secret's `expiresAt`, which is the token's `exp`.
-    expires_at: SystemTime,
-}
-
-#[derive(Debug, Default)]
-struct Figures {
-    calls: usize,
-    expired_refusals: usize,
-    other_refusals: usize,
-    propagations: Vec<Duration>,
-    propagation_p50: Duration,
-    propagation_max: Duration,
-    /// Updates the file never caught up with: the consumer used neither that token nor a
-    /// later one (their expiry).
-    unseen: Vec<SystemTime>,
-}
-
-/// The figures from the consumer's calls and the Secret's updates: every update after the
-/// consumer started, up to `cycles` of them, counts towards the propagation delays.
-fn analyse(calls: &[testsupport::standin::ApiRequestRecord], updates: &[Update], consumer_started: SystemTime, cycles: usize) -> Figures {
-    let mut figures = Figures {
-        calls: calls.len(),
-        ..Figures::default()
-    };
-    for call in calls.iter().filter(|call| call.status != 200) {
-        let expired = call.bearer_expires_at.is_some_and(|expires_at| expires_at <= call.time);
-        if expired {
-            figures.expired_refusals += 1;
-        } else {
-            figures.other_refusals += 1;
-        }
-    }
-    // The file is up to date with an update once a call carries that token or a later one:
-    // when refreshes come faster than the kubelet syncs, it skips tokens, which is fine.
-    for update in updates.iter().filter(|update| update.seen_at >= consumer_started).take(cycles) {
-        let first_use = calls
-            .iter()
-            .filter(|call| call.bearer_expires_at.is_some_and(|expires_at| expires_at >= update.expires_at))
-            .map(|call| call.time)
-            .min();
-        match first_use {
-            Some(first_use) => figures
-                .propagations
-                .push(first_use.duration_since(update.seen_at).unwrap_or_default()),
-            None => figures.unseen.push(update.expires_at),
-        }
-    }
-    let mut sorted = figures.propagations.clone();
-    sorted.sort();
-    figures.propagation_p50 = sorted.get(sorted.len() / 2).copied().unwrap_or_default();
-    figures.propagation_max = sorted.last().copied().unwrap_or_default();
-    figures
 }
 
 /// Polls the derived Secret every 200 ms and records each new `expiresAt`.

@@ -7,5 +7,6 @@ pub mod image;
 pub mod keycloak;
 pub mod node;
 pub mod operator;
+pub mod propagation;
 pub mod standin;
 pub mod tools;

@@ -16,7 +16,8 @@
 //! | Services | 198.18.1.0/24; `kubernetes` is 198.18.1.1 |
 //!
 //! The test process also gets a mount namespace of its own, so the kubelet's and
-//! containerd's mounts disappear with it.
+//! containerd's mounts disappear with it, and a tmpfs over the folders they write to
+//! whatever their configuration says (/var/log/containers, /run/containerd, /var/lib/cni).
 //!
 //! # Clean-up
 //! Dropping the [`Node`] stops the kubelet, kills every container and shim of its containerd,
@@ -157,6 +158,13 @@ pub fn enter_private_namespaces() -> anyhow::Result<()> {
             return Err(std::io::Error::last_os_error()).context("cannot make the mounts private");
         }
     }
+    // Folders the kubelet, containerd and the CNI plugins use whatever they are configured
+    // with: an empty tmpfs over each, in this mount namespace only, so that nothing of the
+    // node is left on the machine's disk and nothing there is seen by the node.
+    for folder in SCRATCH_FOLDERS {
+        std::fs::create_dir_all(folder).with_context(|| format!("cannot create {folder}"))?;
+        run_ok(Command::new("mount").args(["-t", "tmpfs", "tmpfs", folder]))?;
+    }
     run_ok(Command::new("ip").args(["link", "set", "lo", "up"]))?;
     run_ok(Command::new("ip").args(["link", "add", BRIDGE, "type", "bridge"]))?;
     run_ok(Command::new("ip").args(["address", "add", &format!("{NODE_IP}/24"), "dev", BRIDGE]))?;
@@ -165,6 +173,10 @@ pub fn enter_private_namespaces() -> anyhow::Result<()> {
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("cannot enable IP forwarding in the node's namespace")?;
     Ok(())
 }
+
+/// Covered by a tmpfs of the test process's own: the kubelet's container log links,
+/// containerd's shim sockets, the CNI plugins' cache.
+const SCRATCH_FOLDERS: [&str; 3] = ["/var/log/containers", "/run/containerd", "/var/lib/cni"];
 
 /// A running node. See the module docs.
 pub struct Node {
