@@ -13,7 +13,7 @@ test:
 	hack/test.sh
 
 ## The consumer measurement with Keycloak's token lifetime (300 s, refreshBefore 120 s, five
-## refreshes: about 20 minutes), on the real node. Needs root, like `make test`.
+## refreshes: 14 minutes measured), on the real node. Needs root, like `make test`.
 soak:
 	hack/soak.sh
 
