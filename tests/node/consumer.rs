@@ -14,9 +14,10 @@
 //! before it expires can therefore reach the file too late.
 //!
 //! Defaults (for `make test`): 60 s tokens, `refreshBefore: 30s` (what the refresh rule gives
-//! a 60 s token: half its lifetime), 5 refreshes. `make soak` runs 300 s tokens (Keycloak's
-//! default) with `refreshBefore: 120s`. Override with TLO_NODE_CONSUMER_TOKEN_SECONDS,
-//! TLO_NODE_CONSUMER_REFRESH_BEFORE_SECONDS and TLO_NODE_CONSUMER_CYCLES.
+//! a 60 s token: half its lifetime), 5 refreshes. `make soak` runs a real Keycloak's 300 s
+//! tokens with `refreshBefore: 120s`. Override with TLO_NODE_CONSUMER_KEYCLOAK (1: tokens
+//! from Keycloak), TLO_NODE_CONSUMER_TOKEN_SECONDS, TLO_NODE_CONSUMER_REFRESH_BEFORE_SECONDS
+//! and TLO_NODE_CONSUMER_CYCLES.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -44,7 +45,10 @@ fn setting(name: &str, default: u64) -> anyhow::Result<u64> {
 }
 
 pub async fn reads_the_mounted_secret_through_refreshes(world: Arc<World>) -> anyhow::Result<()> {
-    let token_seconds = setting("TLO_NODE_CONSUMER_TOKEN_SECONDS", 60)?;
+    // With TLO_NODE_CONSUMER_KEYCLOAK=1 the tokens come from a real Keycloak (its default
+    // lifetime, 300 s) instead of the stand-in's token endpoint.
+    let with_keycloak = std::env::var("TLO_NODE_CONSUMER_KEYCLOAK").is_ok_and(|value| value == "1");
+    let token_seconds = setting("TLO_NODE_CONSUMER_TOKEN_SECONDS", if with_keycloak { 300 } else { 60 })?;
     let margin_seconds = setting("TLO_NODE_CONSUMER_REFRESH_BEFORE_SECONDS", token_seconds / 2)?;
     let cycles = setting("TLO_NODE_CONSUMER_CYCLES", 5)? as usize;
 
@@ -52,11 +56,36 @@ pub async fn reads_the_mounted_secret_through_refreshes(world: Arc<World>) -> an
     let release = "tlo-consumer";
     world.install(release, &namespace, &[]).await?;
     let standin = world::node_standin().await?;
-    standin.set_token_lifetime(Duration::from_secs(token_seconds));
     let refresh_before = format!("{margin_seconds}s");
-    world
-        .create_connection(&namespace, "orders", &standin, Some(&refresh_before))
-        .await?;
+    // Kept until the end of the scenario: the operator refreshes from it.
+    let mut keycloak = None;
+    if with_keycloak {
+        let started = testsupport::keycloak::Keycloak::start_on(&world.tools, NODE_IP)
+            .await
+            .context("starting Keycloak on the node's address")?;
+        if token_seconds != 300 {
+            started.set_access_token_lifespan(u32::try_from(token_seconds)?).await?;
+        }
+        standin.trust_jwks(&started.jwks_url());
+        let oauth2 =
+            serde_json::json!({"tokenUrl": started.token_url(), "audience": "tasklist-api", "clientSecretRef": {"name": "client"}});
+        world
+            .create_oauth2_connection(
+                &namespace,
+                "orders",
+                &standin.url(),
+                oauth2,
+                (started.client_id(), started.client_secret()),
+                Some(&refresh_before),
+            )
+            .await?;
+        keycloak = Some(started);
+    } else {
+        standin.set_token_lifetime(Duration::from_secs(token_seconds));
+        world
+            .create_connection(&namespace, "orders", &standin, Some(&refresh_before))
+            .await?;
+    }
     world.wait_connection_ready(&namespace, "orders", Duration::from_secs(60)).await?;
 
     // Record every new token the Secret receives, with the time the test saw it (polled
@@ -113,8 +142,10 @@ pub async fn reads_the_mounted_secret_through_refreshes(world: Arc<World>) -> an
 
     let calls: Vec<_> = consumer_calls(&standin).collect();
     let figures = analyse(&calls, &seen, consumer_started, cycles);
+    drop(keycloak);
+    let issuer = if with_keycloak { "Keycloak" } else { "stand-in" };
     world.figure(format!(
-        "consumer Pod, {token_seconds} s tokens, refreshBefore {margin_seconds}s, {cycles} refreshes: {} calls, {} refused for an expired token, {} refused otherwise; propagation Secret -> file p50 {:.0} s, max {:.0} s (n={})",
+        "consumer Pod, {token_seconds} s tokens from the {issuer}, refreshBefore {margin_seconds}s, {cycles} refreshes: {} calls, {} refused for an expired token, {} refused otherwise; propagation Secret -> file p50 {:.0} s, max {:.0} s (n={})",
         figures.calls,
         figures.expired_refusals,
         figures.other_refusals,

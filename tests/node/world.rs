@@ -206,14 +206,30 @@ impl World {
         refresh_before: Option<&str>,
     ) -> anyhow::Result<()> {
         standin.add_client(CLIENT_ID, CLIENT_SECRET);
+        let oauth2 = serde_json::json!({"tokenUrl": standin.token_url(), "clientSecretRef": {"name": "client"}});
+        self.create_oauth2_connection(namespace, name, &standin.url(), oauth2, (CLIENT_ID, CLIENT_SECRET), refresh_before)
+            .await
+    }
+
+    /// Applies Secret `client` with `client` (id, secret) and connection `name` to Tasklist
+    /// at `url` with the `oauth2` settings (which name Secret `client`).
+    pub async fn create_oauth2_connection(
+        &self,
+        namespace: &str,
+        name: &str,
+        url: &str,
+        oauth2: serde_json::Value,
+        client: (&str, &str),
+        refresh_before: Option<&str>,
+    ) -> anyhow::Result<()> {
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some("client".into()),
                 ..Default::default()
             },
             string_data: Some(BTreeMap::from([
-                ("client_id".to_owned(), CLIENT_ID.to_owned()),
-                ("client_secret".to_owned(), CLIENT_SECRET.to_owned()),
+                ("client_id".to_owned(), client.0.to_owned()),
+                ("client_secret".to_owned(), client.1.to_owned()),
             ])),
             ..Default::default()
         };
@@ -224,10 +240,7 @@ impl World {
                 .await
                 .context("creating Secret client")?;
         }
-        let mut spec = serde_json::json!({
-            "url": standin.url(),
-            "auth": {"oauth2": {"tokenUrl": standin.token_url(), "clientSecretRef": {"name": "client"}}},
-        });
+        let mut spec = serde_json::json!({ "url": url, "auth": {"oauth2": oauth2} });
         if let Some(refresh_before) = refresh_before {
             spec["refreshBefore"] = refresh_before.into();
         }

@@ -36,6 +36,8 @@ pub struct Keycloak {
     /// `kc.sh`, leader of a process group that also holds the JVM (kc.sh does not exec it).
     process: Child,
     port: u16,
+    /// The address it listens on; 127.0.0.1 unless started with [`Keycloak::start_on`].
+    host: std::net::Ipv4Addr,
     admin_password: String,
     /// Keycloak's internal id of the client, used in admin API paths.
     client_uuid: String,
@@ -53,6 +55,12 @@ impl Keycloak {
     /// 300 s) with a confidential client that may use the client-credentials grant and whose
     /// access tokens carry the audience [`TASKLIST_AUDIENCE`].
     pub async fn start(tools: &Tools) -> anyhow::Result<Keycloak> {
+        Self::start_on(tools, std::net::Ipv4Addr::LOCALHOST).await
+    }
+
+    /// [`Keycloak::start`], listening on `host` (the node tests use the node's address,
+    /// which Pods reach).
+    pub async fn start_on(tools: &Tools, host: std::net::Ipv4Addr) -> anyhow::Result<Keycloak> {
         let started = Instant::now();
         let workdir = tools::fixture_workdir("keycloak")?;
         let port = tools::free_loopback_port()?;
@@ -69,10 +77,11 @@ impl Keycloak {
         // Dev mode may rebuild the distribution's configuration (in lib/quarkus) while starting;
         // two starts doing that at once could corrupt it, so starts take turns.
         let start_lock = lock_distribution(&tools.keycloak_home, STARTUP_DEADLINE).await?;
-        let process = spawn_keycloak(tools, workdir.path(), port, &admin_password)?;
+        let process = spawn_keycloak(tools, workdir.path(), host, port, &admin_password)?;
         let mut keycloak = Keycloak {
             process,
             port,
+            host,
             admin_password,
             client_uuid: String::new(),
             client_secret: Mutex::new(""),
@@ -94,9 +103,9 @@ impl Keycloak {
         Ok(keycloak)
     }
 
-    /// `http://127.0.0.1:PORT/auth`
+    /// `http://127.0.0.1:PORT/auth` (or the address given to [`Keycloak::start_on`])
     pub fn base_url(&self) -> String {
-        format!("http://127.0.0.1:{}{RELATIVE_PATH}", self.port)
+        format!("http://{}:{}{RELATIVE_PATH}", self.host, self.port)
     }
 
     pub fn issuer(&self) -> String {
@@ -243,7 +252,7 @@ impl Drop for Keycloak {
     }
 }
 
-fn spawn_keycloak(tools: &Tools, workdir: &Path, port: u16, admin_password: &str) -> anyhow::Result<Child> {
+fn spawn_keycloak(tools: &Tools, workdir: &Path, host: std::net::Ipv4Addr, port: u16, admin_password: &str) -> anyhow::Result<Child> {
     let java_home = tools
         .keycloak_java
         .parent()
@@ -257,7 +266,7 @@ fn spawn_keycloak(tools: &Tools, workdir: &Path, port: u16, admin_password: &str
     command
         .arg("start-dev")
         .arg(format!("--http-port={port}"))
-        .arg("--http-host=127.0.0.1")
+        .arg(format!("--http-host={host}"))
         .arg(format!("--http-relative-path={RELATIVE_PATH}"))
         .arg("--db=dev-mem")
         // By default the transaction log goes to data/ in the distribution, a shared cache.
