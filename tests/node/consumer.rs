@@ -60,15 +60,14 @@ pub async fn reads_the_mounted_secret_through_refreshes(world: Arc<World>) -> an
     // Kept until the end of the scenario: the operator refreshes from it.
     let mut keycloak = None;
     if with_keycloak {
-        let started = testsupport::keycloak::Keycloak::start_on(&world.tools, NODE_IP)
+        let started = testsupport::keycloak::Keycloak::start_on(&world.tools, std::net::Ipv4Addr::UNSPECIFIED)
             .await
             .context("starting Keycloak on the node's address")?;
         if token_seconds != 300 {
             started.set_access_token_lifespan(u32::try_from(token_seconds)?).await?;
         }
         standin.trust_jwks(&started.jwks_url());
-        let oauth2 =
-            serde_json::json!({"tokenUrl": started.token_url(), "audience": "tasklist-api", "clientSecretRef": {"name": "client"}});
+        let oauth2 = serde_json::json!({"tokenUrl": started.token_url_at(NODE_IP), "audience": "tasklist-api", "clientSecretRef": {"name": "client"}});
         world
             .create_oauth2_connection(
                 &namespace,

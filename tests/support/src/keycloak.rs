@@ -36,8 +36,6 @@ pub struct Keycloak {
     /// `kc.sh`, leader of a process group that also holds the JVM (kc.sh does not exec it).
     process: Child,
     port: u16,
-    /// The address it listens on; 127.0.0.1 unless started with [`Keycloak::start_on`].
-    host: std::net::Ipv4Addr,
     admin_password: String,
     /// Keycloak's internal id of the client, used in admin API paths.
     client_uuid: String,
@@ -58,8 +56,10 @@ impl Keycloak {
         Self::start_on(tools, std::net::Ipv4Addr::LOCALHOST).await
     }
 
-    /// [`Keycloak::start`], listening on `host` (the node tests use the node's address,
-    /// which Pods reach).
+    /// [`Keycloak::start`], listening on `host`. The node tests use 0.0.0.0 in their own
+    /// network namespace: Pods reach it at the node's address (see [`Keycloak::token_url_at`]),
+    /// while the tests and the admin API keep using 127.0.0.1, because Keycloak refuses the
+    /// master realm to non-local clients (403).
     pub async fn start_on(tools: &Tools, host: std::net::Ipv4Addr) -> anyhow::Result<Keycloak> {
         let started = Instant::now();
         let workdir = tools::fixture_workdir("keycloak")?;
@@ -81,7 +81,6 @@ impl Keycloak {
         let mut keycloak = Keycloak {
             process,
             port,
-            host,
             admin_password,
             client_uuid: String::new(),
             client_secret: Mutex::new(""),
@@ -103,9 +102,9 @@ impl Keycloak {
         Ok(keycloak)
     }
 
-    /// `http://127.0.0.1:PORT/auth` (or the address given to [`Keycloak::start_on`])
+    /// `http://127.0.0.1:PORT/auth`
     pub fn base_url(&self) -> String {
-        format!("http://{}:{}{RELATIVE_PATH}", self.host, self.port)
+        format!("http://127.0.0.1:{}{RELATIVE_PATH}", self.port)
     }
 
     pub fn issuer(&self) -> String {
@@ -114,6 +113,11 @@ impl Keycloak {
 
     pub fn token_url(&self) -> String {
         format!("{}/protocol/openid-connect/token", self.issuer())
+    }
+
+    /// The token endpoint at `address` instead of 127.0.0.1 (with [`Keycloak::start_on`]).
+    pub fn token_url_at(&self, address: std::net::Ipv4Addr) -> String {
+        self.token_url().replacen("127.0.0.1", &address.to_string(), 1)
     }
 
     pub fn jwks_url(&self) -> String {
@@ -180,6 +184,9 @@ impl Keycloak {
             "realm": REALM,
             "enabled": true,
             "accessTokenLifespan": DEFAULT_ACCESS_TOKEN_LIFESPAN_SECONDS,
+            // Plain HTTP also from Pods on the node tests' bridge; the default ("external")
+            // accepts it only from loopback and private ranges, and 198.18/15 is neither.
+            "sslRequired": "none",
         });
         let request = self.admin_request(reqwest::Method::POST, &format!("{base}/admin/realms")).await?;
         success(request.json(&realm).send().await, "create the realm").await?;
