@@ -12,8 +12,8 @@ demo:
 test:
 	hack/test.sh
 
-## The consumer measurement with Keycloak's token lifetime (300 s, refreshBefore 120 s, five
-## refreshes: 14 minutes measured), on the real node. Needs root, like `make test`.
+## The consumer measurement with a real Keycloak's tokens (300 s, refreshBefore 120 s, five
+## refreshes: about 15 minutes), on the real node. Needs root, like `make test`.
 soak:
 	hack/soak.sh
 
