@@ -1,7 +1,7 @@
 # The two commands of the README. Both build whatever is missing first (hack/tools.sh
 # caches the control plane, helm and Keycloak outside the checkout, keyed by version).
 
-.PHONY: demo test tools crd chart-docs
+.PHONY: demo test soak tools crd chart-docs
 
 ## Run the operator end to end on a local control plane with a stand-in Tasklist and
 ## Keycloak, apply examples/, print the status; Ctrl-C stops and cleans up everything.
@@ -11,6 +11,11 @@ demo:
 ## Run every test: formatting, lints, unit, integration, end-to-end and chart tests.
 test:
 	hack/test.sh
+
+## The consumer measurement with a real Keycloak's tokens (300 s, refreshBefore 120 s, five
+## refreshes: about 15 minutes), on the real node. Needs root, like `make test`.
+soak:
+	hack/soak.sh
 
 ## Build or fetch the test components only.
 tools:

@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # Captured first so that a failing tools.sh stops here (set -e), not in a test later.
-exports=$(hack/tools.sh)
+# `demo`: everything but the node, which only the node tests need.
+exports=$(hack/tools.sh demo)
 eval "$exports"
 cargo build --locked --bin tasklist-operator -p tasklist-operator
 exec cargo run --locked -q -p tasklist-testsupport --bin demo -- "$@"

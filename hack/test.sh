@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every test: formatting, lints, unit, integration and end-to-end tests (a real
 # kube-apiserver, etcd, kube-controller-manager, Keycloak and helm, built or fetched by
-# hack/tools.sh). A test that cannot find a component fails; nothing is skipped.
+# hack/tools.sh), and the node tests (the image and the chart on a real kubelet, with
+# containerd; they need root). A test that cannot find a component fails; nothing is skipped.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -15,6 +16,12 @@ cargo fmt --all -- --check
 
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "==> hack/tools.sh run twice at once"
+hack/test-tools-concurrency.sh
+
+echo "==> cargo build --release (the node tests put it into the image)"
+cargo build --release --locked --bin tasklist-operator
 
 echo "==> cargo test"
 cargo test --workspace --locked --no-fail-fast

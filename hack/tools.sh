@@ -211,12 +211,18 @@ case $only in
     with_lock keycloak fetch_keycloak
     with_lock promtool build_promtool
     ;;
+  # What `make demo` needs: no node.
+  demo)
+    with_lock control-plane build_control_plane
+    with_lock helm build_helm
+    with_lock keycloak fetch_keycloak
+    ;;
   control-plane) with_lock control-plane build_control_plane ;;
   node) with_lock node build_node; with_lock node-runtime install_node_runtime ;;
   helm) with_lock helm build_helm ;;
   keycloak) with_lock keycloak fetch_keycloak ;;
   promtool) with_lock promtool build_promtool ;;
-  *) echo "usage: hack/tools.sh [all|control-plane|node|helm|keycloak|promtool]" >&2; exit 2 ;;
+  *) echo "usage: hack/tools.sh [all|demo|control-plane|node|helm|keycloak|promtool]" >&2; exit 2 ;;
 esac
 
 k8s="$cache/kubernetes-$kubernetes_version"

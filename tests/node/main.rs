@@ -9,6 +9,7 @@
 //!
 //! Needs root. A missing component fails every scenario: nothing is skipped.
 
+mod consumer;
 mod scenarios;
 mod world;
 

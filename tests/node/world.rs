@@ -36,10 +36,8 @@ pub struct World {
     pub node_tools: NodeTools,
     pub runtime: tokio::runtime::Runtime,
     /// Dropped before the control plane: the kubelet talks to it until it stops.
-    pub node: Node,
+    node: Mutex<Node>,
     pub control_plane: ControlPlane,
-    /// Size of the operator image's only layer, uncompressed.
-    pub operator_image_bytes: u64,
     /// Figures the scenarios measured, printed at the end (`name: value` lines).
     figures: Mutex<Vec<String>>,
     _images: TempDir,
@@ -71,9 +69,8 @@ impl World {
             tools,
             node_tools,
             runtime,
-            node,
+            node: Mutex::new(node),
             control_plane,
-            operator_image_bytes,
             figures: Mutex::new(vec![format!(
                 "operator image: {:.1} MB (one layer, uncompressed)",
                 operator_image_bytes as f64 / 1e6
@@ -85,17 +82,50 @@ impl World {
     /// Runs one scenario; on failure, the message carries the node's and the control plane's
     /// log tails.
     pub fn run(&self, name: &str, scenario: impl Future<Output = anyhow::Result<()>>) -> Result<(), String> {
-        self.runtime.block_on(scenario).map_err(|error| {
-            format!(
-                "{name}: {error:#}\n--- node logs (tail) ---\n{}\n--- control plane logs (tail) ---\n{}",
-                self.node.logs_tail(15),
-                self.control_plane.logs_tail(10)
-            )
+        self.runtime.block_on(async {
+            // A node component that died (the kubelet once panicked here) explains any failure.
+            match scenario.await.and_then(|()| self.node().check_running()) {
+                Ok(()) => Ok(()),
+                Err(error) => Err(format!(
+                    "{name}: {error:#}\n--- Pods and Events ---\n{}\n--- node logs (tail) ---\n{}\n--- control plane logs (tail) ---\n{}",
+                    self.cluster_state().await,
+                    self.node().logs_tail(15),
+                    self.control_plane.logs_tail(10)
+                )),
+            }
         })
+    }
+
+    /// Every Pod and the latest Events, as kubectl shows them, for failure messages.
+    async fn cluster_state(&self) -> String {
+        let mut state = String::new();
+        for args in [
+            &["get", "pods", "--all-namespaces", "--output", "wide"][..],
+            &["get", "events", "--all-namespaces", "--sort-by", ".lastTimestamp"][..],
+        ] {
+            match self.kubectl(args).await {
+                Ok((_, output)) => state.push_str(&output),
+                Err(error) => state.push_str(&format!("kubectl {}: {error:#}\n", args.join(" "))),
+            }
+        }
+        let pods = Api::<Pod>::all(self.client()).list(&ListParams::default()).await;
+        for pod in pods.map(|list| list.items).unwrap_or_default() {
+            let (Some(namespace), Some(name)) = (pod.metadata.namespace, pod.metadata.name) else {
+                continue;
+            };
+            let logs = self.kubectl(&["logs", "--namespace", &namespace, &name, "--tail", "15"]).await;
+            let logs = logs.map(|(_, output)| output).unwrap_or_else(|error| format!("{error:#}"));
+            state.push_str(&format!("--- logs of {namespace}/{name} ---\n{logs}\n"));
+        }
+        state
     }
 
     pub fn client(&self) -> Client {
         self.control_plane.client()
+    }
+
+    pub fn node(&self) -> std::sync::MutexGuard<'_, Node> {
+        self.node.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Records a measured figure for the summary at the end of the run.
@@ -160,7 +190,7 @@ impl World {
             &watch,
             "--wait",
             "--timeout",
-            "180s",
+            "120s",
         ];
         args.extend_from_slice(extra);
         self.helm(&args).await
@@ -176,14 +206,30 @@ impl World {
         refresh_before: Option<&str>,
     ) -> anyhow::Result<()> {
         standin.add_client(CLIENT_ID, CLIENT_SECRET);
+        let oauth2 = serde_json::json!({"tokenUrl": standin.token_url(), "clientSecretRef": {"name": "client"}});
+        self.create_oauth2_connection(namespace, name, &standin.url(), oauth2, (CLIENT_ID, CLIENT_SECRET), refresh_before)
+            .await
+    }
+
+    /// Applies Secret `client` with `client` (id, secret) and connection `name` to Tasklist
+    /// at `url` with the `oauth2` settings (which name Secret `client`).
+    pub async fn create_oauth2_connection(
+        &self,
+        namespace: &str,
+        name: &str,
+        url: &str,
+        oauth2: serde_json::Value,
+        client: (&str, &str),
+        refresh_before: Option<&str>,
+    ) -> anyhow::Result<()> {
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some("client".into()),
                 ..Default::default()
             },
             string_data: Some(BTreeMap::from([
-                ("client_id".to_owned(), CLIENT_ID.to_owned()),
-                ("client_secret".to_owned(), CLIENT_SECRET.to_owned()),
+                ("client_id".to_owned(), client.0.to_owned()),
+                ("client_secret".to_owned(), client.1.to_owned()),
             ])),
             ..Default::default()
         };
@@ -194,10 +240,7 @@ impl World {
                 .await
                 .context("creating Secret client")?;
         }
-        let mut spec = serde_json::json!({
-            "url": standin.url(),
-            "auth": {"oauth2": {"tokenUrl": standin.token_url(), "clientSecretRef": {"name": "client"}}},
-        });
+        let mut spec = serde_json::json!({ "url": url, "auth": {"oauth2": oauth2} });
         if let Some(refresh_before) = refresh_before {
             spec["refreshBefore"] = refresh_before.into();
         }
@@ -313,7 +356,7 @@ fn repository_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn chart_path() -> PathBuf {
+pub fn chart_path() -> PathBuf {
     repository_root().join("charts/tasklist-operator")
 }
 

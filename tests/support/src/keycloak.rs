@@ -53,6 +53,14 @@ impl Keycloak {
     /// 300 s) with a confidential client that may use the client-credentials grant and whose
     /// access tokens carry the audience [`TASKLIST_AUDIENCE`].
     pub async fn start(tools: &Tools) -> anyhow::Result<Keycloak> {
+        Self::start_on(tools, std::net::Ipv4Addr::LOCALHOST).await
+    }
+
+    /// [`Keycloak::start`], listening on `host`. The node tests use 0.0.0.0 in their own
+    /// network namespace: Pods reach it at the node's address (see [`Keycloak::token_url_at`]),
+    /// while the tests and the admin API keep using 127.0.0.1, because Keycloak refuses the
+    /// master realm to non-local clients (403).
+    pub async fn start_on(tools: &Tools, host: std::net::Ipv4Addr) -> anyhow::Result<Keycloak> {
         let started = Instant::now();
         let workdir = tools::fixture_workdir("keycloak")?;
         let port = tools::free_loopback_port()?;
@@ -69,7 +77,7 @@ impl Keycloak {
         // Dev mode may rebuild the distribution's configuration (in lib/quarkus) while starting;
         // two starts doing that at once could corrupt it, so starts take turns.
         let start_lock = lock_distribution(&tools.keycloak_home, STARTUP_DEADLINE).await?;
-        let process = spawn_keycloak(tools, workdir.path(), port, &admin_password)?;
+        let process = spawn_keycloak(tools, workdir.path(), host, port, &admin_password)?;
         let mut keycloak = Keycloak {
             process,
             port,
@@ -105,6 +113,11 @@ impl Keycloak {
 
     pub fn token_url(&self) -> String {
         format!("{}/protocol/openid-connect/token", self.issuer())
+    }
+
+    /// The token endpoint at `address` instead of 127.0.0.1 (with [`Keycloak::start_on`]).
+    pub fn token_url_at(&self, address: std::net::Ipv4Addr) -> String {
+        self.token_url().replacen("127.0.0.1", &address.to_string(), 1)
     }
 
     pub fn jwks_url(&self) -> String {
@@ -206,6 +219,9 @@ impl Keycloak {
             "realm": REALM,
             "enabled": true,
             "accessTokenLifespan": DEFAULT_ACCESS_TOKEN_LIFESPAN_SECONDS,
+            // Plain HTTP also from Pods on the node tests' bridge; the default ("external")
+            // accepts it only from loopback and private ranges, and 198.18/15 is neither.
+            "sslRequired": "none",
         });
         let request = self.admin_request(reqwest::Method::POST, &format!("{base}/admin/realms")).await?;
         success(request.json(&realm).send().await, "create the realm").await?;
@@ -294,7 +310,7 @@ impl Drop for Keycloak {
     }
 }
 
-fn spawn_keycloak(tools: &Tools, workdir: &Path, port: u16, admin_password: &str) -> anyhow::Result<Child> {
+fn spawn_keycloak(tools: &Tools, workdir: &Path, host: std::net::Ipv4Addr, port: u16, admin_password: &str) -> anyhow::Result<Child> {
     let java_home = tools
         .keycloak_java
         .parent()
@@ -308,7 +324,7 @@ fn spawn_keycloak(tools: &Tools, workdir: &Path, port: u16, admin_password: &str
     command
         .arg("start-dev")
         .arg(format!("--http-port={port}"))
-        .arg("--http-host=127.0.0.1")
+        .arg(format!("--http-host={host}"))
         .arg(format!("--http-relative-path={RELATIVE_PATH}"))
         .arg("--db=dev-mem")
         // By default the transaction log goes to data/ in the distribution, a shared cache.

@@ -8,5 +8,6 @@ pub mod keycloak;
 pub mod keys;
 pub mod node;
 pub mod operator;
+pub mod propagation;
 pub mod standin;
 pub mod tools;

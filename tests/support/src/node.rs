@@ -16,7 +16,8 @@
 //! | Services | 198.18.1.0/24; `kubernetes` is 198.18.1.1 |
 //!
 //! The test process also gets a mount namespace of its own, so the kubelet's and
-//! containerd's mounts disappear with it.
+//! containerd's mounts disappear with it, and a tmpfs over the folders they write to
+//! whatever their configuration says (/var/log/containers, /run/containerd, /var/lib/cni).
 //!
 //! # Clean-up
 //! Dropping the [`Node`] stops the kubelet, kills every container and shim of its containerd,
@@ -128,6 +129,8 @@ pub fn node_control_plane_options() -> ControlPlaneOptions {
             "endpointslice",
             // Removes Pods of a deleted node, and orphans; cheap.
             "podgc",
+            // Takes the not-ready taint the kubelet registers the node with off once it is Ready.
+            "nodelifecycle",
         ],
     }
 }
@@ -155,6 +158,13 @@ pub fn enter_private_namespaces() -> anyhow::Result<()> {
             return Err(std::io::Error::last_os_error()).context("cannot make the mounts private");
         }
     }
+    // Folders the kubelet, containerd and the CNI plugins use whatever they are configured
+    // with: an empty tmpfs over each, in this mount namespace only, so that nothing of the
+    // node is left on the machine's disk and nothing there is seen by the node.
+    for folder in SCRATCH_FOLDERS {
+        std::fs::create_dir_all(folder).with_context(|| format!("cannot create {folder}"))?;
+        run_ok(Command::new("mount").args(["-t", "tmpfs", "tmpfs", folder]))?;
+    }
     run_ok(Command::new("ip").args(["link", "set", "lo", "up"]))?;
     run_ok(Command::new("ip").args(["link", "add", BRIDGE, "type", "bridge"]))?;
     run_ok(Command::new("ip").args(["address", "add", &format!("{NODE_IP}/24"), "dev", BRIDGE]))?;
@@ -163,6 +173,10 @@ pub fn enter_private_namespaces() -> anyhow::Result<()> {
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("cannot enable IP forwarding in the node's namespace")?;
     Ok(())
 }
+
+/// Covered by a tmpfs of the test process's own: the kubelet's container log links,
+/// containerd's shim sockets, the CNI plugins' cache.
+const SCRATCH_FOLDERS: [&str; 3] = ["/var/log/containers", "/run/containerd", "/var/lib/cni"];
 
 /// A running node. See the module docs.
 pub struct Node {
@@ -290,6 +304,21 @@ impl Node {
             .with_context(|| format!("containerd has no running task {container_id}:\n{output}"))
     }
 
+    /// Fails, naming it, if a component of the node has exited.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        for (child, what) in [
+            (&mut self.containerd, "containerd"),
+            (&mut self.kubelet, "the kubelet"),
+            (&mut self.kube_proxy, "kube-proxy"),
+            (&mut self.scheduler, "kube-scheduler"),
+        ] {
+            if let Some(status) = child.try_wait()? {
+                bail!("{what} exited with {status}");
+            }
+        }
+        Ok(())
+    }
+
     /// SIGKILLs the main process of a running container from outside, as an OOM kill would.
     pub fn kill_container_process(&self, container_id: &str) -> anyhow::Result<()> {
         let pid = self.container_pid(container_id)?;
@@ -367,6 +396,9 @@ fn cni_config(dir: &Path) -> String {
             "ipam": {
                 "type": "host-local",
                 "ranges": [[{ "subnet": POD_CIDR, "rangeStart": "198.18.0.10", "gateway": NODE_IP.to_string() }]],
+                // Pods send everything to the node (Service addresses included); the node's
+                // namespace itself has no route beyond the bridge.
+                "routes": [{ "dst": "0.0.0.0/0" }],
                 "dataDir": dir.join("cni-ipam"),
             },
         }],
@@ -442,6 +474,9 @@ fn kubelet_config(dir: &Path, socket: &Path, resolv_conf: &Path) -> String {
         "evictionHard": { "memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%", "nodefs.inodesFree": "1%" },
         "serializeImagePulls": false,
         "localStorageCapacityIsolation": false,
+        // With cgroupsPerQOS off, the in-place resize path dereferences the missing pod
+        // cgroup and the kubelet panics (v1.34.4, seen when Pods start at the same time).
+        "featureGates": { "InPlacePodVerticalScaling": false },
     })
     .to_string()
 }
@@ -456,7 +491,8 @@ fn kube_proxy_config(kubeconfig: &Path) -> String {
         "clusterCIDR": POD_CIDR,
         // Zero: leave the conntrack sysctls alone (they are not all per network namespace).
         "conntrack": { "maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s" },
-        "metricsBindAddress": "127.0.0.1:0",
+        // Inside the node's own network namespace: the usual port cannot clash.
+        "metricsBindAddress": "127.0.0.1:10249",
         "healthzBindAddress": "",
     })
     .to_string()
