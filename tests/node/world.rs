@@ -47,10 +47,8 @@ impl World {
     pub fn start() -> anyhow::Result<World> {
         let tools = Tools::from_env()?;
         let node_tools = NodeTools::from_env()?;
-        let images_dir = tempfile::Builder::new()
-            .prefix("tasklist-node-images-")
-            .tempdir()
-            .context("cannot create a folder for the images")?;
+        // Removed on drop, or by the next run when this process was killed before that.
+        let images_dir = testsupport::tools::fixture_workdir("node-images")?;
         let images = build_images(images_dir.path())?;
         let operator_image_bytes = images[0].layer_bytes;
 

@@ -216,7 +216,7 @@ const WORKDIR_OWNER_FILE: &str = "owner.pid";
 /// returned value is dropped. A test process killed by a signal never drops it, and etcd's
 /// data alone is tens of megabytes, so each folder records its owner's pid and every new one
 /// first removes the folders whose owner is gone.
-pub(crate) fn fixture_workdir(what: &str) -> anyhow::Result<TempDir> {
+pub fn fixture_workdir(what: &str) -> anyhow::Result<TempDir> {
     remove_abandoned_workdirs();
     let dir = tempfile::Builder::new()
         .prefix(&format!("{WORKDIR_PREFIX}{what}-"))
