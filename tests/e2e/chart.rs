@@ -1045,23 +1045,23 @@ async fn check_platform_install(world: &World, release: &Release, installed: any
             .await?;
     }
     // The aggregation controller fills view and edit in shortly after the install.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let answers = [
-            user_may(&admin, "vera", "list", &team).await?,
-            !user_may(&admin, "vera", "delete", &team).await?,
-            user_may(&admin, "eddie", "create", &team).await?,
-            user_may(&admin, "eddie", "delete", &team).await?,
-        ];
-        if answers.iter().all(|ok| *ok) {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "30 s after install, view/edit do not cover TasklistConnections as they should \
-             (vera list, vera not delete, eddie create, eddie delete): {answers:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    eventually(
+        "view/edit to cover TasklistConnections (vera list, vera not delete, eddie create, eddie delete)",
+        Duration::from_secs(30),
+        || async {
+            let answers = [
+                user_may(&admin, "vera", "list", &team).await?,
+                !user_may(&admin, "vera", "delete", &team).await?,
+                user_may(&admin, "eddie", "create", &team).await?,
+                user_may(&admin, "eddie", "delete", &team).await?,
+            ];
+            Ok(if answers.iter().all(|ok| *ok) {
+                Check::Done(())
+            } else {
+                Check::NotYet(format!("{answers:?}"))
+            })
+        },
+    )
+    .await?;
     Ok(())
 }

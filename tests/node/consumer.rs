@@ -32,7 +32,7 @@ use testsupport::propagation::{Update, analyse};
 use crate::world::{self, CONSUMER_IMAGE, CONSUMER_PROGRAM, World, pod_ready, wait_for};
 
 /// The path the consumer calls; the operator's probe uses another, so the two never mix.
-const CONSUMER_PATH: &str = "/v1/variables/search";
+const CONSUMER_PATH: &str = "/v1/tasks/consumer/variables/search";
 /// The longest the kubelet should take to refresh a Secret volume: syncFrequency (60 s) plus
 /// its 50 % jitter, plus a few seconds for the write and the consumer's period.
 const KUBELET_PROPAGATION_BOUND: Duration = Duration::from_secs(95);

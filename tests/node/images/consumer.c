@@ -45,7 +45,7 @@ static int call(const char *host, int port, const char *authorization) {
     }
     static char request[16384];
     int length = snprintf(request, sizeof request,
-                          "POST /v1/variables/search HTTP/1.1\r\nHost: %s:%d\r\nAuthorization: %s\r\n"
+                          "POST /v1/tasks/consumer/variables/search HTTP/1.1\r\nHost: %s:%d\r\nAuthorization: %s\r\n"
                           "Content-Type: application/json\r\nContent-Length: %zu\r\nConnection: close\r\n\r\n%s",
                           host, port, authorization, strlen(BODY), BODY);
     int status = 0;

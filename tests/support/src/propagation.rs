@@ -80,7 +80,7 @@ mod tests {
         ApiRequestRecord {
             time: at(time),
             method: "POST".into(),
-            path: "/v1/variables/search".into(),
+            path: "/v1/tasks/consumer/variables/search".into(),
             auth: AuthKind::Bearer,
             status,
             bearer_expires_at: Some(at(token_expires)),

@@ -118,6 +118,7 @@ fn endpoint_method(path: &str) -> Option<Method> {
     match segments.as_slice() {
         ["v1", "tasks", "search"] => Some(Method::POST),
         ["v1", "tasks", _task_id] => Some(Method::GET),
+        ["v1", "tasks", _task_id, "variables", "search"] => Some(Method::POST),
         ["v2", "topology"] => Some(Method::GET),
         ["v2", "user-tasks", "search"] => Some(Method::POST),
         _ => None,
