@@ -14,7 +14,7 @@ use serde::Deserialize as _;
 use crate::camunda::discovery;
 use crate::camunda::probe::{Probe, ProbeOutcome};
 use crate::camunda::token::TokenLocation;
-use crate::camunda::{HttpClient, HttpSettings};
+use crate::camunda::{AuthFailure, HttpClient, HttpSettings};
 use crate::crd::TasklistConnection;
 use crate::credential::{Credential, NEVER};
 use crate::derived_secret::rfc3339;
@@ -130,15 +130,7 @@ async fn check(
         match discovery::token_endpoint(&http, issuer).await {
             Ok(url) => say(out, &format!("  ok in {} ms: token endpoint {url}", started.elapsed().as_millis())),
             Err(failure) => {
-                let reason = Reason::of_auth_failure(&failure);
-                say(
-                    out,
-                    &format!(
-                        "  failed after {} ms: {} ({reason})",
-                        started.elapsed().as_millis(),
-                        failure.message
-                    ),
-                );
+                say_failure(out, started, &failure);
                 return Ok(exit::NO_CREDENTIAL);
             }
         }
@@ -171,15 +163,7 @@ async fn check(
     let stored = match obtain_credential(&inputs, &http).await {
         Ok(stored) => stored,
         Err(failure) => {
-            let reason = Reason::of_auth_failure(&failure);
-            say(
-                out,
-                &format!(
-                    "  failed after {} ms: {} ({reason})",
-                    started.elapsed().as_millis(),
-                    failure.message
-                ),
-            );
+            say_failure(out, started, &failure);
             return Ok(exit::NO_CREDENTIAL);
         }
     };
@@ -225,6 +209,20 @@ async fn check(
     } else {
         Ok(exit::NOT_ACCEPTED)
     }
+}
+
+/// A step that failed: how long it took, what the server said and the condition reason
+/// the operator would report.
+fn say_failure(out: &mut impl Write, started: Instant, failure: &AuthFailure) {
+    let reason = Reason::of_auth_failure(failure);
+    say(
+        out,
+        &format!(
+            "  failed after {} ms: {} ({reason})",
+            started.elapsed().as_millis(),
+            failure.message
+        ),
+    );
 }
 
 fn say(out: &mut impl Write, line: &str) {
