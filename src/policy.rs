@@ -359,16 +359,31 @@ impl HostPolicy {
     /// fails to connect, which is reported as such.
     pub async fn check_connection(&self, connection: &TasklistConnection) -> Result<(), String> {
         for verdict in self.check_spec(connection)? {
-            let UrlVerdict::Resolve { host, port, name_listed } = verdict else {
-                continue;
-            };
-            let Ok(addresses) = tokio::net::lookup_host((host.as_str(), port)).await else {
-                continue;
-            };
-            for address in addresses {
-                self.address_allowed(name_listed, address.ip())
-                    .map_err(|why| format!("the host {host:?} resolves to an address that is not allowed: {why}"))?;
-            }
+            self.check_resolved(verdict).await?;
+        }
+        Ok(())
+    }
+
+    /// One URL the connection did not name itself (the token endpoint an issuer's
+    /// discovery document names), checked like the connection's own: scheme, host, and
+    /// every address a host name resolves to. A literal IP address is never resolved, so
+    /// the HTTP client's resolver would not see it: this check is the one that counts.
+    pub async fn check_url_resolved(&self, field: &str, url: &str) -> Result<(), String> {
+        self.check_resolved(self.check_url(field, url)).await
+    }
+
+    async fn check_resolved(&self, verdict: UrlVerdict) -> Result<(), String> {
+        let (host, port, name_listed) = match verdict {
+            UrlVerdict::Allowed => return Ok(()),
+            UrlVerdict::NotAllowed(why) => return Err(why),
+            UrlVerdict::Resolve { host, port, name_listed } => (host, port, name_listed),
+        };
+        let Ok(addresses) = tokio::net::lookup_host((host.as_str(), port)).await else {
+            return Ok(());
+        };
+        for address in addresses {
+            self.address_allowed(name_listed, address.ip())
+                .map_err(|why| format!("the host {host:?} resolves to an address that is not allowed: {why}"))?;
         }
         Ok(())
     }

@@ -462,3 +462,63 @@ async fn entra_style_scope_certificate_thumbprint_and_discovery_work_together() 
     assert_eq!(records[0].scope.as_deref(), Some("api://tasklist-app/.default"));
     assert_eq!(records[1].status, 401);
 }
+
+/// The token endpoint an issuer's discovery document names is checked against the
+/// administrator's policy like the connection's own URLs, before anything is sent there:
+/// an issuer must not be a way around `--allowed-hosts`. The endpoint is a literal IP
+/// (127.0.0.2, loopback but outside the allowed 127.0.0.1/32), which no DNS resolver hook
+/// would ever see; a listener there counts the connections it gets: none.
+#[tokio::test]
+async fn a_discovered_token_endpoint_outside_the_allowed_hosts_gets_nothing() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tasklist_operator::policy::{HostPolicy, PolicyArgs};
+
+    let elsewhere = tokio::net::TcpListener::bind("127.0.0.2:0").await.expect("a listener on 127.0.0.2");
+    let elsewhere_port = elsewhere.local_addr().expect("its address").port();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while elsewhere.accept().await.is_ok() {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+
+    let issuer_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a listener");
+    let issuer = format!("http://{}", issuer_listener.local_addr().expect("its address"));
+    let document = serde_json::json!({
+        "issuer": issuer,
+        "token_endpoint": format!("http://127.0.0.2:{elsewhere_port}/oauth/token"),
+    });
+    let app = axum::Router::new().route(
+        "/.well-known/openid-configuration",
+        axum::routing::get(move || async move { axum::Json(document) }),
+    );
+    tokio::spawn(async move { axum::serve(issuer_listener, app).await });
+
+    let args = PolicyArgs {
+        allowed_hosts: vec!["127.0.0.1/32".into()],
+        deny_link_local: true,
+        allow_insecure_tls: true,
+        allow_http: true,
+    };
+    let policy = HostPolicy::from_args(&args).expect("a valid policy");
+    let settings = HttpSettings {
+        timeout: Duration::from_secs(5),
+        policy: Some(Arc::new(policy)),
+        ..HttpSettings::default()
+    };
+    let http = HttpClient::new(&settings, &TlsTrust::default()).expect("an HTTP client");
+    let client = ClientCredentials::with_secret_in_body(CLIENT_ID, Sensitive::new("s3cret-elsewhere"));
+    let refused = failure(endpoint(TokenLocation::Issuer(issuer)).request_token(&http, &client).await);
+    assert_eq!(Reason::of_auth_failure(&refused).as_str(), "DiscoveryFailed", "{}", refused.message);
+    assert_eq!(refused.kind, AuthFailureKind::Rejected);
+    assert!(refused.message.contains("127.0.0.2"), "{}", refused.message);
+    assert!(!refused.message.contains("s3cret-elsewhere"), "{}", refused.message);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        0,
+        "the token endpoint outside the policy was contacted"
+    );
+}

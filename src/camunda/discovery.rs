@@ -53,6 +53,14 @@ pub async fn token_endpoint(http: &HttpClient, issuer: &str) -> Result<String, A
     }
     let endpoint = token_endpoint_of(&answer.body, issuer)
         .map_err(|detail| AuthFailure::server_error(failed(detail)).with_detail(FailureDetail::DiscoveryFailed))?;
+    // The issuer, not the user, chose this URL: the administrator's policy decides
+    // whether the client's secret or assertion may go there.
+    if let Some(policy) = http.host_policy() {
+        policy
+            .check_url_resolved("the token endpoint discovered from auth.oauth2.issuerUrl", &endpoint)
+            .await
+            .map_err(|why| AuthFailure::rejected(failed(why)).with_detail(FailureDetail::DiscoveryFailed))?;
+    }
     lock().insert(issuer.to_owned(), endpoint.clone());
     Ok(endpoint)
 }

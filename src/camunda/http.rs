@@ -124,6 +124,11 @@ impl HttpClient {
         })
     }
 
+    /// The administrator's host policy this client enforces, if any.
+    pub(crate) fn host_policy(&self) -> Option<&HostPolicy> {
+        self.settings.policy.as_deref()
+    }
+
     pub(crate) fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
         self.inner.request(method, url)
     }

@@ -135,21 +135,26 @@ impl TokenEndpoint {
     async fn request_token_at(&self, url: &str, http: &HttpClient, client: &ClientCredentials) -> Result<TokenGrant, AuthFailure> {
         let client_id = client.client_id.as_str();
         let mut fields = vec![("grant_type", "client_credentials")];
-        let assertion;
         let mut assertion_claims = None;
+        let assertion = match &client.proof {
+            ClientProof::PrivateKeyJwt(key) => {
+                let claims = AssertionClaims::new(client_id, url, jiff::Timestamp::now().as_second());
+                let signed = key.sign(&claims).map_err(AuthFailure::server_error)?;
+                assertion_claims = Some((claims.iat, claims.exp));
+                Some(signed)
+            }
+            ClientProof::SecretInBody(_) | ClientProof::SecretInBasicHeader(_) => None,
+        };
         match &client.proof {
             ClientProof::SecretInBody(secret) => {
                 fields.push(("client_id", client_id));
                 fields.push(("client_secret", secret.expose()));
             }
             ClientProof::SecretInBasicHeader(_) => {}
-            ClientProof::PrivateKeyJwt(key) => {
-                let claims = AssertionClaims::new(client_id, url, jiff::Timestamp::now().as_second());
-                assertion = key.sign(&claims).map_err(AuthFailure::server_error)?;
-                assertion_claims = Some((claims.iat, claims.exp));
+            ClientProof::PrivateKeyJwt(_) => {
                 fields.push(("client_id", client_id));
                 fields.push(("client_assertion_type", ASSERTION_TYPE));
-                fields.push(("client_assertion", assertion.expose()));
+                fields.push(("client_assertion", assertion.as_ref().map(|a| a.expose()).unwrap_or_default()));
             }
         }
         if !self.audience.is_empty() {
@@ -171,7 +176,7 @@ impl TokenEndpoint {
         if status.is_success() {
             return parse_grant(&answer.body);
         }
-        let detail = oauth_error_detail(&answer.body, client);
+        let detail = oauth_error_detail(&answer.body, client, assertion.as_ref().map(|a| a.expose()));
         if let (ClientProof::PrivateKeyJwt(key), Some((iat, exp))) = (&client.proof, assertion_claims)
             && status.is_client_error()
         {
@@ -287,7 +292,10 @@ fn seconds(value: &serde_json::Value) -> Option<u64> {
 /// ": invalid_client: Invalid client credentials", or "" when the body is not an OAuth2
 /// error. Anything that repeats the client id or secret, in any encoding it was sent in, is
 /// cut out before the text is shortened (shortening first could leave a prefix behind).
-fn oauth_error_detail(body: &[u8], client: &ClientCredentials) -> String {
+/// The server's error and description, with every value the request carried redacted
+/// (the client secret, alone and as a Basic pair, the client id, and a client assertion
+/// that a server might echo) before it is cut.
+fn oauth_error_detail(body: &[u8], client: &ClientCredentials, assertion: Option<&str>) -> String {
     let Ok(error) = serde_json::from_slice::<OAuthError>(body) else {
         return String::new();
     };
@@ -302,7 +310,7 @@ fn oauth_error_detail(body: &[u8], client: &ClientCredentials) -> String {
         ClientProof::PrivateKeyJwt(_) => "",
     };
     let basic = format!("{}:{secret}", client.client_id);
-    let text = redact(&text, &[secret, &basic, &client.client_id]);
+    let text = redact(&text, &[secret, &basic, &client.client_id, assertion.unwrap_or_default()]);
     format!(": {}", excerpt(text.as_bytes(), 200))
 }
 
@@ -379,13 +387,22 @@ mod tests {
     }
 
     #[test]
+    fn an_echoed_client_assertion_is_redacted() {
+        let assertion = "eyJhbGciOiJFUzI1NiJ9.eyJpc3MiOiJvcmRlcnMifQ.c2lnbmF0dXJl";
+        let body = format!(r#"{{"error":"invalid_client","error_description":"bad assertion {assertion}"}}"#);
+        let detail = oauth_error_detail(body.as_bytes(), &client(), Some(assertion));
+        assert_eq!(detail, ": invalid_client: bad assertion <redacted>");
+    }
+
+    #[test]
     fn oauth_errors_are_reported_without_the_secret() {
         let detail = oauth_error_detail(
             br#"{"error":"invalid_client","error_description":"bad secret s3cr3t-value for orders"}"#,
             &client(),
+            None,
         );
         assert_eq!(detail, ": invalid_client: bad secret <redacted> for <redacted>");
-        assert_eq!(oauth_error_detail(b"<html>", &client()), "");
+        assert_eq!(oauth_error_detail(b"<html>", &client(), None), "");
     }
 
     #[test]
@@ -394,7 +411,7 @@ mod tests {
         for offset in 185..200 {
             let description = format!("{}{} was wrong", "x".repeat(offset), secret.expose());
             let body = serde_json::json!({"error": "invalid_client", "error_description": description}).to_string();
-            let detail = oauth_error_detail(body.as_bytes(), &client());
+            let detail = oauth_error_detail(body.as_bytes(), &client(), None);
             for prefix_length in 3..=secret.expose().len() {
                 let prefix = &secret.expose()[..prefix_length];
                 assert!(!detail.contains(prefix), "offset {offset}: {prefix:?} in {detail}");
@@ -405,7 +422,7 @@ mod tests {
                 base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("orders:{}", secret.expose()))
             );
             let body = serde_json::json!({"error_description": description}).to_string();
-            let detail = oauth_error_detail(body.as_bytes(), &client());
+            let detail = oauth_error_detail(body.as_bytes(), &client(), None);
             assert!(!detail.contains("b3JkZXJz"), "offset {offset}: base64 prefix in {detail}");
         }
     }

@@ -268,6 +268,21 @@ pub fn probe_due(last: Option<LastProbe>, credential_issued_at: Timestamp, inter
 
 /// How long to sleep until the next thing is due (the refresh or retry, or the next probe):
 /// at least [`SHORTEST_SLEEP`], at most [`LONGEST_SLEEP`].
+/// When the next try to write or obtain is due, as status shows it and the wake-up
+/// follows it: a pending write retry, else a pending retry to obtain, else the stored
+/// credential's refresh. A retry time already past was dealt with in this reconcile (the
+/// stored credential was kept because it is not due yet): it is not shown, nor waited
+/// for, which would wake the connection once a second until the refresh.
+pub fn next_refresh(
+    write_retry: Option<Timestamp>,
+    obtain_retry: Option<Timestamp>,
+    refresh_at: Option<Timestamp>,
+    now: Timestamp,
+) -> Option<Timestamp> {
+    let ahead = |at: Option<Timestamp>| at.filter(|at| *at > now);
+    ahead(write_retry).or(ahead(obtain_retry)).or(refresh_at)
+}
+
 pub fn next_wake(now: Timestamp, due: impl IntoIterator<Item = Option<Timestamp>>) -> Duration {
     match due.into_iter().flatten().min() {
         Some(at) => Duration::try_from(at.duration_since(now))
@@ -564,6 +579,20 @@ mod tests {
             message: String::new(),
             detail,
         }
+    }
+
+    #[test]
+    fn a_retry_time_already_past_is_not_waited_for() {
+        // A failed re-obtain after a 401 left a retry time; the stored token is not due.
+        assert_eq!(next_refresh(None, Some(at(90)), Some(at(500)), at(100)), Some(at(500)));
+        assert_eq!(
+            next_wake(at(100), [next_refresh(None, Some(at(90)), Some(at(500)), at(100))]),
+            Duration::from_secs(400)
+        );
+        // Pending retries ahead come first, a write retry before an obtain retry.
+        assert_eq!(next_refresh(None, Some(at(130)), Some(at(500)), at(100)), Some(at(130)));
+        assert_eq!(next_refresh(Some(at(110)), Some(at(130)), Some(at(500)), at(100)), Some(at(110)));
+        assert_eq!(next_refresh(Some(at(90)), None, None, at(100)), None);
     }
 
     #[test]

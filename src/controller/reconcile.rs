@@ -87,8 +87,11 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
             let reachable = this.last_probe_result(stored.as_ref());
             this.write_status_if_changed(&this.observe(stored.as_ref(), None, authenticated, reachable), now)
                 .await?;
-            // A watch on the referenced Secret wakes the connection when it is fixed.
-            return Ok(Action::requeue(decide::next_wake(now, [stored.as_ref().map(|s| s.refresh_at)])));
+            // A watch on the referenced Secret wakes the connection when it is fixed; a
+            // refresh time already past cannot be acted on until then (waking for it would
+            // be a loop once a second).
+            let refresh_ahead = stored.as_ref().map(|s| s.refresh_at).filter(|at| *at > now);
+            return Ok(Action::requeue(decide::next_wake(now, [refresh_ahead])));
         }
     };
     let http = match ctx.http_client(&this.key, &inputs) {
@@ -115,7 +118,10 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
     let (mut reachable, outcome) = this
         .probe_if_due(&http, fresh.credential.as_ref(), fresh.newly_issued, &inputs, now)
         .await;
+    // Basic credentials are the user's own: obtaining them again would give the same header.
+    let renewable = !matches!(inputs.login, LoginMaterial::Basic { .. });
     if let (Some(outcome), Some(probed)) = (&outcome, &fresh.credential)
+        && renewable
         && decide::reobtain_after_unauthorized(
             unauthorized_status(outcome),
             probed.issued_at,
@@ -155,7 +161,7 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
         .as_ref()
         .filter(|f| f.fingerprint == inputs.fingerprint)
         .map(|f| f.retry_at);
-    let next_refresh = write_retry.or(pending_retry).or(fresh.credential.as_ref().map(|c| c.refresh_at));
+    let next_refresh = decide::next_refresh(write_retry, pending_retry, fresh.credential.as_ref().map(|c| c.refresh_at), now);
     let mut authenticated = fresh.authenticated;
     let warning = this.refresh_warning(fresh.credential.as_ref(), &inputs);
     if authenticated.status == Some(true)
