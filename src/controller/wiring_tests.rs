@@ -105,12 +105,15 @@ fn answer(reply: oneshot::Sender<Response<Body>>, status: StatusCode, body: &Val
     let _ = reply.send(response);
 }
 
+/// An API error answer: a `Status` object with `reason` and `message`.
+fn failure(reply: oneshot::Sender<Response<Body>>, status: StatusCode, reason: &str, message: &str) {
+    let body =
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": status.as_u16(), "message": message});
+    answer(reply, status, &body);
+}
+
 fn not_found(reply: oneshot::Sender<Response<Body>>) {
-    answer(
-        reply,
-        StatusCode::NOT_FOUND,
-        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}),
-    );
+    failure(reply, StatusCode::NOT_FOUND, "NotFound", "");
 }
 
 /// A kube client whose every request goes to the returned [`ApiServer`].
@@ -165,6 +168,17 @@ fn applied(mut body: Value, version: &str) -> Value {
     body
 }
 
+/// Starts the reconcile of a connection seen for the first time and answers its reads:
+/// no derived Secret yet, the client Secret. The next request is the write.
+async fn start_new_connection(h: &mut Harness) -> JoinHandle<Result<Action, Error>> {
+    let running = tokio::spawn(reconcile(Arc::new(connection(&h.standin, None)), h.ctx.clone()));
+    let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
+    not_found(reply);
+    let (_, reply, _) = h.api.expect(Method::GET, CLIENT).await;
+    answer(reply, StatusCode::OK, &client_secret());
+    running
+}
+
 struct Harness {
     standin: StandinTasklist,
     ctx: Arc<Context>,
@@ -195,11 +209,7 @@ const STATUS: &str = "/apis/tasklist.camunda.community/v1alpha1/namespaces/team-
 /// (never apply: one that appeared meanwhile must not be taken over), the CredentialIssued
 /// Event, apply status. Returns the written Secret and status.
 async fn first_pass(h: &mut Harness) -> (Value, TasklistConnectionStatus) {
-    let running = tokio::spawn(reconcile(Arc::new(connection(&h.standin, None)), h.ctx.clone()));
-    let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
-    not_found(reply);
-    let (_, reply, _) = h.api.expect(Method::GET, CLIENT).await;
-    answer(reply, StatusCode::OK, &client_secret());
+    let running = start_new_connection(h).await;
     let (secret, reply, query) = h.api.expect(Method::POST, SECRETS).await;
     assert!(query.contains(&format!("fieldManager={FIELD_MANAGER}")), "{query}");
     assert_eq!(secret["metadata"]["name"], "orders-tasklist-auth");
@@ -299,18 +309,10 @@ async fn a_conflict_is_announced_once_then_only_read() {
 #[tokio::test]
 async fn a_secret_created_meanwhile_is_not_overwritten() {
     let mut h = harness().await;
-    let running = tokio::spawn(reconcile(Arc::new(connection(&h.standin, None)), h.ctx.clone()));
-    let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
-    not_found(reply);
-    let (_, reply, _) = h.api.expect(Method::GET, CLIENT).await;
-    answer(reply, StatusCode::OK, &client_secret());
+    let running = start_new_connection(&mut h).await;
     // Someone created a Secret of that name while the token was requested: the create fails.
     let (_, reply, _) = h.api.expect(Method::POST, SECRETS).await;
-    answer(
-        reply,
-        StatusCode::CONFLICT,
-        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409}),
-    );
+    failure(reply, StatusCode::CONFLICT, "AlreadyExists", "");
     // No second write of any kind: the reconcile ends with an error and the next one looks again.
     let ended = tokio::select! {
         ended = running => ended.expect("the reconcile ends"),
@@ -321,23 +323,16 @@ async fn a_secret_created_meanwhile_is_not_overwritten() {
 
 /// A 403 to the Secret's create, as an admission policy answers, quoting `quoted`.
 fn forbidden(reply: oneshot::Sender<Response<Body>>, quoted: &str) {
-    answer(
-        reply,
-        StatusCode::FORBIDDEN,
-        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403,
-                "message": format!("secrets \"orders-tasklist-auth\" is forbidden: ValidatingAdmissionPolicy 'p' with binding 'b' denied request: {quoted}")}),
-    );
+    let message =
+        format!("secrets \"orders-tasklist-auth\" is forbidden: ValidatingAdmissionPolicy 'p' with binding 'b' denied request: {quoted}");
+    failure(reply, StatusCode::FORBIDDEN, "Forbidden", &message);
 }
 
 #[tokio::test]
 async fn a_denied_write_keeps_the_credential_and_a_failing_status_patch_obtains_nothing() {
     let mut h = harness().await;
     // 1. The create is denied; the policy's message quotes the token, plain and as sent (base64).
-    let running = tokio::spawn(reconcile(Arc::new(connection(&h.standin, None)), h.ctx.clone()));
-    let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
-    not_found(reply);
-    let (_, reply, _) = h.api.expect(Method::GET, CLIENT).await;
-    answer(reply, StatusCode::OK, &client_secret());
+    let running = start_new_connection(&mut h).await;
     let (secret, reply, _) = h.api.expect(Method::POST, SECRETS).await;
     let sent = secret["data"]["token"].as_str().expect("a token").to_owned();
     let token =
@@ -353,11 +348,7 @@ async fn a_denied_write_keeps_the_credential_and_a_failing_status_patch_obtains_
     // 2. The status patch fails too.
     let (patch, reply, _) = h.api.expect(Method::PATCH, STATUS).await;
     let authenticated = patch["status"]["conditions"][0].clone();
-    answer(
-        reply,
-        StatusCode::INTERNAL_SERVER_ERROR,
-        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError", "code": 500}),
-    );
+    failure(reply, StatusCode::INTERNAL_SERVER_ERROR, "InternalError", "");
     let ended = tokio::select! {
         ended = running => ended.expect("the reconcile ends"),
         Some((request, _)) = h.api.requests.recv() => panic!("unexpected request {} {}", request.method(), request.uri()),
@@ -376,11 +367,7 @@ async fn a_denied_write_keeps_the_credential_and_a_failing_status_patch_obtains_
 
     // 3. At once again (the status never written): no token, no write before the backoff,
     //    no second Event; status is tried again.
-    let running = tokio::spawn(reconcile(Arc::new(connection(&h.standin, None)), h.ctx.clone()));
-    let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
-    not_found(reply);
-    let (_, reply, _) = h.api.expect(Method::GET, CLIENT).await;
-    answer(reply, StatusCode::OK, &client_secret());
+    let running = start_new_connection(&mut h).await;
     let (patch, reply, _) = h.api.expect(Method::PATCH, STATUS).await;
     assert_eq!(patch["status"]["conditions"][0]["reason"], "SecretWriteFailed");
     let status: TasklistConnectionStatus = serde_json::from_value(patch["status"].clone()).expect("a status");

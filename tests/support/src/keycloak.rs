@@ -200,13 +200,7 @@ impl Keycloak {
         if matches!(authenticator, ClientAuthenticator::SignedJwt { .. }) {
             return Ok(None);
         }
-        let uuid = created
-            .headers()
-            .get(reqwest::header::LOCATION)
-            .and_then(|location| location.to_str().ok())
-            .and_then(|location| location.rsplit('/').next())
-            .context("Keycloak created the client but sent no Location header")?
-            .to_string();
+        let uuid = created_id(&created)?;
         let secret_url = format!("{clients_url}/{uuid}/client-secret");
         let request = self.admin_request(reqwest::Method::GET, &secret_url).await?;
         let credential: Value = json_of(request.send().await, "read the client secret").await?;
@@ -230,14 +224,7 @@ impl Keycloak {
         let clients_url = format!("{base}/admin/realms/{REALM}/clients");
         let request = self.admin_request(reqwest::Method::POST, &clients_url).await?;
         let created = success(request.json(&client).send().await, "create the client").await?;
-        // The new client's id is only in the Location header: .../clients/{id}.
-        self.client_uuid = created
-            .headers()
-            .get(reqwest::header::LOCATION)
-            .and_then(|location| location.to_str().ok())
-            .and_then(|location| location.rsplit('/').next())
-            .context("Keycloak created the client but sent no Location header")?
-            .to_string();
+        self.client_uuid = created_id(&created)?;
 
         let secret_url = format!("{clients_url}/{}/client-secret", self.client_uuid);
         let request = self.admin_request(reqwest::Method::GET, &secret_url).await?;
@@ -421,4 +408,16 @@ fn random_password() -> String {
         .take(24)
         .map(char::from)
         .collect()
+}
+
+/// The id Keycloak gave a client it just created: only in the Location header,
+/// `.../clients/{id}`.
+fn created_id(created: &reqwest::Response) -> anyhow::Result<String> {
+    Ok(created
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .and_then(|location| location.to_str().ok())
+        .and_then(|location| location.rsplit('/').next())
+        .context("Keycloak created the client but sent no Location header")?
+        .to_string())
 }
