@@ -19,4 +19,5 @@ pub mod policy;
 pub mod reason;
 pub mod schedule;
 pub mod serve;
+pub mod shard;
 pub mod status;

@@ -2,7 +2,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use kube::CustomResourceExt;
 use kube::api::{Api, ListParams};
 use tasklist_operator::camunda::{HttpClient, HttpSettings, TlsTrust};
@@ -16,6 +16,7 @@ use tasklist_operator::metrics::Metrics;
 use tasklist_operator::policy::{HostPolicy, PolicyArgs};
 use tasklist_operator::schedule::RefreshPolicy;
 use tasklist_operator::serve::{Health, serve};
+use tasklist_operator::shard::Sharding;
 use tokio::sync::watch;
 use tracing::{error, info};
 
@@ -30,7 +31,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the TasklistConnection CRD as YAML.
     Crd,
     /// Run the credential and probe flow once, without a cluster, and say what happened.
@@ -90,9 +91,10 @@ struct RunArgs {
     /// Namespace of the Lease (the operator's own namespace).
     #[arg(long, env = "POD_NAMESPACE", required_if_eq("leader_election", "true"))]
     leader_election_namespace: Option<String>,
-    /// Name of the Lease.
-    #[arg(long, default_value = "tasklist-operator")]
-    leader_election_lease_name: String,
+    /// Name of the Lease. Default: tasklist-operator, or tasklist-operator-shard-<I>-of-<N>
+    /// with --shards N; required with --shard-selector.
+    #[arg(long)]
+    leader_election_lease_name: Option<String>,
     /// This replica's identity in the Lease; must be unique among replicas (the Pod name).
     #[arg(long, env = "POD_NAME")]
     leader_election_identity: Option<String>,
@@ -108,8 +110,31 @@ struct RunArgs {
     /// How many connections are reconciled at once (per watched namespace); 0 means no limit.
     #[arg(long, default_value_t = controller::DEFAULT_CONCURRENCY)]
     concurrency: u16,
+    /// Split the connections among this many operator processes (each its own Deployment
+    /// and Lease) by a stable hash of namespace/name; this one handles --shard-index.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    shards: u32,
+    /// Which of the --shards this process handles, from 0 to N-1.
+    #[arg(long, default_value_t = 0)]
+    shard_index: u32,
+    /// Handle only the TasklistConnections matching this label selector (e.g. `team=a` or
+    /// `tier in (gold,silver)`), as the API server applies it to the watch. Combines with
+    /// --shards: the hash then splits the matching connections.
+    #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    shard_selector: Option<String>,
     #[command(flatten)]
     policy: PolicyArgs,
+}
+
+impl RunArgs {
+    /// The sharding flags, checked together; a clap usage error (exit code 2) when they
+    /// do not fit.
+    fn sharding(&self) -> Sharding {
+        match Sharding::new(self.shard_index, self.shards, self.shard_selector.clone()) {
+            Ok(sharding) => sharding,
+            Err(message) => Cli::command().error(clap::error::ErrorKind::ArgumentConflict, message).exit(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -136,11 +161,14 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             let code = check::run(&args.connection, args.credentials.as_deref(), &settings, &mut std::io::stdout()).await;
             Ok(std::process::ExitCode::from(code))
         }
-        Command::Run(args) => run(args).await.map(|()| std::process::ExitCode::SUCCESS),
+        Command::Run(args) => {
+            let sharding = args.sharding();
+            run(*args, sharding).await.map(|()| std::process::ExitCode::SUCCESS)
+        }
     }
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+async fn run(args: RunArgs, sharding: Sharding) -> anyhow::Result<()> {
     logging::init(match args.log_format {
         LogFormat::Text => logging::LogFormat::Text,
         LogFormat::Json => logging::LogFormat::Json,
@@ -148,6 +176,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let settings = http_settings(args.request_timeout, args.ca_bundle.as_deref()).map_err(anyhow::Error::msg)?;
     let policy = Arc::new(HostPolicy::from_args(&args.policy).map_err(anyhow::Error::msg)?);
     info!("policy: {}", policy.describe());
+    info!("handling {}", sharding.describe());
     let client = kube::Client::try_default().await?;
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {
@@ -162,14 +191,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
 
-    let elector = match leader_election(&args, &client) {
+    let elector = match leader_election(&args, &sharding, &client) {
         Ok(elector) => elector,
         Err(message) => anyhow::bail!("leader election: {message}"),
     };
     let health = Arc::new(Health::default());
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::default().with_shard_info(sharding.index(), sharding.count()));
     let server = tokio::spawn(serve(args.listen_addr, health.clone(), metrics.clone(), shutdown()));
-    wait_until_crd_answers(&client, &args.namespaces).await;
+    wait_until_crd_answers(&client, &args.namespaces, sharding.label_selector()).await?;
     // Standbys are ready too: they are healthy, just not the one reconciling.
     health.set_ready(true);
 
@@ -186,8 +215,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         secret_volume_delay: args.secret_volume_delay,
         max_credential_lifetime: args.max_credential_lifetime,
     };
-    let ctx =
-        Arc::new(Context::new(client, settings, policy, metrics, args.leader_election_identity.clone()).with_concurrency(args.concurrency));
+    let ctx = Arc::new(
+        Context::new(client, settings, policy, metrics, args.leader_election_identity.clone())
+            .with_concurrency(args.concurrency)
+            .with_sharding(sharding),
+    );
     match &elector {
         None => controller::run(ctx, scope, shutdown()).await,
         Some(elector) => {
@@ -231,7 +263,7 @@ fn http_settings(timeout: Duration, ca_bundle: Option<&std::path::Path>) -> Resu
     Ok(settings)
 }
 
-fn leader_election(args: &RunArgs, client: &kube::Client) -> Result<Option<LeaderElector>, String> {
+fn leader_election(args: &RunArgs, sharding: &Sharding, client: &kube::Client) -> Result<Option<LeaderElector>, String> {
     if !args.leader_election {
         return Ok(None);
     }
@@ -247,21 +279,41 @@ fn leader_election(args: &RunArgs, client: &kube::Client) -> Result<Option<Leade
         lease_duration: args.leader_election_lease_duration,
         renew_deadline: args.leader_election_renew_deadline,
         retry_period: args.leader_election_retry_period,
-        ..LeaseSettings::new(namespace, args.leader_election_lease_name.clone(), identity)
+        ..LeaseSettings::new(
+            namespace,
+            sharding.lease_name(args.leader_election_lease_name.as_deref())?,
+            identity,
+        )
     };
     settings.validate()?;
     Ok(Some(LeaderElector::new(client.clone(), settings)))
 }
 
 /// Waits until TasklistConnections can be listed: the CRD is installed and RBAC allows it.
-async fn wait_until_crd_answers(client: &kube::Client, namespaces: &[String]) {
+/// A `--shard-selector` the API server refuses (400) stops the operator at once: waiting
+/// would not make it valid.
+async fn wait_until_crd_answers(client: &kube::Client, namespaces: &[String], label_selector: Option<&str>) -> anyhow::Result<()> {
     let api: Api<TasklistConnection> = match namespaces.first() {
         Some(namespace) => Api::namespaced(client.clone(), namespace),
         None => Api::all(client.clone()),
     };
+    let mut params = ListParams::default().limit(1);
+    if let Some(selector) = label_selector {
+        params = params.labels(selector);
+    }
     let mut delay = Duration::from_millis(500);
-    while let Err(error) = api.list_metadata(&ListParams::default().limit(1)).await {
-        error!("cannot list TasklistConnections (is the CRD installed?): {error}");
+    loop {
+        match api.list_metadata(&params).await {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 400 && label_selector.is_some() => {
+                anyhow::bail!(
+                    "--shard-selector {:?} was refused by the API server: {}",
+                    label_selector.unwrap_or_default(),
+                    status.message
+                )
+            }
+            Err(error) => error!("cannot list TasklistConnections (is the CRD installed?): {error}"),
+        }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(30));
     }

@@ -178,7 +178,30 @@ impl ExpositionFormat {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShardLabels {
+    pub index: String,
+    pub count: String,
+}
+
 impl Metrics {
+    /// Adds the constant `shard_info{index, count}` = 1: which shard this process is, so that
+    /// dashboards and alerts can tell the shards apart (index 0 of 1 without sharding).
+    pub fn with_shard_info(mut self, index: u32, count: u32) -> Self {
+        let info = Family::<ShardLabels, Gauge>::default();
+        info.get_or_create(&ShardLabels {
+            index: index.to_string(),
+            count: count.to_string(),
+        })
+        .set(1);
+        self.registry.register(
+            "shard_info",
+            "The shard this process handles (index of count; by hash of namespace/name); always 1",
+            info,
+        );
+        self
+    }
+
     /// Every metric, in the format asked for.
     pub fn encode(&self, format: ExpositionFormat) -> String {
         let mut openmetrics = String::new();

@@ -30,6 +30,7 @@ use crate::inputs::Inputs;
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::policy::HostPolicy;
 use crate::schedule::RefreshPolicy;
+use crate::shard::Sharding;
 use host_slots::{DEFERRAL, HostSlots, reconcile_deadline, reconciles_per_host, request_hosts};
 use memory::{ConnectionKey, Memory};
 use shared_clients::SharedByUsers;
@@ -81,6 +82,8 @@ pub struct Context {
     concurrency: u16,
     /// Reconciles in flight per host, so that a dead host cannot hold every reconcile slot.
     host_slots: HostSlots,
+    /// Which connections this process handles; the others never reach the controller.
+    sharding: Sharding,
 }
 
 /// Reconciles in flight at once unless `--concurrency` says otherwise.
@@ -106,12 +109,19 @@ impl Context {
             memory: Memory::default(),
             concurrency: DEFAULT_CONCURRENCY,
             host_slots: HostSlots::default(),
+            sharding: Sharding::default(),
         }
     }
 
     /// Reconcile at most this many connections at once (0: no limit).
     pub fn with_concurrency(mut self, concurrency: u16) -> Self {
         self.concurrency = concurrency;
+        self
+    }
+
+    /// Handle only the connections of this shard.
+    pub fn with_sharding(mut self, sharding: Sharding) -> Self {
+        self.sharding = sharding;
         self
     }
 
@@ -161,6 +171,22 @@ fn absent_in_scope(known: Vec<ConnectionKey>, namespace: Option<&str>, present: 
         .collect()
 }
 
+/// Whether a watch event concerns this shard. Events about connections another shard owns
+/// are dropped before the store sees them: this process then neither reconciles them, nor
+/// keeps memory or metric series of them, nor forgets them after a relist (its store never
+/// held them), and Secrets map only to its own connections. Ownership by hash depends on
+/// namespace and name alone, which never change, so a connection cannot move between hash
+/// shards; one that stops matching `--shard-selector` arrives as a Delete (the API server's
+/// doing) and is forgotten like a deleted one.
+fn concerns_this_shard(sharding: &Sharding, event: &Result<watcher::Event<TasklistConnection>, watcher::Error>) -> bool {
+    match event {
+        Ok(watcher::Event::Apply(connection) | watcher::Event::InitApply(connection) | watcher::Event::Delete(connection)) => {
+            sharding.owns(&connection.namespace().unwrap_or_default(), &connection.name_any())
+        }
+        Ok(watcher::Event::Init | watcher::Event::InitDone) | Err(_) => true,
+    }
+}
+
 /// Which namespaces to watch: all of them, or only the listed ones.
 #[derive(Debug, Clone)]
 pub enum Scope {
@@ -188,14 +214,20 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
         Some(namespace) => Api::namespaced(ctx.client.clone(), namespace),
         None => Api::all(ctx.client.clone()),
     };
-    info!(namespace = namespace.as_deref().unwrap_or("<all>"), "watching TasklistConnections");
+    info!(namespace = namespace.as_deref().unwrap_or("<all>"), shard = %ctx.sharding.describe(), "watching TasklistConnections");
+    let mut connections_config = watcher::Config::default();
+    if let Some(selector) = ctx.sharding.label_selector() {
+        connections_config = connections_config.labels(selector);
+    }
+    let sharding = ctx.sharding.clone();
 
     let (reader, writer) = reflector::store();
     // Status writes change neither generation nor annotations: they do not wake the controller.
     let forget_ctx = ctx.clone();
     let (listed, scope) = (reader.clone(), namespace.clone());
-    let connection_changes = watcher(connections, watcher::Config::default())
+    let connection_changes = watcher(connections, connections_config)
         .backoff(WatchBackoff::default())
+        .filter(move |event| std::future::ready(concerns_this_shard(&sharding, event)))
         .reflect(writer)
         .inspect(move |event| match event {
             Ok(watcher::Event::Delete(deleted)) => forget_ctx.forget(deleted),
@@ -337,5 +369,43 @@ mod tests {
         let mut everywhere = absent_in_scope(known, None, &present);
         everywhere.sort();
         assert_eq!(everywhere, vec![key("a", "deleted"), key("b", "other-scope")]);
+    }
+
+    fn connection(namespace: &str, name: &str) -> TasklistConnection {
+        let spec = serde_json::json!({
+            "url": "http://tasklist",
+            "auth": {"basic": {"credentialsSecretRef": {"name": "login"}}},
+        });
+        let mut connection = TasklistConnection::new(name, serde_json::from_value(spec).expect("a spec"));
+        connection.metadata.namespace = Some(namespace.to_owned());
+        connection
+    }
+
+    #[test]
+    fn events_about_another_shards_connections_are_dropped_before_the_store() {
+        let shards = [Sharding::new(0, 2, None).expect("valid"), Sharding::new(1, 2, None).expect("valid")];
+        for name in (0..20).map(|n| format!("orders-{n}")) {
+            let owner = crate::shard::shard_of("team", &name, 2);
+            for shard in &shards {
+                let mine = shard.index() == owner;
+                for event in [
+                    watcher::Event::Apply(connection("team", &name)),
+                    watcher::Event::InitApply(connection("team", &name)),
+                    watcher::Event::Delete(connection("team", &name)),
+                ] {
+                    assert_eq!(concerns_this_shard(shard, &Ok(event)), mine, "{name} for shard {}", shard.index());
+                }
+            }
+        }
+        // The relist markers reach every shard: forget_absent runs on InitDone.
+        for shard in &shards {
+            assert!(concerns_this_shard(shard, &Ok(watcher::Event::Init)));
+            assert!(concerns_this_shard(shard, &Ok(watcher::Event::InitDone)));
+        }
+        let everything = Sharding::default();
+        assert!(concerns_this_shard(
+            &everything,
+            &Ok(watcher::Event::Apply(connection("team", "orders-1")))
+        ));
     }
 }
