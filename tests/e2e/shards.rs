@@ -1,0 +1,282 @@
+//! Past one process: several operators, each with its own share of the connections, against
+//! one control plane. Each connection is handled by exactly one of them.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, ensure};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use tasklist_operator::shard::shard_of;
+use testsupport::operator::OperatorProcess;
+
+use crate::ScenarioFn;
+use crate::scenario::{
+    Check, Scenario, Scrape, World, eventually, saas_spec_for, scrape, served_url, start_operator_with, tail, wait_for_scrape,
+};
+
+pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
+    scenarios![
+        shards:
+        two_hash_shards_handle_each_connection_exactly_once,
+        a_relabelled_connection_moves_to_the_selector_shard_without_a_new_token,
+    ]
+}
+
+const CONNECTIONS: usize = 20;
+const SHARDS: u32 = 2;
+const READY: &str = "tasklist_operator_connection_ready";
+
+fn http_client() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?)
+}
+
+/// An operator for `namespace` with `shard_args`, leader-elected under `identity` on the
+/// Lease its shard derives (no `--leader-election-lease-name` unless `shard_args` has one).
+fn start_shard(world: &World, namespace: &str, identity: &str, shard_args: &[&str]) -> anyhow::Result<OperatorProcess> {
+    let mut args = vec![
+        "--leader-election",
+        "--leader-election-namespace",
+        namespace,
+        "--leader-election-identity",
+        identity,
+    ];
+    args.extend_from_slice(shard_args);
+    start_operator_with(world.control_plane.kubeconfig(), namespace, &args, &[])
+}
+
+/// The connection names with a `connection_ready` series in one scrape.
+fn ready_series(scraped: &Scrape, namespace: &str) -> BTreeSet<String> {
+    scraped
+        .samples
+        .iter()
+        .filter(|sample| sample.name == READY && sample.labels.get("namespace").map(String::as_str) == Some(namespace))
+        .filter_map(|sample| sample.labels.get("name").cloned())
+        .collect()
+}
+
+fn credential_requests(scraped: &Scrape) -> f64 {
+    scraped
+        .samples
+        .iter()
+        .filter(|sample| sample.name == "tasklist_operator_credential_requests_total")
+        .map(|sample| sample.value)
+        .sum()
+}
+
+async fn two_hash_shards_handle_each_connection_exactly_once(world: Arc<World>) -> anyhow::Result<()> {
+    let namespace = world.control_plane.create_namespace("shards").await?;
+    let count = SHARDS.to_string();
+    let first = start_shard(&world, &namespace, "shard-0", &["--shards", &count, "--shard-index", "0"])?;
+    let second = start_shard(&world, &namespace, "shard-1", &["--shards", &count, "--shard-index", "1"])?;
+    let mut s = Scenario::with_operator(&world, &namespace, world.control_plane.kubeconfig(), first).await?;
+
+    // Twenty connections, each with its own client: one token request each, no sharing.
+    let names: Vec<String> = (0..CONNECTIONS).map(|n| format!("orders-{n:02}")).collect();
+    for (n, name) in names.iter().enumerate() {
+        let (client, id, secret) = (
+            format!("client-{n:02}"),
+            format!("orders-{n:02}-id"),
+            format!("shard-secret-{n:02}"),
+        );
+        s.standin.add_client(&id, &secret);
+        s.apply_secret(&client, &[("client_id", &id), ("client_secret", &secret)]).await?;
+        s.apply_connection(name, saas_spec_for(&s.standin, &client)).await?;
+    }
+    let operators = [&s.operator, &second];
+    let owner_of = |name: &str| shard_of(&namespace, name, SHARDS) as usize;
+    let expected: Vec<BTreeSet<String>> = (0..SHARDS as usize)
+        .map(|shard| names.iter().filter(|name| owner_of(name) == shard).cloned().collect())
+        .collect();
+    ensure!(
+        expected.iter().all(|owned| !owned.is_empty()),
+        "the hash gives one shard none of the {CONNECTIONS} connections: {expected:?}"
+    );
+    for name in &names {
+        s.wait_ready(name).await.with_context(|| {
+            format!(
+                "{name} (shard {}) did not become Ready; log of the other shard (tail):\n{}",
+                owner_of(name),
+                tail(&operators[1 - owner_of(name)].logs(), 20)
+            )
+        })?;
+    }
+
+    // Each operator's metrics name exactly the connections of its shard.
+    let http = http_client()?;
+    let mut urls = Vec::new();
+    let mut scrapes = Vec::new();
+    for (index, operator) in operators.iter().enumerate() {
+        let url = format!("{}/metrics", served_url(operator, Duration::from_secs(30)).await?);
+        let scraped = wait_for_scrape(
+            &http,
+            &url,
+            &format!("shard {index}'s connections Ready"),
+            Duration::from_secs(30),
+            |m| ready_series(m, &namespace) == expected[index],
+        )
+        .await?;
+        ensure!(
+            scraped.get(
+                "tasklist_operator_shard_info",
+                &[("index", &index.to_string()), ("count", &SHARDS.to_string())]
+            ) == Some(1.0),
+            "shard {index} does not say which shard it is:\n{}",
+            scraped.excerpt(&namespace)
+        );
+        urls.push(url);
+        scrapes.push(scraped);
+    }
+    let handled: Vec<BTreeSet<String>> = scrapes.iter().map(|m| ready_series(m, &namespace)).collect();
+    let union: BTreeSet<&String> = handled[0].union(&handled[1]).collect();
+    let overlap: BTreeSet<&String> = handled[0].intersection(&handled[1]).collect();
+    eprintln!(
+        "shards: shard 0 handles {}, shard 1 handles {} of {CONNECTIONS} connections",
+        handled[0].len(),
+        handled[1].len()
+    );
+    ensure!(
+        union.len() == CONNECTIONS,
+        "the shards together handle {} connections, not {CONNECTIONS}",
+        union.len()
+    );
+    ensure!(overlap.is_empty(), "both shards handle {overlap:?}");
+
+    // One token request per connection, each asked for by its own shard only.
+    let token_requests = s.standin.token_requests().len();
+    ensure!(
+        token_requests == CONNECTIONS,
+        "{token_requests} token requests for {CONNECTIONS} connections"
+    );
+    for (index, scraped) in scrapes.iter().enumerate() {
+        let requests = credential_requests(scraped);
+        ensure!(
+            requests == expected[index].len() as f64,
+            "shard {index} made {requests} credential requests for its {} connections",
+            expected[index].len()
+        );
+    }
+    // Each log names the connections of its own shard, and not one of the other shard.
+    for (index, operator) in operators.iter().enumerate() {
+        let logs = operator.logs();
+        let unnamed: Vec<&String> = expected[index]
+            .iter()
+            .filter(|name| !logs.contains(&format!("{namespace}/{name}")))
+            .collect();
+        ensure!(unnamed.is_empty(), "shard {index}'s log does not name its connections {unnamed:?}");
+        let foreign: Vec<&String> = expected[1 - index]
+            .iter()
+            .filter(|name| logs.contains(&format!("{namespace}/{name}")))
+            .collect();
+        ensure!(
+            foreign.is_empty(),
+            "shard {index}'s log names the other shard's connections {foreign:?}"
+        );
+    }
+
+    // Each shard leader-elected on its own Lease, named after the shard.
+    let leases: Api<Lease> = Api::namespaced(s.client.clone(), &namespace);
+    for index in 0..SHARDS {
+        let name = format!("tasklist-operator-shard-{index}-of-{SHARDS}");
+        let holder = leases
+            .get_opt(&name)
+            .await?
+            .and_then(|lease| lease.spec?.holder_identity)
+            .with_context(|| format!("no Lease {name} with a holder"))?;
+        ensure!(holder == format!("shard-{index}"), "Lease {name} is held by {holder}");
+    }
+
+    // A deletion is handled by the connection's own shard: its series go, the other
+    // shard's stay as they were.
+    let deleted = expected[1].first().context("shard 1 has no connection")?.clone();
+    s.connections().delete(&deleted, &DeleteParams::default()).await?;
+    let mut remaining = expected[1].clone();
+    remaining.remove(&deleted);
+    wait_for_scrape(
+        &http,
+        &urls[1],
+        &format!("shard 1 forgetting {deleted}"),
+        Duration::from_secs(30),
+        |m| ready_series(m, &namespace) == remaining,
+    )
+    .await?;
+    let after = scrape(&http, &urls[0]).await?;
+    ensure!(
+        ready_series(&after, &namespace) == expected[0],
+        "shard 0's connections changed after shard 1's {deleted} was deleted"
+    );
+    let logs = s.operator.logs();
+    ensure!(
+        !logs.contains(&format!("{namespace}/{deleted}")),
+        "shard 0 reacted to the deletion of shard 1's {deleted}"
+    );
+    // The second operator's log goes through the leak check after the scenario.
+    s.watch_logs_of(&second);
+    Ok(())
+}
+
+/// Two operators split by `--shard-selector`. A connection whose label moves it from one
+/// selector to the other leaves the first operator (the API server sends it a Delete)
+/// and is taken over by the second, which keeps the stored credential.
+async fn a_relabelled_connection_moves_to_the_selector_shard_without_a_new_token(world: Arc<World>) -> anyhow::Result<()> {
+    let namespace = world.control_plane.create_namespace("selector").await?;
+    let team_a = start_shard(
+        &world,
+        &namespace,
+        "team-a",
+        &["--shard-selector", "team=a", "--leader-election-lease-name", "team-a"],
+    )?;
+    let team_b = start_shard(
+        &world,
+        &namespace,
+        "team-b",
+        &["--shard-selector", "team=b", "--leader-election-lease-name", "team-b"],
+    )?;
+    let mut s = Scenario::with_operator(&world, &namespace, world.control_plane.kubeconfig(), team_a).await?;
+    s.add_saas_client("selector-secret-1").await?;
+    let labelled = |team: &str| {
+        serde_json::json!({
+            "apiVersion": "tasklist.camunda.community/v1alpha1",
+            "kind": "TasklistConnection",
+            "metadata": {"name": "orders", "labels": {"team": team}},
+            "spec": s.saas_spec(),
+        })
+    };
+    let apply = PatchParams::apply("e2e-test").force();
+    s.connections().patch("orders", &apply, &Patch::Apply(labelled("a"))).await?;
+    s.wait_ready("orders").await?;
+    let stored = s.derived_secret(SECRET).await?.context("no derived Secret")?;
+
+    let http = http_client()?;
+    let url_a = format!("{}/metrics", served_url(&s.operator, Duration::from_secs(30)).await?);
+    let url_b = format!("{}/metrics", served_url(&team_b, Duration::from_secs(30)).await?);
+    let handles = |m: &Scrape| ready_series(m, &namespace).contains("orders");
+    wait_for_scrape(&http, &url_a, "team a handling orders", Duration::from_secs(30), handles).await?;
+    ensure!(
+        !handles(&scrape(&http, &url_b).await?),
+        "team b handles a connection labelled team=a"
+    );
+
+    s.connections().patch("orders", &apply, &Patch::Apply(labelled("b"))).await?;
+    wait_for_scrape(&http, &url_b, "team b handling orders", Duration::from_secs(30), handles).await?;
+    wait_for_scrape(&http, &url_a, "team a forgetting orders", Duration::from_secs(30), |m| !handles(m)).await?;
+    // Team b found the credential team a stored and kept it.
+    eventually("team b's reconcile of orders", Duration::from_secs(30), || async {
+        Ok(if team_b.logs().contains(&format!("{namespace}/orders")) {
+            Check::Done(())
+        } else {
+            Check::NotYet(tail(&team_b.logs(), 20))
+        })
+    })
+    .await?;
+    s.wait_ready("orders").await?;
+    let now = s.derived_secret(SECRET).await?.context("no derived Secret")?;
+    ensure!(now.get("token") == stored.get("token"), "team b replaced the stored token");
+    let token_requests = s.standin.token_requests().len();
+    ensure!(token_requests == 1, "{token_requests} token requests, expected the one of team a");
+    s.watch_logs_of(&team_b);
+    Ok(())
+}
+
+const SECRET: &str = "orders-tasklist-auth";
