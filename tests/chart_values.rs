@@ -461,3 +461,134 @@ fn the_operator_down_alert_watches_the_job_the_monitor_produces() {
         r#"absent(up{job="tasklist"} == 1)"#
     );
 }
+
+/// The operator args of one rendered Deployment.
+fn args_of(deployment: &Value) -> Vec<String> {
+    deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|arg| arg.as_str().expect("a string arg").to_owned())
+        .collect()
+}
+
+fn flag_of(deployment: &Value, flag: &str) -> Option<String> {
+    let args = args_of(deployment);
+    args.iter().position(|arg| arg == flag).and_then(|at| args.get(at + 1).cloned())
+}
+
+/// Whether every label of `selector` (a `matchLabels` or a Service `selector`) is on `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    selector
+        .as_object()
+        .expect("a selector")
+        .iter()
+        .all(|(key, value)| labels.get(key) == Some(value))
+}
+
+#[test]
+fn each_shard_is_a_deployment_with_its_own_lease_selector_and_budget() {
+    let objects = render(&["--set", "sharding.shards=3"]);
+    let deployments = all_of(&objects, "Deployment");
+    assert_eq!(deployments.len(), 3);
+    let pod_labels: Vec<&Value> = deployments
+        .iter()
+        .map(|deployment| &deployment["spec"]["template"]["metadata"]["labels"])
+        .collect();
+    for (index, deployment) in deployments.iter().enumerate() {
+        assert_eq!(deployment["metadata"]["name"], format!("tlo-tasklist-operator-shard-{index}"));
+        assert_eq!(flag_of(deployment, "--shards").as_deref(), Some("3"));
+        assert_eq!(flag_of(deployment, "--shard-index"), Some(index.to_string()));
+        assert_eq!(flag_of(deployment, "--shard-selector"), None);
+        // Leader election is on even with one replica per shard, each on its own Lease.
+        assert!(args_of(deployment).contains(&"--leader-election".to_owned()));
+        assert_eq!(
+            flag_of(deployment, "--leader-election-lease-name"),
+            Some(format!("tlo-tasklist-operator-shard-{index}-of-3"))
+        );
+        assert_eq!(deployment["spec"]["replicas"], 1);
+        assert_eq!(deployment["spec"]["strategy"]["type"], "RollingUpdate");
+        // A Deployment's selector takes its own pods only: never another shard's.
+        let selector = &deployment["spec"]["selector"]["matchLabels"];
+        assert_eq!(selector["tasklist.camunda.community/shard"], index.to_string());
+        for (other, labels) in pod_labels.iter().enumerate() {
+            assert_eq!(
+                selects(selector, labels),
+                other == index,
+                "shard {index}'s selector on shard {other}'s pods"
+            );
+        }
+    }
+
+    // One budget per shard's Deployment, so that a drain cannot take every pod of a shard.
+    let objects = render(&["--set", "sharding.shards=2", "--set", "replicaCount=2"]);
+    let deployments = all_of(&objects, "Deployment");
+    let budgets = all_of(&objects, "PodDisruptionBudget");
+    assert_eq!(budgets.len(), 2);
+    for (index, (budget, deployment)) in budgets.iter().zip(&deployments).enumerate() {
+        assert_eq!(budget["metadata"]["name"], format!("tlo-tasklist-operator-shard-{index}"));
+        assert_eq!(budget["spec"]["selector"], deployment["spec"]["selector"]);
+        assert_eq!(deployment["spec"]["replicas"], 2);
+    }
+    // The leader-election Role grants exactly the shards' Leases.
+    let role = all_of(&objects, "Role")
+        .into_iter()
+        .find(|role| role["metadata"]["name"] == "tlo-tasklist-operator-leader-election")
+        .expect("the leader-election Role");
+    assert_eq!(
+        role["rules"][1]["resourceNames"],
+        json!(["tlo-tasklist-operator-shard-0-of-2", "tlo-tasklist-operator-shard-1-of-2"])
+    );
+}
+
+#[test]
+fn one_service_and_monitor_select_every_shards_pods() {
+    for monitor in ["serviceMonitor", "podMonitor"] {
+        let objects = render(&["--set", "sharding.shards=2", "--set", &format!("{monitor}.enabled=true")]);
+        let pods: Vec<&Value> = all_of(&objects, "Deployment")
+            .into_iter()
+            .map(|deployment| &deployment["spec"]["template"]["metadata"]["labels"])
+            .collect();
+        assert_eq!(pods.len(), 2);
+        let service = one(&objects, "Service");
+        let selector = match monitor {
+            "serviceMonitor" => {
+                assert!(selects(
+                    &one(&objects, "ServiceMonitor")["spec"]["selector"]["matchLabels"],
+                    &service["metadata"]["labels"]
+                ));
+                &service["spec"]["selector"]
+            }
+            _ => &one(&objects, "PodMonitor")["spec"]["selector"]["matchLabels"],
+        };
+        for labels in &pods {
+            assert!(selects(selector, labels), "{monitor} misses the pods {labels}");
+        }
+    }
+}
+
+#[test]
+fn the_shard_selector_reaches_every_deployment_and_one_shard_is_todays_chart() {
+    let objects = render(&["--set-json", r#"sharding.selector="team in (a,b)""#]);
+    let deployment = one(&objects, "Deployment");
+    assert_eq!(deployment["metadata"]["name"], "tlo-tasklist-operator");
+    assert_eq!(flag_of(deployment, "--shard-selector").as_deref(), Some("team in (a,b)"));
+    assert_eq!(flag_of(deployment, "--shards"), None);
+    let objects = render(&["--set", "sharding.shards=2", "--set", "sharding.selector=team=a"]);
+    for deployment in all_of(&objects, "Deployment") {
+        assert_eq!(flag_of(deployment, "--shard-selector").as_deref(), Some("team=a"));
+    }
+
+    // Without sharding: one Deployment, no shard flag or label, the Lease named as before.
+    let objects = render(&["--set", "replicaCount=2"]);
+    let deployment = one(&objects, "Deployment");
+    let args = args_of(deployment);
+    assert!(!args.iter().any(|arg| arg.starts_with("--shard")), "{args:?}");
+    assert_eq!(
+        flag_of(deployment, "--leader-election-lease-name").as_deref(),
+        Some("tlo-tasklist-operator")
+    );
+    assert!(deployment["spec"]["selector"]["matchLabels"]["tasklist.camunda.community/shard"].is_null());
+    let wrong = render_error(&["--set", "sharding.shards=0"]);
+    assert!(wrong.contains("/sharding/shards"), "{wrong}");
+}

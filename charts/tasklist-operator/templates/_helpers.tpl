@@ -79,11 +79,42 @@ tag defaulting to the chart's appVersion.
 {{- end }}
 
 {{/*
-"true" when leader election is on: explicitly enabled, or more than one replica.
+"true" when leader election is on: explicitly enabled, more than one replica, or more than
+one shard (each shard elects its leader on its own Lease).
 Use as: eq (include "tasklist-operator.leaderElection" .) "true"
 */}}
 {{- define "tasklist-operator.leaderElection" -}}
-{{- if or .Values.leaderElection.enabled (gt (int .Values.replicaCount) 1) }}true{{ else }}false{{ end }}
+{{- if or .Values.leaderElection.enabled (gt (int .Values.replicaCount) 1) (gt (int .Values.sharding.shards) 1) }}true{{ else }}false{{ end }}
+{{- end }}
+
+{{/*
+How many Deployments share the connections (sharding.shards, at least 1).
+*/}}
+{{- define "tasklist-operator.shards" -}}
+{{- max 1 (int .Values.sharding.shards) }}
+{{- end }}
+
+{{/*
+The name of shard `.index`'s Deployment and PodDisruptionBudget: the full name, with
+`-shard-<index>` when there is more than one shard. Call with (dict "context" $ "index" $index).
+*/}}
+{{- define "tasklist-operator.shardName" -}}
+{{- $fullname := include "tasklist-operator.fullname" .context }}
+{{- if gt (int (include "tasklist-operator.shards" .context)) 1 }}
+{{- printf "%s-shard-%d" $fullname (int .index) }}
+{{- else }}
+{{- $fullname }}
+{{- end }}
+{{- end }}
+
+{{/*
+The label that sets one shard's pods apart (the Deployment's selector), none without
+sharding. Call with (dict "context" $ "index" $index).
+*/}}
+{{- define "tasklist-operator.shardLabels" -}}
+{{- if gt (int (include "tasklist-operator.shards" .context)) 1 }}
+tasklist.camunda.community/shard: {{ .index | toString | quote }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -98,6 +129,19 @@ Name of the leader-election Lease.
 */}}
 {{- define "tasklist-operator.leaseName" -}}
 {{- default (include "tasklist-operator.fullname" .) .Values.leaderElection.leaseName }}
+{{- end }}
+
+{{/*
+Name of shard `.index`'s Lease: the Lease name, with `-shard-<index>-of-<shards>` when there
+is more than one shard (as the operator names it). Call with (dict "context" $ "index" $index).
+*/}}
+{{- define "tasklist-operator.shardLeaseName" -}}
+{{- $shards := int (include "tasklist-operator.shards" .context) }}
+{{- if gt $shards 1 }}
+{{- printf "%s-shard-%d-of-%d" (include "tasklist-operator.leaseName" .context) (int .index) $shards }}
+{{- else }}
+{{- include "tasklist-operator.leaseName" .context }}
+{{- end }}
 {{- end }}
 
 {{/*
