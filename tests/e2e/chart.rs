@@ -99,7 +99,7 @@ async fn helm(world: &World, args: &[&str]) -> anyhow::Result<HelmOutput> {
 }
 
 /// Runs helm and fails, with helm's stderr, unless it succeeds. Returns stdout.
-async fn helm_ok(world: &World, args: &[&str]) -> anyhow::Result<String> {
+pub(crate) async fn helm_ok(world: &World, args: &[&str]) -> anyhow::Result<String> {
     let output = helm(world, args).await?;
     ensure!(output.success, "`helm {}` failed: {}", args.join(" "), output.describe());
     Ok(output.stdout)
@@ -109,7 +109,7 @@ fn kind_of(object: &Value) -> &str {
     object["kind"].as_str().unwrap_or_default()
 }
 
-fn name_of(object: &Value) -> &str {
+pub(crate) fn name_of(object: &Value) -> &str {
     object["metadata"]["name"].as_str().unwrap_or_default()
 }
 
@@ -117,7 +117,7 @@ fn namespace_of(object: &Value) -> Option<&str> {
     object["metadata"]["namespace"].as_str()
 }
 
-fn of_kind<'a>(objects: &'a [Value], kind: &str) -> Vec<&'a Value> {
+pub(crate) fn of_kind<'a>(objects: &'a [Value], kind: &str) -> Vec<&'a Value> {
     objects.iter().filter(|object| kind_of(object) == kind).collect()
 }
 
@@ -159,9 +159,9 @@ fn rendered_args(deployment: &Value) -> anyhow::Result<Vec<String>> {
 }
 
 /// A helm release installed by a scenario.
-struct Release {
-    name: String,
-    namespace: String,
+pub(crate) struct Release {
+    pub(crate) name: String,
+    pub(crate) namespace: String,
 }
 
 impl Release {
@@ -175,7 +175,7 @@ impl Release {
         }
     }
 
-    async fn install(world: &World, namespace: &str, set: &[String]) -> anyhow::Result<Release> {
+    pub(crate) async fn install(world: &World, namespace: &str, set: &[String]) -> anyhow::Result<Release> {
         let release = Release::for_namespace(namespace);
         let chart = chart_path();
         let mut args = vec![
@@ -194,7 +194,7 @@ impl Release {
         Ok(release)
     }
 
-    async fn manifest(&self, world: &World) -> anyhow::Result<Vec<Value>> {
+    pub(crate) async fn manifest(&self, world: &World) -> anyhow::Result<Vec<Value>> {
         parse_manifest(&helm_ok(world, &["get", "manifest", &self.name, "--namespace", &self.namespace]).await?)
     }
 
@@ -248,7 +248,7 @@ fn operator_container(deployment: &Deployment) -> anyhow::Result<&Container> {
 /// Starts the operator binary as the Deployment's `operator` container would run: its args
 /// (with the listen address moved to a free loopback port), its environment (the downward
 /// API's pod name and namespace filled in) and `kubeconfig` in place of the mounted token.
-fn start_like_the_deployment(deployment: &Deployment, pod: &str, kubeconfig: &Path) -> anyhow::Result<OperatorProcess> {
+pub(crate) fn start_like_the_deployment(deployment: &Deployment, pod: &str, kubeconfig: &Path) -> anyhow::Result<OperatorProcess> {
     let container = operator_container(deployment)?;
     let pod_name = format!("{}-{pod}", deployment.name_any());
     let pod_namespace = deployment.namespace().unwrap_or_default();
@@ -282,7 +282,7 @@ async fn client_from(kubeconfig: &Path) -> anyhow::Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
-fn assert_nothing_forbidden(logs: &str) -> anyhow::Result<()> {
+pub(crate) fn assert_nothing_forbidden(logs: &str) -> anyhow::Result<()> {
     let forbidden: Vec<&str> = logs.lines().filter(|line| line.to_lowercase().contains("forbidden")).collect();
     ensure!(
         forbidden.is_empty(),

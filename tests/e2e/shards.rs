@@ -6,12 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use tasklist_operator::shard::shard_of;
 use testsupport::operator::OperatorProcess;
 
 use crate::ScenarioFn;
+use crate::chart::{Release, assert_nothing_forbidden, helm_ok, name_of, of_kind, start_like_the_deployment};
 use crate::scenario::{
     Check, Scenario, Scrape, World, eventually, saas_spec_for, scrape, served_url, start_operator_with, tail, wait_for_scrape,
 };
@@ -21,6 +23,7 @@ pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
         shards:
         two_hash_shards_handle_each_connection_exactly_once,
         a_relabelled_connection_moves_to_the_selector_shard_without_a_new_token,
+        the_charts_shards_split_the_connections_as_its_service_account,
     ]
 }
 
@@ -277,6 +280,105 @@ async fn a_relabelled_connection_moves_to_the_selector_shard_without_a_new_token
     ensure!(token_requests == 1, "{token_requests} token requests, expected the one of team a");
     s.watch_logs_of(&team_b);
     Ok(())
+}
+
+/// The chart with `sharding.shards=2`, installed on the real API server: each Deployment's
+/// operator, run with its args as the chart's ServiceAccount, handles its own connections
+/// and holds its own Lease, which the chart's Role allows.
+async fn the_charts_shards_split_the_connections_as_its_service_account(world: Arc<World>) -> anyhow::Result<()> {
+    let release_namespace = world.control_plane.create_namespace("tlo-shards").await?;
+    let team = world.control_plane.create_namespace("team").await?;
+    let release = Release::install(
+        &world,
+        &release_namespace,
+        &[format!("sharding.shards={SHARDS}"), format!("watchNamespaces={{{team}}}")],
+    )
+    .await?;
+    let manifest = release.manifest(&world).await?;
+    let rendered = of_kind(&manifest, "Deployment");
+    ensure!(
+        rendered.len() == SHARDS as usize,
+        "the chart rendered {} Deployments",
+        rendered.len()
+    );
+    let account = rendered[0]["spec"]["template"]["spec"]["serviceAccountName"]
+        .as_str()
+        .context("no serviceAccountName")?
+        .to_owned();
+    let installed: Api<Deployment> = Api::namespaced(world.client(), &release.namespace);
+    let mut deployments = Vec::new();
+    for deployment in &rendered {
+        deployments.push(installed.get(name_of(deployment)).await?);
+    }
+    let kubeconfig = world.control_plane.service_account_kubeconfig(&release.namespace, &account).await?;
+    let first = start_like_the_deployment(&deployments[0], "a", &kubeconfig)?;
+    let second = start_like_the_deployment(&deployments[1], "a", &kubeconfig)?;
+    let mut s = Scenario::with_operator(&world, &team, &kubeconfig, first).await?;
+
+    let names: Vec<String> = (0..6).map(|n| format!("orders-{n:02}")).collect();
+    for (n, name) in names.iter().enumerate() {
+        let (client, id, secret) = (format!("client-{n:02}"), format!("chart-{n:02}-id"), format!("chart-secret-{n:02}"));
+        s.standin.add_client(&id, &secret);
+        s.apply_secret(&client, &[("client_id", &id), ("client_secret", &secret)]).await?;
+        s.apply_connection(name, saas_spec_for(&s.standin, &client)).await?;
+    }
+    for name in &names {
+        s.wait_ready(name).await?;
+    }
+    let http = http_client()?;
+    for (index, operator) in [&s.operator, &second].into_iter().enumerate() {
+        let expected: BTreeSet<String> = names
+            .iter()
+            .filter(|name| shard_of(&team, name, SHARDS) as usize == index)
+            .cloned()
+            .collect();
+        let url = format!("{}/metrics", served_url(operator, Duration::from_secs(30)).await?);
+        wait_for_scrape(&http, &url, &format!("shard {index}'s connections"), Duration::from_secs(30), |m| {
+            ready_series(m, &team) == expected
+        })
+        .await?;
+    }
+    let token_requests = s.standin.token_requests().len();
+    ensure!(
+        token_requests == names.len(),
+        "{token_requests} token requests for {} connections",
+        names.len()
+    );
+
+    let leases: Api<Lease> = Api::namespaced(world.client(), &release.namespace);
+    for (index, deployment) in deployments.iter().enumerate() {
+        let lease = lease_name_of(rendered[index])?;
+        ensure!(
+            lease.ends_with(&format!("-shard-{index}-of-{SHARDS}")),
+            "shard {index}'s Lease is {lease}"
+        );
+        let holder = leases.get_opt(&lease).await?.and_then(|lease| lease.spec?.holder_identity);
+        let pod = format!("{}-a", kube::ResourceExt::name_any(deployment));
+        ensure!(holder.as_ref() == Some(&pod), "Lease {lease} is held by {holder:?}, not {pod}");
+    }
+    let notes = helm_ok(&world, &["get", "notes", &release.name, "--namespace", &release.namespace]).await?;
+    ensure!(
+        notes.contains("-shard-0 to ") && notes.contains("a Lease per shard"),
+        "the NOTES do not describe the shards:\n{notes}"
+    );
+    assert_nothing_forbidden(&format!("{}\n{}", s.all_operator_logs(), second.logs()))?;
+    s.watch_logs_of(&second);
+    Ok(())
+}
+
+/// The `--leader-election-lease-name` a rendered Deployment passes.
+fn lease_name_of(deployment: &serde_json::Value) -> anyhow::Result<String> {
+    let args: Vec<&str> = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .context("no args")?
+        .iter()
+        .filter_map(|arg| arg.as_str())
+        .collect();
+    args.iter()
+        .position(|arg| *arg == "--leader-election-lease-name")
+        .and_then(|at| args.get(at + 1))
+        .map(|name| (*name).to_owned())
+        .context("no --leader-election-lease-name")
 }
 
 const SECRET: &str = "orders-tasklist-auth";
