@@ -129,11 +129,9 @@ struct RunArgs {
 impl RunArgs {
     /// The sharding flags, checked together; a clap usage error (exit code 2) when they
     /// do not fit.
-    fn sharding(&self) -> Sharding {
-        match Sharding::new(self.shard_index, self.shards, self.shard_selector.clone()) {
-            Ok(sharding) => sharding,
-            Err(message) => Cli::command().error(clap::error::ErrorKind::ArgumentConflict, message).exit(),
-        }
+    fn sharding(&self) -> Result<Sharding, clap::Error> {
+        Sharding::new(self.shard_index, self.shards, self.shard_selector.clone())
+            .map_err(|message| Cli::command().error(clap::error::ErrorKind::ArgumentConflict, message))
     }
 }
 
@@ -162,7 +160,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             Ok(std::process::ExitCode::from(code))
         }
         Command::Run(args) => {
-            let sharding = args.sharding();
+            let sharding = args.sharding().unwrap_or_else(|error| error.exit());
             run(*args, sharding).await.map(|()| std::process::ExitCode::SUCCESS)
         }
     }
@@ -330,5 +328,43 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(flags: &[&str]) -> RunArgs {
+        let command = ["tasklist-operator", "run"].iter().chain(flags);
+        match Cli::try_parse_from(command) {
+            Ok(Cli {
+                command: Command::Run(args),
+            }) => *args,
+            Ok(_) => panic!("not the run command"),
+            Err(error) => panic!("{flags:?} refused: {error}"),
+        }
+    }
+
+    #[test]
+    fn shard_flags_are_checked_together() {
+        let sharding = run_args(&["--shards", "3", "--shard-index", "2", "--shard-selector", "team=a"])
+            .sharding()
+            .expect("valid");
+        assert_eq!(
+            (sharding.index(), sharding.count(), sharding.label_selector()),
+            (2, 3, Some("team=a"))
+        );
+        let beyond = run_args(&["--shards", "2", "--shard-index", "2"])
+            .sharding()
+            .expect_err("index 2 of 2");
+        assert_eq!(beyond.kind(), clap::error::ErrorKind::ArgumentConflict);
+        assert!(beyond.to_string().contains("--shard-index 2 is not below --shards 2"), "{beyond}");
+        let alone = run_args(&["--shard-index", "1"]).sharding().expect_err("index 1 of 1");
+        assert!(alone.to_string().contains("not below --shards 1"), "{alone}");
+        assert!(Cli::try_parse_from(["tasklist-operator", "run", "--shards", "0"]).is_err());
+        assert!(Cli::try_parse_from(["tasklist-operator", "run", "--shard-selector", ""]).is_err());
+        let default = run_args(&[]).sharding().expect("valid");
+        assert_eq!((default.index(), default.count(), default.label_selector()), (0, 1, None));
     }
 }

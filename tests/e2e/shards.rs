@@ -15,7 +15,7 @@ use testsupport::operator::OperatorProcess;
 use crate::ScenarioFn;
 use crate::chart::{Release, assert_nothing_forbidden, helm_ok, name_of, of_kind, start_like_the_deployment};
 use crate::scenario::{
-    Check, Scenario, Scrape, World, eventually, saas_spec_for, scrape, served_url, start_operator_with, tail, wait_for_scrape,
+    Check, Scenario, Scrape, World, eventually, saas_spec_for, scrape, served_url, start_operator_with, tail, wait_for_scrape, wait_until,
 };
 
 pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
@@ -24,6 +24,7 @@ pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
         two_hash_shards_handle_each_connection_exactly_once,
         a_relabelled_connection_moves_to_the_selector_shard_without_a_new_token,
         the_charts_shards_split_the_connections_as_its_service_account,
+        a_selector_the_api_server_refuses_stops_the_operator_with_its_message,
     ]
 }
 
@@ -363,6 +364,33 @@ async fn the_charts_shards_split_the_connections_as_its_service_account(world: A
     );
     assert_nothing_forbidden(&format!("{}\n{}", s.all_operator_logs(), second.logs()))?;
     s.watch_logs_of(&second);
+    Ok(())
+}
+
+/// A selector is checked by the API server, the authority on its syntax: one it refuses
+/// stops the operator at start-up, naming the flag and quoting the API server, rather than
+/// leaving it retrying a watch that can never work.
+async fn a_selector_the_api_server_refuses_stops_the_operator_with_its_message(world: Arc<World>) -> anyhow::Result<()> {
+    let namespace = world.control_plane.create_namespace("bad-selector").await?;
+    let mut operator = start_operator_with(
+        world.control_plane.kubeconfig(),
+        &namespace,
+        &["--shard-selector", "team in (a"],
+        &[],
+    )?;
+    wait_until("the operator stopping", Duration::from_secs(30), || !operator.is_running())
+        .await
+        .with_context(|| tail(&operator.logs(), 20))?;
+    let logs = operator.logs();
+    ensure!(
+        logs.contains(r#"--shard-selector "team in (a" was refused by the API server: "#),
+        "the operator stopped without saying why:\n{}",
+        tail(&logs, 20)
+    );
+    ensure!(
+        !logs.contains("watching TasklistConnections"),
+        "the operator started watching anyway"
+    );
     Ok(())
 }
 
