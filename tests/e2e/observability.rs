@@ -129,7 +129,8 @@ fn check_naming_conventions(scraped: &Scrape) -> anyhow::Result<()> {
 
 /// Label values stay bounded and harmless: no URL, no token, no secret.
 fn check_label_hygiene(scraped: &Scrape, forbidden: &[String]) -> anyhow::Result<()> {
-    let allowed_keys = ["namespace", "name", "method", "result", "reason", "le"];
+    // `index` and `count` are shard_info's: small numbers.
+    let allowed_keys = ["namespace", "name", "method", "result", "reason", "le", "index", "count"];
     for sample in &scraped.samples {
         for (key, value) in &sample.labels {
             ensure!(
