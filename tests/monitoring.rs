@@ -78,7 +78,7 @@ fn scrape(url: &str, accept: Option<&str>) -> ScrapeReport {
 
 /// A registry with a series in every family (a family without series is not exported).
 fn metrics_with_a_series_in_every_family() -> Metrics {
-    let metrics = Metrics::default();
+    let metrics = Metrics::default().with_shard_info(1, 2);
     let orders = ConnectionLabels {
         namespace: "team-a".into(),
         name: "orders".into(),
@@ -309,6 +309,34 @@ fn promtool_checks_the_alerts_and_fires_them_on_recorded_series() {
                 rule["alert"]
             );
         }
+    }
+}
+
+#[test]
+fn promtool_fires_the_shard_alert_for_a_shard_without_a_scraped_replica() {
+    let rule = render_one("PrometheusRule", &["prometheusRule.enabled=true", "sharding.shards=2"]);
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    std::fs::write(dir.path().join("rules.yaml"), serde_yaml::to_string(&rule["spec"]).expect("YAML")).expect("write rules.yaml");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/monitoring/shard_alerts_test.yaml"),
+        dir.path().join("shard_alerts_test.yaml"),
+    )
+    .expect("copy the rule tests");
+    let checked = promtool(dir.path(), &["check", "rules", "rules.yaml"]);
+    assert!(checked.contains("SUCCESS: 5 rules found"), "{checked}");
+    promtool(dir.path(), &["test", "rules", "shard_alerts_test.yaml"]);
+    let exported = exported_names();
+    let shard_down = rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .find(|rule| rule["alert"] == "TasklistOperatorShardDown")
+        .expect("the shard alert");
+    for name in operator_metrics_in(shard_down["expr"].as_str().expect("an expression")) {
+        assert!(
+            exported.contains(&name),
+            "the shard alert uses {name}, which the operator does not export"
+        );
     }
 }
 
