@@ -30,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the TasklistConnection CRD as YAML.
     Crd,
     /// Run the credential and probe flow once, without a cluster, and say what happened.
@@ -148,7 +148,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             let code = check::run(&args.connection, args.credentials.as_deref(), &settings, &mut std::io::stdout()).await;
             Ok(std::process::ExitCode::from(code))
         }
-        Command::Run(args) => run(args).await.map(|()| std::process::ExitCode::SUCCESS),
+        Command::Run(args) => run(*args).await.map(|()| std::process::ExitCode::SUCCESS),
     }
 }
 

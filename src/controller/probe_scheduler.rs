@@ -13,8 +13,12 @@
 //!   it keeps the last result and asks to be woken soon. So a slow or dead Tasklist holds at
 //!   most `per_host` reconcile slots, and all probes together at most half of them: the
 //!   rest stays free for refreshes.
+//! - **Backoff for hosts that do not answer.** The wake-up after a deferral doubles with
+//!   each deferral on the host since it last answered (a timeout is no answer), from 1 s up
+//!   to the probe interval: connections waiting for a dead Tasklist do not spin.
 //!
-//! The decisions ([`probe_limits`], [`probe_timeout`], [`probe_turn`]) are pure functions;
+//! The decisions ([`probe_limits`], [`probe_timeout`], [`probe_turn`], [`deferral_delay`])
+//! are pure functions;
 //! [`ProbeScheduler`] keeps the shared state and carries them out.
 
 use std::collections::HashMap;
@@ -41,6 +45,8 @@ pub const DEFAULT_PROBES_PER_HOST: u16 = 4;
 pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a deferred probe waits, at least (jitter adds up to as much again).
 pub const PROBE_DEFERRAL: Duration = Duration::from_secs(1);
+/// The deferral doubles at most this often (1 s to 32 s), and never beyond the interval.
+const MOST_DOUBLINGS: u32 = 5;
 /// Results older than this are dropped; a connection probed less often probes on its own.
 const LONGEST_KEPT: Duration = Duration::from_secs(3600);
 /// The result map is pruned once it holds this many entries, and then each time it has
@@ -190,10 +196,15 @@ pub fn probe_turn(
     }
 }
 
-/// When a deferred probe is tried again: [`PROBE_DEFERRAL`] plus up to as much again,
-/// `jitter` in `[0, 1)`, so that deferred connections do not come back in step.
-pub fn deferred_until(now: Timestamp, jitter: f64) -> Timestamp {
-    add(now, PROBE_DEFERRAL.mul_f64(1.0 + jitter.clamp(0.0, 1.0)))
+/// How long a deferred probe waits before it is tried again, the `deferrals`-th on its host
+/// since that host last answered: [`PROBE_DEFERRAL`] doubling with each, up to 32 s and
+/// never beyond the probe `interval` (it would not be probed sooner than that anyway), plus
+/// up to as much again (`jitter` in `[0, 1)`), so that deferred connections do not come
+/// back in step.
+pub fn deferral_delay(deferrals: u32, interval: Duration, jitter: f64) -> Duration {
+    let doublings = deferrals.saturating_sub(1).min(MOST_DOUBLINGS);
+    let base = (PROBE_DEFERRAL * 2u32.pow(doublings)).min(interval.max(PROBE_DEFERRAL));
+    base.mul_f64(1.0 + jitter.clamp(0.0, 1.0))
 }
 
 type InFlight = Shared<BoxFuture<'static, SharedResult>>;
@@ -204,6 +215,8 @@ struct State {
     in_flight: HashMap<ProbeKey, InFlight>,
     slots_taken: usize,
     slots_per_host: HashMap<String, usize>,
+    /// Deferrals per host since it last answered.
+    deferrals_per_host: HashMap<String, u32>,
     prune_at: usize,
 }
 
@@ -219,8 +232,8 @@ pub enum ProbeTurn {
     Reuse(SharedResult),
     /// An answer to wait for: this connection's own request (`joined` false) or another's.
     Wait { result: Waiting, joined: bool },
-    /// No free probe slot.
-    Deferred,
+    /// No free probe slot: try again after this long.
+    Deferred { retry_after: Duration },
 }
 
 /// An answer on its way. Holds a probe slot until awaited or dropped (a joining reconcile's;
@@ -279,27 +292,29 @@ impl ProbeScheduler {
         F: Future<Output = ProbeOutcome> + Send + 'static,
     {
         let Ok(mut state) = self.state.lock() else {
-            return ProbeTurn::Deferred;
+            return ProbeTurn::Deferred {
+                retry_after: deferral_delay(1, interval, rand::random()),
+            };
         };
         let host_taken = state.slots_per_host.get(&host).copied().unwrap_or_default();
         let slot_free = state.slots_taken < self.limits.total && host_taken < self.limits.per_host;
         let latest_at = state.latest.get(&key).map(|result| result.at);
-        match probe_turn(
+        let turn = probe_turn(
             latest_at,
             state.in_flight.contains_key(&key),
             slot_free,
             credential_issued_at,
             interval,
             now,
-        ) {
-            Turn::Reuse => match state.latest.get(&key) {
-                Some(result) => ProbeTurn::Reuse(result.clone()),
-                None => ProbeTurn::Deferred,
-            },
-            Turn::Defer => ProbeTurn::Deferred,
-            Turn::Join => {
+        );
+        match turn {
+            Turn::Defer => defer(&mut state, host, interval),
+            Turn::Reuse | Turn::Join => {
+                if let Some(result) = state.latest.get(&key).filter(|_| turn == Turn::Reuse) {
+                    return ProbeTurn::Reuse(result.clone());
+                }
                 let Some(result) = state.in_flight.get(&key).cloned() else {
-                    return ProbeTurn::Deferred;
+                    return defer(&mut state, host, interval);
                 };
                 let slot = self.take_slot(&mut state, host);
                 ProbeTurn::Wait {
@@ -308,7 +323,7 @@ impl ProbeScheduler {
                 }
             }
             Turn::Send => {
-                let slot = self.take_slot(&mut state, host);
+                let slot = self.take_slot(&mut state, host.clone());
                 let request = send();
                 let shared_state = self.state.clone();
                 // Records the answer before giving the slot back: the lock taken here waits
@@ -319,7 +334,7 @@ impl ProbeScheduler {
                         at: now,
                         outcome: request.await,
                     };
-                    record(&shared_state, key, result.clone());
+                    record(&shared_state, key, &host, result.clone());
                     result
                 });
                 let result: InFlight = task
@@ -358,11 +373,24 @@ impl ProbeScheduler {
     }
 }
 
-/// Keeps an answer as the latest of its key, and drops results too old to be reused by
-/// anyone once the map has grown (twice the size after the last pruning).
-fn record(state: &Mutex<State>, key: ProbeKey, result: SharedResult) {
+/// Counts a deferral on `host` and says when to try again.
+fn defer(state: &mut State, host: String, interval: Duration) -> ProbeTurn {
+    let deferrals = state.deferrals_per_host.entry(host).or_default();
+    *deferrals = deferrals.saturating_add(1);
+    ProbeTurn::Deferred {
+        retry_after: deferral_delay(*deferrals, interval, rand::random()),
+    }
+}
+
+/// Keeps an answer as the latest of its key (an answer from the host ends its deferral
+/// backoff; a timeout or connection failure does not), and drops results too old to be
+/// reused by anyone once the map has grown (twice the size after the last pruning).
+fn record(state: &Mutex<State>, key: ProbeKey, host: &str, result: SharedResult) {
     let Ok(mut state) = state.lock() else { return };
     state.in_flight.remove(&key);
+    if !matches!(result.outcome, ProbeOutcome::Unreachable { .. }) {
+        state.deferrals_per_host.remove(host);
+    }
     let newer = state.latest.get(&key).is_none_or(|kept| kept.at <= result.at);
     if newer {
         state.latest.insert(key, result.clone());
@@ -371,6 +399,13 @@ fn record(state: &Mutex<State>, key: ProbeKey, result: SharedResult) {
         let oldest_kept = result.at.checked_sub(LONGEST_KEPT).unwrap_or(Timestamp::MIN);
         state.latest.retain(|_, kept| kept.at >= oldest_kept);
         state.prune_at = state.latest.len() * 2;
+        // Hosts nothing is probing any more.
+        let State {
+            deferrals_per_host,
+            slots_per_host,
+            ..
+        } = &mut *state;
+        deferrals_per_host.retain(|host, _| slots_per_host.contains_key(host));
     }
 }
 
@@ -546,10 +581,21 @@ mod tests {
 
     #[test]
     fn a_deferred_probe_comes_back_in_one_to_two_seconds() {
-        let now = at(1000);
-        assert_eq!(deferred_until(now, 0.0), at(1001));
-        assert_eq!(deferred_until(now, 0.5), add(now, Duration::from_millis(1500)));
-        assert_eq!(deferred_until(now, 7.0), at(1002));
+        let seconds = Duration::from_secs;
+        assert_eq!(deferral_delay(1, MINUTE, 0.0), seconds(1));
+        assert_eq!(deferral_delay(1, MINUTE, 0.5), Duration::from_millis(1500));
+        assert_eq!(deferral_delay(1, MINUTE, 7.0), seconds(2));
+    }
+
+    #[test]
+    fn deferrals_on_a_host_that_does_not_answer_back_off_up_to_the_interval() {
+        let seconds = Duration::from_secs;
+        let delays: Vec<Duration> = (1..=8).map(|n| deferral_delay(n, MINUTE, 0.0)).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 32, 32].map(seconds));
+        assert_eq!(deferral_delay(10, seconds(10), 0.0), seconds(10));
+        assert_eq!(deferral_delay(10, seconds(10), 0.99), Duration::from_millis(19_900));
+        // An interval under a second still waits a second.
+        assert_eq!(deferral_delay(3, Duration::from_millis(200), 0.0), seconds(1));
     }
 
     // --- the scheduler ------------------------------------------------------------------
@@ -590,7 +636,7 @@ mod tests {
         // The 5th finds the host's 4 slots taken (one request, three joined): deferred.
         assert!(matches!(
             scheduler.turn(key(1), "tasklist:443".into(), at(900), MINUTE, now, controlled(&sent, &released)),
-            ProbeTurn::Deferred
+            ProbeTurn::Deferred { .. }
         ));
         release.send(true).expect("a receiver");
         for result in waiting {
@@ -624,7 +670,13 @@ mod tests {
         for index in 0..20 {
             match scheduler.turn(key(index), "dead:80".into(), at(0), MINUTE, at(10), controlled(&sent, &released)) {
                 ProbeTurn::Wait { result, .. } => waiting.push(result),
-                ProbeTurn::Deferred => deferred += 1,
+                ProbeTurn::Deferred { retry_after } => {
+                    deferred += 1;
+                    // The 16th deferral on the dead host waits 32 s or more.
+                    if deferred == 16 {
+                        assert!(retry_after >= Duration::from_secs(32), "{retry_after:?}");
+                    }
+                }
                 ProbeTurn::Reuse(_) => panic!("nothing to reuse"),
             }
         }
@@ -689,6 +741,7 @@ mod tests {
             record(
                 &state,
                 ProbeKey(bytes),
+                "tasklist:443",
                 SharedResult {
                     at: at(0),
                     outcome: ProbeOutcome::Succeeded,
@@ -701,6 +754,7 @@ mod tests {
         record(
             &state,
             key(200),
+            "tasklist:443",
             SharedResult {
                 at: at(7200),
                 outcome: ProbeOutcome::Succeeded,

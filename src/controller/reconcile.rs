@@ -19,7 +19,7 @@ use super::decide::{
 };
 use super::host_slots::origin;
 use super::memory::{ConnectionKey, FailureRecord, ProbeRecord, WriteFailureRecord};
-use super::probe_scheduler::{ProbeKey, ProbeTurn, deferred_until};
+use super::probe_scheduler::{ProbeKey, ProbeTurn};
 use super::{Context, Error, FIELD_MANAGER};
 use crate::camunda::probe::{Probe, ProbeOutcome};
 use crate::camunda::{AuthFailure, HttpClient, redact};
@@ -663,9 +663,9 @@ impl<'a> Reconciling<'a> {
                 }
                 result.result().await
             }
-            ProbeTurn::Deferred => {
+            ProbeTurn::Deferred { retry_after } => {
                 ctx.metrics.probes_deferred.inc();
-                let retry_at = deferred_until(now, rand::random());
+                let retry_at = add(now, retry_after);
                 debug!(%retry_at, "probe deferred: no probe slot is free");
                 if let Ok(mut deferred) = self.probe_deferred_until.lock() {
                     *deferred = Some(retry_at);

@@ -26,6 +26,7 @@ mod ha;
 mod isolation;
 mod observability;
 mod policy;
+mod probes;
 mod refresh;
 mod reliability;
 mod scenario;
@@ -50,6 +51,7 @@ fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     all.extend(isolation::scenarios());
     all.extend(auth_methods::scenarios());
     all.extend(writes::scenarios());
+    all.extend(probes::scenarios());
     all
 }
 
