@@ -299,29 +299,29 @@ impl ProbeScheduler {
         let host_taken = state.slots_per_host.get(&host).copied().unwrap_or_default();
         let slot_free = state.slots_taken < self.limits.total && host_taken < self.limits.per_host;
         let latest_at = state.latest.get(&key).map(|result| result.at);
-        let turn = probe_turn(
+        match probe_turn(
             latest_at,
             state.in_flight.contains_key(&key),
             slot_free,
             credential_issued_at,
             interval,
             now,
-        );
-        match turn {
+        ) {
             Turn::Defer => defer(&mut state, host, interval),
-            Turn::Reuse | Turn::Join => {
-                if let Some(result) = state.latest.get(&key).filter(|_| turn == Turn::Reuse) {
-                    return ProbeTurn::Reuse(result.clone());
+            Turn::Reuse => match state.latest.get(&key) {
+                Some(result) => ProbeTurn::Reuse(result.clone()),
+                None => defer(&mut state, host, interval),
+            },
+            Turn::Join => match state.in_flight.get(&key).cloned() {
+                Some(result) => {
+                    let slot = self.take_slot(&mut state, host);
+                    ProbeTurn::Wait {
+                        result: Waiting { result, _slot: Some(slot) },
+                        joined: true,
+                    }
                 }
-                let Some(result) = state.in_flight.get(&key).cloned() else {
-                    return defer(&mut state, host, interval);
-                };
-                let slot = self.take_slot(&mut state, host);
-                ProbeTurn::Wait {
-                    result: Waiting { result, _slot: Some(slot) },
-                    joined: true,
-                }
-            }
+                None => defer(&mut state, host, interval),
+            },
             Turn::Send => {
                 let slot = self.take_slot(&mut state, host.clone());
                 let request = send();

@@ -589,9 +589,10 @@ impl<'a> Reconciling<'a> {
 
     /// Probes when the probe is due (its interval has passed, or the credential changed) and
     /// returns the condition with the outcome; otherwise repeats what the last probe found,
-    /// with no outcome. A credential issued in this reconcile is always probed: one issued
-    /// in the same second as the last (an HTTP Basic Secret edited twice) has the same
-    /// issue time.
+    /// with no outcome. A credential issued in this reconcile is always checked anew (one
+    /// issued in the same second as the last, an HTTP Basic Secret edited twice, has the
+    /// same issue time): by a probe, or by another connection's answer for the same
+    /// credential sent after it was issued.
     ///
     /// A due probe goes through the probe lane: it takes a fresh answer to the same request
     /// with the same credential (another connection's), or waits for that request in flight,
