@@ -7,7 +7,7 @@ use kube::CustomResourceExt;
 use kube::api::{Api, ListParams};
 use tasklist_operator::camunda::{HttpClient, HttpSettings, TlsTrust};
 use tasklist_operator::check;
-use tasklist_operator::controller::{self, Context, Scope};
+use tasklist_operator::controller::{self, Context, ProbeSettings, Scope};
 use tasklist_operator::crd::TasklistConnection;
 use tasklist_operator::duration::parse_duration;
 use tasklist_operator::leader::{LeaderElector, LeaseSettings};
@@ -124,6 +124,18 @@ struct RunArgs {
     shard_selector: Option<String>,
     #[command(flatten)]
     policy: PolicyArgs,
+    /// How many probes may be in flight (or waited for) at once in all; 0 means no limit.
+    /// Never more than half of --concurrency, so that probes leave the rest to refreshes.
+    #[arg(long, default_value_t = controller::DEFAULT_PROBE_CONCURRENCY)]
+    probe_concurrency: u16,
+    /// How many probes may be in flight (or waited for) at once per Tasklist host; 0 means
+    /// no limit. A due probe that finds no free slot keeps the last result and is tried
+    /// again 1 to 2 s later.
+    #[arg(long, default_value_t = controller::DEFAULT_PROBES_PER_HOST)]
+    probes_per_host: u16,
+    /// Timeout of a probe (default 5s, never longer than --request-timeout).
+    #[arg(long, value_parser = parse_duration)]
+    probe_timeout: Option<Duration>,
 }
 
 impl RunArgs {
@@ -213,10 +225,16 @@ async fn run(args: RunArgs, sharding: Sharding) -> anyhow::Result<()> {
         secret_volume_delay: args.secret_volume_delay,
         max_credential_lifetime: args.max_credential_lifetime,
     };
+    let probes = ProbeSettings {
+        concurrency: args.probe_concurrency,
+        per_host: args.probes_per_host,
+        timeout: args.probe_timeout,
+    };
     let ctx = Arc::new(
         Context::new(client, settings, policy, metrics, args.leader_election_identity.clone())
             .with_concurrency(args.concurrency)
-            .with_sharding(sharding),
+            .with_sharding(sharding)
+            .with_probe_settings(probes),
     );
     match &elector {
         None => controller::run(ctx, scope, shutdown()).await,

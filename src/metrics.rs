@@ -35,6 +35,13 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HowLabels {
+    /// `reused` (a fresh answer another connection's probe got) or `joined` (waited for
+    /// the same request in flight).
+    pub how: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: String,
 }
@@ -48,6 +55,8 @@ pub struct Metrics {
     pub token_request_duration: Histogram,
     pub login_duration: Histogram,
     pub probe_duration: Family<ResultLabels, Histogram>,
+    pub probes_shared: Family<HowLabels, Counter>,
+    pub probes_deferred: Counter,
     pub reconciles: Counter,
     pub reconcile_errors: Family<ReasonLabels, Counter>,
     pub reconcile_duration: Histogram,
@@ -99,6 +108,18 @@ impl Default for Metrics {
             "Duration of probes, by condition reason",
             probe_duration.clone(),
         );
+        let probes_shared = Family::<HowLabels, Counter>::default();
+        registry.register(
+            "probes_shared",
+            "Due probes answered without a request of their own: a fresh answer to the same request and credential reused, or the same request in flight joined",
+            probes_shared.clone(),
+        );
+        let probes_deferred = Counter::default();
+        registry.register(
+            "probes_deferred",
+            "Due probes put off for a second or two because no probe slot was free (per host or in all)",
+            probes_deferred.clone(),
+        );
         let reconciles = Counter::default();
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         let reconcile_errors = Family::<ReasonLabels, Counter>::default();
@@ -118,6 +139,8 @@ impl Default for Metrics {
             token_request_duration,
             login_duration,
             probe_duration,
+            probes_shared,
+            probes_deferred,
             reconciles,
             reconcile_errors,
             reconcile_duration,

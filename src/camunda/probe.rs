@@ -1,5 +1,7 @@
 //! The request that checks whether Tasklist accepts a credential.
 
+use std::time::Duration;
+
 use reqwest::Method;
 
 use super::http::HttpClient;
@@ -68,6 +70,8 @@ pub struct Probe {
     pub url: String,
     pub method: ProbeMethod,
     pub body: String,
+    /// How long the whole probe may take; `None`: the HTTP client's request timeout.
+    pub timeout: Option<Duration>,
 }
 
 impl Probe {
@@ -76,7 +80,15 @@ impl Probe {
             url: join_url(base_url, &spec.path),
             method: spec.method,
             body: spec.body.clone(),
+            timeout: None,
         }
+    }
+
+    /// The same probe, given up after `timeout` (a probe is a small query: a Tasklist that
+    /// takes longer is as good as unreachable, and a shorter wait frees its probe slot sooner).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
     }
 
     /// "POST https://…/v1/tasks/search", for messages.
@@ -116,11 +128,61 @@ impl Probe {
                 }
             }
         };
-        match http.status_of(request.header("accept", "application/json")).await {
+        let answer = http.status_of(request.header("accept", "application/json"));
+        let answer = match self.timeout {
+            Some(limit) => match tokio::time::timeout(limit, answer).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    return ProbeOutcome::Unreachable {
+                        cause: format!("no answer within {}s", limit.as_secs_f64()),
+                    };
+                }
+            },
+            None => answer.await,
+        };
+        match answer {
             Ok(status) if status.is_success() => ProbeOutcome::Succeeded,
             Ok(status) if matches!(status.as_u16(), 401 | 403) => ProbeOutcome::Unauthorized { status: status.as_u16() },
             Ok(status) => ProbeOutcome::Failed { status: status.as_u16() },
             Err(error) => ProbeOutcome::Unreachable { cause: error.to_string() },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::camunda::{HttpSettings, Sensitive, TlsTrust};
+
+    /// A listener that accepts and never answers: the probe gives up after its own timeout,
+    /// not the client's request timeout, and says so.
+    #[tokio::test]
+    async fn a_probe_gives_up_after_its_own_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a loopback listener");
+        let url = format!("http://{}", listener.local_addr().expect("an address"));
+        tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                open.push(socket);
+            }
+        });
+        let settings = HttpSettings {
+            timeout: Duration::from_secs(600),
+            ..HttpSettings::default()
+        };
+        let http = HttpClient::new(&settings, &TlsTrust::default()).expect("a client");
+        let probe = Probe::new(&url, &ProbeSpec::default()).with_timeout(Duration::from_millis(200));
+        let token = Sensitive::new("token");
+        let outcome = tokio::time::timeout(Duration::from_secs(60), probe.run(&http, ProbeCredential::Bearer(&token)))
+            .await
+            .expect("the probe's own timeout ends it, long before the request timeout");
+        assert_eq!(
+            outcome,
+            ProbeOutcome::Unreachable {
+                cause: "no answer within 0.2s".into()
+            }
+        );
     }
 }

@@ -1,7 +1,10 @@
 //! Isolation between hosts: a slow or dead host must not hold every reconcile slot. A
-//! reconcile of a connection enters the slots of the hosts it may send requests to (`url`
-//! and `tokenUrl`); when one of them already has `limit` reconciles in flight, it does not
-//! wait for a slot but is deferred, leaving its reconcile slot to connections elsewhere.
+//! reconcile of a connection enters the slots of the hosts it may ask for a credential
+//! (the token endpoint or issuer; for a cookie login, Tasklist itself); when one of them
+//! already has `limit` reconciles in flight, it does not wait for a slot but is deferred,
+//! leaving its reconcile slot to connections elsewhere. Probes have a lane of their own
+//! (`probe_scheduler`): a dead Tasklist host does not defer the refreshes of connections
+//! whose token endpoint answers.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -74,21 +77,25 @@ impl Drop for Entered {
     }
 }
 
-/// The distinct hosts (`host:port`) a connection may send requests to. A URL that cannot
-/// be parsed adds nothing: the reconcile reports it without sending anything.
-pub fn request_hosts(connection: &TasklistConnection) -> Vec<String> {
-    let spec = &connection.spec;
-    let oauth2_urls = spec
-        .auth
+/// `host:port` of a URL, or `None` when it cannot be parsed.
+pub fn origin(url: &str) -> Option<String> {
+    let url = reqwest::Url::parse(url).ok()?;
+    Some(format!("{}:{}", url.host_str()?, url.port_or_known_default()?))
+}
+
+/// The distinct hosts (`host:port`) a connection may ask for a credential: the token
+/// endpoint and the issuer (OAuth2), or Tasklist itself (a cookie login). HTTP Basic asks
+/// nobody. Probes are not counted here: they have their own lane. A URL that cannot be
+/// parsed adds nothing: the reconcile reports it without sending anything.
+pub fn credential_hosts(connection: &TasklistConnection) -> Vec<String> {
+    let auth = &connection.spec.auth;
+    let oauth2_urls = auth
         .oauth2
         .iter()
         .flat_map(|oauth2| [oauth2.token_url.as_deref(), oauth2.issuer_url.as_deref()])
         .flatten();
-    let urls = std::iter::once(spec.url.as_str()).chain(oauth2_urls);
-    let mut hosts: Vec<String> = urls
-        .filter_map(|url| reqwest::Url::parse(url).ok())
-        .filter_map(|url| Some(format!("{}:{}", url.host_str()?, url.port_or_known_default()?)))
-        .collect();
+    let login_url = auth.cookie.as_ref().map(|_| connection.spec.url.as_str());
+    let mut hosts: Vec<String> = oauth2_urls.chain(login_url).filter_map(origin).collect();
     hosts.sort();
     hosts.dedup();
     hosts
@@ -145,22 +152,50 @@ mod tests {
         assert_eq!(slots.hosts_tracked(), 0);
     }
 
-    #[test]
-    fn hosts_are_the_distinct_origins_of_url_and_token_url() {
-        let connection: TasklistConnection = serde_json::from_value(serde_json::json!({
+    fn connection(url: &str, auth: serde_json::Value) -> TasklistConnection {
+        serde_json::from_value(serde_json::json!({
             "apiVersion": "tasklist.camunda.community/v1alpha1",
             "kind": "TasklistConnection",
             "metadata": {"name": "orders"},
-            "spec": {
-                "url": "https://bru-2.tasklist.camunda.io/abc",
-                "auth": {"oauth2": {"tokenUrl": "https://login.cloud.camunda.io/oauth/token", "clientSecretRef": {"name": "c"}}},
-            },
+            "spec": {"url": url, "auth": auth},
         }))
-        .unwrap();
-        assert_eq!(
-            request_hosts(&connection),
-            vec!["bru-2.tasklist.camunda.io:443", "login.cloud.camunda.io:443"]
+        .unwrap()
+    }
+
+    #[test]
+    fn an_oauth2_connection_asks_only_its_token_host_for_credentials() {
+        // A dead Tasklist (bru-2) does not take slots its refreshes need.
+        let oauth2 = connection(
+            "https://bru-2.tasklist.camunda.io/abc",
+            serde_json::json!({"oauth2": {"tokenUrl": "https://login.cloud.camunda.io/oauth/token", "clientSecretRef": {"name": "c"}}}),
         );
+        assert_eq!(credential_hosts(&oauth2), vec!["login.cloud.camunda.io:443"]);
+        let issuer = connection(
+            "http://tasklist:8080",
+            serde_json::json!({"oauth2": {"issuerUrl": "https://keycloak:8443/realms/camunda", "clientSecretRef": {"name": "c"}}}),
+        );
+        assert_eq!(credential_hosts(&issuer), vec!["keycloak:8443"]);
+    }
+
+    #[test]
+    fn a_cookie_login_asks_tasklist_and_basic_asks_nobody() {
+        let cookie = connection(
+            "http://tasklist:8080",
+            serde_json::json!({"cookie": {"credentialsSecretRef": {"name": "login"}}}),
+        );
+        assert_eq!(credential_hosts(&cookie), vec!["tasklist:8080"]);
+        let basic = connection(
+            "http://tasklist:8080",
+            serde_json::json!({"basic": {"credentialsSecretRef": {"name": "login"}}}),
+        );
+        assert!(credential_hosts(&basic).is_empty());
+    }
+
+    #[test]
+    fn an_origin_has_the_scheme_s_default_port() {
+        assert_eq!(origin("https://tasklist/v1/tasks/search").as_deref(), Some("tasklist:443"));
+        assert_eq!(origin("http://127.0.0.1:8080/x").as_deref(), Some("127.0.0.1:8080"));
+        assert_eq!(origin("not a url"), None);
     }
 
     #[test]

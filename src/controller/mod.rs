@@ -3,6 +3,7 @@
 mod decide;
 mod host_slots;
 mod memory;
+mod probe_scheduler;
 mod reconcile;
 mod shared_clients;
 #[cfg(test)]
@@ -31,8 +32,10 @@ use crate::metrics::{Metrics, ReasonLabels};
 use crate::policy::HostPolicy;
 use crate::schedule::RefreshPolicy;
 use crate::shard::Sharding;
-use host_slots::{DEFERRAL, HostSlots, reconcile_deadline, reconciles_per_host, request_hosts};
+use host_slots::{DEFERRAL, HostSlots, credential_hosts, reconcile_deadline, reconciles_per_host};
 use memory::{ConnectionKey, Memory};
+pub use probe_scheduler::{DEFAULT_PROBE_CONCURRENCY, DEFAULT_PROBES_PER_HOST};
+use probe_scheduler::{ProbeScheduler, probe_limits, probe_timeout};
 use shared_clients::SharedByUsers;
 
 /// The field manager named in server-side apply of Secrets and status.
@@ -80,10 +83,35 @@ pub struct Context {
     memory: Memory,
     /// How many connections are reconciled at once (per watched namespace).
     concurrency: u16,
-    /// Reconciles in flight per host, so that a dead host cannot hold every reconcile slot.
+    /// Reconciles in flight per credential host, so that a dead token endpoint cannot hold
+    /// every reconcile slot.
     host_slots: HostSlots,
     /// Which connections this process handles; the others never reach the controller.
     sharding: Sharding,
+    /// The probe lane: shared probe answers, requests in flight, probe slots.
+    probes: ProbeScheduler,
+    probe_settings: ProbeSettings,
+}
+
+/// The probe lane's flags (`--probe-concurrency`, `--probes-per-host`, `--probe-timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeSettings {
+    /// Probe slots in all (0: no limit); never more than half the reconcile slots.
+    pub concurrency: u16,
+    /// Probe slots per Tasklist host (0: no limit).
+    pub per_host: u16,
+    /// `None`: 5 s; never longer than the request timeout.
+    pub timeout: Option<Duration>,
+}
+
+impl Default for ProbeSettings {
+    fn default() -> Self {
+        ProbeSettings {
+            concurrency: DEFAULT_PROBE_CONCURRENCY,
+            per_host: DEFAULT_PROBES_PER_HOST,
+            timeout: None,
+        }
+    }
 }
 
 /// Reconciles in flight at once unless `--concurrency` says otherwise.
@@ -110,12 +138,26 @@ impl Context {
             concurrency: DEFAULT_CONCURRENCY,
             host_slots: HostSlots::default(),
             sharding: Sharding::default(),
+            probes: ProbeScheduler::new(probe_limits(
+                DEFAULT_PROBE_CONCURRENCY,
+                DEFAULT_PROBES_PER_HOST,
+                DEFAULT_CONCURRENCY,
+            )),
+            probe_settings: ProbeSettings::default(),
         }
     }
 
     /// Reconcile at most this many connections at once (0: no limit).
     pub fn with_concurrency(mut self, concurrency: u16) -> Self {
         self.concurrency = concurrency;
+        let probe_settings = self.probe_settings;
+        self.with_probe_settings(probe_settings)
+    }
+
+    /// The probe lane's limits and timeout (its slots depend on `--concurrency` too).
+    pub fn with_probe_settings(mut self, settings: ProbeSettings) -> Self {
+        self.probe_settings = settings;
+        self.probes = ProbeScheduler::new(probe_limits(settings.concurrency, settings.per_host, self.concurrency));
         self
     }
 
@@ -123,6 +165,11 @@ impl Context {
     pub fn with_sharding(mut self, sharding: Sharding) -> Self {
         self.sharding = sharding;
         self
+    }
+
+    /// How long a probe may take.
+    fn probe_timeout(&self) -> Duration {
+        probe_timeout(self.probe_settings.timeout, self.http_settings.timeout)
     }
 
     /// A deleted connection leaves nothing behind in memory, in the metrics or in the HTTP
@@ -272,8 +319,8 @@ async fn reconcile_logged(
     present: reflector::Store<TasklistConnection>,
 ) -> Result<Action, Error> {
     let per_host = reconciles_per_host(ctx.concurrency);
-    let Some(_entered) = ctx.host_slots.try_enter(request_hosts(&connection), per_host) else {
-        debug!("deferred: a host of this connection already has {per_host} reconciles in flight");
+    let Some(_entered) = ctx.host_slots.try_enter(credential_hosts(&connection), per_host) else {
+        debug!("deferred: a credential host of this connection already has {per_host} reconciles in flight");
         return Ok(Action::requeue(DEFERRAL.mul_f64(1.0 + rand::random::<f64>())));
     };
     let started = std::time::Instant::now();

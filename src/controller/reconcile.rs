@@ -17,7 +17,9 @@ use super::decide::{
     self, CredentialDecision, DerivedSecretState, Kept, LONGEST_SLEEP, LastProbe, PendingRetry, PendingWrite, StatusRecord,
     UnauthorizedReobtain, WriteRetryDecision,
 };
+use super::host_slots::origin;
 use super::memory::{ConnectionKey, FailureRecord, ProbeRecord, WriteFailureRecord};
+use super::probe_scheduler::{ProbeKey, ProbeTurn};
 use super::{Context, Error, FIELD_MANAGER};
 use crate::camunda::probe::{Probe, ProbeOutcome};
 use crate::camunda::{AuthFailure, HttpClient, redact};
@@ -27,7 +29,7 @@ use crate::derived_secret::{DATA_HASH, StoredCredential, Unusable, is_owned_by, 
 use crate::events::{ConnectionEvent, transitions};
 use crate::inputs::{Inputs, LoginMaterial, read_inputs};
 use crate::logging::{ProbeLogLevel, human_signed_duration, probe_log_level};
-use crate::metrics::{ConnectionLabels, CredentialRequestLabels, MethodLabels, ResultLabels};
+use crate::metrics::{ConnectionLabels, CredentialRequestLabels, HowLabels, MethodLabels, ResultLabels};
 use crate::obtain::obtain_credential_with;
 use crate::reason::Reason;
 use crate::status::{AUTHENTICATED, ConditionState, CredentialTimes, Observation, READY, desired_status};
@@ -193,6 +195,9 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
         .as_ref()
         .filter(|_| connection.spec.probe.enabled)
         .map(|probe| add(probe.at, inputs.probe_interval));
+    // A deferred probe is due already: it is tried again soon, not once a second.
+    let deferred_probe = this.probe_deferred_until.lock().ok().and_then(|deferred| *deferred);
+    let next_probe = deferred_probe.or(next_probe);
     Ok(Action::requeue(decide::next_wake(Timestamp::now(), [next_refresh, next_probe])))
 }
 
@@ -205,6 +210,8 @@ struct Reconciling<'a> {
     /// The derived Secret as read when its owner was checked (None: it did not exist), then
     /// as last written: writes succeed only over exactly this.
     checked_secret: std::sync::Mutex<Option<Secret>>,
+    /// Set when a due probe found no free probe slot: when to try again.
+    probe_deferred_until: std::sync::Mutex<Option<Timestamp>>,
 }
 
 /// The credential to use after step 3, and what the Authenticated condition says.
@@ -224,6 +231,7 @@ impl<'a> Reconciling<'a> {
             key,
             secrets,
             checked_secret: std::sync::Mutex::new(None),
+            probe_deferred_until: std::sync::Mutex::new(None),
         }
     }
 
@@ -581,9 +589,15 @@ impl<'a> Reconciling<'a> {
 
     /// Probes when the probe is due (its interval has passed, or the credential changed) and
     /// returns the condition with the outcome; otherwise repeats what the last probe found,
-    /// with no outcome. A credential issued in this reconcile is always probed: one issued
-    /// in the same second as the last (an HTTP Basic Secret edited twice) has the same
-    /// issue time.
+    /// with no outcome. A credential issued in this reconcile is always checked anew (one
+    /// issued in the same second as the last, an HTTP Basic Secret edited twice, has the
+    /// same issue time): by a probe, or by another connection's answer for the same
+    /// credential sent after it was issued.
+    ///
+    /// A due probe goes through the probe lane: it takes a fresh answer to the same request
+    /// with the same credential (another connection's), or waits for that request in flight,
+    /// or sends it; when no probe slot is free it does not wait but keeps the last result
+    /// and asks for a wake-up soon (`probe_deferred_until`).
     async fn probe_if_due(
         &self,
         http: &HttpClient,
@@ -603,7 +617,8 @@ impl<'a> Reconciling<'a> {
                 None,
             );
         };
-        if let Some(last) = ctx.memory.get(key).last_probe
+        let last_probe = ctx.memory.get(key).last_probe;
+        if let Some(last) = &last_probe
             && !newly_issued
             && !decide::probe_due(
                 Some(LastProbe {
@@ -615,33 +630,74 @@ impl<'a> Reconciling<'a> {
                 now,
             )
         {
-            return (last.result, None);
+            return (last.result.clone(), None);
         }
-        let probe = Probe::new(&connection.spec.url, spec);
-        let started = std::time::Instant::now();
-        let outcome = probe.run(http, credential.credential.as_probe_credential()).await;
-        let took = started.elapsed().as_secs_f64();
+        let probe = Probe::new(&connection.spec.url, spec).with_timeout(ctx.probe_timeout());
+        let probe_key = ProbeKey::new(&probe, credential.credential.as_probe_credential(), &inputs.trust);
+        let host = origin(&probe.url).unwrap_or_else(|| probe.url.clone());
+        let send = || {
+            let (probe, http, metrics) = (probe.clone(), http.clone(), ctx.metrics.clone());
+            let credential = credential.credential.clone();
+            async move {
+                let started = std::time::Instant::now();
+                let outcome = probe.run(&http, credential.as_probe_credential()).await;
+                metrics
+                    .probe_duration
+                    .get_or_create(&ResultLabels {
+                        result: Reason::of_probe(&outcome).as_str().into(),
+                    })
+                    .observe(started.elapsed().as_secs_f64());
+                outcome
+            }
+        };
+        let turn = ctx
+            .probes
+            .turn(probe_key, host, credential.issued_at, inputs.probe_interval, now, send);
+        let shared = match turn {
+            ProbeTurn::Reuse(shared) => {
+                ctx.metrics.probes_shared.get_or_create(&HowLabels { how: "reused".into() }).inc();
+                shared
+            }
+            ProbeTurn::Wait { result, joined } => {
+                if joined {
+                    ctx.metrics.probes_shared.get_or_create(&HowLabels { how: "joined".into() }).inc();
+                }
+                result.result().await
+            }
+            ProbeTurn::Deferred { retry_after } => {
+                ctx.metrics.probes_deferred.inc();
+                let retry_at = add(now, retry_after);
+                debug!(%retry_at, "probe deferred: no probe slot is free");
+                if let Ok(mut deferred) = self.probe_deferred_until.lock() {
+                    *deferred = Some(retry_at);
+                }
+                let kept = last_probe.map(|last| last.result).unwrap_or_else(|| {
+                    ConditionState::unknown(
+                        Reason::NotProbed,
+                        "Tasklist was not probed yet: waiting for a free probe slot (too many probes to this host or in all)",
+                    )
+                });
+                return (kept, None);
+            }
+        };
+        let outcome = shared.outcome;
         let message = outcome.message(&probe.describe());
         let reason = Reason::of_probe(&outcome);
         let result = match &outcome {
             ProbeOutcome::Succeeded => ConditionState::ok(reason, message),
             _ => ConditionState::failing(reason, message),
         };
-        ctx.metrics
-            .probe_duration
-            .get_or_create(&ResultLabels {
-                result: result.reason.as_str().into(),
-            })
-            .observe(took);
-        let previous = ctx.memory.get(key).last_probe.map(|last| last.result);
+        let previous = last_probe.map(|last| last.result);
         let succeeded = |state: &ConditionState| (state.status == Some(true), state.reason.as_str());
         match probe_log_level(previous.as_ref().map(succeeded), succeeded(&result)) {
             ProbeLogLevel::Warn => warn!(reason = %result.reason, "probe failed: {}", result.message),
             ProbeLogLevel::Info => info!("probe succeeds again: {}", result.message),
             ProbeLogLevel::Debug => debug!(reason = %result.reason, "probe: {}", result.message),
         }
+        // The answer's own time, also when it was another connection's: connections that
+        // share answers stay due together, so that one request keeps serving them all.
         let record = ProbeRecord {
-            at: now,
+            at: shared.at,
             credential_issued_at: credential.issued_at,
             result: result.clone(),
         };

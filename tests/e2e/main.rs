@@ -26,6 +26,7 @@ mod ha;
 mod isolation;
 mod observability;
 mod policy;
+mod probes;
 mod refresh;
 mod reliability;
 mod scenario;
@@ -52,6 +53,7 @@ fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     all.extend(auth_methods::scenarios());
     all.extend(writes::scenarios());
     all.extend(shards::scenarios());
+    all.extend(probes::scenarios());
     all
 }
 

@@ -1,0 +1,767 @@
+//! Probes off the refresh path (issue 12, item 3).
+//!
+//! - **Shared results.** Connections that send the same probe request (URL, method, body)
+//!   with the same credential value and the same TLS trust get the same answer, so one
+//!   request per probe interval serves them all. Results are kept under a [`ProbeKey`], a
+//!   SHA-256 of those fields: the credential is never kept in clear. Cookie sessions differ
+//!   per connection, so their keys never meet.
+//! - **One request in flight per key.** Connections whose probe is due while the same
+//!   request is in flight wait for its answer instead of sending their own.
+//! - **A probe lane.** A probe slot is held by each probe request in flight and by each
+//!   reconcile that waits for another's answer: at most `total` at once, and at most
+//!   `per_host` for one Tasklist host. A reconcile that finds no free slot does not wait:
+//!   it keeps the last result and asks to be woken soon. So a slow or dead Tasklist holds at
+//!   most `per_host` reconcile slots, and all probes together at most half of them: the
+//!   rest stays free for refreshes.
+//! - **Backoff for hosts that do not answer.** The wake-up after a deferral doubles with
+//!   each deferral on the host since it last answered (a timeout is no answer), from 1 s up
+//!   to the probe interval: connections waiting for a dead Tasklist do not spin.
+//!
+//! The decisions ([`probe_limits`], [`probe_timeout`], [`probe_turn`], [`deferral_delay`])
+//! are pure functions;
+//! [`ProbeScheduler`] keeps the shared state and carries them out.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt as _;
+use futures::future::{BoxFuture, Shared};
+use jiff::Timestamp;
+use sha2::{Digest, Sha256};
+
+use crate::camunda::TlsTrust;
+use crate::camunda::probe::{Probe, ProbeCredential, ProbeOutcome};
+use crate::crd::ProbeMethod;
+use crate::credential::add;
+
+/// Probe slots of the whole operator unless `--probe-concurrency` says otherwise.
+pub const DEFAULT_PROBE_CONCURRENCY: u16 = 16;
+/// Probe slots per Tasklist host unless `--probes-per-host` says otherwise.
+pub const DEFAULT_PROBES_PER_HOST: u16 = 4;
+/// A probe's timeout unless `--probe-timeout` says otherwise (and at most `--request-timeout`).
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a deferred probe waits, at least (jitter adds up to as much again).
+pub const PROBE_DEFERRAL: Duration = Duration::from_secs(1);
+/// The deferral doubles at most this often (1 s to 32 s), and never beyond the interval.
+const MOST_DOUBLINGS: u32 = 5;
+/// Results older than this are dropped; a connection probed less often probes on its own.
+const LONGEST_KEPT: Duration = Duration::from_secs(3600);
+/// The result map is pruned once it holds this many entries, and then each time it has
+/// doubled since the last pruning.
+const FIRST_PRUNE_AT: usize = 1024;
+
+/// Which probe answers are interchangeable: a SHA-256 of the probe request (URL, method,
+/// and the body a POST sends), the credential value it carries, and the TLS trust. Its
+/// `Debug` shows nothing of it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ProbeKey([u8; 32]);
+
+impl fmt::Debug for ProbeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ProbeKey(<hash>)")
+    }
+}
+
+/// Adds one field to the hash, length first, so that no two field lists hash alike.
+fn field(hash: &mut Sha256, bytes: &[u8]) {
+    hash.update((bytes.len() as u64).to_be_bytes());
+    hash.update(bytes);
+}
+
+impl ProbeKey {
+    pub fn new(probe: &Probe, credential: ProbeCredential<'_>, trust: &TlsTrust) -> Self {
+        let mut hash = Sha256::new();
+        field(&mut hash, probe.url.as_bytes());
+        match probe.method {
+            ProbeMethod::Get => field(&mut hash, b"GET"),
+            ProbeMethod::Post => {
+                field(&mut hash, b"POST");
+                field(&mut hash, probe.body.as_bytes());
+            }
+        }
+        match credential {
+            ProbeCredential::Bearer(token) => {
+                field(&mut hash, b"bearer");
+                field(&mut hash, token.expose().as_bytes());
+            }
+            ProbeCredential::Authorization(value) => {
+                field(&mut hash, b"authorization");
+                field(&mut hash, value.expose().as_bytes());
+            }
+            ProbeCredential::Session {
+                cookie_header,
+                csrf_token,
+                csrf_header,
+            } => {
+                field(&mut hash, b"session");
+                field(&mut hash, cookie_header.expose().as_bytes());
+                field(&mut hash, csrf_header.as_bytes());
+                match csrf_token {
+                    Some(token) => {
+                        field(&mut hash, b"csrf");
+                        field(&mut hash, token.expose().as_bytes());
+                    }
+                    None => field(&mut hash, b"no csrf"),
+                }
+            }
+        }
+        match &trust.extra_roots_pem {
+            Some(pem) => {
+                field(&mut hash, b"roots");
+                field(&mut hash, pem.as_bytes());
+            }
+            None => field(&mut hash, b"public roots"),
+        }
+        field(&mut hash, &[u8::from(trust.insecure_skip_verify)]);
+        ProbeKey(hash.finalize().into())
+    }
+}
+
+/// How many probe slots there are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeLimits {
+    pub total: usize,
+    pub per_host: usize,
+}
+
+/// The probe slots: `--probe-concurrency` in all and `--probes-per-host` per host (0: no
+/// limit), but never more than half the reconcile slots (`--concurrency`), so that probes
+/// always leave half of them to refreshes; per host never more than in all.
+pub fn probe_limits(probe_concurrency: u16, probes_per_host: u16, reconcile_concurrency: u16) -> ProbeLimits {
+    let or_unlimited = |limit: u16| match limit {
+        0 => usize::MAX,
+        limit => usize::from(limit),
+    };
+    let half_the_reconciles = match reconcile_concurrency {
+        0 => usize::MAX,
+        slots => (usize::from(slots) / 2).max(1),
+    };
+    let total = or_unlimited(probe_concurrency).min(half_the_reconciles);
+    ProbeLimits {
+        total,
+        per_host: or_unlimited(probes_per_host).min(total),
+    }
+}
+
+/// A probe's timeout: `--probe-timeout`, else 5 s; never longer than `--request-timeout`.
+pub fn probe_timeout(flag: Option<Duration>, request_timeout: Duration) -> Duration {
+    flag.unwrap_or(DEFAULT_PROBE_TIMEOUT).min(request_timeout)
+}
+
+/// A probe answer, with when its request was sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedResult {
+    pub at: Timestamp,
+    pub outcome: ProbeOutcome,
+}
+
+/// What a connection whose probe is due does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turn {
+    /// Take the latest answer for the same key: it was sent after the credential was issued
+    /// and is newer than this connection's probe interval.
+    Reuse,
+    /// Wait for the same request in flight.
+    Join,
+    /// Send the request.
+    Send,
+    /// No probe slot is free: keep the last result and try again soon.
+    Defer,
+}
+
+/// Reuse a fresh answer, else wait for the same request in flight or send it when a probe
+/// slot is free, else defer. An answer from before the credential was issued is not reused:
+/// a Secret edited back to an earlier password is probed again.
+pub fn probe_turn(
+    latest_at: Option<Timestamp>,
+    in_flight: bool,
+    slot_free: bool,
+    credential_issued_at: Timestamp,
+    interval: Duration,
+    now: Timestamp,
+) -> Turn {
+    if let Some(at) = latest_at
+        && at >= credential_issued_at
+        && now < add(at, interval)
+    {
+        return Turn::Reuse;
+    }
+    match (slot_free, in_flight) {
+        (false, _) => Turn::Defer,
+        (true, true) => Turn::Join,
+        (true, false) => Turn::Send,
+    }
+}
+
+/// How long a deferred probe waits before it is tried again, the `deferrals`-th on its host
+/// since that host last answered: [`PROBE_DEFERRAL`] doubling with each, up to 32 s and
+/// never beyond the probe `interval` (it would not be probed sooner than that anyway), plus
+/// up to as much again (`jitter` in `[0, 1)`), so that deferred connections do not come
+/// back in step.
+pub fn deferral_delay(deferrals: u32, interval: Duration, jitter: f64) -> Duration {
+    let doublings = deferrals.saturating_sub(1).min(MOST_DOUBLINGS);
+    let base = (PROBE_DEFERRAL * 2u32.pow(doublings)).min(interval.max(PROBE_DEFERRAL));
+    base.mul_f64(1.0 + jitter.clamp(0.0, 1.0))
+}
+
+type InFlight = Shared<BoxFuture<'static, SharedResult>>;
+
+#[derive(Default)]
+struct State {
+    latest: HashMap<ProbeKey, SharedResult>,
+    in_flight: HashMap<ProbeKey, InFlight>,
+    slots_taken: usize,
+    slots_per_host: HashMap<String, usize>,
+    /// Deferrals per host since it last answered.
+    deferrals_per_host: HashMap<String, u32>,
+    prune_at: usize,
+}
+
+/// The shared probe results, the requests in flight and the probe slots.
+pub struct ProbeScheduler {
+    limits: ProbeLimits,
+    state: Arc<Mutex<State>>,
+}
+
+/// What [`ProbeScheduler::turn`] gave this connection.
+pub enum ProbeTurn {
+    /// A fresh answer to the same request.
+    Reuse(SharedResult),
+    /// An answer to wait for: this connection's own request (`joined` false) or another's.
+    Wait { result: Waiting, joined: bool },
+    /// No free probe slot: try again after this long.
+    Deferred { retry_after: Duration },
+}
+
+/// An answer on its way. Holds a probe slot until awaited or dropped (a joining reconcile's;
+/// the request itself holds the sender's).
+pub struct Waiting {
+    result: InFlight,
+    _slot: Option<ProbeSlot>,
+}
+
+impl Waiting {
+    pub async fn result(self) -> SharedResult {
+        self.result.await
+    }
+}
+
+/// One taken probe slot, given back when dropped.
+struct ProbeSlot {
+    host: String,
+    state: Arc<Mutex<State>>,
+}
+
+impl Drop for ProbeSlot {
+    fn drop(&mut self) {
+        let Ok(mut state) = self.state.lock() else { return };
+        state.slots_taken = state.slots_taken.saturating_sub(1);
+        if let Some(count) = state.slots_per_host.get_mut(&self.host) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                state.slots_per_host.remove(&self.host);
+            }
+        }
+    }
+}
+
+impl ProbeScheduler {
+    pub fn new(limits: ProbeLimits) -> Self {
+        ProbeScheduler {
+            limits,
+            state: Arc::default(),
+        }
+    }
+
+    /// Decides this connection's turn (see [`probe_turn`]) and carries it out. `send` makes
+    /// the request; it runs as a task of its own, so that its answer is recorded and its
+    /// slot given back even when the reconcile that started it is abandoned.
+    pub fn turn<F>(
+        &self,
+        key: ProbeKey,
+        host: String,
+        credential_issued_at: Timestamp,
+        interval: Duration,
+        now: Timestamp,
+        send: impl FnOnce() -> F,
+    ) -> ProbeTurn
+    where
+        F: Future<Output = ProbeOutcome> + Send + 'static,
+    {
+        let Ok(mut state) = self.state.lock() else {
+            return ProbeTurn::Deferred {
+                retry_after: deferral_delay(1, interval, rand::random()),
+            };
+        };
+        let host_taken = state.slots_per_host.get(&host).copied().unwrap_or_default();
+        let slot_free = state.slots_taken < self.limits.total && host_taken < self.limits.per_host;
+        let latest_at = state.latest.get(&key).map(|result| result.at);
+        match probe_turn(
+            latest_at,
+            state.in_flight.contains_key(&key),
+            slot_free,
+            credential_issued_at,
+            interval,
+            now,
+        ) {
+            Turn::Defer => defer(&mut state, host, interval),
+            Turn::Reuse => match state.latest.get(&key) {
+                Some(result) => ProbeTurn::Reuse(result.clone()),
+                None => defer(&mut state, host, interval),
+            },
+            Turn::Join => match state.in_flight.get(&key).cloned() {
+                Some(result) => {
+                    let slot = self.take_slot(&mut state, host);
+                    ProbeTurn::Wait {
+                        result: Waiting { result, _slot: Some(slot) },
+                        joined: true,
+                    }
+                }
+                None => defer(&mut state, host, interval),
+            },
+            Turn::Send => {
+                let slot = self.take_slot(&mut state, host.clone());
+                let request = send();
+                let shared_state = self.state.clone();
+                // Records the answer before giving the slot back: the lock taken here waits
+                // until `turn` has put the request in flight.
+                let task = tokio::spawn(async move {
+                    let _slot = slot;
+                    let result = SharedResult {
+                        at: now,
+                        outcome: request.await,
+                    };
+                    record(&shared_state, key, &host, result.clone());
+                    result
+                });
+                let result: InFlight = task
+                    .map(move |joined| {
+                        joined.unwrap_or_else(|error| SharedResult {
+                            at: now,
+                            outcome: ProbeOutcome::Unreachable {
+                                cause: format!("the probe did not finish: {error}"),
+                            },
+                        })
+                    })
+                    .boxed()
+                    .shared();
+                state.in_flight.insert(key, result.clone());
+                ProbeTurn::Wait {
+                    result: Waiting { result, _slot: None },
+                    joined: false,
+                }
+            }
+        }
+    }
+
+    fn take_slot(&self, state: &mut State, host: String) -> ProbeSlot {
+        state.slots_taken += 1;
+        *state.slots_per_host.entry(host.clone()).or_default() += 1;
+        ProbeSlot {
+            host,
+            state: self.state.clone(),
+        }
+    }
+
+    #[cfg(test)]
+    fn counts(&self) -> (usize, usize, usize) {
+        let state = self.state.lock().expect("not poisoned");
+        (state.latest.len(), state.in_flight.len(), state.slots_taken)
+    }
+}
+
+/// Counts a deferral on `host` and says when to try again.
+fn defer(state: &mut State, host: String, interval: Duration) -> ProbeTurn {
+    let deferrals = state.deferrals_per_host.entry(host).or_default();
+    *deferrals = deferrals.saturating_add(1);
+    ProbeTurn::Deferred {
+        retry_after: deferral_delay(*deferrals, interval, rand::random()),
+    }
+}
+
+/// Keeps an answer as the latest of its key (an answer from the host ends its deferral
+/// backoff; a timeout or connection failure does not), and drops results too old to be
+/// reused by anyone once the map has grown (twice the size after the last pruning).
+fn record(state: &Mutex<State>, key: ProbeKey, host: &str, result: SharedResult) {
+    let Ok(mut state) = state.lock() else { return };
+    state.in_flight.remove(&key);
+    if !matches!(result.outcome, ProbeOutcome::Unreachable { .. }) {
+        state.deferrals_per_host.remove(host);
+    }
+    let newer = state.latest.get(&key).is_none_or(|kept| kept.at <= result.at);
+    if newer {
+        state.latest.insert(key, result.clone());
+    }
+    if state.latest.len() >= state.prune_at.max(FIRST_PRUNE_AT) {
+        let oldest_kept = result.at.checked_sub(LONGEST_KEPT).unwrap_or(Timestamp::MIN);
+        state.latest.retain(|_, kept| kept.at >= oldest_kept);
+        state.prune_at = state.latest.len() * 2;
+        // Hosts nothing is probing any more.
+        let State {
+            deferrals_per_host,
+            slots_per_host,
+            ..
+        } = &mut *state;
+        deferrals_per_host.retain(|host, _| slots_per_host.contains_key(host));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::camunda::Sensitive;
+    use crate::crd::ProbeSpec;
+
+    fn at(second: i64) -> Timestamp {
+        Timestamp::from_second(second).unwrap()
+    }
+
+    fn probe(url: &str) -> Probe {
+        Probe::new(url, &ProbeSpec::default())
+    }
+
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    // --- the key ------------------------------------------------------------------------
+
+    #[test]
+    fn the_same_request_with_the_same_credential_has_the_same_key() {
+        let basic = Sensitive::new("Basic ZGVtbzpodW50ZXIy");
+        let trust = TlsTrust::default();
+        let one = ProbeKey::new(&probe("https://tasklist:8080"), ProbeCredential::Authorization(&basic), &trust);
+        let two = ProbeKey::new(&probe("https://tasklist:8080/"), ProbeCredential::Authorization(&basic), &trust);
+        assert_eq!(one, two);
+    }
+
+    #[test]
+    fn each_part_of_the_request_the_credential_and_the_trust_makes_another_key() {
+        let token = Sensitive::new("eyJ.token.sig");
+        let other_token = Sensitive::new("eyJ.token.sig2");
+        let trust = TlsTrust::default();
+        let key = |probe: &Probe, credential: ProbeCredential<'_>, trust: &TlsTrust| ProbeKey::new(probe, credential, trust);
+        let base = key(&probe("https://tasklist"), ProbeCredential::Bearer(&token), &trust);
+        let mut get = probe("https://tasklist");
+        get.method = ProbeMethod::Get;
+        let mut other_body = probe("https://tasklist");
+        other_body.body = r#"{"pageSize":2}"#.into();
+        let ca = TlsTrust {
+            extra_roots_pem: Some("-----BEGIN CERTIFICATE-----".into()),
+            insecure_skip_verify: false,
+        };
+        let insecure = TlsTrust {
+            extra_roots_pem: None,
+            insecure_skip_verify: true,
+        };
+        let others = [
+            key(&probe("https://other-tasklist"), ProbeCredential::Bearer(&token), &trust),
+            key(&get, ProbeCredential::Bearer(&token), &trust),
+            key(&other_body, ProbeCredential::Bearer(&token), &trust),
+            key(&probe("https://tasklist"), ProbeCredential::Bearer(&other_token), &trust),
+            key(&probe("https://tasklist"), ProbeCredential::Authorization(&token), &trust),
+            key(&probe("https://tasklist"), ProbeCredential::Bearer(&token), &ca),
+            key(&probe("https://tasklist"), ProbeCredential::Bearer(&token), &insecure),
+        ];
+        for (index, other) in others.iter().enumerate() {
+            assert_ne!(&base, other, "variant {index} has the same key");
+        }
+    }
+
+    #[test]
+    fn a_get_ignores_the_body_it_does_not_send() {
+        let token = Sensitive::new("token");
+        let trust = TlsTrust::default();
+        let mut one = probe("https://tasklist");
+        one.method = ProbeMethod::Get;
+        let mut two = one.clone();
+        two.body = "something else".into();
+        assert_eq!(
+            ProbeKey::new(&one, ProbeCredential::Bearer(&token), &trust),
+            ProbeKey::new(&two, ProbeCredential::Bearer(&token), &trust)
+        );
+    }
+
+    #[test]
+    fn sessions_of_two_connections_never_share_a_key() {
+        let (first, second) = (Sensitive::new("TASKLIST-SESSION=a1"), Sensitive::new("TASKLIST-SESSION=b2"));
+        let csrf = Sensitive::new("csrf-1");
+        let session = |cookie_header| ProbeCredential::Session {
+            cookie_header,
+            csrf_token: Some(&csrf),
+            csrf_header: "X-CSRF-TOKEN",
+        };
+        let trust = TlsTrust::default();
+        let target = probe("https://tasklist");
+        assert_ne!(
+            ProbeKey::new(&target, session(&first), &trust),
+            ProbeKey::new(&target, session(&second), &trust)
+        );
+    }
+
+    #[test]
+    fn the_key_s_debug_shows_nothing_of_the_credential_or_its_hash() {
+        let secret = "Basic c2VjcmV0LXBhc3N3b3Jk";
+        let value = Sensitive::new(secret);
+        let key = ProbeKey::new(
+            &probe("https://tasklist"),
+            ProbeCredential::Authorization(&value),
+            &TlsTrust::default(),
+        );
+        let printed = format!("{key:?} {:?}", Some(key));
+        assert!(!printed.contains(secret) && !printed.contains("c2VjcmV0"), "{printed}");
+        assert!(!printed.contains(&hex::encode(key.0)[..8]), "{printed}");
+        assert_eq!(printed, "ProbeKey(<hash>) Some(ProbeKey(<hash>))");
+    }
+
+    // --- limits and timeout ---------------------------------------------------------------
+
+    #[test]
+    fn probes_get_at_most_half_the_reconcile_slots() {
+        assert_eq!(probe_limits(16, 4, 32), ProbeLimits { total: 16, per_host: 4 });
+        assert_eq!(probe_limits(16, 4, 8), ProbeLimits { total: 4, per_host: 4 });
+        assert_eq!(probe_limits(16, 4, 4), ProbeLimits { total: 2, per_host: 2 });
+        assert_eq!(probe_limits(16, 4, 1), ProbeLimits { total: 1, per_host: 1 });
+    }
+
+    #[test]
+    fn zero_means_no_limit() {
+        assert_eq!(
+            probe_limits(0, 4, 0),
+            ProbeLimits {
+                total: usize::MAX,
+                per_host: 4
+            }
+        );
+        assert_eq!(probe_limits(16, 0, 32), ProbeLimits { total: 16, per_host: 16 });
+        assert_eq!(probe_limits(0, 0, 10), ProbeLimits { total: 5, per_host: 5 });
+    }
+
+    #[test]
+    fn the_probe_timeout_is_5s_and_never_longer_than_the_request_timeout() {
+        let seconds = Duration::from_secs;
+        assert_eq!(probe_timeout(None, seconds(10)), seconds(5));
+        assert_eq!(probe_timeout(None, seconds(3)), seconds(3));
+        assert_eq!(probe_timeout(Some(seconds(2)), seconds(10)), seconds(2));
+        assert_eq!(probe_timeout(Some(seconds(30)), seconds(10)), seconds(10));
+    }
+
+    // --- turns ---------------------------------------------------------------------------
+
+    #[test]
+    fn a_fresh_answer_for_the_same_key_is_reused() {
+        assert_eq!(probe_turn(Some(at(100)), false, true, at(50), MINUTE, at(159)), Turn::Reuse);
+        // Also with no slot free, and with a request in flight: nothing is sent.
+        assert_eq!(probe_turn(Some(at(100)), true, false, at(50), MINUTE, at(130)), Turn::Reuse);
+    }
+
+    #[test]
+    fn an_answer_as_old_as_the_interval_is_not_reused() {
+        assert_eq!(probe_turn(Some(at(100)), false, true, at(50), MINUTE, at(160)), Turn::Send);
+    }
+
+    #[test]
+    fn an_answer_from_before_the_credential_was_issued_is_not_reused() {
+        assert_eq!(probe_turn(Some(at(100)), false, true, at(101), MINUTE, at(102)), Turn::Send);
+        assert_eq!(probe_turn(Some(at(100)), false, true, at(100), MINUTE, at(102)), Turn::Reuse);
+    }
+
+    #[test]
+    fn a_request_in_flight_is_joined_when_a_slot_is_free() {
+        assert_eq!(probe_turn(None, true, true, at(50), MINUTE, at(100)), Turn::Join);
+    }
+
+    #[test]
+    fn without_a_free_slot_the_probe_is_deferred_not_awaited() {
+        assert_eq!(probe_turn(None, false, false, at(50), MINUTE, at(100)), Turn::Defer);
+        assert_eq!(probe_turn(None, true, false, at(50), MINUTE, at(100)), Turn::Defer);
+        assert_eq!(probe_turn(Some(at(10)), false, false, at(5), MINUTE, at(100)), Turn::Defer);
+    }
+
+    #[test]
+    fn a_deferred_probe_comes_back_in_one_to_two_seconds() {
+        let seconds = Duration::from_secs;
+        assert_eq!(deferral_delay(1, MINUTE, 0.0), seconds(1));
+        assert_eq!(deferral_delay(1, MINUTE, 0.5), Duration::from_millis(1500));
+        assert_eq!(deferral_delay(1, MINUTE, 7.0), seconds(2));
+    }
+
+    #[test]
+    fn deferrals_on_a_host_that_does_not_answer_back_off_up_to_the_interval() {
+        let seconds = Duration::from_secs;
+        let delays: Vec<Duration> = (1..=8).map(|n| deferral_delay(n, MINUTE, 0.0)).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 32, 32].map(seconds));
+        assert_eq!(deferral_delay(10, seconds(10), 0.0), seconds(10));
+        assert_eq!(deferral_delay(10, seconds(10), 0.99), Duration::from_millis(19_900));
+        // An interval under a second still waits a second.
+        assert_eq!(deferral_delay(3, Duration::from_millis(200), 0.0), seconds(1));
+    }
+
+    // --- the scheduler ------------------------------------------------------------------
+
+    fn key(index: u8) -> ProbeKey {
+        ProbeKey([index; 32])
+    }
+
+    /// A request that answers when `release` is sent (or dropped), counting how many started.
+    fn controlled(
+        sent: &Arc<std::sync::atomic::AtomicUsize>,
+        release: &tokio::sync::watch::Receiver<bool>,
+    ) -> impl FnOnce() -> BoxFuture<'static, ProbeOutcome> {
+        let (sent, mut release) = (sent.clone(), release.clone());
+        move || {
+            sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                let _ = release.wait_for(|released| *released).await;
+                ProbeOutcome::Succeeded
+            }
+            .boxed()
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_due_probes_of_one_key_share_one_request_and_later_ones_reuse_its_answer() {
+        let scheduler = ProbeScheduler::new(ProbeLimits { total: 16, per_host: 4 });
+        let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (release, released) = tokio::sync::watch::channel(false);
+        let now = at(1000);
+        let mut waiting = Vec::new();
+        for _ in 0..4 {
+            match scheduler.turn(key(1), "tasklist:443".into(), at(900), MINUTE, now, controlled(&sent, &released)) {
+                ProbeTurn::Wait { result, .. } => waiting.push(result),
+                _ => panic!("expected to send or join"),
+            }
+        }
+        // The 5th finds the host's 4 slots taken (one request, three joined): deferred.
+        assert!(matches!(
+            scheduler.turn(key(1), "tasklist:443".into(), at(900), MINUTE, now, controlled(&sent, &released)),
+            ProbeTurn::Deferred { .. }
+        ));
+        release.send(true).expect("a receiver");
+        for result in waiting {
+            assert_eq!(result.result().await.outcome, ProbeOutcome::Succeeded);
+        }
+        assert_eq!(sent.load(std::sync::atomic::Ordering::SeqCst), 1, "one request for all of them");
+        // 16 more connections due within the interval: no request, every one reuses it.
+        for _ in 0..16 {
+            let turn = scheduler.turn(
+                key(1),
+                "tasklist:443".into(),
+                at(900),
+                MINUTE,
+                at(1030),
+                controlled(&sent, &released),
+            );
+            assert!(matches!(turn, ProbeTurn::Reuse(SharedResult { at, .. }) if at == now));
+        }
+        assert_eq!(sent.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(scheduler.counts(), (1, 0, 0), "one result kept, nothing in flight, every slot back");
+    }
+
+    #[tokio::test]
+    async fn a_dead_host_holds_only_its_own_slots() {
+        let scheduler = ProbeScheduler::new(ProbeLimits { total: 6, per_host: 4 });
+        let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (release, released) = tokio::sync::watch::channel(false);
+        let mut waiting = Vec::new();
+        let mut deferred = 0;
+        // 20 connections with distinct credentials at a host that never answers.
+        for index in 0..20 {
+            match scheduler.turn(key(index), "dead:80".into(), at(0), MINUTE, at(10), controlled(&sent, &released)) {
+                ProbeTurn::Wait { result, .. } => waiting.push(result),
+                ProbeTurn::Deferred { retry_after } => {
+                    deferred += 1;
+                    // The 16th deferral on the dead host waits 32 s or more.
+                    if deferred == 16 {
+                        assert!(retry_after >= Duration::from_secs(32), "{retry_after:?}");
+                    }
+                }
+                ProbeTurn::Reuse(_) => panic!("nothing to reuse"),
+            }
+        }
+        assert_eq!((waiting.len(), deferred), (4, 16));
+        // Another host still gets the slots that are left, and no more.
+        let healthy = (100..103)
+            .map(|index| {
+                scheduler.turn(
+                    key(index),
+                    "healthy:443".into(),
+                    at(0),
+                    MINUTE,
+                    at(10),
+                    controlled(&sent, &released),
+                )
+            })
+            .collect::<Vec<_>>();
+        assert_eq!(healthy.iter().filter(|turn| matches!(turn, ProbeTurn::Wait { .. })).count(), 2);
+        assert_eq!(sent.load(std::sync::atomic::Ordering::SeqCst), 6);
+        drop(healthy);
+        release.send(true).expect("a receiver");
+        for result in waiting {
+            result.result().await;
+        }
+        // The two healthy requests finish too (their tasks run on without a waiter).
+        for _ in 0..100 {
+            if scheduler.counts().2 == 0 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(scheduler.counts(), (6, 0, 0));
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_request_still_records_its_answer_and_gives_its_slot_back() {
+        let scheduler = ProbeScheduler::new(ProbeLimits { total: 1, per_host: 1 });
+        let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (release, released) = tokio::sync::watch::channel(false);
+        let turn = scheduler.turn(key(7), "tasklist:443".into(), at(0), MINUTE, at(10), controlled(&sent, &released));
+        drop(turn);
+        release.send(true).expect("a receiver");
+        for _ in 0..100 {
+            if scheduler.counts() == (1, 0, 0) {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(scheduler.counts(), (1, 0, 0));
+        assert!(matches!(
+            scheduler.turn(key(7), "tasklist:443".into(), at(0), MINUTE, at(20), controlled(&sent, &released)),
+            ProbeTurn::Reuse(_)
+        ));
+    }
+
+    #[test]
+    fn old_results_are_dropped_once_the_map_has_grown() {
+        let state = Mutex::new(State::default());
+        for index in 0..(FIRST_PRUNE_AT - 1) as u32 {
+            let mut bytes = [0u8; 32];
+            bytes[..4].copy_from_slice(&index.to_be_bytes());
+            record(
+                &state,
+                ProbeKey(bytes),
+                "tasklist:443",
+                SharedResult {
+                    at: at(0),
+                    outcome: ProbeOutcome::Succeeded,
+                },
+            );
+        }
+        // Just under the threshold: nothing was pruned yet.
+        assert_eq!(state.lock().unwrap().latest.len(), FIRST_PRUNE_AT - 1);
+        // Two hours later, the next answer prunes every result older than an hour.
+        record(
+            &state,
+            key(200),
+            "tasklist:443",
+            SharedResult {
+                at: at(7200),
+                outcome: ProbeOutcome::Succeeded,
+            },
+        );
+        let state = state.lock().unwrap();
+        assert_eq!(state.latest.len(), 1);
+        assert_eq!(state.prune_at, 2);
+    }
+}
