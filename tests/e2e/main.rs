@@ -28,6 +28,7 @@ mod observability;
 mod policy;
 mod refresh;
 mod reliability;
+mod scale;
 mod scenario;
 mod writes;
 
@@ -50,6 +51,7 @@ fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     all.extend(isolation::scenarios());
     all.extend(auth_methods::scenarios());
     all.extend(writes::scenarios());
+    all.extend(scale::scenarios());
     all
 }
 
