@@ -43,6 +43,28 @@ pub struct Inputs {
     pub fingerprint: String,
 }
 
+impl Inputs {
+    /// The summary of inputs read in full, as [`summarize`] would give it for the same
+    /// versions. The TLS trust is in `self.trust`, so `ca_version` stays unset.
+    pub fn summary(&self) -> InputsSummary {
+        let (session_timeout, token_endpoint, basic) = match &self.login {
+            LoginMaterial::Cookie { session_timeout, .. } => (Some(*session_timeout), None, false),
+            LoginMaterial::OAuth2 { endpoint, .. } => (None, Some(endpoint.clone()), false),
+            LoginMaterial::Basic { .. } => (None, None, true),
+        };
+        InputsSummary {
+            fingerprint: self.fingerprint.clone(),
+            refresh_before: self.refresh_before,
+            probe_interval: self.probe_interval,
+            session_timeout,
+            token_endpoint,
+            basic,
+            insecure_skip_verify: self.trust.insecure_skip_verify,
+            ca_version: None,
+        }
+    }
+}
+
 /// Why the inputs could not be read; `reason` is the Authenticated condition's reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InputProblem {
@@ -170,6 +192,100 @@ async fn read(connection: &TasklistConnection, secrets: &impl SecretSource) -> R
         refresh_before,
         probe_interval,
         fingerprint: fingerprint(connection, &reader.versions),
+    })
+}
+
+/// What a connection's credential is made from, known without reading any Secret's
+/// values: the spec, and the uid and resourceVersion of each Secret it reads (which the
+/// metadata watch of Secrets has). Enough to tell whether the stored credential still fits,
+/// to probe with it and to describe it; the values are read only to obtain a new one.
+#[derive(Debug, Clone)]
+pub struct InputsSummary {
+    /// Equal to [`Inputs::fingerprint`] of the same spec and Secret versions.
+    pub fingerprint: String,
+    pub refresh_before: Option<Duration>,
+    pub probe_interval: Duration,
+    /// The cookie login's session timeout.
+    pub session_timeout: Option<Duration>,
+    /// The token endpoint (oauth2 only), for messages.
+    pub token_endpoint: Option<TokenEndpoint>,
+    /// HTTP Basic: the credential is the user's own login, nothing to obtain again.
+    pub basic: bool,
+    pub insecure_skip_verify: bool,
+    /// The CA bundle Secret's name, key, uid and resourceVersion, when `tls.caSecretRef`
+    /// is set: the TLS trust changes exactly when this does.
+    pub ca_version: Option<String>,
+}
+
+/// The [`InputsSummary`] of `connection`, with the uid and resourceVersion of each Secret
+/// from `version_of` (None: no such Secret). A missing Secret or a spec the operator cannot
+/// read is the same [`InputProblem`] that [`read_inputs`] gives; a missing key shows only
+/// when the values are read.
+pub fn summarize(
+    connection: &TasklistConnection,
+    version_of: impl Fn(&str) -> Option<(String, String)>,
+) -> Result<InputsSummary, InputProblem> {
+    let spec = &connection.spec;
+    let mut versions = BTreeMap::new();
+    // In the order `read` meets them, so that the first problem is the one it reports.
+    let mut look_up = |name: &str| match version_of(name) {
+        Some(version) => {
+            versions.insert(name.to_owned(), version);
+            Ok(())
+        }
+        None => Err(InputProblem {
+            reason: Reason::SecretNotFound,
+            message: format!("Secret {name:?} not found in the connection's namespace"),
+        }),
+    };
+    let (mut session_timeout, mut token_endpoint_of_spec, mut basic) = (None, None, false);
+    if let Some(cookie) = &spec.auth.cookie {
+        look_up(&cookie.credentials_secret_ref.name)?;
+        session_timeout = Some(duration_field("auth.cookie.sessionTimeout", &cookie.session_timeout)?);
+    } else if let Some(credentials) = &spec.auth.basic {
+        look_up(&credentials.credentials_secret_ref.name)?;
+        basic = true;
+    } else if let Some(oauth2) = &spec.auth.oauth2 {
+        token_endpoint_of_spec = Some(token_endpoint(oauth2)?);
+        look_up(&oauth2.client_secret_ref.name)?;
+        if oauth2.client_authentication == ClientAuthentication::PrivateKeyJwt {
+            let Some(key_ref) = &oauth2.client_assertion_key_ref else {
+                return Err(InputProblem {
+                    reason: Reason::InvalidSpec,
+                    message: "auth.oauth2.clientAuthentication PrivateKeyJwt needs auth.oauth2.clientAssertionKeyRef".into(),
+                });
+            };
+            look_up(&key_ref.name)?;
+        }
+    } else {
+        return Err(InputProblem {
+            reason: Reason::InvalidSpec,
+            message: "auth has neither oauth2 nor cookie".into(),
+        });
+    }
+    let tls = spec.tls.clone().unwrap_or_default();
+    if let Some(reference) = &tls.ca_secret_ref {
+        look_up(&reference.name)?;
+    }
+    let ca_version = tls.ca_secret_ref.as_ref().map(|reference| {
+        let (uid, version) = versions.get(&reference.name).cloned().unwrap_or_default();
+        format!("{}/{}/{uid}/{version}", reference.name, reference.key)
+    });
+    let refresh_before = spec
+        .refresh_before
+        .as_deref()
+        .map(|text| duration_field("refreshBefore", text))
+        .transpose()?;
+    let probe_interval = duration_field("probe.interval", &spec.probe.interval)?.max(Duration::from_secs(1));
+    Ok(InputsSummary {
+        fingerprint: fingerprint(connection, &versions),
+        refresh_before,
+        probe_interval,
+        session_timeout,
+        token_endpoint: token_endpoint_of_spec,
+        basic,
+        insecure_skip_verify: tls.insecure_skip_verify,
+        ca_version,
     })
 }
 
@@ -494,6 +610,93 @@ mod tests {
         assert_eq!(key.key_id.as_deref(), Some("k1"));
         // The key's Secret is watched like the client's.
         assert_eq!(referenced_secret_names(&jwt), ["client", "keys"]);
+    }
+
+    /// What the metadata watch knows of `source`: uid and resourceVersion, no values.
+    fn versions_of(source: &FakeSecrets) -> impl Fn(&str) -> Option<(String, String)> + '_ {
+        |name| {
+            let secrets = source.0.lock().unwrap();
+            let secret = secrets.get(name)?;
+            Some((secret.metadata.uid.clone()?, secret.metadata.resource_version.clone()?))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_fingerprint_from_the_watch_metadata_equals_the_one_from_the_values() {
+        let source = secrets(vec![
+            secret("client", "7", &[("client_id", "orders"), ("client_secret", "s3cret")]),
+            secret("login", "8", &[("username", "demo"), ("password", "demo")]),
+            secret(
+                "keys",
+                "9",
+                &[("private_key.pem", include_str!("../tests/fixtures/ec-p256-test-key.pem"))],
+            ),
+            secret("ca", "10", &[("ca.crt", "PEM")]),
+        ]);
+        let oauth2 = |extra: serde_json::Value| {
+            let mut oauth2 = serde_json::json!({"tokenUrl": "https://login/oauth/token", "clientSecretRef": {"name": "client"}});
+            oauth2.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            connection(serde_json::json!({ "oauth2": oauth2 }))
+        };
+        let mut with_ca = oauth2(serde_json::json!({}));
+        with_ca.spec.tls = Some(serde_json::from_value(serde_json::json!({"caSecretRef": {"name": "ca"}})).unwrap());
+        let mut annotated = oauth2(serde_json::json!({}));
+        annotated.metadata.annotations = Some(BTreeMap::from([(crate::crd::REFRESH_ANNOTATION.to_string(), "now".to_string())]));
+        let connections = [
+            oauth2(serde_json::json!({})),
+            oauth2(serde_json::json!({"clientAuthentication": "Basic", "scope": "s", "audience": ""})),
+            oauth2(serde_json::json!({"clientAuthentication": "PrivateKeyJwt", "clientAssertionKeyRef": {"name": "keys"}})),
+            // A key reference without PrivateKeyJwt is not read, so not fingerprinted.
+            oauth2(serde_json::json!({"clientAssertionKeyRef": {"name": "keys"}})),
+            connection(serde_json::json!({"cookie": {"credentialsSecretRef": {"name": "login"}}})),
+            connection(serde_json::json!({"basic": {"credentialsSecretRef": {"name": "login"}}})),
+            with_ca,
+            annotated,
+        ];
+        for connection in connections {
+            let read = read_inputs(&connection, &source).await.unwrap().unwrap();
+            let summary = summarize(&connection, versions_of(&source)).unwrap();
+            assert_eq!(summary.fingerprint, read.fingerprint, "{:?}", connection.spec.auth);
+            let from_values = read.summary();
+            assert_eq!(
+                (
+                    summary.refresh_before,
+                    summary.probe_interval,
+                    summary.session_timeout,
+                    summary.basic
+                ),
+                (
+                    from_values.refresh_before,
+                    from_values.probe_interval,
+                    from_values.session_timeout,
+                    from_values.basic
+                )
+            );
+            assert_eq!(format!("{:?}", summary.token_endpoint), format!("{:?}", from_values.token_endpoint));
+        }
+    }
+
+    #[tokio::test]
+    async fn the_summary_gives_the_reasons_of_the_read_without_reading_values() {
+        // A missing Secret is seen from metadata alone.
+        let empty = secrets(vec![]);
+        let problem = summarize(&oauth2(), versions_of(&empty)).unwrap_err();
+        let read = read_inputs(&oauth2(), &empty).await.unwrap().unwrap_err();
+        assert_eq!(problem, read);
+        // A missing key shows only when the values are read: the summary is fine.
+        let source = secrets(vec![secret("client", "1", &[("client_id", "orders")])]);
+        assert!(summarize(&oauth2(), versions_of(&source)).is_ok());
+        assert_eq!(
+            read_inputs(&oauth2(), &source).await.unwrap().unwrap_err().reason,
+            Reason::SecretKeyMissing
+        );
+        // A duration the schema let through but the operator cannot read.
+        let mut odd = oauth2();
+        odd.spec.probe.interval = "soon".into();
+        let source = secrets(vec![secret("client", "1", &[("client_id", "o"), ("client_secret", "s")])]);
+        let problem = summarize(&odd, versions_of(&source)).unwrap_err();
+        assert_eq!(problem, read_inputs(&odd, &source).await.unwrap().unwrap_err());
+        assert_eq!(problem.reason, Reason::InvalidSpec);
     }
 
     #[test]

@@ -9,8 +9,10 @@
 //! to an allowed address at the check and to a denied one a moment later (DNS rebinding)
 //! is still refused.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::crd::TasklistConnection;
 
@@ -372,6 +374,29 @@ impl HostPolicy {
         self.check_resolved(self.check_url(field, url)).await
     }
 
+    /// As [`HostPolicy::check_connection`], but a host name resolved less than the cache's
+    /// time to live ago is not resolved again: a reconcile of a connection at rest makes no
+    /// DNS lookup per connection. The HTTP client's resolver still checks every connect.
+    pub async fn check_connection_cached(&self, connection: &TasklistConnection, cache: &ResolutionCache) -> Result<(), String> {
+        for verdict in self.check_spec(connection)? {
+            let UrlVerdict::Resolve { host, port, name_listed } = &verdict else {
+                self.check_resolved(verdict).await?;
+                continue;
+            };
+            let key = (host.clone(), *port, *name_listed);
+            let answer = match cache.answer(&key, Instant::now()) {
+                Some(answer) => answer,
+                None => {
+                    let answer = self.check_resolved(verdict).await;
+                    cache.remember(key, Instant::now(), answer.clone());
+                    answer
+                }
+            };
+            answer?;
+        }
+        Ok(())
+    }
+
     async fn check_resolved(&self, verdict: UrlVerdict) -> Result<(), String> {
         let (host, port, name_listed) = match verdict {
             UrlVerdict::Allowed => return Ok(()),
@@ -386,6 +411,41 @@ impl HostPolicy {
                 .map_err(|why| format!("the host {host:?} resolves to an address that is not allowed: {why}"))?;
         }
         Ok(())
+    }
+}
+
+/// How long the pre-check's answer for a host name is reused.
+pub const RESOLUTION_TTL: Duration = Duration::from_secs(30);
+/// Above this many hosts, answers past their time to live are dropped when one is added.
+const RESOLUTION_CACHE_PRUNE_ABOVE: usize = 1024;
+
+/// Host name, port, and whether the name is listed in `--allowed-hosts`.
+type ResolutionKey = (String, u16, bool);
+/// When the pre-check looked the host up, and its answer.
+type ResolutionAnswer = (Instant, Result<(), String>);
+
+/// The pre-check's answers per host name, for [`RESOLUTION_TTL`]: connections that share a
+/// host share one lookup, and a connection at rest reuses it.
+#[derive(Debug, Default)]
+pub struct ResolutionCache {
+    answers: Mutex<HashMap<ResolutionKey, ResolutionAnswer>>,
+}
+
+impl ResolutionCache {
+    /// The answer for `key` if it is younger than [`RESOLUTION_TTL`] at `now`.
+    fn answer(&self, key: &ResolutionKey, now: Instant) -> Option<Result<(), String>> {
+        let answers = self.answers.lock().ok()?;
+        let (at, answer) = answers.get(key)?;
+        (now.saturating_duration_since(*at) < RESOLUTION_TTL).then(|| answer.clone())
+    }
+
+    fn remember(&self, key: ResolutionKey, now: Instant, answer: Result<(), String>) {
+        if let Ok(mut answers) = self.answers.lock() {
+            if answers.len() >= RESOLUTION_CACHE_PRUNE_ABOVE {
+                answers.retain(|_, (at, _)| now.saturating_duration_since(*at) < RESOLUTION_TTL);
+            }
+            answers.insert(key, (now, answer));
+        }
     }
 }
 
@@ -428,6 +488,33 @@ impl reqwest::dns::Resolve for PolicyResolver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resolved_host_is_answered_from_the_cache_for_its_time_to_live() {
+        let cache = ResolutionCache::default();
+        let key = ("tasklist.example".to_owned(), 443, false);
+        let start = Instant::now();
+        assert_eq!(cache.answer(&key, start), None, "never looked up");
+        cache.remember(key.clone(), start, Err("link-local".into()));
+        assert_eq!(cache.answer(&key, start + RESOLUTION_TTL / 2), Some(Err("link-local".into())));
+        assert_eq!(
+            cache.answer(&("tasklist.example".to_owned(), 8443, false), start),
+            None,
+            "another port"
+        );
+        assert_eq!(cache.answer(&key, start + RESOLUTION_TTL), None, "looked up again after the TTL");
+    }
+
+    #[test]
+    fn the_cache_drops_old_answers_instead_of_growing() {
+        let cache = ResolutionCache::default();
+        let start = Instant::now();
+        for n in 0..RESOLUTION_CACHE_PRUNE_ABOVE {
+            cache.remember((format!("h{n}"), 443, false), start, Ok(()));
+        }
+        cache.remember(("new".to_owned(), 443, false), start + RESOLUTION_TTL, Ok(()));
+        assert_eq!(cache.answers.lock().unwrap().len(), 1);
+    }
 
     fn policy(allowed: &str) -> HostPolicy {
         HostPolicy::from_args(&PolicyArgs {

@@ -99,6 +99,64 @@ pub fn is_restoring(secret: DerivedSecretState, status_says_it_held_a_credential
     }
 }
 
+/// What the watches' caches know of the derived Secret's name, for [`derived_secret_source`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CachedDerivedSecret<'a> {
+    /// Both Secret watches have listed once since the start.
+    pub synced: bool,
+    /// The resourceVersion of the Secret of that name in the store of the operator's own
+    /// (labelled) Secrets.
+    pub labelled: Option<&'a str>,
+    /// The resourceVersion of the Secret of that name in the metadata store of every
+    /// Secret, and whether this connection is its controller owner.
+    pub any: Option<(&'a str, bool)>,
+    /// The resourceVersion this process's own last write of that Secret produced.
+    pub own_write: Option<&'a str>,
+}
+
+/// Where a reconcile reads the derived Secret from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DerivedSecretSource {
+    /// The caches' answer is the truth as far as a watch can tell: the labelled store's
+    /// Secret, someone else's Secret seen in the metadata store (a conflict), or none.
+    Cache,
+    /// The caches cannot tell: ask the API server.
+    Get,
+}
+
+/// Reads come from the caches, except when they may be behind this process's own write
+/// (whose watch event wakes nothing, so no later event would correct a stale read) or
+/// disagree with each other (the two watches run apart; the event that woke the
+/// connection may be in one store and not yet in the other):
+/// - before both watches have listed: GET;
+/// - in both stores at the same version: cache, if that is the version of the own last
+///   write or later (or this process wrote none), otherwise GET;
+/// - in neither store: cache (absent), unless this process wrote one: GET;
+/// - only in the metadata store, someone else's: cache (a conflict, no GET needed);
+/// - anything else (ours but not labelled, in one store only, at two versions): GET.
+pub fn derived_secret_source(cached: CachedDerivedSecret<'_>) -> DerivedSecretSource {
+    use DerivedSecretSource::{Cache, Get};
+    if !cached.synced {
+        return Get;
+    }
+    match (cached.labelled, cached.any) {
+        (None, None) if cached.own_write.is_none() => Cache,
+        (None, Some((_, false))) => Cache,
+        (Some(labelled), Some((version, _))) if labelled == version => match cached.own_write {
+            None => Cache,
+            Some(written) if labelled == written || is_later_version(labelled, written) => Cache,
+            Some(_) => Get,
+        },
+        _ => Get,
+    }
+}
+
+/// Whether resourceVersion `seen` is later than `than`. Kubernetes calls them opaque; they
+/// are etcd revisions, so numbers are compared, and anything else is never called later.
+fn is_later_version(seen: &str, than: &str) -> bool {
+    matches!((seen.parse::<u64>(), than.parse::<u64>()), (Ok(seen), Ok(than)) if seen > than)
+}
+
 /// When to try again after the `consecutive`-th failure in a row (see
 /// [`retry_delay`]). A server that comes back should get a try before the kept credential
 /// expires, so server errors retry at the latest 5 s before that expiry (when that is still
@@ -353,6 +411,54 @@ mod tests {
     }
 
     // --- keep, wait or obtain -------------------------------------------------------------
+
+    fn cached<'a>(labelled: Option<&'a str>, any: Option<(&'a str, bool)>, own_write: Option<&'a str>) -> CachedDerivedSecret<'a> {
+        CachedDerivedSecret {
+            synced: true,
+            labelled,
+            any,
+            own_write,
+        }
+    }
+
+    #[test]
+    fn the_derived_secret_is_read_from_the_cache_at_rest() {
+        use DerivedSecretSource::Cache;
+        // Written by this process and seen by both stores: at rest, no GET.
+        assert_eq!(derived_secret_source(cached(Some("21"), Some(("21", true)), Some("21"))), Cache);
+        // Written by an earlier process (a restart): the stores are the truth.
+        assert_eq!(derived_secret_source(cached(Some("21"), Some(("21", true)), None)), Cache);
+        // Changed by someone since the own write: the stores have the later version.
+        assert_eq!(derived_secret_source(cached(Some("35"), Some(("35", true)), Some("21"))), Cache);
+        // A new connection: nothing of that name anywhere.
+        assert_eq!(derived_secret_source(cached(None, None, None)), Cache);
+        // Someone else's Secret of that name: a conflict, seen from metadata alone.
+        assert_eq!(derived_secret_source(cached(None, Some(("5", false)), None)), Cache);
+        assert_eq!(derived_secret_source(cached(None, Some(("5", false)), Some("21"))), Cache);
+    }
+
+    #[test]
+    fn the_derived_secret_is_read_from_the_api_server_when_the_caches_may_be_behind_or_disagree() {
+        use DerivedSecretSource::Get;
+        // The stores still hold the version the own write replaced.
+        assert_eq!(derived_secret_source(cached(Some("20"), Some(("20", true)), Some("21"))), Get);
+        // The stores have not seen the own create yet (or someone deleted it since).
+        assert_eq!(derived_secret_source(cached(None, None, Some("21"))), Get);
+        // Ours by its owner, but not in the labelled store.
+        assert_eq!(derived_secret_source(cached(None, Some(("21", true)), None)), Get);
+        // Deleted: the metadata watch has seen it, the labelled one not yet.
+        assert_eq!(derived_secret_source(cached(Some("21"), None, None)), Get);
+        // Edited: one store has the new version, the other the old.
+        assert_eq!(derived_secret_source(cached(Some("21"), Some(("30", true)), None)), Get);
+        // Versions that are not numbers cannot be ordered.
+        assert_eq!(derived_secret_source(cached(Some("b"), Some(("b", true)), Some("a"))), Get);
+        // Before the watches have listed.
+        let unsynced = CachedDerivedSecret {
+            synced: false,
+            ..cached(None, None, None)
+        };
+        assert_eq!(derived_secret_source(unsynced), Get);
+    }
 
     #[test]
     fn a_stored_credential_is_kept_until_its_refresh_time() {

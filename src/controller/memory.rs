@@ -14,7 +14,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::ObjectRef;
 
 use super::decide::UnauthorizedReobtain;
-use crate::camunda::AuthFailure;
+use crate::camunda::{AuthFailure, TlsTrust};
 use crate::crd::TasklistConnection;
 use crate::derived_secret::{DATA_HASH, StoredCredential};
 use crate::inputs::referenced_secret_names;
@@ -73,6 +73,10 @@ pub struct ConnectionMemory {
     pub seen: bool,
     /// The operator's own last write of the derived Secret.
     pub own_write: Option<OwnWrite>,
+    /// The TLS trust read from the connection's `caSecretRef`, with the version of that
+    /// Secret it was read from (see `InputsSummary::ca_version`), so that a reconcile at
+    /// rest does not read the CA bundle again.
+    pub ca_trust: Option<(String, TlsTrust)>,
 }
 
 /// The operator's own last write of a derived Secret, so that the watch event of that write

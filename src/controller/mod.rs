@@ -26,10 +26,10 @@ use tracing::{debug, info, warn};
 
 use crate::camunda::{HttpClient, HttpClientError, HttpSettings, TlsTrust};
 use crate::crd::TasklistConnection;
+use crate::derived_secret::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use crate::events::EventPublisher;
-use crate::inputs::Inputs;
 use crate::metrics::{Metrics, ReasonLabels};
-use crate::policy::HostPolicy;
+use crate::policy::{HostPolicy, ResolutionCache};
 use crate::schedule::RefreshPolicy;
 use crate::shard::Sharding;
 use host_slots::{DEFERRAL, HostSlots, credential_hosts, reconcile_deadline, reconciles_per_host};
@@ -77,6 +77,8 @@ pub struct Context {
     refresh_policy: RefreshPolicy,
     /// Which hosts connections may send requests to (from `http_settings`).
     host_policy: Arc<HostPolicy>,
+    /// The policy pre-check's recent answers per host name.
+    resolved_hosts: ResolutionCache,
     /// One HTTP client per trust configuration: most connections share the default. A
     /// client no connection uses any more is dropped.
     http_clients: Mutex<SharedByUsers<ConnectionKey, TlsTrust, HttpClient>>,
@@ -131,6 +133,7 @@ impl Context {
             client,
             metrics,
             host_policy: http_settings.policy.clone().unwrap_or_default(),
+            resolved_hosts: ResolutionCache::default(),
             http_settings,
             refresh_policy: policy,
             http_clients: Mutex::default(),
@@ -200,12 +203,51 @@ impl Context {
         }
     }
 
-    fn http_client(&self, key: &ConnectionKey, inputs: &Inputs) -> Result<HttpClient, HttpClientError> {
+    fn http_client(&self, key: &ConnectionKey, trust: &TlsTrust) -> Result<HttpClient, HttpClientError> {
         let mut clients = self
             .http_clients
             .lock()
             .map_err(|_| HttpClientError::Setup("HTTP client cache poisoned".into()))?;
-        clients.get_or_make(key.clone(), &inputs.trust, || HttpClient::new(&self.http_settings, &inputs.trust))
+        clients.get_or_make(key.clone(), trust, || HttpClient::new(&self.http_settings, trust))
+    }
+}
+
+/// The watches' copies of Secrets that a reconcile reads instead of asking the API server:
+/// at rest, a reconcile sends no request at all.
+#[derive(Clone)]
+pub struct SecretCaches {
+    /// The operator's own derived Secrets (selected by the managed-by label), whole.
+    pub derived: reflector::Store<Secret>,
+    /// Every Secret of the watched namespaces, metadata only: uid, resourceVersion, owners.
+    pub metadata: reflector::Store<PartialObjectMeta<Secret>>,
+}
+
+/// How long a reconcile waits for the Secret watches' first list after a start before it
+/// reads from the API server instead.
+const CACHE_SYNC_WAIT: Duration = Duration::from_secs(5);
+
+impl SecretCaches {
+    /// Whether both watches have listed once (waiting up to [`CACHE_SYNC_WAIT`] for it).
+    async fn synced(&self) -> bool {
+        let both = async { self.derived.wait_until_ready().await.is_ok() && self.metadata.wait_until_ready().await.is_ok() };
+        tokio::time::timeout(CACHE_SYNC_WAIT, both).await.unwrap_or(false)
+    }
+
+    fn derived(&self, namespace: &str, name: &str) -> Option<Arc<Secret>> {
+        self.derived.get(&ObjectRef::new(name).within(namespace))
+    }
+
+    fn metadata(&self, namespace: &str, name: &str) -> Option<Arc<PartialObjectMeta<Secret>>> {
+        self.metadata.get(&ObjectRef::new(name).within(namespace))
+    }
+}
+
+/// What the caches keep of a Secret: no managed fields and no `kubectl apply` copy of the
+/// whole object (which holds the data of a Secret applied with kubectl).
+fn slim_metadata(metadata: &mut kube::api::ObjectMeta) {
+    metadata.managed_fields = None;
+    if let Some(annotations) = metadata.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
     }
 }
 
@@ -284,10 +326,31 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
         })
         .applied_objects()
         .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default());
-    // Metadata is enough to know a Secret changed, and keeps memory small.
+    // Metadata is enough to know a Secret changed, and keeps memory small. Its store tells
+    // a reconcile the uid and resourceVersion of the Secrets a connection reads.
+    let (metadata_store, metadata_writer) = reflector::store();
     let secret_changes = watcher(secrets, watcher::Config::default())
         .backoff(WatchBackoff::default())
+        .modify(|secret| slim_metadata(&mut secret.metadata))
+        .reflect(metadata_writer)
         .touched_objects();
+    // The operator's own derived Secrets, whole, so that a reconcile does not GET them. Their
+    // changes already wake connections through the metadata watch above.
+    let (derived_store, derived_writer) = reflector::store();
+    let derived_api: Api<Secret> = scoped_api(&ctx.client, namespace.as_deref());
+    let own_secrets = watcher(
+        derived_api,
+        watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")),
+    )
+    .backoff(WatchBackoff::default())
+    .modify(|secret| slim_metadata(&mut secret.metadata))
+    .reflect(derived_writer)
+    .for_each(|_| std::future::ready(()));
+    let own_secrets = tokio::spawn(own_secrets);
+    let caches = SecretCaches {
+        derived: derived_store,
+        metadata: metadata_store,
+    };
     let mapper_ctx = ctx.clone();
     let present = reader.clone();
     // Which connections a changed Secret concerns comes from the store the controller keeps
@@ -304,12 +367,13 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
         .trigger_backoff(WatchBackoff::default())
         .graceful_shutdown_on(shutdown)
         .run(
-            move |connection, ctx| reconcile_logged(connection, ctx, present.clone()),
+            move |connection, ctx| reconcile_logged(connection, ctx, present.clone(), caches.clone()),
             error_policy,
             ctx,
         )
         .for_each(|_| std::future::ready(()))
         .await;
+    own_secrets.abort();
 }
 
 #[tracing::instrument(skip_all, fields(connection = %format!("{}/{}", connection.namespace().unwrap_or_default(), connection.name_any())))]
@@ -317,6 +381,7 @@ async fn reconcile_logged(
     connection: Arc<TasklistConnection>,
     ctx: Arc<Context>,
     present: reflector::Store<TasklistConnection>,
+    caches: SecretCaches,
 ) -> Result<Action, Error> {
     let per_host = reconciles_per_host(ctx.concurrency);
     let Some(_entered) = ctx.host_slots.try_enter(credential_hosts(&connection), per_host) else {
@@ -327,7 +392,7 @@ async fn reconcile_logged(
     let metrics = ctx.metrics.clone();
     let deadline = reconcile_deadline(ctx.http_settings.timeout);
     let reference = ObjectRef::from_obj(connection.as_ref());
-    let result = match tokio::time::timeout(deadline, reconcile::reconcile(connection.clone(), ctx.clone())).await {
+    let result = match tokio::time::timeout(deadline, reconcile::reconcile(connection.clone(), ctx.clone(), caches)).await {
         Ok(result) => result,
         Err(_) => Err(Error::DeadlineExceeded(deadline)),
     };

@@ -14,20 +14,20 @@ use kube::{Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
 use super::decide::{
-    self, CredentialDecision, DerivedSecretState, Kept, LONGEST_SLEEP, LastProbe, PendingRetry, PendingWrite, StatusRecord,
-    UnauthorizedReobtain, WriteRetryDecision,
+    self, CachedDerivedSecret, CredentialDecision, DerivedSecretSource, DerivedSecretState, Kept, LONGEST_SLEEP, LastProbe, PendingRetry,
+    PendingWrite, StatusRecord, UnauthorizedReobtain, WriteRetryDecision,
 };
 use super::host_slots::origin;
 use super::memory::{ConnectionKey, FailureRecord, ProbeRecord, WriteFailureRecord};
 use super::probe_scheduler::{ProbeKey, ProbeTurn};
-use super::{Context, Error, FIELD_MANAGER};
+use super::{Context, Error, FIELD_MANAGER, SecretCaches};
 use crate::camunda::probe::{Probe, ProbeOutcome};
-use crate::camunda::{AuthFailure, HttpClient, redact};
+use crate::camunda::{AuthFailure, HttpClient, TlsTrust, redact};
 use crate::crd::{TasklistConnection, TasklistConnectionStatus};
-use crate::credential::{NEVER, add};
+use crate::credential::{Credential, NEVER, add};
 use crate::derived_secret::{DATA_HASH, StoredCredential, Unusable, is_owned_by, update_patch};
 use crate::events::{ConnectionEvent, transitions};
-use crate::inputs::{Inputs, LoginMaterial, read_inputs};
+use crate::inputs::{InputProblem, Inputs, InputsSummary, LoginMaterial, read_inputs, summarize};
 use crate::logging::{ProbeLogLevel, human_signed_duration, probe_log_level};
 use crate::metrics::{ConnectionLabels, CredentialRequestLabels, HowLabels, MethodLabels, ResultLabels};
 use crate::obtain::obtain_credential_with;
@@ -40,13 +40,15 @@ const CONFLICT_RECHECK: Duration = Duration::from_secs(300);
 /// Recheck interval of a connection the policy does not allow (its host may resolve elsewhere later).
 const NOT_ALLOWED_RECHECK: Duration = Duration::from_secs(300);
 
-pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>, caches: SecretCaches) -> Result<Action, Error> {
     let now = Timestamp::now();
-    let this = Reconciling::new(&connection, &ctx);
+    let this = Reconciling::new(&connection, &ctx, caches);
     ctx.memory.remember(&this.key);
+    // Until the Secret watches have listed, everything is read from the API server.
+    let synced = this.caches.synced().await;
 
     // 1. The derived Secret must be ours to write.
-    let existing = this.secrets.get_opt(&connection.secret_name()).await?;
+    let existing = this.derived_secret(synced).await?;
     if let Some(secret) = &existing
         && !is_owned_by(secret, &connection)
     {
@@ -76,27 +78,23 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
     let stored = stored.and_then(Result::ok);
 
     // The administrator's policy decides before anything is sent, or any Secret read.
-    if let Err(message) = ctx.host_policy.check_connection(&connection).await {
+    // A host name's answer is reused for a short while: a reconcile at rest looks nothing up.
+    if let Err(message) = ctx.host_policy.check_connection_cached(&connection, &ctx.resolved_hosts).await {
         return this.report_not_allowed(stored.as_ref(), message, now).await;
     }
 
-    // 2. What the credential is made from.
-    let inputs = match read_inputs(&connection, &this.secrets).await? {
+    // 2. What the credential is made from: the spec and the versions of the referenced
+    //    Secrets, which the metadata watch knows. Their values are read only when a
+    //    credential is obtained (or the CA bundle is new to this process).
+    let inputs = match this.summarize_inputs(synced).await? {
         Ok(inputs) => inputs,
-        Err(problem) => {
-            warn!(reason = problem.reason.as_str(), detail = %problem.message, "cannot obtain a credential");
-            let authenticated = ConditionState::failing(problem.reason, problem.message);
-            let reachable = this.last_probe_result(stored.as_ref());
-            this.write_status_if_changed(&this.observe(stored.as_ref(), None, authenticated, reachable), now)
-                .await?;
-            // A watch on the referenced Secret wakes the connection when it is fixed; a
-            // refresh time already past cannot be acted on until then (waking for it would
-            // be a loop once a second).
-            let refresh_ahead = stored.as_ref().map(|s| s.refresh_at).filter(|at| *at > now);
-            return Ok(Action::requeue(decide::next_wake(now, [refresh_ahead])));
-        }
+        Err(problem) => return this.report_input_problem(stored.as_ref(), problem, now).await,
     };
-    let http = match ctx.http_client(&this.key, &inputs) {
+    let trust = match this.trust(&inputs).await? {
+        Ok(trust) => trust,
+        Err(problem) => return this.report_input_problem(stored.as_ref(), problem, now).await,
+    };
+    let http = match ctx.http_client(&this.key, &trust) {
         Ok(http) => http,
         Err(error) => {
             let authenticated = ConditionState::failing(Reason::of_http_client_error(&error), error.to_string());
@@ -112,16 +110,19 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
 
     // 3. Keep the stored credential while it is good, obtain a new one when it is due.
     let mut fresh = this.ensure_fresh_credential(&inputs, &http, stored, false, restoring).await?;
+    if let Some(problem) = fresh.input_problem.take() {
+        return this.report_input_problem(fresh.credential.as_ref(), problem, now).await;
+    }
 
     // 4. Ask Tasklist whether it accepts the credential. A 401 means the credential is
     //    missing, expired or revoked (a Tasklist restart forgets sessions; an identity
     //    provider revokes tokens): obtain a new one once, rate-limited, without waiting
     //    for the planned refresh.
     let (mut reachable, outcome) = this
-        .probe_if_due(&http, fresh.credential.as_ref(), fresh.newly_issued, &inputs, now)
+        .probe_if_due(&http, fresh.credential.as_ref(), fresh.newly_issued, &inputs, &trust, now)
         .await;
     // Basic credentials are the user's own: obtaining them again would give the same header.
-    let renewable = !matches!(inputs.login, LoginMaterial::Basic { .. });
+    let renewable = !inputs.basic;
     if let (Some(outcome), Some(probed)) = (&outcome, &fresh.credential)
         && renewable
         && decide::reobtain_after_unauthorized(
@@ -134,6 +135,9 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
     {
         info!("Tasklist answered 401 Unauthorized: obtaining a new credential once");
         fresh = this.ensure_fresh_credential(&inputs, &http, fresh.credential, true, false).await?;
+        if let Some(problem) = fresh.input_problem.take() {
+            return this.report_input_problem(fresh.credential.as_ref(), problem, now).await;
+        }
         let obtained_issued_at = fresh.newly_issued.then(|| fresh.credential.as_ref().map(|c| c.issued_at)).flatten();
         ctx.memory.update(&this.key, |memory| {
             memory.unauthorized_reobtain = Some(UnauthorizedReobtain {
@@ -142,7 +146,9 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>) -
             })
         });
         if fresh.newly_issued {
-            (reachable, _) = this.probe_if_due(&http, fresh.credential.as_ref(), true, &inputs, now).await;
+            (reachable, _) = this
+                .probe_if_due(&http, fresh.credential.as_ref(), true, &inputs, &trust, now)
+                .await;
         }
     }
     if reachable.reason == Reason::ProbeSucceeded {
@@ -207,11 +213,14 @@ struct Reconciling<'a> {
     ctx: &'a Context,
     key: ConnectionKey,
     secrets: Api<Secret>,
+    caches: SecretCaches,
     /// The derived Secret as read when its owner was checked (None: it did not exist), then
     /// as last written: writes succeed only over exactly this.
     checked_secret: std::sync::Mutex<Option<Secret>>,
     /// Set when a due probe found no free probe slot: when to try again.
     probe_deferred_until: std::sync::Mutex<Option<Timestamp>>,
+    /// The referenced Secrets' values, once read in this reconcile.
+    values: std::sync::Mutex<Option<Inputs>>,
 }
 
 /// The credential to use after step 3, and what the Authenticated condition says.
@@ -219,10 +228,13 @@ struct FreshCredential {
     credential: Option<StoredCredential>,
     authenticated: ConditionState,
     newly_issued: bool,
+    /// The values needed to obtain a credential could not be read (a missing key): the
+    /// reconcile reports this instead of probing.
+    input_problem: Option<InputProblem>,
 }
 
 impl<'a> Reconciling<'a> {
-    fn new(connection: &'a TasklistConnection, ctx: &'a Context) -> Self {
+    fn new(connection: &'a TasklistConnection, ctx: &'a Context, caches: SecretCaches) -> Self {
         let key: ConnectionKey = (connection.namespace().unwrap_or_default(), connection.name_any());
         let secrets = Api::namespaced(ctx.client.clone(), &key.0);
         Reconciling {
@@ -230,9 +242,132 @@ impl<'a> Reconciling<'a> {
             ctx,
             key,
             secrets,
+            caches,
             checked_secret: std::sync::Mutex::new(None),
             probe_deferred_until: std::sync::Mutex::new(None),
+            values: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The derived Secret: from the watches' caches, or from the API server when they may
+    /// be behind this process's own write or disagree ([`decide::derived_secret_source`]).
+    /// Someone else's Secret seen in the metadata store comes back with its metadata only,
+    /// which is all the owner check needs.
+    async fn derived_secret(&self, synced: bool) -> Result<Option<Secret>, Error> {
+        let name = self.connection.secret_name();
+        let labelled = self.caches.derived(&self.key.0, &name);
+        let any = self.caches.metadata(&self.key.0, &name);
+        let any_secret = any.as_ref().map(|meta| Secret {
+            metadata: meta.metadata.clone(),
+            ..Secret::default()
+        });
+        let own_write = self
+            .ctx
+            .memory
+            .get(&self.key)
+            .own_write
+            .filter(|write| write.secret == name)
+            .and_then(|write| write.resource_version);
+        let cached = CachedDerivedSecret {
+            synced,
+            labelled: labelled.as_ref().and_then(|secret| secret.metadata.resource_version.as_deref()),
+            any: any_secret.as_ref().map(|secret| {
+                (
+                    secret.metadata.resource_version.as_deref().unwrap_or_default(),
+                    is_owned_by(secret, self.connection),
+                )
+            }),
+            own_write: own_write.as_deref(),
+        };
+        match decide::derived_secret_source(cached) {
+            DerivedSecretSource::Cache => Ok(labelled.map(|secret| secret.as_ref().clone()).or(any_secret)),
+            DerivedSecretSource::Get => {
+                debug!(
+                    secret = name,
+                    "reading the derived Secret from the API server: the caches cannot tell"
+                );
+                Ok(self.secrets.get_opt(&name).await?)
+            }
+        }
+    }
+
+    /// The inputs as far as the spec and the Secret versions of the metadata watch tell,
+    /// without reading any value; before the watch has listed, read in full.
+    async fn summarize_inputs(&self, synced: bool) -> Result<Result<InputsSummary, InputProblem>, Error> {
+        if synced {
+            let namespace = &self.key.0;
+            let version_of = |name: &str| {
+                let meta = self.caches.metadata(namespace, name)?;
+                Some((
+                    meta.metadata.uid.clone().unwrap_or_default(),
+                    meta.metadata.resource_version.clone().unwrap_or_default(),
+                ))
+            };
+            return Ok(summarize(self.connection, version_of));
+        }
+        Ok(self.values().await?.map(|values| values.summary()))
+    }
+
+    /// The referenced Secrets' values, read from the API server at most once per reconcile.
+    /// Their fingerprint is of the versions actually read, which may be later than the
+    /// metadata store's.
+    async fn values(&self) -> Result<Result<Inputs, InputProblem>, Error> {
+        if let Some(values) = self.values.lock().ok().and_then(|values| values.clone()) {
+            return Ok(Ok(values));
+        }
+        let read = read_inputs(self.connection, &self.secrets).await?;
+        if let (Ok(values), Ok(mut kept)) = (&read, self.values.lock()) {
+            *kept = Some(values.clone());
+        }
+        Ok(read)
+    }
+
+    /// Which certificates to trust. Only a `caSecretRef` needs a Secret's value, read
+    /// when its version is new to this process.
+    async fn trust(&self, inputs: &InputsSummary) -> Result<Result<TlsTrust, InputProblem>, Error> {
+        if let Some(values) = self.values.lock().ok().and_then(|values| values.clone()) {
+            return Ok(Ok(values.trust));
+        }
+        let Some(version) = &inputs.ca_version else {
+            return Ok(Ok(TlsTrust {
+                extra_roots_pem: None,
+                insecure_skip_verify: inputs.insecure_skip_verify,
+            }));
+        };
+        if let Some((known, trust)) = self.ctx.memory.get(&self.key).ca_trust
+            && known == *version
+        {
+            return Ok(Ok(trust));
+        }
+        let values = match self.values().await? {
+            Ok(values) => values,
+            Err(problem) => return Ok(Err(problem)),
+        };
+        let trust = values.trust.clone();
+        self.ctx
+            .memory
+            .update(&self.key, |memory| memory.ca_trust = Some((version.clone(), values.trust)));
+        Ok(Ok(trust))
+    }
+
+    /// The inputs cannot be used (a missing Secret or key, a spec the operator cannot
+    /// read): say so, keep the stored credential, probe nothing.
+    async fn report_input_problem(
+        &self,
+        stored: Option<&StoredCredential>,
+        problem: InputProblem,
+        now: Timestamp,
+    ) -> Result<Action, Error> {
+        warn!(reason = problem.reason.as_str(), detail = %problem.message, "cannot obtain a credential");
+        let authenticated = ConditionState::failing(problem.reason, problem.message);
+        let reachable = self.last_probe_result(stored);
+        self.write_status_if_changed(&self.observe(stored, None, authenticated, reachable), now)
+            .await?;
+        // A watch on the referenced Secret wakes the connection when it is fixed; a
+        // refresh time already past cannot be acted on until then (waking for it would
+        // be a loop once a second).
+        let refresh_ahead = stored.map(|s| s.refresh_at).filter(|at| *at > now);
+        Ok(Action::requeue(decide::next_wake(now, [refresh_ahead])))
     }
 
     /// Keeps `stored`, waits for a pending retry, or obtains and writes a new credential, as
@@ -240,7 +375,7 @@ impl<'a> Reconciling<'a> {
     /// valid credential stays in place) and is retried with backoff.
     async fn ensure_fresh_credential(
         &self,
-        inputs: &Inputs,
+        inputs: &InputsSummary,
         http: &HttpClient,
         stored: Option<StoredCredential>,
         replace_now: bool,
@@ -260,6 +395,7 @@ impl<'a> Reconciling<'a> {
                         credential: stored,
                         authenticated: ConditionState::failing(Reason::SecretWriteFailed, record.message),
                         newly_issued: false,
+                        input_problem: None,
                     });
                 }
                 WriteRetryDecision::WriteKept => {
@@ -305,6 +441,7 @@ impl<'a> Reconciling<'a> {
                     credential: stored,
                     authenticated,
                     newly_issued: false,
+                    input_problem: None,
                 })
             }
             CredentialDecision::WaitForRetry { retry_at } => {
@@ -318,6 +455,7 @@ impl<'a> Reconciling<'a> {
                     credential: stored,
                     authenticated,
                     newly_issued: false,
+                    input_problem: None,
                 })
             }
             CredentialDecision::Obtain => self.obtain_and_store(inputs, http, stored, restoring, previous_failure).await,
@@ -327,18 +465,31 @@ impl<'a> Reconciling<'a> {
     /// Obtains a new credential and writes it; on failure, records when to try again.
     async fn obtain_and_store(
         &self,
-        inputs: &Inputs,
+        summary: &InputsSummary,
         http: &HttpClient,
         stored: Option<StoredCredential>,
         restoring: bool,
         previous_failure: Option<FailureRecord>,
     ) -> Result<FreshCredential, Error> {
         let (ctx, key) = (self.ctx, &self.key);
+        // The only read of the referenced Secrets' values: a credential is to be obtained.
+        let inputs = match self.values().await? {
+            Ok(inputs) => inputs,
+            Err(problem) => {
+                return Ok(FreshCredential {
+                    credential: stored,
+                    authenticated: ConditionState::failing(problem.reason, problem.message.clone()),
+                    newly_issued: false,
+                    input_problem: Some(problem),
+                });
+            }
+        };
+        let inputs = &inputs;
         let started = std::time::Instant::now();
         let result = obtain_credential_with(inputs, http, &ctx.refresh_policy).await;
         self.record_credential_request(inputs, &result, started.elapsed());
         match result {
-            Ok(credential) => self.store(inputs, credential, stored, restoring).await,
+            Ok(credential) => self.store(summary, credential, stored, restoring).await,
             Err(failure) => {
                 let now = Timestamp::now();
                 let consecutive = previous_failure.map_or(1, |previous| previous.consecutive.saturating_add(1));
@@ -360,6 +511,7 @@ impl<'a> Reconciling<'a> {
                     credential: stored,
                     authenticated,
                     newly_issued: false,
+                    input_problem: None,
                 })
             }
         }
@@ -370,7 +522,7 @@ impl<'a> Reconciling<'a> {
     /// memory and only the write is retried, with backoff.
     async fn store(
         &self,
-        inputs: &Inputs,
+        inputs: &InputsSummary,
         credential: StoredCredential,
         stored: Option<StoredCredential>,
         restoring: bool,
@@ -378,7 +530,7 @@ impl<'a> Reconciling<'a> {
         let (ctx, key) = (self.ctx, &self.key);
         match self.write_credential(&credential).await {
             Ok(()) => {}
-            Err(Error::Kube(error)) => return Ok(self.record_write_failure(inputs, credential, stored, &error).await),
+            Err(Error::Kube(error)) => return Ok(self.record_write_failure(credential, stored, &error).await),
             Err(other) => return Err(other),
         }
         let previous_write_failure = ctx.memory.get(key).write_failure;
@@ -407,7 +559,7 @@ impl<'a> Reconciling<'a> {
                 .inc();
         }
         ctx.events.publish(self.connection, event).await;
-        if inputs.trust.insecure_skip_verify {
+        if inputs.insecure_skip_verify {
             ctx.events.publish(self.connection, ConnectionEvent::InsecureSkipVerify).await;
         }
         let authenticated = ConditionState::ok(Reason::CredentialIssued, issued_message(&credential, inputs));
@@ -415,6 +567,7 @@ impl<'a> Reconciling<'a> {
             credential: Some(credential),
             authenticated,
             newly_issued: true,
+            input_problem: None,
         })
     }
 
@@ -422,7 +575,6 @@ impl<'a> Reconciling<'a> {
     /// condition, and publishes one Warning Event per episode.
     async fn record_write_failure(
         &self,
-        inputs: &Inputs,
         credential: StoredCredential,
         stored: Option<StoredCredential>,
         error: &kube::Error,
@@ -450,7 +602,8 @@ impl<'a> Reconciling<'a> {
             // Obtaining worked: no backoff for the token endpoint or the login.
             memory.failure = None;
             memory.write_failure = Some(WriteFailureRecord {
-                fingerprint: inputs.fingerprint.clone(),
+                // The inputs the credential was made from.
+                fingerprint: credential.inputs.clone(),
                 credential: Some(credential),
                 consecutive,
                 retry_at,
@@ -462,13 +615,14 @@ impl<'a> Reconciling<'a> {
             credential: stored,
             authenticated: ConditionState::failing(Reason::SecretWriteFailed, message),
             newly_issued: false,
+            input_problem: None,
         }
     }
 
     /// On first sight of a connection after a start: remembers the failure to obtain a
     /// credential that status records, with its retry time (`nextRefreshTime`), so that a
     /// restart neither shortens the 30 s pause after a rejection nor a backoff in progress.
-    fn restore_failure_from_status(&self, inputs: &Inputs, now: Timestamp) {
+    fn restore_failure_from_status(&self, inputs: &InputsSummary, now: Timestamp) {
         let (ctx, key, connection) = (self.ctx, &self.key, self.connection);
         if ctx.memory.get(key).seen {
             return;
@@ -499,17 +653,13 @@ impl<'a> Reconciling<'a> {
     }
 
     /// The warning for a `refreshBefore` or `sessionTimeout` this credential cannot honour.
-    fn refresh_warning(&self, credential: Option<&StoredCredential>, inputs: &Inputs) -> Option<String> {
+    fn refresh_warning(&self, credential: Option<&StoredCredential>, inputs: &InputsSummary) -> Option<String> {
         let credential = credential.filter(|c| c.expires_at != NEVER)?;
-        let session_timeout = match &inputs.login {
-            LoginMaterial::Cookie { session_timeout, .. } => Some(*session_timeout),
-            LoginMaterial::OAuth2 { .. } | LoginMaterial::Basic { .. } => None,
-        };
         decide::refresh_warning(
             credential.issued_at,
             credential.expires_at,
             inputs.refresh_before,
-            session_timeout,
+            inputs.session_timeout,
             &self.ctx.refresh_policy,
         )
     }
@@ -603,7 +753,8 @@ impl<'a> Reconciling<'a> {
         http: &HttpClient,
         credential: Option<&StoredCredential>,
         newly_issued: bool,
-        inputs: &Inputs,
+        inputs: &InputsSummary,
+        trust: &TlsTrust,
         now: Timestamp,
     ) -> (ConditionState, Option<ProbeOutcome>) {
         let (connection, ctx, key) = (self.connection, self.ctx, &self.key);
@@ -633,7 +784,7 @@ impl<'a> Reconciling<'a> {
             return (last.result.clone(), None);
         }
         let probe = Probe::new(&connection.spec.url, spec).with_timeout(ctx.probe_timeout());
-        let probe_key = ProbeKey::new(&probe, credential.credential.as_probe_credential(), &inputs.trust);
+        let probe_key = ProbeKey::new(&probe, credential.credential.as_probe_credential(), trust);
         let host = origin(&probe.url).unwrap_or_else(|| probe.url.clone());
         let send = || {
             let (probe, http, metrics) = (probe.clone(), http.clone(), ctx.metrics.clone());
@@ -856,18 +1007,29 @@ fn failed_condition(failure: &AuthFailure) -> ConditionState {
     ConditionState::failing(Reason::of_auth_failure(failure), failure.message.clone())
 }
 
-fn issued_message(credential: &StoredCredential, inputs: &Inputs) -> String {
-    let kind = match &inputs.login {
-        LoginMaterial::OAuth2 { endpoint, .. } => format!("access token from {}", endpoint.location.describe()),
-        LoginMaterial::Cookie { .. } => "session".to_owned(),
-        LoginMaterial::Basic { username, .. } => {
+fn issued_message(credential: &StoredCredential, inputs: &InputsSummary) -> String {
+    let kind = match (&inputs.token_endpoint, &credential.credential) {
+        (_, Credential::Basic(authorization)) => {
+            let username = basic_username(authorization.expose()).unwrap_or_default();
             return format!(
                 "HTTP Basic credentials of user {username:?} stored at {}; they do not expire",
                 credential.issued_at
             );
         }
+        (Some(endpoint), _) => format!("access token from {}", endpoint.location.describe()),
+        (None, _) => "session".to_owned(),
     };
     format!("{kind} obtained at {}, valid until {}", credential.issued_at, credential.expires_at)
+}
+
+/// The username of an HTTP Basic `Authorization` header value, which the message names:
+/// read back from the stored credential, so that no Secret is read to say it. (RFC 7617:
+/// a username has no colon, so the first one ends it.)
+fn basic_username(authorization: &str) -> Option<String> {
+    let encoded = authorization.strip_prefix("Basic ")?;
+    let decoded = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, encoded).ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    text.split_once(':').map(|(username, _)| username.to_owned())
 }
 
 /// The HTTP status of a probe that Tasklist refused (401 or 403).
@@ -875,5 +1037,18 @@ fn unauthorized_status(outcome: &ProbeOutcome) -> Option<u16> {
     match outcome {
         ProbeOutcome::Unauthorized { status } => Some(*status),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::basic_username;
+
+    #[test]
+    fn the_basic_username_is_read_back_from_the_stored_header() {
+        // base64 of "demo:pa:ss": the first colon ends the username.
+        assert_eq!(basic_username("Basic ZGVtbzpwYTpzcw==").as_deref(), Some("demo"));
+        assert_eq!(basic_username("Bearer x"), None);
+        assert_eq!(basic_username("Basic !!"), None);
     }
 }

@@ -1,7 +1,8 @@
 //! Wiring tests: one reconcile against a scripted Kubernetes API (in the style of
 //! controller-rs's `fixtures.rs`) and a stand-in Tasklist. They pin the exact requests, in
 //! order, that the decisions of `decide.rs` lead to, in milliseconds and without a control
-//! plane.
+//! plane. The Secret watches' caches are fed by the test, as the watches would: what a
+//! reconcile reads from them is a request it does not send.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,14 +12,17 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::ObjectMeta;
 use kube::client::Body;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::watcher;
 use serde_json::{Value, json};
 use testsupport::standin::StandinTasklist;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::reconcile::reconcile;
-use super::{Context, Error, FIELD_MANAGER};
+use super::{Context, Error, FIELD_MANAGER, SecretCaches};
 use crate::camunda::HttpSettings;
 use crate::crd::{TasklistConnection, TasklistConnectionStatus};
 use crate::metrics::Metrics;
@@ -145,12 +149,16 @@ fn connection(standin: &StandinTasklist, status: Option<TasklistConnectionStatus
 }
 
 fn client_secret() -> Value {
+    client_secret_at("11")
+}
+
+fn client_secret_at(version: &str) -> Value {
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some("client".into()),
             namespace: Some(NAMESPACE.into()),
             uid: Some("uid-client".into()),
-            resource_version: Some("11".into()),
+            resource_version: Some(version.into()),
             ..ObjectMeta::default()
         },
         data: Some(BTreeMap::from([
@@ -168,12 +176,11 @@ fn applied(mut body: Value, version: &str) -> Value {
     body
 }
 
-/// Starts the reconcile of a connection seen for the first time and answers its reads:
-/// no derived Secret yet, the client Secret. The next request is the write.
+/// Starts the reconcile of a connection seen for the first time and answers its one read:
+/// the client Secret's values, to obtain a credential (that there is no derived Secret yet
+/// comes from the caches). The next request is the write.
 async fn start_new_connection(h: &mut Harness) -> JoinHandle<Result<Action, Error>> {
-    let running = tokio::spawn(reconcile(Arc::new(connection(&h.standin, None)), h.ctx.clone()));
-    let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
-    not_found(reply);
+    let running = h.reconcile(None);
     let (_, reply, _) = h.api.expect(Method::GET, CLIENT).await;
     answer(reply, StatusCode::OK, &client_secret());
     running
@@ -183,9 +190,60 @@ struct Harness {
     standin: StandinTasklist,
     ctx: Arc<Context>,
     api: ApiServer,
+    caches: SecretCaches,
+    /// The store of the operator's own (labelled) Secrets, as its watch fills it.
+    derived: Writer<Secret>,
+    /// The metadata store of every Secret, as its watch fills it.
+    metadata: Writer<PartialObjectMeta<Secret>>,
 }
 
+impl Harness {
+    fn reconcile(&self, status: Option<TasklistConnectionStatus>) -> JoinHandle<Result<Action, Error>> {
+        tokio::spawn(reconcile(
+            Arc::new(connection(&self.standin, status)),
+            self.ctx.clone(),
+            self.caches.clone(),
+        ))
+    }
+
+    /// The watches see `secret` created or changed: the metadata watch always, the
+    /// labelled watch when it carries the operator's label.
+    fn watch_sees(&mut self, secret: &Value) {
+        let secret: Secret = serde_json::from_value(secret.clone()).expect("a Secret");
+        let labelled = secret
+            .metadata
+            .labels
+            .as_ref()
+            .is_some_and(|labels| labels.get(crate::derived_secret::MANAGED_BY_LABEL).map(String::as_str) == Some("tasklist-operator"));
+        self.metadata.apply_watcher_event(&watcher::Event::Apply(metadata_of(&secret)));
+        if labelled {
+            self.derived.apply_watcher_event(&watcher::Event::Apply(secret));
+        }
+    }
+}
+
+fn metadata_of(secret: &Secret) -> PartialObjectMeta<Secret> {
+    PartialObjectMeta {
+        types: None,
+        metadata: secret.metadata.clone(),
+        _phantom: Default::default(),
+    }
+}
+
+/// A harness whose watches have listed the namespace, holding the client Secret.
 async fn harness() -> Harness {
+    let mut h = harness_before_the_watches_listed().await;
+    h.derived.apply_watcher_event(&watcher::Event::Init);
+    h.derived.apply_watcher_event(&watcher::Event::InitDone);
+    let client: Secret = serde_json::from_value(client_secret()).expect("a Secret");
+    h.metadata.apply_watcher_event(&watcher::Event::Init);
+    h.metadata.apply_watcher_event(&watcher::Event::InitApply(metadata_of(&client)));
+    h.metadata.apply_watcher_event(&watcher::Event::InitDone);
+    h
+}
+
+/// A harness whose caches are empty and not ready: a start, before the watches listed.
+async fn harness_before_the_watches_listed() -> Harness {
     let standin = StandinTasklist::start().await.expect("the stand-in starts");
     standin.add_client("orders", CLIENT_SECRET);
     let (client, api) = scripted_client();
@@ -196,7 +254,20 @@ async fn harness() -> Harness {
         Arc::new(Metrics::default()),
         None,
     ));
-    Harness { standin, ctx, api }
+    let (derived_store, derived) = reflector::store();
+    let (metadata_store, metadata) = reflector::store();
+    let caches = SecretCaches {
+        derived: derived_store,
+        metadata: metadata_store,
+    };
+    Harness {
+        standin,
+        ctx,
+        api,
+        caches,
+        derived,
+        metadata,
+    }
 }
 
 const SECRETS: &str = "/api/v1/namespaces/team-a/secrets";
@@ -205,9 +276,10 @@ const CLIENT: &str = "/api/v1/namespaces/team-a/secrets/client";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/team-a/events";
 const STATUS: &str = "/apis/tasklist.camunda.community/v1alpha1/namespaces/team-a/tasklistconnections/orders/status";
 
-/// First pass: GET the derived Secret (absent), GET the client Secret, create the Secret
-/// (never apply: one that appeared meanwhile must not be taken over), the CredentialIssued
-/// Event, apply status. Returns the written Secret and status.
+/// First pass: GET the client Secret (to obtain: the only read), create the Secret (never
+/// apply: one that appeared meanwhile must not be taken over), the CredentialIssued Event,
+/// apply status. Returns the written Secret and status; the watches have not seen the
+/// Secret yet.
 async fn first_pass(h: &mut Harness) -> (Value, TasklistConnectionStatus) {
     let running = start_new_connection(h).await;
     let (secret, reply, query) = h.api.expect(Method::POST, SECRETS).await;
@@ -237,14 +309,12 @@ async fn first_pass_reads_writes_the_secret_announces_and_writes_status_in_that_
 }
 
 #[tokio::test]
-async fn second_pass_writes_nothing() {
+async fn second_pass_sends_nothing_at_all() {
     let mut h = harness().await;
     let (secret, status) = first_pass(&mut h).await;
-    let running = tokio::spawn(reconcile(Arc::new(connection(&h.standin, Some(status))), h.ctx.clone()));
-    let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
-    answer(reply, StatusCode::OK, &secret);
-    let (_, reply, _) = h.api.expect(Method::GET, CLIENT).await;
-    answer(reply, StatusCode::OK, &client_secret());
+    h.watch_sees(&secret);
+    // No read, no write: everything comes from the caches.
+    let running = h.reconcile(Some(status));
     h.api.finish(running).await;
     assert_eq!(
         h.standin.token_requests().len(),
@@ -254,18 +324,83 @@ async fn second_pass_writes_nothing() {
 }
 
 #[tokio::test]
+async fn caches_behind_the_own_write_are_not_trusted() {
+    let mut h = harness().await;
+    let (secret, status) = first_pass(&mut h).await;
+    // The labelled watch has not delivered the create yet: the derived Secret is read
+    // from the API server, once; the client Secret's values are not (nothing to obtain).
+    let running = h.reconcile(Some(status.clone()));
+    let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
+    answer(reply, StatusCode::OK, &secret);
+    h.api.finish(running).await;
+    // Once the watch has it, nothing is read.
+    h.watch_sees(&secret);
+    let running = h.reconcile(Some(status));
+    h.api.finish(running).await;
+    assert_eq!(h.standin.token_requests().len(), 1);
+}
+
+#[tokio::test]
+async fn before_the_watches_listed_everything_is_read_from_the_api_server() {
+    let mut h = harness_before_the_watches_listed().await;
+    let running = h.reconcile(None);
+    let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
+    not_found(reply);
+    let (_, reply, _) = h.api.expect(Method::GET, CLIENT).await;
+    answer(reply, StatusCode::OK, &client_secret());
+    // Read once, although both the fingerprint and the token request need it.
+    let (secret, reply, _) = h.api.expect(Method::POST, SECRETS).await;
+    answer(reply, StatusCode::CREATED, &applied(secret, "21"));
+    let (_, reply, _) = h.api.expect(Method::POST, EVENTS).await;
+    answer(reply, StatusCode::CREATED, &json!({}));
+    h.api.finish_allowing_status(running, &h.standin).await;
+    assert_eq!(h.standin.token_requests().len(), 1);
+}
+
+#[tokio::test]
+async fn a_client_secret_read_later_than_the_watch_saw_it_is_stored_with_the_version_read() {
+    let mut h = harness().await;
+    // The metadata watch says version 11; the rotation to 12 happened just before the read.
+    let running = h.reconcile(None);
+    let (_, reply, _) = h.api.expect(Method::GET, CLIENT).await;
+    answer(reply, StatusCode::OK, &client_secret_at("12"));
+    let (secret, reply, _) = h.api.expect(Method::POST, SECRETS).await;
+    let written = applied(secret, "21");
+    answer(reply, StatusCode::CREATED, &written);
+    let (_, reply, _) = h.api.expect(Method::POST, EVENTS).await;
+    answer(reply, StatusCode::CREATED, &json!({}));
+    let (patch, reply, _) = h.api.expect(Method::PATCH, STATUS).await;
+    let status: TasklistConnectionStatus = serde_json::from_value(patch["status"].clone()).expect("a status");
+    answer(
+        reply,
+        StatusCode::OK,
+        &serde_json::to_value(connection(&h.standin, Some(status.clone()))).expect("JSON"),
+    );
+    h.api.finish(running).await;
+    // Once the watch delivers version 12 (whose event wakes the connection), the stored
+    // credential fits: nothing is read or obtained.
+    h.watch_sees(&written);
+    h.watch_sees(&client_secret_at("12"));
+    let running = h.reconcile(Some(status));
+    h.api.finish(running).await;
+    assert_eq!(h.standin.token_requests().len(), 1, "a second token for the version already used");
+}
+
+#[tokio::test]
 async fn a_hand_edited_secret_is_restored() {
     let mut h = harness().await;
     let (mut secret, status) = first_pass(&mut h).await;
+    h.watch_sees(&secret);
     secret["data"]["token"] = json!("ZWRpdGVk");
-    let running = tokio::spawn(reconcile(Arc::new(connection(&h.standin, Some(status))), h.ctx.clone()));
-    let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
-    answer(reply, StatusCode::OK, &secret);
+    secret["metadata"]["resourceVersion"] = json!("25");
+    h.watch_sees(&secret);
+    // The edit is seen in the caches; the client Secret is read to obtain a new token.
+    let running = h.reconcile(Some(status));
     let (_, reply, _) = h.api.expect(Method::GET, CLIENT).await;
     answer(reply, StatusCode::OK, &client_secret());
     // A merge patch on condition of the resourceVersion that was checked.
     let (patch, reply, _) = h.api.expect(Method::PATCH, DERIVED).await;
-    assert_eq!(patch["metadata"]["resourceVersion"], "21");
+    assert_eq!(patch["metadata"]["resourceVersion"], "25");
     assert_ne!(patch["data"]["token"], json!("ZWRpdGVk"));
     let mut written = secret.clone();
     written["data"]["token"] = patch["data"]["token"].clone();
@@ -282,10 +417,11 @@ async fn a_hand_edited_secret_is_restored() {
 async fn a_conflict_is_announced_once_then_only_read() {
     let mut h = harness().await;
     let foreign = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "orders-tasklist-auth", "namespace": NAMESPACE, "resourceVersion": "5"}, "data": {"x": "eA=="}});
+    // Someone else's Secret is not labelled: only the metadata watch has it, and that is
+    // enough to see it is not ours (no GET).
+    h.watch_sees(&foreign);
 
-    let running = tokio::spawn(reconcile(Arc::new(connection(&h.standin, None)), h.ctx.clone()));
-    let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
-    answer(reply, StatusCode::OK, &foreign);
+    let running = h.reconcile(None);
     let (event, reply, _) = h.api.expect(Method::POST, EVENTS).await;
     assert_eq!(event["reason"], "SecretConflict");
     answer(reply, StatusCode::CREATED, &event);
@@ -298,10 +434,8 @@ async fn a_conflict_is_announced_once_then_only_read() {
     );
     h.api.finish(running).await;
 
-    // Again, with that status: no Event, no status write, no token request.
-    let running = tokio::spawn(reconcile(Arc::new(connection(&h.standin, Some(status))), h.ctx.clone()));
-    let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
-    answer(reply, StatusCode::OK, &foreign);
+    // Again, with that status: no read, no Event, no status write, no token request.
+    let running = h.reconcile(Some(status));
     h.api.finish(running).await;
     assert!(h.standin.token_requests().is_empty());
 }
@@ -365,9 +499,9 @@ async fn a_denied_write_keeps_the_credential_and_a_failing_status_patch_obtains_
         );
     }
 
-    // 3. At once again (the status never written): no token, no write before the backoff,
-    //    no second Event; status is tried again.
-    let running = start_new_connection(&mut h).await;
+    // 3. At once again (the status never written): no read, no token, no write before the
+    //    backoff, no second Event; status is tried again.
+    let running = h.reconcile(None);
     let (patch, reply, _) = h.api.expect(Method::PATCH, STATUS).await;
     assert_eq!(patch["status"]["conditions"][0]["reason"], "SecretWriteFailed");
     let status: TasklistConnectionStatus = serde_json::from_value(patch["status"].clone()).expect("a status");
@@ -380,12 +514,9 @@ async fn a_denied_write_keeps_the_credential_and_a_failing_status_patch_obtains_
     assert_eq!(h.standin.token_requests().len(), 1);
 
     // 4. After the first backoff (at most 1.25 s): the same token is written; nothing obtained.
+    //    The kept token needs no read either.
     tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
-    let running = tokio::spawn(reconcile(Arc::new(connection(&h.standin, Some(status))), h.ctx.clone()));
-    let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
-    not_found(reply);
-    let (_, reply, _) = h.api.expect(Method::GET, CLIENT).await;
-    answer(reply, StatusCode::OK, &client_secret());
+    let running = h.reconcile(Some(status));
     let (secret, reply, _) = h.api.expect(Method::POST, SECRETS).await;
     assert_eq!(secret["data"]["token"].as_str(), Some(sent.as_str()), "not the kept token");
     answer(reply, StatusCode::CREATED, &applied(secret, "41"));

@@ -29,6 +29,7 @@ mod policy;
 mod probes;
 mod refresh;
 mod reliability;
+mod scale;
 mod scenario;
 mod shards;
 mod writes;
@@ -54,6 +55,7 @@ fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     all.extend(writes::scenarios());
     all.extend(shards::scenarios());
     all.extend(probes::scenarios());
+    all.extend(scale::scenarios());
     all
 }
 

@@ -31,6 +31,28 @@ use tempfile::TempDir;
 use crate::tools::{self, Tools};
 
 /// How long the API server may take to become ready (also after [`ControlPlane::start_apiserver`]).
+/// One request the API server completed, from its audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiRequest {
+    /// `get`, `list`, `watch`, `create`, `update`, `patch`, `delete`.
+    pub verb: String,
+    /// `secrets`, `events`, `tasklistconnections`.
+    pub resource: String,
+    /// `status`, or empty.
+    pub subresource: String,
+    /// Empty for a list or a watch.
+    pub name: String,
+    /// The HTTP status code of the answer.
+    pub code: u64,
+}
+
+impl ApiRequest {
+    /// A request that changes something.
+    pub fn is_write(&self) -> bool {
+        matches!(self.verb.as_str(), "create" | "update" | "patch" | "delete" | "deletecollection")
+    }
+}
+
 /// The API server's audit log, in the control plane's folder.
 const AUDIT_LOG: &str = "audit.log";
 const AUDIT_POLICY: &str = r#"apiVersion: audit.k8s.io/v1
@@ -42,6 +64,16 @@ rules:
     resources:
       - group: tasklist.camunda.community
         resources: ["tasklistconnections/status"]
+  # Every request on what the operator reads and writes, by metadata only (no Secret data):
+  # what tests count with `api_requests`.
+  - level: Metadata
+    resources:
+      - group: ""
+        resources: ["secrets", "events"]
+      - group: events.k8s.io
+        resources: ["events"]
+      - group: tasklist.camunda.community
+        resources: ["tasklistconnections"]
   - level: None
 "#;
 const STARTUP_DEADLINE: Duration = Duration::from_secs(90);
@@ -386,6 +418,32 @@ impl ControlPlane {
                     && event["objectRef"]["subresource"] == "status"
             })
             .count())
+    }
+
+    /// Every request on Secrets, Events and TasklistConnections (and writes of their status)
+    /// in `namespace` that the API server has completed, from its audit log, oldest first.
+    /// Long-running watches count when they end.
+    ///
+    /// Fails when the audit log cannot be read, like [`ControlPlane::status_writes`].
+    pub fn api_requests(&self, namespace: &str) -> anyhow::Result<Vec<ApiRequest>> {
+        let path = self.workdir.path().join(AUDIT_LOG);
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read the audit log {}", path.display()))?;
+        Ok(text
+            .lines()
+            // A line still being written does not parse; it is counted next time.
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|event| event["stage"] == "ResponseComplete" && event["objectRef"]["namespace"] == namespace)
+            .map(|event| {
+                let text = |value: &serde_json::Value| value.as_str().unwrap_or_default().to_owned();
+                ApiRequest {
+                    verb: text(&event["verb"]),
+                    resource: text(&event["objectRef"]["resource"]),
+                    subresource: text(&event["objectRef"]["subresource"]),
+                    name: text(&event["objectRef"]["name"]),
+                    code: event["responseStatus"]["code"].as_u64().unwrap_or_default(),
+                }
+            })
+            .collect())
     }
 
     /// The last `lines` lines of each component's log, for failure messages.
