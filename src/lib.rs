@@ -20,3 +20,4 @@ pub mod reason;
 pub mod schedule;
 pub mod serve;
 pub mod status;
+pub mod token_cache;

@@ -30,6 +30,13 @@ pub struct MethodLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// `in_flight` (another connection's request was awaited) or `cache` (a token another
+    /// connection obtained was reused).
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
 }
@@ -45,6 +52,7 @@ pub struct Metrics {
     pub credential_expiry: Family<ConnectionLabels, Gauge<i64, AtomicI64>>,
     pub credential_requests: Family<CredentialRequestLabels, Counter>,
     pub credential_refreshes: Family<MethodLabels, Counter>,
+    pub token_requests_saved: Family<SourceLabels, Counter>,
     pub token_request_duration: Histogram,
     pub login_duration: Histogram,
     pub probe_duration: Family<ResultLabels, Histogram>,
@@ -85,6 +93,12 @@ impl Default for Metrics {
             "New credentials that replaced a stored one, by method",
             credential_refreshes.clone(),
         );
+        let token_requests_saved = Family::<SourceLabels, Counter>::default();
+        registry.register(
+            "token_requests_saved",
+            "Tokens a connection got without a request of its own, shared with connections of the same client, by source",
+            token_requests_saved.clone(),
+        );
         let token_request_duration = Histogram::new(request_buckets());
         registry.register(
             "token_request_duration_seconds",
@@ -115,6 +129,7 @@ impl Default for Metrics {
             credential_expiry,
             credential_requests,
             credential_refreshes,
+            token_requests_saved,
             token_request_duration,
             login_duration,
             probe_duration,

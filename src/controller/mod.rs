@@ -30,6 +30,7 @@ use crate::inputs::Inputs;
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::policy::HostPolicy;
 use crate::schedule::RefreshPolicy;
+use crate::token_cache::TokenCache;
 use host_slots::{DEFERRAL, HostSlots, reconcile_deadline, reconciles_per_host, request_hosts};
 use memory::{ConnectionKey, Memory};
 use shared_clients::SharedByUsers;
@@ -77,6 +78,8 @@ pub struct Context {
     /// client no connection uses any more is dropped.
     http_clients: Mutex<SharedByUsers<ConnectionKey, TlsTrust, HttpClient>>,
     memory: Memory,
+    /// Tokens shared by the connections that would send the same token request.
+    token_cache: TokenCache<ConnectionKey>,
     /// How many connections are reconciled at once (per watched namespace).
     concurrency: u16,
     /// Reconciles in flight per host, so that a dead host cannot hold every reconcile slot.
@@ -104,6 +107,7 @@ impl Context {
             refresh_policy: policy,
             http_clients: Mutex::default(),
             memory: Memory::default(),
+            token_cache: TokenCache::default(),
             concurrency: DEFAULT_CONCURRENCY,
             host_slots: HostSlots::default(),
         }
@@ -123,6 +127,7 @@ impl Context {
 
     fn forget_key(&self, key: &ConnectionKey) {
         self.memory.forget(key);
+        self.token_cache.forget(key);
         self.metrics.forget_connection(&key.0, &key.1);
         if let Ok(mut clients) = self.http_clients.lock() {
             clients.forget(key);

@@ -22,13 +22,13 @@ use super::{Context, Error, FIELD_MANAGER};
 use crate::camunda::probe::{Probe, ProbeOutcome};
 use crate::camunda::{AuthFailure, HttpClient, redact};
 use crate::crd::{TasklistConnection, TasklistConnectionStatus};
-use crate::credential::{NEVER, add};
+use crate::credential::{Credential, NEVER, add};
 use crate::derived_secret::{DATA_HASH, StoredCredential, Unusable, is_owned_by, update_patch};
 use crate::events::{ConnectionEvent, transitions};
 use crate::inputs::{Inputs, LoginMaterial, read_inputs};
 use crate::logging::{ProbeLogLevel, human_signed_duration, probe_log_level};
-use crate::metrics::{ConnectionLabels, CredentialRequestLabels, MethodLabels, ResultLabels};
-use crate::obtain::obtain_credential_with;
+use crate::metrics::{ConnectionLabels, CredentialRequestLabels, MethodLabels, ResultLabels, SourceLabels};
+use crate::obtain::obtain_shared_credential;
 use crate::reason::Reason;
 use crate::status::{AUTHENTICATED, ConditionState, CredentialTimes, Observation, READY, desired_status};
 
@@ -327,8 +327,23 @@ impl<'a> Reconciling<'a> {
     ) -> Result<FreshCredential, Error> {
         let (ctx, key) = (self.ctx, &self.key);
         let started = std::time::Instant::now();
-        let result = obtain_credential_with(inputs, http, &ctx.refresh_policy).await;
-        self.record_credential_request(inputs, &result, started.elapsed());
+        // Connections with the same client share one token; the one held now is never
+        // handed back (its refresh is due, its inputs changed, or Tasklist refused it).
+        let held = stored.as_ref().and_then(|current| match &current.credential {
+            Credential::Bearer(token) => Some(token),
+            Credential::Session(_) | Credential::Basic(_) => None,
+        });
+        let obtained = obtain_shared_credential(inputs, http, &ctx.refresh_policy, &ctx.token_cache, key.clone(), held).await;
+        let result = obtained.result;
+        match obtained.source.saved_label() {
+            None => self.record_credential_request(inputs, &result, started.elapsed()),
+            Some(source) => {
+                ctx.metrics
+                    .token_requests_saved
+                    .get_or_create(&SourceLabels { source: source.into() })
+                    .inc();
+            }
+        }
         match result {
             Ok(credential) => self.store(inputs, credential, stored, restoring).await,
             Err(failure) => {
