@@ -29,6 +29,7 @@ mod policy;
 mod refresh;
 mod reliability;
 mod scenario;
+mod sharing;
 mod writes;
 
 use std::process::ExitCode;
@@ -50,6 +51,7 @@ fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     all.extend(isolation::scenarios());
     all.extend(auth_methods::scenarios());
     all.extend(writes::scenarios());
+    all.extend(sharing::scenarios());
     all
 }
 
