@@ -70,8 +70,9 @@ pub struct Obtained {
 /// another connection obtained is reused while this connection's own refresh time for it
 /// is ahead, and a request in flight is awaited rather than sent again. `held` is the token
 /// the connection has now: it is never handed back, and leaves the cache (its refresh
-/// is due, its inputs changed, or Tasklist refused it). Sessions and HTTP Basic are not
-/// shared.
+/// is due, its inputs changed, or Tasklist refused it). With `reuse` false no cached token
+/// is taken (a request in flight is still awaited): the contract restores a deleted or
+/// edited derived Secret with a new credential. Sessions and HTTP Basic are not shared.
 pub async fn obtain_shared_credential<User: Hash + Eq + Send + 'static>(
     inputs: &Inputs,
     http: &HttpClient,
@@ -79,6 +80,7 @@ pub async fn obtain_shared_credential<User: Hash + Eq + Send + 'static>(
     cache: &TokenCache<User>,
     user: User,
     held: Option<&Sensitive>,
+    reuse: bool,
 ) -> Obtained {
     let LoginMaterial::OAuth2 { endpoint, client } = &inputs.login else {
         return Obtained {
@@ -99,7 +101,7 @@ pub async fn obtain_shared_credential<User: Hash + Eq + Send + 'static>(
     // One draw decides both whether a cached token is reusable and the refresh time given.
     let jitter: f64 = rand::random();
     let now = Timestamp::now();
-    let reusable = |token: &SharedToken| refresh_time_if_reusable(token, inputs.refresh_before, policy, jitter, now).is_some();
+    let reusable = |token: &SharedToken| reuse && refresh_time_if_reusable(token, inputs.refresh_before, policy, jitter, now).is_some();
     let fetch = {
         let (endpoint, client, http, url) = (endpoint.clone(), client.clone(), http.clone(), url.clone());
         let max_lifetime = policy.max_credential_lifetime;
@@ -251,7 +253,7 @@ mod tests {
         let server = CountingTokenEndpoint::start().await;
         let (inputs, http, policy) = (server.inputs(), http(), RefreshPolicy::default());
         let cache = TokenCache::<usize>::default();
-        let callers = (0..20).map(|user| obtain_shared_credential(&inputs, &http, &policy, &cache, user, None));
+        let callers = (0..20).map(|user| obtain_shared_credential(&inputs, &http, &policy, &cache, user, None, true));
         let all = futures::future::join_all(callers);
         let release = async {
             // Every caller waits for the one request before the endpoint answers.
@@ -275,7 +277,7 @@ mod tests {
             assert!((2520..=2880).contains(&after), "refresh {after}s after issue");
         }
         // A connection that comes later gets the cached token: still one request.
-        let late = obtain_shared_credential(&inputs, &http, &policy, &cache, 20, None).await;
+        let late = obtain_shared_credential(&inputs, &http, &policy, &cache, 20, None, true).await;
         assert_eq!(late.source, TokenSource::Cached);
         assert_eq!(token_of(&late.result.unwrap()), "token-1");
         assert_eq!(server.requests(), 1);
@@ -287,24 +289,43 @@ mod tests {
         server.open();
         let (inputs, http, policy) = (server.inputs(), http(), RefreshPolicy::default());
         let cache = TokenCache::<usize>::default();
-        let first = obtain_shared_credential(&inputs, &http, &policy, &cache, 0, None)
+        let first = obtain_shared_credential(&inputs, &http, &policy, &cache, 0, None, true)
             .await
             .result
             .unwrap();
-        let shared = obtain_shared_credential(&inputs, &http, &policy, &cache, 1, None)
+        let shared = obtain_shared_credential(&inputs, &http, &policy, &cache, 1, None, true)
             .await
             .result
             .unwrap();
         assert_eq!(token_of(&shared), "token-1");
         // Tasklist refused token-1 (a 401): connection 0 must not get it back from the cache.
         let held = Sensitive::new(token_of(&first));
-        let renewed = obtain_shared_credential(&inputs, &http, &policy, &cache, 0, Some(&held)).await;
+        let renewed = obtain_shared_credential(&inputs, &http, &policy, &cache, 0, Some(&held), true).await;
         assert_eq!(renewed.source, TokenSource::Requested);
         assert_eq!(token_of(&renewed.result.unwrap()), "token-2");
         // Connection 1, refused too, gets the new one without another request.
-        let other = obtain_shared_credential(&inputs, &http, &policy, &cache, 1, Some(&held)).await;
+        let other = obtain_shared_credential(&inputs, &http, &policy, &cache, 1, Some(&held), true).await;
         assert_eq!(other.source, TokenSource::Cached);
         assert_eq!(token_of(&other.result.unwrap()), "token-2");
+        assert_eq!(server.requests(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_restored_secret_gets_a_new_token_which_the_others_then_share() {
+        let server = CountingTokenEndpoint::start().await;
+        server.open();
+        let (inputs, http, policy) = (server.inputs(), http(), RefreshPolicy::default());
+        let cache = TokenCache::<usize>::default();
+        obtain_shared_credential(&inputs, &http, &policy, &cache, 0, None, true)
+            .await
+            .result
+            .unwrap();
+        // Connection 0's derived Secret was deleted: it holds nothing, and reuses nothing.
+        let restored = obtain_shared_credential(&inputs, &http, &policy, &cache, 0, None, false).await;
+        assert_eq!(restored.source, TokenSource::Requested);
+        assert_eq!(token_of(&restored.result.unwrap()), "token-2");
+        let other = obtain_shared_credential(&inputs, &http, &policy, &cache, 1, None, true).await;
+        assert_eq!((other.source, token_of(&other.result.unwrap())), (TokenSource::Cached, "token-2"));
         assert_eq!(server.requests(), 2);
     }
 
@@ -345,7 +366,7 @@ mod tests {
         let policy = RefreshPolicy::default();
         let mut sessions = Vec::new();
         for user in 0..2 {
-            let obtained = obtain_shared_credential(&inputs, &http(), &policy, &cache, user, None).await;
+            let obtained = obtain_shared_credential(&inputs, &http(), &policy, &cache, user, None, true).await;
             assert_eq!(obtained.source, TokenSource::Requested);
             sessions.push(obtained.result.unwrap().credential);
         }

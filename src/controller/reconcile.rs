@@ -333,7 +333,10 @@ impl<'a> Reconciling<'a> {
             Credential::Bearer(token) => Some(token),
             Credential::Session(_) | Credential::Basic(_) => None,
         });
-        let obtained = obtain_shared_credential(inputs, http, &ctx.refresh_policy, &ctx.token_cache, key.clone(), held).await;
+        // A deleted or edited derived Secret is restored with a new credential, as the
+        // contract says, not with the cached one.
+        let reuse = !restoring;
+        let obtained = obtain_shared_credential(inputs, http, &ctx.refresh_policy, &ctx.token_cache, key.clone(), held, reuse).await;
         let result = obtained.result;
         match obtained.source.saved_label() {
             None => self.record_credential_request(inputs, &result, started.elapsed()),
