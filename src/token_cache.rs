@@ -230,10 +230,9 @@ impl<User: Hash + Eq + Send + 'static> TokenCache<User> {
         Fetch: Future<Output = FlightResult> + Send + 'static,
     {
         let (source, flight) = {
-            let mut state = lock(&self.state);
+            let mut guard = lock(&self.state);
+            let state = &mut *guard;
             state.use_key(user, key);
-            state.flights_started += 1;
-            let id = state.flights_started;
             let entry = state.entries.entry(key).or_default();
             if let Some(token) = &entry.token {
                 if held.is_some_and(|held| *held == token.access_token) {
@@ -248,6 +247,8 @@ impl<User: Hash + Eq + Send + 'static> TokenCache<User> {
                     (TokenSource::InFlight, flight.result.clone())
                 }
                 None => {
+                    state.flights_started += 1;
+                    let id = state.flights_started;
                     let result = self.start_flight(key, id, fetch());
                     entry.flight = Some(Flight {
                         id,
