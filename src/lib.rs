@@ -21,3 +21,4 @@ pub mod schedule;
 pub mod serve;
 pub mod shard;
 pub mod status;
+pub mod token_cache;

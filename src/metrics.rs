@@ -30,6 +30,13 @@ pub struct MethodLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// `in_flight` (another connection's request was awaited) or `cache` (a token another
+    /// connection obtained was reused).
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
 }
@@ -52,6 +59,7 @@ pub struct Metrics {
     pub credential_expiry: Family<ConnectionLabels, Gauge<i64, AtomicI64>>,
     pub credential_requests: Family<CredentialRequestLabels, Counter>,
     pub credential_refreshes: Family<MethodLabels, Counter>,
+    pub token_requests_saved: Family<SourceLabels, Counter>,
     pub token_request_duration: Histogram,
     pub login_duration: Histogram,
     pub probe_duration: Family<ResultLabels, Histogram>,
@@ -93,6 +101,12 @@ impl Default for Metrics {
             "credential_refreshes",
             "New credentials that replaced a stored one, by method",
             credential_refreshes.clone(),
+        );
+        let token_requests_saved = Family::<SourceLabels, Counter>::default();
+        registry.register(
+            "token_requests_saved",
+            "Tokens a connection got without a request of its own, shared with connections of the same client, by source",
+            token_requests_saved.clone(),
         );
         let token_request_duration = Histogram::new(request_buckets());
         registry.register(
@@ -136,6 +150,7 @@ impl Default for Metrics {
             credential_expiry,
             credential_requests,
             credential_refreshes,
+            token_requests_saved,
             token_request_duration,
             login_duration,
             probe_duration,

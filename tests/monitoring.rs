@@ -9,7 +9,9 @@ use std::process::Command;
 use std::sync::Arc;
 
 use serde::Deserialize;
-use tasklist_operator::metrics::{ConnectionLabels, CredentialRequestLabels, MethodLabels, Metrics, ReasonLabels, ResultLabels};
+use tasklist_operator::metrics::{
+    ConnectionLabels, CredentialRequestLabels, MethodLabels, Metrics, ReasonLabels, ResultLabels, SourceLabels,
+};
 use tasklist_operator::serve::{Health, serve};
 
 fn tool(var: &str) -> PathBuf {
@@ -104,6 +106,10 @@ fn metrics_with_a_series_in_every_family() -> Metrics {
         .get_or_create(&ReasonLabels {
             reason: "KubernetesApi".into(),
         })
+        .inc();
+    metrics
+        .token_requests_saved
+        .get_or_create(&SourceLabels { source: "cache".into() })
         .inc();
     metrics.token_request_duration.observe(0.2);
     metrics.login_duration.observe(0.3);

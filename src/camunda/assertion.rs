@@ -27,6 +27,9 @@ pub struct AssertionKey {
     /// SHA-1 and SHA-256 thumbprints of the key's certificate (`x5t`, `x5t#S256`), by which
     /// Microsoft Entra ID finds the key.
     pub thumbprints: Option<(String, String)>,
+    /// SHA-256 of the PEM the key was read from: tells keys apart (for sharing tokens
+    /// between connections) without keeping or showing the key itself.
+    digest: [u8; 32],
 }
 
 impl fmt::Debug for AssertionKey {
@@ -74,6 +77,7 @@ impl AssertionKey {
     /// reported when it is read, not at each token request. The error names no key material.
     pub fn from_pem(pem: &str, mut key_id: Option<String>) -> Result<AssertionKey, String> {
         install_crypto_provider();
+        let digest: [u8; 32] = sha2::Sha256::digest(pem.trim().as_bytes()).into();
         let candidates = [
             (EncodingKey::from_rsa_pem(pem.as_bytes()), Algorithm::RS256),
             (EncodingKey::from_ec_pem(pem.as_bytes()), Algorithm::ES256),
@@ -85,6 +89,7 @@ impl AssertionKey {
                 algorithm,
                 key_id,
                 thumbprints: None,
+                digest,
             };
             if candidate.sign(&AssertionClaims::new("probe", "probe", 0)).is_ok() {
                 return Ok(candidate);
@@ -107,6 +112,11 @@ impl AssertionKey {
             thumbprints: Some(thumbprints),
             ..self
         })
+    }
+
+    /// SHA-256 of the key's PEM. Never shown: `Debug` leaves it out.
+    pub fn digest(&self) -> &[u8; 32] {
+        &self.digest
     }
 
     /// The signed assertion for `claims`.

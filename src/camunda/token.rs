@@ -114,25 +114,38 @@ impl TokenEndpoint {
     /// endpoint is discovered first; a failed request forgets it, so that the next try
     /// reads the discovery document again (the provider may have moved it).
     pub async fn request_token(&self, http: &HttpClient, client: &ClientCredentials) -> Result<TokenGrant, AuthFailure> {
+        let url = self.resolve(http).await?;
+        self.request_token_at(&url, http, client)
+            .await
+            .map_err(|failure| self.after_failed_request(&url, failure))
+    }
+
+    /// The URL token requests go to: `tokenUrl`, or the issuer's discovered token endpoint.
+    pub async fn resolve(&self, http: &HttpClient) -> Result<String, AuthFailure> {
         match &self.location {
-            TokenLocation::Url(url) => self.request_token_at(url, http, client).await,
+            TokenLocation::Url(url) => Ok(url.clone()),
+            TokenLocation::Issuer(issuer) => discovery::token_endpoint(http, issuer).await,
+        }
+    }
+
+    /// What a failed request at `url` (from [`Self::resolve`]) means for this endpoint: with
+    /// an issuer, the discovered endpoint is forgotten and the message names the issuer.
+    pub fn after_failed_request(&self, url: &str, failure: AuthFailure) -> AuthFailure {
+        match &self.location {
+            TokenLocation::Url(_) => failure,
             TokenLocation::Issuer(issuer) => {
-                let url = discovery::token_endpoint(http, issuer).await?;
-                let result = self.request_token_at(&url, http, client).await;
-                if let Err(failure) = &result {
-                    discovery::forget(issuer);
-                    return Err(AuthFailure {
-                        message: format!("{} (token endpoint {url}, discovered from issuer {issuer})", failure.message),
-                        ..failure.clone()
-                    });
+                discovery::forget(issuer);
+                AuthFailure {
+                    message: format!("{} (token endpoint {url}, discovered from issuer {issuer})", failure.message),
+                    ..failure
                 }
-                result
             }
         }
     }
 
-    /// POSTs `grant_type=client_credentials` with the client's proof, the audience and scope.
-    async fn request_token_at(&self, url: &str, http: &HttpClient, client: &ClientCredentials) -> Result<TokenGrant, AuthFailure> {
+    /// POSTs `grant_type=client_credentials` with the client's proof, the audience and scope
+    /// to `url` (from [`Self::resolve`]).
+    pub async fn request_token_at(&self, url: &str, http: &HttpClient, client: &ClientCredentials) -> Result<TokenGrant, AuthFailure> {
         let client_id = client.client_id.as_str();
         let mut fields = vec![("grant_type", "client_credentials")];
         let mut assertion_claims = None;

@@ -32,6 +32,7 @@ use crate::metrics::{Metrics, ReasonLabels};
 use crate::policy::{HostPolicy, ResolutionCache};
 use crate::schedule::RefreshPolicy;
 use crate::shard::Sharding;
+use crate::token_cache::TokenCache;
 use host_slots::{DEFERRAL, HostSlots, credential_hosts, reconcile_deadline, reconciles_per_host};
 use memory::{ConnectionKey, Memory};
 pub use probe_scheduler::{DEFAULT_PROBE_CONCURRENCY, DEFAULT_PROBES_PER_HOST};
@@ -83,6 +84,8 @@ pub struct Context {
     /// client no connection uses any more is dropped.
     http_clients: Mutex<SharedByUsers<ConnectionKey, TlsTrust, HttpClient>>,
     memory: Memory,
+    /// Tokens shared by the connections that would send the same token request.
+    token_cache: TokenCache<ConnectionKey>,
     /// How many connections are reconciled at once (per watched namespace).
     concurrency: u16,
     /// Reconciles in flight per credential host, so that a dead token endpoint cannot hold
@@ -138,6 +141,7 @@ impl Context {
             refresh_policy: policy,
             http_clients: Mutex::default(),
             memory: Memory::default(),
+            token_cache: TokenCache::default(),
             concurrency: DEFAULT_CONCURRENCY,
             host_slots: HostSlots::default(),
             sharding: Sharding::default(),
@@ -183,6 +187,7 @@ impl Context {
 
     fn forget_key(&self, key: &ConnectionKey) {
         self.memory.forget(key);
+        self.token_cache.forget(key);
         self.metrics.forget_connection(&key.0, &key.1);
         if let Ok(mut clients) = self.http_clients.lock() {
             clients.forget(key);

@@ -29,8 +29,8 @@ use crate::derived_secret::{DATA_HASH, StoredCredential, Unusable, is_owned_by, 
 use crate::events::{ConnectionEvent, transitions};
 use crate::inputs::{InputProblem, Inputs, InputsSummary, LoginMaterial, read_inputs, summarize};
 use crate::logging::{ProbeLogLevel, human_signed_duration, probe_log_level};
-use crate::metrics::{ConnectionLabels, CredentialRequestLabels, HowLabels, MethodLabels, ResultLabels};
-use crate::obtain::obtain_credential_with;
+use crate::metrics::{ConnectionLabels, CredentialRequestLabels, HowLabels, MethodLabels, ResultLabels, SourceLabels};
+use crate::obtain::obtain_shared_credential;
 use crate::reason::Reason;
 use crate::status::{AUTHENTICATED, ConditionState, CredentialTimes, Observation, READY, desired_status};
 
@@ -486,8 +486,26 @@ impl<'a> Reconciling<'a> {
         };
         let inputs = &inputs;
         let started = std::time::Instant::now();
-        let result = obtain_credential_with(inputs, http, &ctx.refresh_policy).await;
-        self.record_credential_request(inputs, &result, started.elapsed());
+        // Connections with the same client share one token; the one held now is never
+        // handed back (its refresh is due, its inputs changed, or Tasklist refused it).
+        let held = stored.as_ref().and_then(|current| match &current.credential {
+            Credential::Bearer(token) => Some(token),
+            Credential::Session(_) | Credential::Basic(_) => None,
+        });
+        // A deleted or edited derived Secret is restored with a new credential, as the
+        // contract says, not with the cached one.
+        let reuse = !restoring;
+        let obtained = obtain_shared_credential(inputs, http, &ctx.refresh_policy, &ctx.token_cache, key.clone(), held, reuse).await;
+        let result = obtained.result;
+        match obtained.source.saved_label() {
+            None => self.record_credential_request(inputs, &result, started.elapsed()),
+            Some(source) => {
+                ctx.metrics
+                    .token_requests_saved
+                    .get_or_create(&SourceLabels { source: source.into() })
+                    .inc();
+            }
+        }
         match result {
             Ok(credential) => self.store(summary, credential, stored, restoring).await,
             Err(failure) => {

@@ -174,7 +174,12 @@ async fn a_dead_host_does_not_delay_a_healthy_connection(world: Arc<World>) -> a
     for index in 0..DEAD {
         let spec = json!({
             "url": dead_url,
-            "auth": {"oauth2": {"tokenUrl": format!("{dead_url}/oauth/token"), "clientSecretRef": {"name": "client"}}},
+            // A distinct audience each: one token request per connection, not one shared.
+            "auth": {"oauth2": {
+                "tokenUrl": format!("{dead_url}/oauth/token"),
+                "audience": format!("dead-{index:02}"),
+                "clientSecretRef": {"name": "client"},
+            }},
             "probe": {"interval": "10s"},
         });
         s.apply_connection(&format!("dead-{index:02}"), spec).await?;

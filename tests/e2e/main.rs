@@ -32,6 +32,7 @@ mod reliability;
 mod scale;
 mod scenario;
 mod shards;
+mod sharing;
 mod writes;
 
 use std::process::ExitCode;
@@ -56,6 +57,7 @@ fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     all.extend(shards::scenarios());
     all.extend(probes::scenarios());
     all.extend(scale::scenarios());
+    all.extend(sharing::scenarios());
     all
 }
 
