@@ -104,7 +104,8 @@ async fn connections_at_rest_send_no_api_request(world: Arc<World>) -> anyhow::R
         tally(&requests)
     );
     ensure!(
-        reconciled >= AT_REST as f64 && probed >= AT_REST,
+        // The connections share one token, and so one probe per interval.
+        reconciled >= AT_REST as f64 && probed >= 2,
         "only {reconciled} reconciles and {probed} probes in {}s with a 10 s probe interval: the operator is not reconciling",
         REST_WINDOW.as_secs()
     );
