@@ -12,6 +12,7 @@ use crate::camunda::{AuthFailure, AuthFailureKind, FailureDetail};
 use crate::credential::add;
 use crate::reason::Reason;
 use crate::schedule::{MIN_SESSION_TIMEOUT, RefreshPolicy, refresh_before_honoured, retry_delay};
+use crate::status::ConditionState;
 
 /// Wake up at least this often, whatever is scheduled, so that nothing missed stays missed.
 pub const LONGEST_SLEEP: Duration = Duration::from_secs(3600);
@@ -385,6 +386,35 @@ pub fn refresh_warning(
 /// status it wrote may not have reached the reconcile yet): one Event, not one per refresh.
 pub fn announce_refresh_warning(previous_authenticated_message: Option<&str>, announced: bool, warning: Option<&str>) -> bool {
     warning.is_some() && !announced && !previous_authenticated_message.is_some_and(|message| message.contains(NOT_HONOURED))
+}
+
+/// The Reachable condition that status records (status, reason, message), and whether it is
+/// about the credential in hand.
+pub struct RecordedProbe<'a> {
+    pub condition: Option<(&'a str, &'a str, &'a str)>,
+    pub same_credential: bool,
+}
+
+/// What to show for a probe that must wait for a slot before this process probed at all
+/// (after a start): what the previous process found with the same credential, as status
+/// records it, rather than "not probed". Otherwise every restart would rewrite status
+/// twice (to Unknown and back) for connections whose probe waits.
+pub fn probe_result_from_status(recorded: RecordedProbe<'_>) -> Option<ConditionState> {
+    let (status, reason, message) = recorded.condition.filter(|_| recorded.same_credential)?;
+    let reason = [
+        Reason::ProbeSucceeded,
+        Reason::ProbeUnauthorized,
+        Reason::ProbeFailed,
+        Reason::Unreachable,
+    ]
+    .into_iter()
+    .find(|known| known.as_str() == reason)?;
+    match (status, reason) {
+        ("True", Reason::ProbeSucceeded) => Some(ConditionState::ok(reason, message)),
+        ("False", Reason::ProbeSucceeded) | ("True", _) => None,
+        ("False", _) => Some(ConditionState::failing(reason, message)),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -917,5 +947,30 @@ mod tests {
         assert!(credentials_obtained(30, None, 40) <= 3);
         // 1 s tokens: never more than one request per 5 s.
         assert!(credentials_obtained(1, None, 40) <= 8);
+    }
+
+    #[test]
+    fn a_waiting_probe_shows_what_status_recorded_for_the_same_credential() {
+        let recorded = |condition, same_credential| RecordedProbe {
+            condition,
+            same_credential,
+        };
+        let ok = probe_result_from_status(recorded(Some(("True", "ProbeSucceeded", "GET ok")), true)).unwrap();
+        assert_eq!(
+            (ok.status, ok.reason, ok.message.as_str()),
+            (Some(true), Reason::ProbeSucceeded, "GET ok")
+        );
+        let refused = probe_result_from_status(recorded(Some(("False", "ProbeUnauthorized", "401")), true)).unwrap();
+        assert_eq!((refused.status, refused.reason), (Some(false), Reason::ProbeUnauthorized));
+        assert!(
+            probe_result_from_status(recorded(Some(("True", "ProbeSucceeded", "GET ok")), false)).is_none(),
+            "another credential"
+        );
+        assert!(probe_result_from_status(recorded(Some(("Unknown", "NotProbed", "")), true)).is_none());
+        assert!(
+            probe_result_from_status(recorded(Some(("True", "ProbeFailed", "")), true)).is_none(),
+            "inconsistent"
+        );
+        assert!(probe_result_from_status(recorded(None, true)).is_none());
     }
 }

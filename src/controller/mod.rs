@@ -5,6 +5,7 @@ mod host_slots;
 mod memory;
 mod probe_scheduler;
 mod reconcile;
+mod secret_values;
 mod shared_clients;
 #[cfg(test)]
 mod wiring_tests;
@@ -86,6 +87,8 @@ pub struct Context {
     memory: Memory,
     /// Tokens shared by the connections that would send the same token request.
     token_cache: TokenCache<ConnectionKey>,
+    /// The referenced Secrets' values by version: read once per version, not per connection.
+    secret_values: secret_values::SecretValues,
     /// How many connections are reconciled at once (per watched namespace).
     concurrency: u16,
     /// Reconciles in flight per credential host, so that a dead token endpoint cannot hold
@@ -142,6 +145,7 @@ impl Context {
             http_clients: Mutex::default(),
             memory: Memory::default(),
             token_cache: TokenCache::default(),
+            secret_values: secret_values::SecretValues::default(),
             concurrency: DEFAULT_CONCURRENCY,
             host_slots: HostSlots::default(),
             sharding: Sharding::default(),

@@ -20,6 +20,7 @@ use super::decide::{
 use super::host_slots::origin;
 use super::memory::{ConnectionKey, FailureRecord, ProbeRecord, WriteFailureRecord};
 use super::probe_scheduler::{ProbeKey, ProbeTurn};
+use super::secret_values::ByVersion;
 use super::{Context, Error, FIELD_MANAGER, SecretCaches};
 use crate::camunda::probe::{Probe, ProbeOutcome};
 use crate::camunda::{AuthFailure, HttpClient, TlsTrust, redact};
@@ -32,7 +33,7 @@ use crate::logging::{ProbeLogLevel, human_signed_duration, probe_log_level};
 use crate::metrics::{ConnectionLabels, CredentialRequestLabels, HowLabels, MethodLabels, ResultLabels, SourceLabels};
 use crate::obtain::obtain_shared_credential;
 use crate::reason::Reason;
-use crate::status::{AUTHENTICATED, ConditionState, CredentialTimes, Observation, READY, desired_status};
+use crate::status::{AUTHENTICATED, ConditionState, CredentialTimes, Observation, REACHABLE, READY, desired_status};
 
 /// Retry interval while a Secret of the derived name belongs to someone else (a watch
 /// also wakes the connection when that Secret changes).
@@ -308,14 +309,20 @@ impl<'a> Reconciling<'a> {
         Ok(self.values().await?.map(|values| values.summary()))
     }
 
-    /// The referenced Secrets' values, read from the API server at most once per reconcile.
-    /// Their fingerprint is of the versions actually read, which may be later than the
-    /// metadata store's.
+    /// The referenced Secrets' values, read at most once per reconcile, and from the API
+    /// server only for a version no connection read before. Their fingerprint is of the
+    /// versions actually read, which may be later than the metadata store's.
     async fn values(&self) -> Result<Result<Inputs, InputProblem>, Error> {
         if let Some(values) = self.values.lock().ok().and_then(|values| values.clone()) {
             return Ok(Ok(values));
         }
-        let read = read_inputs(self.connection, &self.secrets).await?;
+        let source = ByVersion {
+            api: &self.secrets,
+            namespace: &self.key.0,
+            caches: &self.caches,
+            values: &self.ctx.secret_values,
+        };
+        let read = read_inputs(self.connection, &source).await?;
         if let (Ok(values), Ok(mut kept)) = (&read, self.values.lock()) {
             *kept = Some(values.clone());
         }
@@ -840,12 +847,15 @@ impl<'a> Reconciling<'a> {
                 if let Ok(mut deferred) = self.probe_deferred_until.lock() {
                     *deferred = Some(retry_at);
                 }
-                let kept = last_probe.map(|last| last.result).unwrap_or_else(|| {
-                    ConditionState::unknown(
-                        Reason::NotProbed,
-                        "Tasklist was not probed yet: waiting for a free probe slot (too many probes to this host or in all)",
-                    )
-                });
+                let kept = last_probe
+                    .map(|last| last.result)
+                    .or_else(|| self.probe_result_in_status(credential.issued_at))
+                    .unwrap_or_else(|| {
+                        ConditionState::unknown(
+                            Reason::NotProbed,
+                            "Tasklist was not probed yet: waiting for a free probe slot (too many probes to this host or in all)",
+                        )
+                    });
                 return (kept, None);
             }
         };
@@ -872,6 +882,18 @@ impl<'a> Reconciling<'a> {
         };
         ctx.memory.update(key, |memory| memory.last_probe = Some(record));
         (result, Some(outcome))
+    }
+
+    /// What status says the previous process's last probe found with the credential issued
+    /// at `issued_at`.
+    fn probe_result_in_status(&self, issued_at: Timestamp) -> Option<ConditionState> {
+        let status = self.connection.status.as_ref()?;
+        let reachable = status.conditions.iter().find(|c| c.type_ == REACHABLE);
+        let recorded_issue = status.last_refresh_time.as_deref().and_then(|time| time.parse::<Timestamp>().ok());
+        decide::probe_result_from_status(decide::RecordedProbe {
+            condition: reachable.map(|c| (c.status.as_str(), c.reason.as_str(), c.message.as_str())),
+            same_credential: recorded_issue == Some(issued_at),
+        })
     }
 
     /// What the last probe found, for reconciles that cannot probe.
