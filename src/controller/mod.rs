@@ -5,6 +5,7 @@ mod host_slots;
 mod memory;
 mod reconcile;
 mod shared_clients;
+mod slim;
 #[cfg(test)]
 mod wiring_tests;
 
@@ -196,6 +197,8 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
     let (listed, scope) = (reader.clone(), namespace.clone());
     let connection_changes = watcher(connections, watcher::Config::default())
         .backoff(WatchBackoff::default())
+        // The store keeps every connection for the operator's lifetime: only what is read.
+        .modify(slim::slim_connection)
         .reflect(writer)
         .inspect(move |event| match event {
             Ok(watcher::Event::Delete(deleted)) => forget_ctx.forget(deleted),
