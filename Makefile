@@ -1,7 +1,7 @@
 # The two commands of the README. Both build whatever is missing first (hack/tools.sh
 # caches the control plane, helm and Keycloak outside the checkout, keyed by version).
 
-.PHONY: demo test soak tools crd chart-docs
+.PHONY: demo test soak bench tools crd chart-docs
 
 ## Run the operator end to end on a local control plane with a stand-in Tasklist and
 ## Keycloak, apply examples/, print the status; Ctrl-C stops and cleans up everything.
@@ -16,6 +16,13 @@ test:
 ## refreshes: about 15 minutes), on the real node. Needs root, like `make test`.
 soak:
 	hack/soak.sh
+
+## The scale benchmark (README, Performance): N connections (default 1000) on a local control
+## plane, the release operator and a stand-in; prints a table and writes target/bench.json.
+## Not a test. More flags through ARGS, e.g. `make bench N=10000 ARGS="--window 300"`.
+N ?= 1000
+bench:
+	hack/bench.sh --connections $(N) $(ARGS)
 
 ## Build or fetch the test components only.
 tools:

@@ -7,6 +7,7 @@ mod probe_scheduler;
 mod reconcile;
 mod secret_values;
 mod shared_clients;
+mod slim;
 #[cfg(test)]
 mod wiring_tests;
 
@@ -251,15 +252,6 @@ impl SecretCaches {
     }
 }
 
-/// What the caches keep of a Secret: no managed fields and no `kubectl apply` copy of the
-/// whole object (which holds the data of a Secret applied with kubectl).
-fn slim_metadata(metadata: &mut kube::api::ObjectMeta) {
-    metadata.managed_fields = None;
-    if let Some(annotations) = metadata.annotations.as_mut() {
-        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
-    }
-}
-
 /// The keys of `known` that belong to `namespace` (None: any) and are not `present`.
 fn absent_in_scope(known: Vec<ConnectionKey>, namespace: Option<&str>, present: &HashSet<ConnectionKey>) -> Vec<ConnectionKey> {
     known
@@ -326,6 +318,8 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
     let connection_changes = watcher(connections, connections_config)
         .backoff(WatchBackoff::default())
         .filter(move |event| std::future::ready(concerns_this_shard(&sharding, event)))
+        // The store keeps every connection for the operator's lifetime: only what is read.
+        .modify(slim::slim_connection)
         .reflect(writer)
         .inspect(move |event| match event {
             Ok(watcher::Event::Delete(deleted)) => forget_ctx.forget(deleted),
@@ -340,7 +334,7 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
     let (metadata_store, metadata_writer) = reflector::store();
     let secret_changes = watcher(secrets, watcher::Config::default())
         .backoff(WatchBackoff::default())
-        .modify(|secret| slim_metadata(&mut secret.metadata))
+        .modify(|secret| slim::slim_metadata(&mut secret.metadata))
         .reflect(metadata_writer)
         .touched_objects();
     // The operator's own derived Secrets, whole, so that a reconcile does not GET them. Their
@@ -352,7 +346,7 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
         watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")),
     )
     .backoff(WatchBackoff::default())
-    .modify(|secret| slim_metadata(&mut secret.metadata))
+    .modify(|secret| slim::slim_metadata(&mut secret.metadata))
     .reflect(derived_writer)
     .for_each(|_| std::future::ready(()));
     let own_secrets = tokio::spawn(own_secrets);

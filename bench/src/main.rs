@@ -1,0 +1,975 @@
+//! The scale benchmark of issue 12: `make bench N=1000` (see the README's Performance
+//! section). Not a test: it measures and reports, and fails only when something breaks.
+//!
+//! In one run, on one control plane (tests/support), with the test support's stand-in as
+//! token endpoint and Tasklist API, and the release operator binary:
+//! 1. the floor: the writes the contract requires per new connection (Secret create, status
+//!    apply, `CredentialIssued` Event) sent straight to the kube-apiserver, twice;
+//! 2. cold start: N connections exist, then the operator starts; time until all are Ready;
+//! 3. burst: the operator runs, then N connections are created; time until all are Ready;
+//! 4. token requests in both, against the number of distinct clients;
+//! 5. steady state over a window: the API server's own request counters, probes, CPU;
+//! 6. the operator's RSS and VmHWM, also with unrelated 2 KB Secrets present;
+//! 7. rotation under load: client Secrets rotated, time until every connection using one
+//!    holds a new token.
+//!
+//! Each phase has namespaces of its own; the cold-start namespace is deleted (and gone)
+//! before the burst begins, so the steady state and memory figures are for N connections.
+
+mod figures;
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use clap::Parser;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Secret};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+use testsupport::controlplane::ControlPlane;
+use testsupport::operator::OperatorProcess;
+use testsupport::standin::StandinTasklist;
+use testsupport::tools::{self, Tools};
+
+const GROUP: &str = "tasklist.camunda.community";
+const VERSION: &str = "v1alpha1";
+const KIND: &str = "TasklistConnection";
+const DERIVED_LABEL: &str = "app.kubernetes.io/managed-by=tasklist-operator";
+/// `/proc/<pid>/stat` counts CPU time in USER_HZ ticks, which Linux fixes at 100 per second.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+#[derive(Parser, Debug)]
+#[command(about = "Measures tasklist-operator at scale (issue 12); prints a table and writes JSON")]
+struct Args {
+    /// Connections per phase.
+    #[arg(long, short = 'n', default_value_t = 1000)]
+    connections: usize,
+    /// Distinct OAuth2 clients per 1,000 connections; connection i uses client i mod clients.
+    #[arg(long, default_value_t = 100)]
+    clients_per_thousand: usize,
+    /// Lifetime of the stand-in's tokens, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    token_lifetime: u64,
+    /// Length of the steady-state window, in seconds (the issue's table used 300).
+    #[arg(long, default_value_t = 60)]
+    window: u64,
+    /// The operator's `--concurrency`.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Requests in flight at once when the benchmark itself writes (floor, creating objects).
+    #[arg(long, default_value_t = 32)]
+    writers: usize,
+    /// Unrelated 2 KB Secrets added to the connections' namespace before the last memory figure.
+    #[arg(long, default_value_t = 5000)]
+    unrelated_secrets: usize,
+    /// Client Secrets rotated per round.
+    #[arg(long, default_value_t = 20)]
+    rotated_secrets: usize,
+    /// Rotation rounds.
+    #[arg(long, default_value_t = 3)]
+    rotation_rounds: usize,
+    /// The operator binary (the release build).
+    #[arg(long, default_value = "target/release/tasklist-operator")]
+    operator: PathBuf,
+    /// The CRD to install.
+    #[arg(long, default_value = "crds/tasklistconnection.yaml")]
+    crd: PathBuf,
+    /// Where the JSON report goes.
+    #[arg(long, default_value = "target/bench.json")]
+    json: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    ensure!(args.connections > 0, "--connections must be at least 1");
+    ensure!(
+        args.operator.is_file(),
+        "no operator binary at {} (build it with `cargo build --release`)",
+        args.operator.display()
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(run(args))
+}
+
+/// A row of the printed table and a field of the JSON report.
+struct Report {
+    rows: Vec<(String, String)>,
+    json: serde_json::Map<String, Value>,
+}
+
+impl Report {
+    fn row(&mut self, figure: &str, value: String) {
+        println!("{figure:<52} {value}");
+        self.rows.push((figure.to_owned(), value));
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let tools = Tools::from_env()?;
+    let control_plane = ControlPlane::start(&tools).await.context("starting the control plane")?;
+    let client = control_plane.client();
+    install_crd(&client, &args.crd).await?;
+    let standin = StandinTasklist::start().await?;
+    standin.set_token_lifetime(Duration::from_secs(args.token_lifetime));
+    let clients = (args.connections * args.clients_per_thousand).div_ceil(1000).max(1);
+    for c in 0..clients {
+        standin.add_client(&client_id(c), &client_secret(c, 0));
+    }
+    let bench = Bench {
+        args,
+        clients,
+        client,
+        control_plane,
+        standin,
+        connection_resource: ApiResource::from_gvk(&GroupVersionKind::gvk(GROUP, VERSION, KIND)),
+    };
+    let n = bench.args.connections;
+    let mut report = Report {
+        rows: Vec::new(),
+        json: serde_json::Map::new(),
+    };
+    println!(
+        "bench: {n} connections, {clients} clients, tokens valid {} s, operator --concurrency {}",
+        bench.args.token_lifetime, bench.args.concurrency
+    );
+    report.json.insert(
+        "setup".into(),
+        json!({"connections": n, "clients": clients, "token_lifetime_s": bench.args.token_lifetime,
+               "operator_concurrency": bench.args.concurrency, "writers": bench.args.writers,
+               "window_s": bench.args.window, "cores": std::thread::available_parallelism().map(|p| p.get()).unwrap_or(0)}),
+    );
+
+    // 1. The floor, twice.
+    let mut floors = Vec::new();
+    for run in 1..=2 {
+        let took = bench.floor().await.with_context(|| format!("floor run {run}"))?;
+        report.row(&format!("floor run {run} (s)"), format!("{:.2}", took.as_secs_f64()));
+        floors.push(took.as_secs_f64());
+    }
+    let floor = floors.iter().sum::<f64>() / floors.len() as f64;
+    let spread = floors.iter().cloned().fold(f64::MIN, f64::max) - floors.iter().cloned().fold(f64::MAX, f64::min);
+    report.row("floor mean (s), spread (s)", format!("{floor:.2}, {spread:.2}"));
+    report.json.insert("floor_s".into(), json!(floors));
+
+    // 2. Cold start.
+    let cold = bench.cold_start().await.context("cold start")?;
+    report.row(
+        "cold start: all Ready after (s), ratio",
+        format!("{:.2}, {:.2}", cold.ready.as_secs_f64(), cold.ready.as_secs_f64() / floor),
+    );
+    report.row(
+        "cold start: token requests / distinct clients",
+        format!("{} / {clients}", cold.token_requests),
+    );
+    report.row(
+        "cold start: RSS, VmHWM at all Ready (MB)",
+        format!("{:.1}, {:.1}", mb(cold.memory.rss), mb(cold.memory.hwm)),
+    );
+    for (key, count) in &cold.requests {
+        report.row(
+            &format!("  cold: apiserver {key} (per connection)"),
+            format!("{count:.0} ({:.2})", count / n as f64),
+        );
+    }
+    report.json.insert(
+        "cold_start".into(),
+        json!({"ready_s": cold.ready.as_secs_f64(), "ratio": cold.ready.as_secs_f64() / floor, "apiserver_requests": cold.requests,
+               "token_requests": cold.token_requests, "rss_bytes": cold.memory.rss, "hwm_bytes": cold.memory.hwm}),
+    );
+
+    // 3. Burst, and everything after it on the same operator.
+    let mut burst = bench.burst().await.context("burst")?;
+    report.row(
+        "burst: all Ready after (s), ratio",
+        format!("{:.2}, {:.2}", burst.ready.as_secs_f64(), burst.ready.as_secs_f64() / floor),
+    );
+    report.row(
+        "burst: token requests / distinct clients",
+        format!("{} / {clients}", burst.token_requests),
+    );
+    let burst_memory = process_memory(burst.operator.pid())?;
+    report.row(
+        "burst: RSS, VmHWM at all Ready (MB)",
+        format!("{:.1}, {:.1}", mb(burst_memory.rss), mb(burst_memory.hwm)),
+    );
+    for (key, count) in &burst.requests {
+        report.row(
+            &format!("  burst: apiserver {key} (per connection)"),
+            format!("{count:.0} ({:.2})", count / n as f64),
+        );
+    }
+    report.json.insert(
+        "burst".into(),
+        json!({"ready_s": burst.ready.as_secs_f64(), "ratio": burst.ready.as_secs_f64() / floor, "apiserver_requests": burst.requests,
+               "token_requests": burst.token_requests, "rss_bytes": burst_memory.rss, "hwm_bytes": burst_memory.hwm}),
+    );
+
+    // 5. Steady state.
+    let steady = bench.steady_state(&burst).await.context("steady state")?;
+    let window = steady.window.as_secs_f64();
+    let per_second = |count: f64| count / window;
+    let operator_requests: f64 = steady
+        .requests
+        .iter()
+        .filter(|(k, _)| figures::is_operator_resource(k))
+        .map(|(_, v)| v)
+        .fold(0.0, |a, b| a + b);
+    let operator_writes: f64 = steady
+        .requests
+        .iter()
+        .filter(|(k, _)| figures::is_operator_resource(k) && figures::is_write(k))
+        .map(|(_, v)| v)
+        .fold(0.0, |a, b| a + b);
+    report.row(
+        &format!("steady {window:.0} s: requests on secrets/tlc/events (/s)"),
+        format!("{:.1}", per_second(operator_requests)),
+    );
+    report.row(&format!("steady {window:.0} s: writes at rest"), format!("{operator_writes:.0}"));
+    for (key, count) in &steady.requests {
+        report.row(
+            &format!("  apiserver {key} (/s)"),
+            format!("{:.2} ({count:.0})", per_second(*count)),
+        );
+    }
+    report.row("steady: probes (/s)", format!("{:.2}", per_second(steady.probes as f64)));
+    report.row("steady: token requests", format!("{}", steady.token_requests));
+    report.row(
+        "steady: operator CPU (% of one core)",
+        format!("{:.1}", 100.0 * steady.cpu_seconds / window),
+    );
+    report.row(
+        "steady: RSS, VmHWM (MB)",
+        format!("{:.1}, {:.1}", mb(steady.memory.rss), mb(steady.memory.hwm)),
+    );
+    report.row(
+        "a TasklistConnection as JSON, its managedFields (bytes)",
+        format!("{:.0}, {:.0}", steady.connection_json_bytes, steady.managed_fields_json_bytes),
+    );
+    report.json.insert(
+        "steady".into(),
+        json!({"window_s": window, "apiserver_requests": steady.requests, "operator_resource_requests": operator_requests,
+               "writes_at_rest": operator_writes, "probes": steady.probes, "probes_per_s": per_second(steady.probes as f64),
+               "token_requests": steady.token_requests, "connection_json_bytes": steady.connection_json_bytes,
+               "managed_fields_json_bytes": steady.managed_fields_json_bytes,
+               "operator_cpu_s": steady.cpu_seconds, "rss_bytes": steady.memory.rss, "hwm_bytes": steady.memory.hwm}),
+    );
+
+    // 7. Rotation under load.
+    let rotation = bench.rotation(&burst).await.context("rotation")?;
+    let p50 = figures::percentile(&rotation, 50.0).unwrap_or_default();
+    let p99 = figures::percentile(&rotation, 99.0).unwrap_or_default();
+    report.row(
+        &format!("rotation: {} samples, p50, p99 (s)", rotation.len()),
+        format!("{:.3}, {:.3}", p50.as_secs_f64(), p99.as_secs_f64()),
+    );
+    report.json.insert(
+        "rotation".into(),
+        json!({"samples_s": rotation.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
+               "p50_s": p50.as_secs_f64(), "p99_s": p99.as_secs_f64()}),
+    );
+
+    // 6. Memory with unrelated Secrets.
+    let with_unrelated = bench.with_unrelated_secrets(&burst).await.context("unrelated Secrets")?;
+    report.row(
+        &format!("with {} unrelated 2 KB Secrets: RSS, VmHWM (MB)", bench.args.unrelated_secrets),
+        format!("{:.1}, {:.1}", mb(with_unrelated.rss), mb(with_unrelated.hwm)),
+    );
+    report.json.insert(
+        "with_unrelated_secrets".into(),
+        json!({"count": bench.args.unrelated_secrets, "rss_bytes": with_unrelated.rss, "hwm_bytes": with_unrelated.hwm}),
+    );
+
+    burst.operator.terminate(Duration::from_secs(30)).await?;
+    let took = started.elapsed().as_secs_f64();
+    report.row("whole run (s)", format!("{took:.0}"));
+    report.json.insert("run_s".into(), json!(took));
+    report.json.insert(
+        "table".into(),
+        Value::Array(report.rows.iter().map(|(k, v)| json!([k, v])).collect()),
+    );
+    if let Some(parent) = bench.args.json.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&bench.args.json, serde_json::to_string_pretty(&Value::Object(report.json))?)
+        .with_context(|| format!("cannot write {}", bench.args.json.display()))?;
+    println!("bench: JSON written to {}", bench.args.json.display());
+    Ok(())
+}
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / 1_000_000.0
+}
+
+fn client_id(c: usize) -> String {
+    format!("bench-client-{c:04}")
+}
+
+/// The client secret of client `c` after `rotation` rotations.
+fn client_secret(c: usize, rotation: usize) -> String {
+    format!("bench-secret-{c:04}-r{rotation}-x7Qp2Lm9")
+}
+
+fn client_secret_name(c: usize) -> String {
+    format!("client-{c:04}")
+}
+
+fn connection_name(i: usize) -> String {
+    format!("conn-{i:05}")
+}
+
+fn derived_secret_name(i: usize) -> String {
+    format!("{}-tasklist-auth", connection_name(i))
+}
+
+async fn install_crd(client: &Client, path: &Path) -> anyhow::Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the CRD {}", path.display()))?;
+    let crd: CustomResourceDefinition = serde_yaml::from_str(&text)?;
+    crds.create(&PostParams::default(), &crd).await.context("creating the CRD")?;
+    let established = kube::runtime::wait::conditions::is_crd_established();
+    let name = crd.metadata.name.clone().unwrap_or_default();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        kube::runtime::wait::await_condition(crds, &name, established),
+    )
+    .await
+    .context("the CRD was not established within 30 s")??;
+    Ok(())
+}
+
+struct Bench {
+    args: Args,
+    clients: usize,
+    client: Client,
+    control_plane: ControlPlane,
+    standin: StandinTasklist,
+    connection_resource: ApiResource,
+}
+
+struct ColdStart {
+    ready: Duration,
+    /// The API server's requests on secrets, TasklistConnections and Events meanwhile.
+    requests: BTreeMap<String, f64>,
+    token_requests: usize,
+    memory: Memory,
+}
+
+/// The burst phase's operator and namespace, which the later phases go on using.
+struct Burst {
+    ready: Duration,
+    /// The API server's requests on secrets, TasklistConnections and Events meanwhile
+    /// (the benchmark's own creates of the connections included).
+    requests: BTreeMap<String, f64>,
+    token_requests: usize,
+    operator: OperatorProcess,
+    namespace: String,
+    tokens: TokenTracker,
+}
+
+struct SteadyState {
+    window: Duration,
+    /// Mean size of a TasklistConnection as JSON, and of its managedFields alone, in bytes.
+    connection_json_bytes: f64,
+    managed_fields_json_bytes: f64,
+    requests: BTreeMap<String, f64>,
+    probes: usize,
+    token_requests: usize,
+    cpu_seconds: f64,
+    memory: Memory,
+}
+
+impl Bench {
+    fn connections(&self, namespace: &str) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), namespace, &self.connection_resource)
+    }
+
+    fn secrets(&self, namespace: &str) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+
+    /// Creates the N connections of `namespace`, `writers` at a time.
+    async fn create_connections(&self, namespace: &str) -> anyhow::Result<()> {
+        let api = self.connections(namespace);
+        let (url, token_url) = (self.standin.url(), self.standin.token_url());
+        futures::stream::iter(0..self.args.connections)
+            .map(|i| {
+                let api = api.clone();
+                let mut object = DynamicObject::new(&connection_name(i), &self.connection_resource);
+                object.data = json!({"spec": {
+                    "url": url,
+                    "auth": {"oauth2": {"tokenUrl": token_url, "clientSecretRef": {"name": client_secret_name(i % self.clients)}}},
+                }});
+                async move { api.create(&PostParams::default(), &object).await.map(drop) }
+            })
+            .buffer_unordered(self.args.writers)
+            .try_collect::<Vec<()>>()
+            .await
+            .with_context(|| format!("creating connections in {namespace}"))?;
+        Ok(())
+    }
+
+    async fn create_client_secrets(&self, namespace: &str) -> anyhow::Result<()> {
+        let api = self.secrets(namespace);
+        futures::stream::iter(0..self.clients)
+            .map(|c| {
+                let api = api.clone();
+                let secret = client_secret_object(c, 0);
+                async move { api.create(&PostParams::default(), &secret).await.map(drop) }
+            })
+            .buffer_unordered(self.args.writers)
+            .try_collect::<Vec<()>>()
+            .await
+            .with_context(|| format!("creating client Secrets in {namespace}"))?;
+        Ok(())
+    }
+
+    fn start_operator(&self, namespace: &str, listen: &str) -> anyhow::Result<OperatorProcess> {
+        let args: Vec<String> = [
+            "run",
+            "--namespace",
+            namespace,
+            "--listen-addr",
+            listen,
+            "--concurrency",
+            &self.args.concurrency.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        OperatorProcess::start(
+            &self.args.operator,
+            self.control_plane.kubeconfig(),
+            &args,
+            &[("RUST_LOG".to_owned(), "info".to_owned())],
+        )
+    }
+
+    /// How long the writes the contract requires per new connection take when sent straight
+    /// to the API server: one Secret create, one status apply and one Event each, the three
+    /// in sequence, `writers` connections at once over one HTTP/2 connection. The
+    /// connections they concern are created first, untimed, in a namespace no operator watches.
+    async fn floor(&self) -> anyhow::Result<Duration> {
+        let namespace = self.control_plane.create_namespace("floor").await?;
+        self.create_connections(&namespace).await?;
+        let connections = self.connections(&namespace);
+        let uids: HashMap<String, String> = connections
+            .list(&ListParams::default())
+            .await?
+            .into_iter()
+            .map(|o| (o.metadata.name.unwrap_or_default(), o.metadata.uid.unwrap_or_default()))
+            .collect();
+        let http = FloorClient::new(&self.control_plane)?;
+        let started = Instant::now();
+        futures::stream::iter(0..self.args.connections)
+            .map(|i| {
+                let uid = uids.get(&connection_name(i)).cloned().unwrap_or_default();
+                http.contract_writes(&namespace, i, uid)
+            })
+            .buffer_unordered(self.args.writers)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(started.elapsed())
+    }
+
+    async fn cold_start(&self) -> anyhow::Result<ColdStart> {
+        let namespace = self.control_plane.create_namespace("cold").await?;
+        self.create_client_secrets(&namespace).await?;
+        self.create_connections(&namespace).await?;
+        let ready = ReadyTracker::start(self.connections(&namespace));
+        let tokens_before = self.standin.token_requests_arrived();
+        let listen = format!("127.0.0.1:{}", tools::free_loopback_port()?);
+        let requests_before = self.apiserver_requests().await?;
+        let started = Instant::now();
+        let mut operator = self.start_operator(&namespace, &listen)?;
+        let all_ready = ready.wait_for(self.args.connections, &mut operator).await?;
+        let took = all_ready.duration_since(started);
+        let token_requests = self.standin.token_requests_arrived() - tokens_before;
+        let requests = operator_resources(figures::counter_delta(&requests_before, &self.apiserver_requests().await?));
+        let memory = process_memory(operator.pid())?;
+        operator.terminate(Duration::from_secs(30)).await?;
+        self.delete_namespace(&namespace).await?;
+        Ok(ColdStart {
+            ready: took,
+            requests,
+            token_requests,
+            memory,
+        })
+    }
+
+    async fn burst(&self) -> anyhow::Result<Burst> {
+        let namespace = self.control_plane.create_namespace("burst").await?;
+        self.create_client_secrets(&namespace).await?;
+        let ready = ReadyTracker::start(self.connections(&namespace));
+        let tokens = TokenTracker::start(self.secrets(&namespace));
+        let listen = format!("127.0.0.1:{}", tools::free_loopback_port()?);
+        let mut operator = self.start_operator(&namespace, &listen)?;
+        wait_until_ready_endpoint(&listen, &mut operator).await?;
+        let tokens_before = self.standin.token_requests_arrived();
+        let requests_before = self.apiserver_requests().await?;
+        let started = Instant::now();
+        self.create_connections(&namespace).await?;
+        let all_ready = ready.wait_for(self.args.connections, &mut operator).await?;
+        let requests = operator_resources(figures::counter_delta(&requests_before, &self.apiserver_requests().await?));
+        Ok(Burst {
+            ready: all_ready.duration_since(started),
+            requests,
+            token_requests: self.standin.token_requests_arrived() - tokens_before,
+            operator,
+            namespace,
+            tokens,
+        })
+    }
+
+    /// Counts over `window` with nothing changing and the benchmark idle (its two watches
+    /// stay open but carry no events). The API server's counters include every client:
+    /// kube-controller-manager's requests show up too (leases, its own lists).
+    async fn steady_state(&self, burst: &Burst) -> anyhow::Result<SteadyState> {
+        // Let the last status writes and Events of the burst settle.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let pid = burst.operator.pid();
+        let requests_before = self.apiserver_requests().await?;
+        let probes_before = self.standin.api_requests().len();
+        let tokens_before = self.standin.token_requests_arrived();
+        let cpu_before = cpu_seconds(pid)?;
+        let started = Instant::now();
+        tokio::time::sleep(Duration::from_secs(self.args.window)).await;
+        let window = started.elapsed();
+        let cpu_seconds = cpu_seconds(pid)? - cpu_before;
+        let requests_after = self.apiserver_requests().await?;
+        // What a full object costs, and how much of it is managedFields (after the window).
+        let listed = self.connections(&burst.namespace).list(&ListParams::default()).await?;
+        let count = listed.items.len().max(1) as f64;
+        let (mut whole, mut managed) = (0usize, 0usize);
+        for object in &listed.items {
+            whole += serde_json::to_vec(object)?.len();
+            managed += serde_json::to_vec(&object.metadata.managed_fields)?.len();
+        }
+        Ok(SteadyState {
+            window,
+            connection_json_bytes: whole as f64 / count,
+            managed_fields_json_bytes: managed as f64 / count,
+            requests: figures::counter_delta(&requests_before, &requests_after),
+            probes: self.standin.api_requests().len() - probes_before,
+            token_requests: self.standin.token_requests_arrived() - tokens_before,
+            cpu_seconds,
+            memory: process_memory(pid)?,
+        })
+    }
+
+    /// Rotates `rotated_secrets` client Secrets one after the other, `rotation_rounds` times
+    /// (other clients each round), while all N connections exist. A sample: from the update
+    /// of one client Secret until every connection using it holds a new token in its derived
+    /// Secret; the next rotation starts after that.
+    async fn rotation(&self, burst: &Burst) -> anyhow::Result<Vec<Duration>> {
+        let secrets = self.secrets(&burst.namespace);
+        let rotated = self.args.rotated_secrets.min(self.clients);
+        let mut samples = Vec::new();
+        for round in 1..=self.args.rotation_rounds {
+            for k in 0..rotated {
+                let c = ((round - 1) * rotated + k) % self.clients;
+                let users: Vec<String> = (0..self.args.connections)
+                    .filter(|i| i % self.clients == c)
+                    .map(derived_secret_name)
+                    .collect();
+                let old_tokens = burst.tokens.tokens_of(&users);
+                // The token endpoint learns the new secret first, as an identity provider would.
+                self.standin.add_client(&client_id(c), &client_secret(c, round));
+                let updated = Instant::now();
+                secrets
+                    .patch(
+                        &client_secret_name(c),
+                        &PatchParams::default(),
+                        &Patch::Merge(&client_secret_object(c, round)),
+                    )
+                    .await?;
+                let renewed = burst
+                    .tokens
+                    .wait_for_new_tokens(&old_tokens, Duration::from_secs(120))
+                    .await
+                    .with_context(|| format!("round {round}: connections of client {c}"))?;
+                samples.push(renewed.saturating_duration_since(updated));
+            }
+        }
+        Ok(samples)
+    }
+
+    async fn with_unrelated_secrets(&self, burst: &Burst) -> anyhow::Result<Memory> {
+        let api = self.secrets(&burst.namespace);
+        // 2 KB of data each (base64 of 1,536 random-looking bytes would be larger on the wire;
+        // the size that counts is what the API server stores and sends).
+        let filler: String = (0..2048).map(|k| char::from(b'a' + (k % 26) as u8)).collect();
+        futures::stream::iter(0..self.args.unrelated_secrets)
+            .map(|k| {
+                let api = api.clone();
+                let secret = Secret {
+                    metadata: ObjectMeta {
+                        name: Some(format!("unrelated-{k:05}")),
+                        ..ObjectMeta::default()
+                    },
+                    data: Some(BTreeMap::from([("payload".to_owned(), ByteString(filler.clone().into_bytes()))])),
+                    ..Secret::default()
+                };
+                async move { api.create(&PostParams::default(), &secret).await.map(drop) }
+            })
+            .buffer_unordered(self.args.writers)
+            .try_collect::<Vec<()>>()
+            .await?;
+        // The operator's Secret watch sees them all within moments; give it time to settle.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        process_memory(burst.operator.pid())
+    }
+
+    async fn apiserver_requests(&self) -> anyhow::Result<BTreeMap<String, f64>> {
+        let request = http::Request::get("/metrics").body(Vec::new())?;
+        let text = self
+            .client
+            .request_text(request)
+            .await
+            .context("reading the kube-apiserver's /metrics")?;
+        Ok(figures::apiserver_requests(&text))
+    }
+
+    async fn delete_namespace(&self, namespace: &str) -> anyhow::Result<()> {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        api.delete(namespace, &Default::default()).await?;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while api.get_opt(namespace).await?.is_some() {
+            ensure!(
+                Instant::now() < deadline,
+                "namespace {namespace} still there 300 s after its deletion"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Ok(())
+    }
+}
+
+/// Only the counters of what the operator reads and writes.
+fn operator_resources(requests: BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    requests.into_iter().filter(|(key, _)| figures::is_operator_resource(key)).collect()
+}
+
+fn client_secret_object(c: usize, rotation: usize) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(client_secret_name(c)),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([
+            ("client_id".to_owned(), ByteString(client_id(c).into_bytes())),
+            ("client_secret".to_owned(), ByteString(client_secret(c, rotation).into_bytes())),
+        ])),
+        ..Secret::default()
+    }
+}
+
+/// Waits until the operator answers `/readyz` (it has listed its TasklistConnections).
+async fn wait_until_ready_endpoint(listen: &str, operator: &mut OperatorProcess) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(response) = http.get(format!("http://{listen}/readyz")).send().await
+            && response.status().is_success()
+        {
+            return Ok(());
+        }
+        if !operator.is_running() || Instant::now() > deadline {
+            bail!("the operator did not become ready:\n{}", tail(&operator.logs(), 30));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// When each connection of a namespace was first seen Ready, from a watch.
+struct ReadyTracker {
+    first_ready: Arc<Mutex<HashMap<String, Instant>>>,
+    _watch: tokio::task::JoinHandle<()>,
+}
+
+impl ReadyTracker {
+    fn start(api: Api<DynamicObject>) -> ReadyTracker {
+        let first_ready: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+        let seen = first_ready.clone();
+        let watch = tokio::spawn(async move {
+            let mut events = std::pin::pin!(watcher(api, watcher::Config::default()).applied_objects());
+            while let Some(event) = events.next().await {
+                let Ok(object) = event else { continue };
+                if is_ready(&object)
+                    && let Ok(mut seen) = seen.lock()
+                {
+                    seen.entry(object.metadata.name.clone().unwrap_or_default())
+                        .or_insert_with(Instant::now);
+                }
+            }
+        });
+        ReadyTracker {
+            first_ready,
+            _watch: watch,
+        }
+    }
+
+    /// Waits until `count` connections have been Ready; returns when the last one became so.
+    async fn wait_for(&self, count: usize, operator: &mut OperatorProcess) -> anyhow::Result<Instant> {
+        // Generous: the issue's slowest figure is 7 ms per connection.
+        let deadline = Instant::now() + Duration::from_secs(120) + Duration::from_millis(50 * count as u64);
+        loop {
+            let (seen, last) = {
+                let ready = self.first_ready.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+                (ready.len(), ready.values().max().copied())
+            };
+            if seen >= count
+                && let Some(last) = last
+            {
+                return Ok(last);
+            }
+            if !operator.is_running() || Instant::now() > deadline {
+                bail!(
+                    "only {seen} of {count} connections became Ready; operator log:\n{}",
+                    tail(&operator.logs(), 30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for ReadyTracker {
+    fn drop(&mut self) {
+        self._watch.abort();
+    }
+}
+
+fn is_ready(object: &DynamicObject) -> bool {
+    object.data["status"]["conditions"]
+        .as_array()
+        .is_some_and(|conditions| conditions.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+}
+
+/// The token each derived Secret holds (as a hash) and when it last changed, from a watch.
+struct TokenTracker {
+    tokens: Arc<Mutex<HashMap<String, (u64, Instant)>>>,
+    watch: tokio::task::JoinHandle<()>,
+}
+
+impl TokenTracker {
+    fn start(api: Api<Secret>) -> TokenTracker {
+        let tokens: Arc<Mutex<HashMap<String, (u64, Instant)>>> = Arc::default();
+        let seen = tokens.clone();
+        let watch = tokio::spawn(async move {
+            let config = watcher::Config::default().labels(DERIVED_LABEL);
+            let mut events = std::pin::pin!(watcher(api, config).applied_objects());
+            while let Some(event) = events.next().await {
+                let Ok(secret) = event else { continue };
+                let Some(token) = secret.data.as_ref().and_then(|d| d.get("token")) else {
+                    continue;
+                };
+                let mut hasher = DefaultHasher::new();
+                token.0.hash(&mut hasher);
+                let hash = hasher.finish();
+                if let Ok(mut seen) = seen.lock() {
+                    let entry = seen
+                        .entry(secret.metadata.name.clone().unwrap_or_default())
+                        .or_insert((hash, Instant::now()));
+                    if entry.0 != hash {
+                        *entry = (hash, Instant::now());
+                    }
+                }
+            }
+        });
+        TokenTracker { tokens, watch }
+    }
+
+    fn tokens_of(&self, names: &[String]) -> HashMap<String, u64> {
+        let tokens = self.tokens.lock().map(|t| t.clone()).unwrap_or_default();
+        names
+            .iter()
+            .map(|name| (name.clone(), tokens.get(name).map(|t| t.0).unwrap_or_default()))
+            .collect()
+    }
+
+    /// Waits until every Secret of `old` holds another token; returns when the last changed.
+    async fn wait_for_new_tokens(&self, old: &HashMap<String, u64>, timeout: Duration) -> anyhow::Result<Instant> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (renewed, last) = {
+                let tokens = self.tokens.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+                let changed: Vec<Instant> = old
+                    .iter()
+                    .filter_map(|(name, hash)| tokens.get(name).filter(|t| t.0 != *hash).map(|t| t.1))
+                    .collect();
+                (changed.len(), changed.into_iter().max())
+            };
+            if renewed == old.len()
+                && let Some(last) = last
+            {
+                return Ok(last);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "only {renewed} of {} derived Secrets got a new token within {timeout:?}",
+                old.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for TokenTracker {
+    fn drop(&mut self) {
+        self.watch.abort();
+    }
+}
+
+/// The floor's HTTP/2 client: one connection to the API server, as cluster admin.
+struct FloorClient {
+    http: reqwest::Client,
+    server: String,
+    token: String,
+}
+
+impl FloorClient {
+    fn new(control_plane: &ControlPlane) -> anyhow::Result<FloorClient> {
+        let kubeconfig: Value = serde_yaml::from_str(&std::fs::read_to_string(control_plane.kubeconfig())?)?;
+        let token = kubeconfig["users"][0]["user"]["token"]
+            .as_str()
+            .context("the admin kubeconfig has no token")?
+            .to_owned();
+        let http = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(control_plane.ca_pem().as_bytes())?)
+            .http2_prior_knowledge()
+            .build()?;
+        Ok(FloorClient {
+            http,
+            server: control_plane.server_url(),
+            token,
+        })
+    }
+
+    async fn send(&self, method: reqwest::Method, path: &str, content_type: &str, body: String) -> anyhow::Result<()> {
+        let response = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.server))
+            .bearer_auth(&self.token)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await?;
+        let status = response.status();
+        // Read to the end: a dropped answer resets its HTTP/2 stream, and the h2 crate closes
+        // a connection after 1,024 such resets.
+        let body = response.bytes().await?;
+        ensure!(status.is_success(), "{method} {path}: {status}: {}", String::from_utf8_lossy(&body));
+        Ok(())
+    }
+
+    /// What the operator writes for a new connection: the derived Secret, the status, the Event.
+    async fn contract_writes(&self, namespace: &str, i: usize, uid: String) -> anyhow::Result<()> {
+        let name = connection_name(i);
+        let now = jiff::Timestamp::now();
+        let expires = now + jiff::SignedDuration::from_secs(3600);
+        let secret = json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": derived_secret_name(i),
+                         "labels": {"app.kubernetes.io/managed-by": "tasklist-operator"},
+                         "ownerReferences": [{"apiVersion": format!("{GROUP}/{VERSION}"), "kind": KIND, "name": name,
+                                              "uid": uid, "controller": true, "blockOwnerDeletion": true}]},
+            "type": "Opaque",
+            "stringData": {"token": format!("eyJhbGciOiJFUzI1NiJ9.floor-{i}.{}", "s".repeat(400)),
+                           "authorization": format!("Bearer eyJhbGciOiJFUzI1NiJ9.floor-{i}.{}", "s".repeat(400)),
+                           "expiresAt": expires.to_string(), "url": "http://127.0.0.1/"},
+        });
+        self.send(
+            reqwest::Method::POST,
+            &format!("/api/v1/namespaces/{namespace}/secrets?fieldManager=tasklist-operator"),
+            "application/json",
+            secret.to_string(),
+        )
+        .await?;
+        let condition = |kind: &str, reason: &str| {
+            json!({"type": kind, "status": "True", "reason": reason, "message": "floor",
+                   "lastTransitionTime": now.to_string(), "observedGeneration": 1})
+        };
+        let status = json!({
+            "apiVersion": format!("{GROUP}/{VERSION}"), "kind": KIND,
+            "status": {"observedGeneration": 1, "secretName": derived_secret_name(i), "authMethod": "oauth2",
+                       "expiresAt": expires.to_string(), "lastRefreshTime": now.to_string(),
+                       "nextRefreshTime": (now + jiff::SignedDuration::from_secs(2880)).to_string(),
+                       "conditions": [condition("Ready", "CredentialIssued"), condition("Authenticated", "TokenIssued"),
+                                      condition("Reachable", "ProbeSucceeded")]},
+        });
+        self.send(
+            reqwest::Method::PATCH,
+            &format!(
+                "/apis/{GROUP}/{VERSION}/namespaces/{namespace}/tasklistconnections/{name}/status?fieldManager=tasklist-operator&force=true"
+            ),
+            "application/apply-patch+yaml",
+            status.to_string(),
+        )
+        .await?;
+        let event = Event {
+            metadata: ObjectMeta {
+                // Named as kube's event Recorder names them.
+                name: Some(format!("{name}.{:x}", now.as_nanosecond())),
+                ..ObjectMeta::default()
+            },
+            event_time: Some(MicroTime(now)),
+            action: Some("Reconcile".into()),
+            reason: Some("CredentialIssued".into()),
+            note: Some("floor: a credential was issued".into()),
+            type_: Some("Normal".into()),
+            reporting_controller: Some("tasklist-operator".into()),
+            reporting_instance: Some("bench-floor".into()),
+            regarding: Some(ObjectReference {
+                api_version: Some(format!("{GROUP}/{VERSION}")),
+                kind: Some(KIND.into()),
+                name: Some(name.clone()),
+                namespace: Some(namespace.to_owned()),
+                uid: Some(uid),
+                ..ObjectReference::default()
+            }),
+            ..Event::default()
+        };
+        self.send(
+            reqwest::Method::POST,
+            &format!("/apis/events.k8s.io/v1/namespaces/{namespace}/events"),
+            "application/json",
+            serde_json::to_string(&event)?,
+        )
+        .await
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Memory {
+    rss: u64,
+    hwm: u64,
+}
+
+fn process_memory(pid: u32) -> anyhow::Result<Memory> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    Ok(Memory {
+        rss: figures::status_kilobytes(&status, "VmRSS").context("no VmRSS")?,
+        hwm: figures::status_kilobytes(&status, "VmHWM").context("no VmHWM")?,
+    })
+}
+
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    figures::cpu_seconds_from_stat(&stat, TICKS_PER_SECOND).context("cannot read CPU time from /proc/<pid>/stat")
+}
