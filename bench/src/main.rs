@@ -176,6 +176,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "cold start: RSS, VmHWM at all Ready (MB)",
         format!("{:.1}, {:.1}", mb(cold.memory.rss), mb(cold.memory.hwm)),
     );
+    for (key, count) in &cold.operator_counters {
+        report.row(&format!("  cold: operator {key}"), format!("{count:.0}"));
+    }
     for (key, count) in &cold.requests {
         report.row(
             &format!("  cold: apiserver {key} (per connection)"),
@@ -203,6 +206,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "burst: RSS, VmHWM at all Ready (MB)",
         format!("{:.1}, {:.1}", mb(burst_memory.rss), mb(burst_memory.hwm)),
     );
+    for (key, count) in &burst.operator_counters {
+        report.row(&format!("  burst: operator {key}"), format!("{count:.0}"));
+    }
     for (key, count) in &burst.requests {
         report.row(
             &format!("  burst: apiserver {key} (per connection)"),
@@ -359,6 +365,8 @@ struct Bench {
 
 struct ColdStart {
     ready: Duration,
+    /// The operator's own counters when all were Ready (reconciles, probes, tokens saved).
+    operator_counters: BTreeMap<String, f64>,
     /// The API server's requests on secrets, TasklistConnections and Events meanwhile.
     requests: BTreeMap<String, f64>,
     token_requests: usize,
@@ -368,6 +376,7 @@ struct ColdStart {
 /// The burst phase's operator and namespace, which the later phases go on using.
 struct Burst {
     ready: Duration,
+    operator_counters: BTreeMap<String, f64>,
     /// The API server's requests on secrets, TasklistConnections and Events meanwhile
     /// (the benchmark's own creates of the connections included).
     requests: BTreeMap<String, f64>,
@@ -497,10 +506,12 @@ impl Bench {
         let token_requests = self.standin.token_requests_arrived() - tokens_before;
         let requests = operator_resources(figures::counter_delta(&requests_before, &self.apiserver_requests().await?));
         let memory = process_memory(operator.pid())?;
+        let operator_counters = operator_counters(&listen).await?;
         operator.terminate(Duration::from_secs(30)).await?;
         self.delete_namespace(&namespace).await?;
         Ok(ColdStart {
             ready: took,
+            operator_counters,
             requests,
             token_requests,
             memory,
@@ -521,8 +532,10 @@ impl Bench {
         self.create_connections(&namespace).await?;
         let all_ready = ready.wait_for(self.args.connections, &mut operator).await?;
         let requests = operator_resources(figures::counter_delta(&requests_before, &self.apiserver_requests().await?));
+        let operator_counters = operator_counters(&listen).await?;
         Ok(Burst {
             ready: all_ready.duration_since(started),
+            operator_counters,
             requests,
             token_requests: self.standin.token_requests_arrived() - tokens_before,
             operator,
@@ -675,6 +688,20 @@ fn client_secret_object(c: usize, rotation: usize) -> Secret {
 }
 
 /// Waits until the operator answers `/readyz` (it has listed its TasklistConnections).
+/// The operator's own counters (`tasklist_operator_*_total`), by series.
+async fn operator_counters(listen: &str) -> anyhow::Result<BTreeMap<String, f64>> {
+    let text = reqwest::get(format!("http://{listen}/metrics")).await?.text().await?;
+    Ok(text
+        .lines()
+        .filter(|line| line.starts_with("tasklist_operator_") && !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let name = series.split('{').next()?;
+            (name.ends_with("_total") && !name.contains("duration")).then(|| Some((series.to_owned(), value.parse().ok()?)))?
+        })
+        .collect())
+}
+
 async fn wait_until_ready_endpoint(listen: &str, operator: &mut OperatorProcess) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -13,9 +13,12 @@
 //!   it keeps the last result and asks to be woken soon. So a slow or dead Tasklist holds at
 //!   most `per_host` reconcile slots, and all probes together at most half of them: the
 //!   rest stays free for refreshes.
-//! - **Backoff for hosts that do not answer.** The wake-up after a deferral doubles with
-//!   each deferral on the host since it last answered (a timeout is no answer), from 1 s up
-//!   to the probe interval: connections waiting for a dead Tasklist do not spin.
+//! - **Backoff for hosts that do not answer.** The wake-up after a deferral grows with how
+//!   long the host has gone without answering while probes waited for it (a timeout is no
+//!   answer), from 1 s up to 32 s and never beyond the probe interval: connections waiting
+//!   for a dead Tasklist do not spin, and a busy but answering Tasklist (a burst of new
+//!   connections) keeps them coming back within 1 to 2 s. Counting deferrals instead would
+//!   back a healthy host off to 32 s after one burst of a few hundred deferrals.
 //!
 //! The decisions ([`probe_limits`], [`probe_timeout`], [`probe_turn`], [`deferral_delay`])
 //! are pure functions;
@@ -45,8 +48,8 @@ pub const DEFAULT_PROBES_PER_HOST: u16 = 4;
 pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a deferred probe waits, at least (jitter adds up to as much again).
 pub const PROBE_DEFERRAL: Duration = Duration::from_secs(1);
-/// The deferral doubles at most this often (1 s to 32 s), and never beyond the interval.
-const MOST_DOUBLINGS: u32 = 5;
+/// The longest wait after a deferral (also never beyond the probe interval).
+const LONGEST_DEFERRAL: Duration = Duration::from_secs(32);
 /// Results older than this are dropped; a connection probed less often probes on its own.
 const LONGEST_KEPT: Duration = Duration::from_secs(3600);
 /// The result map is pruned once it holds this many entries, and then each time it has
@@ -196,14 +199,16 @@ pub fn probe_turn(
     }
 }
 
-/// How long a deferred probe waits before it is tried again, the `deferrals`-th on its host
-/// since that host last answered: [`PROBE_DEFERRAL`] doubling with each, up to 32 s and
-/// never beyond the probe `interval` (it would not be probed sooner than that anyway), plus
-/// up to as much again (`jitter` in `[0, 1)`), so that deferred connections do not come
-/// back in step.
-pub fn deferral_delay(deferrals: u32, interval: Duration, jitter: f64) -> Duration {
-    let doublings = deferrals.saturating_sub(1).min(MOST_DOUBLINGS);
-    let base = (PROBE_DEFERRAL * 2u32.pow(doublings)).min(interval.max(PROBE_DEFERRAL));
+/// How long a deferred probe waits before it is tried again, when its host has gone
+/// `without_answer` without answering since probes began to wait for it: that long, at
+/// least [`PROBE_DEFERRAL`], at most [`LONGEST_DEFERRAL`] and never beyond the probe
+/// `interval` (it would not be probed sooner than that anyway), plus up to as much again
+/// (`jitter` in `[0, 1)`), so that deferred connections do not come back in step. Waits
+/// therefore about double, round after round, while the host stays silent.
+pub fn deferral_delay(without_answer: Duration, interval: Duration, jitter: f64) -> Duration {
+    let base = without_answer
+        .clamp(PROBE_DEFERRAL, LONGEST_DEFERRAL)
+        .min(interval.max(PROBE_DEFERRAL));
     base.mul_f64(1.0 + jitter.clamp(0.0, 1.0))
 }
 
@@ -215,8 +220,8 @@ struct State {
     in_flight: HashMap<ProbeKey, InFlight>,
     slots_taken: usize,
     slots_per_host: HashMap<String, usize>,
-    /// Deferrals per host since it last answered.
-    deferrals_per_host: HashMap<String, u32>,
+    /// Per host: the first deferral since it last answered.
+    waiting_since: HashMap<String, Timestamp>,
     prune_at: usize,
 }
 
@@ -293,7 +298,7 @@ impl ProbeScheduler {
     {
         let Ok(mut state) = self.state.lock() else {
             return ProbeTurn::Deferred {
-                retry_after: deferral_delay(1, interval, rand::random()),
+                retry_after: deferral_delay(Duration::ZERO, interval, rand::random()),
             };
         };
         let host_taken = state.slots_per_host.get(&host).copied().unwrap_or_default();
@@ -307,10 +312,10 @@ impl ProbeScheduler {
             interval,
             now,
         ) {
-            Turn::Defer => defer(&mut state, host, interval),
+            Turn::Defer => defer(&mut state, host, interval, now),
             Turn::Reuse => match state.latest.get(&key) {
                 Some(result) => ProbeTurn::Reuse(result.clone()),
-                None => defer(&mut state, host, interval),
+                None => defer(&mut state, host, interval, now),
             },
             Turn::Join => match state.in_flight.get(&key).cloned() {
                 Some(result) => {
@@ -320,7 +325,7 @@ impl ProbeScheduler {
                         joined: true,
                     }
                 }
-                None => defer(&mut state, host, interval),
+                None => defer(&mut state, host, interval, now),
             },
             Turn::Send => {
                 let slot = self.take_slot(&mut state, host.clone());
@@ -373,12 +378,12 @@ impl ProbeScheduler {
     }
 }
 
-/// Counts a deferral on `host` and says when to try again.
-fn defer(state: &mut State, host: String, interval: Duration) -> ProbeTurn {
-    let deferrals = state.deferrals_per_host.entry(host).or_default();
-    *deferrals = deferrals.saturating_add(1);
+/// Notes a deferral on `host` and says when to try again.
+fn defer(state: &mut State, host: String, interval: Duration, now: Timestamp) -> ProbeTurn {
+    let since = *state.waiting_since.entry(host).or_insert(now);
+    let without_answer = now.duration_since(since).try_into().unwrap_or_default();
     ProbeTurn::Deferred {
-        retry_after: deferral_delay(*deferrals, interval, rand::random()),
+        retry_after: deferral_delay(without_answer, interval, rand::random()),
     }
 }
 
@@ -389,7 +394,7 @@ fn record(state: &Mutex<State>, key: ProbeKey, host: &str, result: SharedResult)
     let Ok(mut state) = state.lock() else { return };
     state.in_flight.remove(&key);
     if !matches!(result.outcome, ProbeOutcome::Unreachable { .. }) {
-        state.deferrals_per_host.remove(host);
+        state.waiting_since.remove(host);
     }
     let newer = state.latest.get(&key).is_none_or(|kept| kept.at <= result.at);
     if newer {
@@ -401,11 +406,11 @@ fn record(state: &Mutex<State>, key: ProbeKey, host: &str, result: SharedResult)
         state.prune_at = state.latest.len() * 2;
         // Hosts nothing is probing any more.
         let State {
-            deferrals_per_host,
+            waiting_since,
             slots_per_host,
             ..
         } = &mut *state;
-        deferrals_per_host.retain(|host, _| slots_per_host.contains_key(host));
+        waiting_since.retain(|host, _| slots_per_host.contains_key(host));
     }
 }
 
@@ -582,20 +587,23 @@ mod tests {
     #[test]
     fn a_deferred_probe_comes_back_in_one_to_two_seconds() {
         let seconds = Duration::from_secs;
-        assert_eq!(deferral_delay(1, MINUTE, 0.0), seconds(1));
-        assert_eq!(deferral_delay(1, MINUTE, 0.5), Duration::from_millis(1500));
-        assert_eq!(deferral_delay(1, MINUTE, 7.0), seconds(2));
+        assert_eq!(deferral_delay(Duration::ZERO, MINUTE, 0.0), seconds(1));
+        assert_eq!(deferral_delay(Duration::ZERO, MINUTE, 0.5), Duration::from_millis(1500));
+        assert_eq!(deferral_delay(Duration::from_millis(900), MINUTE, 7.0), seconds(2));
     }
 
     #[test]
     fn deferrals_on_a_host_that_does_not_answer_back_off_up_to_the_interval() {
         let seconds = Duration::from_secs;
-        let delays: Vec<Duration> = (1..=8).map(|n| deferral_delay(n, MINUTE, 0.0)).collect();
-        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 32, 32].map(seconds));
-        assert_eq!(deferral_delay(10, seconds(10), 0.0), seconds(10));
-        assert_eq!(deferral_delay(10, seconds(10), 0.99), Duration::from_millis(19_900));
+        // Each round comes back after as long as the host has been silent: about doubling.
+        let delays: Vec<Duration> = [0, 1, 2, 4, 8, 16, 32, 64]
+            .map(|silent| deferral_delay(seconds(silent), MINUTE, 0.0))
+            .to_vec();
+        assert_eq!(delays, [1, 1, 2, 4, 8, 16, 32, 32].map(seconds));
+        assert_eq!(deferral_delay(seconds(100), seconds(10), 0.0), seconds(10));
+        assert_eq!(deferral_delay(seconds(100), seconds(10), 0.99), Duration::from_millis(19_900));
         // An interval under a second still waits a second.
-        assert_eq!(deferral_delay(3, Duration::from_millis(200), 0.0), seconds(1));
+        assert_eq!(deferral_delay(seconds(3), Duration::from_millis(200), 0.0), seconds(1));
     }
 
     // --- the scheduler ------------------------------------------------------------------
@@ -666,13 +674,19 @@ mod tests {
         let (release, released) = tokio::sync::watch::channel(false);
         let mut waiting = Vec::new();
         let mut deferred = 0;
-        // 20 connections with distinct credentials at a host that never answers.
+        // 20 connections with distinct credentials at a host that never answers, due 3 s
+        // apart.
         for index in 0..20 {
-            match scheduler.turn(key(index), "dead:80".into(), at(0), MINUTE, at(10), controlled(&sent, &released)) {
+            let now = at(10 + 3 * i64::from(index));
+            match scheduler.turn(key(index), "dead:80".into(), at(0), MINUTE, now, controlled(&sent, &released)) {
                 ProbeTurn::Wait { result, .. } => waiting.push(result),
                 ProbeTurn::Deferred { retry_after } => {
                     deferred += 1;
-                    // The 16th deferral on the dead host waits 32 s or more.
+                    // The first deferral comes back within 2 s; the 16th, 45 s after the
+                    // first while nothing answered, waits 32 s or more.
+                    if deferred == 1 {
+                        assert!(retry_after <= Duration::from_secs(2), "{retry_after:?}");
+                    }
                     if deferred == 16 {
                         assert!(retry_after >= Duration::from_secs(32), "{retry_after:?}");
                     }

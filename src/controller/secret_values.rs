@@ -43,6 +43,19 @@ impl SecretValues {
         (entry.secret.metadata.resource_version.as_deref() == Some(version)).then(|| entry.secret.clone())
     }
 
+    /// Where the reads stand now, for [`Self::read_since`].
+    fn mark(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    /// The Secret as a read finished after `mark` got it: as fresh as a read now.
+    fn read_since(&self, key: &SecretKey, mark: u64) -> Option<Arc<Secret>> {
+        let kept = self.kept.lock().ok()?;
+        kept.get(key)
+            .filter(|entry| entry.sequence >= mark)
+            .map(|entry| entry.secret.clone())
+    }
+
     fn put(&self, key: SecretKey, secret: Option<&Secret>) {
         let Ok(mut kept) = self.kept.lock() else {
             return;
@@ -113,11 +126,13 @@ impl SecretSource for ByVersion<'_> {
         if let Some(known) = self.known(&key) {
             return Ok(Some(known));
         }
+        let mark = self.values.mark();
         let lock = self.values.read_lock(&key);
         let _reading = lock.lock().await;
-        // Read by another connection while this one waited.
-        if let Some(known) = self.known(&key) {
-            return Ok(Some(known));
+        // Read by another connection while this one waited (the watch may not have seen
+        // that version yet, as with a Secret created just before its connections).
+        if let Some(read) = self.values.read_since(&key, mark) {
+            return Ok(Some(read.as_ref().clone()));
         }
         let read = self.api.get_opt(name).await?;
         self.values.put(key, read.as_ref());
@@ -151,6 +166,17 @@ mod tests {
         assert!(values.get(&key("client"), "7").is_some());
         assert!(values.get(&key("client"), "8").is_none(), "a rotated Secret is read again");
         assert!(values.get(&key("other"), "7").is_none());
+    }
+
+    #[test]
+    fn a_read_that_finished_while_waiting_is_as_good_as_a_read_now() {
+        let values = SecretValues::default();
+        values.put(key("client"), Some(&secret("client", "7")));
+        let mark = values.mark();
+        assert!(values.read_since(&key("client"), mark).is_none(), "read before the wait began");
+        values.put(key("client"), Some(&secret("client", "8")));
+        let read = values.read_since(&key("client"), mark).expect("read while waiting");
+        assert_eq!(read.metadata.resource_version.as_deref(), Some("8"));
     }
 
     #[test]
