@@ -248,6 +248,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             format!("{:.2} ({count:.0})", per_second(*count)),
         );
     }
+    for (what, count) in &steady.audited {
+        report.row(&format!("  audit log: {what}"), format!("{count}"));
+    }
+    if !steady.audited.keys().any(|what| what.starts_with("operator")) {
+        report.row("  audit log: operator", "no request".to_owned());
+    }
     report.row("steady: probes (/s)", format!("{:.2}", per_second(steady.probes as f64)));
     report.row("steady: token requests", format!("{}", steady.token_requests));
     report.row(
@@ -392,6 +398,10 @@ struct SteadyState {
     connection_json_bytes: f64,
     managed_fields_json_bytes: f64,
     requests: BTreeMap<String, f64>,
+    /// From the audit log, in the connections' namespace, by client: `operator` (every
+    /// client but kube-controller-manager: the benchmark is idle) or
+    /// `kube-controller-manager`, then verb and resource.
+    audited: BTreeMap<String, usize>,
     probes: usize,
     token_requests: usize,
     cpu_seconds: f64,
@@ -460,7 +470,11 @@ impl Bench {
             &self.args.operator,
             self.control_plane.kubeconfig(),
             &args,
-            &[("RUST_LOG".to_owned(), "info".to_owned())],
+            // TLO_BENCH_RUST_LOG: a closer look at one run (the figures are taken at info).
+            &[(
+                "RUST_LOG".to_owned(),
+                std::env::var("TLO_BENCH_RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )],
         )
     }
 
@@ -552,6 +566,7 @@ impl Bench {
         tokio::time::sleep(Duration::from_secs(5)).await;
         let pid = burst.operator.pid();
         let requests_before = self.apiserver_requests().await?;
+        let audited_before = self.control_plane.api_requests(&burst.namespace)?.len();
         let probes_before = self.standin.api_requests().len();
         let tokens_before = self.standin.token_requests_arrived();
         let cpu_before = cpu_seconds(pid)?;
@@ -560,6 +575,21 @@ impl Bench {
         let window = started.elapsed();
         let cpu_seconds = cpu_seconds(pid)? - cpu_before;
         let requests_after = self.apiserver_requests().await?;
+        let audited = self.control_plane.api_requests(&burst.namespace)?;
+        let mut by_client = BTreeMap::new();
+        for request in audited.iter().skip(audited_before) {
+            let client = if request.user_agent.starts_with("kube-controller-manager") {
+                "kube-controller-manager"
+            } else {
+                "operator"
+            };
+            let what = format!("{client} {} {}", request.verb, request.resource);
+            *by_client.entry(what).or_insert(0) += 1;
+        }
+        // TLO_BENCH_OPERATOR_LOG: where to copy the operator's log after the window.
+        if let Ok(path) = std::env::var("TLO_BENCH_OPERATOR_LOG") {
+            std::fs::write(&path, burst.operator.logs()).with_context(|| format!("writing {path}"))?;
+        }
         // What a full object costs, and how much of it is managedFields (after the window).
         let listed = self.connections(&burst.namespace).list(&ListParams::default()).await?;
         let count = listed.items.len().max(1) as f64;
@@ -573,6 +603,7 @@ impl Bench {
             connection_json_bytes: whole as f64 / count,
             managed_fields_json_bytes: managed as f64 / count,
             requests: figures::counter_delta(&requests_before, &requests_after),
+            audited: by_client,
             probes: self.standin.api_requests().len() - probes_before,
             token_requests: self.standin.token_requests_arrived() - tokens_before,
             cpu_seconds,

@@ -334,7 +334,7 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
     let (metadata_store, metadata_writer) = reflector::store();
     let secret_changes = watcher(secrets, watcher::Config::default())
         .backoff(WatchBackoff::default())
-        .modify(|secret| slim::slim_metadata(&mut secret.metadata))
+        .modify(|secret| slim::slim_secret_metadata(&mut secret.metadata))
         .reflect(metadata_writer)
         .touched_objects();
     // The operator's own derived Secrets, whole, so that a reconcile does not GET them. Their

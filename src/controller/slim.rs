@@ -14,6 +14,7 @@
 //! resourceVersion.
 
 use crate::crd::TasklistConnection;
+use crate::derived_secret::DATA_HASH;
 
 /// The annotation `kubectl apply` keeps its last input in.
 pub const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
@@ -28,6 +29,19 @@ pub fn slim_connection(connection: &mut TasklistConnection) {
         .is_some_and(|annotations| annotations.is_empty())
     {
         connection.metadata.annotations = None;
+    }
+}
+
+/// What the metadata store of every Secret keeps: what tells which version a Secret is at,
+/// who owns it, and whether a change is this process's own write (the data-hash
+/// annotation). Labels and the other annotations are read from the labelled store of the
+/// operator's own Secrets, never from this one, which holds every Secret of the watched
+/// namespaces.
+pub fn slim_secret_metadata(metadata: &mut kube::api::ObjectMeta) {
+    slim_metadata(metadata);
+    metadata.labels = None;
+    if let Some(annotations) = metadata.annotations.as_mut() {
+        annotations.retain(|key, _| key == DATA_HASH);
     }
 }
 
@@ -106,5 +120,29 @@ mod tests {
         let mut without = connection(serde_json::Value::Null);
         slim_connection(&mut without);
         assert_eq!(without.metadata.annotations, None);
+    }
+
+    #[test]
+    fn the_metadata_store_keeps_versions_owners_and_the_data_hash_only() {
+        let mut metadata: kube::api::ObjectMeta = serde_json::from_value(json!({
+            "name": "orders-tasklist-auth", "uid": "u1", "resourceVersion": "42",
+            "labels": {"app.kubernetes.io/managed-by": "tasklist-operator"},
+            "annotations": {DATA_HASH: "abc", "tasklist.camunda.community/inputs": "f00"},
+            "ownerReferences": [{"apiVersion": "v1", "kind": "X", "name": "orders", "uid": "c1", "controller": true}],
+            "managedFields": [{"manager": "kubectl"}],
+        }))
+        .unwrap();
+        slim_secret_metadata(&mut metadata);
+        assert_eq!(metadata.labels, None);
+        assert_eq!(
+            metadata.annotations.unwrap().into_iter().collect::<Vec<_>>(),
+            vec![(DATA_HASH.to_owned(), "abc".to_owned())]
+        );
+        assert_eq!(
+            (metadata.uid.as_deref(), metadata.resource_version.as_deref()),
+            (Some("u1"), Some("42"))
+        );
+        assert_eq!(metadata.owner_references.map(|owners| owners.len()), Some(1));
+        assert_eq!(metadata.managed_fields, None);
     }
 }

@@ -44,6 +44,8 @@ pub struct ApiRequest {
     pub name: String,
     /// The HTTP status code of the answer.
     pub code: u64,
+    /// The client's User-Agent (kube-controller-manager's start with `kube-controller-manager/`).
+    pub user_agent: String,
 }
 
 impl ApiRequest {
@@ -441,6 +443,7 @@ impl ControlPlane {
                     subresource: text(&event["objectRef"]["subresource"]),
                     name: text(&event["objectRef"]["name"]),
                     code: event["responseStatus"]["code"].as_u64().unwrap_or_default(),
+                    user_agent: text(&event["userAgent"]),
                 }
             })
             .collect())
