@@ -12,7 +12,7 @@ use crate::camunda::assertion::AssertionKey;
 use crate::camunda::login::{CookieLogin, LoginCredentials};
 use crate::camunda::token::{ClientCredentials, ClientProof, TokenEndpoint, TokenLocation};
 use crate::camunda::{Sensitive, TlsTrust, join_url};
-use crate::crd::{ClientAuthentication, OAuth2Spec, TasklistConnection};
+use crate::crd::{ClientAuthentication, OAuth2Spec, TasklistConnection, TasklistConnectionSpec};
 use crate::duration::parse_duration;
 use crate::reason::Reason;
 
@@ -70,6 +70,30 @@ impl Inputs {
 pub struct InputProblem {
     pub reason: Reason,
     pub message: String,
+}
+
+/// The problems both [`read_inputs`] and [`summarize`] find, worded once.
+impl InputProblem {
+    fn secret_not_found(name: &str) -> Self {
+        InputProblem {
+            reason: Reason::SecretNotFound,
+            message: format!("Secret {name:?} not found in the connection's namespace"),
+        }
+    }
+
+    fn no_auth_method() -> Self {
+        InputProblem {
+            reason: Reason::InvalidSpec,
+            message: "auth has neither oauth2 nor cookie".into(),
+        }
+    }
+
+    fn no_assertion_key() -> Self {
+        InputProblem {
+            reason: Reason::InvalidSpec,
+            message: "auth.oauth2.clientAuthentication PrivateKeyJwt needs auth.oauth2.clientAssertionKeyRef".into(),
+        }
+    }
 }
 
 /// Something that can fetch Secrets by name from the connection's namespace.
@@ -164,11 +188,7 @@ async fn read(connection: &TasklistConnection, secrets: &impl SecretSource) -> R
             client: client_credentials(oauth2, &mut reader).await?,
         }
     } else {
-        return Err(InputProblem {
-            reason: Reason::InvalidSpec,
-            message: "auth has neither oauth2 nor cookie".into(),
-        }
-        .into());
+        return Err(InputProblem::no_auth_method().into());
     };
 
     let tls = spec.tls.clone().unwrap_or_default();
@@ -176,12 +196,7 @@ async fn read(connection: &TasklistConnection, secrets: &impl SecretSource) -> R
         Some(reference) => Some(reader.value(&reference.name, &reference.key).await?.expose().to_owned()),
         None => None,
     };
-    let refresh_before = spec
-        .refresh_before
-        .as_deref()
-        .map(|text| duration_field("refreshBefore", text))
-        .transpose()?;
-    let probe_interval = duration_field("probe.interval", &spec.probe.interval)?.max(Duration::from_secs(1));
+    let (refresh_before, probe_interval) = schedule_fields(spec)?;
 
     Ok(Inputs {
         login,
@@ -233,10 +248,7 @@ pub fn summarize(
             versions.insert(name.to_owned(), version);
             Ok(())
         }
-        None => Err(InputProblem {
-            reason: Reason::SecretNotFound,
-            message: format!("Secret {name:?} not found in the connection's namespace"),
-        }),
+        None => Err(InputProblem::secret_not_found(name)),
     };
     let (mut session_timeout, mut token_endpoint_of_spec, mut basic) = (None, None, false);
     if let Some(cookie) = &spec.auth.cookie {
@@ -250,18 +262,12 @@ pub fn summarize(
         look_up(&oauth2.client_secret_ref.name)?;
         if oauth2.client_authentication == ClientAuthentication::PrivateKeyJwt {
             let Some(key_ref) = &oauth2.client_assertion_key_ref else {
-                return Err(InputProblem {
-                    reason: Reason::InvalidSpec,
-                    message: "auth.oauth2.clientAuthentication PrivateKeyJwt needs auth.oauth2.clientAssertionKeyRef".into(),
-                });
+                return Err(InputProblem::no_assertion_key());
             };
             look_up(&key_ref.name)?;
         }
     } else {
-        return Err(InputProblem {
-            reason: Reason::InvalidSpec,
-            message: "auth has neither oauth2 nor cookie".into(),
-        });
+        return Err(InputProblem::no_auth_method());
     }
     let tls = spec.tls.clone().unwrap_or_default();
     if let Some(reference) = &tls.ca_secret_ref {
@@ -271,12 +277,7 @@ pub fn summarize(
         let (uid, version) = versions.get(&reference.name).cloned().unwrap_or_default();
         format!("{}/{}/{uid}/{version}", reference.name, reference.key)
     });
-    let refresh_before = spec
-        .refresh_before
-        .as_deref()
-        .map(|text| duration_field("refreshBefore", text))
-        .transpose()?;
-    let probe_interval = duration_field("probe.interval", &spec.probe.interval)?.max(Duration::from_secs(1));
+    let (refresh_before, probe_interval) = schedule_fields(spec)?;
     Ok(InputsSummary {
         fingerprint: fingerprint(connection, &versions),
         refresh_before,
@@ -320,11 +321,7 @@ async fn client_credentials<S: SecretSource>(
         ClientAuthentication::Basic => ClientProof::SecretInBasicHeader(reader.value(&reference.name, &reference.client_secret_key).await?),
         ClientAuthentication::PrivateKeyJwt => {
             let Some(key_ref) = &oauth2.client_assertion_key_ref else {
-                return Err(InputProblem {
-                    reason: Reason::InvalidSpec,
-                    message: "auth.oauth2.clientAuthentication PrivateKeyJwt needs auth.oauth2.clientAssertionKeyRef".into(),
-                }
-                .into());
+                return Err(InputProblem::no_assertion_key().into());
             };
             let pem = reader.value(&key_ref.name, &key_ref.key).await?;
             let invalid = |key: &str, problem: String| InputProblem {
@@ -385,12 +382,7 @@ impl<S: SecretSource> SecretReader<'_, S> {
             self.read.insert(name.to_owned(), secret);
         }
         let Some(secret) = self.read.get(name).cloned().flatten() else {
-            let message = format!("Secret {name:?} not found in the connection's namespace");
-            return Err(InputProblem {
-                reason: Reason::SecretNotFound,
-                message,
-            }
-            .into());
+            return Err(InputProblem::secret_not_found(name).into());
         };
         self.versions.insert(
             name.to_owned(),
@@ -428,6 +420,17 @@ impl<S: SecretSource> SecretReader<'_, S> {
         }
         Ok(Sensitive::new(value))
     }
+}
+
+/// `refreshBefore` and `probe.interval` (at least a second).
+fn schedule_fields(spec: &TasklistConnectionSpec) -> Result<(Option<Duration>, Duration), InputProblem> {
+    let refresh_before = spec
+        .refresh_before
+        .as_deref()
+        .map(|text| duration_field("refreshBefore", text))
+        .transpose()?;
+    let probe_interval = duration_field("probe.interval", &spec.probe.interval)?.max(Duration::from_secs(1));
+    Ok((refresh_before, probe_interval))
 }
 
 fn duration_field(field: &str, text: &str) -> Result<Duration, InputProblem> {
