@@ -109,14 +109,14 @@ async fn a_connection_deleted_while_the_watch_was_down_leaves_no_metrics(world: 
 /// A TCP server that accepts connections and never answers. Counts connections accepted,
 /// closed by the client, and the most open at once.
 #[derive(Default)]
-struct DeadHost {
-    accepted: AtomicUsize,
+pub(crate) struct DeadHost {
+    pub(crate) accepted: AtomicUsize,
     closed: AtomicUsize,
-    most_open: AtomicUsize,
+    pub(crate) most_open: AtomicUsize,
 }
 
 impl DeadHost {
-    async fn start() -> anyhow::Result<(Arc<DeadHost>, String)> {
+    pub(crate) async fn start() -> anyhow::Result<(Arc<DeadHost>, String)> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let host = Arc::new(DeadHost::default());

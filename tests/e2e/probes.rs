@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::ensure;
@@ -14,9 +14,9 @@ use kube::api::ListParams;
 use serde_json::json;
 use testsupport::operator::OperatorProcess;
 use testsupport::standin::AuthKind;
-use tokio::io::AsyncReadExt as _;
 
 use crate::ScenarioFn;
+use crate::isolation::DeadHost;
 use crate::scenario::{Scenario, World, condition, operator_binary, planned_refresh_and_expiry, scrape, tail, wait_until};
 
 pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
@@ -138,39 +138,6 @@ async fn twenty_connections_sharing_one_basic_credential_send_one_probe_per_inte
         "the operator counts no reused probe answers ({reused:?})"
     );
     s.assert_no_credential_leaked().await
-}
-
-/// A TCP server that accepts connections and never answers. Counts connections accepted,
-/// closed by the client, and the most open at once.
-#[derive(Default)]
-struct DeadHost {
-    accepted: AtomicUsize,
-    closed: AtomicUsize,
-    most_open: AtomicUsize,
-}
-
-impl DeadHost {
-    async fn start() -> anyhow::Result<(Arc<DeadHost>, String)> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
-        let host = Arc::new(DeadHost::default());
-        let counting = host.clone();
-        tokio::spawn(async move {
-            while let Ok((mut socket, _)) = listener.accept().await {
-                let accepted = counting.accepted.fetch_add(1, Ordering::SeqCst) + 1;
-                let open = accepted - counting.closed.load(Ordering::SeqCst);
-                counting.most_open.fetch_max(open, Ordering::SeqCst);
-                let closing = counting.clone();
-                tokio::spawn(async move {
-                    let mut buffer = [0u8; 4096];
-                    // Read whatever comes, answer nothing, until the client gives up.
-                    while matches!(socket.read(&mut buffer).await, Ok(read) if read > 0) {}
-                    closing.closed.fetch_add(1, Ordering::SeqCst);
-                });
-            }
-        });
-        Ok((host, url))
-    }
 }
 
 const DEAD: usize = 40;
