@@ -112,6 +112,47 @@ impl Report {
         println!("{figure:<52} {value}");
         self.rows.push((figure.to_owned(), value));
     }
+
+    /// The rows and the JSON of a phase that ends when all connections are Ready (cold
+    /// start, burst): `title` leads its rows, `short` its detail rows, `key` names its JSON.
+    fn ready_phase(&mut self, (title, short, key): (&str, &str, &str), phase: ReadyPhase<'_>, floor: f64, clients: usize, n: usize) {
+        let ready = phase.ready.as_secs_f64();
+        self.row(
+            &format!("{title}: all Ready after (s), ratio"),
+            format!("{ready:.2}, {:.2}", ready / floor),
+        );
+        self.row(
+            &format!("{title}: token requests / distinct clients"),
+            format!("{} / {clients}", phase.token_requests),
+        );
+        self.row(
+            &format!("{title}: RSS, VmHWM at all Ready (MB)"),
+            format!("{:.1}, {:.1}", mb(phase.memory.rss), mb(phase.memory.hwm)),
+        );
+        for (series, count) in phase.operator_counters {
+            self.row(&format!("  {short}: operator {series}"), format!("{count:.0}"));
+        }
+        for (request, count) in phase.requests {
+            self.row(
+                &format!("  {short}: apiserver {request} (per connection)"),
+                format!("{count:.0} ({:.2})", count / n as f64),
+            );
+        }
+        self.json.insert(
+            key.into(),
+            json!({"ready_s": ready, "ratio": ready / floor, "apiserver_requests": phase.requests,
+                   "token_requests": phase.token_requests, "rss_bytes": phase.memory.rss, "hwm_bytes": phase.memory.hwm}),
+        );
+    }
+}
+
+/// What cold start and burst both measure.
+struct ReadyPhase<'a> {
+    ready: Duration,
+    token_requests: usize,
+    memory: &'a Memory,
+    operator_counters: &'a BTreeMap<String, f64>,
+    requests: &'a BTreeMap<String, f64>,
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -164,61 +205,35 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // 2. Cold start.
     let cold = bench.cold_start().await.context("cold start")?;
-    report.row(
-        "cold start: all Ready after (s), ratio",
-        format!("{:.2}, {:.2}", cold.ready.as_secs_f64(), cold.ready.as_secs_f64() / floor),
-    );
-    report.row(
-        "cold start: token requests / distinct clients",
-        format!("{} / {clients}", cold.token_requests),
-    );
-    report.row(
-        "cold start: RSS, VmHWM at all Ready (MB)",
-        format!("{:.1}, {:.1}", mb(cold.memory.rss), mb(cold.memory.hwm)),
-    );
-    for (key, count) in &cold.operator_counters {
-        report.row(&format!("  cold: operator {key}"), format!("{count:.0}"));
-    }
-    for (key, count) in &cold.requests {
-        report.row(
-            &format!("  cold: apiserver {key} (per connection)"),
-            format!("{count:.0} ({:.2})", count / n as f64),
-        );
-    }
-    report.json.insert(
-        "cold_start".into(),
-        json!({"ready_s": cold.ready.as_secs_f64(), "ratio": cold.ready.as_secs_f64() / floor, "apiserver_requests": cold.requests,
-               "token_requests": cold.token_requests, "rss_bytes": cold.memory.rss, "hwm_bytes": cold.memory.hwm}),
+    report.ready_phase(
+        ("cold start", "cold", "cold_start"),
+        ReadyPhase {
+            ready: cold.ready,
+            token_requests: cold.token_requests,
+            memory: &cold.memory,
+            operator_counters: &cold.operator_counters,
+            requests: &cold.requests,
+        },
+        floor,
+        clients,
+        n,
     );
 
     // 3. Burst, and everything after it on the same operator.
     let mut burst = bench.burst().await.context("burst")?;
-    report.row(
-        "burst: all Ready after (s), ratio",
-        format!("{:.2}, {:.2}", burst.ready.as_secs_f64(), burst.ready.as_secs_f64() / floor),
-    );
-    report.row(
-        "burst: token requests / distinct clients",
-        format!("{} / {clients}", burst.token_requests),
-    );
     let burst_memory = process_memory(burst.operator.pid())?;
-    report.row(
-        "burst: RSS, VmHWM at all Ready (MB)",
-        format!("{:.1}, {:.1}", mb(burst_memory.rss), mb(burst_memory.hwm)),
-    );
-    for (key, count) in &burst.operator_counters {
-        report.row(&format!("  burst: operator {key}"), format!("{count:.0}"));
-    }
-    for (key, count) in &burst.requests {
-        report.row(
-            &format!("  burst: apiserver {key} (per connection)"),
-            format!("{count:.0} ({:.2})", count / n as f64),
-        );
-    }
-    report.json.insert(
-        "burst".into(),
-        json!({"ready_s": burst.ready.as_secs_f64(), "ratio": burst.ready.as_secs_f64() / floor, "apiserver_requests": burst.requests,
-               "token_requests": burst.token_requests, "rss_bytes": burst_memory.rss, "hwm_bytes": burst_memory.hwm}),
+    report.ready_phase(
+        ("burst", "burst", "burst"),
+        ReadyPhase {
+            ready: burst.ready,
+            token_requests: burst.token_requests,
+            memory: &burst_memory,
+            operator_counters: &burst.operator_counters,
+            requests: &burst.requests,
+        },
+        floor,
+        clients,
+        n,
     );
 
     // 5. Steady state.
