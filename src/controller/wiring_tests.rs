@@ -280,16 +280,23 @@ const STATUS: &str = "/apis/tasklist.camunda.community/v1alpha1/namespaces/team-
 /// apply: one that appeared meanwhile must not be taken over), the CredentialIssued Event,
 /// apply status. Returns the written Secret and status; the watches have not seen the
 /// Secret yet.
+/// Answers the create of the derived Secret (it becomes version 21) and the Event that
+/// follows it; returns the Secret sent, the create's query and the Event.
+async fn accept_created_secret_and_event(api: &mut ApiServer) -> (Value, String, Value) {
+    let (secret, reply, query) = api.expect(Method::POST, SECRETS).await;
+    answer(reply, StatusCode::CREATED, &applied(secret.clone(), "21"));
+    let (event, reply, _) = api.expect(Method::POST, EVENTS).await;
+    answer(reply, StatusCode::CREATED, &event);
+    (secret, query, event)
+}
+
 async fn first_pass(h: &mut Harness) -> (Value, TasklistConnectionStatus) {
     let running = start_new_connection(h).await;
-    let (secret, reply, query) = h.api.expect(Method::POST, SECRETS).await;
+    let (secret, query, event) = accept_created_secret_and_event(&mut h.api).await;
     assert!(query.contains(&format!("fieldManager={FIELD_MANAGER}")), "{query}");
     assert_eq!(secret["metadata"]["name"], "orders-tasklist-auth");
     assert!(secret["data"]["token"].is_string(), "no token in {secret}");
-    answer(reply, StatusCode::CREATED, &applied(secret.clone(), "21"));
-    let (event, reply, _) = h.api.expect(Method::POST, EVENTS).await;
     assert_eq!(event["reason"], "CredentialIssued");
-    answer(reply, StatusCode::CREATED, &event);
     let (patch, reply, _) = h.api.expect(Method::PATCH, STATUS).await;
     let status: TasklistConnectionStatus = serde_json::from_value(patch["status"].clone()).expect("a status");
     let mut object = serde_json::to_value(connection(&h.standin, Some(status.clone()))).expect("JSON");
@@ -349,10 +356,7 @@ async fn before_the_watches_listed_everything_is_read_from_the_api_server() {
     let (_, reply, _) = h.api.expect(Method::GET, CLIENT).await;
     answer(reply, StatusCode::OK, &client_secret());
     // Read once, although both the fingerprint and the token request need it.
-    let (secret, reply, _) = h.api.expect(Method::POST, SECRETS).await;
-    answer(reply, StatusCode::CREATED, &applied(secret, "21"));
-    let (_, reply, _) = h.api.expect(Method::POST, EVENTS).await;
-    answer(reply, StatusCode::CREATED, &json!({}));
+    accept_created_secret_and_event(&mut h.api).await;
     h.api.finish_allowing_status(running, &h.standin).await;
     assert_eq!(h.standin.token_requests().len(), 1);
 }
@@ -364,11 +368,8 @@ async fn a_client_secret_read_later_than_the_watch_saw_it_is_stored_with_the_ver
     let running = h.reconcile(None);
     let (_, reply, _) = h.api.expect(Method::GET, CLIENT).await;
     answer(reply, StatusCode::OK, &client_secret_at("12"));
-    let (secret, reply, _) = h.api.expect(Method::POST, SECRETS).await;
+    let (secret, _, _) = accept_created_secret_and_event(&mut h.api).await;
     let written = applied(secret, "21");
-    answer(reply, StatusCode::CREATED, &written);
-    let (_, reply, _) = h.api.expect(Method::POST, EVENTS).await;
-    answer(reply, StatusCode::CREATED, &json!({}));
     let (patch, reply, _) = h.api.expect(Method::PATCH, STATUS).await;
     let status: TasklistConnectionStatus = serde_json::from_value(patch["status"].clone()).expect("a status");
     answer(
