@@ -11,6 +11,7 @@ pub mod derived_secret;
 pub mod duration;
 pub mod events;
 pub mod inputs;
+pub mod key_hash;
 pub mod leader;
 pub mod logging;
 pub mod metrics;

@@ -13,18 +13,18 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use futures::FutureExt as _;
 use futures::future::{BoxFuture, Shared};
 use jiff::Timestamp;
-use sha2::{Digest, Sha256};
 
 use crate::camunda::token::{ClientCredentials, ClientProof, TokenEndpoint};
 use crate::camunda::{AuthFailure, Sensitive, TlsTrust};
 use crate::crd::RequestEncoding;
 use crate::credential::add;
+use crate::key_hash::KeyHash;
 use crate::schedule::{RefreshPolicy, refresh_time};
 
 /// At most this many tokens are kept (a JWT is 1-2 KB); beyond that, the one that expires
@@ -46,65 +46,40 @@ impl fmt::Debug for TokenKey {
     }
 }
 
-/// Random per process: a key found in a memory dump does not let anyone test guesses of a
-/// secret against it.
-static SALT: LazyLock<[u8; 32]> = LazyLock::new(rand::random);
-
 impl TokenKey {
     /// The key of a token request to `token_url` (the resolved endpoint) by `client`.
     pub fn new(token_url: &str, endpoint: &TokenEndpoint, client: &ClientCredentials, trust: &TlsTrust) -> TokenKey {
-        let mut hash = Sha256::new();
-        field(&mut hash, SALT.as_slice());
-        field(&mut hash, token_url.as_bytes());
-        field(&mut hash, client.client_id.as_bytes());
+        let mut hash = KeyHash::new();
+        hash.field(token_url.as_bytes());
+        hash.field(client.client_id.as_bytes());
         match &client.proof {
             ClientProof::SecretInBody(secret) => {
-                field(&mut hash, b"client_secret_post");
-                field(&mut hash, secret.expose().as_bytes());
+                hash.field(b"client_secret_post");
+                hash.field(secret.expose().as_bytes());
             }
             ClientProof::SecretInBasicHeader(secret) => {
-                field(&mut hash, b"client_secret_basic");
-                field(&mut hash, secret.expose().as_bytes());
+                hash.field(b"client_secret_basic");
+                hash.field(secret.expose().as_bytes());
             }
             ClientProof::PrivateKeyJwt(key) => {
-                field(&mut hash, b"private_key_jwt");
-                field(&mut hash, key.digest());
-                field(&mut hash, format!("{:?}", key.algorithm).as_bytes());
-                optional(&mut hash, key.key_id.as_deref());
+                hash.field(b"private_key_jwt");
+                hash.field(key.digest());
+                hash.field(format!("{:?}", key.algorithm).as_bytes());
+                hash.optional(key.key_id.as_deref());
                 // The certificate's thumbprints go into the assertion's header.
-                optional(&mut hash, key.thumbprints.as_ref().map(|(sha1, _)| sha1.as_str()));
-                optional(&mut hash, key.thumbprints.as_ref().map(|(_, sha256)| sha256.as_str()));
+                hash.optional(key.thumbprints.as_ref().map(|(sha1, _)| sha1.as_str()));
+                hash.optional(key.thumbprints.as_ref().map(|(_, sha256)| sha256.as_str()));
             }
         }
-        field(&mut hash, endpoint.audience.as_bytes());
+        hash.field(endpoint.audience.as_bytes());
         // An empty scope is not sent: the same request as none.
-        optional(&mut hash, endpoint.scope.as_deref().filter(|scope| !scope.is_empty()));
-        field(
-            &mut hash,
-            match endpoint.encoding {
-                RequestEncoding::Form => b"form",
-                RequestEncoding::Json => b"json",
-            },
-        );
-        optional(&mut hash, trust.extra_roots_pem.as_deref());
-        field(&mut hash, &[u8::from(trust.insecure_skip_verify)]);
-        TokenKey(hash.finalize().into())
-    }
-}
-
-/// Length-prefixed, so that no two lists of fields hash alike.
-fn field(hash: &mut Sha256, value: &[u8]) {
-    hash.update((value.len() as u64).to_be_bytes());
-    hash.update(value);
-}
-
-fn optional(hash: &mut Sha256, value: Option<&str>) {
-    match value {
-        None => field(hash, b"-"),
-        Some(value) => {
-            field(hash, b"+");
-            field(hash, value.as_bytes());
-        }
+        hash.optional(endpoint.scope.as_deref().filter(|scope| !scope.is_empty()));
+        hash.field(match endpoint.encoding {
+            RequestEncoding::Form => b"form",
+            RequestEncoding::Json => b"json",
+        });
+        hash.trust(trust);
+        TokenKey(hash.finish())
     }
 }
 

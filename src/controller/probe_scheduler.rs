@@ -33,12 +33,12 @@ use std::time::Duration;
 use futures::FutureExt as _;
 use futures::future::{BoxFuture, Shared};
 use jiff::Timestamp;
-use sha2::{Digest, Sha256};
 
 use crate::camunda::TlsTrust;
 use crate::camunda::probe::{Probe, ProbeCredential, ProbeOutcome};
 use crate::crd::ProbeMethod;
 use crate::credential::add;
+use crate::key_hash::KeyHash;
 
 /// Probe slots of the whole operator unless `--probe-concurrency` says otherwise.
 pub const DEFAULT_PROBE_CONCURRENCY: u16 = 16;
@@ -68,58 +68,45 @@ impl fmt::Debug for ProbeKey {
     }
 }
 
-/// Adds one field to the hash, length first, so that no two field lists hash alike.
-fn field(hash: &mut Sha256, bytes: &[u8]) {
-    hash.update((bytes.len() as u64).to_be_bytes());
-    hash.update(bytes);
-}
-
 impl ProbeKey {
     pub fn new(probe: &Probe, credential: ProbeCredential<'_>, trust: &TlsTrust) -> Self {
-        let mut hash = Sha256::new();
-        field(&mut hash, probe.url.as_bytes());
+        let mut hash = KeyHash::new();
+        hash.field(probe.url.as_bytes());
         match probe.method {
-            ProbeMethod::Get => field(&mut hash, b"GET"),
+            ProbeMethod::Get => hash.field(b"GET"),
             ProbeMethod::Post => {
-                field(&mut hash, b"POST");
-                field(&mut hash, probe.body.as_bytes());
+                hash.field(b"POST");
+                hash.field(probe.body.as_bytes());
             }
         }
         match credential {
             ProbeCredential::Bearer(token) => {
-                field(&mut hash, b"bearer");
-                field(&mut hash, token.expose().as_bytes());
+                hash.field(b"bearer");
+                hash.field(token.expose().as_bytes());
             }
             ProbeCredential::Authorization(value) => {
-                field(&mut hash, b"authorization");
-                field(&mut hash, value.expose().as_bytes());
+                hash.field(b"authorization");
+                hash.field(value.expose().as_bytes());
             }
             ProbeCredential::Session {
                 cookie_header,
                 csrf_token,
                 csrf_header,
             } => {
-                field(&mut hash, b"session");
-                field(&mut hash, cookie_header.expose().as_bytes());
-                field(&mut hash, csrf_header.as_bytes());
+                hash.field(b"session");
+                hash.field(cookie_header.expose().as_bytes());
+                hash.field(csrf_header.as_bytes());
                 match csrf_token {
                     Some(token) => {
-                        field(&mut hash, b"csrf");
-                        field(&mut hash, token.expose().as_bytes());
+                        hash.field(b"csrf");
+                        hash.field(token.expose().as_bytes());
                     }
-                    None => field(&mut hash, b"no csrf"),
+                    None => hash.field(b"no csrf"),
                 }
             }
         }
-        match &trust.extra_roots_pem {
-            Some(pem) => {
-                field(&mut hash, b"roots");
-                field(&mut hash, pem.as_bytes());
-            }
-            None => field(&mut hash, b"public roots"),
-        }
-        field(&mut hash, &[u8::from(trust.insecure_skip_verify)]);
-        ProbeKey(hash.finalize().into())
+        hash.trust(trust);
+        ProbeKey(hash.finish())
     }
 }
 
