@@ -106,6 +106,27 @@ async fn a_connection_deleted_while_the_watch_was_down_leaves_no_metrics(world: 
     s.assert_no_credential_leaked().await
 }
 
+/// A scenario in a namespace of its own whose operator waits 30 s for each request, so that
+/// requests to a host that never answers stay open that long.
+pub(crate) async fn with_30s_request_timeout(world: &Arc<World>, prefix: &str, env: &[(String, String)]) -> anyhow::Result<Scenario> {
+    let namespace = world.control_plane.create_namespace(prefix).await?;
+    let kubeconfig = world.control_plane.kubeconfig();
+    let args: Vec<String> = [
+        "run",
+        "--namespace",
+        &namespace,
+        "--listen-addr",
+        "127.0.0.1:0",
+        "--request-timeout",
+        "30s",
+    ]
+    .iter()
+    .map(|arg| arg.to_string())
+    .collect();
+    let operator = OperatorProcess::start(&operator_binary(), kubeconfig, &args, env)?;
+    Scenario::with_operator(world, &namespace, kubeconfig, operator).await
+}
+
 /// A TCP server that accepts connections and never answers. Counts connections accepted,
 /// closed by the client, and the most open at once.
 #[derive(Default)]
@@ -152,22 +173,7 @@ impl DeadHost {
 async fn a_dead_host_does_not_delay_a_healthy_connection(world: Arc<World>) -> anyhow::Result<()> {
     const DEAD: usize = 40;
     const PER_HOST: usize = 24;
-    let namespace = world.control_plane.create_namespace("isolation").await?;
-    let kubeconfig = world.control_plane.kubeconfig();
-    let args: Vec<String> = [
-        "run",
-        "--namespace",
-        &namespace,
-        "--listen-addr",
-        "127.0.0.1:0",
-        "--request-timeout",
-        "30s",
-    ]
-    .iter()
-    .map(|arg| arg.to_string())
-    .collect();
-    let operator = OperatorProcess::start(&operator_binary(), kubeconfig, &args, &[])?;
-    let mut s = Scenario::with_operator(&world, &namespace, kubeconfig, operator).await?;
+    let mut s = with_30s_request_timeout(&world, "isolation", &[]).await?;
     s.add_saas_client(crate::scenario::DEFAULT_CLIENT_SECRET).await?;
     let (dead, dead_url) = DeadHost::start().await?;
 

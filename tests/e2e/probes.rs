@@ -12,12 +12,11 @@ use anyhow::ensure;
 use jiff::Timestamp;
 use kube::api::ListParams;
 use serde_json::json;
-use testsupport::operator::OperatorProcess;
 use testsupport::standin::AuthKind;
 
 use crate::ScenarioFn;
-use crate::isolation::DeadHost;
-use crate::scenario::{Scenario, World, condition, operator_binary, planned_refresh_and_expiry, scrape, tail, wait_until};
+use crate::isolation::{DeadHost, with_30s_request_timeout};
+use crate::scenario::{Scenario, World, condition, planned_refresh_and_expiry, scrape, tail, wait_until};
 
 pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     scenarios![
@@ -155,23 +154,8 @@ const PROBES_PER_HOST: usize = 4;
 /// probes held 24 of the stand-in host's reconcile slots for 30 s each, and the healthy
 /// refreshes waited behind them.
 async fn a_dead_tasklist_does_not_make_refreshes_elsewhere_late(world: Arc<World>) -> anyhow::Result<()> {
-    let namespace = world.control_plane.create_namespace("deadprobe").await?;
-    let kubeconfig = world.control_plane.kubeconfig();
-    let args: Vec<String> = [
-        "run",
-        "--namespace",
-        &namespace,
-        "--listen-addr",
-        "127.0.0.1:0",
-        "--request-timeout",
-        "30s",
-    ]
-    .iter()
-    .map(|arg| arg.to_string())
-    .collect();
     let env = [("RUST_LOG".to_owned(), "info".to_owned())];
-    let operator = OperatorProcess::start(&operator_binary(), kubeconfig, &args, &env)?;
-    let mut s = Scenario::with_operator(&world, &namespace, kubeconfig, operator).await?;
+    let mut s = with_30s_request_timeout(&world, "deadprobe", &env).await?;
     s.standin.set_token_lifetime(LIFETIME);
     let (dead, dead_url) = DeadHost::start().await?;
 
