@@ -9,7 +9,8 @@
 //!   request is in flight wait for its answer instead of sending their own.
 //! - **A probe lane.** A probe slot is held by each probe request in flight and by each
 //!   reconcile that waits for another's answer: at most `total` at once, and at most
-//!   `per_host` for one Tasklist host. A reconcile that finds no free slot does not wait:
+//!   `per_host` for one Tasklist host. (A connection with no result to show yet waits for
+//!   a request of the same key in flight without a slot, see [`probe_turn`].) A reconcile that finds no free slot does not wait:
 //!   it keeps the last result and asks to be woken soon. So a slow or dead Tasklist holds at
 //!   most `per_host` reconcile slots, and all probes together at most half of them: the
 //!   rest stays free for refreshes.
@@ -156,6 +157,8 @@ pub enum Turn {
     Reuse,
     /// Wait for the same request in flight.
     Join,
+    /// Wait for the same request in flight, holding no slot (see [`probe_turn`]).
+    JoinWithoutSlot,
     /// Send the request.
     Send,
     /// No probe slot is free: keep the last result and try again soon.
@@ -164,7 +167,11 @@ pub enum Turn {
 
 /// Reuse a fresh answer, else wait for the same request in flight or send it when a probe
 /// slot is free, else defer. An answer from before the credential was issued is not reused:
-/// a Secret edited back to an earlier password is probed again.
+/// a Secret edited back to an earlier password is probed again. A connection with no
+/// result to show yet (`has_result` false: new, or a new credential) waits for the same
+/// request in flight even without a free slot: deferring would write "not probed" to its
+/// status and then the answer, a second status write per new connection, while the
+/// request it waits for is in flight anyway (and ends within the probe timeout).
 pub fn probe_turn(
     latest_at: Option<Timestamp>,
     in_flight: bool,
@@ -172,6 +179,7 @@ pub fn probe_turn(
     credential_issued_at: Timestamp,
     interval: Duration,
     now: Timestamp,
+    has_result: bool,
 ) -> Turn {
     if let Some(at) = latest_at
         && at >= credential_issued_at
@@ -180,6 +188,7 @@ pub fn probe_turn(
         return Turn::Reuse;
     }
     match (slot_free, in_flight) {
+        (false, true) if !has_result => Turn::JoinWithoutSlot,
         (false, _) => Turn::Defer,
         (true, true) => Turn::Join,
         (true, false) => Turn::Send,
@@ -216,6 +225,18 @@ struct State {
 pub struct ProbeScheduler {
     limits: ProbeLimits,
     state: Arc<Mutex<State>>,
+}
+
+/// A connection whose probe is due, as [`probe_turn`] weighs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Due {
+    /// When the credential to probe was issued: older answers are not reused.
+    pub credential_issued_at: Timestamp,
+    /// The connection's probe interval.
+    pub interval: Duration,
+    pub now: Timestamp,
+    /// Whether the connection has a probe result to show while it waits for a slot.
+    pub has_result: bool,
 }
 
 /// What [`ProbeScheduler::turn`] gave this connection.
@@ -271,18 +292,16 @@ impl ProbeScheduler {
     /// Decides this connection's turn (see [`probe_turn`]) and carries it out. `send` makes
     /// the request; it runs as a task of its own, so that its answer is recorded and its
     /// slot given back even when the reconcile that started it is abandoned.
-    pub fn turn<F>(
-        &self,
-        key: ProbeKey,
-        host: String,
-        credential_issued_at: Timestamp,
-        interval: Duration,
-        now: Timestamp,
-        send: impl FnOnce() -> F,
-    ) -> ProbeTurn
+    pub fn turn<F>(&self, key: ProbeKey, host: String, due: Due, send: impl FnOnce() -> F) -> ProbeTurn
     where
         F: Future<Output = ProbeOutcome> + Send + 'static,
     {
+        let Due {
+            credential_issued_at,
+            interval,
+            now,
+            has_result,
+        } = due;
         let Ok(mut state) = self.state.lock() else {
             return ProbeTurn::Deferred {
                 retry_after: deferral_delay(Duration::ZERO, interval, rand::random()),
@@ -298,17 +317,18 @@ impl ProbeScheduler {
             credential_issued_at,
             interval,
             now,
+            has_result,
         ) {
             Turn::Defer => defer(&mut state, host, interval, now),
             Turn::Reuse => match state.latest.get(&key) {
                 Some(result) => ProbeTurn::Reuse(result.clone()),
                 None => defer(&mut state, host, interval, now),
             },
-            Turn::Join => match state.in_flight.get(&key).cloned() {
+            turn @ (Turn::Join | Turn::JoinWithoutSlot) => match state.in_flight.get(&key).cloned() {
                 Some(result) => {
-                    let slot = self.take_slot(&mut state, host);
+                    let slot = (turn == Turn::Join).then(|| self.take_slot(&mut state, host));
                     ProbeTurn::Wait {
-                        result: Waiting { result, _slot: Some(slot) },
+                        result: Waiting { result, _slot: slot },
                         joined: true,
                     }
                 }
@@ -543,32 +563,39 @@ mod tests {
 
     #[test]
     fn a_fresh_answer_for_the_same_key_is_reused() {
-        assert_eq!(probe_turn(Some(at(100)), false, true, at(50), MINUTE, at(159)), Turn::Reuse);
+        assert_eq!(probe_turn(Some(at(100)), false, true, at(50), MINUTE, at(159), true), Turn::Reuse);
         // Also with no slot free, and with a request in flight: nothing is sent.
-        assert_eq!(probe_turn(Some(at(100)), true, false, at(50), MINUTE, at(130)), Turn::Reuse);
+        assert_eq!(probe_turn(Some(at(100)), true, false, at(50), MINUTE, at(130), true), Turn::Reuse);
     }
 
     #[test]
     fn an_answer_as_old_as_the_interval_is_not_reused() {
-        assert_eq!(probe_turn(Some(at(100)), false, true, at(50), MINUTE, at(160)), Turn::Send);
+        assert_eq!(probe_turn(Some(at(100)), false, true, at(50), MINUTE, at(160), true), Turn::Send);
     }
 
     #[test]
     fn an_answer_from_before_the_credential_was_issued_is_not_reused() {
-        assert_eq!(probe_turn(Some(at(100)), false, true, at(101), MINUTE, at(102)), Turn::Send);
-        assert_eq!(probe_turn(Some(at(100)), false, true, at(100), MINUTE, at(102)), Turn::Reuse);
+        assert_eq!(probe_turn(Some(at(100)), false, true, at(101), MINUTE, at(102), true), Turn::Send);
+        assert_eq!(probe_turn(Some(at(100)), false, true, at(100), MINUTE, at(102), true), Turn::Reuse);
+    }
+
+    #[test]
+    fn without_a_free_slot_a_connection_with_nothing_to_show_waits_for_the_request_in_flight() {
+        assert_eq!(probe_turn(None, true, false, at(50), MINUTE, at(100), false), Turn::JoinWithoutSlot);
+        // With no request in flight there is nothing to wait for: deferred.
+        assert_eq!(probe_turn(None, false, false, at(50), MINUTE, at(100), false), Turn::Defer);
     }
 
     #[test]
     fn a_request_in_flight_is_joined_when_a_slot_is_free() {
-        assert_eq!(probe_turn(None, true, true, at(50), MINUTE, at(100)), Turn::Join);
+        assert_eq!(probe_turn(None, true, true, at(50), MINUTE, at(100), true), Turn::Join);
     }
 
     #[test]
     fn without_a_free_slot_the_probe_is_deferred_not_awaited() {
-        assert_eq!(probe_turn(None, false, false, at(50), MINUTE, at(100)), Turn::Defer);
-        assert_eq!(probe_turn(None, true, false, at(50), MINUTE, at(100)), Turn::Defer);
-        assert_eq!(probe_turn(Some(at(10)), false, false, at(5), MINUTE, at(100)), Turn::Defer);
+        assert_eq!(probe_turn(None, false, false, at(50), MINUTE, at(100), true), Turn::Defer);
+        assert_eq!(probe_turn(None, true, false, at(50), MINUTE, at(100), true), Turn::Defer);
+        assert_eq!(probe_turn(Some(at(10)), false, false, at(5), MINUTE, at(100), true), Turn::Defer);
     }
 
     #[test]
@@ -594,6 +621,16 @@ mod tests {
     }
 
     // --- the scheduler ------------------------------------------------------------------
+
+    /// A due probe of a connection that has a result to show, with a one-minute interval.
+    fn due(credential_issued_at: Timestamp, now: Timestamp) -> Due {
+        Due {
+            credential_issued_at,
+            interval: MINUTE,
+            now,
+            has_result: true,
+        }
+    }
 
     fn key(index: u8) -> ProbeKey {
         ProbeKey([index; 32])
@@ -623,14 +660,14 @@ mod tests {
         let now = at(1000);
         let mut waiting = Vec::new();
         for _ in 0..4 {
-            match scheduler.turn(key(1), "tasklist:443".into(), at(900), MINUTE, now, controlled(&sent, &released)) {
+            match scheduler.turn(key(1), "tasklist:443".into(), due(at(900), now), controlled(&sent, &released)) {
                 ProbeTurn::Wait { result, .. } => waiting.push(result),
                 _ => panic!("expected to send or join"),
             }
         }
         // The 5th finds the host's 4 slots taken (one request, three joined): deferred.
         assert!(matches!(
-            scheduler.turn(key(1), "tasklist:443".into(), at(900), MINUTE, now, controlled(&sent, &released)),
+            scheduler.turn(key(1), "tasklist:443".into(), due(at(900), now), controlled(&sent, &released)),
             ProbeTurn::Deferred { .. }
         ));
         release.send(true).expect("a receiver");
@@ -640,14 +677,7 @@ mod tests {
         assert_eq!(sent.load(std::sync::atomic::Ordering::SeqCst), 1, "one request for all of them");
         // 16 more connections due within the interval: no request, every one reuses it.
         for _ in 0..16 {
-            let turn = scheduler.turn(
-                key(1),
-                "tasklist:443".into(),
-                at(900),
-                MINUTE,
-                at(1030),
-                controlled(&sent, &released),
-            );
+            let turn = scheduler.turn(key(1), "tasklist:443".into(), due(at(900), at(1030)), controlled(&sent, &released));
             assert!(matches!(turn, ProbeTurn::Reuse(SharedResult { at, .. }) if at == now));
         }
         assert_eq!(sent.load(std::sync::atomic::Ordering::SeqCst), 1);
@@ -665,7 +695,7 @@ mod tests {
         // apart.
         for index in 0..20 {
             let now = at(10 + 3 * i64::from(index));
-            match scheduler.turn(key(index), "dead:80".into(), at(0), MINUTE, now, controlled(&sent, &released)) {
+            match scheduler.turn(key(index), "dead:80".into(), due(at(0), now), controlled(&sent, &released)) {
                 ProbeTurn::Wait { result, .. } => waiting.push(result),
                 ProbeTurn::Deferred { retry_after } => {
                     deferred += 1;
@@ -684,16 +714,7 @@ mod tests {
         assert_eq!((waiting.len(), deferred), (4, 16));
         // Another host still gets the slots that are left, and no more.
         let healthy = (100..103)
-            .map(|index| {
-                scheduler.turn(
-                    key(index),
-                    "healthy:443".into(),
-                    at(0),
-                    MINUTE,
-                    at(10),
-                    controlled(&sent, &released),
-                )
-            })
+            .map(|index| scheduler.turn(key(index), "healthy:443".into(), due(at(0), at(10)), controlled(&sent, &released)))
             .collect::<Vec<_>>();
         assert_eq!(healthy.iter().filter(|turn| matches!(turn, ProbeTurn::Wait { .. })).count(), 2);
         assert_eq!(sent.load(std::sync::atomic::Ordering::SeqCst), 6);
@@ -717,7 +738,7 @@ mod tests {
         let scheduler = ProbeScheduler::new(ProbeLimits { total: 1, per_host: 1 });
         let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (release, released) = tokio::sync::watch::channel(false);
-        let turn = scheduler.turn(key(7), "tasklist:443".into(), at(0), MINUTE, at(10), controlled(&sent, &released));
+        let turn = scheduler.turn(key(7), "tasklist:443".into(), due(at(0), at(10)), controlled(&sent, &released));
         drop(turn);
         release.send(true).expect("a receiver");
         for _ in 0..100 {
@@ -728,7 +749,7 @@ mod tests {
         }
         assert_eq!(scheduler.counts(), (1, 0, 0));
         assert!(matches!(
-            scheduler.turn(key(7), "tasklist:443".into(), at(0), MINUTE, at(20), controlled(&sent, &released)),
+            scheduler.turn(key(7), "tasklist:443".into(), due(at(0), at(20)), controlled(&sent, &released)),
             ProbeTurn::Reuse(_)
         ));
     }

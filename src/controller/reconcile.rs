@@ -19,7 +19,7 @@ use super::decide::{
 };
 use super::host_slots::origin;
 use super::memory::{ConnectionKey, FailureRecord, ProbeRecord, WriteFailureRecord};
-use super::probe_scheduler::{ProbeKey, ProbeTurn};
+use super::probe_scheduler::{Due, ProbeKey, ProbeTurn};
 use super::secret_values::ByVersion;
 use super::{Context, Error, FIELD_MANAGER, SecretCaches};
 use crate::camunda::probe::{Probe, ProbeOutcome};
@@ -826,9 +826,19 @@ impl<'a> Reconciling<'a> {
                 outcome
             }
         };
-        let turn = ctx
-            .probes
-            .turn(probe_key, host, credential.issued_at, inputs.probe_interval, now, send);
+        // What status shows if the probe must wait for a slot: the last result, or after a
+        // restart what status recorded for this credential.
+        let shown_while_deferred = last_probe
+            .as_ref()
+            .map(|last| last.result.clone())
+            .or_else(|| self.probe_result_in_status(credential.issued_at));
+        let due = Due {
+            credential_issued_at: credential.issued_at,
+            interval: inputs.probe_interval,
+            now,
+            has_result: shown_while_deferred.is_some(),
+        };
+        let turn = ctx.probes.turn(probe_key, host, due, send);
         let shared = match turn {
             ProbeTurn::Reuse(shared) => {
                 ctx.metrics.probes_shared.get_or_create(&HowLabels { how: "reused".into() }).inc();
@@ -847,15 +857,12 @@ impl<'a> Reconciling<'a> {
                 if let Ok(mut deferred) = self.probe_deferred_until.lock() {
                     *deferred = Some(retry_at);
                 }
-                let kept = last_probe
-                    .map(|last| last.result)
-                    .or_else(|| self.probe_result_in_status(credential.issued_at))
-                    .unwrap_or_else(|| {
-                        ConditionState::unknown(
-                            Reason::NotProbed,
-                            "Tasklist was not probed yet: waiting for a free probe slot (too many probes to this host or in all)",
-                        )
-                    });
+                let kept = shown_while_deferred.unwrap_or_else(|| {
+                    ConditionState::unknown(
+                        Reason::NotProbed,
+                        "Tasklist was not probed yet: waiting for a free probe slot (too many probes to this host or in all)",
+                    )
+                });
                 return (kept, None);
             }
         };
