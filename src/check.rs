@@ -117,6 +117,18 @@ async fn check(
         }
         Err(error) => return Err(error.to_string()),
     };
+    // The operator's host policy, before anything is sent: a check passes only where the
+    // operator would send the same requests.
+    if let Some(policy) = &settings.policy
+        && let Err(why) = policy.check_connection(&connection).await
+    {
+        say(out, &format!("policy: {why} ({})", Reason::NotAllowed));
+        say(
+            out,
+            "  nothing was sent; the flags --allowed-hosts, --allow-loopback, --allow-http and --allow-insecure-tls set the policy, as for `run`",
+        );
+        return Ok(exit::NO_CREDENTIAL);
+    }
     let http = HttpClient::new(settings, &inputs.trust).map_err(|error| format!("TLS settings: {error}"))?;
     if inputs.trust.insecure_skip_verify {
         say(out, "warning: tls.insecureSkipVerify is on: server certificates are not verified");
@@ -150,13 +162,16 @@ async fn check(
                 .unwrap_or_default();
             format!(
                 "token: POST {} ({:?} body, {}, {audience}{scope})",
-                endpoint.location.describe(),
+                endpoint.location.describe(&http),
                 endpoint.encoding,
                 client.describe()
             )
         }
-        LoginMaterial::Cookie { login, credentials, .. } => format!("login: POST {} as {:?}", login.login_url, credentials.username),
-        LoginMaterial::Basic { username, .. } => format!("basic: HTTP Basic as {username:?}; nothing to obtain, it does not expire"),
+        // No value of a Secret is printed, not even the username.
+        LoginMaterial::Cookie { login, .. } => format!("login: POST {} with the username and password given", login.login_url),
+        LoginMaterial::Basic { .. } => {
+            "basic: HTTP Basic with the username and password given; nothing to obtain, it does not expire".to_owned()
+        }
     };
     say(out, &what);
     let started = Instant::now();

@@ -55,6 +55,14 @@ fn http_url_rule() -> Rule {
         .reason(kube::core::Reason::FieldValueInvalid)
 }
 
+/// No `user:password@` in a URL: URLs are shown in status, Events and logs, and credentials
+/// belong in a referenced Secret.
+fn no_user_info_rule() -> Rule {
+    Rule::new(r"!self.matches(r'^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@')")
+        .message("must not hold a username or password (user:password@host): URLs appear in status, Events and logs; put credentials in the Secret that auth references")
+        .reason(kube::core::Reason::FieldValueForbidden)
+}
+
 /// A Kubernetes object name.
 fn object_name_rule() -> Rule {
     Rule::new(format!("self.matches(r'{OBJECT_NAME_PATTERN}')"))
@@ -124,6 +132,7 @@ pub struct TasklistConnectionSpec {
     /// Base URL of Tasklist, http or https, for example https://bru-2.tasklist.camunda.io/abc123.
     /// The probe and the cookie login are sent to paths below it.
     #[x_kube(validation = http_url_rule())]
+    #[x_kube(validation = no_user_info_rule())]
     #[schemars(length(max = 2048))]
     pub url: String,
 
@@ -185,6 +194,7 @@ pub struct OAuth2Spec {
     /// .../protocol/openid-connect/token. Exactly one of `tokenUrl` and `issuerUrl`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = http_url_rule())]
+    #[x_kube(validation = no_user_info_rule())]
     #[schemars(length(max = 2048))]
     pub token_url: Option<String>,
 
@@ -193,6 +203,7 @@ pub struct OAuth2Spec {
     /// `<issuerUrl>/.well-known/openid-configuration`. Exactly one of `tokenUrl` and `issuerUrl`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = http_url_rule())]
+    #[x_kube(validation = no_user_info_rule())]
     #[schemars(length(max = 2048))]
     pub issuer_url: Option<String>,
 

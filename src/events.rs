@@ -76,8 +76,7 @@ impl ConnectionEvent {
             }
             ConnectionEvent::SecretWriteFailed { message } => (EventType::Warning, "SecretWriteFailed", "WriteSecret", message.clone()),
         };
-        // Notes are capped at 1 kB by the API server.
-        let note: String = note.chars().take(1000).collect();
+        let note = fit_note(note);
         Event {
             type_,
             reason: reason.to_owned(),
@@ -86,6 +85,22 @@ impl ConnectionEvent {
             secondary: None,
         }
     }
+}
+
+/// The API server refuses an Event whose note is longer than this many bytes.
+const MAX_NOTE_BYTES: usize = 1024;
+
+/// `note` cut to the API server's limit in bytes, on a character boundary (a message can
+/// quote a server's answer in any script).
+fn fit_note(mut note: String) -> String {
+    if note.len() > MAX_NOTE_BYTES {
+        let mut end = MAX_NOTE_BYTES;
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+    }
+    note
 }
 
 /// The Warning Events a status change calls for: a condition of `observed` that is False,
@@ -151,6 +166,16 @@ impl EventPublisher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_note_fits_the_api_servers_limit_in_bytes_on_a_character_boundary() {
+        assert_eq!(fit_note("a".repeat(2000)).len(), 1024);
+        // 3 bytes per character: byte 1024 is inside one, 1023 ends one.
+        let cut = fit_note("\u{20ac}".repeat(600));
+        assert_eq!(cut.len(), 1023);
+        assert!(cut.chars().all(|c| c == '\u{20ac}'));
+        assert_eq!(fit_note("short".to_owned()), "short");
+    }
     use crate::status::{ConditionState, desired_status};
     use jiff::Timestamp;
 

@@ -1,7 +1,7 @@
 //! What a connection's credential is made from: the spec and the referenced Secrets, read
 //! only from the connection's own namespace.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
@@ -339,6 +339,41 @@ async fn client_credentials<S: SecretSource>(
         }
     };
     Ok(ClientCredentials { client_id, proof })
+}
+
+/// Each Secret a connection reads, with the keys it reads of it: only those are kept in
+/// memory between reads.
+pub fn referenced_keys(connection: &TasklistConnection) -> BTreeMap<String, BTreeSet<String>> {
+    let auth = &connection.spec.auth;
+    let mut keys: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut add = |name: &str, key: &str| {
+        keys.entry(name.to_owned()).or_default().insert(key.to_owned());
+    };
+    if let Some(oauth2) = &auth.oauth2 {
+        let client = &oauth2.client_secret_ref;
+        add(&client.name, &client.client_id_key);
+        add(&client.name, &client.client_secret_key);
+        if let Some(key_ref) = &oauth2.client_assertion_key_ref {
+            add(&key_ref.name, &key_ref.key);
+            if let Some(certificate_key) = &key_ref.certificate_key {
+                add(&key_ref.name, certificate_key);
+            }
+        }
+    }
+    for login in [
+        auth.cookie.as_ref().map(|cookie| &cookie.credentials_secret_ref),
+        auth.basic.as_ref().map(|basic| &basic.credentials_secret_ref),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        add(&login.name, &login.username_key);
+        add(&login.name, &login.password_key);
+    }
+    if let Some(ca) = connection.spec.tls.as_ref().and_then(|tls| tls.ca_secret_ref.as_ref()) {
+        add(&ca.name, &ca.key);
+    }
+    keys
 }
 
 /// The names of the Secrets a connection reads, for mapping Secret changes to connections.

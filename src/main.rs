@@ -22,7 +22,8 @@ use tracing::{error, info};
 
 /// Keeps applications logged in to Camunda's Tasklist API.
 #[derive(Parser)]
-#[command(version, about)]
+// A flag given twice takes its last value, so that a wrapper's defaults can be overridden.
+#[command(version, about, args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -56,6 +57,9 @@ struct CheckArgs {
     /// A PEM CA bundle to trust on top of the public roots (and the connection's caSecretRef).
     #[arg(long, value_name = "FILE")]
     ca_bundle: Option<std::path::PathBuf>,
+    /// The same host policy as `run`, so that a check succeeds only where the operator would.
+    #[command(flatten)]
+    policy: PolicyArgs,
 }
 
 #[derive(Parser)]
@@ -161,7 +165,14 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Check(args) => {
-            let settings = match http_settings(args.request_timeout, args.ca_bundle.as_deref()) {
+            let settings = http_settings(args.request_timeout, args.ca_bundle.as_deref()).and_then(|settings| {
+                let policy = HostPolicy::from_args(&args.policy)?;
+                Ok(HttpSettings {
+                    policy: Some(Arc::new(policy)),
+                    ..settings
+                })
+            });
+            let settings = match settings {
                 Ok(settings) => settings,
                 Err(message) => {
                     eprintln!("{message}");
@@ -184,10 +195,14 @@ async fn run(args: RunArgs, sharding: Sharding) -> anyhow::Result<()> {
         LogFormat::Json => logging::LogFormat::Json,
     });
     let settings = http_settings(args.request_timeout, args.ca_bundle.as_deref()).map_err(anyhow::Error::msg)?;
-    let policy = Arc::new(HostPolicy::from_args(&args.policy).map_err(anyhow::Error::msg)?);
+    let kube_config = kube::Config::infer().await?;
+    let cluster_url = &kube_config.cluster_url;
+    let api_server = api_server_addresses(cluster_url.host(), cluster_url.port_u16(), cluster_url.scheme_str()).await;
+    let policy = HostPolicy::from_args(&args.policy).map_err(anyhow::Error::msg)?;
+    let policy = Arc::new(policy.refusing_api_server(&args.policy, api_server));
     info!("policy: {}", policy.describe());
     info!("handling {}", sharding.describe());
-    let client = kube::Client::try_default().await?;
+    let client = kube::Client::try_from(kube_config)?;
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -260,6 +275,23 @@ async fn wait_for_server(server: tokio::task::JoinHandle<anyhow::Result<()>>) ->
     }
     info!("stopped");
     Ok(())
+}
+
+/// The addresses and port of the API server the operator talks to, which no connection may
+/// name (its host resolved once, at start-up; in a Pod, the `kubernetes` Service's address).
+async fn api_server_addresses(host: Option<&str>, port: Option<u16>, scheme: Option<&str>) -> Vec<SocketAddr> {
+    let Some(host) = host else {
+        return Vec::new();
+    };
+    let port = port.unwrap_or(if scheme == Some("http") { 80 } else { 443 });
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match tokio::net::lookup_host((host, port)).await {
+        Ok(addresses) => addresses.collect(),
+        Err(error) => {
+            tracing::warn!("could not resolve the API server's host {host:?} to refuse it as a connection's host: {error}");
+            Vec::new()
+        }
+    }
 }
 
 /// The operator-wide HTTP settings; an unreadable or unusable `--ca-bundle` is refused here,

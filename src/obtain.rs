@@ -130,7 +130,7 @@ pub async fn obtain_shared_credential<User: Hash + Eq + Send + 'static>(
         Err(failure) if failure.kind == AuthFailureKind::ExpiredOnArrival => Err(failure),
         // Each connection words the failure for its own spec (an issuer's endpoint is
         // forgotten, so that its next try reads the discovery document again).
-        Err(failure) => Err(endpoint.after_failed_request(&url, failure)),
+        Err(failure) => Err(endpoint.after_failed_request(http, &url, failure)),
     };
     Obtained { result, source }
 }

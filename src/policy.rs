@@ -19,7 +19,8 @@ use crate::crd::TasklistConnection;
 /// The largest probe body sent, in bytes (the CRD also caps it at 4096 characters).
 pub const MAX_PROBE_BODY_BYTES: usize = 4096;
 
-/// The operator's flags that make up the policy.
+/// The operator's flags that make up the policy. Every default is the safe setting: an
+/// administrator lifts a rule with its flag, a tenant never can.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PolicyArgs {
     /// Hosts that `url` and `tokenUrl` may name, comma separated: exact names
@@ -28,15 +29,23 @@ pub struct PolicyArgs {
     /// Empty: any host.
     #[arg(long, value_delimiter = ',', value_name = "PATTERNS")]
     pub allowed_hosts: Vec<String>,
-    /// Refuse link-local addresses (169.254.0.0/16, fe80::/10: cloud metadata services),
-    /// whatever `--allowed-hosts` says.
+    /// Refuse link-local addresses (169.254.0.0/16, fe80::/10) and the other cloud metadata
+    /// addresses (fd00:ec2::254, 100.100.100.200), whatever `--allowed-hosts` says.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub deny_link_local: bool,
-    /// Allow `tls.insecureSkipVerify: true`. The secure setting is false.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    /// Allow loopback (127.0.0.0/8, ::1) and unspecified (0.0.0.0/8, ::) addresses: the
+    /// operator's own Pod. For local tests only.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub allow_loopback: bool,
+    /// Allow the Kubernetes API server's own address and port (the operator would send it
+    /// credentials and report its answers).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub allow_api_server: bool,
+    /// Allow `tls.insecureSkipVerify: true`.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub allow_insecure_tls: bool,
-    /// Allow `http://` URLs (credentials then travel unencrypted). The secure setting is false.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    /// Allow `http://` URLs (credentials then travel unencrypted).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub allow_http: bool,
 }
 
@@ -45,8 +54,10 @@ impl Default for PolicyArgs {
         PolicyArgs {
             allowed_hosts: Vec::new(),
             deny_link_local: true,
-            allow_insecure_tls: true,
-            allow_http: true,
+            allow_loopback: false,
+            allow_api_server: false,
+            allow_insecure_tls: false,
+            allow_http: false,
         }
     }
 }
@@ -115,17 +126,42 @@ fn prefix_matches(network: &[u8], address: &[u8], prefix: u8) -> bool {
     network[full_bytes] & mask == address[full_bytes] & mask
 }
 
-/// Link-local networks: cloud metadata services answer there (169.254.169.254).
-fn link_local() -> [Network; 2] {
+/// A network refused whatever `--allowed-hosts` says, and why (with the flag that lifts it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DeniedNetwork {
+    network: Network,
+    why: &'static str,
+}
+
+fn denied(address: IpAddr, prefix: u8, why: &'static str) -> DeniedNetwork {
+    DeniedNetwork {
+        network: Network { address, prefix },
+        why,
+    }
+}
+
+const METADATA: &str = "link-local or cloud metadata, where instance credentials are served; --deny-link-local=false lifts this";
+const LOOPBACK: &str = "loopback or unspecified, the operator's own Pod; --allow-loopback lifts this";
+
+/// Where cloud metadata services answer: link-local (169.254.169.254 on most clouds, also
+/// fe80::/10), AWS's IPv6 address fd00:ec2::254 and Alibaba Cloud's 100.100.100.200.
+fn metadata_networks() -> [DeniedNetwork; 4] {
     [
-        Network {
-            address: IpAddr::V4(Ipv4Addr::new(169, 254, 0, 0)),
-            prefix: 16,
-        },
-        Network {
-            address: IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0)),
-            prefix: 10,
-        },
+        denied(IpAddr::V4(Ipv4Addr::new(169, 254, 0, 0)), 16, METADATA),
+        denied(IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0)), 10, METADATA),
+        denied(IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)), 128, METADATA),
+        denied(IpAddr::V4(Ipv4Addr::new(100, 100, 100, 200)), 32, METADATA),
+    ]
+}
+
+/// The operator's own Pod: loopback, and the unspecified addresses, which Linux connects
+/// to the local host too (`http://0.0.0.0:8080`).
+fn loopback_networks() -> [DeniedNetwork; 4] {
+    [
+        denied(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)), 8, LOOPBACK),
+        denied(IpAddr::V6(Ipv6Addr::LOCALHOST), 128, LOOPBACK),
+        denied(IpAddr::V4(Ipv4Addr::new(0, 0, 0, 0)), 8, LOOPBACK),
+        denied(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 128, LOOPBACK),
     ]
 }
 
@@ -184,19 +220,22 @@ pub enum UrlVerdict {
 pub struct HostPolicy {
     /// Empty: any host.
     allowed: Vec<HostPattern>,
-    denied: Vec<Network>,
+    denied: Vec<DeniedNetwork>,
+    /// The API server's own addresses and ports (refused unless `--allow-api-server`).
+    api_server: Vec<SocketAddr>,
     allow_http: bool,
     allow_insecure_tls: bool,
 }
 
 impl Default for HostPolicy {
     fn default() -> Self {
-        HostPolicy::from_args(&PolicyArgs::default()).unwrap_or(HostPolicy {
+        HostPolicy {
             allowed: Vec::new(),
-            denied: link_local().to_vec(),
-            allow_http: true,
-            allow_insecure_tls: true,
-        })
+            denied: metadata_networks().into_iter().chain(loopback_networks()).collect(),
+            api_server: Vec::new(),
+            allow_http: false,
+            allow_insecure_tls: false,
+        }
     }
 }
 
@@ -209,12 +248,32 @@ impl HostPolicy {
             .map(|pattern| HostPattern::parse(pattern))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|error| format!("--allowed-hosts: {error}"))?;
+        let mut denied = Vec::new();
+        if args.deny_link_local {
+            denied.extend(metadata_networks());
+        }
+        if !args.allow_loopback {
+            denied.extend(loopback_networks());
+        }
         Ok(HostPolicy {
             allowed,
-            denied: if args.deny_link_local { link_local().to_vec() } else { Vec::new() },
+            denied,
+            api_server: Vec::new(),
             allow_http: args.allow_http,
             allow_insecure_tls: args.allow_insecure_tls,
         })
+    }
+
+    /// The policy refusing, as well, the API server at `addresses` (the address and port the
+    /// operator's own client uses, resolved), unless `--allow-api-server` was given.
+    pub fn refusing_api_server(mut self, args: &PolicyArgs, addresses: Vec<SocketAddr>) -> HostPolicy {
+        if !args.allow_api_server {
+            self.api_server = addresses
+                .into_iter()
+                .map(|a| SocketAddr::new(canonical(a.ip()), a.port()))
+                .collect();
+        }
+        self
     }
 
     /// A one-line summary for the log at start.
@@ -233,9 +292,14 @@ impl HostPolicy {
                 .collect();
             patterns.join(",")
         };
-        let denied: Vec<String> = self.denied.iter().map(Network::to_string).collect();
+        let denied: Vec<String> = self
+            .denied
+            .iter()
+            .map(|denied| denied.network.to_string())
+            .chain(self.api_server.iter().map(|address| format!("{address} (the API server)")))
+            .collect();
         format!(
-            "allowed hosts: {hosts}; denied networks: {}; http: {}; insecureSkipVerify: {}",
+            "allowed hosts: {hosts}; denied: {}; http: {}; insecureSkipVerify: {}",
             if denied.is_empty() { "none".to_owned() } else { denied.join(",") },
             if self.allow_http { "allowed" } else { "forbidden" },
             if self.allow_insecure_tls { "allowed" } else { "forbidden" },
@@ -257,6 +321,11 @@ impl HostPolicy {
             }
             other => return UrlVerdict::NotAllowed(format!("{field} uses the scheme {other:?}; only https and http are allowed")),
         }
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            return UrlVerdict::NotAllowed(format!(
+                "{field} holds a username or password (user:password@host); put credentials in the Secret that auth references"
+            ));
+        }
         let port = parsed.port_or_known_default().unwrap_or(443);
         let Some(host) = parsed.host_str() else {
             return UrlVerdict::NotAllowed(format!("{field} has no host"));
@@ -273,7 +342,7 @@ impl HostPolicy {
                         "{field} names the host {name:?}, which is not in the operator's allowed hosts"
                     ));
                 }
-                if self.denied.is_empty() && (self.allowed.is_empty() || name_listed) {
+                if self.denied.is_empty() && self.api_server.is_empty() && (self.allowed.is_empty() || name_listed) {
                     return UrlVerdict::Allowed;
                 }
                 return UrlVerdict::Resolve {
@@ -283,10 +352,22 @@ impl HostPolicy {
                 };
             }
         };
-        match self.address_allowed(false, address) {
+        match self.endpoint_allowed(false, SocketAddr::new(address, port)) {
             Ok(()) => UrlVerdict::Allowed,
             Err(why) => UrlVerdict::NotAllowed(format!("{field}: {why}")),
         }
+    }
+
+    /// [`HostPolicy::address_allowed`], and not the API server's own address and port.
+    fn endpoint_allowed(&self, name_listed: bool, endpoint: SocketAddr) -> Result<(), String> {
+        self.address_allowed(name_listed, endpoint.ip())?;
+        let endpoint = SocketAddr::new(canonical(endpoint.ip()), endpoint.port());
+        if self.api_server.contains(&endpoint) {
+            return Err(format!(
+                "{endpoint} is the Kubernetes API server's own address; --allow-api-server lifts this"
+            ));
+        }
+        Ok(())
     }
 
     /// Whether a request may go to `address`. `name_listed`: the address came from
@@ -294,11 +375,13 @@ impl HostPolicy {
     /// only the denied networks apply to it.
     pub fn address_allowed(&self, name_listed: bool, address: IpAddr) -> Result<(), String> {
         let address = canonical(address);
-        if let Some(network) = self.denied.iter().find(|network| network.contains(address)) {
+        if let Some(denied) = self.denied.iter().find(|denied| denied.network.contains(address)) {
             return Err(format!(
-                "the address {address} is in the denied network {network} (link-local, where cloud metadata services answer)"
+                "the address {address} is in the denied network {} ({})",
+                denied.network, denied.why
             ));
         }
+
         if name_listed || self.allowed.is_empty() {
             return Ok(());
         }
@@ -311,6 +394,20 @@ impl HostPolicy {
         } else {
             Err(format!("the address {address} is not in the operator's allowed hosts"))
         }
+    }
+
+    /// [`HostPolicy::address_allowed`] at connect time, where the port is not known (the
+    /// HTTP client's resolver sees names only): an API server address is refused on every
+    /// port, unless it is loopback, where local tests run other servers beside it.
+    fn resolved_address_allowed(&self, name_listed: bool, address: IpAddr) -> Result<(), String> {
+        self.address_allowed(name_listed, address)?;
+        let address = canonical(address);
+        if !address.is_loopback() && self.api_server.iter().any(|endpoint| endpoint.ip() == address) {
+            return Err(format!(
+                "the address {address} is the Kubernetes API server's own; --allow-api-server lifts this"
+            ));
+        }
+        Ok(())
     }
 
     /// Whether a host name is listed by name (or any host is allowed), for the resolver.
@@ -407,7 +504,7 @@ impl HostPolicy {
             return Ok(());
         };
         for address in addresses {
-            self.address_allowed(name_listed, address.ip())
+            self.endpoint_allowed(name_listed, address)
                 .map_err(|why| format!("the host {host:?} resolves to an address that is not allowed: {why}"))?;
         }
         Ok(())
@@ -472,7 +569,7 @@ impl reqwest::dns::Resolve for PolicyResolver {
             let allowed: Vec<SocketAddr> = resolved
                 .iter()
                 .copied()
-                .filter(|address| policy.address_allowed(name_listed, address.ip()).is_ok())
+                .filter(|address| policy.resolved_address_allowed(name_listed, address.ip()).is_ok())
                 .collect();
             if allowed.is_empty() && !resolved.is_empty() {
                 let error: Box<dyn std::error::Error + Send + Sync> =
@@ -516,12 +613,124 @@ mod tests {
         assert_eq!(cache.answers.lock().unwrap().len(), 1);
     }
 
+    /// A policy listing `allowed`, with http and loopback allowed (as in local tests), so
+    /// that the list alone decides.
     fn policy(allowed: &str) -> HostPolicy {
         HostPolicy::from_args(&PolicyArgs {
             allowed_hosts: allowed.split(',').map(str::to_owned).collect(),
+            allow_http: true,
+            allow_loopback: true,
             ..PolicyArgs::default()
         })
         .expect("valid patterns")
+    }
+
+    #[test]
+    fn by_default_loopback_metadata_http_and_insecure_tls_are_refused() {
+        let default = HostPolicy::default();
+        assert_eq!(default, HostPolicy::from_args(&PolicyArgs::default()).unwrap());
+        for url in [
+            "https://127.0.0.1:8080/",
+            "https://127.1.2.3/",
+            "https://[::1]/",
+            "https://0.0.0.0:8080/",
+            "https://[::]/",
+            "https://[::ffff:127.0.0.1]/",
+        ] {
+            let verdict = default.check_url("url", url);
+            assert!(
+                matches!(&verdict, UrlVerdict::NotAllowed(why) if why.contains("--allow-loopback")),
+                "{url}: {verdict:?}"
+            );
+        }
+        for url in [
+            "https://169.254.169.254/",
+            "https://[fd00:ec2::254]/",
+            "https://100.100.100.200/",
+            "https://[fe80::1]/",
+        ] {
+            let verdict = default.check_url("url", url);
+            assert!(
+                matches!(&verdict, UrlVerdict::NotAllowed(why) if why.contains("metadata")),
+                "{url}: {verdict:?}"
+            );
+        }
+        assert!(matches!(default.check_url("url", "http://10.0.0.1/"), UrlVerdict::NotAllowed(why) if why.contains("http://")));
+        assert_eq!(default.check_url("url", "https://10.0.0.1/"), UrlVerdict::Allowed);
+        let mut spec = oauth2("https://10.0.0.1", "https://10.0.0.2/token");
+        spec["tls"] = serde_json::json!({"insecureSkipVerify": true});
+        assert!(default.check_spec(&connection(spec)).is_err());
+    }
+
+    #[test]
+    fn a_url_with_user_info_is_refused_without_quoting_it() {
+        let verdict = policy("").check_url("url", "https://admin:hunter2@tasklist.example.com/");
+        assert!(
+            matches!(&verdict, UrlVerdict::NotAllowed(why) if why.contains("username or password") && !why.contains("hunter2") && !why.contains("admin")),
+            "{verdict:?}"
+        );
+    }
+
+    #[test]
+    fn each_default_is_lifted_by_its_own_flag() {
+        let lifted = HostPolicy::from_args(&PolicyArgs {
+            allow_loopback: true,
+            deny_link_local: false,
+            allow_http: true,
+            allow_insecure_tls: true,
+            ..PolicyArgs::default()
+        })
+        .unwrap();
+        for url in [
+            "http://127.0.0.1:8080/",
+            "http://[::1]/",
+            "http://169.254.169.254/",
+            "http://100.100.100.200/",
+        ] {
+            assert_eq!(lifted.check_url("url", url), UrlVerdict::Allowed, "{url}");
+        }
+        let loopback_only = HostPolicy::from_args(&PolicyArgs {
+            allow_loopback: true,
+            ..PolicyArgs::default()
+        })
+        .unwrap();
+        assert!(matches!(
+            loopback_only.check_url("url", "https://169.254.169.254/"),
+            UrlVerdict::NotAllowed(_)
+        ));
+    }
+
+    #[test]
+    fn the_api_servers_own_address_and_port_are_refused_unless_allowed() {
+        let args = PolicyArgs {
+            allow_loopback: true,
+            ..PolicyArgs::default()
+        };
+        let api_server: SocketAddr = "127.0.0.1:6443".parse().unwrap();
+        let in_cluster: SocketAddr = "10.96.0.1:443".parse().unwrap();
+        let policy = HostPolicy::from_args(&args)
+            .unwrap()
+            .refusing_api_server(&args, vec![api_server, in_cluster]);
+        let verdict = policy.check_url("auth.oauth2.tokenUrl", "https://127.0.0.1:6443/api/v1/namespaces");
+        assert!(
+            matches!(&verdict, UrlVerdict::NotAllowed(why) if why.contains("API server") && why.contains("--allow-api-server")),
+            "{verdict:?}"
+        );
+        // Another port of a loopback API server address is another server (local tests).
+        assert_eq!(policy.check_url("url", "https://127.0.0.1:8443/"), UrlVerdict::Allowed);
+        // Another port of a cluster address is refused when connecting (the resolver does not
+        // know the port), not by the pre-check.
+        assert_eq!(policy.check_url("url", "https://10.96.0.1:8443/"), UrlVerdict::Allowed);
+        assert!(policy.resolved_address_allowed(true, ip("10.96.0.1")).is_err());
+        assert!(policy.resolved_address_allowed(true, ip("127.0.0.1")).is_ok());
+        let allowed_args = PolicyArgs {
+            allow_api_server: true,
+            ..args
+        };
+        let allowed = HostPolicy::from_args(&allowed_args)
+            .unwrap()
+            .refusing_api_server(&allowed_args, vec![api_server]);
+        assert_eq!(allowed.check_url("url", "https://127.0.0.1:6443/"), UrlVerdict::Allowed);
     }
 
     fn ip(text: &str) -> IpAddr {
@@ -567,20 +776,20 @@ mod tests {
     #[test]
     fn link_local_is_denied_by_default_even_when_listed() {
         let any = HostPolicy::default();
-        let verdict = any.check_url("url", "http://169.254.169.254/latest/meta-data");
+        let verdict = any.check_url("url", "https://169.254.169.254/latest/meta-data");
         assert!(
             matches!(&verdict, UrlVerdict::NotAllowed(why) if why.contains("169.254.0.0/16")),
             "{verdict:?}"
         );
-        assert!(matches!(any.check_url("url", "http://[fe80::1]/"), UrlVerdict::NotAllowed(_)));
+        assert!(matches!(any.check_url("url", "https://[fe80::1]/"), UrlVerdict::NotAllowed(_)));
         // IPv4 written as IPv6 is the same address.
         assert!(matches!(
-            any.check_url("url", "http://[::ffff:169.254.169.254]/"),
+            any.check_url("url", "https://[::ffff:169.254.169.254]/"),
             UrlVerdict::NotAllowed(_)
         ));
         let listed = policy("169.254.0.0/16");
         assert!(matches!(
-            listed.check_url("url", "http://169.254.169.254/"),
+            listed.check_url("url", "https://169.254.169.254/"),
             UrlVerdict::NotAllowed(_)
         ));
     }
@@ -592,8 +801,8 @@ mod tests {
             ..PolicyArgs::default()
         };
         let policy = HostPolicy::from_args(&args).unwrap();
-        assert_eq!(policy.check_url("url", "http://169.254.169.254/"), UrlVerdict::Allowed);
-        assert_eq!(policy.check_url("url", "https://tasklist.example.com/"), UrlVerdict::Allowed);
+        assert_eq!(policy.check_url("url", "https://169.254.169.254/"), UrlVerdict::Allowed);
+        assert_eq!(policy.check_url("url", "https://100.100.100.200/"), UrlVerdict::Allowed);
     }
 
     #[test]
@@ -665,13 +874,15 @@ mod tests {
                 name_listed: true
             }
         );
-        assert_eq!(policy.check_url("url", "http://127.0.0.1:1/"), UrlVerdict::Allowed);
+        assert!(matches!(policy.check_url("url", "https://127.0.0.1:1/"), UrlVerdict::NotAllowed(_)));
+        assert_eq!(policy.check_url("url", "https://192.0.2.1:1/"), UrlVerdict::Allowed);
     }
 
     #[test]
     fn http_is_forbidden_when_the_flag_says_so() {
         let policy = HostPolicy::from_args(&PolicyArgs {
             allow_http: false,
+            allow_loopback: true,
             ..PolicyArgs::default()
         })
         .unwrap();
@@ -717,16 +928,17 @@ mod tests {
 
     #[test]
     fn insecure_tls_and_large_probe_bodies_are_refused_by_the_spec_check() {
-        let strict = HostPolicy::from_args(&PolicyArgs {
-            allow_insecure_tls: false,
-            ..PolicyArgs::default()
-        })
-        .unwrap();
+        let strict = HostPolicy::default();
         let mut spec = oauth2("https://10.0.0.1", "https://10.0.0.2/token");
         spec["tls"] = serde_json::json!({"insecureSkipVerify": true});
         let verdict = strict.check_spec(&connection(spec.clone()));
         assert!(matches!(&verdict, Err(why) if why.contains("insecureSkipVerify")), "{verdict:?}");
-        assert!(HostPolicy::default().check_spec(&connection(spec)).is_ok());
+        let lenient = HostPolicy::from_args(&PolicyArgs {
+            allow_insecure_tls: true,
+            ..PolicyArgs::default()
+        })
+        .unwrap();
+        assert!(lenient.check_spec(&connection(spec)).is_ok());
 
         let mut spec = oauth2("https://10.0.0.1", "https://10.0.0.2/token");
         spec["probe"] = serde_json::json!({"body": "é".repeat(MAX_PROBE_BODY_BYTES / 2 + 1)});

@@ -40,6 +40,7 @@ async fn check(args: Vec<String>, env: Vec<(&'static str, String)>) -> (i32, Str
     tokio::task::spawn_blocking(move || {
         let output = Command::new(env!("CARGO_BIN_EXE_tasklist-operator"))
             .arg("check")
+            .args(testsupport::operator::LOCAL_TEST_POLICY)
             .args(&args)
             .args(["--request-timeout", "2s"])
             .env_remove("TASKLIST_CLIENT_ID")
@@ -125,6 +126,28 @@ async fn each_failure_has_its_exit_code_and_reason() {
     let (code, output) = check(args(&unusable, false), vec![]).await;
     assert_eq!(code, 3, "{output}");
     assert!(output.contains("no TasklistConnection"), "{output}");
+}
+
+/// `check` applies the operator's host policy, with the same defaults: a stand-in on
+/// loopback over http is refused without a request.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_host_policy_refuses_before_anything_is_sent() {
+    let standin = StandinTasklist::start().await.expect("stand-in");
+    standin.add_client("orders", "policy-secret-1");
+    let files = write_files(&oauth2_connection(&standin), &client_secret("policy-secret-1"));
+    for (flags, says) in [
+        (vec!["--allow-loopback=false"], "--allow-loopback"),
+        (vec!["--allow-http=false"], "http://"),
+        (vec!["--allowed-hosts=tasklist.example.com"], "allowed hosts"),
+    ] {
+        let mut arguments = args(&files, true);
+        arguments.extend(flags.iter().map(|flag| flag.to_string()));
+        let (code, output) = check(arguments, vec![]).await;
+        assert_eq!(code, 1, "{flags:?}: {output}");
+        assert!(output.contains("NotAllowed") && output.contains(says), "{flags:?}: {output}");
+    }
+    assert_eq!(standin.token_requests_arrived(), 0, "a refused check sent a token request");
+    assert!(standin.api_requests().is_empty(), "a refused check probed Tasklist");
 }
 
 #[tokio::test(flavor = "multi_thread")]

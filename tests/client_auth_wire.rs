@@ -197,7 +197,7 @@ async fn the_discovered_token_endpoint_is_cached_and_read_again_after_a_failure(
     endpoint.request_token(&http(), &client).await.expect("a token");
     endpoint.request_token(&http(), &client).await.expect("a token");
     assert_eq!(standin.discovery_requests(), 1, "the token endpoint is discovered once");
-    assert!(endpoint.location.describe().contains(&standin.token_url()));
+    assert!(endpoint.location.describe(&http()).contains(&standin.token_url()));
 
     standin.set_token_endpoint(EndpointMode::Down);
     let down = failure(endpoint.request_token(&http(), &client).await);
@@ -498,9 +498,9 @@ async fn a_discovered_token_endpoint_outside_the_allowed_hosts_gets_nothing() {
 
     let args = PolicyArgs {
         allowed_hosts: vec!["127.0.0.1/32".into()],
-        deny_link_local: true,
-        allow_insecure_tls: true,
+        allow_loopback: true,
         allow_http: true,
+        ..PolicyArgs::default()
     };
     let policy = HostPolicy::from_args(&args).expect("a valid policy");
     let settings = HttpSettings {
@@ -520,5 +520,72 @@ async fn a_discovered_token_endpoint_outside_the_allowed_hosts_gets_nothing() {
         connections.load(Ordering::SeqCst),
         0,
         "the token endpoint outside the policy was contacted"
+    );
+}
+
+/// What one connection's TLS trust discovered is never used under another's: a connection
+/// that skips certificate checks (and so reads whatever answers at the issuer's address)
+/// must not decide where another connection, which verifies, sends its secret. The issuer
+/// answers its document once; the insecure client reads it; the verifying client must read
+/// it again (and fail), not send its secret to the endpoint the insecure client was told.
+#[tokio::test]
+async fn a_discovered_endpoint_is_not_shared_between_trusts() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let token_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a listener");
+    let token_port = token_listener.local_addr().expect("its address").port();
+    let token_connections = Arc::new(AtomicUsize::new(0));
+    let counted = token_connections.clone();
+    tokio::spawn(async move {
+        while token_listener.accept().await.is_ok() {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let issuer_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a listener");
+    let issuer = format!("http://{}/trust-test", issuer_listener.local_addr().expect("its address"));
+    let document = serde_json::json!({"issuer": issuer, "token_endpoint": format!("http://127.0.0.1:{token_port}/oauth/token")});
+    let answered = Arc::new(AtomicUsize::new(0));
+    let app = axum::Router::new().route(
+        "/trust-test/.well-known/openid-configuration",
+        axum::routing::get(move || {
+            let (answered, document) = (answered.clone(), document.clone());
+            async move {
+                if answered.fetch_add(1, Ordering::SeqCst) == 0 {
+                    Ok(axum::Json(document))
+                } else {
+                    Err(axum::http::StatusCode::SERVICE_UNAVAILABLE)
+                }
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(issuer_listener, app).await });
+
+    let settings = HttpSettings {
+        timeout: Duration::from_secs(5),
+        ..HttpSettings::default()
+    };
+    let insecure = HttpClient::new(
+        &settings,
+        &TlsTrust {
+            extra_roots_pem: None,
+            insecure_skip_verify: true,
+        },
+    )
+    .expect("a client");
+    let verifying = HttpClient::new(&settings, &TlsTrust::default()).expect("a client");
+    let endpoint = endpoint(TokenLocation::Issuer(issuer));
+    endpoint
+        .resolve(&insecure)
+        .await
+        .expect("the insecure client discovers the endpoint");
+    let client = ClientCredentials::with_secret_in_body(CLIENT_ID, Sensitive::new("s3cret-of-the-verifying-tenant"));
+    let refused = failure(endpoint.request_token(&verifying, &client).await);
+    assert_eq!(Reason::of_auth_failure(&refused).as_str(), "DiscoveryFailed", "{}", refused.message);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        token_connections.load(Ordering::SeqCst),
+        0,
+        "the verifying client used the endpoint discovered under another trust"
     );
 }

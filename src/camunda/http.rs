@@ -45,6 +45,9 @@ pub struct TlsTrust {
 pub struct HttpClient {
     inner: reqwest::Client,
     settings: HttpSettings,
+    /// A salted hash of the trust this client was made for: what it learnt (a discovered
+    /// endpoint) is shared only with clients of the same trust.
+    trust_key: [u8; 32],
 }
 
 /// An answer read in full, within the size cap.
@@ -118,10 +121,18 @@ impl HttpClient {
             }
             Err(cause) => return Err(HttpClientError::Setup(cause)),
         };
+        let mut trust_key = crate::key_hash::KeyHash::new();
+        trust_key.trust(trust);
         Ok(HttpClient {
             inner,
             settings: settings.clone(),
+            trust_key: trust_key.finish(),
         })
+    }
+
+    /// See [`HttpClient::trust_key`]'s field.
+    pub(crate) fn trust_key(&self) -> [u8; 32] {
+        self.trust_key
     }
 
     /// The administrator's host policy this client enforces, if any.
@@ -174,6 +185,10 @@ fn build_client(settings: &HttpSettings, insecure_skip_verify: bool, roots: &[&[
         .timeout(settings.timeout)
         .connect_timeout(settings.timeout)
         .redirect(same_origin_redirects())
+        // HTTP(S)_PROXY and ALL_PROXY are ignored: through a proxy, the resolver below would
+        // check the proxy's address instead of the host a credential goes to. An
+        // intercepting proxy is trusted with --ca-bundle instead.
+        .no_proxy()
         .user_agent(concat!("tasklist-operator/", env!("CARGO_PKG_VERSION")));
     for certificate in roots.iter().flat_map(|bundle| bundle.iter()) {
         builder = builder.add_root_certificate(certificate.clone());

@@ -34,10 +34,10 @@ pub enum TokenLocation {
 impl TokenLocation {
     /// "https://idp/token", or "the token endpoint of issuer https://idp (https://idp/token)"
     /// once discovered, for messages.
-    pub fn describe(&self) -> String {
+    pub fn describe(&self, http: &HttpClient) -> String {
         match self {
             TokenLocation::Url(url) => url.clone(),
-            TokenLocation::Issuer(issuer) => match discovery::cached_token_endpoint(issuer) {
+            TokenLocation::Issuer(issuer) => match discovery::cached_token_endpoint(http, issuer) {
                 Some(url) => format!("{url} (discovered from issuer {issuer})"),
                 None => format!("the token endpoint of issuer {issuer}"),
             },
@@ -117,7 +117,7 @@ impl TokenEndpoint {
         let url = self.resolve(http).await?;
         self.request_token_at(&url, http, client)
             .await
-            .map_err(|failure| self.after_failed_request(&url, failure))
+            .map_err(|failure| self.after_failed_request(http, &url, failure))
     }
 
     /// The URL token requests go to: `tokenUrl`, or the issuer's discovered token endpoint.
@@ -130,11 +130,11 @@ impl TokenEndpoint {
 
     /// What a failed request at `url` (from [`Self::resolve`]) means for this endpoint: with
     /// an issuer, the discovered endpoint is forgotten and the message names the issuer.
-    pub fn after_failed_request(&self, url: &str, failure: AuthFailure) -> AuthFailure {
+    pub fn after_failed_request(&self, http: &HttpClient, url: &str, failure: AuthFailure) -> AuthFailure {
         match &self.location {
             TokenLocation::Url(_) => failure,
             TokenLocation::Issuer(issuer) => {
-                discovery::forget(issuer);
+                discovery::forget(http, issuer);
                 AuthFailure {
                     message: format!("{} (token endpoint {url}, discovered from issuer {issuer})", failure.message),
                     ..failure

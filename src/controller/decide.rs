@@ -79,6 +79,39 @@ pub fn credential_decision(
     }
 }
 
+/// At most one obtain a minute may be forced through the refresh annotation, per connection:
+/// bumping it must not become a way around the failure backoff, or a way to make the
+/// operator hammer a token endpoint.
+pub const FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
+
+/// What to do about the refresh annotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForcedRefresh {
+    /// No annotation, or the stored credential was made with its current value, or that
+    /// value was acted on already (a failure then waits for its retry as usual).
+    Nothing,
+    /// A new value: obtain now, and remember the value and the time.
+    Now,
+    /// A new value, less than [`FORCED_REFRESH_INTERVAL`] after the last one acted on: not
+    /// before then.
+    NotBefore(Timestamp),
+}
+
+/// The refresh annotation's `requested` value, against the `last` value acted on (and when),
+/// and whether the stored credential was made from the current inputs (`honoured`, which
+/// include the annotation: after a restart, nothing is forced twice).
+pub fn forced_refresh(requested: Option<&str>, last: Option<(&str, Timestamp)>, honoured: bool, now: Timestamp) -> ForcedRefresh {
+    let Some(requested) = requested else {
+        return ForcedRefresh::Nothing;
+    };
+    match last {
+        _ if honoured => ForcedRefresh::Nothing,
+        Some((value, _)) if value == requested => ForcedRefresh::Nothing,
+        Some((_, at)) if now < add(at, FORCED_REFRESH_INTERVAL) => ForcedRefresh::NotBefore(add(at, FORCED_REFRESH_INTERVAL)),
+        _ => ForcedRefresh::Now,
+    }
+}
+
 /// What the derived Secret looked like when read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DerivedSecretState {
@@ -449,6 +482,30 @@ mod tests {
             any,
             own_write,
         }
+    }
+
+    #[test]
+    fn a_refresh_forced_with_the_annotation_runs_at_most_once_a_minute() {
+        let now = Timestamp::from_second(1_000_000).unwrap();
+        let ago = |seconds: i64| now.checked_sub(jiff::SignedDuration::from_secs(seconds)).unwrap();
+        assert_eq!(forced_refresh(None, None, false, now), ForcedRefresh::Nothing);
+        assert_eq!(forced_refresh(Some("1"), None, false, now), ForcedRefresh::Now, "the first one");
+        assert_eq!(
+            forced_refresh(Some("2"), Some(("1", ago(10))), false, now),
+            ForcedRefresh::NotBefore(add(ago(10), FORCED_REFRESH_INTERVAL)),
+            "a second one within a minute waits"
+        );
+        assert_eq!(forced_refresh(Some("2"), Some(("1", ago(60))), false, now), ForcedRefresh::Now);
+        assert_eq!(
+            forced_refresh(Some("2"), Some(("2", ago(5))), false, now),
+            ForcedRefresh::Nothing,
+            "acted on already: a failure backs off as usual"
+        );
+        assert_eq!(
+            forced_refresh(Some("2"), None, true, now),
+            ForcedRefresh::Nothing,
+            "after a restart, the stored credential already has this value"
+        );
     }
 
     #[test]

@@ -77,6 +77,10 @@ pub struct ConnectionMemory {
     /// Secret it was read from (see `InputsSummary::ca_version`), so that a reconcile at
     /// rest does not read the CA bundle again.
     pub ca_trust: Option<(String, TlsTrust)>,
+    /// The refresh annotation's value last acted on, and when (see `decide::forced_refresh`).
+    pub forced_refresh: Option<(String, Timestamp)>,
+    /// A forced refresh waiting for its turn: wake up then.
+    pub forced_refresh_wait: Option<Timestamp>,
 }
 
 /// The operator's own last write of a derived Secret, so that the watch event of that write

@@ -35,7 +35,7 @@ use crate::policy::{HostPolicy, ResolutionCache};
 use crate::schedule::RefreshPolicy;
 use crate::shard::Sharding;
 use crate::token_cache::TokenCache;
-use host_slots::{DEFERRAL, HostSlots, credential_hosts, reconcile_deadline, reconciles_per_host};
+use host_slots::{DEFERRAL, HostSlots, credential_hosts, reconcile_deadline, slot_limits};
 use memory::{ConnectionKey, Memory};
 pub use probe_scheduler::{DEFAULT_PROBE_CONCURRENCY, DEFAULT_PROBES_PER_HOST};
 use probe_scheduler::{ProbeScheduler, probe_limits, probe_timeout};
@@ -199,6 +199,22 @@ impl Context {
         }
     }
 
+    /// Forgets the values of referenced Secrets in `namespace` (None: all) that none of the
+    /// `present` connections reads any more.
+    fn forget_unreferenced_secrets(&self, namespace: Option<&str>, present: &[Arc<TasklistConnection>]) {
+        let referenced: HashSet<secret_values::SecretKey> = present
+            .iter()
+            .filter(|connection| namespace.is_none_or(|namespace| connection.namespace().as_deref() == Some(namespace)))
+            .flat_map(|connection| {
+                let namespace = connection.namespace().unwrap_or_default();
+                crate::inputs::referenced_secret_names(connection)
+                    .into_iter()
+                    .map(move |name| (namespace.clone(), name))
+            })
+            .collect();
+        self.secret_values.forget_unreferenced(namespace, &referenced);
+    }
+
     /// After a relist: forgets every connection of `namespace` (None: all namespaces) that
     /// is not in `present`. A connection deleted while the watch was down sends no Delete
     /// event; without this its records and metric series would stay for good.
@@ -226,7 +242,8 @@ impl Context {
 /// at rest, a reconcile sends no request at all.
 #[derive(Clone)]
 pub struct SecretCaches {
-    /// The operator's own derived Secrets (selected by the managed-by label), whole.
+    /// The Secrets with the operator's managed-by label: whole when they are the derived
+    /// Secret of a known connection, metadata only otherwise.
     pub derived: reflector::Store<Secret>,
     /// Every Secret of the watched namespaces, metadata only: uid, resourceVersion, owners.
     pub metadata: reflector::Store<PartialObjectMeta<Secret>>,
@@ -322,9 +339,16 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
         .modify(slim::slim_connection)
         .reflect(writer)
         .inspect(move |event| match event {
-            Ok(watcher::Event::Delete(deleted)) => forget_ctx.forget(deleted),
+            Ok(watcher::Event::Delete(deleted)) => {
+                forget_ctx.forget(deleted);
+                forget_ctx.forget_unreferenced_secrets(deleted.namespace().as_deref(), &listed.state());
+            }
             // The store holds the new list by now (`reflect` comes first).
-            Ok(watcher::Event::InitDone) => forget_ctx.forget_absent(scope.as_deref(), &listed.state()),
+            Ok(watcher::Event::InitDone) => {
+                let present = listed.state();
+                forget_ctx.forget_absent(scope.as_deref(), &present);
+                forget_ctx.forget_unreferenced_secrets(scope.as_deref(), &present);
+            }
             _ => {}
         })
         .applied_objects()
@@ -338,17 +362,28 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
         .reflect(metadata_writer)
         .touched_objects();
     // The operator's own derived Secrets, whole, so that a reconcile does not GET them. Their
-    // changes already wake connections through the metadata watch above.
+    // changes already wake connections through the metadata watch above. Only the derived
+    // Secrets of connections in the store stay whole (anyone can label a Secret), so this
+    // watch starts once the connections have been listed.
     let (derived_store, derived_writer) = reflector::store();
     let derived_api: Api<Secret> = scoped_api(&ctx.client, namespace.as_deref());
-    let own_secrets = watcher(
-        derived_api,
-        watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")),
-    )
-    .backoff(WatchBackoff::default())
-    .modify(|secret| slim::slim_metadata(&mut secret.metadata))
-    .reflect(derived_writer)
-    .for_each(|_| std::future::ready(()));
+    let owners = reader.clone();
+    let own_secrets = async move {
+        if owners.wait_until_ready().await.is_err() {
+            return;
+        }
+        watcher(
+            derived_api,
+            watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")),
+        )
+        .backoff(WatchBackoff::default())
+        .modify(move |secret| {
+            slim::keep_whole_only_if_derived(secret, |namespace, name| owners.get(&ObjectRef::new(name).within(namespace)))
+        })
+        .reflect(derived_writer)
+        .for_each(|_| std::future::ready(()))
+        .await;
+    };
     let own_secrets = tokio::spawn(own_secrets);
     let caches = SecretCaches {
         derived: derived_store,
@@ -386,10 +421,14 @@ async fn reconcile_logged(
     present: reflector::Store<TasklistConnection>,
     caches: SecretCaches,
 ) -> Result<Action, Error> {
-    let per_host = reconciles_per_host(ctx.concurrency);
-    let Some(_entered) = ctx.host_slots.try_enter(credential_hosts(&connection), per_host) else {
-        debug!("deferred: a credential host of this connection already has {per_host} reconciles in flight");
-        return Ok(Action::requeue(DEFERRAL.mul_f64(1.0 + rand::random::<f64>())));
+    let limits = slot_limits(ctx.concurrency);
+    let namespace = connection.namespace().unwrap_or_default();
+    let _entered = match ctx.host_slots.enter(&namespace, credential_hosts(&connection), limits).await {
+        Ok(entered) => entered,
+        Err(full) => {
+            debug!(?full, "deferred: no free reconcile slot for this connection's hosts or namespace");
+            return Ok(Action::requeue(DEFERRAL.mul_f64(1.0 + rand::random::<f64>())));
+        }
     };
     let started = std::time::Instant::now();
     let metrics = ctx.metrics.clone();

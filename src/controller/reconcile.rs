@@ -14,8 +14,8 @@ use kube::{Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
 use super::decide::{
-    self, CachedDerivedSecret, CredentialDecision, DerivedSecretSource, DerivedSecretState, Kept, LONGEST_SLEEP, LastProbe, PendingRetry,
-    PendingWrite, StatusRecord, UnauthorizedReobtain, WriteRetryDecision,
+    self, CachedDerivedSecret, CredentialDecision, DerivedSecretSource, DerivedSecretState, ForcedRefresh, Kept, LONGEST_SLEEP, LastProbe,
+    PendingRetry, PendingWrite, StatusRecord, UnauthorizedReobtain, WriteRetryDecision,
 };
 use super::host_slots::origin;
 use super::memory::{ConnectionKey, FailureRecord, ProbeRecord, WriteFailureRecord};
@@ -24,11 +24,11 @@ use super::secret_values::ByVersion;
 use super::{Context, Error, FIELD_MANAGER, SecretCaches};
 use crate::camunda::probe::{Probe, ProbeOutcome};
 use crate::camunda::{AuthFailure, HttpClient, TlsTrust, redact};
-use crate::crd::{TasklistConnection, TasklistConnectionStatus};
+use crate::crd::{REFRESH_ANNOTATION, TasklistConnection, TasklistConnectionStatus};
 use crate::credential::{Credential, NEVER, add};
 use crate::derived_secret::{DATA_HASH, StoredCredential, Unusable, is_owned_by, update_patch};
 use crate::events::{ConnectionEvent, transitions};
-use crate::inputs::{InputProblem, Inputs, InputsSummary, LoginMaterial, read_inputs, summarize};
+use crate::inputs::{InputProblem, Inputs, InputsSummary, LoginMaterial, read_inputs, referenced_keys, summarize};
 use crate::logging::{ProbeLogLevel, human_signed_duration, probe_log_level};
 use crate::metrics::{ConnectionLabels, CredentialRequestLabels, HowLabels, MethodLabels, ResultLabels, SourceLabels};
 use crate::obtain::obtain_shared_credential;
@@ -205,7 +205,11 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>, c
     // A deferred probe is due already: it is tried again soon, not once a second.
     let deferred_probe = this.probe_deferred_until.lock().ok().and_then(|deferred| *deferred);
     let next_probe = deferred_probe.or(next_probe);
-    Ok(Action::requeue(decide::next_wake(Timestamp::now(), [next_refresh, next_probe])))
+    let forced_refresh = ctx.memory.get(&this.key).forced_refresh_wait;
+    Ok(Action::requeue(decide::next_wake(
+        Timestamp::now(),
+        [next_refresh, next_probe, forced_refresh],
+    )))
 }
 
 /// What every step of one reconcile works on.
@@ -256,7 +260,9 @@ impl<'a> Reconciling<'a> {
     /// which is all the owner check needs.
     async fn derived_secret(&self, synced: bool) -> Result<Option<Secret>, Error> {
         let name = self.connection.secret_name();
-        let labelled = self.caches.derived(&self.key.0, &name);
+        // A labelled Secret the cache keeps without data (not then known as a connection's
+        // derived Secret) counts as not cached.
+        let labelled = self.caches.derived(&self.key.0, &name).filter(|secret| secret.data.is_some());
         let any = self.caches.metadata(&self.key.0, &name);
         let any_secret = any.as_ref().map(|meta| Secret {
             metadata: meta.metadata.clone(),
@@ -316,11 +322,13 @@ impl<'a> Reconciling<'a> {
         if let Some(values) = self.values.lock().ok().and_then(|values| values.clone()) {
             return Ok(Ok(values));
         }
+        let wanted = referenced_keys(self.connection);
         let source = ByVersion {
             api: &self.secrets,
             namespace: &self.key.0,
             caches: &self.caches,
             values: &self.ctx.secret_values,
+            wanted: &wanted,
         };
         let read = read_inputs(self.connection, &source).await?;
         if let (Ok(values), Ok(mut kept)) = (&read, self.values.lock()) {
@@ -411,7 +419,7 @@ impl<'a> Reconciling<'a> {
                             consecutive = record.consecutive,
                             "writing the kept credential to the derived Secret again"
                         );
-                        return self.store(inputs, kept, stored, restoring).await;
+                        return self.store(inputs, http, kept, stored, restoring).await;
                     }
                 }
                 // The episode goes on (its count and Event) until a write succeeds, or
@@ -423,12 +431,43 @@ impl<'a> Reconciling<'a> {
                 }),
             }
         }
-        let previous_failure = self
-            .ctx
+        let memory = self.ctx.memory.get(&self.key);
+        let forced = decide::forced_refresh(
+            self.connection.refresh_request(),
+            memory.forced_refresh.as_ref().map(|(value, at)| (value.as_str(), *at)),
+            stored.as_ref().is_some_and(|current| current.inputs == inputs.fingerprint),
+            now,
+        );
+        let forced_wait = match forced {
+            ForcedRefresh::NotBefore(at) => stored
+                .as_ref()
+                .filter(|current| now < current.refresh_at)
+                .map(|current| (current, at)),
+            _ => None,
+        };
+        self.ctx
             .memory
-            .get(&self.key)
-            .failure
-            .filter(|failure| failure.fingerprint == inputs.fingerprint);
+            .update(&self.key, |memory| memory.forced_refresh_wait = forced_wait.map(|(_, at)| at));
+        if let Some((current, at)) = forced_wait {
+            debug!(%at, "a refresh forced with the annotation waits: at most one a minute");
+            let message = format!(
+                "{}; the refresh requested with the {REFRESH_ANNOTATION} annotation runs at {at} at the earliest (at most one a minute)",
+                issued_message(current, inputs, http)
+            );
+            return Ok(FreshCredential {
+                credential: stored.clone(),
+                authenticated: ConditionState::ok(Reason::CredentialIssued, message),
+                newly_issued: false,
+                input_problem: None,
+            });
+        }
+        if let (ForcedRefresh::Now, Some(value)) = (forced, self.connection.refresh_request()) {
+            let value = value.to_owned();
+            self.ctx
+                .memory
+                .update(&self.key, |memory| memory.forced_refresh = Some((value, now)));
+        }
+        let previous_failure = memory.failure.filter(|failure| failure.fingerprint == inputs.fingerprint);
         let kept = stored.as_ref().map(|current| Kept {
             inputs: &current.inputs,
             refresh_at: current.refresh_at,
@@ -442,7 +481,7 @@ impl<'a> Reconciling<'a> {
                 self.ctx.memory.update(&self.key, |memory| memory.write_failure = None);
                 let authenticated = stored.as_ref().map_or_else(
                     || ConditionState::unknown(Reason::NoCredential, "no credential"),
-                    |current| ConditionState::ok(Reason::CredentialIssued, issued_message(current, inputs)),
+                    |current| ConditionState::ok(Reason::CredentialIssued, issued_message(current, inputs, http)),
                 );
                 Ok(FreshCredential {
                     credential: stored,
@@ -514,7 +553,7 @@ impl<'a> Reconciling<'a> {
             }
         }
         match result {
-            Ok(credential) => self.store(summary, credential, stored, restoring).await,
+            Ok(credential) => self.store(summary, http, credential, stored, restoring).await,
             Err(failure) => {
                 let now = Timestamp::now();
                 let consecutive = previous_failure.map_or(1, |previous| previous.consecutive.saturating_add(1));
@@ -548,6 +587,7 @@ impl<'a> Reconciling<'a> {
     async fn store(
         &self,
         inputs: &InputsSummary,
+        http: &HttpClient,
         credential: StoredCredential,
         stored: Option<StoredCredential>,
         restoring: bool,
@@ -587,7 +627,7 @@ impl<'a> Reconciling<'a> {
         if inputs.insecure_skip_verify {
             ctx.events.publish(self.connection, ConnectionEvent::InsecureSkipVerify).await;
         }
-        let authenticated = ConditionState::ok(Reason::CredentialIssued, issued_message(&credential, inputs));
+        let authenticated = ConditionState::ok(Reason::CredentialIssued, issued_message(&credential, inputs, http));
         Ok(FreshCredential {
             credential: Some(credential),
             authenticated,
@@ -1054,29 +1094,17 @@ fn failed_condition(failure: &AuthFailure) -> ConditionState {
     ConditionState::failing(Reason::of_auth_failure(failure), failure.message.clone())
 }
 
-fn issued_message(credential: &StoredCredential, inputs: &InputsSummary) -> String {
+fn issued_message(credential: &StoredCredential, inputs: &InputsSummary, http: &HttpClient) -> String {
     let kind = match (&inputs.token_endpoint, &credential.credential) {
-        (_, Credential::Basic(authorization)) => {
-            let username = basic_username(authorization.expose()).unwrap_or_default();
-            return format!(
-                "HTTP Basic credentials of user {username:?} stored at {}; they do not expire",
-                credential.issued_at
-            );
+        // No value read from a referenced Secret reaches status, not even the username:
+        // whoever may read status may not be allowed to read that Secret.
+        (_, Credential::Basic(_)) => {
+            return format!("HTTP Basic credentials stored at {}; they do not expire", credential.issued_at);
         }
-        (Some(endpoint), _) => format!("access token from {}", endpoint.location.describe()),
+        (Some(endpoint), _) => format!("access token from {}", endpoint.location.describe(http)),
         (None, _) => "session".to_owned(),
     };
     format!("{kind} obtained at {}, valid until {}", credential.issued_at, credential.expires_at)
-}
-
-/// The username of an HTTP Basic `Authorization` header value, which the message names:
-/// read back from the stored credential, so that no Secret is read to say it. (RFC 7617:
-/// a username has no colon, so the first one ends it.)
-fn basic_username(authorization: &str) -> Option<String> {
-    let encoded = authorization.strip_prefix("Basic ")?;
-    let decoded = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, encoded).ok()?;
-    let text = String::from_utf8(decoded).ok()?;
-    text.split_once(':').map(|(username, _)| username.to_owned())
 }
 
 /// The HTTP status of a probe that Tasklist refused (401 or 403).
@@ -1084,18 +1112,5 @@ fn unauthorized_status(outcome: &ProbeOutcome) -> Option<u16> {
     match outcome {
         ProbeOutcome::Unauthorized { status } => Some(*status),
         _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::basic_username;
-
-    #[test]
-    fn the_basic_username_is_read_back_from_the_stored_header() {
-        // base64 of "demo:pa:ss": the first colon ends the username.
-        assert_eq!(basic_username("Basic ZGVtbzpwYTpzcw==").as_deref(), Some("demo"));
-        assert_eq!(basic_username("Bearer x"), None);
-        assert_eq!(basic_username("Basic !!"), None);
     }
 }

@@ -13,8 +13,10 @@
 //! annotations (the refresh annotation, and the annotation predicate), uid, generation and
 //! resourceVersion.
 
+use k8s_openapi::api::core::v1::Secret;
+
 use crate::crd::TasklistConnection;
-use crate::derived_secret::DATA_HASH;
+use crate::derived_secret::{DATA_HASH, MANAGED_BY_LABEL, is_owned_by};
 
 /// The annotation `kubectl apply` keeps its last input in.
 pub const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
@@ -45,6 +47,36 @@ pub fn slim_secret_metadata(metadata: &mut kube::api::ObjectMeta) {
     }
 }
 
+/// What the store of labelled Secrets keeps of `secret`: whole (less [`slim_metadata`]) only
+/// when it is the derived Secret of `owner`, a connection this process knows (found by the
+/// Secret's namespace and the name in its controller reference, then checked by uid and by
+/// the connection's derived Secret name). Anyone can put the operator's label on a Secret
+/// of their own: such a Secret keeps its name, versions and owners, nothing else, so that
+/// labelling large Secrets cannot grow the operator's memory.
+pub fn keep_whole_only_if_derived(secret: &mut Secret, owner: impl FnOnce(&str, &str) -> Option<std::sync::Arc<TasklistConnection>>) {
+    slim_metadata(&mut secret.metadata);
+    let namespace = secret.metadata.namespace.clone().unwrap_or_default();
+    let controller = secret
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|reference| reference.controller == Some(true) && reference.kind == "TasklistConnection")
+        .map(|reference| reference.name.clone());
+    let derived = controller.and_then(|name| owner(&namespace, &name)).is_some_and(|connection| {
+        is_owned_by(secret, &connection) && secret.metadata.name.as_deref() == Some(connection.secret_name().as_str())
+    });
+    if !derived {
+        secret.data = None;
+        secret.string_data = None;
+        secret.type_ = None;
+        secret.metadata.annotations = None;
+        if let Some(labels) = secret.metadata.labels.as_mut() {
+            labels.retain(|key, _| key == MANAGED_BY_LABEL);
+        }
+    }
+}
+
 /// What the Secret caches keep too: no managed fields and no `kubectl apply` copy of the
 /// whole object (which, for a Secret applied with kubectl, holds its data).
 pub fn slim_metadata(metadata: &mut kube::api::ObjectMeta) {
@@ -57,6 +89,50 @@ pub fn slim_metadata(metadata: &mut kube::api::ObjectMeta) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn labelled_secret(name: &str, owner: Option<(&str, &str)>) -> Secret {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {
+                "name": name, "namespace": "apps", "resourceVersion": "7",
+                "labels": {MANAGED_BY_LABEL: "tasklist-operator", "big": "x"},
+                "annotations": {"note": "y".repeat(1000), DATA_HASH: "h"},
+                "ownerReferences": owner.map(|(owner, uid)| vec![json!({
+                    "apiVersion": "tasklist.camunda.community/v1alpha1", "kind": "TasklistConnection",
+                    "name": owner, "uid": uid, "controller": true})]).unwrap_or_default(),
+            },
+            "data": {"token": "AAAA"},
+        }))
+        .expect("a Secret")
+    }
+
+    #[test]
+    fn only_the_derived_secret_of_a_known_connection_is_kept_whole() {
+        let known = std::sync::Arc::new(connection(json!({})));
+        let lookup = |namespace: &str, name: &str| (namespace == "apps" && name == "orders").then(|| known.clone());
+
+        let mut derived = labelled_secret("orders-tasklist-auth", Some(("orders", "u-1")));
+        keep_whole_only_if_derived(&mut derived, lookup);
+        assert!(derived.data.is_some(), "the derived Secret of a known connection stays whole");
+        assert!(derived.metadata.annotations.is_some());
+
+        for (name, owner) in [
+            ("anything", None),
+            // The right owner name, another uid (a forged or stale reference).
+            ("orders-tasklist-auth", Some(("orders", "u-other"))),
+            // The known owner, but not its derived Secret's name.
+            ("second-copy", Some(("orders", "u-1"))),
+            // An owner this process does not know.
+            ("billing-tasklist-auth", Some(("billing", "u-2"))),
+        ] {
+            let mut foreign = labelled_secret(name, owner);
+            keep_whole_only_if_derived(&mut foreign, lookup);
+            assert_eq!(foreign.data, None, "{name}");
+            assert_eq!(foreign.metadata.annotations, None, "{name}");
+            assert_eq!(foreign.metadata.labels.as_ref().map(|labels| labels.len()), Some(1), "{name}");
+            assert_eq!(foreign.metadata.resource_version.as_deref(), Some("7"), "{name}: versions stay");
+        }
+    }
     use crate::crd::REFRESH_ANNOTATION;
     use serde_json::json;
 

@@ -247,9 +247,19 @@ async fn harness_before_the_watches_listed() -> Harness {
     let standin = StandinTasklist::start().await.expect("the stand-in starts");
     standin.add_client("orders", CLIENT_SECRET);
     let (client, api) = scripted_client();
+    // The token endpoint here listens on loopback, over http: lift those two defaults.
+    let local = crate::policy::PolicyArgs {
+        allow_loopback: true,
+        allow_http: true,
+        ..crate::policy::PolicyArgs::default()
+    };
+    let settings = HttpSettings {
+        policy: Some(Arc::new(crate::policy::HostPolicy::from_args(&local).expect("a valid policy"))),
+        ..HttpSettings::default()
+    };
     let ctx = Arc::new(Context::new(
         client,
-        HttpSettings::default(),
+        settings,
         RefreshPolicy::default(),
         Arc::new(Metrics::default()),
         None,

@@ -159,7 +159,7 @@ impl DeadHost {
         Ok((host, url))
     }
 
-    fn open(&self) -> usize {
+    pub(crate) fn open(&self) -> usize {
         self.accepted.load(Ordering::SeqCst) - self.closed.load(Ordering::SeqCst)
     }
 }

@@ -33,6 +33,7 @@ mod scale;
 mod scenario;
 mod shards;
 mod sharing;
+mod trust;
 mod writes;
 
 use std::process::ExitCode;
@@ -58,6 +59,7 @@ fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     all.extend(probes::scenarios());
     all.extend(scale::scenarios());
     all.extend(sharing::scenarios());
+    all.extend(trust::scenarios());
     all
 }
 

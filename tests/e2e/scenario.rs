@@ -248,7 +248,9 @@ impl Scenario {
 
     /// Creates or replaces a Secret with string data, remembering the values as secrets.
     pub async fn apply_secret(&mut self, name: &str, data: &[(&str, &str)]) -> anyhow::Result<()> {
-        for (_, value) in data.iter().filter(|(key, _)| !key.contains("id") && *key != "username") {
+        // Every value but a client id (which messages name on purpose), usernames included:
+        // no value read from a referenced Secret may reach status, Events or logs.
+        for (_, value) in data.iter().filter(|(key, _)| !key.contains("id")) {
             self.leak_watch.add_value(value);
         }
         let secret = Secret {
@@ -484,9 +486,11 @@ async fn find_leaks(values: &[String], logs: &[String], api: Option<(&Client, &s
         }
     }
     for secret in values.iter().filter(|value| value.len() >= 4) {
-        for (place, text) in &places {
-            if text.contains(secret.as_str()) {
-                bail!("a credential value ({} characters) appears in the {place}", secret.len());
+        for (form, encoded) in encoded_forms(secret) {
+            for (place, text) in &places {
+                if text.contains(encoded.as_str()) {
+                    bail!("a credential value ({} characters) appears {form} in the {place}", secret.len());
+                }
             }
         }
     }
@@ -626,6 +630,28 @@ pub fn strip_ansi(text: &str) -> String {
 }
 
 /// A condition of the connection's status, by type.
+/// `value` as it may appear in an output: as is, URL-encoded, and base64 (standard and
+/// URL-safe, without the padding, which depends on what follows).
+fn encoded_forms(value: &str) -> Vec<(&'static str, String)> {
+    use base64::Engine as _;
+    let url_encoded: String = value
+        .bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => char::from(byte).to_string(),
+            other => format!("%{other:02X}"),
+        })
+        .collect();
+    let mut forms = vec![
+        ("as is", value.to_owned()),
+        ("base64-encoded", base64::engine::general_purpose::STANDARD_NO_PAD.encode(value)),
+        ("base64url-encoded", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(value)),
+    ];
+    if url_encoded != value {
+        forms.push(("URL-encoded", url_encoded));
+    }
+    forms
+}
+
 /// Whether `text` holds a JWT: two base64url JSON objects (`eyJ...`) joined by a dot.
 pub fn contains_jwt(text: &str) -> bool {
     let is_base64url = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';

@@ -184,6 +184,9 @@ impl World {
             &tag,
             "--set",
             "image.pullPolicy=Never",
+            // The stand-ins on the node's bridge speak plain http.
+            "--set",
+            "policy.allowHttp=true",
             "--set",
             &watch,
             "--wait",

@@ -14,6 +14,12 @@ use crate::tools;
 /// Used when the caller's environment list does not set `RUST_LOG`.
 const DEFAULT_RUST_LOG: &str = "info,tasklist_operator=debug";
 
+/// The host policy a local test needs: its stand-ins, Keycloak and API server listen on
+/// loopback, over http or with self-signed certificates, all of which the operator refuses
+/// by default. [`OperatorProcess::start`] puts these right after `run`, so that a test of a
+/// default gives the flag again (`--allow-loopback=false`): the last value wins.
+pub const LOCAL_TEST_POLICY: [&str; 3] = ["--allow-loopback=true", "--allow-http=true", "--allow-insecure-tls=true"];
+
 /// A running (or exited) operator process, whose output is collected in a log file.
 pub struct OperatorProcess {
     child: Child,
@@ -23,14 +29,18 @@ pub struct OperatorProcess {
 }
 
 impl OperatorProcess {
-    /// Runs `binary` with `args`, `KUBECONFIG=kubeconfig`, `RUST_LOG` (default
-    /// `info,tasklist_operator=debug`) and the extra `env`, which wins over both.
-    /// The rest of the environment is inherited.
+    /// Runs `binary` with `args` (after `run`, the [`LOCAL_TEST_POLICY`]),
+    /// `KUBECONFIG=kubeconfig`, `RUST_LOG` (default `info,tasklist_operator=debug`) and the
+    /// extra `env`, which wins over both. The rest of the environment is inherited.
     pub fn start(binary: &Path, kubeconfig: &Path, args: &[String], env: &[(String, String)]) -> anyhow::Result<OperatorProcess> {
         let workdir = tools::fixture_workdir("operator")?;
         let log = workdir.path().join("operator.log");
         let mut command = Command::new(binary);
-        command.args(args).env("KUBECONFIG", kubeconfig).stdin(Stdio::null());
+        match args.split_first() {
+            Some((run, rest)) if run == "run" => command.arg(run).args(LOCAL_TEST_POLICY).args(rest),
+            _ => command.args(args),
+        };
+        command.env("KUBECONFIG", kubeconfig).stdin(Stdio::null());
         if !env.iter().any(|(name, _)| name == "RUST_LOG") {
             command.env("RUST_LOG", DEFAULT_RUST_LOG);
         }
