@@ -10,6 +10,7 @@ pub mod credential;
 pub mod derived_secret;
 pub mod duration;
 pub mod events;
+pub mod host_health;
 pub mod inputs;
 pub mod key_hash;
 pub mod leader;

@@ -3,6 +3,7 @@ use std::time::Duration;
 
 use reqwest::{StatusCode, header::HeaderMap, redirect};
 
+use crate::host_health::{HostHealth, origin_of};
 use crate::policy::{HostPolicy, PolicyResolver};
 
 /// Limits that apply to every request to Camunda.
@@ -18,6 +19,8 @@ pub struct HttpSettings {
     /// PEM certificates every connection trusts on top of the public roots and its own
     /// `caSecretRef` (`--ca-bundle`, for clusters behind an intercepting proxy).
     pub ca_bundle_pem: Option<String>,
+    /// How long each host takes to answer, as every client made with these settings sees it.
+    pub health: Arc<HostHealth>,
 }
 
 impl Default for HttpSettings {
@@ -27,6 +30,7 @@ impl Default for HttpSettings {
             max_answer_bytes: 1024 * 1024,
             policy: None,
             ca_bundle_pem: None,
+            health: Arc::default(),
         }
     }
 }
@@ -144,9 +148,21 @@ impl HttpClient {
         self.inner.request(method, url)
     }
 
+    /// Sends the request, timing how long its host takes to answer ([`HostHealth`]).
+    async fn execute(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, TransportError> {
+        let (_, request) = request.build_split();
+        let request = request.map_err(|e| self.describe(&e))?;
+        let waiting = origin_of(request.url()).map(|host| self.settings.health.sent(host, std::time::Instant::now()));
+        let response = self.inner.execute(request).await;
+        if let Some(waiting) = waiting {
+            waiting.answered(std::time::Instant::now());
+        }
+        response.map_err(|e| self.describe(&e))
+    }
+
     /// Sends the request and reads the answer, at most `max_answer_bytes` of it.
     pub(crate) async fn send(&self, request: reqwest::RequestBuilder) -> Result<Answer, TransportError> {
-        let mut response = request.send().await.map_err(|e| self.describe(&e))?;
+        let mut response = self.execute(request).await?;
         let limit = self.settings.max_answer_bytes;
         if response.content_length().is_some_and(|length| length > limit as u64) {
             return Err(TransportError::TooLarge(limit));
@@ -165,7 +181,7 @@ impl HttpClient {
 
     /// Sends the request and returns only the status; the body is never read.
     pub(crate) async fn status_of(&self, request: reqwest::RequestBuilder) -> Result<reqwest::StatusCode, TransportError> {
-        let response = request.send().await.map_err(|e| self.describe(&e))?;
+        let response = self.execute(request).await?;
         Ok(response.status())
     }
 

@@ -141,6 +141,7 @@ impl Context {
             metrics,
             host_policy: http_settings.policy.clone().unwrap_or_default(),
             resolved_hosts: ResolutionCache::default(),
+            host_slots: HostSlots::new(http_settings.health.clone()),
             http_settings,
             refresh_policy: policy,
             http_clients: Mutex::default(),
@@ -148,7 +149,6 @@ impl Context {
             token_cache: TokenCache::default(),
             secret_values: secret_values::SecretValues::default(),
             concurrency: DEFAULT_CONCURRENCY,
-            host_slots: HostSlots::default(),
             sharding: Sharding::default(),
             probes: ProbeScheduler::new(probe_limits(
                 DEFAULT_PROBE_CONCURRENCY,

@@ -17,7 +17,6 @@ use super::decide::{
     self, CachedDerivedSecret, CredentialDecision, DerivedSecretSource, DerivedSecretState, ForcedRefresh, Kept, LONGEST_SLEEP, LastProbe,
     PendingRetry, PendingWrite, StatusRecord, UnauthorizedReobtain, WriteRetryDecision,
 };
-use super::host_slots::origin;
 use super::memory::{ConnectionKey, FailureRecord, ProbeRecord, WriteFailureRecord};
 use super::probe_scheduler::{Due, ProbeKey, ProbeTurn};
 use super::secret_values::ByVersion;
@@ -28,6 +27,7 @@ use crate::crd::{REFRESH_ANNOTATION, TasklistConnection, TasklistConnectionStatu
 use crate::credential::{Credential, NEVER, add};
 use crate::derived_secret::{DATA_HASH, StoredCredential, Unusable, is_owned_by, update_patch};
 use crate::events::{ConnectionEvent, transitions};
+use crate::host_health::origin;
 use crate::inputs::{InputProblem, Inputs, InputsSummary, LoginMaterial, read_inputs, referenced_keys, summarize};
 use crate::logging::{ProbeLogLevel, human_signed_duration, probe_log_level};
 use crate::metrics::{ConnectionLabels, CredentialRequestLabels, HowLabels, MethodLabels, ResultLabels, SourceLabels};
