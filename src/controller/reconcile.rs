@@ -439,10 +439,11 @@ impl<'a> Reconciling<'a> {
             now,
         );
         let forced_wait = match forced {
+            // Whole seconds, as every time in status; rounded up, so that the wake-up is not early.
             ForcedRefresh::NotBefore(at) => stored
                 .as_ref()
                 .filter(|current| now < current.refresh_at)
-                .map(|current| (current, at)),
+                .map(|current| (current, crate::obtain::whole_seconds(add(at, Duration::from_millis(999))))),
             _ => None,
         };
         self.ctx
