@@ -19,6 +19,7 @@ macro_rules! scenarios {
     };
 }
 
+mod admission;
 mod auth_methods;
 mod chart;
 mod core;
@@ -58,6 +59,7 @@ fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     all.extend(probes::scenarios());
     all.extend(scale::scenarios());
     all.extend(sharing::scenarios());
+    all.extend(admission::scenarios());
     all
 }
 
