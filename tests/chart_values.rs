@@ -646,17 +646,26 @@ fn the_secret_reference_policy_is_on_by_default_checks_every_reference_and_spare
     assert_eq!(rules[0]["operations"], json!(["CREATE", "UPDATE"]));
     // Not tasklistconnections/status (nor "*/*"): the operator's status writes pass unchecked.
     assert_eq!(rules[0]["resources"], json!(["tasklistconnections"]));
-    let text = spec.to_string();
-    assert!(
-        text.contains("authorizer.group('').resource('secrets').namespace(request.namespace).name(r.name).check('get').allowed()"),
-        "the policy does not ask the authorizer for get on each Secret: {text}"
-    );
+    // One validation per Secret reference of the CRD, asking the authorizer about it and
+    // naming it in the message.
+    let validations = spec["validations"].as_array().expect("validations");
     let paths = secret_reference_paths();
     assert_eq!(paths.len(), 5, "the CRD's Secret references: {paths:?}");
+    assert_eq!(validations.len(), paths.len());
     for path in paths {
+        let asks = format!(
+            "authorizer.group('').resource('secrets').namespace(request.namespace).name(string(object.{path}.name)).check('get').allowed()"
+        );
         assert!(
-            text.contains(&format!("'field': '{path}'")),
-            "the Secret-reference policy does not check {path}"
+            validations.iter().any(|validation| {
+                validation["expression"]
+                    .as_str()
+                    .is_some_and(|expression| expression.contains(&asks))
+                    && validation["messageExpression"]
+                        .as_str()
+                        .is_some_and(|message| message.contains(&format!("(needed by {path})")))
+            }),
+            "the Secret-reference policy does not check {path}: {validations:?}"
         );
     }
 

@@ -427,12 +427,49 @@ async fn check_both(world: &World, namespace: &str, policies: usize) -> anyhow::
             .create(&dry_run(), &object)
             .await
             .with_context(|| format!("{name}: a connection within the policy, by a user who may read its Secrets, was refused"))?;
+        // The API server reports the first failed validation: the first reference.
         let message = refusal(&format!("{name} by the stranger"), as_stranger.create(&dry_run(), &object).await)?;
         eprintln!("admission: the stranger creating {name}: API server says: {message}");
-        for (secret, field) in references {
-            let says = format!(r#"user "stranger" may not get Secret "{secret}" in namespace "{namespace}" (needed by {field})"#);
-            ensure!(message.contains(&says), "{name}: the refusal does not say {says:?}: {message}");
-        }
+        let (secret, field) = references[0];
+        let says = format!(r#"user "stranger" may not get Secret "{secret}" in namespace "{namespace}" (needed by {field})"#);
+        ensure!(message.contains(&says), "{name}: the refusal does not say {says:?}: {message}");
+    }
+
+    // Every reference counts: granted one Secret after another, the stranger is refused
+    // for the next one until it may read all three of private_key_jwt's.
+    let (name, spec, references) = every_auth_method().swap_remove(2);
+    let object = connection(name, spec)?;
+    for (granted, (secret, _)) in references.iter().enumerate() {
+        grant(
+            world,
+            namespace,
+            &format!("stranger-{secret}"),
+            "stranger",
+            json!([{"apiGroups": [""], "resources": ["secrets"], "resourceNames": [secret], "verbs": ["get"]}]),
+        )
+        .await?;
+        let next = references.get(granted + 1);
+        eventually(
+            &format!("{name}: the stranger, granted {secret}, refused for {next:?}"),
+            TAKES_EFFECT,
+            || async {
+                let outcome = as_stranger.create(&dry_run(), &object).await;
+                Ok(match (next, outcome) {
+                    (None, Ok(_)) => Check::Done(()),
+                    (Some((secret, field)), Err(kube::Error::Api(status)))
+                        if status.code == 403
+                            && status
+                                .message
+                                .contains(&format!(r#"Secret "{secret}" in namespace "{namespace}" (needed by {field})"#)) =>
+                    {
+                        eprintln!("admission: the stranger creating {name}: API server says: {}", status.message);
+                        Check::Done(())
+                    }
+                    (_, outcome) => Check::NotYet(format!("{:?}", outcome.map(|_| "accepted"))),
+                })
+            },
+        )
+        .await?;
     }
 
     let elsewhere = connection(
