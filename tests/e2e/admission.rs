@@ -321,8 +321,12 @@ async fn check_references(world: &World, namespace: &str) -> anyhow::Result<()> 
 // ---------------------------------------------------------------------------------------
 // 2. both policies, every auth method
 
-/// One connection per auth method, every Secret reference of the CRD among them.
-fn every_auth_method() -> Vec<(&'static str, Value, Vec<(&'static str, &'static str)>)> {
+/// A Secret a connection names and the field that names it.
+type Reference = (&'static str, &'static str);
+
+/// One connection per auth method (name, spec, references in the order the policy checks
+/// them), every Secret reference of the CRD among them.
+fn every_auth_method() -> Vec<(&'static str, Value, Vec<Reference>)> {
     vec![
         (
             "oauth2-token-url",
