@@ -376,30 +376,73 @@ pub fn referenced_keys(connection: &TasklistConnection) -> BTreeMap<String, BTre
     keys
 }
 
-/// The names of the Secrets a connection reads, for mapping Secret changes to connections.
-pub fn referenced_secret_names(connection: &TasklistConnection) -> Vec<String> {
-    let auth = &connection.spec.auth;
-    let mut names: Vec<String> = [
-        auth.oauth2.as_ref().map(|o| o.client_secret_ref.name.clone()),
+/// Each Secret `connection` names, with the field that names it, in the order of the
+/// spec. A key reference without `PrivateKeyJwt` is listed too: it names a Secret, even if
+/// it is not read.
+pub fn secret_references(connection: &TasklistConnection) -> Vec<(&'static str, String)> {
+    let spec = &connection.spec;
+    let auth = &spec.auth;
+    [
+        auth.oauth2
+            .as_ref()
+            .map(|o| ("spec.auth.oauth2.clientSecretRef", o.client_secret_ref.name.clone())),
         auth.oauth2
             .as_ref()
             .and_then(|o| o.client_assertion_key_ref.as_ref())
-            .map(|r| r.name.clone()),
-        auth.cookie.as_ref().map(|c| c.credentials_secret_ref.name.clone()),
-        auth.basic.as_ref().map(|b| b.credentials_secret_ref.name.clone()),
-        connection
-            .spec
-            .tls
+            .map(|r| ("spec.auth.oauth2.clientAssertionKeyRef", r.name.clone())),
+        auth.cookie
+            .as_ref()
+            .map(|c| ("spec.auth.cookie.credentialsSecretRef", c.credentials_secret_ref.name.clone())),
+        auth.basic
+            .as_ref()
+            .map(|b| ("spec.auth.basic.credentialsSecretRef", b.credentials_secret_ref.name.clone())),
+        spec.tls
             .as_ref()
             .and_then(|tls| tls.ca_secret_ref.as_ref())
-            .map(|r| r.name.clone()),
+            .map(|r| ("spec.tls.caSecretRef", r.name.clone())),
     ]
     .into_iter()
     .flatten()
-    .collect();
+    .collect()
+}
+
+/// The names of the Secrets a connection reads, for mapping Secret changes to connections.
+pub fn referenced_secret_names(connection: &TasklistConnection) -> Vec<String> {
+    let mut names: Vec<String> = secret_references(connection).into_iter().map(|(_, name)| name).collect();
     names.sort();
     names.dedup();
     names
+}
+
+/// The label by which whoever manages a Secret lets the TasklistConnections of its
+/// namespace use it, when the operator runs with `--require-secret-opt-in` (for clusters
+/// without the chart's admission policy, which checks the author's own permission).
+pub const ALLOW_REFERENCE_LABEL: &str = "tasklist.camunda.community/allow-reference";
+
+/// Whether a Secret with these labels may be used by TasklistConnections: the opt-in
+/// label's value is exactly `"true"`.
+pub fn allows_reference(labels: Option<&BTreeMap<String, String>>) -> bool {
+    labels
+        .and_then(|labels| labels.get(ALLOW_REFERENCE_LABEL))
+        .is_some_and(|value| value == "true")
+}
+
+/// With `--require-secret-opt-in`: the problem of the first Secret `connection` references
+/// that does not carry the opt-in label, told from metadata alone, before any value is
+/// read. `opted_in` answers for a Secret by name (None: there is no such Secret, which the
+/// inputs report as `SecretNotFound`).
+pub fn secret_opt_in_problem(connection: &TasklistConnection, opted_in: impl Fn(&str) -> Option<bool>) -> Option<InputProblem> {
+    let (field, name) = secret_references(connection)
+        .into_iter()
+        .find(|(_, name)| opted_in(name) == Some(false))?;
+    Some(InputProblem {
+        reason: Reason::SecretNotOptedIn,
+        message: format!(
+            "Secret {name:?} ({field}) does not carry the label {ALLOW_REFERENCE_LABEL}: \"true\", which this operator \
+             requires (--require-secret-opt-in) before it reads a Secret for a TasklistConnection; nothing was read or sent. \
+             Whoever manages the Secret can add the label"
+        ),
+    })
 }
 
 struct SecretReader<'a, S> {
@@ -745,6 +788,51 @@ mod tests {
         assert_eq!(
             keys(&spec["auth"]["oauth2"]),
             ["audience", "clientSecretRef", "requestEncoding", "tokenUrl"]
+        );
+    }
+
+    #[test]
+    fn the_opt_in_names_the_first_referenced_secret_without_the_label_and_skips_missing_ones() {
+        let labels = |value: &str| BTreeMap::from([(ALLOW_REFERENCE_LABEL.to_owned(), value.to_owned())]);
+        assert!(allows_reference(Some(&labels("true"))));
+        for refused in ["false", "True", "yes", ""] {
+            assert!(!allows_reference(Some(&labels(refused))), "{refused:?}");
+        }
+        assert!(!allows_reference(None));
+        assert!(!allows_reference(Some(&BTreeMap::from([("team".to_owned(), "true".to_owned())]))));
+
+        let mut jwt = connection(serde_json::json!({"oauth2": {
+            "issuerUrl": "https://idp/realm", "clientSecretRef": {"name": "client"},
+            "clientAuthentication": "PrivateKeyJwt", "clientAssertionKeyRef": {"name": "keys"}}}));
+        jwt.spec.tls = Some(serde_json::from_value(serde_json::json!({"caSecretRef": {"name": "ca"}})).unwrap());
+        assert_eq!(
+            secret_references(&jwt),
+            [
+                ("spec.auth.oauth2.clientSecretRef", "client".to_owned()),
+                ("spec.auth.oauth2.clientAssertionKeyRef", "keys".to_owned()),
+                ("spec.tls.caSecretRef", "ca".to_owned()),
+            ]
+        );
+        // Every Secret opted in: no problem.
+        assert_eq!(secret_opt_in_problem(&jwt, |_| Some(true)), None);
+        // A missing Secret is SecretNotFound's business, not this check's.
+        assert_eq!(secret_opt_in_problem(&jwt, |name| (name != "client").then_some(true)), None);
+        // The key's Secret lacks the label: it is named, with its field.
+        let problem = secret_opt_in_problem(&jwt, |name| Some(name != "keys")).unwrap();
+        assert_eq!(problem.reason, Reason::SecretNotOptedIn);
+        assert!(
+            problem.message.starts_with(
+                "Secret \"keys\" (spec.auth.oauth2.clientAssertionKeyRef) does not carry the label tasklist.camunda.community/allow-reference: \"true\""
+            ),
+            "{}",
+            problem.message
+        );
+        let basic = connection(serde_json::json!({"basic": {"credentialsSecretRef": {"name": "login"}}}));
+        let problem = secret_opt_in_problem(&basic, |_| Some(false)).unwrap();
+        assert!(
+            problem.message.contains("(spec.auth.basic.credentialsSecretRef)"),
+            "{}",
+            problem.message
         );
     }
 

@@ -128,6 +128,12 @@ struct RunArgs {
     shard_selector: Option<String>,
     #[command(flatten)]
     policy: PolicyArgs,
+    /// Use a referenced Secret only when it carries the label
+    /// `tasklist.camunda.community/allow-reference: "true"`; a connection naming one without
+    /// it reports SecretNotOptedIn, and nothing is read or sent. For clusters without the
+    /// chart's admission policy, which checks that a connection's author may read its Secrets.
+    #[arg(long)]
+    require_secret_opt_in: bool,
     /// How many probes may be in flight (or waited for) at once in all; 0 means no limit.
     /// Never more than half of --concurrency, so that probes leave the rest to refreshes.
     #[arg(long, default_value_t = controller::DEFAULT_PROBE_CONCURRENCY)]
@@ -201,6 +207,12 @@ async fn run(args: RunArgs, sharding: Sharding) -> anyhow::Result<()> {
     let policy = HostPolicy::from_args(&args.policy).map_err(anyhow::Error::msg)?;
     let policy = Arc::new(policy.refusing_api_server(&args.policy, api_server));
     info!("policy: {}", policy.describe());
+    if args.require_secret_opt_in {
+        info!(
+            "referenced Secrets are used only with the label {}: \"true\" (--require-secret-opt-in)",
+            tasklist_operator::inputs::ALLOW_REFERENCE_LABEL
+        );
+    }
     info!("handling {}", sharding.describe());
     let client = kube::Client::try_from(kube_config)?;
     let (stop, stopped) = watch::channel(false);
@@ -249,7 +261,8 @@ async fn run(args: RunArgs, sharding: Sharding) -> anyhow::Result<()> {
         Context::new(client, settings, policy, metrics, args.leader_election_identity.clone())
             .with_concurrency(args.concurrency)
             .with_sharding(sharding)
-            .with_probe_settings(probes),
+            .with_probe_settings(probes)
+            .with_secret_opt_in(args.require_secret_opt_in),
     );
     match &elector {
         None => controller::run(ctx, scope, shutdown()).await,

@@ -34,6 +34,9 @@ pub enum Reason {
     InvalidCredentials,
     /// The administrator's policy does not allow this connection's hosts or settings.
     NotAllowed,
+    /// With `--require-secret-opt-in`: a referenced Secret does not carry the label that
+    /// lets TasklistConnections use it.
+    SecretNotOptedIn,
     /// A credential was obtained, but the API server refused writing it to the derived Secret.
     SecretWriteFailed,
     // Reachable
@@ -67,6 +70,7 @@ impl Reason {
             Reason::InvalidClientKey => "InvalidClientKey",
             Reason::InvalidCredentials => "InvalidCredentials",
             Reason::NotAllowed => "NotAllowed",
+            Reason::SecretNotOptedIn => "SecretNotOptedIn",
             Reason::SecretWriteFailed => "SecretWriteFailed",
             Reason::ProbeSucceeded => "ProbeSucceeded",
             Reason::ProbeDisabled => "ProbeDisabled",

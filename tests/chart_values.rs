@@ -592,3 +592,138 @@ fn the_shard_selector_reaches_every_deployment_and_one_shard_is_todays_chart() {
     let wrong = render_error(&["--set", "sharding.shards=0"]);
     assert!(wrong.contains("/sharding/shards"), "{wrong}");
 }
+
+/// The dotted paths of every Secret reference in the CRD's schema (an object property
+/// named `...Ref` with a `name`), e.g. `spec.tls.caSecretRef`.
+fn secret_reference_paths() -> Vec<String> {
+    fn walk(path: &str, schema: &Value, found: &mut Vec<String>) {
+        let Some(properties) = schema["properties"].as_object() else {
+            return;
+        };
+        for (key, property) in properties {
+            let here = format!("{path}.{key}");
+            if key.ends_with("Ref") && property["properties"]["name"].is_object() {
+                found.push(here.clone());
+            }
+            walk(&here, property, found);
+        }
+    }
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("crds/tasklistconnection.yaml")).expect("the CRD");
+    let crd: Value = serde_yaml::from_str(&text).expect("the CRD is YAML");
+    let mut found = Vec::new();
+    walk(
+        "spec",
+        &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"],
+        &mut found,
+    );
+    found
+}
+
+fn named<'a>(objects: &'a [Value], kind: &str, suffix: &str) -> Vec<&'a Value> {
+    all_of(objects, kind)
+        .into_iter()
+        .filter(|object| object["metadata"]["name"].as_str().is_some_and(|name| name.ends_with(suffix)))
+        .collect()
+}
+
+const SECRET_REFERENCES: &str = "-secret-references.tasklist.camunda.community";
+
+#[test]
+fn the_secret_reference_policy_is_on_by_default_checks_every_reference_and_spares_status() {
+    let objects = render(&[]);
+    let policies = all_of(&objects, "ValidatingAdmissionPolicy");
+    assert_eq!(
+        policies.len(),
+        1,
+        "by default only the Secret-reference policy (the host policy is opt-in)"
+    );
+    let policy = named(&objects, "ValidatingAdmissionPolicy", SECRET_REFERENCES);
+    let policy = policy.first().expect("the Secret-reference policy is rendered by default");
+    let spec = &policy["spec"];
+    assert_eq!(spec["failurePolicy"], "Fail");
+    let rules = &spec["matchConstraints"]["resourceRules"];
+    assert_eq!(rules.as_array().map(Vec::len), Some(1));
+    assert_eq!(rules[0]["operations"], json!(["CREATE", "UPDATE"]));
+    // Not tasklistconnections/status (nor "*/*"): the operator's status writes pass unchecked.
+    assert_eq!(rules[0]["resources"], json!(["tasklistconnections"]));
+    // One validation per Secret reference of the CRD, asking the authorizer about it and
+    // naming it in the message.
+    let validations = spec["validations"].as_array().expect("validations");
+    let paths = secret_reference_paths();
+    assert_eq!(paths.len(), 5, "the CRD's Secret references: {paths:?}");
+    assert_eq!(validations.len(), paths.len());
+    for path in paths {
+        let asks = format!(
+            "authorizer.group('').resource('secrets').namespace(request.namespace).name(string(object.{path}.name)).check('get').allowed()"
+        );
+        assert!(
+            validations.iter().any(|validation| {
+                validation["expression"]
+                    .as_str()
+                    .is_some_and(|expression| expression.contains(&asks))
+                    && validation["messageExpression"]
+                        .as_str()
+                        .is_some_and(|message| message.contains(&format!("(needed by {path})")))
+            }),
+            "the Secret-reference policy does not check {path}: {validations:?}"
+        );
+    }
+
+    let binding = named(&objects, "ValidatingAdmissionPolicyBinding", SECRET_REFERENCES);
+    let binding = binding.first().expect("its binding");
+    assert_eq!(binding["spec"]["policyName"], policy["metadata"]["name"]);
+    assert_eq!(binding["spec"]["validationActions"], json!(["Deny"]));
+    assert!(binding["spec"]["matchResources"].is_null(), "cluster-wide install: every namespace");
+}
+
+#[test]
+fn the_secret_reference_policy_follows_watch_namespaces_and_can_be_relaxed_or_turned_off() {
+    let scoped = render(&["--set", "watchNamespaces={team-a,team-b}"]);
+    let binding = named(&scoped, "ValidatingAdmissionPolicyBinding", SECRET_REFERENCES);
+    let expression = &binding.first().expect("the binding")["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"][0];
+    assert_eq!(expression["key"], "kubernetes.io/metadata.name");
+    assert_eq!(expression["operator"], "In");
+    assert_eq!(expression["values"], json!(["team-a", "team-b"]));
+
+    let trial = render(&[
+        "--set-json",
+        r#"policy.secretReferences.admissionPolicy.validationActions=["Warn","Audit"]"#,
+    ]);
+    let binding = named(&trial, "ValidatingAdmissionPolicyBinding", SECRET_REFERENCES);
+    assert_eq!(
+        binding.first().expect("the binding")["spec"]["validationActions"],
+        json!(["Warn", "Audit"])
+    );
+
+    let off = render(&["--set", "policy.secretReferences.admissionPolicy.enabled=false"]);
+    assert!(all_of(&off, "ValidatingAdmissionPolicy").is_empty());
+    assert!(all_of(&off, "ValidatingAdmissionPolicyBinding").is_empty());
+
+    let error = render_error(&["--set", "policy.secretReferences.admissionPolicy.enable=false"]);
+    assert!(error.contains("enable"), "a typo in the values is not refused: {error}");
+}
+
+#[test]
+fn both_policies_together_and_the_host_policy_reads_issuer_url_after_has() {
+    let objects = render(&["--set", "policy.admissionPolicy.enabled=true", "--set", "policy.allowHttp=false"]);
+    assert_eq!(all_of(&objects, "ValidatingAdmissionPolicy").len(), 2);
+    assert_eq!(all_of(&objects, "ValidatingAdmissionPolicyBinding").len(), 2);
+    let host = all_of(&objects, "ValidatingAdmissionPolicy")
+        .into_iter()
+        .find(|policy| !policy["metadata"]["name"].as_str().unwrap_or_default().ends_with(SECRET_REFERENCES))
+        .expect("the host policy");
+    let urls = host["spec"]["variables"][0]["expression"].as_str().expect("the urls variable");
+    for field in ["tokenUrl", "issuerUrl"] {
+        assert!(
+            urls.contains(&format!("has(object.spec.auth.oauth2.{field}) ? [object.spec.auth.oauth2.{field}]")),
+            "{field} is not read after has(): {urls}"
+        );
+    }
+}
+
+#[test]
+fn the_opt_in_label_requirement_is_off_by_default_and_passed_as_a_flag() {
+    assert!(!args(&render(&[])).contains(&"--require-secret-opt-in".to_owned()));
+    let on = render(&["--set", "policy.secretReferences.requireOptInLabel=true"]);
+    assert!(args(&on).contains(&"--require-secret-opt-in".to_owned()), "{:?}", args(&on));
+}

@@ -100,6 +100,8 @@ pub struct Context {
     /// The probe lane: shared probe answers, requests in flight, probe slots.
     probes: ProbeScheduler,
     probe_settings: ProbeSettings,
+    /// `--require-secret-opt-in`: use only referenced Secrets that carry the opt-in label.
+    require_secret_opt_in: bool,
 }
 
 /// The probe lane's flags (`--probe-concurrency`, `--probes-per-host`, `--probe-timeout`).
@@ -156,7 +158,15 @@ impl Context {
                 DEFAULT_CONCURRENCY,
             )),
             probe_settings: ProbeSettings::default(),
+            require_secret_opt_in: false,
         }
+    }
+
+    /// Use a referenced Secret only when it carries the label
+    /// [`crate::inputs::ALLOW_REFERENCE_LABEL`] (`--require-secret-opt-in`).
+    pub fn with_secret_opt_in(mut self, required: bool) -> Self {
+        self.require_secret_opt_in = required;
+        self
     }
 
     /// Reconcile at most this many connections at once (0: no limit).

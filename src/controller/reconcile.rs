@@ -28,7 +28,10 @@ use crate::credential::{Credential, NEVER, add};
 use crate::derived_secret::{DATA_HASH, StoredCredential, Unusable, is_owned_by, update_patch};
 use crate::events::{ConnectionEvent, transitions};
 use crate::host_health::origin;
-use crate::inputs::{InputProblem, Inputs, InputsSummary, LoginMaterial, read_inputs, referenced_keys, summarize};
+use crate::inputs::{
+    InputProblem, Inputs, InputsSummary, LoginMaterial, allows_reference, read_inputs, referenced_keys, secret_opt_in_problem,
+    secret_references, summarize,
+};
 use crate::logging::{ProbeLogLevel, human_signed_duration, probe_log_level};
 use crate::metrics::{ConnectionLabels, CredentialRequestLabels, HowLabels, MethodLabels, ResultLabels, SourceLabels};
 use crate::obtain::obtain_shared_credential;
@@ -82,6 +85,13 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>, c
     // A host name's answer is reused for a short while: a reconcile at rest looks nothing up.
     if let Err(message) = ctx.host_policy.check_connection_cached(&connection, &ctx.resolved_hosts).await {
         return this.report_not_allowed(stored.as_ref(), message, now).await;
+    }
+    // With --require-secret-opt-in, a referenced Secret is used only when it carries the
+    // opt-in label: told from its metadata, before any value is read or anything sent.
+    if ctx.require_secret_opt_in
+        && let Some(problem) = this.secret_opt_in_problem(synced).await?
+    {
+        return this.report_input_problem(stored.as_ref(), problem, now).await;
     }
 
     // 2. What the credential is made from: the spec and the versions of the referenced
@@ -296,6 +306,26 @@ impl<'a> Reconciling<'a> {
                 Ok(self.secrets.get_opt(&name).await?)
             }
         }
+    }
+
+    /// The first referenced Secret that lacks the opt-in label (`--require-secret-opt-in`),
+    /// from the metadata watch, or before it has listed from the API server (metadata only).
+    async fn secret_opt_in_problem(&self, synced: bool) -> Result<Option<InputProblem>, Error> {
+        let mut opted_in = std::collections::BTreeMap::new();
+        for (_, name) in secret_references(self.connection) {
+            let answer = if synced {
+                self.caches
+                    .metadata(&self.key.0, &name)
+                    .map(|meta| allows_reference(meta.metadata.labels.as_ref()))
+            } else {
+                self.secrets
+                    .get_metadata_opt(&name)
+                    .await?
+                    .map(|meta| allows_reference(meta.metadata.labels.as_ref()))
+            };
+            opted_in.insert(name, answer);
+        }
+        Ok(secret_opt_in_problem(self.connection, |name| opted_in.get(name).copied().flatten()))
     }
 
     /// The inputs as far as the spec and the Secret versions of the metadata watch tell,

@@ -17,6 +17,7 @@ use k8s_openapi::api::core::v1::Secret;
 
 use crate::crd::TasklistConnection;
 use crate::derived_secret::{DATA_HASH, MANAGED_BY_LABEL, is_owned_by};
+use crate::inputs::ALLOW_REFERENCE_LABEL;
 
 /// The annotation `kubectl apply` keeps its last input in.
 pub const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
@@ -35,13 +36,18 @@ pub fn slim_connection(connection: &mut TasklistConnection) {
 }
 
 /// What the metadata store of every Secret keeps: what tells which version a Secret is at,
-/// who owns it, and whether a change is this process's own write (the data-hash
-/// annotation). Labels and the other annotations are read from the labelled store of the
-/// operator's own Secrets, never from this one, which holds every Secret of the watched
-/// namespaces.
+/// who owns it, whether a change is this process's own write (the data-hash annotation),
+/// and whether it opted in to being referenced (`--require-secret-opt-in`). The other
+/// labels and annotations are read from the labelled store of the operator's own Secrets,
+/// never from this one, which holds every Secret of the watched namespaces.
 pub fn slim_secret_metadata(metadata: &mut kube::api::ObjectMeta) {
     slim_metadata(metadata);
-    metadata.labels = None;
+    if let Some(labels) = metadata.labels.as_mut() {
+        labels.retain(|key, _| key == ALLOW_REFERENCE_LABEL);
+    }
+    if metadata.labels.as_ref().is_some_and(|labels| labels.is_empty()) {
+        metadata.labels = None;
+    }
     if let Some(annotations) = metadata.annotations.as_mut() {
         annotations.retain(|key, _| key == DATA_HASH);
     }
@@ -199,7 +205,7 @@ mod tests {
     }
 
     #[test]
-    fn the_metadata_store_keeps_versions_owners_and_the_data_hash_only() {
+    fn the_metadata_store_keeps_versions_owners_the_data_hash_and_the_opt_in_label_only() {
         let mut metadata: kube::api::ObjectMeta = serde_json::from_value(json!({
             "name": "orders-tasklist-auth", "uid": "u1", "resourceVersion": "42",
             "labels": {"app.kubernetes.io/managed-by": "tasklist-operator"},
@@ -220,5 +226,16 @@ mod tests {
         );
         assert_eq!(metadata.owner_references.map(|owners| owners.len()), Some(1));
         assert_eq!(metadata.managed_fields, None);
+
+        // The opt-in label stays, alone.
+        let mut opted_in: kube::api::ObjectMeta = serde_json::from_value(json!({
+            "name": "client", "labels": {ALLOW_REFERENCE_LABEL: "true", "team": "orders"},
+        }))
+        .unwrap();
+        slim_secret_metadata(&mut opted_in);
+        assert_eq!(
+            opted_in.labels.unwrap().into_iter().collect::<Vec<_>>(),
+            vec![(ALLOW_REFERENCE_LABEL.to_owned(), "true".to_owned())]
+        );
     }
 }

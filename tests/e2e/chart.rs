@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
+use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec, SubjectAccessReview, SubjectAccessReviewSpec,
@@ -727,7 +728,14 @@ async fn upgrade_keeps_connections_and_uninstall_removes_the_operator(world: Arc
     )
     .await?;
     let kinds: Vec<&str> = manifest.iter().map(kind_of).collect();
-    for kind in ["Deployment", "ServiceAccount", "Role", "RoleBinding"] {
+    for kind in [
+        "Deployment",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    ] {
         ensure!(
             kinds.contains(&kind),
             "the release had no {kind} to remove: {}",
@@ -790,6 +798,8 @@ async fn object_exists(client: &Client, object: &Value) -> anyhow::Result<bool> 
             .get_opt(name)
             .await?
             .is_some(),
+        "ValidatingAdmissionPolicy" => Api::<ValidatingAdmissionPolicy>::all(client).get_opt(name).await?.is_some(),
+        "ValidatingAdmissionPolicyBinding" => Api::<ValidatingAdmissionPolicyBinding>::all(client).get_opt(name).await?.is_some(),
         kind => bail!("the release has a {kind} {name} this test does not know how to look up"),
     };
     Ok(exists)

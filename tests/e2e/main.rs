@@ -19,6 +19,7 @@ macro_rules! scenarios {
     };
 }
 
+mod admission;
 mod auth_methods;
 mod chart;
 mod core;
@@ -60,6 +61,7 @@ fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     all.extend(scale::scenarios());
     all.extend(sharing::scenarios());
     all.extend(trust::scenarios());
+    all.extend(admission::scenarios());
     all
 }
 

@@ -170,6 +170,9 @@ async fn the_admission_policy_refuses_what_the_operator_would(world: Arc<World>)
             release,
             "--set".into(),
             "policy.admissionPolicy.enabled=true".into(),
+            // The host policy alone; admission.rs runs both.
+            "--set".into(),
+            "policy.secretReferences.admissionPolicy.enabled=false".into(),
             "--set".into(),
             "policy.allowedHosts={*.camunda.io,10.0.0.0/8,tasklist.example.com,169.254.0.0/16}".into(),
             "--set".into(),
