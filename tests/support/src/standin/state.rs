@@ -58,6 +58,8 @@ pub(super) struct State {
     pub session_timeout: Option<Duration>,
     /// session id (the cookie value) -> session
     pub sessions: HashMap<String, Session>,
+    /// Logins that started a session so far (numbers the sessions, see [`Session::number`]).
+    pub sessions_started: u64,
     pub tokens: KnownTokens,
     pub jwks: TrustedJwks,
     pub token_requests: Vec<TokenRequestRecord>,
@@ -75,6 +77,8 @@ pub(super) struct Session {
     pub csrf_token: Option<String>,
     /// The session's last request (or its login): the idle timeout counts from here.
     pub last_used: Instant,
+    /// 1 for the first login's session, 2 for the next, ...: how records name it.
+    pub number: u64,
 }
 
 impl Shared {
@@ -106,6 +110,7 @@ impl Shared {
                 expires_in_override: None,
                 session_timeout: Some(DEFAULT_SESSION_IDLE_TIMEOUT),
                 sessions: HashMap::new(),
+                sessions_started: 0,
                 tokens: KnownTokens::default(),
                 jwks: TrustedJwks::default(),
                 token_requests: Vec::new(),
