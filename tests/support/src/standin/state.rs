@@ -58,8 +58,11 @@ pub(super) struct State {
     pub session_timeout: Option<Duration>,
     /// session id (the cookie value) -> session
     pub sessions: HashMap<String, Session>,
-    /// Logins that started a session so far (numbers the sessions, see [`Session::number`]).
+    /// Logins that started a session so far.
     pub sessions_started: u64,
+    /// session id -> its number (1 for the first login's session, ...), also after the
+    /// session ended: how the records name a session cookie.
+    pub session_numbers: HashMap<String, u64>,
     pub tokens: KnownTokens,
     pub jwks: TrustedJwks,
     pub token_requests: Vec<TokenRequestRecord>,
@@ -77,8 +80,6 @@ pub(super) struct Session {
     pub csrf_token: Option<String>,
     /// The session's last request (or its login): the idle timeout counts from here.
     pub last_used: Instant,
-    /// 1 for the first login's session, 2 for the next, ...: how records name it.
-    pub number: u64,
 }
 
 impl Shared {
@@ -111,6 +112,7 @@ impl Shared {
                 session_timeout: Some(DEFAULT_SESSION_IDLE_TIMEOUT),
                 sessions: HashMap::new(),
                 sessions_started: 0,
+                session_numbers: HashMap::new(),
                 tokens: KnownTokens::default(),
                 jwks: TrustedJwks::default(),
                 token_requests: Vec::new(),

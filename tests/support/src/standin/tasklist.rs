@@ -51,13 +51,13 @@ async fn login_as(shared: &Shared, uri: &Uri, body: &Bytes, cookie_name: &'stati
                 let csrf_token = shared.options.csrf.then(|| random_token(32));
                 state.sessions_started += 1;
                 let number = state.sessions_started;
+                state.session_numbers.insert(session_id.clone(), number);
                 state.sessions.insert(
                     session_id.clone(),
                     Session {
                         cookie_name,
                         csrf_token: csrf_token.clone(),
                         last_used: Instant::now(),
-                        number,
                     },
                 );
                 logged_in(cookie_name, &session_id, csrf_token.as_deref(), shared.options.csrf_name())
@@ -193,8 +193,7 @@ pub(super) async fn api(State(shared): State<Arc<Shared>>, method: Method, uri: 
         (AuthKind::Bearer, Some(claims), _, _) => claims["jti"].as_str().map(str::to_owned),
         (AuthKind::Basic, _, Some(Some((username, _))), _) => Some(username.clone()),
         (AuthKind::Cookie, _, _, Some((_, session_id))) => {
-            let state = shared.lock();
-            let number = state.sessions.get(session_id).map(|session| session.number);
+            let number = shared.lock().session_numbers.get(session_id).copied();
             Some(number.map_or_else(|| "session-unknown".to_owned(), |number| format!("session-{number}")))
         }
         _ => None,
