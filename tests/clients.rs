@@ -5,7 +5,7 @@
 //! child processes that call the stand-in Tasklist in a loop and print each call's status.
 //! Meanwhile the test rotates the credential in a folder laid out as the kubelet lays out a
 //! Secret volume, with what the operator writes into the Secret: every second a new one,
-//! 20 times. Bearer tokens expire 3 s after they are issued; a Basic user is deleted and a
+//! 20 times. Bearer tokens expire 4 s after they are issued; a Basic user is deleted and a
 //! session logged out as soon as its successor is in the folder.
 //!
 //! Each recipe must get **no call refused**, and the stand-in must see every new credential
@@ -31,16 +31,21 @@ use tasklist_operator::camunda::login::Session;
 use tasklist_operator::credential::{Credential, NEVER};
 use tasklist_operator::derived_secret::StoredCredential;
 use tempfile::TempDir;
-use testsupport::standin::{ApiRequestRecord, StandinTasklist};
+use testsupport::standin::{ApiRequestRecord, EndpointMode, StandinTasklist};
 use testsupport::tools::spawn_supervised;
 
 /// Credentials written after the first one.
 const ROTATIONS: usize = 20;
 const ROTATION_PERIOD: Duration = Duration::from_secs(1);
-const TOKEN_LIFETIME: Duration = Duration::from_secs(3);
+/// A token is replaced at least 3 s before it expires, so a client that follows the file
+/// never sends an expired one (unless a call stalls that long between reading the file and
+/// reaching the server).
+const TOKEN_LIFETIME: Duration = Duration::from_secs(4);
 /// The control runs rotate for twice the token lifetime: long enough for the token they were
 /// given to expire.
-const CONTROL_ROTATIONS: usize = 6;
+const CONTROL_ROTATIONS: usize = 8;
+/// How long the stand-in holds a request before checking a Basic or session credential.
+const IN_FLIGHT: Duration = Duration::from_millis(200);
 /// How long a client may take to start (a JVM on a busy machine) and to use a new credential.
 const FIRST_CALL_TIMEOUT: Duration = Duration::from_secs(90);
 const NEW_CREDENTIAL_TIMEOUT: Duration = Duration::from_secs(20);
@@ -111,11 +116,23 @@ struct Scenario {
 
 impl Scenario {
     fn recipe(name: &'static str, client: Client, auth: Auth, api: Api) -> Self {
-        Scenario { name, client, auth, api, control: false }
+        Scenario {
+            name,
+            client,
+            auth,
+            api,
+            control: false,
+        }
     }
 
     fn control(name: &'static str, client: Client, api: Api) -> Self {
-        Scenario { name, client, auth: Auth::OAuth2, api, control: true }
+        Scenario {
+            name,
+            client,
+            auth: Auth::OAuth2,
+            api,
+            control: true,
+        }
     }
 }
 
@@ -178,6 +195,22 @@ fn check(scenario: &Scenario, run: &Run) -> Result<(), String> {
         }
         return Err(format!("{refusals} of {} calls failed: {counts:?}", run.statuses.len()));
     }
+    // Tokens are replaced long before they expire: a recipe that notices the new file before
+    // each call never needs the retry after a 401. Basic users and sessions are retired the
+    // moment their successor is written, and the stand-in holds each request for a while
+    // before it checks it, so some calls in flight then are refused: the retry must save them.
+    let refused_by_standin = run.requests.iter().filter(|request| request.status == 401).count();
+    match scenario.auth {
+        Auth::OAuth2 if refused_by_standin > 0 => {
+            return Err(format!(
+                "the stand-in refused {refused_by_standin} requests: the recipe sent a token after its successor was in the folder"
+            ));
+        }
+        Auth::Basic | Auth::Cookie if refused_by_standin == 0 => {
+            return Err("no request was refused by the stand-in: the retry after a 401 was not exercised".into());
+        }
+        _ => {}
+    }
     follows(&run.written, &seen)
 }
 
@@ -218,6 +251,11 @@ async fn run(scenario: Scenario, tools: &ClientTools) -> anyhow::Result<Run> {
     standin.add_client(CLIENT_ID, CLIENT_SECRET);
     standin.add_user(USERNAME, PASSWORD);
     standin.set_token_lifetime(TOKEN_LIFETIME);
+    if scenario.auth != Auth::OAuth2 {
+        // A request spends this long in the stand-in before its credential is checked, so a
+        // credential retired at a rotation catches calls in flight (see `check`).
+        standin.set_api(EndpointMode::Slow(IN_FLIGHT));
+    }
     let mut issuer = Issuer::new(&standin, scenario.auth, scenario.api);
     let mut volume = SecretVolume::new()?;
 
@@ -340,9 +378,18 @@ impl Issuer {
                     ("client_secret", CLIENT_SECRET),
                     ("audience", audience),
                 ];
-                let response = self.http.post(self.standin.token_url()).form(&form).send().await?.error_for_status()?;
+                let response = self
+                    .http
+                    .post(self.standin.token_url())
+                    .form(&form)
+                    .send()
+                    .await?
+                    .error_for_status()?;
                 let body: serde_json::Value = response.json().await?;
-                let token = body["access_token"].as_str().ok_or_else(|| anyhow::anyhow!("no access_token"))?.to_owned();
+                let token = body["access_token"]
+                    .as_str()
+                    .ok_or_else(|| anyhow::anyhow!("no access_token"))?
+                    .to_owned();
                 let name = jwt_id(&token)?;
                 (Credential::Bearer(Sensitive::new(token)), name, None, Some(TOKEN_LIFETIME))
             }
@@ -420,7 +467,10 @@ impl Issuer {
 fn jwt_id(token: &str) -> anyhow::Result<String> {
     let payload = token.split('.').nth(1).ok_or_else(|| anyhow::anyhow!("the token is not a JWT"))?;
     let claims: serde_json::Value = serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload)?)?;
-    claims["jti"].as_str().map(str::to_owned).ok_or_else(|| anyhow::anyhow!("the token has no jti"))
+    claims["jti"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("the token has no jti"))
 }
 
 /// A folder laid out as the kubelet lays out a Secret volume (its `AtomicWriter`): the data in
