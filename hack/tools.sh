@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds (or finds, when cached) every external component the tests and the demo need:
 # kube-apiserver, kube-controller-manager and etcd from hack/controlplane, helm from
-# hack/helm, and Keycloak's distribution from Maven Central.
+# hack/helm, and Keycloak's distribution from Maven Central; Camunda's own clients (the JS
+# SDK from npm, the Java client from Maven Central) for the recipes in examples/clients/.
 #
 # Everything lands in a cache folder keyed by version, outside the checkout, so a fresh
 # clone reuses it:   ${TASKLIST_TOOLS_CACHE:-~/.cache/tasklist-operator}/<component>-<version>/
@@ -10,7 +11,8 @@
 # On success the last lines on stdout are `export NAME=path` lines for the test support
 # (TLO_KUBE_APISERVER, TLO_KUBE_CONTROLLER_MANAGER, TLO_ETCD, TLO_HELM, TLO_KEYCLOAK_HOME,
 # TLO_KEYCLOAK_JAVA, and for the node tests TLO_KUBELET, TLO_KUBE_PROXY, TLO_KUBE_SCHEDULER, TLO_KUBECTL,
-# TLO_CONTAINERD, TLO_RUNC, TLO_CTR, TLO_CNI_BIN_DIR); progress goes to stderr.
+# TLO_CONTAINERD, TLO_RUNC, TLO_CTR, TLO_CNI_BIN_DIR, and for tests/clients.rs
+# TLO_CAMUNDA_JS_SDK, TLO_CAMUNDA_JAVA_CLIENT, TLO_NODE, TLO_JAVA, TLO_JAVAC); progress goes to stderr.
 # Use:  eval "$(hack/tools.sh)"
 #
 # Two runs at once are safe: each component is built under an exclusive lock (flock on
@@ -28,6 +30,10 @@ kubernetes_version=$(module_version controlplane k8s.io/kubernetes)
 helm_version=$(module_version helm helm.sh/helm/v3)
 prometheus_version=$(module_version promtool github.com/prometheus/prometheus)
 keycloak_version=26.5.6
+# The clients' versions are pinned where the recipes declare them, so bumping one there is enough.
+clients=$here/../examples/clients
+js_sdk_version=$(sed -n 's#^\s*"@camunda8/sdk": "\([0-9.]*\)".*#\1#p' "$clients/js/package.json")
+java_client_version=$(sed -n '/<artifactId>camunda-client-java</{n;s#^\s*<version>\([0-9.]*\)</version>#\1#p}' "$clients/java/pom.xml")
 
 log() { echo "tools: $*" >&2; }
 
@@ -184,6 +190,40 @@ build_promtool() {
   rm -rf "$out" && mv "$out.partial" "$out"
 }
 
+# @camunda8/sdk with its dependencies, exactly as examples/clients/js/package-lock.json pins
+# them (npm ci), for the JS recipes (node finds them through NODE_PATH).
+fetch_js_sdk() {
+  local out="$cache/camunda8-sdk-$js_sdk_version"
+  if [[ -f $out/node_modules/@camunda8/sdk/package.json ]]; then
+    log "@camunda8/sdk $js_sdk_version cached in $out"
+    return
+  fi
+  [[ -n $js_sdk_version ]] || { log "no pinned @camunda8/sdk version in $clients/js/package.json"; return 1; }
+  log "fetching @camunda8/sdk $js_sdk_version from npm"
+  local work
+  new_scratch_next_to "$out"
+  cp "$clients/js/package.json" "$clients/js/package-lock.json" "$work/"
+  (cd "$work" && npm ci --omit=dev --ignore-scripts --no-audit --no-fund --loglevel=error >&2)
+  rm -rf "$out" && mv "$work" "$out"
+}
+
+# io.camunda:camunda-client-java and its runtime dependencies, as jars in one folder (the
+# recipes are compiled with javac against it).
+fetch_java_client() {
+  local out="$cache/camunda-client-java-$java_client_version"
+  if [[ -f $out/lib/camunda-client-java-$java_client_version.jar ]]; then
+    log "camunda-client-java $java_client_version cached in $out"
+    return
+  fi
+  [[ -n $java_client_version ]] || { log "no pinned camunda-client-java version in $clients/java/pom.xml"; return 1; }
+  log "fetching camunda-client-java $java_client_version from Maven Central"
+  local work
+  new_scratch_next_to "$out"
+  mvn -q -B -f "$clients/java/pom.xml" dependency:copy-dependencies -DincludeScope=runtime \
+    -DoutputDirectory="$work/lib" >&2
+  rm -rf "$out" && mv "$work" "$out"
+}
+
 # Keycloak 26 wants Java 21 or newer; the machine's default JDK may be older.
 keycloak_java() {
   local candidate
@@ -210,6 +250,8 @@ case $only in
     with_lock helm build_helm
     with_lock keycloak fetch_keycloak
     with_lock promtool build_promtool
+    with_lock camunda8-sdk fetch_js_sdk
+    with_lock camunda-client-java fetch_java_client
     ;;
   # What `make demo` needs: no node.
   demo)
@@ -222,7 +264,8 @@ case $only in
   helm) with_lock helm build_helm ;;
   keycloak) with_lock keycloak fetch_keycloak ;;
   promtool) with_lock promtool build_promtool ;;
-  *) echo "usage: hack/tools.sh [all|demo|control-plane|node|helm|keycloak|promtool]" >&2; exit 2 ;;
+  clients) with_lock camunda8-sdk fetch_js_sdk; with_lock camunda-client-java fetch_java_client ;;
+  *) echo "usage: hack/tools.sh [all|demo|control-plane|node|helm|keycloak|promtool|clients]" >&2; exit 2 ;;
 esac
 
 k8s="$cache/kubernetes-$kubernetes_version"
@@ -243,3 +286,8 @@ echo "export TLO_KEYCLOAK_HOME=$cache/keycloak-$keycloak_version"
 echo "export TLO_KEYCLOAK_JAVA=$(keycloak_java)"
 echo "export TLO_PROMTOOL=$cache/promtool-$prometheus_version/promtool"
 echo "export TLO_SCRAPECHECK=$cache/promtool-$prometheus_version/scrapecheck"
+echo "export TLO_CAMUNDA_JS_SDK=$cache/camunda8-sdk-$js_sdk_version/node_modules"
+echo "export TLO_CAMUNDA_JAVA_CLIENT=$cache/camunda-client-java-$java_client_version/lib"
+echo "export TLO_NODE=$(command -v node || true)"
+echo "export TLO_JAVA=$(command -v java || true)"
+echo "export TLO_JAVAC=$(command -v javac || true)"

@@ -84,6 +84,7 @@ mod tests {
             auth: AuthKind::Bearer,
             status,
             bearer_expires_at: Some(at(token_expires)),
+            credential: None,
         }
     }
 

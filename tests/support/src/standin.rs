@@ -200,6 +200,10 @@ pub struct ApiRequestRecord {
     /// The `exp` of the bearer JWT the request carried (read without checking the
     /// signature), so that a refusal can be told apart: expired, or invalid for another reason.
     pub bearer_expires_at: Option<SystemTime>,
+    /// Which credential the request carried, by a name that is not itself a secret: a
+    /// bearer JWT's `jti`, a Basic username, or `session-N` for the N-th login's session
+    /// cookie (whether or not it was valid). `None` without any, or for an opaque token.
+    pub credential: Option<String>,
 }
 
 /// A running stand-in. Clones share one server, which stops when the last clone is dropped.
@@ -308,6 +312,11 @@ impl StandinTasklist {
     /// Basic authentication). Without any, an `Authorization: Basic` header gets 401.
     pub fn accept_basic(&self, username: &str, password: &str) {
         self.shared.lock().basic_users.insert(username.to_owned(), password.to_owned());
+    }
+
+    /// Refuses HTTP Basic for this username from now on (a user deleted or renamed).
+    pub fn forget_basic(&self, username: &str) {
+        self.shared.lock().basic_users.remove(username);
     }
 
     /// Registers (or replaces) a client that authenticates with private_key_jwt, with the

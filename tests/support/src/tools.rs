@@ -96,7 +96,7 @@ pub(crate) fn is_executable_file(path: &Path) -> bool {
 ///
 /// With `own_process_group`, the child leads a new process group, for programs (like kc.sh)
 /// that run the real server as a grandchild: [`kill_process_group`] then reaches both.
-pub(crate) fn spawn_supervised(mut command: Command, own_process_group: bool) -> io::Result<Child> {
+pub fn spawn_supervised(mut command: Command, own_process_group: bool) -> io::Result<Child> {
     let test_process = std::process::id();
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls.
     unsafe {

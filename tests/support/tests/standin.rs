@@ -812,3 +812,104 @@ async fn unified_login_sets_camunda_session() {
     let refused = search_with_cookie(&standin, &renamed, Some(("X-CSRF-TOKEN", &csrf))).await;
     assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test]
+async fn records_name_each_credential_without_revealing_it() {
+    let standin = standin().await;
+    let token = fetch_token(&standin).await;
+    assert_eq!(search_with_bearer(&standin, &token).await, StatusCode::OK);
+    let first = login(&standin).await;
+    let second = login(&standin).await;
+    assert_eq!(
+        search_with_cookie(
+            &standin,
+            &second.cookie,
+            Some(("X-CSRF-TOKEN", second.csrf_token.as_deref().unwrap()))
+        )
+        .await
+        .status(),
+        StatusCode::OK
+    );
+    // A session logged out keeps its name in the records.
+    client()
+        .post(format!("{}/api/logout", standin.url()))
+        .header(COOKIE, &first.cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        search_with_cookie(
+            &standin,
+            &first.cookie,
+            Some(("X-CSRF-TOKEN", first.csrf_token.as_deref().unwrap()))
+        )
+        .await
+        .status(),
+        StatusCode::UNAUTHORIZED
+    );
+    standin.accept_basic("ann", "pw");
+    assert_eq!(search_with_basic(&standin, "ann", "pw").await, StatusCode::OK);
+    standin.forget_basic("ann");
+    assert_eq!(search_with_basic(&standin, "ann", "pw").await, StatusCode::UNAUTHORIZED);
+
+    let named: Vec<(Option<String>, u16)> = standin
+        .api_requests()
+        .into_iter()
+        .map(|request| (request.credential, request.status))
+        .collect();
+    let jti = jwt_claims(&token)["jti"].as_str().unwrap().to_owned();
+    let name = |text: &str| Some(text.to_owned());
+    assert_eq!(
+        named,
+        [
+            (Some(jti), 200),
+            (name("session-2"), 200),
+            (name("session-1"), 401),
+            (name("ann"), 200),
+            (name("ann"), 401)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn the_v2_user_task_search_answers_an_empty_page() {
+    let standin = standin().await;
+    let mut zeebe_form = credentials_form();
+    zeebe_form[3] = ("audience", "zeebe.camunda.io");
+    let response = client().post(standin.token_url()).form(&zeebe_form).send().await.unwrap();
+    let token = response.json::<Value>().await.unwrap()["access_token"].as_str().unwrap().to_owned();
+    let response = user_task_search(&standin, reqwest::Method::POST, Some(&token)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.json::<Value>().await.unwrap();
+    assert_eq!(body["items"], json!([]));
+    assert_eq!(body["page"]["totalItems"], 0);
+    assert_eq!(
+        user_task_search(&standin, reqwest::Method::POST, None).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        user_task_search(&standin, reqwest::Method::GET, Some(&token)).await.status(),
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+}
+
+async fn search_with_basic(standin: &StandinTasklist, username: &str, password: &str) -> StatusCode {
+    client()
+        .post(format!("{}/v1/tasks/search", standin.url()))
+        .basic_auth(username, Some(password))
+        .json(&json!({ "pageSize": 1 }))
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+async fn user_task_search(standin: &StandinTasklist, method: reqwest::Method, token: Option<&str>) -> reqwest::Response {
+    let mut request = client()
+        .request(method, format!("{}/v2/user-tasks/search", standin.url()))
+        .json(&json!({}));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.unwrap()
+}

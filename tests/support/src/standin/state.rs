@@ -58,6 +58,11 @@ pub(super) struct State {
     pub session_timeout: Option<Duration>,
     /// session id (the cookie value) -> session
     pub sessions: HashMap<String, Session>,
+    /// Logins that started a session so far.
+    pub sessions_started: u64,
+    /// session id -> its number (1 for the first login's session, ...), also after the
+    /// session ended: how the records name a session cookie.
+    pub session_numbers: HashMap<String, u64>,
     pub tokens: KnownTokens,
     pub jwks: TrustedJwks,
     pub token_requests: Vec<TokenRequestRecord>,
@@ -106,6 +111,8 @@ impl Shared {
                 expires_in_override: None,
                 session_timeout: Some(DEFAULT_SESSION_IDLE_TIMEOUT),
                 sessions: HashMap::new(),
+                sessions_started: 0,
+                session_numbers: HashMap::new(),
                 tokens: KnownTokens::default(),
                 jwks: TrustedJwks::default(),
                 token_requests: Vec::new(),

@@ -49,6 +49,9 @@ async fn login_as(shared: &Shared, uri: &Uri, body: &Bytes, cookie_name: &'stati
             if password.is_some() && state.users.get(&username) == password {
                 let session_id = random_token(32);
                 let csrf_token = shared.options.csrf.then(|| random_token(32));
+                state.sessions_started += 1;
+                let number = state.sessions_started;
+                state.session_numbers.insert(session_id.clone(), number);
                 state.sessions.insert(
                     session_id.clone(),
                     Session {
@@ -139,7 +142,7 @@ fn audience_fits(path: &str, grant: &Grant, tasklist_audiences: &[String]) -> bo
 /// Any `/v1/**` or `/v2/**` request: authenticates it (401; 403 without the Tasklist
 /// permission or the CSRF token), then routes it (404 for an unknown path, 405 for another
 /// method than the endpoint's), then answers like an empty Tasklist (`[]` for v1 searches,
-/// `{}` for v2), in Spring's order.
+/// an empty page for the v2 user task search, `{}` for the rest of v2), in Spring's order.
 pub(super) async fn api(State(shared): State<Arc<Shared>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     let time = SystemTime::now();
     let bearer_token = bearer_token(&headers);
@@ -185,26 +188,39 @@ pub(super) async fn api(State(shared): State<Arc<Shared>>, method: Method, uri: 
             })
         }
     };
+    let claims = bearer_token.and_then(jwt_claims);
+    let credential = match (auth, &claims, &basic, session) {
+        (AuthKind::Bearer, Some(claims), _, _) => claims["jti"].as_str().map(str::to_owned),
+        (AuthKind::Basic, _, Some(Some((username, _))), _) => Some(username.clone()),
+        (AuthKind::Cookie, _, _, Some((_, session_id))) => {
+            let number = shared.lock().session_numbers.get(session_id).copied();
+            Some(number.map_or_else(|| "session-unknown".to_owned(), |number| format!("session-{number}")))
+        }
+        _ => None,
+    };
     shared.lock().api_requests.push(ApiRequestRecord {
         time,
         method: method.to_string(),
         path: uri.path().to_owned(),
         auth,
         status: response.status().as_u16(),
-        bearer_expires_at: bearer_token.and_then(jwt_expiry),
+        bearer_expires_at: claims
+            .as_ref()
+            .and_then(|claims| claims["exp"].as_u64())
+            .map(|exp| std::time::UNIX_EPOCH + std::time::Duration::from_secs(exp)),
+        credential,
     });
     response
 }
 
-/// The `exp` claim of a JWT, without checking anything else.
-fn jwt_expiry(token: &str) -> Option<SystemTime> {
+/// The claims of a JWT, without checking anything.
+fn jwt_claims(token: &str) -> Option<serde_json::Value> {
     use base64::Engine as _;
     let payload = token.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
         .ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(claims["exp"].as_u64()?))
+    serde_json::from_slice(&bytes).ok()
 }
 
 fn bearer_token(headers: &HeaderMap) -> Option<&str> {
@@ -287,7 +303,13 @@ fn answer(path: &str, body: &[u8]) -> Response {
     if !body.is_empty() && serde_json::from_slice::<serde_json::Value>(body).is_err() {
         return json_response(StatusCode::BAD_REQUEST, json!({ "message": "Malformed JSON request body" }));
     }
-    if path.starts_with("/v2/") {
+    if path.trim_end_matches('/') == "/v2/user-tasks/search" {
+        // An empty page, in the shape Camunda 8.8 answers (the clients read `items`).
+        json_response(
+            StatusCode::OK,
+            json!({ "items": [], "page": { "totalItems": 0, "hasMoreTotalItems": false, "startCursor": null, "endCursor": null } }),
+        )
+    } else if path.starts_with("/v2/") {
         json_response(StatusCode::OK, json!({}))
     } else {
         json_response(StatusCode::OK, json!([]))
