@@ -323,7 +323,17 @@ async fn wrong_pull_secret(world: Arc<World>) -> anyhow::Result<()> {
         let pods = world.release_pods(&namespace, release).await?;
         waiting = pods
             .iter()
-            .filter_map(|pod| pod.status.as_ref()?.container_statuses.as_ref()?.first()?.state.as_ref()?.waiting.clone())
+            .filter_map(|pod| {
+                pod.status
+                    .as_ref()?
+                    .container_statuses
+                    .as_ref()?
+                    .first()?
+                    .state
+                    .as_ref()?
+                    .waiting
+                    .clone()
+            })
             .find(|waiting| matches!(waiting.reason.as_deref(), Some("ErrImagePull" | "ImagePullBackOff")));
         Ok(waiting.is_some())
     })

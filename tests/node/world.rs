@@ -72,7 +72,8 @@ impl World {
         let mut figures = Vec::new();
 
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build()?;
-        let (registry, published, shell_env) = runtime.block_on(async {
+        // The image and the chart are published while the control plane starts.
+        let publishing = async {
             let registry = Registry::start(&shipping_tools, std::net::SocketAddrV4::new(node::NODE_IP, REGISTRY_PORT))
                 .await
                 .context("starting the registry")?;
@@ -81,21 +82,23 @@ impl World {
                 .await
                 .map_err(|error| anyhow::anyhow!("{error:#}\n==> registry log <==\n{}", registry.logs_tail(15)))?;
             anyhow::Ok((registry, published, shell_env))
-        })?;
-        let (control_plane, node) = runtime.block_on(async {
+        };
+        let starting_control_plane = async {
             let control_plane = ControlPlane::start_with(&tools, &node::node_control_plane_options())
                 .await
                 .context("starting the control plane")?;
             install_crd(&control_plane.client()).await?;
-            let trust = RegistryTrust {
-                host: registry.address.clone(),
-                ca_file: registry.ca_file.clone(),
-            };
-            let node = Node::start(&node_tools, &control_plane, &images, &[trust])
-                .await
-                .context("starting the node")?;
-            anyhow::Ok((control_plane, node))
-        })?;
+            anyhow::Ok(control_plane)
+        };
+        let (publishing, control_plane) = runtime.block_on(async { tokio::join!(publishing, starting_control_plane) });
+        let (control_plane, (registry, published, shell_env)) = (control_plane?, publishing?);
+        let trust = RegistryTrust {
+            host: registry.address.clone(),
+            ca_file: registry.ca_file.clone(),
+        };
+        let node = runtime
+            .block_on(Node::start(&node_tools, &control_plane, &images, &[trust]))
+            .context("starting the node")?;
         Ok(World {
             tools,
             node_tools,
@@ -619,9 +622,13 @@ async fn publish(
             .with_context(|| format!("`make image` printed no `{key}:` line:\n{output}"))
     };
     let (image, size, sbom) = (printed("image")?, printed("size")?, printed("sbom")?);
-    ensure!(printed("digest")?.starts_with("sha256:"), "`make image` printed no sha256 digest:\n{output}");
-    let sbom_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&sbom).with_context(|| format!("cannot read the SBOM {sbom}"))?)
-        .with_context(|| format!("the SBOM {sbom} is not JSON"))?;
+    ensure!(
+        printed("digest")?.starts_with("sha256:"),
+        "`make image` printed no sha256 digest:\n{output}"
+    );
+    let sbom_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&sbom).with_context(|| format!("cannot read the SBOM {sbom}"))?)
+            .with_context(|| format!("the SBOM {sbom} is not JSON"))?;
     ensure!(
         sbom_json["bomFormat"] == "CycloneDX" && sbom_json["metadata"]["component"]["name"] == "tasklist-operator",
         "the SBOM {sbom} is not a CycloneDX BOM of tasklist-operator"
@@ -633,13 +640,15 @@ async fn publish(
             .is_some_and(|all| all.iter().any(|component| component["name"] == "kube-runtime")),
         "the SBOM {sbom} does not list kube-runtime among its {components} components"
     );
-    figures.push(format!("make image: {image}, {size} in buildah's storage; SBOM with {components} crates"));
+    figures.push(format!(
+        "make image: {image}, {size} in buildah's storage; SBOM with {components} crates"
+    ));
 
     // What the registry serves, as the kubelet will pull it.
     let creds = format!("{}:{}", registry.user, registry.password);
     let reference = format!("docker://{image}");
     let inspect = |extra: &'static [&'static str]| {
-        let mut command = std::process::Command::new(&shipping_tools.skopeo);
+        let mut command = tokio::process::Command::new(&shipping_tools.skopeo);
         command
             .arg("inspect")
             .args(extra)
@@ -650,25 +659,27 @@ async fn publish(
             .arg(&reference);
         command
     };
-    let config = run_json(inspect(&["--config"]), "skopeo inspect --config")?;
+    let config = run_json(inspect(&["--config"]), "skopeo inspect --config").await?;
     ensure!(
         config["config"]["User"] == "65532:65532" && config["config"]["Entrypoint"][0] == "/usr/local/bin/tasklist-operator",
         "the pushed image does not run as the Dockerfile says: {}",
         config["config"]
     );
-    let manifest = run_json(inspect(&["--raw"]), "skopeo inspect --raw")?;
+    let manifest = run_json(inspect(&["--raw"]), "skopeo inspect --raw").await?;
     let compressed: u64 = manifest["layers"]
         .as_array()
         .map(|layers| layers.iter().filter_map(|layer| layer["size"].as_u64()).sum())
         .unwrap_or_default();
-    let described = run_json(inspect(&[]), "skopeo inspect")?;
+    let described = run_json(inspect(&[]), "skopeo inspect").await?;
     let image_digest = described["Digest"].as_str().context("skopeo inspect printed no Digest")?.to_owned();
     figures.push(format!(
         "image in the registry: {image_digest}, {:.1} MB compressed",
         compressed as f64 / 1e6
     ));
 
-    let chart: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(repository_root().join("charts/tasklist-operator/Chart.yaml"))?)?;
+    let chart: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(
+        repository_root().join("charts/tasklist-operator/Chart.yaml"),
+    )?)?;
     Ok(Published {
         registry: registry.address.clone(),
         user: registry.user.clone(),
@@ -680,8 +691,8 @@ async fn publish(
 }
 
 /// Runs a program that prints JSON; fails with its stderr.
-fn run_json(mut command: std::process::Command, what: &str) -> anyhow::Result<serde_json::Value> {
-    let output = command.output().with_context(|| format!("cannot run {what}"))?;
+async fn run_json(mut command: tokio::process::Command, what: &str) -> anyhow::Result<serde_json::Value> {
+    let output = command.output().await.with_context(|| format!("cannot run {what}"))?;
     ensure!(
         output.status.success(),
         "{what} failed: {}",

@@ -43,7 +43,8 @@ pub fn shell_commands_after(readme: &str, marker: &str) -> anyhow::Result<Vec<St
 mod tests {
     use super::*;
 
-    const README: &str = "intro\n<!-- run me -->\n```sh\n# a comment\nmake image IMAGE=$R/x:1\n\nhelm push a.tgz \\\n  oci://$R/charts\n```\nafter\n";
+    const README: &str =
+        "intro\n<!-- run me -->\n```sh\n# a comment\nmake image IMAGE=$R/x:1\n\nhelm push a.tgz \\\n  oci://$R/charts\n```\nafter\n";
 
     #[test]
     fn the_block_after_the_marker_gives_one_line_per_command() {

@@ -215,9 +215,7 @@ fn server_certificate(ip: std::net::Ipv4Addr) -> anyhow::Result<(String, String,
 
     let server_key = rcgen::KeyPair::generate()?;
     let mut server_params = rcgen::CertificateParams::new(vec![ip.to_string()])?;
-    server_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, ip.to_string());
+    server_params.distinguished_name.push(rcgen::DnType::CommonName, ip.to_string());
     server_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
     let server_cert = server_params.signed_by(&server_key, &ca)?;
     Ok((ca_cert.pem(), server_cert.pem(), server_key.serialize_pem()))
