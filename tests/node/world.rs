@@ -607,9 +607,13 @@ async fn publish(
     for command in &commands {
         let started = Instant::now();
         let output = run_shell(command, env, None).await?;
-        let program: String = command.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+        let program = command_name(command);
         figures.push(format!("{program}: {:.1} s", started.elapsed().as_secs_f64()));
         if program == "make image" {
+            // hack/image.sh's own timing of `buildah build`, without cargo and the SBOM.
+            if let Some(build) = output.lines().find_map(|line| line.strip_prefix("image: built in ")) {
+                figures.push(format!("buildah build (within make image): {build}"));
+            }
             make_image_output = Some(output);
         }
     }
@@ -688,6 +692,13 @@ async fn publish(
         chart_version: chart["version"].as_str().context("Chart.yaml has no version")?.to_owned(),
         image_digest,
     })
+}
+
+/// A command's name for the figures: its leading plain words (`helm registry login`), up to
+/// the first option, variable or path.
+fn command_name(command: &str) -> String {
+    let plain = |word: &&str| word.chars().all(|c| c.is_ascii_lowercase() || c == '-') && !word.starts_with('-');
+    command.split_whitespace().take_while(plain).take(3).collect::<Vec<_>>().join(" ")
 }
 
 /// Runs a program that prints JSON; fails with its stderr.
