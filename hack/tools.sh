@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds (or finds, when cached) every external component the tests and the demo need:
 # kube-apiserver, kube-controller-manager and etcd from hack/controlplane, helm from
-# hack/helm, and Keycloak's distribution from Maven Central.
+# hack/helm, Keycloak's distribution from Maven Central, cargo-deny and cargo-cyclonedx from
+# crates.io; and installs the node's runtime and the image tools (buildah, skopeo,
+# docker-registry, htpasswd) from Debian's packages.
 #
 # Everything lands in a cache folder keyed by version, outside the checkout, so a fresh
 # clone reuses it:   ${TASKLIST_TOOLS_CACHE:-~/.cache/tasklist-operator}/<component>-<version>/
