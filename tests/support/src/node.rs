@@ -693,6 +693,18 @@ mod tests {
     }
 
     #[test]
+    fn a_trusted_registry_is_pulled_from_over_https_with_its_ca() {
+        let toml = registry_hosts_toml(&RegistryTrust {
+            host: "198.18.0.1:5000".into(),
+            ca_file: PathBuf::from("/run/x/ca.crt"),
+        });
+        assert!(toml.starts_with("server = \"https://198.18.0.1:5000\"\n"), "{toml}");
+        assert!(toml.contains("[host.\"https://198.18.0.1:5000\"]\n"), "{toml}");
+        assert!(toml.contains("  ca = \"/run/x/ca.crt\"\n"), "{toml}");
+        assert!(toml.contains(r#"capabilities = ["pull", "resolve"]"#), "{toml}");
+    }
+
+    #[test]
     fn the_addresses_stay_in_the_benchmarking_range() {
         // 198.18.0.0/15 (RFC 2544) is never routed on the Internet.
         let in_range = |address: Ipv4Addr| u32::from(address) >> 17 == u32::from(Ipv4Addr::new(198, 18, 0, 0)) >> 17;
