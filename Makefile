@@ -1,7 +1,7 @@
 # The two commands of the README. Both build whatever is missing first (hack/tools.sh
 # caches the control plane, helm and Keycloak outside the checkout, keyed by version).
 
-.PHONY: demo test soak bench tools crd chart-docs
+.PHONY: demo test soak bench tools crd chart-docs image
 
 ## Run the operator end to end on a local control plane with a stand-in Tasklist and
 ## Keycloak, apply examples/, print the status; Ctrl-C stops and cleans up everything.
@@ -23,6 +23,12 @@ soak:
 N ?= 1000
 bench:
 	hack/bench.sh --connections $(N) $(ARGS)
+
+## Build the container image from the Dockerfile with buildah, and the SBOM of its binary;
+## prints the image, its digest, its size and the SBOM's path (hack/image.sh, docs/shipping.md).
+IMAGE ?= ghcr.io/camunda-community/tasklist-operator:0.1.0
+image:
+	hack/image.sh $(IMAGE)
 
 ## Build or fetch the test components only.
 tools:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Lays out the container image's root filesystem: the one recipe behind both the
-# Dockerfile's runtime stage and the image the node tests build offline.
+# Lays out the container image's root filesystem, which the Dockerfile (FROM scratch) copies
+# as a whole: hack/image.sh (`make image`, also run by the node tests) calls it.
 #
 #   hack/image-rootfs.sh BINARY ROOTFS
 #

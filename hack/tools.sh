@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds (or finds, when cached) every external component the tests and the demo need:
 # kube-apiserver, kube-controller-manager and etcd from hack/controlplane, helm from
-# hack/helm, and Keycloak's distribution from Maven Central; Camunda's own clients (the JS
-# SDK from npm, the Java client from Maven Central) for the recipes in examples/clients/.
+# hack/helm, Keycloak's distribution from Maven Central, cargo-deny and cargo-cyclonedx from
+# crates.io, Camunda's own clients (the JS SDK from npm, the Java client from Maven Central)
+# for the recipes in examples/clients/; and installs the node's runtime and the image tools
+# (buildah, skopeo, docker-registry, htpasswd) from Debian's packages.
 #
 # Everything lands in a cache folder keyed by version, outside the checkout, so a fresh
 # clone reuses it:   ${TASKLIST_TOOLS_CACHE:-~/.cache/tasklist-operator}/<component>-<version>/
@@ -11,8 +13,10 @@
 # On success the last lines on stdout are `export NAME=path` lines for the test support
 # (TLO_KUBE_APISERVER, TLO_KUBE_CONTROLLER_MANAGER, TLO_ETCD, TLO_HELM, TLO_KEYCLOAK_HOME,
 # TLO_KEYCLOAK_JAVA, and for the node tests TLO_KUBELET, TLO_KUBE_PROXY, TLO_KUBE_SCHEDULER, TLO_KUBECTL,
-# TLO_CONTAINERD, TLO_RUNC, TLO_CTR, TLO_CNI_BIN_DIR, and for tests/clients.rs
-# TLO_CAMUNDA_JS_SDK, TLO_CAMUNDA_JAVA_CLIENT, TLO_NODE, TLO_JAVA, TLO_JAVAC); progress goes to stderr.
+# TLO_CONTAINERD, TLO_RUNC, TLO_CTR, TLO_CNI_BIN_DIR, for shipping the image TLO_BUILDAH,
+# TLO_SKOPEO, TLO_REGISTRY, TLO_HTPASSWD, TLO_CARGO_DENY, TLO_CARGO_CYCLONEDX, and for
+# tests/clients.rs TLO_CAMUNDA_JS_SDK, TLO_CAMUNDA_JAVA_CLIENT, TLO_NODE, TLO_JAVA, TLO_JAVAC);
+# progress goes to stderr.
 # Use:  eval "$(hack/tools.sh)"
 #
 # Two runs at once are safe: each component is built under an exclusive lock (flock on
@@ -34,6 +38,9 @@ keycloak_version=26.5.6
 clients=$here/../examples/clients
 js_sdk_version=$(sed -n 's#^\s*"@camunda8/sdk": "\([0-9.]*\)".*#\1#p' "$clients/js/package.json")
 java_client_version=$(sed -n '/<artifactId>camunda-client-java</{n;s#^\s*<version>\([0-9.]*\)</version>#\1#p}' "$clients/java/pom.xml")
+# Cargo subcommands from crates.io, built with --locked at these versions.
+cargo_deny_version=0.20.2
+cargo_cyclonedx_version=0.5.9
 
 log() { echo "tools: $*" >&2; }
 
@@ -130,6 +137,47 @@ install_node_runtime() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}" >&2
   fi
   node_runtime_present || { log "containerd, runc or the CNI plugins are still missing after apt-get"; return 1; }
+}
+
+# Shipping the image (make image, the node tests): buildah builds the Dockerfile, skopeo
+# copies images, docker-registry is the CNCF Distribution registry the node tests push to and
+# the kubelet pulls from, htpasswd (apache2-utils) writes its bcrypt password file.
+image_tools_present() {
+  command -v buildah >/dev/null && command -v skopeo >/dev/null && command -v docker-registry >/dev/null \
+    && command -v htpasswd >/dev/null
+}
+
+install_image_tools() {
+  if image_tools_present; then
+    log "buildah, skopeo, docker-registry and htpasswd are installed"
+    return
+  fi
+  log "installing buildah, skopeo, docker-registry and apache2-utils (apt-get)"
+  local packages=(buildah skopeo docker-registry apache2-utils)
+  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${packages[@]}" >&2; then
+    apt-get update -q >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${packages[@]}" >&2
+  fi
+  image_tools_present || { log "buildah, skopeo, docker-registry or htpasswd is still missing after apt-get"; return 1; }
+}
+
+# A cargo subcommand from crates.io, `cargo install --locked` at a pinned version into
+# <cache>/<crate>-<version>/bin. Its own target folder (never the project's CARGO_TARGET_DIR),
+# and no fat LTO: these run on small inputs, and the build shares two cores.
+build_cargo_tool() {
+  local crate=$1 version=$2
+  local out="$cache/$crate-$version"
+  if [[ -x $out/bin/$crate ]]; then
+    log "$crate $version cached in $out"
+    return
+  fi
+  log "building $crate $version from crates.io (cargo install --locked)"
+  local work
+  new_scratch_next_to "$out"
+  CARGO_TARGET_DIR="$work/target" CARGO_PROFILE_RELEASE_LTO=off CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
+    cargo install --locked --quiet --no-track --root "$work" --version "=$version" "$crate" >&2
+  rm -rf "$work/target"
+  rm -rf "$out" && mv "$work" "$out"
 }
 
 build_helm() {
@@ -252,6 +300,9 @@ case $only in
     with_lock promtool build_promtool
     with_lock camunda8-sdk fetch_js_sdk
     with_lock camunda-client-java fetch_java_client
+    with_lock image-tools install_image_tools
+    with_lock cargo-deny build_cargo_tool cargo-deny "$cargo_deny_version"
+    with_lock cargo-cyclonedx build_cargo_tool cargo-cyclonedx "$cargo_cyclonedx_version"
     ;;
   # What `make demo` needs: no node.
   demo)
@@ -265,7 +316,13 @@ case $only in
   keycloak) with_lock keycloak fetch_keycloak ;;
   promtool) with_lock promtool build_promtool ;;
   clients) with_lock camunda8-sdk fetch_js_sdk; with_lock camunda-client-java fetch_java_client ;;
-  *) echo "usage: hack/tools.sh [all|demo|control-plane|node|helm|keycloak|promtool|clients]" >&2; exit 2 ;;
+  # What `make image` needs.
+  image)
+    with_lock image-tools install_image_tools
+    with_lock cargo-cyclonedx build_cargo_tool cargo-cyclonedx "$cargo_cyclonedx_version"
+    ;;
+  cargo-deny) with_lock cargo-deny build_cargo_tool cargo-deny "$cargo_deny_version" ;;
+  *) echo "usage: hack/tools.sh [all|demo|control-plane|node|helm|keycloak|promtool|image|cargo-deny|clients]" >&2; exit 2 ;;
 esac
 
 k8s="$cache/kubernetes-$kubernetes_version"
@@ -291,3 +348,9 @@ echo "export TLO_CAMUNDA_JAVA_CLIENT=$cache/camunda-client-java-$java_client_ver
 echo "export TLO_NODE=$(command -v node || true)"
 echo "export TLO_JAVA=$(command -v java || true)"
 echo "export TLO_JAVAC=$(command -v javac || true)"
+echo "export TLO_BUILDAH=$(command -v buildah || true)"
+echo "export TLO_SKOPEO=$(command -v skopeo || true)"
+echo "export TLO_REGISTRY=$(command -v docker-registry || true)"
+echo "export TLO_HTPASSWD=$(command -v htpasswd || true)"
+echo "export TLO_CARGO_DENY=$cache/cargo-deny-$cargo_deny_version/bin/cargo-deny"
+echo "export TLO_CARGO_CYCLONEDX=$cache/cargo-cyclonedx-$cargo_cyclonedx_version/bin/cargo-cyclonedx"

@@ -1,9 +1,12 @@
-//! Node tests: the operator the way users install it. The image (built offline by the
-//! Dockerfile's recipe) runs as the chart's Pods on a real kubelet, next to an application
-//! Pod that reads the derived Secret from a mounted volume.
+//! Node tests: the operator the way users install it. The README's commands build the image
+//! from the Dockerfile with buildah (`make image`) and push it and the chart to a private
+//! registry (TLS, password); the chart, installed from `oci://`, runs as Pods on a real
+//! kubelet that pulls the image with a pull secret, next to an application Pod that reads
+//! the derived Secret from a mounted volume.
 //!
-//! One control plane and one node (containerd, kubelet, kube-proxy, kube-scheduler) serve
-//! every scenario; each scenario has its own namespace, helm release and stand-in Tasklist.
+//! One control plane, one registry and one node (containerd, kubelet, kube-proxy,
+//! kube-scheduler) serve every scenario; each scenario has its own namespace, helm release
+//! and stand-in Tasklist.
 //! The whole test process runs in a network namespace of its own (see
 //! `testsupport::node`): nothing it starts can reach beyond this machine.
 //!

@@ -27,19 +27,42 @@ pub fn all() -> Vec<(&'static str, ScenarioFn)> {
         ("node::upgrade_rolls_without_losing_ready_and_uninstall_keeps_the_crd", |w| {
             Box::pin(upgrade_then_uninstall(w))
         }),
+        ("node::a_wrong_pull_secret_shows_err_image_pull_and_the_notes_say_why", |w| {
+            Box::pin(wrong_pull_secret(w))
+        }),
     ]
 }
 
-/// Scenarios 1 and 5: `helm install` with the offline image into a namespace that enforces
-/// the restricted Pod Security Standard; the Pod is admitted, Running and Ready (the kubelet
-/// runs the chart's probes), reconciles a connection to Ready, and the chart's `kubectl
-/// logs` hint shows its log. Then the container's process is killed: the kubelet restarts
-/// it, and the restarted operator reuses the stored credential.
+/// Scenarios 1 and 5: the README's install commands, run as written (the chart from the
+/// registry, the image pulled `Always` with a pull secret), into a namespace that enforces
+/// the restricted Pod Security Standard, watching only it; the Pod is admitted, Running and
+/// Ready (the kubelet runs the chart's probes), reconciles a connection to Ready, and the
+/// chart's `kubectl logs` hint shows its log. Then the container's process is killed: the
+/// kubelet restarts it, and the restarted operator reuses the stored credential.
 async fn install_then_restart(world: Arc<World>) -> anyhow::Result<()> {
-    let namespace = world.restricted_namespace("node-install").await?;
-    let release = "tlo-install";
+    // The README's namespace and release.
+    let namespace = "tasklist-operator".to_owned();
+    let release = "tasklist-operator";
+    world.restricted_namespace_named(&namespace).await?;
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))?;
+    let commands = testsupport::readme::shell_commands_after(&readme, world::README_INSTALL_MARKER)?;
+    ensure!(
+        commands.last().is_some_and(|last| last.starts_with("helm install ")),
+        "the README's install commands do not end with `helm install`: {commands:?}"
+    );
     let started = Instant::now();
-    let notes = world.install(release, &namespace, &[]).await?;
+    let mut notes = String::new();
+    for (index, command) in commands.iter().enumerate() {
+        // The other scenarios' connections are not this operator's business; the stand-ins on
+        // the node's bridge speak plain http, which the operator refuses by default; and the
+        // test waits for the Deployment as a user would watch it.
+        let command = if index + 1 == commands.len() {
+            format!("{command} --set 'watchNamespaces={{{namespace}}}' --set policy.allowHttp=true --wait --timeout 120s")
+        } else {
+            command.clone()
+        };
+        notes = world.readme_command(&command).await?;
+    }
     let pods = world.release_pods(&namespace, release).await?;
     ensure!(pods.len() == 1, "expected one operator Pod, found {}", pods.len());
     let pod = &pods[0];
@@ -50,9 +73,24 @@ async fn install_then_restart(world: Arc<World>) -> anyhow::Result<()> {
         pod.status
     );
     world.figure(format!(
-        "helm install --wait to a Ready operator Pod: {:.1} s",
+        "README's pull secret + helm install oci:// --wait to a Ready operator Pod: {:.1} s",
         started.elapsed().as_secs_f64()
     ));
+    let image_id = pod
+        .status
+        .as_ref()
+        .and_then(|status| status.container_statuses.as_ref())
+        .and_then(|statuses| statuses.first())
+        .map(|status| status.image_id.clone())
+        .unwrap_or_default();
+    ensure!(
+        image_id.ends_with(&world.published.image_digest),
+        "the operator container runs {image_id}, not the pushed image {}",
+        world.published.image_digest
+    );
+    for pulled in world.pull_events(&namespace).await? {
+        world.figure(format!("kubelet: {pulled}"));
+    }
 
     let standin = world::node_standin().await?;
     world.create_connection(&namespace, "orders", &standin, None).await?;
@@ -184,12 +222,17 @@ async fn upgrade_then_uninstall(world: Arc<World>) -> anyhow::Result<()> {
         .collect();
 
     let ready_sampler = ReadySampler::start(world.clone(), namespace.clone(), "orders".into());
-    let chart = crate::world::chart_path();
+    let chart = world.chart_reference();
+    let ca_file = world.published.ca_file.display().to_string();
     world
         .helm(&[
             "upgrade",
             release,
-            chart.to_str().context("chart path")?,
+            &chart,
+            "--version",
+            &world.published.chart_version,
+            "--ca-file",
+            &ca_file,
             "--namespace",
             &namespace,
             "--reuse-values",
@@ -264,6 +307,59 @@ async fn upgrade_then_uninstall(world: Arc<World>) -> anyhow::Result<()> {
         crds.get_opt("tasklistconnections.tasklist.camunda.community").await?.is_some(),
         "helm uninstall removed the CRD"
     );
+    Ok(())
+}
+
+/// A pull secret with a wrong password: the registry refuses the kubelet's pull, the Pod
+/// waits in `ErrImagePull` or `ImagePullBackOff`, and the command the chart's notes give for
+/// that case shows the registry's 401 in the kubelet's Events.
+async fn wrong_pull_secret(world: Arc<World>) -> anyhow::Result<()> {
+    let namespace = world.restricted_namespace("node-pull").await?;
+    let release = "tlo-pull";
+    world.create_pull_secret(&namespace, "not-the-registry-password").await?;
+    let notes = world.install_without_waiting(release, &namespace, &[]).await?;
+
+    let mut waiting = None;
+    wait_for("the operator Pod to wait for its image", Duration::from_secs(90), async || {
+        let pods = world.release_pods(&namespace, release).await?;
+        waiting = pods
+            .iter()
+            .filter_map(|pod| {
+                pod.status
+                    .as_ref()?
+                    .container_statuses
+                    .as_ref()?
+                    .first()?
+                    .state
+                    .as_ref()?
+                    .waiting
+                    .clone()
+            })
+            .find(|waiting| matches!(waiting.reason.as_deref(), Some("ErrImagePull" | "ImagePullBackOff")));
+        Ok(waiting.is_some())
+    })
+    .await?;
+    let reason = waiting.and_then(|waiting| waiting.reason).unwrap_or_default();
+    world.figure(format!("wrong pull secret: the operator Pod waits in {reason}"));
+
+    // The hint the notes give for a Pod stuck pulling, run as printed.
+    ensure!(
+        notes.contains("ErrImagePull or ImagePullBackOff") && notes.contains("401 Unauthorized"),
+        "the chart's notes do not explain a failing image pull:\n{notes}"
+    );
+    let hint = notes
+        .lines()
+        .map(str::trim)
+        .find(|line| line.starts_with("kubectl") && line.contains(" describe pods "))
+        .with_context(|| format!("the chart's notes have no `kubectl ... describe pods` hint:\n{notes}"))?;
+    let args: Vec<&str> = hint.split_whitespace().skip(1).collect();
+    let (success, described) = world.kubectl(&args).await?;
+    ensure!(success, "`{hint}` failed:\n{described}");
+    ensure!(
+        described.contains("401 Unauthorized") && described.contains(&world.published.registry),
+        "`{hint}` does not show the registry's refusal:\n{described}"
+    );
+    world.helm(&["uninstall", release, "--namespace", &namespace]).await?;
     Ok(())
 }
 

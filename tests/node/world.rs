@@ -1,5 +1,11 @@
-//! The shared world of the node tests (control plane, node, images) and the helpers the
-//! scenarios share: helm and kubectl as subprocesses, namespaces, connections, waiting.
+//! The shared world of the node tests (control plane, node, registry, images) and the
+//! helpers the scenarios share: helm and kubectl as subprocesses, namespaces, connections,
+//! waiting.
+//!
+//! The operator's image and chart are published the way the README says: its "Install with
+//! Helm" commands run as written (`make image`, `buildah push`, `helm package`, `helm push`)
+//! against a private registry on the node's network, with TLS and a password. Every scenario
+//! then installs the chart from `oci://` and the kubelet pulls the image with a pull secret.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,14 +21,21 @@ use tasklist_operator::crd::TasklistConnection;
 use tempfile::TempDir;
 use testsupport::controlplane::ControlPlane;
 use testsupport::image::{self, ImageArchive, ImageConfig};
-use testsupport::node::{self, Node, NodeTools};
+use testsupport::node::{self, Node, NodeTools, RegistryTrust};
+use testsupport::registry::{Registry, ShippingTools};
 use testsupport::standin::{StandinOptions, StandinTasklist};
 use testsupport::tools::Tools;
 
-/// The operator's image, as the chart's `image.repository` and `image.tag` name it. The
-/// `.test` domain is reserved (RFC 2606): nothing could ever be pulled from it.
-pub const OPERATOR_REPOSITORY: &str = "tasklist-operator.test/tasklist-operator";
-pub const OPERATOR_TAG: &str = "node";
+/// Where the registry listens: the node IP, on the node's bridge, inside the test's own
+/// network namespace.
+const REGISTRY_PORT: u16 = 5000;
+/// The README's lines before the commands the tests run as written.
+pub const README_PUBLISH_MARKER: &str = "<!-- tests/node runs these commands as written: publish -->";
+pub const README_INSTALL_MARKER: &str = "<!-- tests/node runs these commands as written: install -->";
+/// The pull secret the README's commands create, and the chart's values name.
+pub const PULL_SECRET: &str = "registry-pull";
+/// The consumer's image, imported (never pulled). The `.test` domain is reserved (RFC 2606):
+/// nothing could ever be pulled from it.
 pub const CONSUMER_IMAGE: &str = "tasklist-operator.test/consumer:node";
 /// Where the consumer's image keeps its program.
 pub const CONSUMER_PROGRAM: &str = "/consumer";
@@ -38,6 +51,11 @@ pub struct World {
     /// Dropped before the control plane: the kubelet talks to it until it stops.
     node: Mutex<Node>,
     pub control_plane: ControlPlane,
+    registry: Mutex<Registry>,
+    /// The registry's address and account, and the chart's version.
+    pub published: Published,
+    /// HELM_*, REGISTRY_* and the other variables the README's commands and helm run with.
+    pub shell_env: Vec<(String, String)>,
     /// Figures the scenarios measured, printed at the end (`name: value` lines).
     figures: Mutex<Vec<String>>,
     _images: TempDir,
@@ -47,32 +65,50 @@ impl World {
     pub fn start() -> anyhow::Result<World> {
         let tools = Tools::from_env()?;
         let node_tools = NodeTools::from_env()?;
+        let shipping_tools = ShippingTools::from_env()?;
         // Removed on drop, or by the next run when this process was killed before that.
         let images_dir = testsupport::tools::fixture_workdir("node-images")?;
-        let images = build_images(images_dir.path())?;
-        let operator_image_bytes = images[0].layer_bytes;
+        let images = build_node_images(images_dir.path())?;
+        let mut figures = Vec::new();
 
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build()?;
-        let (control_plane, node) = runtime.block_on(async {
+        // The image and the chart are published while the control plane starts.
+        let publishing = async {
+            let registry = Registry::start(&shipping_tools, std::net::SocketAddrV4::new(node::NODE_IP, REGISTRY_PORT))
+                .await
+                .context("starting the registry")?;
+            let shell_env = shell_env(&tools, &node_tools, &shipping_tools, &registry, images_dir.path())?;
+            let published = publish(&registry, &shipping_tools, &shell_env, &mut figures)
+                .await
+                .map_err(|error| anyhow::anyhow!("{error:#}\n==> registry log <==\n{}", registry.logs_tail(15)))?;
+            anyhow::Ok((registry, published, shell_env))
+        };
+        let starting_control_plane = async {
             let control_plane = ControlPlane::start_with(&tools, &node::node_control_plane_options())
                 .await
                 .context("starting the control plane")?;
             install_crd(&control_plane.client()).await?;
-            let node = Node::start(&node_tools, &control_plane, &images)
-                .await
-                .context("starting the node")?;
-            anyhow::Ok((control_plane, node))
-        })?;
+            anyhow::Ok(control_plane)
+        };
+        let (publishing, control_plane) = runtime.block_on(async { tokio::join!(publishing, starting_control_plane) });
+        let (control_plane, (registry, published, shell_env)) = (control_plane?, publishing?);
+        let trust = RegistryTrust {
+            host: registry.address.clone(),
+            ca_file: registry.ca_file.clone(),
+        };
+        let node = runtime
+            .block_on(Node::start(&node_tools, &control_plane, &images, &[trust]))
+            .context("starting the node")?;
         Ok(World {
             tools,
             node_tools,
             runtime,
             node: Mutex::new(node),
             control_plane,
-            figures: Mutex::new(vec![format!(
-                "operator image: {:.1} MB (one layer, uncompressed)",
-                operator_image_bytes as f64 / 1e6
-            )]),
+            registry: Mutex::new(registry),
+            published,
+            shell_env,
+            figures: Mutex::new(figures),
             _images: images_dir,
         })
     }
@@ -82,12 +118,17 @@ impl World {
     pub fn run(&self, name: &str, scenario: impl Future<Output = anyhow::Result<()>>) -> Result<(), String> {
         self.runtime.block_on(async {
             // A node component that died (the kubelet once panicked here) explains any failure.
-            match scenario.await.and_then(|()| self.node().check_running()) {
+            let outcome = scenario
+                .await
+                .and_then(|()| self.node().check_running())
+                .and_then(|()| self.registry().check_running());
+            match outcome {
                 Ok(()) => Ok(()),
                 Err(error) => Err(format!(
-                    "{name}: {error:#}\n--- Pods and Events ---\n{}\n--- node logs (tail) ---\n{}\n--- control plane logs (tail) ---\n{}",
+                    "{name}: {error:#}\n--- Pods and Events ---\n{}\n--- node logs (tail) ---\n{}\n--- registry log (tail) ---\n{}\n--- control plane logs (tail) ---\n{}",
                     self.cluster_state().await,
                     self.node().logs_tail(15),
+                    self.registry().logs_tail(10),
                     self.control_plane.logs_tail(10)
                 )),
             }
@@ -126,6 +167,10 @@ impl World {
         self.node.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Records a measured figure for the summary at the end of the run.
     pub fn figure(&self, line: String) {
         eprintln!("node figure: {line}");
@@ -140,58 +185,135 @@ impl World {
         }
     }
 
-    /// Runs helm with the admin kubeconfig; fails with its output unless it succeeds.
+    /// Runs helm with the admin kubeconfig (and logged in to the registry); fails with its
+    /// output unless it succeeds.
     pub async fn helm(&self, args: &[&str]) -> anyhow::Result<String> {
-        let (success, output) = run_tool(&self.tools.helm, self.control_plane.kubeconfig(), args).await?;
+        let (success, output) = run_tool(&self.tools.helm, self.control_plane.kubeconfig(), &self.shell_env, args).await?;
         ensure!(success, "`helm {}` failed:\n{output}", args.join(" "));
         Ok(output)
     }
 
     /// Runs kubectl with the admin kubeconfig: whether it succeeded, and its stdout and stderr.
     pub async fn kubectl(&self, args: &[&str]) -> anyhow::Result<(bool, String)> {
-        run_tool(&self.node_tools.kubectl, self.control_plane.kubeconfig(), args).await
+        run_tool(&self.node_tools.kubectl, self.control_plane.kubeconfig(), &[], args).await
+    }
+
+    /// Runs one of the README's commands with bash, as written, in the repository's folder,
+    /// with the registry's variables and the admin kubeconfig: its stdout and stderr.
+    pub async fn readme_command(&self, command: &str) -> anyhow::Result<String> {
+        run_shell(command, &self.shell_env, Some(self.control_plane.kubeconfig())).await
+    }
+
+    /// The chart in the registry, as `helm install` takes it.
+    pub fn chart_reference(&self) -> String {
+        format!("oci://{}/charts/tasklist-operator", self.published.registry)
+    }
+
+    /// Creates the pull secret [`PULL_SECRET`] in `namespace` with the registry's account and
+    /// `password` (a wrong one, to see the kubelet fail), as the README does.
+    pub async fn create_pull_secret(&self, namespace: &str, password: &str) -> anyhow::Result<()> {
+        let server = format!("--docker-server={}", self.published.registry);
+        let user = format!("--docker-username={}", self.published.user);
+        let password = format!("--docker-password={password}");
+        let (created, output) = self
+            .kubectl(&[
+                "--namespace",
+                namespace,
+                "create",
+                "secret",
+                "docker-registry",
+                PULL_SECRET,
+                &server,
+                &user,
+                &password,
+            ])
+            .await?;
+        // The command line holds the password: only kubectl's answer goes into the error.
+        ensure!(created, "kubectl create secret docker-registry failed:\n{output}");
+        Ok(())
     }
 
     /// Creates a namespace `prefix-XXXXXX` that enforces the restricted Pod Security Standard.
     pub async fn restricted_namespace(&self, prefix: &str) -> anyhow::Result<String> {
         let name = self.control_plane.create_namespace(prefix).await?;
-        let namespaces = Api::<Namespace>::all(self.client());
-        let patch = serde_json::json!({"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}});
-        namespaces
-            .patch(&name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
-            .await
-            .with_context(|| format!("cannot label namespace {name}"))?;
+        self.enforce_restricted(&name).await?;
         Ok(name)
     }
 
-    /// `helm install RELEASE` of the chart into `namespace` with the offline image, watching
-    /// only `namespace`, and waits until the Deployment is available. Returns helm's output
-    /// (the chart's notes).
+    /// Creates namespace `name` (the README's), enforcing the restricted Pod Security Standard.
+    pub async fn restricted_namespace_named(&self, name: &str) -> anyhow::Result<()> {
+        let namespace = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Api::<Namespace>::all(self.client())
+            .create(&PostParams::default(), &namespace)
+            .await
+            .with_context(|| format!("cannot create namespace {name}"))?;
+        self.enforce_restricted(name).await
+    }
+
+    async fn enforce_restricted(&self, name: &str) -> anyhow::Result<()> {
+        let namespaces = Api::<Namespace>::all(self.client());
+        let patch = serde_json::json!({"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}});
+        namespaces
+            .patch(name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+            .await
+            .with_context(|| format!("cannot label namespace {name}"))?;
+        Ok(())
+    }
+
+    /// The messages of the kubelet's `Pulled` Events for Pods of `release` ("Successfully
+    /// pulled image ... in 1.2s ...").
+    pub async fn pull_events(&self, namespace: &str) -> anyhow::Result<Vec<String>> {
+        let events = Api::<k8s_openapi::api::core::v1::Event>::namespaced(self.client(), namespace)
+            .list(&ListParams::default().fields("reason=Pulled"))
+            .await?;
+        Ok(events.items.into_iter().filter_map(|event| event.message).collect())
+    }
+
+    /// `helm install RELEASE` of the chart from the registry into `namespace`, watching only
+    /// `namespace`, with the README's settings: the image from the registry, pulled
+    /// `Always` with the pull secret (created here). Waits until the Deployment is available;
+    /// returns helm's output (the chart's notes).
     pub async fn install(&self, release: &str, namespace: &str, extra: &[&str]) -> anyhow::Result<String> {
+        self.create_pull_secret(namespace, &self.published.password).await?;
+        let mut args = vec!["--wait", "--timeout", "120s"];
+        args.extend_from_slice(extra);
+        self.install_without_waiting(release, namespace, &args).await
+    }
+
+    /// `helm install` as [`World::install`] does, without creating the pull secret or waiting.
+    pub async fn install_without_waiting(&self, release: &str, namespace: &str, extra: &[&str]) -> anyhow::Result<String> {
         let watch = format!("watchNamespaces={{{namespace}}}");
-        let repository = format!("image.repository={OPERATOR_REPOSITORY}");
-        let tag = format!("image.tag={OPERATOR_TAG}");
-        let chart = chart_path();
+        let repository = format!("image.repository={}/tasklist-operator", self.published.registry);
+        let pull_secret = format!("imagePullSecrets[0].name={PULL_SECRET}");
+        let chart = self.chart_reference();
+        let ca_file = self.published.ca_file.display().to_string();
         let mut args = vec![
             "install",
             release,
-            chart.to_str().context("the chart path is not UTF-8")?,
+            &chart,
+            "--version",
+            &self.published.chart_version,
+            "--ca-file",
+            &ca_file,
             "--namespace",
             namespace,
             "--set",
             &repository,
             "--set",
-            &tag,
+            "image.pullPolicy=Always",
             "--set",
-            "image.pullPolicy=Never",
+            &pull_secret,
             // The stand-ins on the node's bridge speak plain http.
             "--set",
             "policy.allowHttp=true",
             "--set",
             &watch,
-            "--wait",
-            "--timeout",
-            "120s",
         ];
         args.extend_from_slice(extra);
         self.helm(&args).await
@@ -338,9 +460,13 @@ pub async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut()
     }
 }
 
-async fn run_tool(program: &Path, kubeconfig: &Path, args: &[&str]) -> anyhow::Result<(bool, String)> {
+async fn run_tool(program: &Path, kubeconfig: &Path, env: &[(String, String)], args: &[&str]) -> anyhow::Result<(bool, String)> {
     let mut command = tokio::process::Command::new(program);
-    command.args(args).env("KUBECONFIG", kubeconfig).kill_on_drop(true);
+    command
+        .args(args)
+        .envs(env.iter().map(|(name, value)| (name, value)))
+        .env("KUBECONFIG", kubeconfig)
+        .kill_on_drop(true);
     let output = tokio::time::timeout(COMMAND_TIMEOUT, command.output())
         .await
         .with_context(|| format!("`{} {}` took longer than {COMMAND_TIMEOUT:?}", program.display(), args.join(" ")))?
@@ -355,10 +481,6 @@ async fn run_tool(program: &Path, kubeconfig: &Path, args: &[&str]) -> anyhow::R
 
 fn repository_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-pub fn chart_path() -> PathBuf {
-    repository_root().join("charts/tasklist-operator")
 }
 
 /// The release build of the operator: the image holds it, as the Dockerfile's does.
@@ -383,29 +505,8 @@ fn release_binary() -> anyhow::Result<PathBuf> {
     Ok(release)
 }
 
-/// The operator's, the pause and the consumer's images, in that order. The operator's has
-/// the Dockerfile's runtime settings and `hack/image-rootfs.sh`'s files: the same recipe
-/// as the Dockerfile, whose runtime stage must be exactly `FROM scratch` plus that rootfs.
-fn build_images(dir: &Path) -> anyhow::Result<Vec<ImageArchive>> {
-    let dockerfile = std::fs::read_to_string(repository_root().join("Dockerfile")).context("cannot read the Dockerfile")?;
-    let stage = image::parse_runtime_stage(&dockerfile).context("reading the Dockerfile's runtime stage")?;
-    ensure!(
-        stage.base == "scratch" && stage.copies == ["COPY --from=builder /rootfs/ /"],
-        "the Dockerfile's runtime stage no longer is `FROM scratch` + `COPY --from=builder /rootfs/ /` \
-         (hack/image-rootfs.sh's output): the tests would not run the image users build. It is: FROM {} {:?}",
-        stage.base,
-        stage.copies
-    );
-    let operator_rootfs = dir.join("operator-rootfs");
-    image::operator_rootfs(&repository_root(), &release_binary()?, &operator_rootfs)?;
-    let entrypoint = stage.config.entrypoint.first().context("the Dockerfile has no ENTRYPOINT")?;
-    ensure!(
-        testsupport_is_executable(&operator_rootfs.join(entrypoint.trim_start_matches('/'))),
-        "the Dockerfile's ENTRYPOINT {entrypoint} is not an executable file in hack/image-rootfs.sh's rootfs"
-    );
-    let operator_reference = format!("{OPERATOR_REPOSITORY}:{OPERATOR_TAG}");
-    let operator = image::write_docker_archive(&operator_rootfs, &stage.config, &operator_reference, &dir.join("operator.tar"))?;
-
+/// The pause and the consumer's images, which containerd imports: small static C programs.
+fn build_node_images(dir: &Path) -> anyhow::Result<Vec<ImageArchive>> {
     let sources = repository_root().join("tests/node/images");
     let pause_rootfs = dir.join("pause-rootfs");
     std::fs::create_dir_all(&pause_rootfs)?;
@@ -429,13 +530,215 @@ fn build_images(dir: &Path) -> anyhow::Result<Vec<ImageArchive>> {
         ..ImageConfig::default()
     };
     let consumer = image::write_docker_archive(&consumer_rootfs, &consumer_config, CONSUMER_IMAGE, &dir.join("consumer.tar"))?;
-    Ok(vec![operator, pause, consumer])
+    Ok(vec![pause, consumer])
 }
 
-fn testsupport_is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    path.metadata()
-        .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+/// What the README's publish commands put into the registry, and how to reach it.
+pub struct Published {
+    /// `host:port` of the registry.
+    pub registry: String,
+    pub user: String,
+    pub password: String,
+    pub ca_file: PathBuf,
+    /// The chart's version (Chart.yaml), which `helm install oci://... --version` names.
+    pub chart_version: String,
+    /// The image's digest in the registry (`sha256:...`).
+    pub image_digest: String,
+}
+
+/// The variables the README's commands read (REGISTRY, REGISTRY_USER, REGISTRY_PASSWORD,
+/// REGISTRY_CA, REGISTRY_CERTS), and those that keep buildah's and helm's state in this run's
+/// folder instead of the machine's: image storage (vfs, no mounts), registry logins, helm's
+/// cache. `make image` uses the release binary the tests use (cargo's lock is the test run's).
+fn shell_env(
+    tools: &Tools,
+    node_tools: &NodeTools,
+    shipping_tools: &ShippingTools,
+    registry: &Registry,
+    dir: &Path,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let state = dir.join("shipping");
+    std::fs::create_dir_all(&state)?;
+    let path_of = |name: &str| state.join(name).display().to_string();
+    let storage_conf = state.join("storage.conf");
+    std::fs::write(
+        &storage_conf,
+        format!(
+            "[storage]\ndriver = \"vfs\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n",
+            path_of("containers-storage"),
+            path_of("containers-run")
+        ),
+    )?;
+    let mut search_path = Vec::new();
+    for program in [&tools.helm, &node_tools.kubectl, &shipping_tools.buildah] {
+        if let Some(folder) = program.parent() {
+            search_path.push(folder.to_path_buf());
+        }
+    }
+    search_path.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+    let search_path = std::env::join_paths(search_path).context("a PATH entry holds a colon")?;
+    Ok(vec![
+        ("REGISTRY".into(), registry.address.clone()),
+        ("REGISTRY_USER".into(), registry.user.clone()),
+        ("REGISTRY_PASSWORD".into(), registry.password.clone()),
+        ("REGISTRY_CA".into(), registry.ca_file.display().to_string()),
+        ("REGISTRY_CERTS".into(), registry.certs_dir.display().to_string()),
+        ("CONTAINERS_STORAGE_CONF".into(), storage_conf.display().to_string()),
+        ("REGISTRY_AUTH_FILE".into(), path_of("auth.json")),
+        ("HELM_REGISTRY_CONFIG".into(), path_of("helm-registry.json")),
+        ("HELM_CACHE_HOME".into(), path_of("helm-cache")),
+        ("HELM_CONFIG_HOME".into(), path_of("helm-config")),
+        ("HELM_DATA_HOME".into(), path_of("helm-data")),
+        ("TLO_OPERATOR_RELEASE_BINARY".into(), release_binary()?.display().to_string()),
+        ("TLO_IMAGE_OUT".into(), path_of("image")),
+        ("PATH".into(), search_path.to_string_lossy().into_owned()),
+    ])
+}
+
+/// Runs the README's publish commands as written, each timed, and checks what they made:
+/// `make image` printed the image, its digest, size and SBOM (CycloneDX, naming the
+/// operator); the registry serves the image with the Dockerfile's settings.
+async fn publish(
+    registry: &Registry,
+    shipping_tools: &ShippingTools,
+    env: &[(String, String)],
+    figures: &mut Vec<String>,
+) -> anyhow::Result<Published> {
+    let readme = std::fs::read_to_string(repository_root().join("README.md")).context("cannot read the README")?;
+    let commands = testsupport::readme::shell_commands_after(&readme, README_PUBLISH_MARKER)?;
+    let mut make_image_output = None;
+    for command in &commands {
+        let started = Instant::now();
+        let output = run_shell(command, env, None).await?;
+        let program = command_name(command);
+        figures.push(format!("{program}: {:.1} s", started.elapsed().as_secs_f64()));
+        if program == "make image" {
+            // hack/image.sh's own timing of `buildah build`, without cargo and the SBOM.
+            if let Some(build) = output.lines().find_map(|line| line.strip_prefix("image: built in ")) {
+                figures.push(format!("buildah build (within make image): {build}"));
+            }
+            make_image_output = Some(output);
+        }
+    }
+    let output = make_image_output.context("the README's publish commands do not run `make image`")?;
+    let printed = |key: &str| {
+        output
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{key}: ")))
+            .map(str::to_owned)
+            .with_context(|| format!("`make image` printed no `{key}:` line:\n{output}"))
+    };
+    let (image, size, sbom) = (printed("image")?, printed("size")?, printed("sbom")?);
+    ensure!(
+        printed("digest")?.starts_with("sha256:"),
+        "`make image` printed no sha256 digest:\n{output}"
+    );
+    let sbom_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&sbom).with_context(|| format!("cannot read the SBOM {sbom}"))?)
+            .with_context(|| format!("the SBOM {sbom} is not JSON"))?;
+    ensure!(
+        sbom_json["bomFormat"] == "CycloneDX" && sbom_json["metadata"]["component"]["name"] == "tasklist-operator",
+        "the SBOM {sbom} is not a CycloneDX BOM of tasklist-operator"
+    );
+    let components = sbom_json["components"].as_array().map_or(0, Vec::len);
+    ensure!(
+        sbom_json["components"]
+            .as_array()
+            .is_some_and(|all| all.iter().any(|component| component["name"] == "kube-runtime")),
+        "the SBOM {sbom} does not list kube-runtime among its {components} components"
+    );
+    figures.push(format!(
+        "make image: {image}, {size} in buildah's storage; SBOM with {components} crates"
+    ));
+
+    // What the registry serves, as the kubelet will pull it.
+    let creds = format!("{}:{}", registry.user, registry.password);
+    let reference = format!("docker://{image}");
+    let inspect = |extra: &'static [&'static str]| {
+        let mut command = tokio::process::Command::new(&shipping_tools.skopeo);
+        command
+            .arg("inspect")
+            .args(extra)
+            .arg("--cert-dir")
+            .arg(&registry.certs_dir)
+            .arg("--creds")
+            .arg(&creds)
+            .arg(&reference);
+        command
+    };
+    let config = run_json(inspect(&["--config"]), "skopeo inspect --config").await?;
+    ensure!(
+        config["config"]["User"] == "65532:65532" && config["config"]["Entrypoint"][0] == "/usr/local/bin/tasklist-operator",
+        "the pushed image does not run as the Dockerfile says: {}",
+        config["config"]
+    );
+    let manifest = run_json(inspect(&["--raw"]), "skopeo inspect --raw").await?;
+    let compressed: u64 = manifest["layers"]
+        .as_array()
+        .map(|layers| layers.iter().filter_map(|layer| layer["size"].as_u64()).sum())
+        .unwrap_or_default();
+    let described = run_json(inspect(&[]), "skopeo inspect").await?;
+    let image_digest = described["Digest"].as_str().context("skopeo inspect printed no Digest")?.to_owned();
+    figures.push(format!(
+        "image in the registry: {image_digest}, {:.1} MB compressed",
+        compressed as f64 / 1e6
+    ));
+
+    let chart: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(
+        repository_root().join("charts/tasklist-operator/Chart.yaml"),
+    )?)?;
+    Ok(Published {
+        registry: registry.address.clone(),
+        user: registry.user.clone(),
+        password: registry.password.clone(),
+        ca_file: registry.ca_file.clone(),
+        chart_version: chart["version"].as_str().context("Chart.yaml has no version")?.to_owned(),
+        image_digest,
+    })
+}
+
+/// A command's name for the figures: its leading plain words (`helm registry login`), up to
+/// the first option, variable or path.
+fn command_name(command: &str) -> String {
+    let plain = |word: &&str| word.chars().all(|c| c.is_ascii_lowercase() || c == '-') && !word.starts_with('-');
+    command.split_whitespace().take_while(plain).take(3).collect::<Vec<_>>().join(" ")
+}
+
+/// Runs a program that prints JSON; fails with its stderr.
+async fn run_json(mut command: tokio::process::Command, what: &str) -> anyhow::Result<serde_json::Value> {
+    let output = command.output().await.with_context(|| format!("cannot run {what}"))?;
+    ensure!(
+        output.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).with_context(|| format!("{what} printed no JSON"))
+}
+
+/// Runs `command` with `bash -c` in the repository's folder (as a user of the README would),
+/// with `env` added; fails with its output unless it succeeds. The command, not the
+/// variables, goes into the error: the variables hold the registry's password.
+async fn run_shell(command: &str, env: &[(String, String)], kubeconfig: Option<&Path>) -> anyhow::Result<String> {
+    let mut shell = tokio::process::Command::new("bash");
+    shell
+        .args(["-euo", "pipefail", "-c", command])
+        .current_dir(repository_root())
+        .envs(env.iter().map(|(name, value)| (name, value)))
+        .kill_on_drop(true);
+    if let Some(kubeconfig) = kubeconfig {
+        shell.env("KUBECONFIG", kubeconfig);
+    }
+    let output = tokio::time::timeout(COMMAND_TIMEOUT, shell.output())
+        .await
+        .with_context(|| format!("`{command}` took longer than {COMMAND_TIMEOUT:?}"))?
+        .context("cannot run bash")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    ensure!(output.status.success(), "`{command}` failed ({}):\n{text}", output.status);
+    Ok(text)
 }
 
 /// Installs the CRD from `crds/` and waits until it is established, so that the helm

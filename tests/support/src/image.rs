@@ -1,15 +1,14 @@
-//! Container images built offline, for the node tests: a root filesystem folder becomes a
-//! one-layer image in `docker save` format, which `ctr images import` reads.
-//!
-//! The operator's image takes its root filesystem from `hack/image-rootfs.sh` and its
-//! runtime settings (USER, ENTRYPOINT, CMD, EXPOSE, LABEL) from the `Dockerfile`'s runtime
-//! stage, so the image the tests run and the one users build share one recipe.
+//! The node's own small images, built offline: a root filesystem folder becomes a one-layer
+//! image in `docker save` format, which `ctr images import` reads. The pause image (which
+//! containerd never pulls) and the consumer are made this way; the operator's image is
+//! built from the Dockerfile by buildah and pulled from a registry (`hack/image.sh`,
+//! `testsupport::registry`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -25,127 +24,6 @@ pub struct ImageConfig {
     /// As in the image configuration: `8080/tcp`.
     pub exposed_ports: Vec<String>,
     pub labels: BTreeMap<String, String>,
-}
-
-/// What the `Dockerfile`'s last stage says, and how it gets its files.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RuntimeStage {
-    /// The stage's base, `scratch` for an image made only of copied files.
-    pub base: String,
-    /// The instructions that add files, verbatim (`COPY --from=builder /rootfs/ /`).
-    pub copies: Vec<String>,
-    pub config: ImageConfig,
-}
-
-/// Reads the last stage of a Dockerfile: its base, its COPY/ADD lines and its runtime
-/// settings. Understands line continuations, comments, and the JSON (exec) form of
-/// ENTRYPOINT and CMD, which is the only form the project's Dockerfile uses.
-pub fn parse_runtime_stage(dockerfile: &str) -> anyhow::Result<RuntimeStage> {
-    let instructions = logical_lines(dockerfile);
-    let start = instructions
-        .iter()
-        .rposition(|line| keyword(line) == "FROM")
-        .context("the Dockerfile has no FROM")?;
-    let base = instructions[start]
-        .split_whitespace()
-        .nth(1)
-        .context("FROM without an image")?
-        .to_owned();
-    let mut stage = RuntimeStage {
-        base,
-        copies: Vec::new(),
-        config: ImageConfig::default(),
-    };
-    for line in &instructions[start + 1..] {
-        let argument = line[keyword(line).len()..].trim();
-        match keyword(line).as_str() {
-            "COPY" | "ADD" => stage.copies.push(line.clone()),
-            "USER" => stage.config.user = Some(argument.to_owned()),
-            "ENTRYPOINT" => stage.config.entrypoint = exec_form(argument).context("ENTRYPOINT")?,
-            "CMD" => stage.config.cmd = exec_form(argument).context("CMD")?,
-            "EXPOSE" => {
-                for port in argument.split_whitespace() {
-                    let port = if port.contains('/') {
-                        port.to_owned()
-                    } else {
-                        format!("{port}/tcp")
-                    };
-                    stage.config.exposed_ports.push(port);
-                }
-            }
-            "LABEL" => stage.config.labels.extend(parse_labels(argument)?),
-            "RUN" | "ENV" | "WORKDIR" | "VOLUME" | "ARG" | "SHELL" | "STOPSIGNAL" | "HEALTHCHECK" | "ONBUILD" => {
-                bail!("the runtime stage has `{line}`, which the offline image build does not reproduce")
-            }
-            other => bail!("unknown Dockerfile instruction {other}"),
-        }
-    }
-    Ok(stage)
-}
-
-/// The Dockerfile's instructions, one per entry, continuations joined and comments dropped.
-fn logical_lines(dockerfile: &str) -> Vec<String> {
-    let mut lines = Vec::new();
-    let mut current = String::new();
-    for raw in dockerfile.lines() {
-        let trimmed = raw.trim();
-        if trimmed.starts_with('#') || (trimmed.is_empty() && current.is_empty()) {
-            continue;
-        }
-        if let Some(continued) = trimmed.strip_suffix('\\') {
-            current.push_str(continued.trim_end());
-            current.push(' ');
-        } else {
-            current.push_str(trimmed);
-            if !current.trim().is_empty() {
-                lines.push(current.trim().to_owned());
-            }
-            current.clear();
-        }
-    }
-    lines
-}
-
-fn keyword(line: &str) -> String {
-    line.split_whitespace().next().unwrap_or_default().to_ascii_uppercase()
-}
-
-fn exec_form(argument: &str) -> anyhow::Result<Vec<String>> {
-    serde_json::from_str(argument).with_context(|| format!("expected the JSON form [\"...\"], got {argument}"))
-}
-
-/// `key="value" key2="value 2"`: the quoted form of LABEL.
-fn parse_labels(argument: &str) -> anyhow::Result<Vec<(String, String)>> {
-    let mut labels = Vec::new();
-    let mut rest = argument.trim();
-    while !rest.is_empty() {
-        let (key, after) = rest
-            .split_once("=\"")
-            .with_context(|| format!("LABEL not in key=\"value\" form: {rest}"))?;
-        let end = after.find('"').with_context(|| format!("unterminated LABEL value: {after}"))?;
-        labels.push((key.trim().to_owned(), after[..end].to_owned()));
-        rest = after[end + 1..].trim();
-    }
-    Ok(labels)
-}
-
-/// Builds the operator's root filesystem with `hack/image-rootfs.sh` into `rootfs` (which must
-/// not exist yet).
-pub fn operator_rootfs(repository: &Path, binary: &Path, rootfs: &Path) -> anyhow::Result<()> {
-    let script = repository.join("hack/image-rootfs.sh");
-    let output = Command::new(&script)
-        .arg(binary)
-        .arg(rootfs)
-        .output()
-        .with_context(|| format!("cannot run {}", script.display()))?;
-    ensure!(
-        output.status.success(),
-        "{} failed ({}): {}",
-        script.display(),
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
 }
 
 /// Compiles a C program with `gcc -static -Os` into `output`.
@@ -252,58 +130,19 @@ fn hex_digest(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
 
-    const DOCKERFILE: &str = r#"# syntax=docker/dockerfile:1
-FROM rust:1-bookworm AS builder
-RUN cargo build \
-    --release
-USER root
-
-# ---- runtime
-FROM scratch
-LABEL org.opencontainers.image.title="tasklist-operator" \
-      org.opencontainers.image.licenses="Apache-2.0"
-COPY --from=builder /rootfs/ /
-USER 65532:65532
-EXPOSE 8080
-ENTRYPOINT ["/usr/local/bin/tasklist-operator"]
-CMD ["run"]
-"#;
-
     #[test]
-    fn the_last_stage_is_read() {
-        let stage = parse_runtime_stage(DOCKERFILE).unwrap();
-        assert_eq!(stage.base, "scratch");
-        assert_eq!(stage.copies, ["COPY --from=builder /rootfs/ /"]);
-        assert_eq!(stage.config.user.as_deref(), Some("65532:65532"));
-        assert_eq!(stage.config.entrypoint, ["/usr/local/bin/tasklist-operator"]);
-        assert_eq!(stage.config.cmd, ["run"]);
-        assert_eq!(stage.config.exposed_ports, ["8080/tcp"]);
-        assert_eq!(stage.config.labels["org.opencontainers.image.licenses"], "Apache-2.0");
-        assert_eq!(stage.config.labels.len(), 2);
-    }
-
-    #[test]
-    fn a_runtime_stage_the_offline_build_cannot_reproduce_is_refused() {
-        let with_run = format!("{DOCKERFILE}RUN echo hi\n");
-        let error = parse_runtime_stage(&with_run).unwrap_err().to_string();
-        assert!(error.contains("RUN echo hi"), "{error}");
-        let shell_form = DOCKERFILE.replace(r#"CMD ["run"]"#, "CMD run");
-        assert!(parse_runtime_stage(&shell_form).is_err());
-    }
-
-    #[test]
-    fn the_project_dockerfile_builds_from_scratch_with_the_shared_recipe() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Dockerfile");
-        let text = std::fs::read_to_string(&path).unwrap();
-        let stage = parse_runtime_stage(&text).unwrap();
-        assert_eq!(stage.base, "scratch");
-        assert_eq!(stage.copies, ["COPY --from=builder /rootfs/ /"]);
-        assert!(
-            logical_lines(&text)
-                .iter()
-                .any(|line| line == "RUN hack/image-rootfs.sh /out/tasklist-operator /rootfs"),
-            "the builder stage must make /rootfs with hack/image-rootfs.sh"
-        );
-        assert_eq!(stage.config.user.as_deref(), Some("65532:65532"));
+    fn the_same_folder_gives_the_same_image() {
+        let rootfs = tempfile::tempdir().unwrap();
+        std::fs::write(rootfs.path().join("program"), b"#!/bin/sh\n").unwrap();
+        let config = ImageConfig {
+            entrypoint: vec!["/program".into()],
+            user: Some("65532:65532".into()),
+            ..ImageConfig::default()
+        };
+        let out = tempfile::tempdir().unwrap();
+        let first = write_docker_archive(rootfs.path(), &config, "x.test/a:1", &out.path().join("1.tar")).unwrap();
+        let second = write_docker_archive(rootfs.path(), &config, "x.test/a:1", &out.path().join("2.tar")).unwrap();
+        assert_eq!(std::fs::read(first.path).unwrap(), std::fs::read(second.path).unwrap());
+        assert!(first.layer_bytes > 0);
     }
 }

@@ -9,5 +9,7 @@ pub mod keys;
 pub mod node;
 pub mod operator;
 pub mod propagation;
+pub mod readme;
+pub mod registry;
 pub mod standin;
 pub mod tools;

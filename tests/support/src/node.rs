@@ -178,6 +178,15 @@ pub fn enter_private_namespaces() -> anyhow::Result<()> {
 /// containerd's shim sockets, the CNI plugins' cache.
 const SCRATCH_FOLDERS: [&str; 3] = ["/var/log/containers", "/run/containerd", "/var/lib/cni"];
 
+/// A registry the node's containerd pulls from over HTTPS, trusting `ca_file` for it (written
+/// to containerd's `hosts.toml`, as on any node that pulls from a private registry).
+#[derive(Debug, Clone)]
+pub struct RegistryTrust {
+    /// `host:port`, as image references name it.
+    pub host: String,
+    pub ca_file: PathBuf,
+}
+
 /// A running node. See the module docs.
 pub struct Node {
     containerd: Child,
@@ -190,9 +199,15 @@ pub struct Node {
 }
 
 impl Node {
-    /// Starts containerd, imports `images` (and the pause image among them), then starts the
-    /// kubelet, kube-proxy and kube-scheduler, and waits until the node is Ready.
-    pub async fn start(tools: &NodeTools, control_plane: &ControlPlane, images: &[ImageArchive]) -> anyhow::Result<Node> {
+    /// Starts containerd (trusting `registries`), imports `images` (the pause image among
+    /// them), then starts the kubelet, kube-proxy and kube-scheduler, and waits until the node
+    /// is Ready.
+    pub async fn start(
+        tools: &NodeTools,
+        control_plane: &ControlPlane,
+        images: &[ImageArchive],
+        registries: &[RegistryTrust],
+    ) -> anyhow::Result<Node> {
         let started = Instant::now();
         kill_abandoned_shims();
         let workdir = tools::fixture_workdir(WORKDIR_KIND)?;
@@ -206,6 +221,10 @@ impl Node {
 
         std::fs::create_dir_all(dir.join("cni"))?;
         write("cni/10-tlo.conflist", &cni_config(&dir))?;
+        for registry in registries {
+            std::fs::create_dir_all(dir.join("certs.d").join(&registry.host))?;
+            write(&format!("certs.d/{}/hosts.toml", registry.host), &registry_hosts_toml(registry))?;
+        }
         let containerd_config = write("containerd.toml", &containerd_config(tools, &dir, &socket))?;
         let mut containerd = Command::new(&tools.containerd);
         containerd.arg("--config").arg(&containerd_config);
@@ -436,6 +455,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{cni_bin}"
     conf_dir = "{cni_conf}"
+  # One folder per registry host, with its hosts.toml (the CA it is trusted with).
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{certs_d}"
 "#,
         root = path("containerd-root"),
         state = path("containerd-state"),
@@ -444,6 +466,22 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         runc = tools.runc.display(),
         cni_bin = tools.cni_bin_dir.display(),
         cni_conf = path("cni"),
+        certs_d = path("certs.d"),
+    )
+}
+
+/// containerd's `certs.d/<host>/hosts.toml`: pull and resolve from the host over HTTPS,
+/// trusting the registry's CA.
+fn registry_hosts_toml(registry: &RegistryTrust) -> String {
+    format!(
+        r#"server = "https://{host}"
+
+[host."https://{host}"]
+  capabilities = ["pull", "resolve"]
+  ca = "{ca}"
+"#,
+        host = registry.host,
+        ca = registry.ca_file.display(),
     )
 }
 
@@ -467,8 +505,8 @@ fn kubelet_config(dir: &Path, socket: &Path, resolv_conf: &Path) -> String {
         // No DNS server: Pods get an empty resolv.conf instead of the machine's.
         "resolvConf": resolv_conf,
         "podLogsDir": dir.join("pod-logs"),
-        // The images were imported and cannot be pulled again: never collect them, and never
-        // evict Pods because the shared machine's disk filled up a little.
+        // The pause and consumer images were imported and cannot be pulled again: never
+        // collect images, and never evict Pods because the shared machine's disk filled up a little.
         "imageGCHighThresholdPercent": 100,
         "imageGCLowThresholdPercent": 99,
         "evictionHard": { "memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%", "nodefs.inodesFree": "1%" },
@@ -652,6 +690,18 @@ mod tests {
         assert_eq!(shim_address(&shim), Some("/tmp/x/containerd.sock"));
         assert_eq!(shim_address(&line(&["/usr/bin/containerd", "--address", "/tmp/x"])), None);
         assert_eq!(shim_address(&line(&["/usr/bin/containerd-shim-runc-v2", "-id", "abc"])), None);
+    }
+
+    #[test]
+    fn a_trusted_registry_is_pulled_from_over_https_with_its_ca() {
+        let toml = registry_hosts_toml(&RegistryTrust {
+            host: "198.18.0.1:5000".into(),
+            ca_file: PathBuf::from("/run/x/ca.crt"),
+        });
+        assert!(toml.starts_with("server = \"https://198.18.0.1:5000\"\n"), "{toml}");
+        assert!(toml.contains("[host.\"https://198.18.0.1:5000\"]\n"), "{toml}");
+        assert!(toml.contains("  ca = \"/run/x/ca.crt\"\n"), "{toml}");
+        assert!(toml.contains(r#"capabilities = ["pull", "resolve"]"#), "{toml}");
     }
 
     #[test]
