@@ -342,6 +342,9 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
     // Status writes change neither generation nor annotations: they do not wake the controller.
     let forget_ctx = ctx.clone();
     let (listed, scope) = (reader.clone(), namespace.clone());
+    // Told when the connections have been listed (a second waiter on the store's own
+    // readiness is not woken: kube's DelayedInit wakes only its latest poller).
+    let (connections_listed, mut wait_for_connections) = tokio::sync::watch::channel(false);
     let connection_changes = watcher(connections, connections_config)
         .backoff(WatchBackoff::default())
         .filter(move |event| std::future::ready(concerns_this_shard(&sharding, event)))
@@ -358,6 +361,7 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
                 let present = listed.state();
                 forget_ctx.forget_absent(scope.as_deref(), &present);
                 forget_ctx.forget_unreferenced_secrets(scope.as_deref(), &present);
+                connections_listed.send_replace(true);
             }
             _ => {}
         })
@@ -379,7 +383,7 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
     let derived_api: Api<Secret> = scoped_api(&ctx.client, namespace.as_deref());
     let owners = reader.clone();
     let own_secrets = async move {
-        if owners.wait_until_ready().await.is_err() {
+        if wait_for_connections.wait_for(|listed| *listed).await.is_err() {
             return;
         }
         watcher(
