@@ -31,8 +31,10 @@ mod refresh;
 mod reliability;
 mod scale;
 mod scenario;
+mod secret_template;
 mod shards;
 mod sharing;
+mod versions;
 mod writes;
 
 use std::process::ExitCode;
@@ -58,6 +60,8 @@ fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     all.extend(probes::scenarios());
     all.extend(scale::scenarios());
     all.extend(sharing::scenarios());
+    all.extend(versions::scenarios());
+    all.extend(secret_template::scenarios());
     all
 }
 

@@ -7,6 +7,7 @@
 //! - `POST /oauth/token`: SaaS-style client credentials (form or JSON body, or HTTP Basic),
 //!   answered with an ES256-signed JWT;
 //! - `POST /api/login`, `POST /api/logout`: Tasklist's cookie login with CSRF protection;
+//!   `POST /login` (8.8+), optionally demanding a CSRF token from `GET /login` first;
 //! - `/v1/**` and `/v2/**`: the Tasklist API as a connectivity probe, which accepts only a
 //!   valid bearer JWT or a live session cookie (plus the CSRF token on state-changing
 //!   requests).
@@ -67,6 +68,14 @@ pub struct StandinOptions {
     /// `<resource>/.default` names the token's audience).
     /// The API accepts tokens for it as well as for `tasklist.camunda.io` and `tasklist-api`.
     pub audience: String,
+    /// The login at `POST /login` (Camunda 8.8+) demands a CSRF token handed out by a
+    /// preceding `GET /login`, sent back as the `X-CSRF-TOKEN` header with the cookie of the
+    /// same name (camunda-docs PR 10031); without it the login answers 403. Default off:
+    /// `GET /login` then answers 405, as before. `POST /api/login` never demands one.
+    pub login_requires_csrf: bool,
+    /// Which Tasklist APIs are served (the others answer `404` to an authenticated request);
+    /// default both.
+    pub apis: TasklistApis,
     /// The address to listen on, and the host of [`StandinTasklist::url`]; default 127.0.0.1.
     /// The node tests use the node's address, which Pods reach.
     pub listen_address: std::net::Ipv4Addr,
@@ -79,6 +88,8 @@ impl Default for StandinOptions {
             csrf: true,
             legacy_csrf_name: false,
             audience: "tasklist.camunda.io".to_owned(),
+            login_requires_csrf: false,
+            apis: TasklistApis::Both,
             listen_address: std::net::Ipv4Addr::LOCALHOST,
         }
     }
@@ -88,6 +99,31 @@ impl StandinOptions {
     /// The CSRF header and cookie name these options select.
     pub fn csrf_name(&self) -> &'static str {
         if self.legacy_csrf_name { LEGACY_CSRF_NAME } else { CSRF_NAME }
+    }
+}
+
+/// Which Tasklist APIs a stand-in serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TasklistApis {
+    /// `/v1/**` and `/v2/**` (Camunda 8.8 and 8.9).
+    #[default]
+    Both,
+    /// `/v1/**` only (Camunda 8.6 and 8.7).
+    V1Only,
+    /// `/v2/**` only (Camunda 8.10, which removed v1). The whole cluster is the
+    /// Orchestration Cluster: on SaaS, tokens need the `zeebe.camunda.io` audience on any
+    /// path, so a v1 path answers `404` to them.
+    V2Only,
+}
+
+impl TasklistApis {
+    /// Whether a path of this API version is served.
+    pub fn serves(self, path: &str) -> bool {
+        match self {
+            TasklistApis::Both => true,
+            TasklistApis::V1Only => path.starts_with("/v1/"),
+            TasklistApis::V2Only => path.starts_with("/v2/"),
+        }
     }
 }
 
@@ -167,12 +203,16 @@ pub struct TokenRequestRecord {
     pub status: u16,
 }
 
-/// One request to `POST /api/login`. Never holds the password.
+/// One request to `POST /api/login` or `POST /login`. Never holds the password.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoginRecord {
     pub time: SystemTime,
+    /// `/api/login` or `/login`.
+    pub path: &'static str,
     /// Empty when the request had none.
     pub username: String,
+    /// Whether it carried a CSRF header (valid or not).
+    pub csrf_header: bool,
     pub status: u16,
 }
 
@@ -237,7 +277,7 @@ impl StandinTasklist {
             .route("/.well-known/openid-configuration", get(oauth::discovery))
             .route("/api/login", post(tasklist::login))
             .route("/api/logout", post(tasklist::logout))
-            .route("/login", post(tasklist::unified_login))
+            .route("/login", post(tasklist::unified_login).get(tasklist::login_csrf))
             .route("/v1/{*rest}", any(tasklist::api))
             .route("/v2/{*rest}", any(tasklist::api))
             .with_state(shared.clone());
@@ -410,6 +450,11 @@ impl StandinTasklist {
 
     pub fn logins(&self) -> Vec<LoginRecord> {
         self.shared.lock().logins.clone()
+    }
+
+    /// How many `GET /login` requests asked for a CSRF token (answered or not).
+    pub fn login_csrf_fetches(&self) -> usize {
+        self.shared.lock().login_csrf_fetches
     }
 
     pub fn api_requests(&self) -> Vec<ApiRequestRecord> {
