@@ -503,6 +503,21 @@ pub struct TlsSpec {
     /// by anyone between the operator and the server.
     #[serde(default)]
     pub insecure_skip_verify: bool,
+    /// A client certificate to present to the token endpoint and to Tasklist, for servers
+    /// that require mutual TLS: a Secret of type `kubernetes.io/tls` in this namespace, with
+    /// the PEM certificate (chain) under `tls.crt` and its private key under `tls.key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate_secret_ref: Option<ClientCertificateSecretRef>,
+}
+
+/// Where the client certificate is.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientCertificateSecretRef {
+    /// Name of a Secret of type `kubernetes.io/tls` in the connection's namespace.
+    #[x_kube(validation = object_name_rule())]
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
 }
 
 /// Where the CA bundle is.

@@ -1414,6 +1414,73 @@ async fn tls_with_the_ca_is_accepted() {
     assert_eq!(outcome, ProbeOutcome::Succeeded);
 }
 
+/// A Tasklist and token endpoint that require a client certificate (mutual TLS): refused
+/// during the handshake without one, before any request; token, login and probe work with it.
+#[tokio::test]
+async fn a_server_requiring_a_client_certificate_refuses_without_and_accepts_with_it() {
+    let standin = standin_with(StandinOptions {
+        tls: true,
+        require_client_certificate: true,
+        ..StandinOptions::default()
+    })
+    .await;
+    let token_endpoint = endpoint(&standin.token_url(), RequestEncoding::Form, None);
+    let without = HttpClient::new(
+        &HttpSettings::default(),
+        &TlsTrust {
+            extra_roots_pem: standin.ca_pem(),
+            ..TlsTrust::default()
+        },
+    )
+    .expect("a client without a certificate");
+    let message = failure_of(
+        request_token(&without, &token_endpoint, CLIENT_SECRET).await,
+        AuthFailureKind::ServerError,
+    );
+    assert!(message.contains("CertificateRequired"), "{message}");
+    assert!(standin.token_requests().is_empty(), "the request must not reach the server");
+
+    let (certificate, key) = standin.client_identity_pem().expect("a client certificate");
+    let identity = Sensitive::new(format!("{certificate}\n{key}\n"));
+    let with = HttpClient::new(
+        &HttpSettings::default(),
+        &TlsTrust {
+            extra_roots_pem: standin.ca_pem(),
+            client_identity_pem: Some(identity),
+            ..TlsTrust::default()
+        },
+    )
+    .expect("a client with the certificate");
+    let grant = request_token(&with, &token_endpoint, CLIENT_SECRET)
+        .await
+        .expect("a token over mutual TLS");
+    let outcome = default_probe(&standin.url())
+        .run(&with, ProbeCredential::Bearer(&grant.access_token))
+        .await;
+    assert_eq!(outcome, ProbeOutcome::Succeeded);
+    cookie_login(&standin.url())
+        .log_in(&with, &login_credentials(PASSWORD))
+        .await
+        .expect("a session over mutual TLS");
+}
+
+/// A client certificate Secret that is not a certificate and key: its own reason, and the
+/// message quotes nothing of it.
+#[test]
+fn an_unusable_client_certificate_is_a_clear_error() {
+    let key_material = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----\n";
+    for pem in ["not PEM at all", key_material] {
+        let trust = TlsTrust {
+            client_identity_pem: Some(Sensitive::new(pem)),
+            ..TlsTrust::default()
+        };
+        let error = HttpClient::new(&HttpSettings::default(), &trust).expect_err("an unusable client certificate");
+        assert_eq!(Reason::of_http_client_error(&error).as_str(), "InvalidClientCertificate", "{error}");
+        assert!(error.to_string().contains("clientCertificateSecretRef"), "{error}");
+        assert_no_credential(&error.to_string(), &["MIGHAgEAMBMGByqGSM49"]);
+    }
+}
+
 #[tokio::test]
 async fn tls_with_insecure_skip_verify_is_accepted() {
     let standin = tls_standin().await;

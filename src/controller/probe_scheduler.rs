@@ -466,11 +466,11 @@ mod tests {
         other_body.body = r#"{"pageSize":2}"#.into();
         let ca = TlsTrust {
             extra_roots_pem: Some("-----BEGIN CERTIFICATE-----".into()),
-            insecure_skip_verify: false,
+            ..TlsTrust::default()
         };
         let insecure = TlsTrust {
-            extra_roots_pem: None,
             insecure_skip_verify: true,
+            ..TlsTrust::default()
         };
         // The same request, written out instead of automatic: the automatic probe may answer
         // from its other request.

@@ -1,12 +1,14 @@
 //! Camunda 8.6 to 8.10 as the operator meets them: the session login at `/api/login` (8.6,
 //! 8.7), at `/login` (8.8+), and at `/login` demanding a CSRF token from a `GET` first; the
 //! default (automatic) probe on a Tasklist with the v1 API only (8.6, 8.7) and with the v2
-//! API only (8.10).
+//! API only (8.10); a token endpoint and Tasklist that require a client certificate.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::PostParams;
 use serde_json::json;
 use testsupport::standin::{SESSION_COOKIE, StandinOptions, StandinTasklist, TasklistApis, UNIFIED_SESSION_COOKIE, ZEEBE_AUDIENCE};
 
@@ -21,6 +23,7 @@ pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
         session_login_with_a_csrf_pre_fetch,
         default_probe_on_a_v1_only_tasklist,
         default_probe_falls_back_to_v2_on_a_v2_only_tasklist,
+        mutual_tls_is_refused_without_the_client_certificate_and_ready_with_it,
     ]
 }
 
@@ -205,6 +208,56 @@ async fn default_probe_falls_back_to_v2_on_a_v2_only_tasklist(world: Arc<World>)
             .iter()
             .all(|(path, status)| path == "/v2/user-tasks/search" && *status == 200),
         "requests: {trail:?}"
+    );
+    Ok(())
+}
+
+async fn mutual_tls_is_refused_without_the_client_certificate_and_ready_with_it(world: Arc<World>) -> anyhow::Result<()> {
+    let mut s = Scenario::start(&world, "mtls").await?;
+    s.standin = StandinTasklist::start_with(StandinOptions {
+        tls: true,
+        require_client_certificate: true,
+        ..StandinOptions::default()
+    })
+    .await?;
+    s.add_saas_client("orders-secret-1").await?;
+    let ca = s.standin.ca_pem().context("the stand-in has a CA")?;
+    s.apply_secret("tasklist-ca", &[("ca.crt", &ca)]).await?;
+    let mut spec = s.saas_spec();
+    spec["tls"] = json!({"caSecretRef": {"name": "tasklist-ca"}});
+    s.apply_connection("orders", spec.clone()).await?;
+    let refused = s
+        .wait_for_connection("orders", "refused for want of a client certificate", Duration::from_secs(30), |c| {
+            find_condition(c, "Authenticated").is_some_and(|a| a.status == "False" && a.message.contains("CertificateRequired"))
+        })
+        .await?;
+    let authenticated = find_condition(&refused, "Authenticated").context("no Authenticated condition")?;
+    ensure!(authenticated.reason == "AuthServerError", "reason {}", authenticated.reason);
+    ensure!(
+        s.standin.token_requests().is_empty(),
+        "a token request got through without a certificate"
+    );
+
+    // The user adds a kubernetes.io/tls Secret and references it.
+    let (certificate, key) = s.standin.client_identity_pem().context("the stand-in has a client certificate")?;
+    s.remember_private_key(&key);
+    let tls_secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "operator-client-tls"},
+        "type": "kubernetes.io/tls",
+        "stringData": {"tls.crt": certificate, "tls.key": key},
+    }))?;
+    s.secrets().create(&PostParams::default(), &tls_secret).await?;
+    spec["tls"]["clientCertificateSecretRef"] = json!({"name": "operator-client-tls"});
+    s.apply_connection("orders", spec).await?;
+    let connection = s.wait_ready("orders").await?;
+    let reachable = find_condition(&connection, "Reachable").context("no Reachable condition")?;
+    ensure!(reachable.status == "True", "Reachable: {}", reachable.message);
+    let data = s.derived_secret(SECRET).await?.context("the derived Secret is missing")?;
+    s.remember_credential(&data);
+    ensure!(
+        s.standin.token_requests().iter().any(|request| request.status == 200),
+        "no token was issued over mutual TLS"
     );
     Ok(())
 }

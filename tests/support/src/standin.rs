@@ -68,6 +68,9 @@ pub struct StandinOptions {
     /// `<resource>/.default` names the token's audience).
     /// The API accepts tokens for it as well as for `tasklist.camunda.io` and `tasklist-api`.
     pub audience: String,
+    /// With `tls`: require a client certificate signed by the stand-in's CA (mutual TLS, as
+    /// some identity providers do); see [`StandinTasklist::client_identity_pem`].
+    pub require_client_certificate: bool,
     /// The login at `POST /login` (Camunda 8.8+) demands a CSRF token handed out by a
     /// preceding `GET /login`, sent back as the `X-CSRF-TOKEN` header with the cookie of the
     /// same name (camunda-docs PR 10031); without it the login answers 403. Default off:
@@ -89,6 +92,7 @@ impl Default for StandinOptions {
             legacy_csrf_name: false,
             audience: "tasklist.camunda.io".to_owned(),
             login_requires_csrf: false,
+            require_client_certificate: false,
             apis: TasklistApis::Both,
             listen_address: std::net::Ipv4Addr::LOCALHOST,
         }
@@ -248,6 +252,8 @@ pub struct StandinTasklist {
     shared: Arc<Shared>,
     listener: Arc<Listener>,
     ca_pem: Option<String>,
+    /// With TLS: a client certificate the CA signed and its key (PEM).
+    client_identity_pem: Option<String>,
     /// The HTTP client [`Self::call_api_with_secret`] uses, trusting `ca_pem`.
     app_client: reqwest::Client,
 }
@@ -264,7 +270,7 @@ impl StandinTasklist {
             .with_context(|| format!("binding the stand-in Tasklist to {}", options.listen_address))?;
         let port = tcp.local_addr()?.port();
         let tls = if options.tls {
-            Some(listener::generate_tls().context("generating TLS material for the stand-in")?)
+            Some(listener::generate_tls(options.require_client_certificate).context("generating TLS material for the stand-in")?)
         } else {
             None
         };
@@ -287,16 +293,20 @@ impl StandinTasklist {
             // A fresh connection per call, so refused connections show at once.
             .pool_max_idle_per_host(0);
         if let Some(tls) = &tls {
-            app_client = app_client.add_root_certificate(reqwest::Certificate::from_pem(tls.ca_pem.as_bytes())?);
+            app_client = app_client
+                .add_root_certificate(reqwest::Certificate::from_pem(tls.ca_pem.as_bytes())?)
+                .identity(reqwest::Identity::from_pem(tls.client_identity_pem.as_bytes())?);
         }
         let app_client = app_client.build()?;
 
         let ca_pem = tls.as_ref().map(|tls| tls.ca_pem.clone());
+        let client_identity_pem = tls.as_ref().map(|tls| tls.client_identity_pem.clone());
         let listener = Listener::start(tcp, tls.map(|tls| tls.acceptor), router);
         Ok(Self {
             shared,
             listener: Arc::new(listener),
             ca_pem,
+            client_identity_pem,
             app_client,
         })
     }
@@ -314,6 +324,14 @@ impl StandinTasklist {
     /// With TLS: the PEM of the CA that signed the server certificate.
     pub fn ca_pem(&self) -> Option<String> {
         self.ca_pem.clone()
+    }
+
+    /// With TLS: a client certificate signed by the stand-in's CA and its private key, as
+    /// (`tls.crt`, `tls.key`) PEM; a stand-in with `require_client_certificate` accepts it.
+    pub fn client_identity_pem(&self) -> Option<(String, String)> {
+        let pem = self.client_identity_pem.as_ref()?;
+        let split = pem.find("-----BEGIN PRIVATE KEY-----")?;
+        Some((pem[..split].to_owned(), pem[split..].to_owned()))
     }
 
     pub fn options(&self) -> &StandinOptions {
