@@ -89,8 +89,13 @@ async fn labels_annotations_and_extra_keys_are_written_and_rotated_together(worl
         "after the rotation CAMUNDA_OAUTH_TOKEN is not the new token"
     );
 
-    // An edit of the template is applied: a new label, a key renamed (the old one goes).
-    spec["secretTemplate"]["labels"]["tier"] = json!("backend");
+    // An edit of the template is applied: a label replaced, the annotation dropped, a key
+    // renamed; what the template no longer has goes.
+    spec["secretTemplate"]["labels"] = json!({"tier": "backend"});
+    spec["secretTemplate"]
+        .as_object_mut()
+        .context("secretTemplate is an object")?
+        .remove("annotations");
     spec["secretTemplate"]["keys"] = json!({"CAMUNDA_OAUTH_TOKEN": "token", "TASKLIST_URL": "url"});
     s.apply_connection("orders", spec).await?;
     let edited = s
@@ -110,6 +115,20 @@ async fn labels_annotations_and_extra_keys_are_written_and_rotated_together(worl
         secret.labels().get("tier").map(String::as_str) == Some("backend"),
         "labels: {:?}",
         secret.labels()
+    );
+    ensure!(
+        !secret.labels().contains_key("team"),
+        "the dropped label stayed: {:?}",
+        secret.labels()
+    );
+    ensure!(
+        !secret.annotations().contains_key("reloader.stakater.com/match"),
+        "the dropped annotation stayed: {:?}",
+        secret.annotations().keys()
+    );
+    ensure!(
+        secret.labels().get("app.kubernetes.io/managed-by").map(String::as_str) == Some("tasklist-operator"),
+        "the operator's label is gone"
     );
     s.wait_ready("orders").await?;
     Ok(())
