@@ -163,6 +163,93 @@ pub struct TasklistConnectionSpec {
     /// TLS settings for every request to Tasklist and to the token endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSpec>,
+
+    /// Labels, annotations and extra keys of the derived Secret, for consumers that expect
+    /// them (like cert-manager's `secretTemplate`). A change gets a new credential, and every
+    /// key is rewritten together at each rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_template: Option<SecretTemplate>,
+}
+
+/// The keys the operator writes to the derived Secret (the contract's).
+pub const STANDARD_SECRET_KEYS: [&str; 6] = ["token", "authorization", "expiresAt", "url", "cookie", "csrfToken"];
+/// The prefix of the operator's own annotations on the derived Secret.
+pub const OPERATOR_ANNOTATION_PREFIX: &str = "tasklist.camunda.community/";
+/// The operator's own label on the derived Secret.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+
+fn standard_keys_cel() -> String {
+    let quoted: Vec<String> = STANDARD_SECRET_KEYS.iter().map(|key| format!("'{key}'")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// No extra key may be named like a standard key: it would hide or replace it.
+fn extra_keys_do_not_collide_rule() -> Rule {
+    Rule::new(format!("self.all(k, !(k in {}))", standard_keys_cel()))
+        .message(Message::Message(format!(
+            "a key in secretTemplate.keys cannot be named like a key the operator writes ({}): it would hide or replace it; choose another name, such as CAMUNDA_OAUTH_TOKEN",
+            STANDARD_SECRET_KEYS.join(", ")
+        )))
+        .reason(kube::core::Reason::FieldValueForbidden)
+}
+
+/// Each extra key copies a standard key.
+fn extra_keys_copy_a_standard_key_rule() -> Rule {
+    Rule::new(format!("self.all(k, self[k] in {})", standard_keys_cel()))
+        .message(Message::Message(format!(
+            "each value in secretTemplate.keys names the key whose value it copies, one of {}",
+            STANDARD_SECRET_KEYS.join(", ")
+        )))
+        .reason(kube::core::Reason::FieldValueInvalid)
+}
+
+/// The operator's label on the derived Secret is its own.
+fn labels_leave_the_operators_label_rule() -> Rule {
+    Rule::new(format!("!('{MANAGED_BY_LABEL}' in self)"))
+        .message(Message::Message(format!(
+            "secretTemplate.labels cannot set {MANAGED_BY_LABEL}: the operator sets it on the Secrets it owns"
+        )))
+        .reason(kube::core::Reason::FieldValueForbidden)
+}
+
+/// The operator's annotations on the derived Secret are its own.
+fn annotations_leave_the_operators_own_rule() -> Rule {
+    Rule::new(format!("self.all(k, !k.startsWith('{OPERATOR_ANNOTATION_PREFIX}'))"))
+        .message(Message::Message(format!(
+            "secretTemplate.annotations cannot set annotations starting with {OPERATOR_ANNOTATION_PREFIX}: the operator keeps its own state there"
+        )))
+        .reason(kube::core::Reason::FieldValueForbidden)
+}
+
+/// Labels, annotations and extra keys of the derived Secret.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretTemplate {
+    /// Labels added to the derived Secret. The operator's own label
+    /// `app.kubernetes.io/managed-by` is always its own and cannot be set here.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[x_kube(validation = labels_leave_the_operators_label_rule())]
+    #[schemars(extend("maxProperties" = 64))]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Annotations added to the derived Secret. Annotations starting with
+    /// `tasklist.camunda.community/` are the operator's own and cannot be set here.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[x_kube(validation = annotations_leave_the_operators_own_rule())]
+    #[schemars(extend("maxProperties" = 64))]
+    pub annotations: std::collections::BTreeMap<String, String>,
+    /// Extra keys of the derived Secret, each a copy of a key the operator writes, under
+    /// the name a consumer expects: `{CAMUNDA_OAUTH_TOKEN: token}` adds the key
+    /// `CAMUNDA_OAUTH_TOKEN` with the bearer token, as Camunda's JS SDK reads it (auth
+    /// strategy BEARER) from an environment filled by `envFrom`. Values: one of token,
+    /// authorization, expiresAt, url, cookie, csrfToken; a key whose source the credential
+    /// does not have (`token` with cookie login) is left out. A name cannot be one of those.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[x_kube(
+        validation = extra_keys_do_not_collide_rule(),
+        validation = extra_keys_copy_a_standard_key_rule()
+    )]
+    #[schemars(extend("maxProperties" = 32))]
+    pub keys: std::collections::BTreeMap<String, String>,
 }
 
 /// How to obtain a credential. Exactly one of `oauth2`, `cookie` or `basic` must be set.
@@ -368,16 +455,20 @@ pub struct ProbeSpec {
     /// Whether to probe at all. When off, the Reachable condition says `ProbeDisabled`.
     #[serde(default = "default_true")]
     pub enabled: bool,
-    /// HTTP method of the probe.
+    /// HTTP method of the probe (with `path` only).
     #[serde(default)]
     pub method: ProbeMethod,
-    /// Path below `url`. The default works on Tasklist 8.2 to 8.9; on 8.10 and later use
-    /// GET /v2/topology.
-    #[serde(default = "default_probe_path")]
+    /// Path below `url`, probed with `method` and `body`. Unset (the default): the probe
+    /// works on every Camunda version by itself: it sends `POST /v1/tasks/search` and, where
+    /// that endpoint does not exist (404 or 405: Camunda 8.10 removed the v1 API),
+    /// `POST /v2/user-tasks/search`; it remembers which one answered for this `url`, and the
+    /// Reachable message names it. Unauthenticated endpoints such as `/v2/license` are never
+    /// used as proof.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = path_rule())]
     #[schemars(length(max = 1024))]
-    pub path: String,
-    /// Body sent with POST as application/json, at most 4096 characters (and 4 KiB).
+    pub path: Option<String>,
+    /// Body sent with POST as application/json (with `path` only), at most 4096 characters (and 4 KiB).
     #[serde(default = "default_probe_body")]
     #[schemars(length(max = 4096))]
     pub body: String,
@@ -393,7 +484,7 @@ impl Default for ProbeSpec {
         ProbeSpec {
             enabled: true,
             method: ProbeMethod::default(),
-            path: default_probe_path(),
+            path: None,
             body: default_probe_body(),
             interval: default_probe_interval(),
         }
@@ -423,6 +514,21 @@ pub struct TlsSpec {
     /// by anyone between the operator and the server.
     #[serde(default)]
     pub insecure_skip_verify: bool,
+    /// A client certificate to present to the token endpoint and to Tasklist, for servers
+    /// that require mutual TLS: a Secret of type `kubernetes.io/tls` in this namespace, with
+    /// the PEM certificate (chain) under `tls.crt` and its private key under `tls.key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate_secret_ref: Option<ClientCertificateSecretRef>,
+}
+
+/// Where the client certificate is.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientCertificateSecretRef {
+    /// Name of a Secret of type `kubernetes.io/tls` in the connection's namespace.
+    #[x_kube(validation = object_name_rule())]
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
 }
 
 /// Where the CA bundle is.
@@ -521,9 +627,6 @@ fn default_password_key() -> String {
 }
 fn default_true() -> bool {
     true
-}
-fn default_probe_path() -> String {
-    "/v1/tasks/search".into()
 }
 fn default_probe_body() -> String {
     r#"{"pageSize":1}"#.into()

@@ -13,10 +13,10 @@ use sha2::{Digest, Sha256};
 
 use crate::camunda::Sensitive;
 use crate::camunda::login::Session;
-use crate::crd::TasklistConnection;
+use crate::crd::{OPERATOR_ANNOTATION_PREFIX, STANDARD_SECRET_KEYS, SecretTemplate, TasklistConnection};
 use crate::credential::{Credential, NEVER};
 
-pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub use crate::crd::MANAGED_BY_LABEL;
 pub const MANAGED_BY_VALUE: &str = "tasklist-operator";
 pub const ISSUED_AT: &str = "tasklist.camunda.community/issued-at";
 /// When the operator plans to replace the stored credential (RFC 3339).
@@ -26,6 +26,10 @@ pub const REFRESH_AT: &str = "tasklist.camunda.community/refresh-at";
 const INPUTS: &str = "tasklist.camunda.community/inputs";
 /// SHA-256 of the data as the operator wrote it: a hand edit shows as a mismatch.
 pub const DATA_HASH: &str = "tasklist.camunda.community/data-hash";
+/// The label keys `spec.secretTemplate` set, comma-separated (absent: none).
+const TEMPLATE_LABELS: &str = "tasklist.camunda.community/template-labels";
+/// The annotation keys `spec.secretTemplate` set, comma-separated (absent: none).
+const TEMPLATE_ANNOTATIONS: &str = "tasklist.camunda.community/template-annotations";
 
 /// A credential as kept in the derived Secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,15 +76,17 @@ impl StoredCredential {
         data
     }
 
-    /// The whole Secret to apply for `connection`.
+    /// The whole Secret to apply for `connection`, shaped by its `secretTemplate`.
     pub fn to_secret(&self, connection: &TasklistConnection) -> Secret {
-        let data = self.secret_data(&connection.spec.url);
-        let annotations = BTreeMap::from([
+        let template = connection.spec.secret_template.clone().unwrap_or_default();
+        let data = with_extra_keys(self.secret_data(&connection.spec.url), &template);
+        let ours = BTreeMap::from([
             (ISSUED_AT.to_owned(), rfc3339(self.issued_at)),
             (REFRESH_AT.to_owned(), self.refresh_at.to_string()),
             (INPUTS.to_owned(), self.inputs.clone()),
             (DATA_HASH.to_owned(), data_hash(&data)),
         ]);
+        let (labels, annotations) = template_metadata(&template, ours);
         let mut owner = connection.controller_owner_ref(&());
         if let Some(owner) = owner.as_mut() {
             // Blocking owner deletion would need extra RBAC on the connection's finalizers.
@@ -90,7 +96,7 @@ impl StoredCredential {
             metadata: ObjectMeta {
                 name: Some(connection.secret_name()),
                 namespace: connection.metadata.namespace.clone(),
-                labels: Some(BTreeMap::from([(MANAGED_BY_LABEL.to_owned(), MANAGED_BY_VALUE.to_owned())])),
+                labels: Some(labels),
                 annotations: Some(annotations),
                 owner_references: owner.map(|owner| vec![owner]),
                 ..ObjectMeta::default()
@@ -187,16 +193,96 @@ pub fn update_patch(desired: &Secret, checked: &Secret) -> serde_json::Value {
                 .filter(|owner| !ours.contains(&owner.uid.as_str())),
         )
         .collect();
+    let removable_labels: Vec<&str> = recorded_keys(checked, TEMPLATE_LABELS).collect();
+    let removable_annotations: Vec<&str> = recorded_keys(checked, TEMPLATE_ANNOTATIONS)
+        .chain(
+            checked
+                .metadata
+                .annotations
+                .iter()
+                .flatten()
+                .map(|(key, _)| key.as_str())
+                .filter(|key| key.starts_with(OPERATOR_ANNOTATION_PREFIX)),
+        )
+        .collect();
     serde_json::json!({
         "metadata": {
             "resourceVersion": checked.metadata.resource_version,
-            "labels": desired.metadata.labels,
-            "annotations": desired.metadata.annotations,
+            "labels": metadata_patch(desired.metadata.labels.as_ref(), removable_labels),
+            "annotations": metadata_patch(desired.metadata.annotations.as_ref(), removable_annotations),
             "ownerReferences": owners,
         },
         "type": desired.type_,
         "data": data,
     })
+}
+
+/// The contract's keys plus the template's extra keys, each a copy of the standard key it
+/// names; an extra key whose source is absent (`token` with a session) is left out, and one
+/// named like a standard key (the CRD refuses it) never replaces it.
+fn with_extra_keys(mut data: BTreeMap<String, String>, template: &SecretTemplate) -> BTreeMap<String, String> {
+    let extra: Vec<(String, String)> = template
+        .keys
+        .iter()
+        .filter(|(name, _)| !STANDARD_SECRET_KEYS.contains(&name.as_str()))
+        .filter_map(|(name, source)| Some((name.clone(), data.get(source)?.clone())))
+        .collect();
+    data.extend(extra);
+    data
+}
+
+/// The Secret's labels and annotations: the template's, then the operator's own (its label
+/// and `ours`), which always win.
+fn template_metadata(
+    template: &SecretTemplate,
+    mut ours: BTreeMap<String, String>,
+) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    let mut labels = template.labels.clone();
+    labels.remove(MANAGED_BY_LABEL);
+    let mut annotations: BTreeMap<String, String> = template
+        .annotations
+        .iter()
+        .filter(|(key, _)| !key.starts_with(OPERATOR_ANNOTATION_PREFIX))
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect();
+    // Which labels and annotations came from the template, so that a later write removes
+    // those the template no longer has (a merge patch keeps what it does not mention).
+    for (record, keys) in [(TEMPLATE_LABELS, labels.keys()), (TEMPLATE_ANNOTATIONS, annotations.keys())] {
+        let keys: Vec<&str> = keys.map(String::as_str).collect();
+        if !keys.is_empty() {
+            ours.insert(record.to_owned(), keys.join(","));
+        }
+    }
+    labels.insert(MANAGED_BY_LABEL.to_owned(), MANAGED_BY_VALUE.to_owned());
+    annotations.extend(ours);
+    (labels, annotations)
+}
+
+/// The keys a `checked` Secret's record annotation lists (see [`template_metadata`]).
+fn recorded_keys<'s>(checked: &'s Secret, record: &str) -> impl Iterator<Item = &'s str> {
+    checked
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|annotations| annotations.get(record))
+        .into_iter()
+        .flat_map(|keys| keys.split(','))
+        .filter(|key| !key.is_empty())
+}
+
+/// `desired` as a merge patch: each of `removable` (what the Secret has that is ours to
+/// remove: recorded as the template's, or under the operator's own annotation prefix) that
+/// `desired` lacks becomes `null`; labels and annotations others added are kept.
+fn metadata_patch(desired: Option<&BTreeMap<String, String>>, removable: Vec<&str>) -> serde_json::Value {
+    let desired = desired.cloned().unwrap_or_default();
+    let mut patch = serde_json::Map::new();
+    for key in removable.into_iter().filter(|key| !desired.contains_key(*key)) {
+        patch.insert(key.to_owned(), serde_json::Value::Null);
+    }
+    for (key, value) in desired {
+        patch.insert(key, serde_json::Value::String(value));
+    }
+    serde_json::Value::Object(patch)
 }
 
 fn data_hash(data: &BTreeMap<String, String>) -> String {
@@ -347,5 +433,93 @@ mod tests {
         assert!(!is_owned_by(&secret, &connection()));
         secret.metadata.owner_references = None;
         assert!(!is_owned_by(&secret, &connection()));
+    }
+
+    fn templated(template: serde_json::Value) -> TasklistConnection {
+        let mut connection = connection();
+        connection.spec.secret_template = Some(serde_json::from_value(template).unwrap());
+        connection
+    }
+
+    #[test]
+    fn the_template_adds_labels_annotations_and_extra_keys_and_reads_back_the_same() {
+        let connection = templated(serde_json::json!({
+            "labels": {"team": "orders", MANAGED_BY_LABEL: "someone-else"},
+            "annotations": {"reloader.stakater.com/match": "true", "tasklist.camunda.community/issued-at": "forged"},
+            "keys": {"CAMUNDA_OAUTH_TOKEN": "token", "TASKLIST_URL": "url", "CSRF": "csrfToken", "token": "url"},
+        }));
+        let secret = bearer().to_secret(&connection);
+        let labels = secret.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels["team"], "orders");
+        assert_eq!(labels[MANAGED_BY_LABEL], MANAGED_BY_VALUE, "the operator's label wins");
+        let annotations = secret.metadata.annotations.as_ref().unwrap();
+        assert_eq!(annotations["reloader.stakater.com/match"], "true");
+        assert_eq!(annotations[ISSUED_AT], "1970-01-01T00:16:40Z", "the operator's annotations win");
+        let data: BTreeMap<String, String> = secret
+            .data
+            .iter()
+            .flatten()
+            .map(|(key, value)| (key.clone(), String::from_utf8(value.0.clone()).unwrap()))
+            .collect();
+        assert_eq!(data["CAMUNDA_OAUTH_TOKEN"], "eyJ.token.sig");
+        assert_eq!(data["TASKLIST_URL"], "https://tasklist.example/abc");
+        assert_eq!(data["token"], "eyJ.token.sig", "an extra key never replaces a standard one");
+        assert!(!data.contains_key("CSRF"), "a bearer credential has no csrfToken to copy");
+        assert_eq!(data.len(), 6, "{:?}", data.keys());
+        assert!(is_owned_by(&secret, &connection));
+        assert_eq!(StoredCredential::from_secret(&secret), Ok(bearer()));
+
+        // An edited extra key is an edit by hand like any other.
+        let mut edited = secret.clone();
+        edited
+            .data
+            .as_mut()
+            .unwrap()
+            .insert("CAMUNDA_OAUTH_TOKEN".into(), ByteString(b"x".to_vec()));
+        assert_eq!(StoredCredential::from_secret(&edited), Err(Unusable::EditedByHand));
+    }
+
+    #[test]
+    fn labels_and_annotations_the_template_no_longer_has_are_removed_and_others_kept() {
+        let before = templated(serde_json::json!({
+            "labels": {"team": "orders", "tier": "backend"},
+            "annotations": {"reloader.stakater.com/match": "true"},
+        }));
+        let mut checked = bearer().to_secret(&before);
+        checked.metadata.resource_version = Some("7".into());
+        let annotations = checked.metadata.annotations.as_mut().unwrap();
+        assert_eq!(annotations[TEMPLATE_LABELS], "team,tier");
+        annotations.insert("someone.else/note".into(), "kept".into());
+        checked
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert("added-by-hand".into(), "kept".into());
+
+        let after = templated(serde_json::json!({"labels": {"team": "orders"}}));
+        let patch = update_patch(&bearer().to_secret(&after), &checked);
+        let labels = &patch["metadata"]["labels"];
+        assert_eq!(labels["team"], "orders");
+        assert_eq!(labels.get("tier"), Some(&serde_json::Value::Null), "{labels}");
+        assert!(labels.get("added-by-hand").is_none(), "not ours to remove: {labels}");
+        assert_eq!(labels[MANAGED_BY_LABEL], MANAGED_BY_VALUE);
+        let annotations = &patch["metadata"]["annotations"];
+        assert_eq!(
+            annotations.get("reloader.stakater.com/match"),
+            Some(&serde_json::Value::Null),
+            "{annotations}"
+        );
+        assert_eq!(
+            annotations.get(TEMPLATE_ANNOTATIONS),
+            Some(&serde_json::Value::Null),
+            "{annotations}"
+        );
+        assert_eq!(annotations[TEMPLATE_LABELS], "team");
+        assert!(annotations.get("someone.else/note").is_none(), "{annotations}");
+
+        // Without a template the Secret carries no record annotation.
+        let plain = bearer().to_secret(&connection());
+        assert!(!plain.metadata.annotations.unwrap().keys().any(|key| key.contains("template")));
     }
 }

@@ -196,6 +196,14 @@ async fn read(connection: &TasklistConnection, secrets: &impl SecretSource) -> R
         Some(reference) => Some(reader.value(&reference.name, &reference.key).await?.expose().to_owned()),
         None => None,
     };
+    let client_identity_pem = match &tls.client_certificate_secret_ref {
+        Some(reference) => {
+            let certificate = reader.value(&reference.name, "tls.crt").await?;
+            let key = reader.value(&reference.name, "tls.key").await?;
+            Some(Sensitive::new(format!("{}\n{}\n", certificate.expose(), key.expose())))
+        }
+        None => None,
+    };
     let (refresh_before, probe_interval) = schedule_fields(spec)?;
 
     Ok(Inputs {
@@ -203,6 +211,7 @@ async fn read(connection: &TasklistConnection, secrets: &impl SecretSource) -> R
         trust: TlsTrust {
             extra_roots_pem,
             insecure_skip_verify: tls.insecure_skip_verify,
+            client_identity_pem,
         },
         refresh_before,
         probe_interval,
@@ -227,8 +236,9 @@ pub struct InputsSummary {
     /// HTTP Basic: the credential is the user's own login, nothing to obtain again.
     pub basic: bool,
     pub insecure_skip_verify: bool,
-    /// The CA bundle Secret's name, key, uid and resourceVersion, when `tls.caSecretRef`
-    /// is set: the TLS trust changes exactly when this does.
+    /// The name, key, uid and resourceVersion of the CA bundle Secret and of the client
+    /// certificate Secret, when `tls.caSecretRef` or `tls.clientCertificateSecretRef` is
+    /// set: the TLS settings change exactly when this does.
     pub ca_version: Option<String>,
 }
 
@@ -273,10 +283,25 @@ pub fn summarize(
     if let Some(reference) = &tls.ca_secret_ref {
         look_up(&reference.name)?;
     }
-    let ca_version = tls.ca_secret_ref.as_ref().map(|reference| {
-        let (uid, version) = versions.get(&reference.name).cloned().unwrap_or_default();
-        format!("{}/{}/{uid}/{version}", reference.name, reference.key)
-    });
+    if let Some(reference) = &tls.client_certificate_secret_ref {
+        look_up(&reference.name)?;
+    }
+    let version_of = |name: &str, key: &str| {
+        let (uid, version) = versions.get(name).cloned().unwrap_or_default();
+        format!("{name}/{key}/{uid}/{version}")
+    };
+    let tls_versions: Vec<String> = [
+        tls.ca_secret_ref
+            .as_ref()
+            .map(|reference| version_of(&reference.name, &reference.key)),
+        tls.client_certificate_secret_ref
+            .as_ref()
+            .map(|reference| format!("client:{}", version_of(&reference.name, "tls.crt"))),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let ca_version = (!tls_versions.is_empty()).then(|| tls_versions.join(","));
     let (refresh_before, probe_interval) = schedule_fields(spec)?;
     Ok(InputsSummary {
         fingerprint: fingerprint(connection, &versions),
@@ -373,6 +398,15 @@ pub fn referenced_keys(connection: &TasklistConnection) -> BTreeMap<String, BTre
     if let Some(ca) = connection.spec.tls.as_ref().and_then(|tls| tls.ca_secret_ref.as_ref()) {
         add(&ca.name, &ca.key);
     }
+    if let Some(identity) = connection
+        .spec
+        .tls
+        .as_ref()
+        .and_then(|tls| tls.client_certificate_secret_ref.as_ref())
+    {
+        add(&identity.name, "tls.crt");
+        add(&identity.name, "tls.key");
+    }
     keys
 }
 
@@ -400,6 +434,10 @@ pub fn secret_references(connection: &TasklistConnection) -> Vec<(&'static str, 
             .as_ref()
             .and_then(|tls| tls.ca_secret_ref.as_ref())
             .map(|r| ("spec.tls.caSecretRef", r.name.clone())),
+        spec.tls
+            .as_ref()
+            .and_then(|tls| tls.client_certificate_secret_ref.as_ref())
+            .map(|r| ("spec.tls.clientCertificateSecretRef", r.name.clone())),
     ]
     .into_iter()
     .flatten()
@@ -713,6 +751,7 @@ mod tests {
                 &[("private_key.pem", include_str!("../tests/fixtures/ec-p256-test-key.pem"))],
             ),
             secret("ca", "10", &[("ca.crt", "PEM")]),
+            secret("client-tls", "11", &[("tls.crt", "CERT PEM"), ("tls.key", "KEY PEM")]),
         ]);
         let oauth2 = |extra: serde_json::Value| {
             let mut oauth2 = serde_json::json!({"tokenUrl": "https://login/oauth/token", "clientSecretRef": {"name": "client"}});
@@ -721,6 +760,9 @@ mod tests {
         };
         let mut with_ca = oauth2(serde_json::json!({}));
         with_ca.spec.tls = Some(serde_json::from_value(serde_json::json!({"caSecretRef": {"name": "ca"}})).unwrap());
+        let mut with_client_certificate = oauth2(serde_json::json!({}));
+        with_client_certificate.spec.tls =
+            Some(serde_json::from_value(serde_json::json!({"clientCertificateSecretRef": {"name": "client-tls"}})).unwrap());
         let mut annotated = oauth2(serde_json::json!({}));
         annotated.metadata.annotations = Some(BTreeMap::from([(crate::crd::REFRESH_ANNOTATION.to_string(), "now".to_string())]));
         let connections = [
@@ -732,8 +774,19 @@ mod tests {
             connection(serde_json::json!({"cookie": {"credentialsSecretRef": {"name": "login"}}})),
             connection(serde_json::json!({"basic": {"credentialsSecretRef": {"name": "login"}}})),
             with_ca,
+            with_client_certificate.clone(),
             annotated,
         ];
+        // The certificate and key are read together, watched, and their Secret's version is
+        // what says the TLS settings changed.
+        let read = read_inputs(&with_client_certificate, &source).await.unwrap().unwrap();
+        assert_eq!(
+            read.trust.client_identity_pem.as_ref().map(Sensitive::expose),
+            Some("CERT PEM\nKEY PEM\n")
+        );
+        assert_eq!(referenced_secret_names(&with_client_certificate), ["client", "client-tls"]);
+        let summary = summarize(&with_client_certificate, versions_of(&source)).unwrap();
+        assert!(summary.ca_version.is_some_and(|version| version.contains("client-tls")));
         for connection in connections {
             let read = read_inputs(&connection, &source).await.unwrap().unwrap();
             let summary = summarize(&connection, versions_of(&source)).unwrap();

@@ -42,6 +42,8 @@ impl KeyHash {
     pub fn trust(&mut self, trust: &TlsTrust) {
         self.optional(trust.extra_roots_pem.as_deref());
         self.field(&[u8::from(trust.insecure_skip_verify)]);
+        // Another client certificate may be allowed other things.
+        self.optional(trust.client_identity_pem.as_ref().map(|pem| pem.expose()));
     }
 
     pub fn finish(self) -> [u8; 32] {

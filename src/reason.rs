@@ -20,6 +20,8 @@ pub enum Reason {
     InvalidCABundle,
     /// The operator-wide CA bundle (`--ca-bundle`) cannot be used.
     InvalidOperatorCABundle,
+    /// The client certificate (`spec.tls.clientCertificateSecretRef`) cannot be used.
+    InvalidClientCertificate,
     /// The TLS backend could not be set up, whatever the bundles.
     HttpSetupFailed,
     InvalidSpec,
@@ -63,6 +65,7 @@ impl Reason {
             Reason::TokenExpiredOnArrival => "TokenExpiredOnArrival",
             Reason::InvalidCABundle => "InvalidCABundle",
             Reason::InvalidOperatorCABundle => "InvalidOperatorCABundle",
+            Reason::InvalidClientCertificate => "InvalidClientCertificate",
             Reason::HttpSetupFailed => "HttpSetupFailed",
             Reason::InvalidSpec => "InvalidSpec",
             Reason::DiscoveryFailed => "DiscoveryFailed",
@@ -104,6 +107,7 @@ impl Reason {
             HttpClientError::InvalidCaBundle(_) => Reason::InvalidCABundle,
             HttpClientError::InvalidOperatorCaBundle(_) => Reason::InvalidOperatorCABundle,
             HttpClientError::Setup(_) => Reason::HttpSetupFailed,
+            HttpClientError::InvalidClientCertificate(_) => Reason::InvalidClientCertificate,
         }
     }
 

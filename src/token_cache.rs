@@ -405,15 +405,24 @@ mod tests {
                 &client("s3cret-1"),
                 &TlsTrust {
                     extra_roots_pem: Some("-----BEGIN CERTIFICATE-----".into()),
-                    insecure_skip_verify: false,
+                    ..TlsTrust::default()
                 },
             ),
             key_of(
                 &endpoint(),
                 &client("s3cret-1"),
                 &TlsTrust {
-                    extra_roots_pem: None,
                     insecure_skip_verify: true,
+                    ..TlsTrust::default()
+                },
+            ),
+            // Another client certificate may be allowed other things.
+            key_of(
+                &endpoint(),
+                &client("s3cret-1"),
+                &TlsTrust {
+                    client_identity_pem: Some(crate::camunda::Sensitive::new("-----BEGIN CERTIFICATE-----")),
+                    ..TlsTrust::default()
                 },
             ),
         ];

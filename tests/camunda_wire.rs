@@ -27,7 +27,8 @@ use tasklist_operator::inputs::{Inputs, LoginMaterial};
 use tasklist_operator::obtain::obtain_credential;
 use tasklist_operator::reason::Reason;
 use testsupport::standin::{
-    AuthKind, CSRF_NAME, EndpointMode, LEGACY_CSRF_NAME, SESSION_COOKIE, StandinOptions, StandinTasklist, TokenAnswer, TokenRequestEncoding,
+    AuthKind, CSRF_NAME, EndpointMode, LEGACY_CSRF_NAME, SESSION_COOKIE, StandinOptions, StandinTasklist, TasklistApis, TokenAnswer,
+    TokenRequestEncoding, UNIFIED_SESSION_COOKIE, ZEEBE_AUDIENCE,
 };
 
 const CLIENT_ID: &str = "orders";
@@ -767,6 +768,109 @@ async fn cookie_login_when_tasklist_is_down_is_a_server_error() {
     assert!(message.contains("503"), "{message}");
 }
 
+fn login_at(base_url: &str, path: &str) -> CookieLogin {
+    CookieLogin {
+        login_url: join_url(base_url, path),
+    }
+}
+
+/// The session as the probe sends it.
+fn session_credential(session: &Session) -> ProbeCredential<'_> {
+    ProbeCredential::Session {
+        cookie_header: session.cookie_header_ref(),
+        csrf_token: session.csrf_token.as_ref(),
+        csrf_header: session.csrf_header_name(),
+    }
+}
+
+/// (path, carried a CSRF header, status) of every login the stand-in saw.
+fn login_trail(standin: &StandinTasklist) -> Vec<(&'static str, bool, u16)> {
+    standin
+        .logins()
+        .into_iter()
+        .map(|login| (login.path, login.csrf_header, login.status))
+        .collect()
+}
+
+/// 8.6 and 8.7 (`/api/login`) and 8.8 (`/login`) take the login at once: one `POST`, no
+/// `GET` for a CSRF token.
+#[tokio::test]
+async fn login_at_api_login_and_at_login_takes_one_post() {
+    let standin = standin().await;
+    for (path, cookie) in [("/api/login", SESSION_COOKIE), ("/login", UNIFIED_SESSION_COOKIE)] {
+        let session = login_at(&standin.url(), path)
+            .log_in(&http(), &login_credentials(PASSWORD))
+            .await
+            .expect("logged in");
+        assert!(cookie_value(&session, cookie).is_some(), "{path}: no {cookie} cookie");
+        let outcome = default_probe(&standin.url()).run(&http(), session_credential(&session)).await;
+        assert_eq!(outcome, ProbeOutcome::Succeeded, "{path}");
+    }
+    assert_eq!(login_trail(&standin), [("/api/login", false, 204), ("/login", false, 204)]);
+    assert_eq!(standin.login_csrf_fetches(), 0);
+}
+
+/// A login that demands a CSRF token: the refused `POST` leads to one `GET /login` and one
+/// more `POST` with the token as header and cookie; the session then works.
+#[tokio::test]
+async fn a_login_demanding_a_csrf_token_gets_it_from_a_get_first() {
+    let standin = standin_with(StandinOptions {
+        login_requires_csrf: true,
+        ..StandinOptions::default()
+    })
+    .await;
+    let session = login_at(&standin.url(), "/login")
+        .log_in(&http(), &login_credentials(PASSWORD))
+        .await
+        .expect("logged in after the pre-fetch");
+    assert_eq!(login_trail(&standin), [("/login", false, 403), ("/login", true, 204)]);
+    assert_eq!(standin.login_csrf_fetches(), 1);
+    assert!(cookie_value(&session, UNIFIED_SESSION_COOKIE).is_some());
+    let outcome = default_probe(&standin.url()).run(&http(), session_credential(&session)).await;
+    assert_eq!(outcome, ProbeOutcome::Succeeded, "{:?}", standin.api_requests());
+
+    // The next login to that URL fetches the token first: no refused POST.
+    login_at(&standin.url(), "/login")
+        .log_in(&http(), &login_credentials(PASSWORD))
+        .await
+        .expect("logged in again");
+    assert_eq!(
+        login_trail(&standin),
+        [("/login", false, 403), ("/login", true, 204), ("/login", true, 204)]
+    );
+    assert_eq!(standin.login_csrf_fetches(), 2);
+}
+
+/// A wrong password against the strict login is still a rejection, reported from the
+/// second try, without the password.
+#[tokio::test]
+async fn a_wrong_password_against_a_login_demanding_csrf_is_rejected() {
+    let standin = standin_with(StandinOptions {
+        login_requires_csrf: true,
+        ..StandinOptions::default()
+    })
+    .await;
+    let wrong = "wrong-password-value";
+    let result = login_at(&standin.url(), "/login").log_in(&http(), &login_credentials(wrong)).await;
+    let message = failure_of(result, AuthFailureKind::Rejected);
+    assert!(message.contains("401"), "{message}");
+    assert_no_credential(&message, &[wrong, PASSWORD]);
+    assert_eq!(login_trail(&standin), [("/login", false, 403), ("/login", true, 401)]);
+}
+
+/// A server that has no token to hand out (`GET` answers 405): the first refusal stands,
+/// after one `GET`.
+#[tokio::test]
+async fn a_wrong_password_against_a_lenient_login_reports_the_first_refusal() {
+    let standin = standin().await;
+    let wrong = "wrong-password-value";
+    let result = login_at(&standin.url(), "/login").log_in(&http(), &login_credentials(wrong)).await;
+    let message = failure_of(result, AuthFailureKind::Rejected);
+    assert!(message.contains("401"), "{message}");
+    assert_eq!(login_trail(&standin), [("/login", false, 401)]);
+    assert_eq!(standin.login_csrf_fetches(), 1);
+}
+
 #[derive(Default)]
 struct SeenLogin {
     query: Option<String>,
@@ -856,6 +960,121 @@ async fn probe_with_an_accepted_bearer_token_succeeds() {
     );
 }
 
+/// (method, path, status) of every API request the stand-in saw.
+fn api_trail(standin: &StandinTasklist) -> Vec<(String, String, u16)> {
+    standin
+        .api_requests()
+        .into_iter()
+        .map(|request| (request.method, request.path, request.status))
+        .collect()
+}
+
+fn posted(path: &str, status: u16) -> (String, String, u16) {
+    ("POST".to_owned(), path.to_owned(), status)
+}
+
+/// Camunda 8.10 (v2 only): the automatic probe's v1 request answers 404, the v2 request
+/// proves the token, and the next probe of that Tasklist sends the v2 request only.
+#[tokio::test]
+async fn the_automatic_probe_falls_back_to_v2_and_remembers_it() {
+    let standin = standin_with(StandinOptions {
+        apis: TasklistApis::V2Only,
+        ..StandinOptions::default()
+    })
+    .await;
+    let http = http();
+    let zeebe = TokenEndpoint::at(standin.token_url(), ZEEBE_AUDIENCE, None, RequestEncoding::Form);
+    let grant = request_token(&http, &zeebe, CLIENT_SECRET).await.expect("a token");
+    let probe = default_probe(&standin.url());
+    assert!(probe.is_automatic());
+    assert_eq!(
+        probe.run(&http, ProbeCredential::Bearer(&grant.access_token)).await,
+        ProbeOutcome::Succeeded
+    );
+    assert_eq!(
+        probe.describe(),
+        format!(
+            "POST {}/v2/user-tasks/search (the Tasklist v2 API, found by the automatic probe)",
+            standin.url()
+        )
+    );
+    let again = default_probe(&standin.url());
+    assert_eq!(
+        again.run(&http, ProbeCredential::Bearer(&grant.access_token)).await,
+        ProbeOutcome::Succeeded
+    );
+    assert_eq!(
+        api_trail(&standin),
+        [
+            posted("/v1/tasks/search", 404),
+            posted("/v2/user-tasks/search", 200),
+            posted("/v2/user-tasks/search", 200)
+        ]
+    );
+
+    // A token v2 refuses is reported from v2, not as v1's 404.
+    let unknown = Sensitive::new("not-a-token-the-server-issued");
+    assert_eq!(
+        default_probe(&standin.url()).run(&http, ProbeCredential::Bearer(&unknown)).await,
+        ProbeOutcome::Unauthorized { status: 401 }
+    );
+}
+
+/// Camunda 8.6 and 8.7 (v1 only): one v1 request, never a v2 one; an unauthenticated
+/// request is a 401, not a reason to try the other API.
+#[tokio::test]
+async fn the_automatic_probe_on_v1_only_sends_v1_only() {
+    let standin = standin_with(StandinOptions {
+        apis: TasklistApis::V1Only,
+        ..StandinOptions::default()
+    })
+    .await;
+    let http = http();
+    let grant = request_token(&http, &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET)
+        .await
+        .expect("a token");
+    let probe = default_probe(&standin.url());
+    assert_eq!(
+        probe.run(&http, ProbeCredential::Bearer(&grant.access_token)).await,
+        ProbeOutcome::Succeeded
+    );
+    assert!(
+        probe.describe().contains("/v1/tasks/search (the Tasklist v1 API"),
+        "{}",
+        probe.describe()
+    );
+    let unknown = Sensitive::new("not-a-token-the-server-issued");
+    assert_eq!(
+        probe.run(&http, ProbeCredential::Bearer(&unknown)).await,
+        ProbeOutcome::Unauthorized { status: 401 }
+    );
+    assert_eq!(
+        api_trail(&standin),
+        [posted("/v1/tasks/search", 200), posted("/v1/tasks/search", 401)]
+    );
+}
+
+/// A server that has neither endpoint: the first 404 is reported, and nothing is learned.
+#[tokio::test]
+async fn the_automatic_probe_reports_404_when_neither_api_exists() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let router = Router::new()
+        .fallback(|State(hits): State<Arc<AtomicUsize>>| async move {
+            hits.fetch_add(1, Ordering::SeqCst);
+            StatusCode::NOT_FOUND
+        })
+        .with_state(hits.clone());
+    let base = serve(router).await;
+    let token = Sensitive::new("token");
+    let probe = default_probe(&base);
+    assert_eq!(
+        probe.run(&http(), ProbeCredential::Bearer(&token)).await,
+        ProbeOutcome::Failed { status: 404 }
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 2, "v1, then v2");
+    assert!(probe.describe().contains("/v1/tasks/search"), "{}", probe.describe());
+}
+
 #[tokio::test]
 async fn post_probe_with_session_sends_the_csrf_header() {
     let standin = standin().await;
@@ -906,7 +1125,7 @@ async fn get_probe_with_session_succeeds() {
         &standin.url(),
         &ProbeSpec {
             method: ProbeMethod::Get,
-            path: "/v2/topology".to_owned(),
+            path: Some("/v2/topology".to_owned()),
             ..ProbeSpec::default()
         },
     );
@@ -1193,6 +1412,73 @@ async fn tls_with_the_ca_is_accepted() {
         .run(&http, ProbeCredential::Bearer(&grant.access_token))
         .await;
     assert_eq!(outcome, ProbeOutcome::Succeeded);
+}
+
+/// A Tasklist and token endpoint that require a client certificate (mutual TLS): refused
+/// during the handshake without one, before any request; token, login and probe work with it.
+#[tokio::test]
+async fn a_server_requiring_a_client_certificate_refuses_without_and_accepts_with_it() {
+    let standin = standin_with(StandinOptions {
+        tls: true,
+        require_client_certificate: true,
+        ..StandinOptions::default()
+    })
+    .await;
+    let token_endpoint = endpoint(&standin.token_url(), RequestEncoding::Form, None);
+    let without = HttpClient::new(
+        &HttpSettings::default(),
+        &TlsTrust {
+            extra_roots_pem: standin.ca_pem(),
+            ..TlsTrust::default()
+        },
+    )
+    .expect("a client without a certificate");
+    let message = failure_of(
+        request_token(&without, &token_endpoint, CLIENT_SECRET).await,
+        AuthFailureKind::ServerError,
+    );
+    assert!(message.contains("CertificateRequired"), "{message}");
+    assert!(standin.token_requests().is_empty(), "the request must not reach the server");
+
+    let (certificate, key) = standin.client_identity_pem().expect("a client certificate");
+    let identity = Sensitive::new(format!("{certificate}\n{key}\n"));
+    let with = HttpClient::new(
+        &HttpSettings::default(),
+        &TlsTrust {
+            extra_roots_pem: standin.ca_pem(),
+            client_identity_pem: Some(identity),
+            ..TlsTrust::default()
+        },
+    )
+    .expect("a client with the certificate");
+    let grant = request_token(&with, &token_endpoint, CLIENT_SECRET)
+        .await
+        .expect("a token over mutual TLS");
+    let outcome = default_probe(&standin.url())
+        .run(&with, ProbeCredential::Bearer(&grant.access_token))
+        .await;
+    assert_eq!(outcome, ProbeOutcome::Succeeded);
+    cookie_login(&standin.url())
+        .log_in(&with, &login_credentials(PASSWORD))
+        .await
+        .expect("a session over mutual TLS");
+}
+
+/// A client certificate Secret that is not a certificate and key: its own reason, and the
+/// message quotes nothing of it.
+#[test]
+fn an_unusable_client_certificate_is_a_clear_error() {
+    let key_material = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----\n";
+    for pem in ["not PEM at all", key_material] {
+        let trust = TlsTrust {
+            client_identity_pem: Some(Sensitive::new(pem)),
+            ..TlsTrust::default()
+        };
+        let error = HttpClient::new(&HttpSettings::default(), &trust).expect_err("an unusable client certificate");
+        assert_eq!(Reason::of_http_client_error(&error).as_str(), "InvalidClientCertificate", "{error}");
+        assert!(error.to_string().contains("clientCertificateSecretRef"), "{error}");
+        assert_no_credential(&error.to_string(), &["MIGHAgEAMBMGByqGSM49"]);
+    }
 }
 
 #[tokio::test]

@@ -257,3 +257,48 @@ async fn basic_auth_is_checked_against_tasklist() {
     assert_eq!(code, 2, "{output}");
     assert!(output.contains("401 Unauthorized"), "{output}");
 }
+
+/// A token endpoint and Tasklist that require a client certificate: `check` reads it from
+/// the kubernetes.io/tls Secret the connection names, and never prints the key.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_certificate_from_a_tls_secret_is_presented() {
+    let standin = StandinTasklist::start_with(testsupport::standin::StandinOptions {
+        tls: true,
+        require_client_certificate: true,
+        ..Default::default()
+    })
+    .await
+    .expect("stand-in");
+    standin.add_client("orders", "check-secret-789");
+    let (certificate, key) = standin.client_identity_pem().expect("a client certificate");
+    let ca = standin.ca_pem().expect("a CA");
+    let connection = |with_certificate: bool| {
+        let client_certificate = if with_certificate {
+            "\n    clientCertificateSecretRef: {name: client-tls}"
+        } else {
+            ""
+        };
+        format!(
+            "{}  tls:\n    caSecretRef: {{name: tasklist-ca}}{client_certificate}\n",
+            oauth2_connection(&standin)
+        )
+    };
+    let secrets = format!(
+        "{}---\napiVersion: v1\nkind: Secret\nmetadata: {{name: tasklist-ca}}\nstringData:\n  ca.crt: |\n{}---\napiVersion: v1\nkind: Secret\nmetadata: {{name: client-tls}}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
+        client_secret("check-secret-789"),
+        indented(&ca, 4),
+        indented(&certificate, 4),
+        indented(&key, 4)
+    );
+
+    let without = write_files(&connection(false), &secrets);
+    let (code, output) = check(args(&without, true), vec![]).await;
+    assert_eq!(code, 1, "{output}");
+    assert!(output.contains("CertificateRequired"), "{output}");
+
+    let with = write_files(&connection(true), &secrets);
+    let (code, output) = check(args(&with, true), vec![]).await;
+    assert_eq!(code, 0, "{output}");
+    let key_line = key.lines().nth(1).expect("a key body");
+    assert!(!output.contains(key_line), "{output}");
+}

@@ -568,8 +568,8 @@ async fn a_discovered_endpoint_is_not_shared_between_trusts() {
     let insecure = HttpClient::new(
         &settings,
         &TlsTrust {
-            extra_roots_pem: None,
             insecure_skip_verify: true,
+            ..TlsTrust::default()
         },
     )
     .expect("a client");

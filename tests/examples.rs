@@ -47,3 +47,37 @@ fn every_example_connection_reads_and_every_method_has_one() {
     }
     assert_eq!(methods, BTreeSet::from(["basic", "cookie", "oauth2", "oauth2 with scope only"]));
 }
+
+/// The examples docs/camunda-versions.md names: 8.9+ SaaS on the unified domain, and the
+/// 8.8+ Orchestration Cluster with OIDC and with its session login at `/login`.
+#[test]
+fn the_version_examples_have_the_shapes_the_versions_doc_gives() {
+    let connections: Vec<(String, TasklistConnection)> = examples()
+        .into_iter()
+        .filter(|(_, document)| document["kind"] == "TasklistConnection")
+        .map(|(file, document)| (file, serde_json::from_value(document).expect("a TasklistConnection")))
+        .collect();
+    let in_file = |file: &'static str| connections.iter().filter(move |(name, _)| name == file).map(|(_, c)| c);
+
+    let unified: Vec<_> = in_file("saas-8.9-unified.yaml").collect();
+    assert_eq!(unified.len(), 1);
+    let url = &unified[0].spec.url;
+    let host = url.trim_start_matches("https://").split('/').next().unwrap_or_default();
+    assert!(host.ends_with(".api.camunda.io") && url.split('/').count() == 4, "{url}");
+    assert!(unified[0].spec.probe.path.is_none(), "the 8.9 example uses the automatic probe");
+    let template = unified[0].spec.secret_template.as_ref().expect("a secretTemplate");
+    assert_eq!(template.keys.get("CAMUNDA_OAUTH_TOKEN").map(String::as_str), Some("token"));
+    for (name, source) in &template.keys {
+        assert!(!tasklist_operator::crd::STANDARD_SECRET_KEYS.contains(&name.as_str()), "{name}");
+        assert!(tasklist_operator::crd::STANDARD_SECRET_KEYS.contains(&source.as_str()), "{source}");
+    }
+
+    let orchestration: Vec<_> = in_file("self-managed-8.8-orchestration.yaml").collect();
+    assert_eq!(orchestration.len(), 2);
+    assert!(orchestration.iter().any(|c| c.spec.auth.oauth2.is_some()));
+    let session = orchestration
+        .iter()
+        .find_map(|c| c.spec.auth.cookie.as_ref())
+        .expect("a session login example");
+    assert_eq!(session.login_path, "/login");
+}

@@ -190,8 +190,8 @@ mod tests {
 
     fn client(insecure_skip_verify: bool) -> HttpClient {
         let trust = crate::camunda::TlsTrust {
-            extra_roots_pem: None,
             insecure_skip_verify,
+            ..Default::default()
         };
         HttpClient::new(&crate::camunda::HttpSettings::default(), &trust).expect("a client")
     }

@@ -3,6 +3,7 @@ use std::time::Duration;
 
 use reqwest::{StatusCode, header::HeaderMap, redirect};
 
+use super::Sensitive;
 use crate::host_health::{HostHealth, origin_of};
 use crate::policy::{HostPolicy, PolicyResolver};
 
@@ -42,6 +43,9 @@ pub struct TlsTrust {
     pub extra_roots_pem: Option<String>,
     /// Accept any certificate (testing only).
     pub insecure_skip_verify: bool,
+    /// A client certificate and its private key (PEM, `tls.crt` then `tls.key`) presented
+    /// to servers that ask for one (mutual TLS).
+    pub client_identity_pem: Option<Sensitive>,
 }
 
 /// An HTTP client set up for one trust configuration.
@@ -93,6 +97,9 @@ pub enum HttpClientError {
     /// The TLS backend could not be set up, whatever the bundles.
     #[error("cannot set up HTTP: {0}")]
     Setup(String),
+    /// The client certificate (`spec.tls.clientCertificateSecretRef`) cannot be used.
+    #[error("the client certificate from spec.tls.clientCertificateSecretRef {0}")]
+    InvalidClientCertificate(String),
 }
 
 /// The certificates of a PEM bundle; the message says what is wrong with it.
@@ -109,7 +116,8 @@ impl HttpClient {
     pub fn new(settings: &HttpSettings, trust: &TlsTrust) -> Result<Self, HttpClientError> {
         let operator_roots = certificates_of(settings.ca_bundle_pem.as_deref()).map_err(HttpClientError::InvalidOperatorCaBundle)?;
         let connection_roots = certificates_of(trust.extra_roots_pem.as_deref()).map_err(HttpClientError::InvalidCaBundle)?;
-        let build = |roots: &[&[reqwest::Certificate]]| build_client(settings, trust.insecure_skip_verify, roots);
+        let identity = client_identity_of(trust.client_identity_pem.as_ref()).map_err(HttpClientError::InvalidClientCertificate)?;
+        let build = |roots: &[&[reqwest::Certificate]]| build_client(settings, trust.insecure_skip_verify, roots, identity.as_ref());
         let inner = match build(&[&operator_roots, &connection_roots]) {
             Ok(inner) => inner,
             // A certificate the TLS backend refuses shows only here: find whose it is.
@@ -196,7 +204,21 @@ impl HttpClient {
     }
 }
 
-fn build_client(settings: &HttpSettings, insecure_skip_verify: bool, roots: &[&[reqwest::Certificate]]) -> Result<reqwest::Client, String> {
+/// The client certificate and key of a PEM bundle; the message says what is wrong with it
+/// (and never quotes the key).
+fn client_identity_of(pem: Option<&Sensitive>) -> Result<Option<reqwest::Identity>, String> {
+    let Some(pem) = pem else { return Ok(None) };
+    reqwest::Identity::from_pem(pem.expose().as_bytes())
+        .map(Some)
+        .map_err(|_| "is not a PEM certificate with its PKCS#8, PKCS#1 or SEC1 private key (tls.crt, tls.key)".to_owned())
+}
+
+fn build_client(
+    settings: &HttpSettings,
+    insecure_skip_verify: bool,
+    roots: &[&[reqwest::Certificate]],
+    identity: Option<&reqwest::Identity>,
+) -> Result<reqwest::Client, String> {
     let mut builder = reqwest::Client::builder()
         .timeout(settings.timeout)
         .connect_timeout(settings.timeout)
@@ -211,6 +233,9 @@ fn build_client(settings: &HttpSettings, insecure_skip_verify: bool, roots: &[&[
     }
     if insecure_skip_verify {
         builder = builder.danger_accept_invalid_certs(true);
+    }
+    if let Some(identity) = identity {
+        builder = builder.identity(identity.clone());
     }
     if let Some(policy) = &settings.policy {
         builder = builder.dns_resolver(Arc::new(PolicyResolver::new(policy.clone())));

@@ -1,8 +1,19 @@
-//! Tasklist's own login: `POST /api/login` with a username and password (Spring Security
-//! form login), answered with a session cookie and, where CSRF protection is on, a CSRF token.
+//! Tasklist's own login: `POST /api/login` (8.6, 8.7) or `POST /login` (8.8+) with a username
+//! and password (Spring Security form login), answered with a session cookie and, where CSRF
+//! protection is on, a CSRF token.
+//!
+//! Newer Camunda versions also protect the login itself: `POST /login` wants an
+//! `X-CSRF-TOKEN` header handed out by a preceding `GET /login`, and refuses the login with
+//! 401 or 403 without it. The login is tried without first (servers that do not ask for it
+//! answer at once, with no extra request); only a refused login fetches a token with `GET`
+//! on the same path and is sent once more with it. A login URL where that worked gets the
+//! `GET` first from then on, for the life of the process.
+
+use std::collections::HashSet;
+use std::sync::{LazyLock, Mutex, PoisonError};
 
 use reqwest::Method;
-use reqwest::header::{HeaderMap, SET_COOKIE};
+use reqwest::header::{COOKIE, HeaderMap, HeaderValue, SET_COOKIE};
 
 use super::http::{HttpClient, excerpt};
 use super::token::describe_status;
@@ -78,48 +89,169 @@ fn cookie_header(cookies: &[(String, Sensitive)]) -> Sensitive {
     Sensitive::new(pairs.join("; "))
 }
 
+/// What a `GET` of the login path handed out for the login to send back: its cookies (the
+/// CSRF cookie, a pre-login session) and the CSRF token under the header name it came with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LoginCsrf {
+    cookies: Vec<(String, Sensitive)>,
+    header: &'static str,
+    token: Sensitive,
+}
+
+/// Whether a refused login may be a missing CSRF token, worth one `GET` for a token and one
+/// more try: servers that check it answer 401 or 403 without it (a wrong password too,
+/// which the second try then reports).
+fn may_want_a_csrf_token(status: reqwest::StatusCode) -> bool {
+    matches!(status.as_u16(), 401 | 403)
+}
+
+/// The CSRF token a `GET` of the login path handed out, as a header (`X-CSRF-TOKEN` or the
+/// older name) or, failing that, as a cookie of that name; `None` when it gave none.
+fn login_csrf_from_answer(headers: &HeaderMap) -> Option<LoginCsrf> {
+    let cookies = set_cookies(headers);
+    let from_header = CSRF_HEADERS.iter().find_map(|name| {
+        let value = headers.get(*name)?.to_str().ok().filter(|value| !value.is_empty())?;
+        Some((*name, Sensitive::new(value)))
+    });
+    let from_cookie = || {
+        CSRF_HEADERS.iter().find_map(|name| {
+            let (_, value) = cookies.iter().find(|(cookie, _)| cookie.eq_ignore_ascii_case(name))?;
+            Some((*name, value.clone()))
+        })
+    };
+    let (header, token) = from_header.or_else(from_cookie)?;
+    Some(LoginCsrf { cookies, header, token })
+}
+
+/// Login URLs that took a login only with a pre-fetched CSRF token, for the life of the
+/// process (no credential: URLs only).
+static DEMANDS_CSRF: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
+
+fn demands_csrf(login_url: &str) -> bool {
+    DEMANDS_CSRF.lock().unwrap_or_else(PoisonError::into_inner).contains(login_url)
+}
+
+fn remember_demands_csrf(login_url: &str) {
+    DEMANDS_CSRF
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(login_url.to_owned());
+}
+
 impl CookieLogin {
-    /// Logs in with a form body, which keeps the password out of access logs.
+    /// Logs in with a form body, which keeps the password out of access logs; where the
+    /// server refuses a login without a CSRF token, fetches one first (see the module).
     pub async fn log_in(&self, http: &HttpClient, credentials: &LoginCredentials) -> Result<Session, AuthFailure> {
+        // A login URL known to demand the token gets it first: a re-login costs two
+        // requests, not three.
+        if demands_csrf(&self.login_url)
+            && let Some(csrf) = self.fetch_csrf(http).await
+        {
+            let answer = self.post(http, credentials, Some(&csrf)).await?;
+            return session_after_login(answer, credentials, &csrf.cookies);
+        }
+        let answer = self.post(http, credentials, None).await?;
+        if may_want_a_csrf_token(answer.status)
+            && let Some(csrf) = self.fetch_csrf(http).await
+        {
+            let answer = self.post(http, credentials, Some(&csrf)).await?;
+            if answer.status.is_success() {
+                remember_demands_csrf(&self.login_url);
+            }
+            return session_after_login(answer, credentials, &csrf.cookies);
+        }
+        session_after_login(answer, credentials, &[])
+    }
+
+    /// `GET` on the login path, for a CSRF token; `None` when the server gives none (an
+    /// older Tasklist answers 405, which is no failure of the login itself).
+    async fn fetch_csrf(&self, http: &HttpClient) -> Option<LoginCsrf> {
+        let request = http.request(Method::GET, &self.login_url);
+        let answer = http.send(request).await.ok()?;
+        if !answer.status.is_success() {
+            return None;
+        }
+        login_csrf_from_answer(&answer.headers)
+    }
+
+    async fn post(
+        &self,
+        http: &HttpClient,
+        credentials: &LoginCredentials,
+        csrf: Option<&LoginCsrf>,
+    ) -> Result<super::http::Answer, AuthFailure> {
         let form = [
             ("username", credentials.username.as_str()),
             ("password", credentials.password.expose()),
         ];
-        let request = http.request(Method::POST, &self.login_url).form(&form);
-        let answer = http
-            .send(request)
+        let mut request = http.request(Method::POST, &self.login_url).form(&form);
+        if let Some(csrf) = csrf {
+            request = request
+                .header(csrf.header, sensitive_header(csrf.token.expose()))
+                .header(COOKIE, sensitive_header(cookie_header(&csrf.cookies).expose()));
+        }
+        http.send(request)
             .await
-            .map_err(|error| AuthFailure::server_error(format!("the login endpoint could not be used: {error}")))?;
-        let status = answer.status;
-        if status.is_client_error() {
-            return Err(AuthFailure::rejected(format!(
-                "the login was refused ({}){}",
-                describe_status(status),
-                login_error_detail(&answer.body, credentials)
-            )));
-        }
-        if !status.is_success() {
-            return Err(AuthFailure::server_error(format!(
-                "the login endpoint answered {}",
-                describe_status(status)
-            )));
-        }
-        session_from_answer(&answer.headers)
+            .map_err(|error| AuthFailure::server_error(format!("the login endpoint could not be used: {error}")))
     }
 }
 
-fn session_from_answer(headers: &HeaderMap) -> Result<Session, AuthFailure> {
-    let cookies: Vec<(String, Sensitive)> = headers
+/// A header value kept out of debug output; a value that is no valid header (not from a
+/// server that follows HTTP) is sent empty.
+fn sensitive_header(value: &str) -> HeaderValue {
+    let mut value = HeaderValue::from_str(value).unwrap_or_else(|_| HeaderValue::from_static(""));
+    value.set_sensitive(true);
+    value
+}
+
+/// The session a login answer gives, or why there is none. `earlier_cookies` (from the
+/// CSRF pre-fetch) stay part of the session unless the login set a cookie of that name.
+fn session_after_login(
+    answer: super::http::Answer,
+    credentials: &LoginCredentials,
+    earlier_cookies: &[(String, Sensitive)],
+) -> Result<Session, AuthFailure> {
+    let status = answer.status;
+    if status.is_client_error() {
+        return Err(AuthFailure::rejected(format!(
+            "the login was refused ({}){}",
+            describe_status(status),
+            login_error_detail(&answer.body, credentials)
+        )));
+    }
+    if !status.is_success() {
+        return Err(AuthFailure::server_error(format!(
+            "the login endpoint answered {}",
+            describe_status(status)
+        )));
+    }
+    session_from_answer(&answer.headers, earlier_cookies)
+}
+
+/// Every cookie an answer sets (`name=value`; cleared cookies are left out).
+fn set_cookies(headers: &HeaderMap) -> Vec<(String, Sensitive)> {
+    headers
         .get_all(SET_COOKIE)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .filter_map(cookie_pair)
-        .collect();
-    if cookies.is_empty() {
+        .collect()
+}
+
+fn session_from_answer(headers: &HeaderMap, earlier_cookies: &[(String, Sensitive)]) -> Result<Session, AuthFailure> {
+    let set_now = set_cookies(headers);
+    if set_now.is_empty() {
         return Err(AuthFailure::server_error(
             "the login answered with success but set no cookie: is loginPath the Tasklist login endpoint?",
         ));
     }
+    // Cookies from before the login stay (a load balancer's, say) unless the login replaced them.
+    let mut cookies: Vec<(String, Sensitive)> = earlier_cookies
+        .iter()
+        .filter(|(name, _)| !set_now.iter().any(|(now, _)| now == name))
+        .cloned()
+        .collect();
+    cookies.extend(set_now);
     let csrf_from_header = CSRF_HEADERS
         .iter()
         .find_map(|name| headers.get(*name))
@@ -174,11 +306,14 @@ mod tests {
 
     #[test]
     fn keeps_every_cookie_and_the_csrf_header() {
-        let session = session_from_answer(&headers(&[
-            ("set-cookie", "TASKLIST-SESSION=abc; Path=/; HttpOnly; SameSite=Lax"),
-            ("set-cookie", "X-CSRF-TOKEN=xyz; Path=/"),
-            ("x-csrf-token", "xyz"),
-        ]))
+        let session = session_from_answer(
+            &headers(&[
+                ("set-cookie", "TASKLIST-SESSION=abc; Path=/; HttpOnly; SameSite=Lax"),
+                ("set-cookie", "X-CSRF-TOKEN=xyz; Path=/"),
+                ("x-csrf-token", "xyz"),
+            ]),
+            &[],
+        )
         .unwrap();
         assert_eq!(session.cookie_header().expose(), "TASKLIST-SESSION=abc; X-CSRF-TOKEN=xyz");
         assert_eq!(session.csrf_token.unwrap().expose(), "xyz");
@@ -186,13 +321,13 @@ mod tests {
 
     #[test]
     fn accepts_the_older_csrf_header_and_no_csrf_at_all() {
-        let legacy = session_from_answer(&headers(&[
-            ("set-cookie", "TASKLIST-SESSION=abc"),
-            ("tasklist-x-csrf-token", "old"),
-        ]))
+        let legacy = session_from_answer(
+            &headers(&[("set-cookie", "TASKLIST-SESSION=abc"), ("tasklist-x-csrf-token", "old")]),
+            &[],
+        )
         .unwrap();
         assert_eq!(legacy.csrf_token.unwrap().expose(), "old");
-        let none = session_from_answer(&headers(&[("set-cookie", "TASKLIST-SESSION=abc")])).unwrap();
+        let none = session_from_answer(&headers(&[("set-cookie", "TASKLIST-SESSION=abc")]), &[]).unwrap();
         assert_eq!(none.csrf_token, None);
     }
 
@@ -211,7 +346,62 @@ mod tests {
 
     #[test]
     fn success_without_a_cookie_is_a_server_error() {
-        assert!(session_from_answer(&headers(&[])).is_err());
-        assert!(session_from_answer(&headers(&[("set-cookie", "TASKLIST-SESSION=; Max-Age=0")])).is_err());
+        assert!(session_from_answer(&headers(&[]), &[]).is_err());
+        assert!(session_from_answer(&headers(&[("set-cookie", "TASKLIST-SESSION=; Max-Age=0")]), &[]).is_err());
+    }
+
+    #[test]
+    fn the_pre_fetch_reads_the_csrf_header_else_the_cookie() {
+        let answer = headers(&[
+            ("set-cookie", "X-CSRF-TOKEN=from-cookie; Path=/"),
+            ("set-cookie", "camunda-session=anonymous; Path=/"),
+            ("x-csrf-token", "from-header"),
+        ]);
+        let csrf = login_csrf_from_answer(&answer).expect("a token");
+        assert_eq!((csrf.header, csrf.token.expose()), ("X-CSRF-TOKEN", "from-header"));
+        assert_eq!(csrf.cookies.len(), 2);
+
+        let legacy = login_csrf_from_answer(&headers(&[("set-cookie", "TASKLIST-X-CSRF-TOKEN=old")])).expect("a token");
+        assert_eq!((legacy.header, legacy.token.expose()), ("TASKLIST-X-CSRF-TOKEN", "old"));
+
+        assert_eq!(login_csrf_from_answer(&headers(&[("set-cookie", "JSESSIONID=x")])), None);
+        assert_eq!(login_csrf_from_answer(&headers(&[])), None);
+    }
+
+    #[test]
+    fn only_a_401_or_403_login_tries_a_csrf_token() {
+        for (status, retry) in [
+            (401, true),
+            (403, true),
+            (400, false),
+            (404, false),
+            (405, false),
+            (500, false),
+            (204, false),
+        ] {
+            let status = reqwest::StatusCode::from_u16(status).unwrap();
+            assert_eq!(may_want_a_csrf_token(status), retry, "{status}");
+        }
+    }
+
+    #[test]
+    fn the_login_answer_replaces_pre_fetched_cookies_of_the_same_name_and_keeps_the_rest() {
+        let earlier = vec![
+            ("X-CSRF-TOKEN".to_owned(), Sensitive::new("before")),
+            ("lb-affinity".to_owned(), Sensitive::new("node-2")),
+        ];
+        let session = session_from_answer(
+            &headers(&[
+                ("set-cookie", "camunda-session=abc; Path=/; HttpOnly"),
+                ("set-cookie", "X-CSRF-TOKEN=after; Path=/"),
+            ]),
+            &earlier,
+        )
+        .unwrap();
+        assert_eq!(
+            session.cookie_header().expose(),
+            "lb-affinity=node-2; camunda-session=abc; X-CSRF-TOKEN=after"
+        );
+        assert_eq!(session.csrf_token.unwrap().expose(), "after");
     }
 }

@@ -1,5 +1,15 @@
 //! The request that checks whether Tasklist accepts a credential.
+//!
+//! Without an explicit `spec.probe.path` the probe is automatic, so that one default works
+//! on Camunda 8.6 to 8.10: it sends the v1 request (`POST /v1/tasks/search`, served up to
+//! 8.9) and, where that endpoint does not exist (8.10 removed the v1 API), the v2 request
+//! (`POST /v2/user-tasks/search`, 8.8+). Both need authentication, so an answer proves the
+//! credential; unauthenticated endpoints (`GET /v2/license`) are never used. Which API
+//! answered is remembered per base URL for the life of the process, so that a v2-only
+//! Tasklist costs the extra request once.
 
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
 use reqwest::Method;
@@ -64,24 +74,108 @@ impl ProbeOutcome {
     }
 }
 
+/// The Tasklist APIs the automatic probe knows, in the order it tries them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TasklistApi {
+    /// `POST /v1/tasks/search`: Camunda up to 8.9 (8.8 and 8.9 with v1 still on).
+    V1,
+    /// `POST /v2/user-tasks/search`: the Orchestration Cluster API of 8.8+.
+    V2,
+}
+
+impl TasklistApi {
+    const ALL: [TasklistApi; 2] = [TasklistApi::V1, TasklistApi::V2];
+
+    /// The authenticated search that proves the credential: (method, path, body).
+    fn request(self) -> (ProbeMethod, &'static str, &'static str) {
+        match self {
+            TasklistApi::V1 => (ProbeMethod::Post, "/v1/tasks/search", r#"{"pageSize":1}"#),
+            TasklistApi::V2 => (ProbeMethod::Post, "/v2/user-tasks/search", r#"{"page":{"limit":1}}"#),
+        }
+    }
+
+    fn other(self) -> TasklistApi {
+        match self {
+            TasklistApi::V1 => TasklistApi::V2,
+            TasklistApi::V2 => TasklistApi::V1,
+        }
+    }
+}
+
+/// Whether an answer says the endpoint does not exist on this Tasklist (so the other API
+/// is worth a try), rather than anything about the credential.
+fn endpoint_missing(outcome: &ProbeOutcome) -> bool {
+    matches!(outcome, ProbeOutcome::Failed { status: 404 | 405 })
+}
+
+/// Which API to remember after an automatic probe sent `tried` (in order) and got `outcome`
+/// from the last: the last one, unless it too said it does not exist.
+fn api_that_answered(tried: &[TasklistApi], outcome: &ProbeOutcome) -> Option<TasklistApi> {
+    match outcome {
+        ProbeOutcome::Unreachable { .. } => None,
+        outcome if endpoint_missing(outcome) => None,
+        _ => tried.last().copied(),
+    }
+}
+
+/// The API that last answered the automatic probe, per base URL (see the module).
+static ANSWERING_API: LazyLock<Mutex<HashMap<String, TasklistApi>>> = LazyLock::new(Default::default);
+
+fn remembered_api(base_url: &str) -> TasklistApi {
+    let remembered = ANSWERING_API.lock().unwrap_or_else(PoisonError::into_inner);
+    remembered.get(base_key(base_url)).copied().unwrap_or(TasklistApi::ALL[0])
+}
+
+fn remember_api(base_url: &str, api: TasklistApi) {
+    let mut remembered = ANSWERING_API.lock().unwrap_or_else(PoisonError::into_inner);
+    remembered.insert(base_key(base_url).to_owned(), api);
+}
+
+fn base_key(base_url: &str) -> &str {
+    base_url.trim_end_matches('/')
+}
+
 /// The configured probe request against one Tasklist.
 #[derive(Debug, Clone)]
 pub struct Probe {
+    /// The (first) request: the explicit one, or the automatic probe's remembered API.
     pub url: String,
     pub method: ProbeMethod,
     pub body: String,
     /// How long the whole probe may take; `None`: the HTTP client's request timeout.
     pub timeout: Option<Duration>,
+    /// For the automatic probe: the base URL and the API it tries first.
+    automatic: Option<(String, TasklistApi)>,
 }
 
 impl Probe {
     pub fn new(base_url: &str, spec: &ProbeSpec) -> Self {
-        Probe {
-            url: join_url(base_url, &spec.path),
-            method: spec.method,
-            body: spec.body.clone(),
-            timeout: None,
+        match &spec.path {
+            Some(path) => Probe {
+                url: join_url(base_url, path),
+                method: spec.method,
+                body: spec.body.clone(),
+                timeout: None,
+                automatic: None,
+            },
+            None => Probe::automatic(base_url, remembered_api(base_url)),
         }
+    }
+
+    fn automatic(base_url: &str, first: TasklistApi) -> Self {
+        let (method, path, body) = first.request();
+        Probe {
+            url: join_url(base_url, path),
+            method,
+            body: body.to_owned(),
+            timeout: None,
+            automatic: Some((base_url.to_owned(), first)),
+        }
+    }
+
+    /// Whether this is the automatic probe, which may send a second request.
+    pub fn is_automatic(&self) -> bool {
+        self.automatic.is_some()
     }
 
     /// The same probe, given up after `timeout` (a probe is a small query: a Tasklist that
@@ -91,16 +185,50 @@ impl Probe {
         self
     }
 
-    /// "POST https://…/v1/tasks/search", for messages.
+    /// "POST https://…/v1/tasks/search", for messages. For the automatic probe, the request
+    /// of the API that answered last for this base URL, named as such.
     pub fn describe(&self) -> String {
-        let method = match self.method {
-            ProbeMethod::Get => "GET",
-            ProbeMethod::Post => "POST",
-        };
-        format!("{method} {}", self.url)
+        match &self.automatic {
+            None => describe_request(self.method, &self.url),
+            Some((base_url, _)) => {
+                let api = remembered_api(base_url);
+                let (method, path, _) = api.request();
+                let version = match api {
+                    TasklistApi::V1 => "v1",
+                    TasklistApi::V2 => "v2",
+                };
+                format!(
+                    "{} (the Tasklist {version} API, found by the automatic probe)",
+                    describe_request(method, &join_url(base_url, path))
+                )
+            }
+        }
     }
 
     pub async fn run(&self, http: &HttpClient, credential: ProbeCredential<'_>) -> ProbeOutcome {
+        let Some((base_url, first)) = &self.automatic else {
+            return self.run_once(http, credential).await;
+        };
+        let mut tried = vec![*first];
+        let mut outcome = self.run_once(http, credential).await;
+        if endpoint_missing(&outcome) {
+            let second = Probe {
+                timeout: self.timeout,
+                ..Probe::automatic(base_url, first.other())
+            };
+            let second_outcome = second.run_once(http, credential).await;
+            if !endpoint_missing(&second_outcome) {
+                tried.push(first.other());
+                outcome = second_outcome;
+            }
+        }
+        if let Some(api) = api_that_answered(&tried, &outcome) {
+            remember_api(base_url, api);
+        }
+        outcome
+    }
+
+    async fn run_once(&self, http: &HttpClient, credential: ProbeCredential<'_>) -> ProbeOutcome {
         let request = match self.method {
             ProbeMethod::Get => http.request(Method::GET, &self.url),
             ProbeMethod::Post => http
@@ -149,6 +277,14 @@ impl Probe {
     }
 }
 
+fn describe_request(method: ProbeMethod, url: &str) -> String {
+    let method = match method {
+        ProbeMethod::Get => "GET",
+        ProbeMethod::Post => "POST",
+    };
+    format!("{method} {url}")
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -184,5 +320,54 @@ mod tests {
                 cause: "no answer within 0.2s".into()
             }
         );
+    }
+
+    #[test]
+    fn only_a_missing_endpoint_sends_the_other_request() {
+        assert!(endpoint_missing(&ProbeOutcome::Failed { status: 404 }));
+        assert!(endpoint_missing(&ProbeOutcome::Failed { status: 405 }));
+        assert!(!endpoint_missing(&ProbeOutcome::Failed { status: 500 }));
+        assert!(!endpoint_missing(&ProbeOutcome::Unauthorized { status: 401 }));
+        assert!(!endpoint_missing(&ProbeOutcome::Succeeded));
+        assert!(!endpoint_missing(&ProbeOutcome::Unreachable { cause: "x".into() }));
+    }
+
+    #[test]
+    fn the_api_that_answered_is_remembered_even_when_it_refused_the_credential() {
+        let (v1, v2) = (TasklistApi::V1, TasklistApi::V2);
+        assert_eq!(api_that_answered(&[v1], &ProbeOutcome::Succeeded), Some(v1));
+        assert_eq!(api_that_answered(&[v1, v2], &ProbeOutcome::Succeeded), Some(v2));
+        // 401 from v2 still says v2 exists.
+        assert_eq!(api_that_answered(&[v1, v2], &ProbeOutcome::Unauthorized { status: 401 }), Some(v2));
+        // Neither exists, or no answer: nothing learned.
+        assert_eq!(api_that_answered(&[v1], &ProbeOutcome::Failed { status: 404 }), None);
+        assert_eq!(api_that_answered(&[v1], &ProbeOutcome::Unreachable { cause: "x".into() }), None);
+    }
+
+    #[test]
+    fn an_explicit_path_wins_and_no_path_is_automatic_from_v1() {
+        let explicit = Probe::new(
+            "https://explicit.example",
+            &ProbeSpec {
+                path: Some("/v2/topology".into()),
+                method: ProbeMethod::Get,
+                ..ProbeSpec::default()
+            },
+        );
+        assert!(!explicit.is_automatic());
+        assert_eq!(explicit.describe(), "GET https://explicit.example/v2/topology");
+
+        let automatic = Probe::new("https://automatic.example/", &ProbeSpec::default());
+        assert!(automatic.is_automatic());
+        assert_eq!(automatic.url, "https://automatic.example/v1/tasks/search");
+        assert_eq!(
+            automatic.describe(),
+            "POST https://automatic.example/v1/tasks/search (the Tasklist v1 API, found by the automatic probe)"
+        );
+        remember_api("https://automatic.example", TasklistApi::V2);
+        let next = Probe::new("https://automatic.example/", &ProbeSpec::default());
+        assert_eq!(next.url, "https://automatic.example/v2/user-tasks/search");
+        assert_eq!(next.body, r#"{"page":{"limit":1}}"#);
+        assert!(automatic.describe().contains("/v2/user-tasks/search (the Tasklist v2 API"));
     }
 }

@@ -12,7 +12,7 @@ const SHORTEST_REDACTED: usize = 3;
 ///
 /// It has no `Display`, and its `Debug` prints nothing of the value, so it cannot end up
 /// in a log line, an Event, a status message or a panic by accident.
-#[derive(Clone, PartialEq, Eq, Default)]
+#[derive(Clone, PartialEq, Eq, Hash, Default)]
 pub struct Sensitive(String);
 
 impl Sensitive {

@@ -73,6 +73,11 @@ impl ProbeKey {
     pub fn new(probe: &Probe, credential: ProbeCredential<'_>, trust: &TlsTrust) -> Self {
         let mut hash = KeyHash::new();
         hash.field(probe.url.as_bytes());
+        // The automatic probe may answer from another request than an explicit one to the
+        // same URL would (see `camunda::probe`): their answers are not interchangeable.
+        if probe.is_automatic() {
+            hash.field(b"automatic");
+        }
         match probe.method {
             ProbeMethod::Get => hash.field(b"GET"),
             ProbeMethod::Post => {
@@ -461,13 +466,27 @@ mod tests {
         other_body.body = r#"{"pageSize":2}"#.into();
         let ca = TlsTrust {
             extra_roots_pem: Some("-----BEGIN CERTIFICATE-----".into()),
-            insecure_skip_verify: false,
+            ..TlsTrust::default()
         };
         let insecure = TlsTrust {
-            extra_roots_pem: None,
             insecure_skip_verify: true,
+            ..TlsTrust::default()
         };
+        // The same request, written out instead of automatic: the automatic probe may answer
+        // from its other request.
+        let explicit = Probe::new(
+            "https://tasklist",
+            &ProbeSpec {
+                path: Some("/v1/tasks/search".into()),
+                ..ProbeSpec::default()
+            },
+        );
+        assert_eq!(
+            (explicit.url.as_str(), &explicit.body),
+            (probe("https://tasklist").url.as_str(), &probe("https://tasklist").body)
+        );
         let others = [
+            key(&explicit, ProbeCredential::Bearer(&token), &trust),
             key(&probe("https://other-tasklist"), ProbeCredential::Bearer(&token), &trust),
             key(&get, ProbeCredential::Bearer(&token), &trust),
             key(&other_body, ProbeCredential::Bearer(&token), &trust),

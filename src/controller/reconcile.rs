@@ -375,8 +375,8 @@ impl<'a> Reconciling<'a> {
         }
         let Some(version) = &inputs.ca_version else {
             return Ok(Ok(TlsTrust {
-                extra_roots_pem: None,
                 insecure_skip_verify: inputs.insecure_skip_verify,
+                ..TlsTrust::default()
             }));
         };
         if let Some((known, trust)) = self.ctx.memory.get(&self.key).ca_trust

@@ -32,9 +32,11 @@ mod refresh;
 mod reliability;
 mod scale;
 mod scenario;
+mod secret_template;
 mod shards;
 mod sharing;
 mod trust;
+mod versions;
 mod writes;
 
 use std::process::ExitCode;
@@ -62,6 +64,8 @@ fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     all.extend(sharing::scenarios());
     all.extend(trust::scenarios());
     all.extend(admission::scenarios());
+    all.extend(versions::scenarios());
+    all.extend(secret_template::scenarios());
     all
 }
 

@@ -7,6 +7,7 @@
 //! - `POST /oauth/token`: SaaS-style client credentials (form or JSON body, or HTTP Basic),
 //!   answered with an ES256-signed JWT;
 //! - `POST /api/login`, `POST /api/logout`: Tasklist's cookie login with CSRF protection;
+//!   `POST /login` (8.8+), optionally demanding a CSRF token from `GET /login` first;
 //! - `/v1/**` and `/v2/**`: the Tasklist API as a connectivity probe, which accepts only a
 //!   valid bearer JWT or a live session cookie (plus the CSRF token on state-changing
 //!   requests).
@@ -67,6 +68,17 @@ pub struct StandinOptions {
     /// `<resource>/.default` names the token's audience).
     /// The API accepts tokens for it as well as for `tasklist.camunda.io` and `tasklist-api`.
     pub audience: String,
+    /// With `tls`: require a client certificate signed by the stand-in's CA (mutual TLS, as
+    /// some identity providers do); see [`StandinTasklist::client_identity_pem`].
+    pub require_client_certificate: bool,
+    /// The login at `POST /login` (Camunda 8.8+) demands a CSRF token handed out by a
+    /// preceding `GET /login`, sent back as the `X-CSRF-TOKEN` header with the cookie of the
+    /// same name (camunda-docs PR 10031); without it the login answers 403. Default off:
+    /// `GET /login` then answers 405, as before. `POST /api/login` never demands one.
+    pub login_requires_csrf: bool,
+    /// Which Tasklist APIs are served (the others answer `404` to an authenticated request);
+    /// default both.
+    pub apis: TasklistApis,
     /// The address to listen on, and the host of [`StandinTasklist::url`]; default 127.0.0.1.
     /// The node tests use the node's address, which Pods reach.
     pub listen_address: std::net::Ipv4Addr,
@@ -79,6 +91,9 @@ impl Default for StandinOptions {
             csrf: true,
             legacy_csrf_name: false,
             audience: "tasklist.camunda.io".to_owned(),
+            login_requires_csrf: false,
+            require_client_certificate: false,
+            apis: TasklistApis::Both,
             listen_address: std::net::Ipv4Addr::LOCALHOST,
         }
     }
@@ -88,6 +103,31 @@ impl StandinOptions {
     /// The CSRF header and cookie name these options select.
     pub fn csrf_name(&self) -> &'static str {
         if self.legacy_csrf_name { LEGACY_CSRF_NAME } else { CSRF_NAME }
+    }
+}
+
+/// Which Tasklist APIs a stand-in serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TasklistApis {
+    /// `/v1/**` and `/v2/**` (Camunda 8.8 and 8.9).
+    #[default]
+    Both,
+    /// `/v1/**` only (Camunda 8.6 and 8.7).
+    V1Only,
+    /// `/v2/**` only (Camunda 8.10, which removed v1). The whole cluster is the
+    /// Orchestration Cluster: on SaaS, tokens need the `zeebe.camunda.io` audience on any
+    /// path, so a v1 path answers `404` to them.
+    V2Only,
+}
+
+impl TasklistApis {
+    /// Whether a path of this API version is served.
+    pub fn serves(self, path: &str) -> bool {
+        match self {
+            TasklistApis::Both => true,
+            TasklistApis::V1Only => path.starts_with("/v1/"),
+            TasklistApis::V2Only => path.starts_with("/v2/"),
+        }
     }
 }
 
@@ -167,12 +207,16 @@ pub struct TokenRequestRecord {
     pub status: u16,
 }
 
-/// One request to `POST /api/login`. Never holds the password.
+/// One request to `POST /api/login` or `POST /login`. Never holds the password.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoginRecord {
     pub time: SystemTime,
+    /// `/api/login` or `/login`.
+    pub path: &'static str,
     /// Empty when the request had none.
     pub username: String,
+    /// Whether it carried a CSRF header (valid or not).
+    pub csrf_header: bool,
     pub status: u16,
 }
 
@@ -212,6 +256,8 @@ pub struct StandinTasklist {
     shared: Arc<Shared>,
     listener: Arc<Listener>,
     ca_pem: Option<String>,
+    /// With TLS: a client certificate the CA signed and its key (PEM).
+    client_identity_pem: Option<String>,
     /// The HTTP client [`Self::call_api_with_secret`] uses, trusting `ca_pem`.
     app_client: reqwest::Client,
 }
@@ -228,7 +274,7 @@ impl StandinTasklist {
             .with_context(|| format!("binding the stand-in Tasklist to {}", options.listen_address))?;
         let port = tcp.local_addr()?.port();
         let tls = if options.tls {
-            Some(listener::generate_tls().context("generating TLS material for the stand-in")?)
+            Some(listener::generate_tls(options.require_client_certificate).context("generating TLS material for the stand-in")?)
         } else {
             None
         };
@@ -241,7 +287,7 @@ impl StandinTasklist {
             .route("/.well-known/openid-configuration", get(oauth::discovery))
             .route("/api/login", post(tasklist::login))
             .route("/api/logout", post(tasklist::logout))
-            .route("/login", post(tasklist::unified_login))
+            .route("/login", post(tasklist::unified_login).get(tasklist::login_csrf))
             .route("/v1/{*rest}", any(tasklist::api))
             .route("/v2/{*rest}", any(tasklist::api))
             .with_state(shared.clone());
@@ -251,16 +297,20 @@ impl StandinTasklist {
             // A fresh connection per call, so refused connections show at once.
             .pool_max_idle_per_host(0);
         if let Some(tls) = &tls {
-            app_client = app_client.add_root_certificate(reqwest::Certificate::from_pem(tls.ca_pem.as_bytes())?);
+            app_client = app_client
+                .add_root_certificate(reqwest::Certificate::from_pem(tls.ca_pem.as_bytes())?)
+                .identity(reqwest::Identity::from_pem(tls.client_identity_pem.as_bytes())?);
         }
         let app_client = app_client.build()?;
 
         let ca_pem = tls.as_ref().map(|tls| tls.ca_pem.clone());
+        let client_identity_pem = tls.as_ref().map(|tls| tls.client_identity_pem.clone());
         let listener = Listener::start(tcp, tls.map(|tls| tls.acceptor), router);
         Ok(Self {
             shared,
             listener: Arc::new(listener),
             ca_pem,
+            client_identity_pem,
             app_client,
         })
     }
@@ -278,6 +328,14 @@ impl StandinTasklist {
     /// With TLS: the PEM of the CA that signed the server certificate.
     pub fn ca_pem(&self) -> Option<String> {
         self.ca_pem.clone()
+    }
+
+    /// With TLS: a client certificate signed by the stand-in's CA and its private key, as
+    /// (`tls.crt`, `tls.key`) PEM; a stand-in with `require_client_certificate` accepts it.
+    pub fn client_identity_pem(&self) -> Option<(String, String)> {
+        let pem = self.client_identity_pem.as_ref()?;
+        let split = pem.find("-----BEGIN PRIVATE KEY-----")?;
+        Some((pem[..split].to_owned(), pem[split..].to_owned()))
     }
 
     pub fn options(&self) -> &StandinOptions {
@@ -419,6 +477,11 @@ impl StandinTasklist {
 
     pub fn logins(&self) -> Vec<LoginRecord> {
         self.shared.lock().logins.clone()
+    }
+
+    /// How many `GET /login` requests asked for a CSRF token (answered or not).
+    pub fn login_csrf_fetches(&self) -> usize {
+        self.shared.lock().login_csrf_fetches
     }
 
     pub fn api_requests(&self) -> Vec<ApiRequestRecord> {

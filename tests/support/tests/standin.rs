@@ -9,7 +9,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, COOKIE, SET_COOKIE};
 use serde_json::{Value, json};
-use testsupport::standin::{AuthKind, EndpointMode, StandinOptions, StandinTasklist, TokenAnswer, TokenRequestEncoding};
+use testsupport::standin::{AuthKind, EndpointMode, StandinOptions, StandinTasklist, TasklistApis, TokenAnswer, TokenRequestEncoding};
 
 const CLIENT_ID: &str = "orders-app";
 const CLIENT_SECRET: &str = "very-secret-value";
@@ -912,4 +912,121 @@ async fn user_task_search(standin: &StandinTasklist, method: reqwest::Method, to
         request = request.bearer_auth(token);
     }
     request.send().await.unwrap()
+}
+
+/// The stricter login (camunda-docs PR 10031): `POST /login` only with the token of a
+/// preceding `GET /login` as header and cookie, once; `/api/login` is unchanged.
+#[tokio::test]
+async fn strict_login_demands_the_csrf_token_of_a_preceding_get() {
+    let standin = standin_with(StandinOptions {
+        login_requires_csrf: true,
+        ..StandinOptions::default()
+    })
+    .await;
+    let post_login = |csrf: Option<(String, String)>| {
+        let mut request = client()
+            .post(format!("{}/login", standin.url()))
+            .form(&[("username", USERNAME), ("password", PASSWORD)]);
+        if let Some((header, cookie)) = csrf {
+            request = request
+                .header("X-CSRF-TOKEN", header)
+                .header(COOKIE, format!("X-CSRF-TOKEN={cookie}"));
+        }
+        request.send()
+    };
+    assert_eq!(post_login(None).await.unwrap().status(), StatusCode::FORBIDDEN);
+
+    let fetched = client().get(format!("{}/login", standin.url())).send().await.unwrap();
+    assert_eq!(fetched.status(), StatusCode::OK);
+    let token = fetched.headers()["X-CSRF-TOKEN"].to_str().unwrap().to_owned();
+    let cookie = fetched.headers()[SET_COOKIE].to_str().unwrap().to_owned();
+    assert!(cookie.starts_with(&format!("X-CSRF-TOKEN={token};")), "{cookie}");
+
+    let wrong = post_login(Some(("not-the-token".into(), "not-the-token".into()))).await.unwrap();
+    assert_eq!(wrong.status(), StatusCode::FORBIDDEN);
+    let header_only = post_login(Some((token.clone(), "other".into()))).await.unwrap();
+    assert_eq!(header_only.status(), StatusCode::FORBIDDEN);
+    let right = post_login(Some((token.clone(), token.clone()))).await.unwrap();
+    assert_eq!(right.status(), StatusCode::NO_CONTENT);
+    let again = post_login(Some((token.clone(), token.clone()))).await.unwrap();
+    assert_eq!(again.status(), StatusCode::FORBIDDEN, "a token serves one login");
+
+    let old_path = client()
+        .post(format!("{}/api/login", standin.url()))
+        .form(&[("username", USERNAME), ("password", PASSWORD)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(old_path.status(), StatusCode::NO_CONTENT, "/api/login needs no token");
+    assert_eq!(standin.login_csrf_fetches(), 1);
+    let logins: Vec<_> = standin.logins().into_iter().map(|r| (r.path, r.csrf_header, r.status)).collect();
+    assert_eq!(
+        logins,
+        [
+            ("/login", false, 403),
+            ("/login", true, 403),
+            ("/login", true, 403),
+            ("/login", true, 204),
+            ("/login", true, 403),
+            ("/api/login", false, 204)
+        ]
+    );
+
+    // Without the strict mode `GET /login` is not served.
+    let lenient = standin_with(StandinOptions::default()).await;
+    let get = client().get(format!("{}/login", lenient.url())).send().await.unwrap();
+    assert_eq!(get.status(), StatusCode::METHOD_NOT_ALLOWED);
+}
+
+/// A v1-only stand-in (8.6, 8.7) answers `404` on `/v2/**`; a v2-only one (8.10) on
+/// `/v1/**`, to tokens for the Orchestration Cluster (`zeebe.camunda.io`); an
+/// unauthenticated request still gets `401` first.
+#[tokio::test]
+async fn v1_only_and_v2_only_stand_ins_answer_404_for_the_other_api() {
+    let token_for = |standin: &StandinTasklist, audience: &'static str| {
+        let form = [
+            ("grant_type", "client_credentials"),
+            ("client_id", CLIENT_ID),
+            ("client_secret", CLIENT_SECRET),
+            ("audience", audience),
+        ];
+        let request = client().post(standin.token_url()).form(&form).send();
+        async move {
+            request.await.unwrap().json::<Value>().await.unwrap()["access_token"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let call = |standin: &StandinTasklist, path: &str, token: Option<&str>| {
+        let mut request = client().post(format!("{}{path}", standin.url())).json(&json!({}));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move { request.send().await.unwrap().status() }
+    };
+
+    let v1_only = standin_with(StandinOptions {
+        apis: TasklistApis::V1Only,
+        ..StandinOptions::default()
+    })
+    .await;
+    let tasklist_token = token_for(&v1_only, "tasklist.camunda.io").await;
+    assert_eq!(call(&v1_only, "/v1/tasks/search", Some(&tasklist_token)).await, StatusCode::OK);
+    let zeebe_token = token_for(&v1_only, "zeebe.camunda.io").await;
+    assert_eq!(
+        call(&v1_only, "/v2/user-tasks/search", Some(&zeebe_token)).await,
+        StatusCode::NOT_FOUND
+    );
+
+    let v2_only = standin_with(StandinOptions {
+        apis: TasklistApis::V2Only,
+        ..StandinOptions::default()
+    })
+    .await;
+    let zeebe_token = token_for(&v2_only, "zeebe.camunda.io").await;
+    assert_eq!(call(&v2_only, "/v2/user-tasks/search", Some(&zeebe_token)).await, StatusCode::OK);
+    assert_eq!(call(&v2_only, "/v1/tasks/search", Some(&zeebe_token)).await, StatusCode::NOT_FOUND);
+    assert_eq!(call(&v2_only, "/v1/tasks/search", None).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&v2_only, "/v2/user-tasks/search", None).await, StatusCode::UNAUTHORIZED);
 }

@@ -23,11 +23,15 @@ pub(super) struct TlsMaterial {
     /// The CA clients must trust.
     pub ca_pem: String,
     pub acceptor: TlsAcceptor,
+    /// A client certificate the CA signed, and its key (PEM, certificate first).
+    pub client_identity_pem: String,
 }
 
 /// A CA generated on the spot and a server certificate it signed for `127.0.0.1` and
-/// `localhost`, so tests exercise CA trust rather than skipping verification.
-pub(super) fn generate_tls() -> anyhow::Result<TlsMaterial> {
+/// `localhost`, so tests exercise CA trust rather than skipping verification. With
+/// `require_client_certificate`, the handshake fails without a client certificate the CA
+/// signed (mutual TLS).
+pub(super) fn generate_tls(require_client_certificate: bool) -> anyhow::Result<TlsMaterial> {
     let ca_key = rcgen::KeyPair::generate()?;
     let mut ca_params = rcgen::CertificateParams::default();
     ca_params
@@ -47,10 +51,28 @@ pub(super) fn generate_tls() -> anyhow::Result<TlsMaterial> {
     server_params.distinguished_name.push(rcgen::DnType::CommonName, "localhost");
     let server_cert = server_params.signed_by(&server_key, &ca)?;
 
+    let client_key = rcgen::KeyPair::generate()?;
+    let mut client_params = rcgen::CertificateParams::default();
+    client_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "tasklist-operator");
+    client_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let client_cert = client_params.signed_by(&client_key, &ca)?;
+    let client_identity_pem = format!("{}{}", client_cert.pem(), client_key.serialize_pem());
+
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
+    let builder = ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+    let builder = if require_client_certificate {
+        let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+        roots.add(ca_cert.der().clone()).context("trusting the test CA for clients")?;
+        let verifier = tokio_rustls::rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .context("a client certificate verifier")?;
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut config = builder
         .with_single_cert(
             vec![server_cert.der().clone()],
             PrivateKeyDer::Pkcs8(server_key.serialize_der().into()),
@@ -60,6 +82,7 @@ pub(super) fn generate_tls() -> anyhow::Result<TlsMaterial> {
     Ok(TlsMaterial {
         ca_pem: ca_cert.pem(),
         acceptor: TlsAcceptor::from(Arc::new(config)),
+        client_identity_pem,
     })
 }
 

@@ -69,6 +69,10 @@ pub(super) struct State {
     /// Token requests received, counted on arrival (`token_requests` records them on answer).
     pub token_requests_arrived: usize,
     pub logins: Vec<LoginRecord>,
+    /// `GET /login` requests.
+    pub login_csrf_fetches: usize,
+    /// CSRF tokens `GET /login` handed out and no login has used yet.
+    pub login_csrf_tokens: HashSet<String>,
     pub api_requests: Vec<ApiRequestRecord>,
 }
 
@@ -118,6 +122,8 @@ impl Shared {
                 token_requests: Vec::new(),
                 token_requests_arrived: 0,
                 logins: Vec::new(),
+                login_csrf_fetches: 0,
+                login_csrf_tokens: HashSet::new(),
                 api_requests: Vec::new(),
             }),
         })

@@ -13,21 +13,58 @@ use serde_json::json;
 
 use super::bearer::{Grant, bearer_grant};
 use super::state::{Session, Shared, apply_mode, header_str, header_value, json_response, random_token, request_cookie};
-use super::{ApiRequestRecord, AuthKind, LoginRecord, SESSION_COOKIE, UNIFIED_SESSION_COOKIE, ZEEBE_AUDIENCE};
+use super::{ApiRequestRecord, AuthKind, LoginRecord, SESSION_COOKIE, TasklistApis, UNIFIED_SESSION_COOKIE, ZEEBE_AUDIENCE};
 
 /// `POST /api/login`: Spring Security form login, with the credentials as request
 /// parameters in the query string or a form body. The session is `TASKLIST-SESSION`.
-pub(super) async fn login(State(shared): State<Arc<Shared>>, uri: Uri, body: Bytes) -> Response {
-    login_as(&shared, &uri, &body, SESSION_COOKIE).await
+pub(super) async fn login(State(shared): State<Arc<Shared>>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    login_as(&shared, &uri, &headers, &body, "/api/login").await
 }
 
 /// `POST /login`: Camunda 8.8+ unified authentication, the same form login; the session is
 /// `camunda-session`.
-pub(super) async fn unified_login(State(shared): State<Arc<Shared>>, uri: Uri, body: Bytes) -> Response {
-    login_as(&shared, &uri, &body, UNIFIED_SESSION_COOKIE).await
+/// With [`super::StandinOptions::login_requires_csrf`], only with the CSRF token of a
+/// preceding `GET /login` as header and cookie.
+pub(super) async fn unified_login(State(shared): State<Arc<Shared>>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    login_as(&shared, &uri, &headers, &body, "/login").await
 }
 
-async fn login_as(shared: &Shared, uri: &Uri, body: &Bytes, cookie_name: &'static str) -> Response {
+/// `GET /login`: with [`super::StandinOptions::login_requires_csrf`], hands out a CSRF token
+/// for the login (header and cookie `X-CSRF-TOKEN`); otherwise `405`, as `/login` answers
+/// only `POST` there.
+pub(super) async fn login_csrf(State(shared): State<Arc<Shared>>) -> Response {
+    shared.lock().login_csrf_fetches += 1;
+    if !shared.options.login_requires_csrf {
+        let mut response = StatusCode::METHOD_NOT_ALLOWED.into_response();
+        response.headers_mut().insert(header::ALLOW, header_value("POST"));
+        return response;
+    }
+    let token = random_token(32);
+    shared.lock().login_csrf_tokens.insert(token.clone());
+    let csrf_name = shared.options.csrf_name();
+    let mut response = StatusCode::OK.into_response();
+    let headers = response.headers_mut();
+    headers.insert(csrf_name, header_value(&token));
+    headers.append(
+        header::SET_COOKIE,
+        header_value(&format!("{csrf_name}={token}; Path=/; SameSite=Lax")),
+    );
+    response
+}
+
+/// Whether a login carries, as header and cookie, a CSRF token `GET /login` handed out; the
+/// token is used up.
+fn login_csrf_valid(shared: &Shared, headers: &HeaderMap) -> bool {
+    let csrf_name = shared.options.csrf_name();
+    let (Some(from_header), Some(from_cookie)) = (header_str(headers, csrf_name), request_cookie(headers, csrf_name)) else {
+        return false;
+    };
+    from_header == from_cookie && shared.lock().login_csrf_tokens.remove(from_header)
+}
+
+async fn login_as(shared: &Shared, uri: &Uri, headers: &HeaderMap, body: &Bytes, path: &'static str) -> Response {
+    let cookie_name = if path == "/login" { UNIFIED_SESSION_COOKIE } else { SESSION_COOKIE };
+    let csrf_demanded = path == "/login" && shared.options.login_requires_csrf;
     let time = SystemTime::now();
     // Like a servlet's request parameters: the query string first, then the form body.
     let mut parameters: HashMap<String, String> = HashMap::new();
@@ -44,6 +81,10 @@ async fn login_as(shared: &Shared, uri: &Uri, body: &Bytes, cookie_name: &'stati
     let mode = shared.lock().login_endpoint;
     let response = match apply_mode(mode, login_failed).await {
         Some(response) => response,
+        None if csrf_demanded && !login_csrf_valid(shared, headers) => json_response(
+            StatusCode::FORBIDDEN,
+            json!({ "error": "Access denied due to invalid CSRF token." }),
+        ),
         None => {
             let mut state = shared.lock();
             if password.is_some() && state.users.get(&username) == password {
@@ -68,7 +109,9 @@ async fn login_as(shared: &Shared, uri: &Uri, body: &Bytes, cookie_name: &'stati
     };
     shared.lock().logins.push(LoginRecord {
         time,
+        path,
         username,
+        csrf_header: header_str(headers, shared.options.csrf_name()).is_some(),
         status: response.status().as_u16(),
     });
     response
@@ -131,8 +174,10 @@ fn endpoint_method(path: &str) -> Option<Method> {
 /// Whether a token's audience fits the API it calls. On SaaS (a token this stand-in issued)
 /// the v2 Orchestration API wants `zeebe.camunda.io`, and v1 wants a Tasklist audience;
 /// Self-Managed tokens (trusted JWKS) carry a Tasklist audience for both.
-fn audience_fits(path: &str, grant: &Grant, tasklist_audiences: &[String]) -> bool {
-    if path.starts_with("/v2/") && grant.issued_here {
+/// On a v2-only stand-in (8.10) every path is the Orchestration Cluster's.
+fn audience_fits(path: &str, apis: TasklistApis, grant: &Grant, tasklist_audiences: &[String]) -> bool {
+    let orchestration = path.starts_with("/v2/") || apis == TasklistApis::V2Only;
+    if orchestration && grant.issued_here {
         grant.audiences.iter().any(|audience| audience == ZEEBE_AUDIENCE)
     } else {
         grant.audiences.iter().any(|audience| tasklist_audiences.contains(audience))
@@ -162,7 +207,9 @@ pub(super) async fn api(State(shared): State<Arc<Shared>>, method: Method, uri: 
         None => {
             let denial = match (bearer_token, session) {
                 (Some(token), _) => match bearer_grant(&shared, token).await {
-                    Some(grant) if !audience_fits(uri.path(), &grant, &shared.accepted_audiences) => Some(invalid_bearer()),
+                    Some(grant) if !audience_fits(uri.path(), shared.options.apis, &grant, &shared.accepted_audiences) => {
+                        Some(invalid_bearer())
+                    }
                     Some(grant) if !grant.permitted => Some(forbidden()),
                     Some(_) => None,
                     None => Some(invalid_bearer()),
@@ -171,7 +218,8 @@ pub(super) async fn api(State(shared): State<Arc<Shared>>, method: Method, uri: 
                 (None, Some((cookie_name, session_id))) => check_session(&shared, cookie_name, session_id, &method, &headers),
                 (None, None) => Some(unauthorized()),
             };
-            denial.unwrap_or_else(|| match endpoint_method(uri.path()) {
+            let served = shared.options.apis.serves(uri.path());
+            denial.unwrap_or_else(|| match endpoint_method(uri.path()).filter(|_| served) {
                 None => json_response(
                     StatusCode::NOT_FOUND,
                     json!({ "message": format!("No endpoint {method} {}.", uri.path()) }),
