@@ -650,7 +650,7 @@ fn the_secret_reference_policy_is_on_by_default_checks_every_reference_and_spare
     // naming it in the message.
     let validations = spec["validations"].as_array().expect("validations");
     let paths = secret_reference_paths();
-    assert_eq!(paths.len(), 5, "the CRD's Secret references: {paths:?}");
+    assert_eq!(paths.len(), 6, "the CRD's Secret references: {paths:?}");
     assert_eq!(validations.len(), paths.len());
     for path in paths {
         let asks = format!(
