@@ -88,6 +88,10 @@ struct RunArgs {
     /// No credential is taken to live longer than this, whatever the token endpoint says.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     max_credential_lifetime: Duration,
+    /// At most one new credential per connection is forced through the refresh annotation
+    /// in this long; a later change of the annotation waits (the condition says until when).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    forced_refresh_interval: Duration,
     /// Reconcile only while holding a coordination.k8s.io Lease, so that several replicas
     /// can run with one active at a time.
     #[arg(long)]
@@ -251,6 +255,7 @@ async fn run(args: RunArgs, sharding: Sharding) -> anyhow::Result<()> {
     let policy = RefreshPolicy {
         secret_volume_delay: args.secret_volume_delay,
         max_credential_lifetime: args.max_credential_lifetime,
+        forced_refresh_interval: args.forced_refresh_interval,
     };
     let probes = ProbeSettings {
         concurrency: args.probe_concurrency,

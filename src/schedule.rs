@@ -35,13 +35,22 @@ pub struct RefreshPolicy {
     pub secret_volume_delay: Duration,
     /// No credential is taken to live longer than this (`--max-credential-lifetime`).
     pub max_credential_lifetime: Duration,
+    /// At most one obtain per connection is forced through the refresh annotation in this
+    /// long (`--forced-refresh-interval`).
+    pub forced_refresh_interval: Duration,
 }
+
+/// At most one obtain a minute may be forced through the refresh annotation, per connection:
+/// bumping it must not become a way around the failure backoff, or a way to make the
+/// operator hammer a token endpoint.
+pub const DEFAULT_FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
 
 impl Default for RefreshPolicy {
     fn default() -> Self {
         RefreshPolicy {
             secret_volume_delay: DEFAULT_SECRET_VOLUME_DELAY,
             max_credential_lifetime: DEFAULT_MAX_CREDENTIAL_LIFETIME,
+            forced_refresh_interval: DEFAULT_FORCED_REFRESH_INTERVAL,
         }
     }
 }

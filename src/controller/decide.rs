@@ -79,11 +79,6 @@ pub fn credential_decision(
     }
 }
 
-/// At most one obtain a minute may be forced through the refresh annotation, per connection:
-/// bumping it must not become a way around the failure backoff, or a way to make the
-/// operator hammer a token endpoint.
-pub const FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
-
 /// What to do about the refresh annotation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ForcedRefresh {
@@ -92,22 +87,28 @@ pub enum ForcedRefresh {
     Nothing,
     /// A new value: obtain now, and remember the value and the time.
     Now,
-    /// A new value, less than [`FORCED_REFRESH_INTERVAL`] after the last one acted on: not
-    /// before then.
+    /// A new value, less than the interval after the last one acted on: not before then.
     NotBefore(Timestamp),
 }
 
 /// The refresh annotation's `requested` value, against the `last` value acted on (and when),
 /// and whether the stored credential was made from the current inputs (`honoured`, which
-/// include the annotation: after a restart, nothing is forced twice).
-pub fn forced_refresh(requested: Option<&str>, last: Option<(&str, Timestamp)>, honoured: bool, now: Timestamp) -> ForcedRefresh {
+/// include the annotation: after a restart, nothing is forced twice). At most one obtain is
+/// forced per `interval` ([`crate::schedule::DEFAULT_FORCED_REFRESH_INTERVAL`]).
+pub fn forced_refresh(
+    requested: Option<&str>,
+    last: Option<(&str, Timestamp)>,
+    honoured: bool,
+    interval: Duration,
+    now: Timestamp,
+) -> ForcedRefresh {
     let Some(requested) = requested else {
         return ForcedRefresh::Nothing;
     };
     match last {
         _ if honoured => ForcedRefresh::Nothing,
         Some((value, _)) if value == requested => ForcedRefresh::Nothing,
-        Some((_, at)) if now < add(at, FORCED_REFRESH_INTERVAL) => ForcedRefresh::NotBefore(add(at, FORCED_REFRESH_INTERVAL)),
+        Some((_, at)) if now < add(at, interval) => ForcedRefresh::NotBefore(add(at, interval)),
         _ => ForcedRefresh::Now,
     }
 }
@@ -486,23 +487,31 @@ mod tests {
 
     #[test]
     fn a_refresh_forced_with_the_annotation_runs_at_most_once_a_minute() {
+        const MINUTE: Duration = crate::schedule::DEFAULT_FORCED_REFRESH_INTERVAL;
         let now = Timestamp::from_second(1_000_000).unwrap();
         let ago = |seconds: i64| now.checked_sub(jiff::SignedDuration::from_secs(seconds)).unwrap();
-        assert_eq!(forced_refresh(None, None, false, now), ForcedRefresh::Nothing);
-        assert_eq!(forced_refresh(Some("1"), None, false, now), ForcedRefresh::Now, "the first one");
+        assert_eq!(forced_refresh(None, None, false, MINUTE, now), ForcedRefresh::Nothing);
         assert_eq!(
-            forced_refresh(Some("2"), Some(("1", ago(10))), false, now),
-            ForcedRefresh::NotBefore(add(ago(10), FORCED_REFRESH_INTERVAL)),
+            forced_refresh(Some("1"), None, false, MINUTE, now),
+            ForcedRefresh::Now,
+            "the first one"
+        );
+        assert_eq!(
+            forced_refresh(Some("2"), Some(("1", ago(10))), false, MINUTE, now),
+            ForcedRefresh::NotBefore(add(ago(10), MINUTE)),
             "a second one within a minute waits"
         );
-        assert_eq!(forced_refresh(Some("2"), Some(("1", ago(60))), false, now), ForcedRefresh::Now);
         assert_eq!(
-            forced_refresh(Some("2"), Some(("2", ago(5))), false, now),
+            forced_refresh(Some("2"), Some(("1", ago(60))), false, MINUTE, now),
+            ForcedRefresh::Now
+        );
+        assert_eq!(
+            forced_refresh(Some("2"), Some(("2", ago(5))), false, MINUTE, now),
             ForcedRefresh::Nothing,
             "acted on already: a failure backs off as usual"
         );
         assert_eq!(
-            forced_refresh(Some("2"), None, true, now),
+            forced_refresh(Some("2"), None, true, MINUTE, now),
             ForcedRefresh::Nothing,
             "after a restart, the stored credential already has this value"
         );

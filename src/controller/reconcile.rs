@@ -466,6 +466,7 @@ impl<'a> Reconciling<'a> {
             self.connection.refresh_request(),
             memory.forced_refresh.as_ref().map(|(value, at)| (value.as_str(), *at)),
             stored.as_ref().is_some_and(|current| current.inputs == inputs.fingerprint),
+            self.ctx.refresh_policy.forced_refresh_interval,
             now,
         );
         let forced_wait = match forced {

@@ -416,7 +416,12 @@ async fn dead_hosts_in_one_namespace_leave_another_namespace_on_time(world: Arc<
 /// Now the second waits for the minute, and the condition says until when.
 async fn a_refresh_forced_with_the_annotation_runs_at_most_once_a_minute(world: Arc<World>) -> anyhow::Result<()> {
     const ANNOTATION: &str = "tasklist.camunda.community/refresh";
-    let s = Scenario::start_saas(&world, "forced").await?;
+    // The default interval, which the other scenarios lift to drive refreshes.
+    let namespace = world.control_plane.create_namespace("forced").await?;
+    let kubeconfig = world.control_plane.kubeconfig();
+    let operator = start_operator_with(kubeconfig, &namespace, &["--forced-refresh-interval=60s"], &[])?;
+    let mut s = Scenario::with_operator(&world, &namespace, kubeconfig, operator).await?;
+    s.add_saas_client(DEFAULT_CLIENT_SECRET).await?;
     s.apply_connection("orders", s.saas_spec()).await?;
     s.wait_ready("orders").await?;
     let tokens = || s.standin.token_requests().len();

@@ -14,10 +14,19 @@ use crate::tools;
 /// Used when the caller's environment list does not set `RUST_LOG`.
 const DEFAULT_RUST_LOG: &str = "info,tasklist_operator=debug";
 
-/// The host policy a local test needs: its stand-ins, Keycloak and API server listen on
-/// loopback, over http or with self-signed certificates, all of which the operator refuses
-/// by default. [`OperatorProcess::start`] puts these right after `run`, so that a test of a
-/// default gives the flag again (`--allow-loopback=false`): the last value wins.
+/// What a local test needs: its stand-ins, Keycloak and API server listen on loopback, over
+/// http or with self-signed certificates, all of which the operator refuses by default; and
+/// many scenarios force refreshes with the annotation, which the operator allows once a
+/// minute by default. [`OperatorProcess::start`] puts these right after `run`, so that a
+/// test of a default gives the flag again (`--allow-loopback=false`): the last value wins.
+pub const LOCAL_TEST_FLAGS: [&str; 4] = [
+    "--allow-loopback=true",
+    "--allow-http=true",
+    "--allow-insecure-tls=true",
+    "--forced-refresh-interval=0s",
+];
+
+/// The flags of [`LOCAL_TEST_FLAGS`] that `check` takes too.
 pub const LOCAL_TEST_POLICY: [&str; 3] = ["--allow-loopback=true", "--allow-http=true", "--allow-insecure-tls=true"];
 
 /// A running (or exited) operator process, whose output is collected in a log file.
@@ -29,7 +38,7 @@ pub struct OperatorProcess {
 }
 
 impl OperatorProcess {
-    /// Runs `binary` with `args` (after `run`, the [`LOCAL_TEST_POLICY`]),
+    /// Runs `binary` with `args` (after `run`, the [`LOCAL_TEST_FLAGS`]),
     /// `KUBECONFIG=kubeconfig`, `RUST_LOG` (default `info,tasklist_operator=debug`) and the
     /// extra `env`, which wins over both. The rest of the environment is inherited.
     pub fn start(binary: &Path, kubeconfig: &Path, args: &[String], env: &[(String, String)]) -> anyhow::Result<OperatorProcess> {
@@ -37,7 +46,7 @@ impl OperatorProcess {
         let log = workdir.path().join("operator.log");
         let mut command = Command::new(binary);
         match args.split_first() {
-            Some((run, rest)) if run == "run" => command.arg(run).args(LOCAL_TEST_POLICY).args(rest),
+            Some((run, rest)) if run == "run" => command.arg(run).args(LOCAL_TEST_FLAGS).args(rest),
             _ => command.args(args),
         };
         command.env("KUBECONFIG", kubeconfig).stdin(Stdio::null());
