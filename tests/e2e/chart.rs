@@ -50,6 +50,10 @@ pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
 
 const CHART_NAME: &str = "tasklist-operator";
 const SECRET: &str = "orders-tasklist-auth";
+/// The stand-ins listen on loopback over http, which the operator's policy refuses by
+/// default: every release of these scenarios allows both (and insecure TLS).
+const LOCAL_POLICY_VALUES: &str = "policy.allowLoopback=true,policy.allowHttp=true,policy.allowInsecureTls=true";
+
 /// How long one helm command may take (a busy 2-core machine included).
 const HELM_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -187,10 +191,9 @@ impl Release {
             &release.namespace,
             // The World installed the CRD already, from crds/.
             "--skip-crds",
-            // The stand-ins listen on loopback over http (the operator's policy refuses
-            // both by default); a scenario's own values come later and win.
+            // A scenario's own values come later and win.
             "--set",
-            "policy.allowLoopback=true,policy.allowHttp=true,policy.allowInsecureTls=true",
+            LOCAL_POLICY_VALUES,
         ];
         for value in set {
             args.extend(["--set", value]);
@@ -649,6 +652,8 @@ async fn upgrade_keeps_connections_and_uninstall_removes_the_operator(world: Arc
             &watch,
             "--set",
             "logLevel=debug",
+            "--set",
+            LOCAL_POLICY_VALUES,
         ],
     )
     .await?;
