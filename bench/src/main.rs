@@ -10,6 +10,8 @@
 //! 4. token requests in both, against the number of distinct clients;
 //! 5. steady state over a window: the API server's own request counters, probes, CPU;
 //! 6. the operator's RSS and VmHWM, also with unrelated 2 KB Secrets present;
+//! 7. its RSS before and after Secrets a tenant could make it cache: labelled as its own
+//!    (1 MB each), and read by new connections beside 64 KiB they do not read;
 //! 7. rotation under load: client Secrets rotated, time until every connection using one
 //!    holds a new token.
 //!
@@ -72,6 +74,14 @@ struct Args {
     /// Unrelated 2 KB Secrets added to the connections' namespace before the last memory figure.
     #[arg(long, default_value_t = 5000)]
     unrelated_secrets: usize,
+    /// Secrets anyone could label as the operator's (`app.kubernetes.io/managed-by`), 1 MB
+    /// each, added to the connections' namespace for the last memory figure (issue 18).
+    #[arg(long, default_value_t = 300)]
+    hostile_labelled: usize,
+    /// Further connections, each reading its own client Secret that also holds 64 KiB the
+    /// connection does not read, added for the last memory figure (issue 18).
+    #[arg(long, default_value_t = 1000)]
+    hostile_referenced: usize,
     /// Client Secrets rotated per round.
     #[arg(long, default_value_t = 20)]
     rotated_secrets: usize,
@@ -315,6 +325,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
     report.json.insert(
         "with_unrelated_secrets".into(),
         json!({"count": bench.args.unrelated_secrets, "rss_bytes": with_unrelated.rss, "hwm_bytes": with_unrelated.hwm}),
+    );
+
+    // 7. Memory with Secrets a tenant could make the operator cache.
+    let (before, after) = bench.with_hostile_secrets(&burst).await.context("hostile Secrets")?;
+    report.row(
+        &format!(
+            "+{} labelled 1 MB, +{} read 64 KiB Secrets: RSS before, after, growth (MB)",
+            bench.args.hostile_labelled, bench.args.hostile_referenced
+        ),
+        format!(
+            "{:.1}, {:.1}, {:.1}",
+            mb(before.rss),
+            mb(after.rss),
+            mb(after.rss.saturating_sub(before.rss))
+        ),
+    );
+    report.json.insert(
+        "with_hostile_secrets".into(),
+        json!({"labelled": bench.args.hostile_labelled, "referenced": bench.args.hostile_referenced,
+               "rss_before_bytes": before.rss, "rss_after_bytes": after.rss, "hwm_after_bytes": after.hwm}),
     );
 
     burst.operator.terminate(Duration::from_secs(30)).await?;
@@ -687,6 +717,70 @@ impl Bench {
         // The operator's Secret watch sees them all within moments; give it time to settle.
         tokio::time::sleep(Duration::from_secs(10)).await;
         process_memory(burst.operator.pid())
+    }
+
+    /// Adds, in the burst's namespace, Secrets a tenant could use to grow the operator's
+    /// caches: labelled as the operator's own (1 MB each), and client Secrets of new
+    /// connections that also hold 64 KiB no connection reads. Returns the operator's memory
+    /// before and once it has settled.
+    async fn with_hostile_secrets(&self, burst: &Burst) -> anyhow::Result<(Memory, Memory)> {
+        let before = process_memory(burst.operator.pid())?;
+        let api = self.secrets(&burst.namespace);
+        let big = ByteString(vec![b'x'; 1_000_000]);
+        futures::stream::iter(0..self.args.hostile_labelled)
+            .map(|k| {
+                let api = api.clone();
+                let secret = Secret {
+                    metadata: ObjectMeta {
+                        name: Some(format!("labelled-{k:05}")),
+                        labels: Some(BTreeMap::from([(
+                            "app.kubernetes.io/managed-by".to_owned(),
+                            "tasklist-operator".to_owned(),
+                        )])),
+                        ..ObjectMeta::default()
+                    },
+                    data: Some(BTreeMap::from([("payload".to_owned(), big.clone())])),
+                    ..Secret::default()
+                };
+                async move { api.create(&PostParams::default(), &secret).await.map(drop) }
+            })
+            .buffer_unordered(8)
+            .try_collect::<Vec<()>>()
+            .await?;
+        let extra = ByteString(vec![b'y'; 64 * 1024]);
+        let first = self.clients;
+        futures::stream::iter(first..first + self.args.hostile_referenced)
+            .map(|c| {
+                let api = api.clone();
+                self.standin.add_client(&client_id(c), &client_secret(c, 0));
+                let mut secret = client_secret_object(c, 0);
+                if let Some(data) = secret.data.as_mut() {
+                    data.insert("unread".to_owned(), extra.clone());
+                }
+                async move { api.create(&PostParams::default(), &secret).await.map(drop) }
+            })
+            .buffer_unordered(self.args.writers)
+            .try_collect::<Vec<()>>()
+            .await?;
+        let connections = self.connections(&burst.namespace);
+        let (url, token_url) = (self.standin.url(), self.standin.token_url());
+        futures::stream::iter(first..first + self.args.hostile_referenced)
+            .map(|c| {
+                let api = connections.clone();
+                let mut object = DynamicObject::new(&format!("reads-{c:05}"), &self.connection_resource);
+                object.data = json!({"spec": {
+                    "url": url,
+                    "auth": {"oauth2": {"tokenUrl": token_url, "clientSecretRef": {"name": client_secret_name(c)}}},
+                }});
+                async move { api.create(&PostParams::default(), &object).await.map(drop) }
+            })
+            .buffer_unordered(self.args.writers)
+            .try_collect::<Vec<()>>()
+            .await?;
+        // The watches see them within moments and the new connections obtain their tokens:
+        // give it time to settle.
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        Ok((before, process_memory(burst.operator.pid())?))
     }
 
     async fn apiserver_requests(&self) -> anyhow::Result<BTreeMap<String, f64>> {
