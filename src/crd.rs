@@ -229,13 +229,13 @@ pub struct SecretTemplate {
     /// `app.kubernetes.io/managed-by` is always its own and cannot be set here.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     #[x_kube(validation = labels_leave_the_operators_label_rule())]
-    #[schemars(extend("maxProperties" = 64))]
+    #[schemars(extend("maxProperties" = 64, "additionalProperties" = {"type": "string", "description": "The label's value."}))]
     pub labels: std::collections::BTreeMap<String, String>,
     /// Annotations added to the derived Secret. Annotations starting with
     /// `tasklist.camunda.community/` are the operator's own and cannot be set here.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     #[x_kube(validation = annotations_leave_the_operators_own_rule())]
-    #[schemars(extend("maxProperties" = 64))]
+    #[schemars(extend("maxProperties" = 64, "additionalProperties" = {"type": "string", "description": "The annotation's value."}))]
     pub annotations: std::collections::BTreeMap<String, String>,
     /// Extra keys of the derived Secret, each a copy of a key the operator writes, under
     /// the name a consumer expects: `{CAMUNDA_OAUTH_TOKEN: token}` adds the key
@@ -248,7 +248,7 @@ pub struct SecretTemplate {
         validation = extra_keys_do_not_collide_rule(),
         validation = extra_keys_copy_a_standard_key_rule()
     )]
-    #[schemars(extend("maxProperties" = 32))]
+    #[schemars(extend("maxProperties" = 32, "additionalProperties" = {"type": "string", "description": "The standard key this one copies: token, authorization, expiresAt, url, cookie or csrfToken."}))]
     pub keys: std::collections::BTreeMap<String, String>,
 }
 

@@ -228,7 +228,8 @@ async fn mutual_tls_is_refused_without_the_client_certificate_and_ready_with_it(
     s.apply_connection("orders", spec.clone()).await?;
     let refused = s
         .wait_for_connection("orders", "refused for want of a client certificate", Duration::from_secs(30), |c| {
-            find_condition(c, "Authenticated").is_some_and(|a| a.status == "False" && a.message.contains("CertificateRequired"))
+            find_condition(c, "Authenticated")
+                .is_some_and(|a| a.status == "False" && testsupport::standin::refused_for_want_of_a_client_certificate(&a.message))
         })
         .await?;
     let authenticated = find_condition(&refused, "Authenticated").context("no Authenticated condition")?;
