@@ -10,8 +10,9 @@
 //! 4. token requests in both, against the number of distinct clients;
 //! 5. steady state over a window: the API server's own request counters, probes, CPU;
 //! 6. the operator's RSS and VmHWM, also with unrelated 2 KB Secrets present;
-//! 7. its RSS before and after Secrets a tenant could make it cache: labelled as its own
-//!    (1 MB each), and read by new connections beside 64 KiB they do not read;
+//! 7. its RSS before and after Secrets a tenant could make it cache: 1,000 connections' own
+//!    client Secrets growing by 64 KiB they do not read, and 300 Secrets of 1 MB labelled
+//!    as the operator's own;
 //! 7. rotation under load: client Secrets rotated, time until every connection using one
 //!    holds a new token.
 //!
@@ -331,8 +332,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (before, after) = bench.with_hostile_secrets(&burst).await.context("hostile Secrets")?;
     report.row(
         &format!(
-            "+{} labelled 1 MB, +{} read 64 KiB Secrets: RSS before, after, growth (MB)",
-            bench.args.hostile_labelled, bench.args.hostile_referenced
+            "{} read Secrets +64 KiB, +{} labelled 1 MB: RSS before, after, growth (MB)",
+            bench.args.hostile_referenced, bench.args.hostile_labelled
         ),
         format!(
             "{:.1}, {:.1}, {:.1}",
@@ -343,7 +344,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     report.json.insert(
         "with_hostile_secrets".into(),
-        json!({"labelled": bench.args.hostile_labelled, "referenced": bench.args.hostile_referenced,
+        json!({"referenced": bench.args.hostile_referenced, "labelled": bench.args.hostile_labelled,
                "rss_before_bytes": before.rss, "rss_after_bytes": after.rss, "hwm_after_bytes": after.hwm}),
     );
 
@@ -719,13 +720,58 @@ impl Bench {
         process_memory(burst.operator.pid())
     }
 
-    /// Adds, in the burst's namespace, Secrets a tenant could use to grow the operator's
-    /// caches: labelled as the operator's own (1 MB each), and client Secrets of new
-    /// connections that also hold 64 KiB no connection reads. Returns the operator's memory
-    /// before and once it has settled.
+    /// In the burst's namespace: `hostile_referenced` more connections, each reading a client
+    /// Secret of its own, Ready first (the baseline); then every one of those Secrets grows
+    /// by 64 KiB no connection reads (a new version each, read again), and
+    /// `hostile_labelled` Secrets of 1 MB appear with the operator's label. Returns the
+    /// operator's memory at the baseline and once it has settled: what a tenant adds to the
+    /// operator's caches beyond what its connections cost.
     async fn with_hostile_secrets(&self, burst: &Burst) -> anyhow::Result<(Memory, Memory)> {
-        let before = process_memory(burst.operator.pid())?;
         let api = self.secrets(&burst.namespace);
+        let first = self.clients;
+        let hostile = first..first + self.args.hostile_referenced;
+        futures::stream::iter(hostile.clone())
+            .map(|c| {
+                let api = api.clone();
+                self.standin.add_client(&client_id(c), &client_secret(c, 0));
+                let secret = client_secret_object(c, 0);
+                async move { api.create(&PostParams::default(), &secret).await.map(drop) }
+            })
+            .buffer_unordered(self.args.writers)
+            .try_collect::<Vec<()>>()
+            .await?;
+        let connections = self.connections(&burst.namespace);
+        let (url, token_url) = (self.standin.url(), self.standin.token_url());
+        futures::stream::iter(hostile.clone())
+            .map(|c| {
+                let api = connections.clone();
+                let mut object = DynamicObject::new(&format!("reads-{c:05}"), &self.connection_resource);
+                object.data = json!({"spec": {
+                    "url": url,
+                    "auth": {"oauth2": {"tokenUrl": token_url, "clientSecretRef": {"name": client_secret_name(c)}}},
+                }});
+                async move { api.create(&PostParams::default(), &object).await.map(drop) }
+            })
+            .buffer_unordered(self.args.writers)
+            .try_collect::<Vec<()>>()
+            .await?;
+        // Their tokens obtained and written: the baseline.
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        let before = process_memory(burst.operator.pid())?;
+
+        let extra = ByteString(vec![b'y'; 64 * 1024]);
+        futures::stream::iter(hostile)
+            .map(|c| {
+                let api = api.clone();
+                let mut secret = client_secret_object(c, 0);
+                if let Some(data) = secret.data.as_mut() {
+                    data.insert("unread".to_owned(), extra.clone());
+                }
+                async move { api.replace(&client_secret_name(c), &PostParams::default(), &secret).await.map(drop) }
+            })
+            .buffer_unordered(self.args.writers)
+            .try_collect::<Vec<()>>()
+            .await?;
         let big = ByteString(vec![b'x'; 1_000_000]);
         futures::stream::iter(0..self.args.hostile_labelled)
             .map(|k| {
@@ -747,38 +793,8 @@ impl Bench {
             .buffer_unordered(8)
             .try_collect::<Vec<()>>()
             .await?;
-        let extra = ByteString(vec![b'y'; 64 * 1024]);
-        let first = self.clients;
-        futures::stream::iter(first..first + self.args.hostile_referenced)
-            .map(|c| {
-                let api = api.clone();
-                self.standin.add_client(&client_id(c), &client_secret(c, 0));
-                let mut secret = client_secret_object(c, 0);
-                if let Some(data) = secret.data.as_mut() {
-                    data.insert("unread".to_owned(), extra.clone());
-                }
-                async move { api.create(&PostParams::default(), &secret).await.map(drop) }
-            })
-            .buffer_unordered(self.args.writers)
-            .try_collect::<Vec<()>>()
-            .await?;
-        let connections = self.connections(&burst.namespace);
-        let (url, token_url) = (self.standin.url(), self.standin.token_url());
-        futures::stream::iter(first..first + self.args.hostile_referenced)
-            .map(|c| {
-                let api = connections.clone();
-                let mut object = DynamicObject::new(&format!("reads-{c:05}"), &self.connection_resource);
-                object.data = json!({"spec": {
-                    "url": url,
-                    "auth": {"oauth2": {"tokenUrl": token_url, "clientSecretRef": {"name": client_secret_name(c)}}},
-                }});
-                async move { api.create(&PostParams::default(), &object).await.map(drop) }
-            })
-            .buffer_unordered(self.args.writers)
-            .try_collect::<Vec<()>>()
-            .await?;
-        // The watches see them within moments and the new connections obtain their tokens:
-        // give it time to settle.
+        // The watches see them within moments, and the grown Secrets (new versions) are read
+        // again: give it time to settle.
         tokio::time::sleep(Duration::from_secs(20)).await;
         Ok((before, process_memory(burst.operator.pid())?))
     }
