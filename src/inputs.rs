@@ -366,82 +366,62 @@ async fn client_credentials<S: SecretSource>(
     Ok(ClientCredentials { client_id, proof })
 }
 
-/// Each Secret a connection reads, with the keys it reads of it: only those are kept in
-/// memory between reads.
-pub fn referenced_keys(connection: &TasklistConnection) -> BTreeMap<String, BTreeSet<String>> {
-    let auth = &connection.spec.auth;
-    let mut keys: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    let mut add = |name: &str, key: &str| {
-        keys.entry(name.to_owned()).or_default().insert(key.to_owned());
-    };
-    if let Some(oauth2) = &auth.oauth2 {
-        let client = &oauth2.client_secret_ref;
-        add(&client.name, &client.client_id_key);
-        add(&client.name, &client.client_secret_key);
-        if let Some(key_ref) = &oauth2.client_assertion_key_ref {
-            add(&key_ref.name, &key_ref.key);
-            if let Some(certificate_key) = &key_ref.certificate_key {
-                add(&key_ref.name, certificate_key);
-            }
-        }
-    }
-    for login in [
-        auth.cookie.as_ref().map(|cookie| &cookie.credentials_secret_ref),
-        auth.basic.as_ref().map(|basic| &basic.credentials_secret_ref),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        add(&login.name, &login.username_key);
-        add(&login.name, &login.password_key);
-    }
-    if let Some(ca) = connection.spec.tls.as_ref().and_then(|tls| tls.ca_secret_ref.as_ref()) {
-        add(&ca.name, &ca.key);
-    }
-    if let Some(identity) = connection
-        .spec
-        .tls
-        .as_ref()
-        .and_then(|tls| tls.client_certificate_secret_ref.as_ref())
-    {
-        add(&identity.name, "tls.crt");
-        add(&identity.name, "tls.key");
-    }
-    keys
-}
-
-/// Each Secret `connection` names, with the field that names it, in the order of the
-/// spec. A key reference without `PrivateKeyJwt` is listed too: it names a Secret, even if
-/// it is not read.
-pub fn secret_references(connection: &TasklistConnection) -> Vec<(&'static str, String)> {
+/// Each Secret `connection` names: the field that names it, the Secret's name and the keys
+/// read of it, in the order of the spec. A key reference without `PrivateKeyJwt` is listed
+/// too: it names a Secret, even if it is not read. The one walk over the references; the
+/// functions below take what they need of it.
+fn references(connection: &TasklistConnection) -> Vec<(&'static str, &str, Vec<&str>)> {
     let spec = &connection.spec;
     let auth = &spec.auth;
+    let oauth2 = auth.oauth2.as_ref();
+    let tls = spec.tls.as_ref();
     [
-        auth.oauth2
-            .as_ref()
-            .map(|o| ("spec.auth.oauth2.clientSecretRef", o.client_secret_ref.name.clone())),
-        auth.oauth2
-            .as_ref()
-            .and_then(|o| o.client_assertion_key_ref.as_ref())
-            .map(|r| ("spec.auth.oauth2.clientAssertionKeyRef", r.name.clone())),
-        auth.cookie
-            .as_ref()
-            .map(|c| ("spec.auth.cookie.credentialsSecretRef", c.credentials_secret_ref.name.clone())),
-        auth.basic
-            .as_ref()
-            .map(|b| ("spec.auth.basic.credentialsSecretRef", b.credentials_secret_ref.name.clone())),
-        spec.tls
-            .as_ref()
-            .and_then(|tls| tls.ca_secret_ref.as_ref())
-            .map(|r| ("spec.tls.caSecretRef", r.name.clone())),
-        spec.tls
-            .as_ref()
-            .and_then(|tls| tls.client_certificate_secret_ref.as_ref())
-            .map(|r| ("spec.tls.clientCertificateSecretRef", r.name.clone())),
+        oauth2.map(|o| {
+            let client = &o.client_secret_ref;
+            let keys = vec![client.client_id_key.as_str(), client.client_secret_key.as_str()];
+            ("spec.auth.oauth2.clientSecretRef", client.name.as_str(), keys)
+        }),
+        oauth2.and_then(|o| o.client_assertion_key_ref.as_ref()).map(|r| {
+            let keys = std::iter::once(r.key.as_str()).chain(r.certificate_key.as_deref()).collect();
+            ("spec.auth.oauth2.clientAssertionKeyRef", r.name.as_str(), keys)
+        }),
+        auth.cookie.as_ref().map(|c| {
+            let login = &c.credentials_secret_ref;
+            let keys = vec![login.username_key.as_str(), login.password_key.as_str()];
+            ("spec.auth.cookie.credentialsSecretRef", login.name.as_str(), keys)
+        }),
+        auth.basic.as_ref().map(|b| {
+            let login = &b.credentials_secret_ref;
+            let keys = vec![login.username_key.as_str(), login.password_key.as_str()];
+            ("spec.auth.basic.credentialsSecretRef", login.name.as_str(), keys)
+        }),
+        tls.and_then(|tls| tls.ca_secret_ref.as_ref())
+            .map(|r| ("spec.tls.caSecretRef", r.name.as_str(), vec![r.key.as_str()])),
+        tls.and_then(|tls| tls.client_certificate_secret_ref.as_ref())
+            .map(|r| ("spec.tls.clientCertificateSecretRef", r.name.as_str(), vec!["tls.crt", "tls.key"])),
     ]
     .into_iter()
     .flatten()
     .collect()
+}
+
+/// Each Secret a connection reads, with the keys it reads of it: only those are kept in
+/// memory between reads.
+pub fn referenced_keys(connection: &TasklistConnection) -> BTreeMap<String, BTreeSet<String>> {
+    let mut keys: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (_, name, read) in references(connection) {
+        keys.entry(name.to_owned()).or_default().extend(read.into_iter().map(str::to_owned));
+    }
+    keys
+}
+
+/// Each Secret `connection` names, with the field that names it, in the order of the spec
+/// (see [`references`]).
+pub fn secret_references(connection: &TasklistConnection) -> Vec<(&'static str, String)> {
+    references(connection)
+        .into_iter()
+        .map(|(field, name, _)| (field, name.to_owned()))
+        .collect()
 }
 
 /// The names of the Secrets a connection reads, for mapping Secret changes to connections.
@@ -729,6 +709,15 @@ mod tests {
         assert_eq!(key.key_id.as_deref(), Some("k1"));
         // The key's Secret is watched like the client's.
         assert_eq!(referenced_secret_names(&jwt), ["client", "keys"]);
+        // Only the keys read of each are kept between reads.
+        let keys = |names: &[&str]| names.iter().map(|name| name.to_string()).collect::<BTreeSet<_>>();
+        assert_eq!(
+            referenced_keys(&jwt),
+            BTreeMap::from([
+                ("client".to_owned(), keys(&["client_id", "client_secret"])),
+                ("keys".to_owned(), keys(&["private_key.pem"])),
+            ])
+        );
     }
 
     /// What the metadata watch knows of `source`: uid and resourceVersion, no values.
