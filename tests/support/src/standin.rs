@@ -516,9 +516,16 @@ impl StandinTasklist {
 /// Whether `message` says a TLS server refused the connection for want of a client
 /// certificate. With TLS 1.3 the server's `certificate_required` alert comes after the
 /// client's handshake has finished: the client sees the alert, or, when its request was
-/// already on its way, only that the server closed the connection.
+/// already on its way, only that the server closed the connection (while it read, or while
+/// it still wrote: a broken pipe).
 pub fn refused_for_want_of_a_client_certificate(message: &str) -> bool {
-    ["CertificateRequired", "channel closed", "connection closed", "connection reset"]
-        .iter()
-        .any(|sign| message.contains(sign))
+    [
+        "CertificateRequired",
+        "channel closed",
+        "connection closed",
+        "connection reset",
+        "broken pipe",
+    ]
+    .iter()
+    .any(|sign| message.contains(sign))
 }
