@@ -58,8 +58,11 @@ pub struct ProbeRecord {
     pub result: ConditionState,
 }
 
+/// What the plan decides and the next reconcile must know: backoff, the last probe, what was
+/// announced. A reconcile reads it once when it gathers its facts and writes it back once
+/// when it reports ([`Memory::commit`]).
 #[derive(Debug, Default, Clone)]
-pub struct ConnectionMemory {
+pub struct Decided {
     pub failure: Option<FailureRecord>,
     pub last_probe: Option<ProbeRecord>,
     /// The last time a 401 from the probe made the operator obtain a new credential.
@@ -71,16 +74,22 @@ pub struct ConnectionMemory {
     /// Whether this process reconciled the connection before (false: first sight after a
     /// start, when status tells what the previous process knew).
     pub seen: bool,
-    /// The operator's own last write of the derived Secret.
+    /// The refresh annotation's value last acted on, and when (see `decide::forced_refresh`).
+    pub forced_refresh: Option<(String, Timestamp)>,
+    /// A forced refresh waiting for its turn: wake up then.
+    pub forced_refresh_wait: Option<Timestamp>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct ConnectionMemory {
+    pub decided: Decided,
+    /// The operator's own last write of the derived Secret (kept by the write itself: its
+    /// watch event may arrive while the reconcile is still running).
     pub own_write: Option<OwnWrite>,
     /// The TLS trust read from the connection's `caSecretRef`, with the version of that
     /// Secret it was read from (see `InputsSummary::ca_version`), so that a reconcile at
     /// rest does not read the CA bundle again.
     pub ca_trust: Option<(String, TlsTrust)>,
-    /// The refresh annotation's value last acted on, and when (see `decide::forced_refresh`).
-    pub forced_refresh: Option<(String, Timestamp)>,
-    /// A forced refresh waiting for its turn: wake up then.
-    pub forced_refresh_wait: Option<Timestamp>,
 }
 
 /// The operator's own last write of a derived Secret, so that the watch event of that write
@@ -112,6 +121,17 @@ impl Memory {
         if let Ok(mut map) = self.connections.lock() {
             change(map.entry(key.clone()).or_default());
         }
+    }
+
+    /// What the last reconcile decided, for the next one to plan with.
+    pub fn decided(&self, key: &ConnectionKey) -> Decided {
+        self.get(key).decided
+    }
+
+    /// Keeps what a reconcile decided (the own-write record and the trust cache are kept
+    /// by the steps that learn them).
+    pub fn commit(&self, key: &ConnectionKey, decided: Decided) {
+        self.update(key, |memory| memory.decided = decided);
     }
 
     /// Makes sure the connection has a record, so that a relist forgets it (and what else

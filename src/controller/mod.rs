@@ -3,6 +3,7 @@
 mod decide;
 mod host_slots;
 mod memory;
+mod plan;
 mod probe_scheduler;
 mod reconcile;
 mod secret_values;

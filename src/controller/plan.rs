@@ -1,0 +1,737 @@
+//! What one reconcile does, decided from the facts it gathered: pure functions, facts in, a
+//! plan out, and the outcome of each effect settled into what is remembered and shown. No
+//! Kubernetes client or HTTP here: the rules (`decide`) are composed into one decision per
+//! step, and every rule of the README's "When credentials are refreshed" is exercised
+//! through [`plan`] in the table-driven tests below.
+//!
+//! The reconcile (`reconcile.rs`) runs: `gather` → [`plan`] → apply (obtain and write as
+//! the plan says, [`settle_credential`], probe as [`probe_step`] says, [`settle_probe`],
+//! and once more after a 401 as [`plan_after_probe`] says) → [`conclude`] → report.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+
+use super::decide::{
+    self, CredentialDecision, DerivedSecretState, ForcedRefresh, Kept, LONGEST_SLEEP, LastProbe, PendingRetry, PendingWrite,
+    StatusRecord, UnauthorizedReobtain, WriteRetryDecision,
+};
+use super::memory::{Decided, FailureRecord, ProbeRecord, WriteFailureRecord};
+use crate::camunda::probe::ProbeOutcome;
+use crate::camunda::{AuthFailure, HttpClient, TlsTrust};
+use crate::credential::{Credential, NEVER, add};
+use crate::crd::{REFRESH_ANNOTATION, TasklistConnection};
+use crate::derived_secret::StoredCredential;
+use crate::events::ConnectionEvent;
+use crate::inputs::{InputProblem, InputsSummary};
+use crate::reason::Reason;
+use crate::schedule::RefreshPolicy;
+use crate::status::{AUTHENTICATED, ConditionState, CredentialTimes, Observation, REACHABLE, READY};
+
+/// Retry interval while a Secret of the derived name belongs to someone else (a watch
+/// also wakes the connection when that Secret changes).
+const CONFLICT_RECHECK: Duration = Duration::from_secs(300);
+/// Recheck interval of a connection the policy does not allow (its host may resolve elsewhere later).
+const NOT_ALLOWED_RECHECK: Duration = Duration::from_secs(300);
+
+/// Everything a reconcile decides from, read before anything is decided.
+#[derive(Debug, Clone)]
+pub struct Facts {
+    /// When the facts were gathered: the one time the plan is made at.
+    pub now: Timestamp,
+    /// The connection as the watch delivered it: spec, metadata and the status last written.
+    pub connection: Arc<TasklistConnection>,
+    /// What the derived Secret holds.
+    pub secret: DerivedSecretState,
+    /// The credential stored in it, when usable.
+    pub stored: Option<StoredCredential>,
+    /// Whether anything may be obtained and probed, and if so from what.
+    pub gate: Gate,
+    /// What earlier reconciles decided.
+    pub memory: Decided,
+    pub refresh_policy: RefreshPolicy,
+    /// A random number in [0, 1) for the jitter of backoffs.
+    pub jitter: f64,
+}
+
+/// Whether the connection can be acted on, or why not (checked in this order).
+#[derive(Debug, Clone)]
+pub enum Gate {
+    /// A Secret of the derived name exists that this connection does not own.
+    Conflict,
+    /// The operator's policy refuses the connection's hosts.
+    NotAllowed(String),
+    /// The inputs cannot be used: a missing Secret or key, a spec the operator cannot read.
+    Input(InputProblem),
+    /// No HTTP client can be made with the connection's TLS settings.
+    NoHttpClient { reason: Reason, message: String },
+    Open(Box<Usable>),
+}
+
+/// The inputs of a connection that can be acted on.
+#[derive(Debug, Clone)]
+pub struct Usable {
+    pub inputs: InputsSummary,
+    /// Where tokens come from, in words (the token endpoint as configured or discovered).
+    pub token_source: Option<String>,
+    /// Which certificates to trust, and the HTTP client made for that trust: what the
+    /// effects use; the plan reads neither.
+    pub trust: TlsTrust,
+    pub http: HttpClient,
+}
+
+/// What a reconcile is to do.
+// One plan per reconcile, never stored: the size of its variants does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum Plan {
+    /// Nothing is obtained or probed: status says why, and when to look again.
+    Stop(Stop),
+    /// Act on the credential with these inputs.
+    Go(Go),
+}
+
+#[derive(Debug, Clone)]
+pub struct Stop {
+    pub authenticated: ConditionState,
+    pub reachable: ConditionState,
+    /// The credential status shows (the stored one, kept until it expires).
+    pub credential: Option<StoredCredential>,
+    pub secret_conflict: Option<String>,
+    /// Announced before status is written (once: not when status says so already).
+    pub event: Option<ConnectionEvent>,
+    pub wake: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Go {
+    /// A new credential replaces a Secret someone deleted or edited.
+    pub restoring: bool,
+    pub credential: CredentialStep,
+    /// What is remembered once the step is taken (before its outcome is known).
+    pub memory: Decided,
+    pub usable: Usable,
+}
+
+/// What to do about the credential.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CredentialStep {
+    /// Keep the stored credential (it is good, or a retry or a forced refresh waits);
+    /// the Authenticated condition says this.
+    Use { authenticated: ConditionState },
+    /// Write again the credential a refused write carried; obtain nothing.
+    WriteKept(StoredCredential),
+    /// Obtain a new credential and write it. `reuse_shared`: a token another connection of
+    /// the same client holds may be taken (not when restoring a deleted or edited Secret).
+    Obtain { reuse_shared: bool },
+}
+
+/// What carrying out a [`CredentialStep`] came to.
+#[derive(Debug, Clone)]
+pub enum CredentialResult {
+    /// Nothing was done ([`CredentialStep::Use`]).
+    Used { authenticated: ConditionState },
+    /// A credential was obtained (or kept from a refused write) and written.
+    Written(StoredCredential),
+    /// The API server refused the write; the credential is kept for the next try.
+    WriteFailed { credential: StoredCredential, message: String },
+    ObtainFailed(AuthFailure),
+    /// The referenced Secrets' values could not be read (a missing key).
+    InputProblem(InputProblem),
+}
+
+/// The credential in hand after the credential step, and what follows from it.
+#[derive(Debug, Clone)]
+pub struct Fresh {
+    pub credential: Option<StoredCredential>,
+    pub authenticated: ConditionState,
+    pub newly_issued: bool,
+    /// Events to publish, in order.
+    pub events: Vec<ConnectionEvent>,
+    /// How many times a stored credential was replaced (the refresh metric).
+    pub refreshes: u32,
+    /// Set when obtaining failed: when it is tried again.
+    pub retry_at: Option<Timestamp>,
+    /// The reconcile stops here: the values could not be read.
+    pub stop: Option<Stop>,
+    pub memory: Decided,
+}
+
+/// The plan for `facts`: stop and say why, or what to do about the credential.
+pub fn plan(facts: &Facts) -> Plan {
+    let connection = &facts.connection;
+    let usable = match &facts.gate {
+        Gate::Conflict => return Plan::Stop(conflict(connection)),
+        Gate::NotAllowed(message) => {
+            return Plan::Stop(Stop {
+                authenticated: ConditionState::failing(Reason::NotAllowed, message.clone()),
+                reachable: ConditionState::unknown(
+                    Reason::NotProbed,
+                    "Tasklist was not probed: the operator's policy does not allow this connection",
+                ),
+                credential: facts.stored.clone(),
+                secret_conflict: None,
+                event: None,
+                // A spec change wakes the connection at once; the recheck catches DNS changes.
+                wake: NOT_ALLOWED_RECHECK,
+            });
+        }
+        Gate::Input(problem) => return Plan::Stop(input_stop(facts, &facts.memory, facts.stored.clone(), problem.clone())),
+        Gate::NoHttpClient { reason, message } => {
+            return Plan::Stop(Stop {
+                authenticated: ConditionState::failing(*reason, message.clone()),
+                reachable: ConditionState::unknown(Reason::NotProbed, "no usable TLS settings"),
+                credential: facts.stored.clone(),
+                secret_conflict: None,
+                event: None,
+                wake: LONGEST_SLEEP,
+            });
+        }
+        Gate::Open(usable) => usable,
+    };
+    let status = connection.status.as_ref();
+    let status_says_it_held_a_credential =
+        status.is_some_and(|s| s.last_refresh_time.is_some() && s.secret_name == Some(connection.secret_name()));
+    let restoring = decide::is_restoring(facts.secret, status_says_it_held_a_credential);
+    let memory = with_failure_from_status(facts, usable, facts.memory.clone());
+    let (credential, memory) = credential_step(facts, usable, facts.stored.as_ref(), memory, false, restoring);
+    Plan::Go(Go {
+        restoring,
+        credential,
+        memory,
+        usable: usable.as_ref().clone(),
+    })
+}
+
+/// The Secret of the derived name is someone else's: nothing is attempted.
+fn conflict(connection: &TasklistConnection) -> Stop {
+    let message = format!(
+        "a Secret named {:?} exists and is not managed by this connection; delete it or choose another spec.secretName",
+        connection.secret_name()
+    );
+    let not_attempted =
+        |what: &str| ConditionState::unknown(Reason::SecretConflict, format!("{what} not attempted: the Secret name is taken"));
+    let already_reported = condition(connection, READY).is_some_and(|(_, reason, _)| reason == Reason::SecretConflict.as_str());
+    Stop {
+        authenticated: not_attempted("authentication"),
+        reachable: not_attempted("probe"),
+        credential: None,
+        event: (!already_reported).then(|| ConnectionEvent::SecretConflict { message: message.clone() }),
+        secret_conflict: Some(message),
+        wake: CONFLICT_RECHECK,
+    }
+}
+
+/// The inputs cannot be used: say so, keep the stored credential, probe nothing. A watch
+/// on the referenced Secret wakes the connection when it is fixed; a refresh time already
+/// past cannot be acted on until then (waking for it would be a loop once a second).
+fn input_stop(facts: &Facts, memory: &Decided, credential: Option<StoredCredential>, problem: InputProblem) -> Stop {
+    let reachable = match (&memory.last_probe, &credential) {
+        (Some(last), Some(credential)) if last.credential_issued_at == credential.issued_at => last.result.clone(),
+        _ => ConditionState::unknown(Reason::NotProbed, "Tasklist was not probed: the credential's inputs are not usable"),
+    };
+    let refresh_ahead = credential.as_ref().map(|c| c.refresh_at).filter(|at| *at > facts.now);
+    Stop {
+        authenticated: ConditionState::failing(problem.reason, problem.message),
+        reachable,
+        credential,
+        secret_conflict: None,
+        event: None,
+        wake: decide::next_wake(facts.now, [refresh_ahead]),
+    }
+}
+
+/// On first sight of a connection after a start: the failure to obtain a credential that
+/// status records, with its retry time (`nextRefreshTime`), so that a restart neither
+/// shortens the 30 s pause after a rejection nor a backoff in progress.
+fn with_failure_from_status(facts: &Facts, usable: &Usable, mut memory: Decided) -> Decided {
+    if memory.seen {
+        return memory;
+    }
+    memory.seen = true;
+    let connection = &facts.connection;
+    let Some(status) = &connection.status else {
+        return memory;
+    };
+    let authenticated = condition(connection, AUTHENTICATED);
+    let record = StatusRecord {
+        authenticated: authenticated.map(|(status, reason, _)| (status, reason)),
+        next_refresh: status.next_refresh_time.as_deref().and_then(|time| time.parse().ok()),
+        current_generation: status.observed_generation.is_some() && status.observed_generation == connection.metadata.generation,
+    };
+    if let Some((restored, retry_at)) = decide::failure_from_status(record, facts.now) {
+        let message = authenticated.map(|(_, _, message)| message.to_owned()).unwrap_or_default();
+        memory.failure.get_or_insert(FailureRecord {
+            fingerprint: usable.inputs.fingerprint.clone(),
+            failure: AuthFailure { message, ..restored },
+            consecutive: 1,
+            retry_at,
+        });
+    }
+    memory
+}
+
+/// Keep `stored`, wait for a pending retry, or obtain a new credential:
+/// - after a refused write, only the write is retried ([`decide::write_retry_decision`]);
+/// - a refresh forced with the annotation runs at most once per interval ([`decide::forced_refresh`]);
+/// - otherwise [`decide::credential_decision`] (`replace_now` after a 401).
+fn credential_step(
+    facts: &Facts,
+    usable: &Usable,
+    stored: Option<&StoredCredential>,
+    mut memory: Decided,
+    replace_now: bool,
+    restoring: bool,
+) -> (CredentialStep, Decided) {
+    let (now, inputs) = (facts.now, &usable.inputs);
+    if let Some(record) = &memory.write_failure {
+        let pending = PendingWrite {
+            inputs: &record.fingerprint,
+            refresh_at: record.credential.as_ref().map(|kept| kept.refresh_at),
+            retry_at: record.retry_at,
+        };
+        match decide::write_retry_decision(pending, &inputs.fingerprint, now) {
+            WriteRetryDecision::Wait { .. } => {
+                let authenticated = ConditionState::failing(Reason::SecretWriteFailed, record.message.clone());
+                return (CredentialStep::Use { authenticated }, memory);
+            }
+            WriteRetryDecision::WriteKept => {
+                if let Some(kept) = record.credential.clone() {
+                    return (CredentialStep::WriteKept(kept), memory);
+                }
+            }
+            // The episode goes on (its count and Event) until a write succeeds, or
+            // nothing needs writing any more; the kept credential is dropped.
+            WriteRetryDecision::DecideAsUsual => {
+                if let Some(record) = memory.write_failure.as_mut() {
+                    record.credential = None;
+                }
+            }
+        }
+    }
+    let forced = decide::forced_refresh(
+        facts.connection.refresh_request(),
+        memory.forced_refresh.as_ref().map(|(value, at)| (value.as_str(), *at)),
+        stored.is_some_and(|current| current.inputs == inputs.fingerprint),
+        facts.refresh_policy.forced_refresh_interval,
+        now,
+    );
+    let forced_wait = match forced {
+        // Whole seconds, as every time in status; rounded up, so that the wake-up is not early.
+        ForcedRefresh::NotBefore(at) => stored
+            .filter(|current| now < current.refresh_at)
+            .map(|current| (current, crate::obtain::whole_seconds(add(at, Duration::from_millis(999))))),
+        _ => None,
+    };
+    memory.forced_refresh_wait = forced_wait.map(|(_, at)| at);
+    if let Some((current, at)) = forced_wait {
+        let message = format!(
+            "{}; the refresh requested with the {REFRESH_ANNOTATION} annotation runs at {at} at the earliest (at most one a minute)",
+            issued_message(current, usable)
+        );
+        let authenticated = ConditionState::ok(Reason::CredentialIssued, message);
+        return (CredentialStep::Use { authenticated }, memory);
+    }
+    if let (ForcedRefresh::Now, Some(value)) = (forced, facts.connection.refresh_request()) {
+        memory.forced_refresh = Some((value.to_owned(), now));
+    }
+    let previous_failure = memory.failure.as_ref().filter(|failure| failure.fingerprint == inputs.fingerprint);
+    let kept = stored.map(|current| Kept {
+        inputs: &current.inputs,
+        refresh_at: current.refresh_at,
+    });
+    let pending = previous_failure.map(|failure| PendingRetry {
+        inputs: &failure.fingerprint,
+        retry_at: failure.retry_at,
+    });
+    let step = match decide::credential_decision(kept, pending, &inputs.fingerprint, replace_now, now) {
+        CredentialDecision::Keep => {
+            let authenticated = stored.map_or_else(
+                || ConditionState::unknown(Reason::NoCredential, "no credential"),
+                |current| ConditionState::ok(Reason::CredentialIssued, issued_message(current, usable)),
+            );
+            memory.write_failure = None;
+            CredentialStep::Use { authenticated }
+        }
+        CredentialDecision::WaitForRetry { .. } => {
+            let authenticated = previous_failure.map_or_else(
+                || ConditionState::unknown(Reason::NoCredential, "waiting to try again"),
+                |failure| failed_condition(&failure.failure),
+            );
+            memory.write_failure = None;
+            CredentialStep::Use { authenticated }
+        }
+        CredentialDecision::Obtain => CredentialStep::Obtain { reuse_shared: !restoring },
+    };
+    (step, memory)
+}
+
+/// What the credential step came to, and what is remembered of it. `stored` is the
+/// credential held before the step; `at` is when the step finished.
+pub fn settle_credential(
+    facts: &Facts,
+    usable: &Usable,
+    stored: Option<StoredCredential>,
+    restoring: bool,
+    mut memory: Decided,
+    result: CredentialResult,
+    at: Timestamp,
+) -> Fresh {
+    let mut fresh = Fresh {
+        credential: stored,
+        authenticated: ConditionState::unknown(Reason::NoCredential, "no credential"),
+        newly_issued: false,
+        events: Vec::new(),
+        refreshes: 0,
+        retry_at: None,
+        stop: None,
+        memory: Decided::default(),
+    };
+    match result {
+        CredentialResult::Used { authenticated } => fresh.authenticated = authenticated,
+        CredentialResult::Written(credential) => {
+            memory.failure = None;
+            memory.write_failure = None;
+            fresh.events.push(match (&fresh.credential, restoring) {
+                (_, true) => ConnectionEvent::SecretRestored,
+                (Some(_), false) => ConnectionEvent::CredentialRefreshed,
+                (None, false) => ConnectionEvent::CredentialIssued,
+            });
+            if usable.inputs.insecure_skip_verify {
+                fresh.events.push(ConnectionEvent::InsecureSkipVerify);
+            }
+            fresh.refreshes = u32::from(fresh.credential.is_some());
+            fresh.authenticated = ConditionState::ok(Reason::CredentialIssued, issued_message(&credential, usable));
+            fresh.credential = Some(credential);
+            fresh.newly_issued = true;
+        }
+        CredentialResult::WriteFailed { credential, message } => {
+            let previous = memory.write_failure.as_ref();
+            let consecutive = previous.map_or(1, |p| p.consecutive.saturating_add(1));
+            let announced = previous.is_some_and(|p| p.announced);
+            let previous_reason = condition(&facts.connection, AUTHENTICATED).map(|(_, reason, _)| reason);
+            if decide::announce_write_failure(previous_reason, announced) {
+                fresh.events.push(ConnectionEvent::SecretWriteFailed { message: message.clone() });
+            }
+            let retry_at = decide::next_write_retry(at, consecutive, facts.jitter);
+            // Obtaining worked: no backoff for the token endpoint or the login.
+            memory.failure = None;
+            memory.write_failure = Some(WriteFailureRecord {
+                // The inputs the credential was made from.
+                fingerprint: credential.inputs.clone(),
+                credential: Some(credential),
+                consecutive,
+                retry_at,
+                message: message.clone(),
+                announced: true,
+            });
+            fresh.retry_at = Some(retry_at);
+            fresh.authenticated = ConditionState::failing(Reason::SecretWriteFailed, message);
+        }
+        CredentialResult::ObtainFailed(failure) => {
+            let previous = memory.failure.as_ref().filter(|f| f.fingerprint == usable.inputs.fingerprint);
+            let consecutive = previous.map_or(1, |previous| previous.consecutive.saturating_add(1));
+            let kept_expires_at = fresh.credential.as_ref().map(|current| current.expires_at);
+            let retry_at = decide::next_retry(at, consecutive, failure.kind, facts.jitter, kept_expires_at);
+            fresh.authenticated = failed_condition(&failure);
+            memory.write_failure = None;
+            memory.failure = Some(FailureRecord {
+                fingerprint: usable.inputs.fingerprint.clone(),
+                failure,
+                consecutive,
+                retry_at,
+            });
+            fresh.retry_at = Some(retry_at);
+        }
+        CredentialResult::InputProblem(problem) => {
+            fresh.authenticated = ConditionState::failing(problem.reason, problem.message.clone());
+            fresh.stop = Some(input_stop(facts, &memory, fresh.credential.clone(), problem));
+        }
+    }
+    fresh.memory = memory;
+    fresh
+}
+
+/// What to do about the probe, with the credential in hand: show a result without a
+/// request, or send one. A credential issued in this reconcile is always checked anew (one
+/// issued in the same second as the last, an HTTP Basic Secret edited twice, has the same
+/// issue time).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProbeStep {
+    Show(ConditionState),
+    Send,
+}
+
+pub fn probe_step(facts: &Facts, usable: &Usable, fresh: &Fresh) -> ProbeStep {
+    if !facts.connection.spec.probe.enabled {
+        return ProbeStep::Show(ConditionState::ok(Reason::ProbeDisabled, "the probe is disabled"));
+    }
+    let Some(credential) = &fresh.credential else {
+        return ProbeStep::Show(ConditionState::unknown(
+            Reason::NoCredential,
+            "there is no credential to probe Tasklist with yet",
+        ));
+    };
+    match &fresh.memory.last_probe {
+        Some(last)
+            if !fresh.newly_issued
+                && !decide::probe_due(
+                    Some(LastProbe {
+                        at: last.at,
+                        credential_issued_at: last.credential_issued_at,
+                    }),
+                    credential.issued_at,
+                    usable.inputs.probe_interval,
+                    facts.now,
+                ) =>
+        {
+            ProbeStep::Show(last.result.clone())
+        }
+        _ => ProbeStep::Send,
+    }
+}
+
+/// What a probe that was sent came to.
+#[derive(Debug, Clone)]
+pub enum ProbeResult {
+    /// Tasklist answered (or did not) at `at`, perhaps to another connection's request for
+    /// the same credential. `message` is the outcome in words.
+    Answered { outcome: ProbeOutcome, message: String, at: Timestamp },
+    /// No probe slot was free: try again at `retry_at`.
+    Deferred { retry_at: Timestamp },
+}
+
+/// The Reachable condition after a probe step, and what is remembered of it.
+#[derive(Debug, Clone)]
+pub struct Probed {
+    pub reachable: ConditionState,
+    /// The probe's outcome, when a probe answered in this reconcile.
+    pub outcome: Option<ProbeOutcome>,
+    /// A deferred probe is due already: it is tried again soon, not once a second.
+    pub deferred_until: Option<Timestamp>,
+    /// What the last probe found before this one (for the log level).
+    pub previous: Option<ConditionState>,
+}
+
+pub fn settle_probe(facts: &Facts, fresh: &mut Fresh, step: ProbeStep, result: Option<ProbeResult>) -> Probed {
+    let previous = fresh.memory.last_probe.as_ref().map(|last| last.result.clone());
+    let mut probed = Probed {
+        reachable: ConditionState::unknown(Reason::NotProbed, "Tasklist was not probed"),
+        outcome: None,
+        deferred_until: None,
+        previous: previous.clone(),
+    };
+    let (ProbeStep::Send, Some(result), Some(credential)) = (step.clone(), result, &fresh.credential) else {
+        if let ProbeStep::Show(shown) = step {
+            probed.reachable = shown;
+        }
+        return probed;
+    };
+    match result {
+        ProbeResult::Deferred { retry_at } => {
+            probed.deferred_until = Some(retry_at);
+            probed.reachable = shown_while_probe_waits(facts, fresh).unwrap_or_else(|| {
+                ConditionState::unknown(
+                    Reason::NotProbed,
+                    "Tasklist was not probed yet: waiting for a free probe slot (too many probes to this host or in all)",
+                )
+            });
+        }
+        ProbeResult::Answered { outcome, message, at } => {
+            let reason = Reason::of_probe(&outcome);
+            probed.reachable = match &outcome {
+                ProbeOutcome::Succeeded => ConditionState::ok(reason, message),
+                _ => ConditionState::failing(reason, message),
+            };
+            // The answer's own time, also when it was another connection's: connections that
+            // share answers stay due together, so that one request keeps serving them all.
+            fresh.memory.last_probe = Some(ProbeRecord {
+                at,
+                credential_issued_at: credential.issued_at,
+                result: probed.reachable.clone(),
+            });
+            probed.outcome = Some(outcome);
+        }
+    }
+    probed
+}
+
+/// Whether a probe's 401 calls for a new credential now, and how to get it: a 401 means
+/// the credential is missing, expired or revoked (a Tasklist restart forgets sessions; an
+/// identity provider revokes tokens), so one new credential is obtained, rate-limited,
+/// without waiting for the planned refresh ([`decide::reobtain_after_unauthorized`]).
+/// Basic credentials are the user's own: obtaining them again would give the same header.
+pub fn plan_after_probe(facts: &Facts, usable: &Usable, fresh: &Fresh, probed: &Probed) -> Option<(CredentialStep, Decided)> {
+    let probed_credential = fresh.credential.as_ref()?;
+    let status = match probed.outcome.as_ref()? {
+        ProbeOutcome::Unauthorized { status } => Some(*status),
+        _ => None,
+    };
+    let renewable = !usable.inputs.basic;
+    let reobtain = renewable
+        && decide::reobtain_after_unauthorized(
+            status,
+            probed_credential.issued_at,
+            fresh.newly_issued,
+            fresh.memory.unauthorized_reobtain,
+            facts.now,
+        );
+    reobtain.then(|| credential_step(facts, usable, fresh.credential.as_ref(), fresh.memory.clone(), true, false))
+}
+
+/// Remembers the re-obtain after a 401, with the credential it brought (if any).
+pub fn remember_reobtain(facts: &Facts, fresh: &mut Fresh) {
+    let obtained_issued_at = fresh.newly_issued.then(|| fresh.credential.as_ref().map(|c| c.issued_at)).flatten();
+    fresh.memory.unauthorized_reobtain = Some(UnauthorizedReobtain {
+        at: facts.now,
+        obtained_issued_at,
+    });
+}
+
+/// What the report writes: memory, status, Events, and when to wake up.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub memory: Decided,
+    pub observation: Observation,
+    /// Events to publish before status is written, in order.
+    pub events: Vec<ConnectionEvent>,
+    /// A `refreshBefore` or `sessionTimeout` that cannot be honoured, announced now.
+    pub announced_warning: Option<String>,
+    pub refreshes: u32,
+    pub wake: Duration,
+}
+
+/// The report of a reconcile that went through: status from the credential and the probe,
+/// a `refreshBefore` or `sessionTimeout` that cannot be honoured, the next wake-up (the
+/// refresh or retry, or the next probe, or a forced refresh's turn), measured from
+/// `finished` (when the effects were done).
+pub fn conclude(facts: &Facts, usable: &Usable, mut fresh: Fresh, probed: Probed, finished: Timestamp) -> Report {
+    let inputs = &usable.inputs;
+    let mut memory = fresh.memory;
+    if probed.reachable.reason == Reason::ProbeSucceeded {
+        memory.unauthorized_reobtain = decide::after_probe(memory.unauthorized_reobtain, true);
+    }
+    let same_inputs = |fingerprint: &str| fingerprint == inputs.fingerprint;
+    let pending_retry = memory.failure.as_ref().filter(|f| same_inputs(&f.fingerprint)).map(|f| f.retry_at);
+    let write_retry = memory.write_failure.as_ref().filter(|f| same_inputs(&f.fingerprint)).map(|f| f.retry_at);
+    let next_refresh = decide::next_refresh(write_retry, pending_retry, fresh.credential.as_ref().map(|c| c.refresh_at), facts.now);
+    let warning = fresh.credential.as_ref().filter(|c| c.expires_at != NEVER).and_then(|credential| {
+        decide::refresh_warning(
+            credential.issued_at,
+            credential.expires_at,
+            inputs.refresh_before,
+            inputs.session_timeout,
+            &facts.refresh_policy,
+        )
+    });
+    let mut announced_warning = None;
+    if fresh.authenticated.status == Some(true)
+        && let Some(warning) = &warning
+    {
+        let previous = condition(&facts.connection, AUTHENTICATED).map(|(_, _, message)| message);
+        if decide::announce_refresh_warning(previous, memory.refresh_warning_announced, Some(warning)) {
+            fresh.events.push(ConnectionEvent::RefreshBeforeTooLong { message: warning.clone() });
+            announced_warning = Some(warning.clone());
+            memory.refresh_warning_announced = true;
+        }
+        fresh.authenticated.message = format!("{}; {warning}", fresh.authenticated.message);
+    }
+    if warning.is_none() {
+        memory.refresh_warning_announced = false;
+    }
+    let next_probe = memory
+        .last_probe
+        .as_ref()
+        .filter(|_| facts.connection.spec.probe.enabled)
+        .map(|probe| add(probe.at, inputs.probe_interval));
+    let next_probe = probed.deferred_until.or(next_probe);
+    let wake = decide::next_wake(finished, [next_refresh, next_probe, memory.forced_refresh_wait]);
+    Report {
+        observation: observe(facts, fresh.credential.as_ref(), next_refresh, fresh.authenticated, probed.reachable),
+        memory,
+        events: fresh.events,
+        announced_warning,
+        refreshes: fresh.refreshes,
+        wake,
+    }
+}
+
+/// The report of a reconcile that stopped.
+pub fn conclude_stop(facts: &Facts, memory: Decided, stop: Stop) -> Report {
+    let mut observation = observe(facts, stop.credential.as_ref(), None, stop.authenticated, stop.reachable);
+    observation.secret_conflict = stop.secret_conflict;
+    Report {
+        memory,
+        observation,
+        events: stop.event.into_iter().collect(),
+        announced_warning: None,
+        refreshes: 0,
+        wake: stop.wake,
+    }
+}
+
+fn observe(
+    facts: &Facts,
+    credential: Option<&StoredCredential>,
+    next_refresh: Option<Timestamp>,
+    authenticated: ConditionState,
+    reachable: ConditionState,
+) -> Observation {
+    let connection = &facts.connection;
+    Observation {
+        generation: connection.metadata.generation,
+        secret_name: connection.secret_name(),
+        auth_method: connection.spec.auth.method_name(),
+        credential: credential.map(|c| CredentialTimes {
+            issued_at: c.issued_at,
+            expires_at: c.expires_at,
+        }),
+        next_refresh,
+        authenticated,
+        reachable,
+        secret_conflict: None,
+    }
+}
+
+/// What status shows while a due probe waits for a slot: the last result, or after a
+/// restart what status recorded for the credential in hand.
+pub fn shown_while_probe_waits(facts: &Facts, fresh: &Fresh) -> Option<ConditionState> {
+    let last = fresh.memory.last_probe.as_ref().map(|last| last.result.clone());
+    last.or_else(|| probe_result_in_status(facts, fresh.credential.as_ref()?.issued_at))
+}
+
+/// What status says the previous process's last probe found with the credential issued
+/// at `issued_at`.
+fn probe_result_in_status(facts: &Facts, issued_at: Timestamp) -> Option<ConditionState> {
+    let status = facts.connection.status.as_ref()?;
+    let recorded_issue = status.last_refresh_time.as_deref().and_then(|time| time.parse::<Timestamp>().ok());
+    decide::probe_result_from_status(decide::RecordedProbe {
+        condition: condition(&facts.connection, REACHABLE),
+        same_credential: recorded_issue == Some(issued_at),
+    })
+}
+
+/// A condition of the connection's status: its status, reason and message.
+fn condition<'c>(connection: &'c TasklistConnection, type_: &str) -> Option<(&'c str, &'c str, &'c str)> {
+    let status = connection.status.as_ref()?;
+    let found = status.conditions.iter().find(|c| c.type_ == type_)?;
+    Some((found.status.as_str(), found.reason.as_str(), found.message.as_str()))
+}
+
+fn failed_condition(failure: &AuthFailure) -> ConditionState {
+    ConditionState::failing(Reason::of_auth_failure(failure), failure.message.clone())
+}
+
+fn issued_message(credential: &StoredCredential, usable: &Usable) -> String {
+    let kind = match (&usable.token_source, &credential.credential) {
+        // No value read from a referenced Secret reaches status, not even the username:
+        // whoever may read status may not be allowed to read that Secret.
+        (_, Credential::Basic(_)) => {
+            return format!("HTTP Basic credentials stored at {}; they do not expire", credential.issued_at);
+        }
+        (Some(source), _) => format!("access token from {source}"),
+        (None, _) => "session".to_owned(),
+    };
+    format!("{kind} obtained at {}, valid until {}", credential.issued_at, credential.expires_at)
+}
