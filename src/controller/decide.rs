@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 
+use super::memory::ProbeRecord;
 use crate::camunda::{AuthFailure, AuthFailureKind, FailureDetail};
 use crate::credential::add;
 use crate::reason::Reason;
@@ -357,6 +358,45 @@ pub fn probe_due(last: Option<LastProbe>, credential_issued_at: Timestamp, inter
         None => true,
         Some(last) => last.credential_issued_at != credential_issued_at || now >= add(last.at, interval),
     }
+}
+
+/// What to do about the probe with the credential in hand.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProbeStep {
+    /// Show this result; send nothing.
+    Show(ConditionState),
+    /// Send a probe (or take another connection's answer for the same credential).
+    /// `shown_while_waiting`: what status shows if it must wait for a probe slot: the last
+    /// result, or after a restart what status recorded for this credential.
+    Send { shown_while_waiting: Option<ConditionState> },
+}
+
+/// Repeat the last probe's result while it is not due ([`probe_due`]); a credential issued
+/// in this reconcile is always checked anew (one issued in the same second as the last, an
+/// HTTP Basic Secret edited twice, has the same issue time).
+pub fn probe_step(
+    last: Option<&ProbeRecord>,
+    recorded: RecordedProbe<'_>,
+    credential_issued_at: Timestamp,
+    newly_issued: bool,
+    interval: Duration,
+    now: Timestamp,
+) -> ProbeStep {
+    let Some(last) = last else {
+        return ProbeStep::Send {
+            shown_while_waiting: probe_result_from_status(recorded),
+        };
+    };
+    let view = LastProbe {
+        at: last.at,
+        credential_issued_at: last.credential_issued_at,
+    };
+    if newly_issued || probe_due(Some(view), credential_issued_at, interval, now) {
+        return ProbeStep::Send {
+            shown_while_waiting: Some(last.result.clone()),
+        };
+    }
+    ProbeStep::Show(last.result.clone())
 }
 
 /// How long to sleep until the next thing is due (the refresh or retry, or the next probe):

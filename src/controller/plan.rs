@@ -14,8 +14,8 @@ use std::time::Duration;
 use jiff::Timestamp;
 
 use super::decide::{
-    self, CredentialDecision, DerivedSecretState, ForcedRefresh, Kept, LONGEST_SLEEP, LastProbe, PendingRetry, PendingWrite,
-    StatusRecord, UnauthorizedReobtain, WriteRetryDecision,
+    self, CredentialDecision, DerivedSecretState, ForcedRefresh, Kept, LONGEST_SLEEP, PendingRetry, PendingWrite, ProbeStep,
+    RecordedProbe, StatusRecord, UnauthorizedReobtain, WriteRetryDecision,
 };
 use super::memory::{Decided, FailureRecord, ProbeRecord, WriteFailureRecord};
 use crate::camunda::probe::ProbeOutcome;
@@ -25,6 +25,7 @@ use crate::crd::{REFRESH_ANNOTATION, TasklistConnection};
 use crate::derived_secret::StoredCredential;
 use crate::events::ConnectionEvent;
 use crate::inputs::{InputProblem, InputsSummary};
+use crate::logging::{ProbeLogLevel, probe_log_level};
 use crate::reason::Reason;
 use crate::schedule::RefreshPolicy;
 use crate::status::{AUTHENTICATED, ConditionState, CredentialTimes, Observation, REACHABLE, READY};
@@ -453,16 +454,7 @@ pub fn settle_credential(
     fresh
 }
 
-/// What to do about the probe, with the credential in hand: show a result without a
-/// request, or send one. A credential issued in this reconcile is always checked anew (one
-/// issued in the same second as the last, an HTTP Basic Secret edited twice, has the same
-/// issue time).
-#[derive(Debug, Clone, PartialEq)]
-pub enum ProbeStep {
-    Show(ConditionState),
-    Send,
-}
-
+/// What to do about the probe, with the credential in hand ([`decide::probe_step`]).
 pub fn probe_step(facts: &Facts, usable: &Usable, fresh: &Fresh) -> ProbeStep {
     if !facts.connection.spec.probe.enabled {
         return ProbeStep::Show(ConditionState::ok(Reason::ProbeDisabled, "the probe is disabled"));
@@ -473,23 +465,19 @@ pub fn probe_step(facts: &Facts, usable: &Usable, fresh: &Fresh) -> ProbeStep {
             "there is no credential to probe Tasklist with yet",
         ));
     };
-    match &fresh.memory.last_probe {
-        Some(last)
-            if !fresh.newly_issued
-                && !decide::probe_due(
-                    Some(LastProbe {
-                        at: last.at,
-                        credential_issued_at: last.credential_issued_at,
-                    }),
-                    credential.issued_at,
-                    usable.inputs.probe_interval,
-                    facts.now,
-                ) =>
-        {
-            ProbeStep::Show(last.result.clone())
-        }
-        _ => ProbeStep::Send,
-    }
+    let recorded_issue = facts.connection.status.as_ref().and_then(|status| status.last_refresh_time.as_deref());
+    let recorded = RecordedProbe {
+        condition: condition(&facts.connection, REACHABLE),
+        same_credential: recorded_issue.and_then(|time| time.parse::<Timestamp>().ok()) == Some(credential.issued_at),
+    };
+    decide::probe_step(
+        fresh.memory.last_probe.as_ref(),
+        recorded,
+        credential.issued_at,
+        fresh.newly_issued,
+        usable.inputs.probe_interval,
+        facts.now,
+    )
 }
 
 /// What a probe that was sent came to.
@@ -498,8 +486,8 @@ pub enum ProbeResult {
     /// Tasklist answered (or did not) at `at`, perhaps to another connection's request for
     /// the same credential. `message` is the outcome in words.
     Answered { outcome: ProbeOutcome, message: String, at: Timestamp },
-    /// No probe slot was free: try again at `retry_at`.
-    Deferred { retry_at: Timestamp },
+    /// No probe slot was free: try again after this long.
+    Deferred { retry_after: Duration },
 }
 
 /// The Reachable condition after a probe step, and what is remembered of it.
@@ -508,30 +496,33 @@ pub struct Probed {
     pub reachable: ConditionState,
     /// The probe's outcome, when a probe answered in this reconcile.
     pub outcome: Option<ProbeOutcome>,
-    /// A deferred probe is due already: it is tried again soon, not once a second.
-    pub deferred_until: Option<Timestamp>,
-    /// What the last probe found before this one (for the log level).
-    pub previous: Option<ConditionState>,
+    /// A deferred probe is due already: it is tried again this much later, not once a second.
+    pub deferred_for: Option<Duration>,
+    /// How loudly to log the answer (a change is louder than a repeat); none without one.
+    pub log: Option<ProbeLogLevel>,
 }
 
-pub fn settle_probe(facts: &Facts, fresh: &mut Fresh, step: ProbeStep, result: Option<ProbeResult>) -> Probed {
-    let previous = fresh.memory.last_probe.as_ref().map(|last| last.result.clone());
+pub fn settle_probe(fresh: &mut Fresh, step: ProbeStep, result: Option<ProbeResult>) -> Probed {
     let mut probed = Probed {
         reachable: ConditionState::unknown(Reason::NotProbed, "Tasklist was not probed"),
         outcome: None,
-        deferred_until: None,
-        previous: previous.clone(),
+        deferred_for: None,
+        log: None,
     };
-    let (ProbeStep::Send, Some(result), Some(credential)) = (step.clone(), result, &fresh.credential) else {
-        if let ProbeStep::Show(shown) = step {
+    let shown_while_waiting = match step {
+        ProbeStep::Show(shown) => {
             probed.reachable = shown;
+            return probed;
         }
+        ProbeStep::Send { shown_while_waiting } => shown_while_waiting,
+    };
+    let (Some(result), Some(credential)) = (result, &fresh.credential) else {
         return probed;
     };
     match result {
-        ProbeResult::Deferred { retry_at } => {
-            probed.deferred_until = Some(retry_at);
-            probed.reachable = shown_while_probe_waits(facts, fresh).unwrap_or_else(|| {
+        ProbeResult::Deferred { retry_after } => {
+            probed.deferred_for = Some(retry_after);
+            probed.reachable = shown_while_waiting.unwrap_or_else(|| {
                 ConditionState::unknown(
                     Reason::NotProbed,
                     "Tasklist was not probed yet: waiting for a free probe slot (too many probes to this host or in all)",
@@ -544,6 +535,9 @@ pub fn settle_probe(facts: &Facts, fresh: &mut Fresh, step: ProbeStep, result: O
                 ProbeOutcome::Succeeded => ConditionState::ok(reason, message),
                 _ => ConditionState::failing(reason, message),
             };
+            let previous = fresh.memory.last_probe.as_ref().map(|last| &last.result);
+            let succeeded = |state: &ConditionState| (state.status == Some(true), state.reason.as_str());
+            probed.log = Some(probe_log_level(previous.map(succeeded), succeeded(&probed.reachable)));
             // The answer's own time, also when it was another connection's: connections that
             // share answers stay due together, so that one request keeps serving them all.
             fresh.memory.last_probe = Some(ProbeRecord {
@@ -645,7 +639,7 @@ pub fn conclude(facts: &Facts, usable: &Usable, mut fresh: Fresh, probed: Probed
         .as_ref()
         .filter(|_| facts.connection.spec.probe.enabled)
         .map(|probe| add(probe.at, inputs.probe_interval));
-    let next_probe = probed.deferred_until.or(next_probe);
+    let next_probe = probed.deferred_for.map(|wait| add(facts.now, wait)).or(next_probe);
     let wake = decide::next_wake(finished, [next_refresh, next_probe, memory.forced_refresh_wait]);
     Report {
         observation: observe(facts, fresh.credential.as_ref(), next_refresh, fresh.authenticated, probed.reachable),
@@ -692,24 +686,6 @@ fn observe(
         reachable,
         secret_conflict: None,
     }
-}
-
-/// What status shows while a due probe waits for a slot: the last result, or after a
-/// restart what status recorded for the credential in hand.
-pub fn shown_while_probe_waits(facts: &Facts, fresh: &Fresh) -> Option<ConditionState> {
-    let last = fresh.memory.last_probe.as_ref().map(|last| last.result.clone());
-    last.or_else(|| probe_result_in_status(facts, fresh.credential.as_ref()?.issued_at))
-}
-
-/// What status says the previous process's last probe found with the credential issued
-/// at `issued_at`.
-fn probe_result_in_status(facts: &Facts, issued_at: Timestamp) -> Option<ConditionState> {
-    let status = facts.connection.status.as_ref()?;
-    let recorded_issue = status.last_refresh_time.as_deref().and_then(|time| time.parse::<Timestamp>().ok());
-    decide::probe_result_from_status(decide::RecordedProbe {
-        condition: condition(&facts.connection, REACHABLE),
-        same_credential: recorded_issue == Some(issued_at),
-    })
 }
 
 /// A condition of the connection's status: its status, reason and message.

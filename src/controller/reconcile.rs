@@ -15,17 +15,17 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
-use super::decide::{self, CachedDerivedSecret, DerivedSecretSource, DerivedSecretState};
+use super::decide::{self, CachedDerivedSecret, DerivedSecretSource, DerivedSecretState, ProbeStep};
 use super::memory::ConnectionKey;
 use super::plan::{
-    self, CredentialResult, CredentialStep, Facts, Fresh, Gate, Plan, ProbeResult, ProbeStep, Probed, Report, Usable,
+    self, CredentialResult, CredentialStep, Facts, Fresh, Gate, Plan, ProbeResult, Probed, Report, Usable,
 };
 use super::probe_scheduler::{Due, ProbeKey, ProbeTurn};
 use super::secret_values::ByVersion;
 use super::{Context, Error, FIELD_MANAGER, SecretCaches};
 use crate::camunda::probe::Probe;
 use crate::camunda::{AuthFailure, HttpClient, TlsTrust, redact};
-use crate::credential::{NEVER, add};
+use crate::credential::NEVER;
 use crate::crd::{TasklistConnection, TasklistConnectionStatus};
 use crate::derived_secret::{DATA_HASH, StoredCredential, Unusable, is_owned_by, update_patch};
 use crate::events::transitions;
@@ -34,11 +34,11 @@ use crate::inputs::{
     InputProblem, Inputs, InputsSummary, LoginMaterial, allows_reference, read_inputs, referenced_keys, secret_opt_in_problem,
     secret_references, summarize,
 };
-use crate::logging::{ProbeLogLevel, human_signed_duration, probe_log_level};
+use crate::logging::{ProbeLogLevel, human_signed_duration};
 use crate::metrics::{ConnectionLabels, CredentialRequestLabels, HowLabels, MethodLabels, ResultLabels, SourceLabels};
 use crate::obtain::obtain_shared_credential;
 use crate::reason::Reason;
-use crate::status::{ConditionState, Observation, READY, desired_status};
+use crate::status::{Observation, READY, desired_status};
 
 pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>, caches: SecretCaches) -> Result<Action, Error> {
     let this = Reconciling::new(&connection, &ctx, caches);
@@ -430,15 +430,17 @@ impl<'a> Reconciling<'a> {
     async fn probe(&self, facts: &Facts, usable: &Usable, fresh: &mut Fresh) -> Probed {
         let step = plan::probe_step(facts, usable, fresh);
         let result = match (&step, &fresh.credential) {
-            (ProbeStep::Send, Some(credential)) => Some(self.send_probe(facts, usable, fresh, credential).await),
+            (ProbeStep::Send { shown_while_waiting }, Some(credential)) => {
+                Some(self.send_probe(facts, usable, credential, shown_while_waiting.is_some()).await)
+            }
             _ => None,
         };
-        let probed = plan::settle_probe(facts, fresh, step, result);
+        let probed = plan::settle_probe(fresh, step, result);
         self.log_probe(&probed);
         probed
     }
 
-    async fn send_probe(&self, facts: &Facts, usable: &Usable, fresh: &Fresh, credential: &StoredCredential) -> ProbeResult {
+    async fn send_probe(&self, facts: &Facts, usable: &Usable, credential: &StoredCredential, has_result: bool) -> ProbeResult {
         let ctx = self.ctx;
         let probe = Probe::new(&self.connection.spec.url, &self.connection.spec.probe).with_timeout(ctx.probe_timeout());
         let probe_key = ProbeKey::new(&probe, credential.credential.as_probe_credential(), &usable.trust);
@@ -462,7 +464,7 @@ impl<'a> Reconciling<'a> {
             credential_issued_at: credential.issued_at,
             interval: usable.inputs.probe_interval,
             now: facts.now,
-            has_result: plan::shown_while_probe_waits(facts, fresh).is_some(),
+            has_result,
         };
         let shared = match ctx.probes.turn(probe_key, host, due, send) {
             ProbeTurn::Reuse(shared) => {
@@ -477,9 +479,8 @@ impl<'a> Reconciling<'a> {
             }
             ProbeTurn::Deferred { retry_after } => {
                 ctx.metrics.probes_deferred.inc();
-                let retry_at = add(facts.now, retry_after);
-                debug!(%retry_at, "probe deferred: no probe slot is free");
-                return ProbeResult::Deferred { retry_at };
+                debug!(?retry_after, "probe deferred: no probe slot is free");
+                return ProbeResult::Deferred { retry_after };
             }
         };
         ProbeResult::Answered {
@@ -490,15 +491,12 @@ impl<'a> Reconciling<'a> {
     }
 
     fn log_probe(&self, probed: &Probed) {
-        if probed.outcome.is_none() {
-            return;
-        }
         let result = &probed.reachable;
-        let succeeded = |state: &ConditionState| (state.status == Some(true), state.reason.as_str());
-        match probe_log_level(probed.previous.as_ref().map(succeeded), succeeded(result)) {
-            ProbeLogLevel::Warn => warn!(reason = %result.reason, "probe failed: {}", result.message),
-            ProbeLogLevel::Info => info!("probe succeeds again: {}", result.message),
-            ProbeLogLevel::Debug => debug!(reason = %result.reason, "probe: {}", result.message),
+        match probed.log {
+            Some(ProbeLogLevel::Warn) => warn!(reason = %result.reason, "probe failed: {}", result.message),
+            Some(ProbeLogLevel::Info) => info!("probe succeeds again: {}", result.message),
+            Some(ProbeLogLevel::Debug) => debug!(reason = %result.reason, "probe: {}", result.message),
+            None => {}
         }
     }
 
