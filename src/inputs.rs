@@ -74,7 +74,7 @@ pub struct InputProblem {
 
 /// The problems both [`read_inputs`] and [`summarize`] find, worded once.
 impl InputProblem {
-    fn secret_not_found(name: &str) -> Self {
+    pub(crate) fn secret_not_found(name: &str) -> Self {
         InputProblem {
             reason: Reason::SecretNotFound,
             message: format!("Secret {name:?} not found in the connection's namespace"),

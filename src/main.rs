@@ -70,6 +70,35 @@ struct RunArgs {
     /// Log lines as human-readable text or as JSON objects. Filter with RUST_LOG.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Address of the port serving /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    listen_addr: SocketAddr,
+    /// How many connections are reconciled at once (per watched namespace); 0 means no limit.
+    #[arg(long, default_value_t = controller::DEFAULT_CONCURRENCY)]
+    concurrency: u16,
+    /// Use a referenced Secret only when it carries the label
+    /// `tasklist.camunda.community/allow-reference: "true"`; a connection naming one without
+    /// it reports SecretNotOptedIn, and nothing is read or sent. For clusters without the
+    /// chart's admission policy, which checks that a connection's author may read its Secrets.
+    #[arg(long)]
+    require_secret_opt_in: bool,
+    #[command(flatten)]
+    http: HttpArgs,
+    #[command(flatten)]
+    refresh: RefreshArgs,
+    #[command(flatten)]
+    probes: ProbeArgs,
+    #[command(flatten)]
+    policy: PolicyArgs,
+    #[command(flatten)]
+    leader: LeaderArgs,
+    #[command(flatten)]
+    shards: ShardArgs,
+}
+
+/// Requests to Camunda.
+#[derive(clap::Args)]
+struct HttpArgs {
     /// Timeout of each HTTP request to Camunda (token endpoint, login, probe).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     request_timeout: Duration,
@@ -77,9 +106,11 @@ struct RunArgs {
     /// caSecretRef, for clusters behind an intercepting proxy. Read at start-up.
     #[arg(long, value_name = "FILE")]
     ca_bundle: Option<std::path::PathBuf>,
-    /// Address of the port serving /metrics, /healthz and /readyz.
-    #[arg(long, default_value = "0.0.0.0:8080")]
-    listen_addr: SocketAddr,
+}
+
+/// The refresh rule's operator-wide settings.
+#[derive(clap::Args)]
+struct RefreshArgs {
     /// Room left before a credential expires for the kubelet to copy the new one into the
     /// Pods' Secret volumes: credentials are replaced at the latest this long before expiry
     /// (at most half their lifetime, at least 5 s).
@@ -92,6 +123,48 @@ struct RunArgs {
     /// in this long; a later change of the annotation waits (the condition says until when).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     forced_refresh_interval: Duration,
+}
+
+impl RefreshArgs {
+    fn policy(&self) -> RefreshPolicy {
+        RefreshPolicy {
+            secret_volume_delay: self.secret_volume_delay,
+            max_credential_lifetime: self.max_credential_lifetime,
+            forced_refresh_interval: self.forced_refresh_interval,
+        }
+    }
+}
+
+/// The probe lane.
+#[derive(clap::Args)]
+struct ProbeArgs {
+    /// How many probes may be in flight (or waited for) at once in all; 0 means no limit.
+    /// Never more than half of --concurrency, so that probes leave the rest to refreshes.
+    #[arg(long, default_value_t = controller::DEFAULT_PROBE_CONCURRENCY)]
+    probe_concurrency: u16,
+    /// How many probes may be in flight (or waited for) at once per Tasklist host; 0 means
+    /// no limit. A due probe that finds no free slot keeps the last result and is tried
+    /// again 1 to 2 s later.
+    #[arg(long, default_value_t = controller::DEFAULT_PROBES_PER_HOST)]
+    probes_per_host: u16,
+    /// Timeout of a probe (default 5s, never longer than --request-timeout).
+    #[arg(long, value_parser = parse_duration)]
+    probe_timeout: Option<Duration>,
+}
+
+impl ProbeArgs {
+    fn settings(&self) -> ProbeSettings {
+        ProbeSettings {
+            concurrency: self.probe_concurrency,
+            per_host: self.probes_per_host,
+            timeout: self.probe_timeout,
+        }
+    }
+}
+
+/// Several replicas, one active at a time.
+#[derive(clap::Args)]
+struct LeaderArgs {
     /// Reconcile only while holding a coordination.k8s.io Lease, so that several replicas
     /// can run with one active at a time.
     #[arg(long)]
@@ -115,9 +188,11 @@ struct RunArgs {
     /// Pause between tries to take (standbys) or renew (the leader) the Lease.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     leader_election_retry_period: Duration,
-    /// How many connections are reconciled at once (per watched namespace); 0 means no limit.
-    #[arg(long, default_value_t = controller::DEFAULT_CONCURRENCY)]
-    concurrency: u16,
+}
+
+/// Several processes, each with a share of the connections.
+#[derive(clap::Args)]
+struct ShardArgs {
     /// Split the connections among this many operator processes (each its own Deployment
     /// and Lease) by a stable hash of namespace/name; this one handles --shard-index.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
@@ -130,29 +205,9 @@ struct RunArgs {
     /// --shards: the hash then splits the matching connections.
     #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     shard_selector: Option<String>,
-    #[command(flatten)]
-    policy: PolicyArgs,
-    /// Use a referenced Secret only when it carries the label
-    /// `tasklist.camunda.community/allow-reference: "true"`; a connection naming one without
-    /// it reports SecretNotOptedIn, and nothing is read or sent. For clusters without the
-    /// chart's admission policy, which checks that a connection's author may read its Secrets.
-    #[arg(long)]
-    require_secret_opt_in: bool,
-    /// How many probes may be in flight (or waited for) at once in all; 0 means no limit.
-    /// Never more than half of --concurrency, so that probes leave the rest to refreshes.
-    #[arg(long, default_value_t = controller::DEFAULT_PROBE_CONCURRENCY)]
-    probe_concurrency: u16,
-    /// How many probes may be in flight (or waited for) at once per Tasklist host; 0 means
-    /// no limit. A due probe that finds no free slot keeps the last result and is tried
-    /// again 1 to 2 s later.
-    #[arg(long, default_value_t = controller::DEFAULT_PROBES_PER_HOST)]
-    probes_per_host: u16,
-    /// Timeout of a probe (default 5s, never longer than --request-timeout).
-    #[arg(long, value_parser = parse_duration)]
-    probe_timeout: Option<Duration>,
 }
 
-impl RunArgs {
+impl ShardArgs {
     /// The sharding flags, checked together; a clap usage error (exit code 2) when they
     /// do not fit.
     fn sharding(&self) -> Result<Sharding, clap::Error> {
@@ -193,7 +248,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             Ok(std::process::ExitCode::from(code))
         }
         Command::Run(args) => {
-            let sharding = args.sharding().unwrap_or_else(|error| error.exit());
+            let sharding = args.shards.sharding().unwrap_or_else(|error| error.exit());
             run(*args, sharding).await.map(|()| std::process::ExitCode::SUCCESS)
         }
     }
@@ -204,7 +259,7 @@ async fn run(args: RunArgs, sharding: Sharding) -> anyhow::Result<()> {
         LogFormat::Text => logging::LogFormat::Text,
         LogFormat::Json => logging::LogFormat::Json,
     });
-    let settings = http_settings(args.request_timeout, args.ca_bundle.as_deref()).map_err(anyhow::Error::msg)?;
+    let settings = http_settings(args.http.request_timeout, args.http.ca_bundle.as_deref()).map_err(anyhow::Error::msg)?;
     let kube_config = kube::Config::infer().await?;
     let cluster_url = &kube_config.cluster_url;
     let api_server = api_server_addresses(cluster_url.host(), cluster_url.port_u16(), cluster_url.scheme_str()).await;
@@ -232,7 +287,7 @@ async fn run(args: RunArgs, sharding: Sharding) -> anyhow::Result<()> {
         }
     };
 
-    let elector = match leader_election(&args, &sharding, &client) {
+    let elector = match leader_election(&args.leader, &sharding, &client) {
         Ok(elector) => elector,
         Err(message) => anyhow::bail!("leader election: {message}"),
     };
@@ -248,27 +303,23 @@ async fn run(args: RunArgs, sharding: Sharding) -> anyhow::Result<()> {
     } else {
         Scope::Namespaces(args.namespaces.clone())
     };
-    let settings = HttpSettings {
-        policy: Some(policy),
-        ..settings
+    let settings = controller::Settings {
+        http: HttpSettings {
+            policy: Some(policy),
+            ..settings
+        },
+        refresh: args.refresh.policy(),
+        probes: args.probes.settings(),
+        concurrency: args.concurrency,
+        sharding,
+        require_secret_opt_in: args.require_secret_opt_in,
     };
-    let policy = RefreshPolicy {
-        secret_volume_delay: args.secret_volume_delay,
-        max_credential_lifetime: args.max_credential_lifetime,
-        forced_refresh_interval: args.forced_refresh_interval,
-    };
-    let probes = ProbeSettings {
-        concurrency: args.probe_concurrency,
-        per_host: args.probes_per_host,
-        timeout: args.probe_timeout,
-    };
-    let ctx = Arc::new(
-        Context::new(client, settings, policy, metrics, args.leader_election_identity.clone())
-            .with_concurrency(args.concurrency)
-            .with_sharding(sharding)
-            .with_probe_settings(probes)
-            .with_secret_opt_in(args.require_secret_opt_in),
-    );
+    let ctx = Arc::new(Context::new(
+        client,
+        metrics,
+        settings,
+        args.leader.leader_election_identity.clone(),
+    ));
     match &elector {
         None => controller::run(ctx, scope, shutdown()).await,
         Some(elector) => {
@@ -329,7 +380,7 @@ fn http_settings(timeout: Duration, ca_bundle: Option<&std::path::Path>) -> Resu
     Ok(settings)
 }
 
-fn leader_election(args: &RunArgs, sharding: &Sharding, client: &kube::Client) -> Result<Option<LeaderElector>, String> {
+fn leader_election(args: &LeaderArgs, sharding: &Sharding, client: &kube::Client) -> Result<Option<LeaderElector>, String> {
     if !args.leader_election {
         return Ok(None);
     }
@@ -417,6 +468,7 @@ mod tests {
     #[test]
     fn shard_flags_are_checked_together() {
         let sharding = run_args(&["--shards", "3", "--shard-index", "2", "--shard-selector", "team=a"])
+            .shards
             .sharding()
             .expect("valid");
         assert_eq!(
@@ -424,15 +476,16 @@ mod tests {
             (2, 3, Some("team=a"))
         );
         let beyond = run_args(&["--shards", "2", "--shard-index", "2"])
+            .shards
             .sharding()
             .expect_err("index 2 of 2");
         assert_eq!(beyond.kind(), clap::error::ErrorKind::ArgumentConflict);
         assert!(beyond.to_string().contains("--shard-index 2 is not below --shards 2"), "{beyond}");
-        let alone = run_args(&["--shard-index", "1"]).sharding().expect_err("index 1 of 1");
+        let alone = run_args(&["--shard-index", "1"]).shards.sharding().expect_err("index 1 of 1");
         assert!(alone.to_string().contains("not below --shards 1"), "{alone}");
         assert!(Cli::try_parse_from(["tasklist-operator", "run", "--shards", "0"]).is_err());
         assert!(Cli::try_parse_from(["tasklist-operator", "run", "--shard-selector", ""]).is_err());
-        let default = run_args(&[]).sharding().expect("valid");
+        let default = run_args(&[]).shards.sharding().expect("valid");
         assert_eq!((default.index(), default.count(), default.label_selector()), (0, 1, None));
     }
 }

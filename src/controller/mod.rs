@@ -71,15 +71,48 @@ impl Error {
     }
 }
 
-/// Shared by every reconcile.
+/// Shared by every reconcile, in three parts: how the operator was configured, what the
+/// reconciles share (caches and limits, each bounded), and how it talks to the cluster.
 pub struct Context {
+    pub settings: Settings,
+    shared: Shared,
     pub client: Client,
     pub metrics: Arc<Metrics>,
     events: EventPublisher,
-    http_settings: HttpSettings,
+}
+
+/// How the operator was configured (its flags), fixed for the life of the process.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Timeouts, the operator's CA bundle and the host policy of every request to Camunda.
+    pub http: HttpSettings,
     /// The operator-wide settings of the refresh rule.
-    refresh_policy: RefreshPolicy,
-    /// Which hosts connections may send requests to (from `http_settings`).
+    pub refresh: RefreshPolicy,
+    pub probes: ProbeSettings,
+    /// How many connections are reconciled at once (per watched namespace).
+    pub concurrency: u16,
+    /// Which connections this process handles; the others never reach the controller.
+    pub sharding: Sharding,
+    /// `--require-secret-opt-in`: use only referenced Secrets that carry the opt-in label.
+    pub require_secret_opt_in: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            http: HttpSettings::default(),
+            refresh: RefreshPolicy::default(),
+            probes: ProbeSettings::default(),
+            concurrency: DEFAULT_CONCURRENCY,
+            sharding: Sharding::default(),
+            require_secret_opt_in: false,
+        }
+    }
+}
+
+/// What the reconciles share: memory, caches and limits, made from the settings.
+struct Shared {
+    /// Which hosts connections may send requests to (from the HTTP settings).
     host_policy: Arc<HostPolicy>,
     /// The policy pre-check's recent answers per host name.
     resolved_hosts: ResolutionCache,
@@ -91,18 +124,27 @@ pub struct Context {
     token_cache: TokenCache<ConnectionKey>,
     /// The referenced Secrets' values by version: read once per version, not per connection.
     secret_values: secret_values::SecretValues,
-    /// How many connections are reconciled at once (per watched namespace).
-    concurrency: u16,
     /// Reconciles in flight per credential host, so that a dead token endpoint cannot hold
     /// every reconcile slot.
     host_slots: HostSlots,
-    /// Which connections this process handles; the others never reach the controller.
-    sharding: Sharding,
     /// The probe lane: shared probe answers, requests in flight, probe slots.
     probes: ProbeScheduler,
-    probe_settings: ProbeSettings,
-    /// `--require-secret-opt-in`: use only referenced Secrets that carry the opt-in label.
-    require_secret_opt_in: bool,
+}
+
+impl Shared {
+    fn for_settings(settings: &Settings) -> Self {
+        let probes = &settings.probes;
+        Shared {
+            host_policy: settings.http.policy.clone().unwrap_or_default(),
+            resolved_hosts: ResolutionCache::default(),
+            http_clients: Mutex::default(),
+            memory: Memory::default(),
+            token_cache: TokenCache::default(),
+            secret_values: secret_values::SecretValues::default(),
+            host_slots: HostSlots::new(settings.http.health.clone()),
+            probes: ProbeScheduler::new(probe_limits(probes.concurrency, probes.per_host, settings.concurrency)),
+        }
+    }
 }
 
 /// The probe lane's flags (`--probe-concurrency`, `--probes-per-host`, `--probe-timeout`).
@@ -131,68 +173,18 @@ pub const DEFAULT_CONCURRENCY: u16 = 32;
 
 impl Context {
     /// `instance` names this operator process in Events (its Pod name).
-    pub fn new(
-        client: Client,
-        http_settings: HttpSettings,
-        policy: RefreshPolicy,
-        metrics: Arc<Metrics>,
-        instance: Option<String>,
-    ) -> Self {
+    pub fn new(client: Client, metrics: Arc<Metrics>, settings: Settings, instance: Option<String>) -> Self {
         Context {
             events: EventPublisher::new(client.clone(), instance),
+            shared: Shared::for_settings(&settings),
+            settings,
             client,
             metrics,
-            host_policy: http_settings.policy.clone().unwrap_or_default(),
-            resolved_hosts: ResolutionCache::default(),
-            host_slots: HostSlots::new(http_settings.health.clone()),
-            http_settings,
-            refresh_policy: policy,
-            http_clients: Mutex::default(),
-            memory: Memory::default(),
-            token_cache: TokenCache::default(),
-            secret_values: secret_values::SecretValues::default(),
-            concurrency: DEFAULT_CONCURRENCY,
-            sharding: Sharding::default(),
-            probes: ProbeScheduler::new(probe_limits(
-                DEFAULT_PROBE_CONCURRENCY,
-                DEFAULT_PROBES_PER_HOST,
-                DEFAULT_CONCURRENCY,
-            )),
-            probe_settings: ProbeSettings::default(),
-            require_secret_opt_in: false,
         }
     }
 
-    /// Use a referenced Secret only when it carries the label
-    /// [`crate::inputs::ALLOW_REFERENCE_LABEL`] (`--require-secret-opt-in`).
-    pub fn with_secret_opt_in(mut self, required: bool) -> Self {
-        self.require_secret_opt_in = required;
-        self
-    }
-
-    /// Reconcile at most this many connections at once (0: no limit).
-    pub fn with_concurrency(mut self, concurrency: u16) -> Self {
-        self.concurrency = concurrency;
-        let probe_settings = self.probe_settings;
-        self.with_probe_settings(probe_settings)
-    }
-
-    /// The probe lane's limits and timeout (its slots depend on `--concurrency` too).
-    pub fn with_probe_settings(mut self, settings: ProbeSettings) -> Self {
-        self.probe_settings = settings;
-        self.probes = ProbeScheduler::new(probe_limits(settings.concurrency, settings.per_host, self.concurrency));
-        self
-    }
-
-    /// Handle only the connections of this shard.
-    pub fn with_sharding(mut self, sharding: Sharding) -> Self {
-        self.sharding = sharding;
-        self
-    }
-
-    /// How long a probe may take.
     fn probe_timeout(&self) -> Duration {
-        probe_timeout(self.probe_settings.timeout, self.http_settings.timeout)
+        probe_timeout(self.settings.probes.timeout, self.settings.http.timeout)
     }
 
     /// A deleted connection leaves nothing behind in memory, in the metrics or in the HTTP
@@ -202,10 +194,10 @@ impl Context {
     }
 
     fn forget_key(&self, key: &ConnectionKey) {
-        self.memory.forget(key);
-        self.token_cache.forget(key);
+        self.shared.memory.forget(key);
+        self.shared.token_cache.forget(key);
         self.metrics.forget_connection(&key.0, &key.1);
-        if let Ok(mut clients) = self.http_clients.lock() {
+        if let Ok(mut clients) = self.shared.http_clients.lock() {
             clients.forget(key);
         }
     }
@@ -223,7 +215,7 @@ impl Context {
                     .map(move |name| (namespace.clone(), name))
             })
             .collect();
-        self.secret_values.forget_unreferenced(namespace, &referenced);
+        self.shared.secret_values.forget_unreferenced(namespace, &referenced);
     }
 
     /// After a relist: forgets every connection of `namespace` (None: all namespaces) that
@@ -234,7 +226,7 @@ impl Context {
             .iter()
             .map(|connection| (connection.namespace().unwrap_or_default(), connection.name_any()))
             .collect();
-        for key in absent_in_scope(self.memory.keys(), namespace, &present) {
+        for key in absent_in_scope(self.shared.memory.keys(), namespace, &present) {
             info!(connection = %format!("{}/{}", key.0, key.1), "forgetting a connection deleted while the watch was down");
             self.forget_key(&key);
         }
@@ -242,10 +234,11 @@ impl Context {
 
     fn http_client(&self, key: &ConnectionKey, trust: &TlsTrust) -> Result<HttpClient, HttpClientError> {
         let mut clients = self
+            .shared
             .http_clients
             .lock()
             .map_err(|_| HttpClientError::Setup("HTTP client cache poisoned".into()))?;
-        clients.get_or_make(key.clone(), trust, || HttpClient::new(&self.http_settings, trust))
+        clients.get_or_make(key.clone(), trust, || HttpClient::new(&self.settings.http, trust))
     }
 }
 
@@ -332,12 +325,12 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
         Some(namespace) => Api::namespaced(ctx.client.clone(), namespace),
         None => Api::all(ctx.client.clone()),
     };
-    info!(namespace = namespace.as_deref().unwrap_or("<all>"), shard = %ctx.sharding.describe(), "watching TasklistConnections");
+    info!(namespace = namespace.as_deref().unwrap_or("<all>"), shard = %ctx.settings.sharding.describe(), "watching TasklistConnections");
     let mut connections_config = watcher::Config::default();
-    if let Some(selector) = ctx.sharding.label_selector() {
+    if let Some(selector) = ctx.settings.sharding.label_selector() {
         connections_config = connections_config.labels(selector);
     }
-    let sharding = ctx.sharding.clone();
+    let sharding = ctx.settings.sharding.clone();
 
     let (reader, writer) = reflector::store();
     // Status writes change neither generation nor annotations: they do not wake the controller.
@@ -412,9 +405,9 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
 
     Controller::for_stream(connection_changes, reader)
         .watches_stream(secret_changes, move |secret| {
-            mapper_ctx.memory.connections_affected_by(&secret, &store.state())
+            mapper_ctx.shared.memory.connections_affected_by(&secret, &store.state())
         })
-        .with_config(controller::Config::default().concurrency(ctx.concurrency))
+        .with_config(controller::Config::default().concurrency(ctx.settings.concurrency))
         // The controller backs off its trigger streams too; kube's default would again wait
         // up to half a minute and more after an API server restart.
         .trigger_backoff(WatchBackoff::default())
@@ -436,9 +429,9 @@ async fn reconcile_logged(
     present: reflector::Store<TasklistConnection>,
     caches: SecretCaches,
 ) -> Result<Action, Error> {
-    let limits = slot_limits(ctx.concurrency);
+    let limits = slot_limits(ctx.settings.concurrency);
     let namespace = connection.namespace().unwrap_or_default();
-    let _entered = match ctx.host_slots.enter(&namespace, credential_hosts(&connection), limits).await {
+    let _entered = match ctx.shared.host_slots.enter(&namespace, credential_hosts(&connection), limits).await {
         Ok(entered) => entered,
         Err(full) => {
             debug!(?full, "deferred: no free reconcile slot for this connection's hosts or namespace");
@@ -447,7 +440,7 @@ async fn reconcile_logged(
     };
     let started = std::time::Instant::now();
     let metrics = ctx.metrics.clone();
-    let deadline = reconcile_deadline(ctx.http_settings.timeout);
+    let deadline = reconcile_deadline(ctx.settings.http.timeout);
     let reference = ObjectRef::from_obj(connection.as_ref());
     let result = match tokio::time::timeout(deadline, reconcile::reconcile(connection.clone(), ctx.clone(), caches)).await {
         Ok(result) => result,

@@ -14,14 +14,14 @@ use std::time::Duration;
 use jiff::Timestamp;
 
 use super::decide::{
-    self, CredentialDecision, DerivedSecretState, ForcedRefresh, Kept, LONGEST_SLEEP, PendingRetry, PendingWrite, ProbeStep,
-    RecordedProbe, StatusRecord, UnauthorizedReobtain, WriteRetryDecision,
+    self, CredentialDecision, DerivedSecretState, ForcedRefresh, Kept, LONGEST_SLEEP, PendingRetry, PendingWrite, ProbeStep, RecordedProbe,
+    StatusRecord, UnauthorizedReobtain, WriteRetryDecision,
 };
 use super::memory::{Decided, FailureRecord, ProbeRecord, WriteFailureRecord};
 use crate::camunda::probe::ProbeOutcome;
 use crate::camunda::{AuthFailure, HttpClient, TlsTrust};
-use crate::credential::{Credential, NEVER, add};
 use crate::crd::{REFRESH_ANNOTATION, TasklistConnection};
+use crate::credential::{Credential, NEVER, add};
 use crate::derived_secret::StoredCredential;
 use crate::events::ConnectionEvent;
 use crate::inputs::{InputProblem, InputsSummary};
@@ -66,7 +66,10 @@ pub enum Gate {
     /// The inputs cannot be used: a missing Secret or key, a spec the operator cannot read.
     Input(InputProblem),
     /// No HTTP client can be made with the connection's TLS settings.
-    NoHttpClient { reason: Reason, message: String },
+    NoHttpClient {
+        reason: Reason,
+        message: String,
+    },
     Open(Box<Usable>),
 }
 
@@ -132,11 +135,16 @@ pub enum CredentialStep {
 #[derive(Debug, Clone)]
 pub enum CredentialResult {
     /// Nothing was done ([`CredentialStep::Use`]).
-    Used { authenticated: ConditionState },
+    Used {
+        authenticated: ConditionState,
+    },
     /// A credential was obtained (or kept from a refused write) and written.
     Written(StoredCredential),
     /// The API server refused the write; the credential is kept for the next try.
-    WriteFailed { credential: StoredCredential, message: String },
+    WriteFailed {
+        credential: StoredCredential,
+        message: String,
+    },
     ObtainFailed(AuthFailure),
     /// The referenced Secrets' values could not be read (a missing key).
     InputProblem(InputProblem),
@@ -465,7 +473,11 @@ pub fn probe_step(facts: &Facts, usable: &Usable, fresh: &Fresh) -> ProbeStep {
             "there is no credential to probe Tasklist with yet",
         ));
     };
-    let recorded_issue = facts.connection.status.as_ref().and_then(|status| status.last_refresh_time.as_deref());
+    let recorded_issue = facts
+        .connection
+        .status
+        .as_ref()
+        .and_then(|status| status.last_refresh_time.as_deref());
     let recorded = RecordedProbe {
         condition: condition(&facts.connection, REACHABLE),
         same_credential: recorded_issue.and_then(|time| time.parse::<Timestamp>().ok()) == Some(credential.issued_at),
@@ -485,7 +497,11 @@ pub fn probe_step(facts: &Facts, usable: &Usable, fresh: &Fresh) -> ProbeStep {
 pub enum ProbeResult {
     /// Tasklist answered (or did not) at `at`, perhaps to another connection's request for
     /// the same credential. `message` is the outcome in words.
-    Answered { outcome: ProbeOutcome, message: String, at: Timestamp },
+    Answered {
+        outcome: ProbeOutcome,
+        message: String,
+        at: Timestamp,
+    },
     /// No probe slot was free: try again after this long.
     Deferred { retry_after: Duration },
 }
@@ -608,8 +624,17 @@ pub fn conclude(facts: &Facts, usable: &Usable, mut fresh: Fresh, probed: Probed
     }
     let same_inputs = |fingerprint: &str| fingerprint == inputs.fingerprint;
     let pending_retry = memory.failure.as_ref().filter(|f| same_inputs(&f.fingerprint)).map(|f| f.retry_at);
-    let write_retry = memory.write_failure.as_ref().filter(|f| same_inputs(&f.fingerprint)).map(|f| f.retry_at);
-    let next_refresh = decide::next_refresh(write_retry, pending_retry, fresh.credential.as_ref().map(|c| c.refresh_at), facts.now);
+    let write_retry = memory
+        .write_failure
+        .as_ref()
+        .filter(|f| same_inputs(&f.fingerprint))
+        .map(|f| f.retry_at);
+    let next_refresh = decide::next_refresh(
+        write_retry,
+        pending_retry,
+        fresh.credential.as_ref().map(|c| c.refresh_at),
+        facts.now,
+    );
     let warning = fresh.credential.as_ref().filter(|c| c.expires_at != NEVER).and_then(|credential| {
         decide::refresh_warning(
             credential.issued_at,
@@ -625,7 +650,9 @@ pub fn conclude(facts: &Facts, usable: &Usable, mut fresh: Fresh, probed: Probed
     {
         let previous = condition(&facts.connection, AUTHENTICATED).map(|(_, _, message)| message);
         if decide::announce_refresh_warning(previous, memory.refresh_warning_announced, Some(warning)) {
-            fresh.events.push(ConnectionEvent::RefreshBeforeTooLong { message: warning.clone() });
+            fresh
+                .events
+                .push(ConnectionEvent::RefreshBeforeTooLong { message: warning.clone() });
             announced_warning = Some(warning.clone());
             memory.refresh_warning_announced = true;
         }
@@ -642,7 +669,13 @@ pub fn conclude(facts: &Facts, usable: &Usable, mut fresh: Fresh, probed: Probed
     let next_probe = probed.deferred_for.map(|wait| add(facts.now, wait)).or(next_probe);
     let wake = decide::next_wake(finished, [next_refresh, next_probe, memory.forced_refresh_wait]);
     Report {
-        observation: observe(facts, fresh.credential.as_ref(), next_refresh, fresh.authenticated, probed.reachable),
+        observation: observe(
+            facts,
+            fresh.credential.as_ref(),
+            next_refresh,
+            fresh.authenticated,
+            probed.reachable,
+        ),
         memory,
         events: fresh.events,
         announced_warning,
@@ -710,4 +743,442 @@ fn issued_message(credential: &StoredCredential, usable: &Usable) -> String {
         (None, _) => "session".to_owned(),
     };
     format!("{kind} obtained at {}, valid until {}", credential.issued_at, credential.expires_at)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Facts in, plan out: one row per rule of docs/refresh.md that the plan decides.
+
+    use super::*;
+    use crate::camunda::{AuthFailureKind, HttpSettings, Sensitive};
+    use crate::crd::TasklistConnectionStatus;
+
+    const FINGERPRINT: &str = "inputs-1";
+
+    fn at(second: i64) -> Timestamp {
+        Timestamp::from_second(second).expect("a valid time")
+    }
+
+    fn connection(annotation: Option<&str>, status: Option<serde_json::Value>) -> Arc<TasklistConnection> {
+        let mut object = serde_json::json!({
+            "apiVersion": "tasklist.camunda.community/v1alpha1", "kind": "TasklistConnection",
+            "metadata": {"name": "orders", "namespace": "team-a", "generation": 1},
+            "spec": {"url": "https://tasklist.example", "auth": {"oauth2": {
+                "tokenUrl": "https://login.example/oauth/token", "clientSecretRef": {"name": "client"}}}},
+        });
+        if let Some(value) = annotation {
+            object["metadata"]["annotations"] = serde_json::json!({ REFRESH_ANNOTATION: value });
+        }
+        if let Some(status) = status {
+            object["status"] = status;
+        }
+        Arc::new(serde_json::from_value(object).expect("a valid connection"))
+    }
+
+    /// Issued at 1000 s, refresh due at 1240 s, expires at 1300 s.
+    fn stored(inputs: &str) -> StoredCredential {
+        StoredCredential {
+            credential: Credential::Bearer(Sensitive::new("eyJ.token.sig")),
+            issued_at: at(1_000),
+            expires_at: at(1_300),
+            refresh_at: at(1_240),
+            inputs: inputs.into(),
+        }
+    }
+
+    fn usable(basic: bool) -> Usable {
+        let trust = TlsTrust::default();
+        Usable {
+            inputs: InputsSummary {
+                fingerprint: FINGERPRINT.into(),
+                refresh_before: None,
+                probe_interval: Duration::from_secs(60),
+                session_timeout: None,
+                token_endpoint: None,
+                basic,
+                insecure_skip_verify: false,
+                ca_version: None,
+            },
+            token_source: Some("https://login.example/oauth/token".into()),
+            http: HttpClient::new(&HttpSettings::default(), &trust).expect("a client"),
+            trust,
+        }
+    }
+
+    /// A connection at rest at `now`: its Secret holds a good credential from the current inputs.
+    fn facts(now: i64) -> Facts {
+        Facts {
+            now: at(now),
+            connection: connection(None, None),
+            secret: DerivedSecretState::Usable,
+            stored: Some(stored(FINGERPRINT)),
+            gate: Gate::Open(Box::new(usable(false))),
+            memory: Decided {
+                seen: true,
+                ..Decided::default()
+            },
+            refresh_policy: RefreshPolicy::default(),
+            jitter: 0.5,
+        }
+    }
+
+    fn failure(kind: AuthFailureKind, retry_at: i64, fingerprint: &str) -> FailureRecord {
+        FailureRecord {
+            fingerprint: fingerprint.into(),
+            failure: AuthFailure {
+                kind,
+                message: "the token endpoint refused the client".into(),
+                detail: None,
+            },
+            consecutive: 1,
+            retry_at: at(retry_at),
+        }
+    }
+
+    fn write_failure(retry_at: i64, kept: Option<StoredCredential>) -> WriteFailureRecord {
+        WriteFailureRecord {
+            fingerprint: FINGERPRINT.into(),
+            credential: kept,
+            consecutive: 1,
+            retry_at: at(retry_at),
+            message: "could not write the derived Secret".into(),
+            announced: true,
+        }
+    }
+
+    /// What a plan comes to, in a word a table can hold.
+    fn summary(plan: &Plan) -> String {
+        match plan {
+            Plan::Stop(stop) => format!("stop {} {}s", stop.authenticated.reason, stop.wake.as_secs()),
+            Plan::Go(go) => match &go.credential {
+                CredentialStep::Use { authenticated } => format!("use {}", authenticated.reason),
+                CredentialStep::WriteKept(_) => "write kept".into(),
+                CredentialStep::Obtain { reuse_shared: true } => "obtain".into(),
+                CredentialStep::Obtain { reuse_shared: false } => "obtain, restoring".into(),
+            },
+        }
+    }
+
+    fn memory_of(plan: &Plan) -> Decided {
+        match plan {
+            Plan::Go(go) => go.memory.clone(),
+            Plan::Stop(_) => panic!("the plan stops"),
+        }
+    }
+
+    /// How a row changes the facts of a connection at rest.
+    type Change = Box<dyn Fn(&mut Facts)>;
+
+    #[test]
+    fn the_plan_follows_each_rule() {
+        let held_status = serde_json::json!({"secretName": "orders-tasklist-auth", "lastRefreshTime": "1970-01-01T00:16:40Z"});
+        let rejected_status = serde_json::json!({
+            "observedGeneration": 1, "nextRefreshTime": "1970-01-01T00:20:00Z",
+            "conditions": [{"type": "Authenticated", "status": "False", "reason": "CredentialsRejected", "message": "refused",
+                            "lastTransitionTime": "1970-01-01T00:16:40Z"}],
+        });
+        let cases: Vec<(&str, Change, &str)> = vec![
+            ("a good credential is kept", Box::new(|_| {}), "use CredentialIssued"),
+            ("a due credential is replaced", Box::new(|f| f.now = at(1_240)), "obtain"),
+            (
+                "changed inputs are acted on at once",
+                Box::new(|f| f.stored = Some(stored("inputs-0"))),
+                "obtain",
+            ),
+            (
+                "a first credential is obtained",
+                Box::new(|f| (f.stored, f.secret) = (None, DerivedSecretState::Absent)),
+                "obtain",
+            ),
+            (
+                "a deleted Secret is restored with a new credential, not a shared one",
+                Box::new(move |f| {
+                    (f.stored, f.secret) = (None, DerivedSecretState::Absent);
+                    f.connection = connection(None, Some(held_status.clone()));
+                }),
+                "obtain, restoring",
+            ),
+            (
+                "a hand-edited Secret is restored",
+                Box::new(|f| (f.stored, f.secret) = (None, DerivedSecretState::EditedByHand)),
+                "obtain, restoring",
+            ),
+            (
+                "a pending retry is not shortened by a wake-up",
+                Box::new(|f| {
+                    f.now = at(1_250);
+                    f.memory.failure = Some(failure(AuthFailureKind::Rejected, 1_280, FINGERPRINT));
+                }),
+                "use CredentialsRejected",
+            ),
+            (
+                "a due retry obtains",
+                Box::new(|f| {
+                    f.now = at(1_280);
+                    f.memory.failure = Some(failure(AuthFailureKind::ServerError, 1_280, FINGERPRINT));
+                }),
+                "obtain",
+            ),
+            (
+                "a retry pending for other inputs does not hold back new ones",
+                Box::new(|f| {
+                    f.stored = None;
+                    f.memory.failure = Some(failure(AuthFailureKind::Rejected, 1_280, "inputs-0"));
+                }),
+                "obtain",
+            ),
+            (
+                "a restart honours the retry time status records",
+                Box::new(move |f| {
+                    (f.stored, f.memory.seen) = (None, false);
+                    f.connection = connection(None, Some(rejected_status.clone()));
+                }),
+                "use CredentialsRejected",
+            ),
+            (
+                "a failed write waits for its retry",
+                Box::new(|f| f.memory.write_failure = Some(write_failure(1_150, Some(stored(FINGERPRINT))))),
+                "use SecretWriteFailed",
+            ),
+            (
+                "a failed write is retried with the kept credential",
+                Box::new(|f| {
+                    f.now = at(1_100);
+                    f.memory.write_failure = Some(write_failure(1_100, Some(stored(FINGERPRINT))));
+                }),
+                "write kept",
+            ),
+            (
+                "a kept credential whose refresh came is dropped for a new one",
+                Box::new(|f| {
+                    f.now = at(1_250);
+                    f.memory.write_failure = Some(write_failure(1_100, Some(stored(FINGERPRINT))));
+                }),
+                "obtain",
+            ),
+            (
+                "the refresh annotation obtains at once",
+                // The annotation is one of the inputs: the stored credential predates it.
+                Box::new(|f| (f.connection, f.stored) = (connection(Some("1"), None), Some(stored("inputs-0")))),
+                "obtain",
+            ),
+            (
+                "the refresh annotation waits for its interval",
+                Box::new(|f| {
+                    (f.connection, f.stored) = (connection(Some("2"), None), Some(stored("inputs-0")));
+                    f.memory.forced_refresh = Some(("1".into(), at(1_050)));
+                }),
+                "use CredentialIssued",
+            ),
+            (
+                "a Secret of the name that is someone else's stops everything",
+                Box::new(|f| f.gate = Gate::Conflict),
+                "stop SecretConflict 300s",
+            ),
+            (
+                "the policy stops a connection before anything is sent",
+                Box::new(|f| f.gate = Gate::NotAllowed("loopback".into())),
+                "stop NotAllowed 300s",
+            ),
+            (
+                "a missing Secret waits for its watch, and the refresh time ahead",
+                Box::new(|f| f.gate = Gate::Input(InputProblem::secret_not_found("client"))),
+                "stop SecretNotFound 140s",
+            ),
+            (
+                "a missing Secret past the refresh time waits for its watch only",
+                Box::new(|f| {
+                    f.now = at(1_250);
+                    f.gate = Gate::Input(InputProblem::secret_not_found("client"));
+                }),
+                "stop SecretNotFound 3600s",
+            ),
+        ];
+        for (rule, change, expected) in cases {
+            let mut facts = facts(1_100);
+            change(&mut facts);
+            assert_eq!(summary(&plan(&facts)), expected, "{rule}");
+        }
+    }
+
+    #[test]
+    fn the_plan_remembers_what_it_acted_on() {
+        let mut forced = facts(1_100);
+        (forced.connection, forced.stored) = (connection(Some("1"), None), Some(stored("inputs-0")));
+        assert_eq!(memory_of(&plan(&forced)).forced_refresh, Some(("1".to_owned(), at(1_100))));
+
+        let mut waiting = facts(1_100);
+        (waiting.connection, waiting.stored) = (connection(Some("2"), None), Some(stored("inputs-0")));
+        waiting.memory.forced_refresh = Some(("1".into(), at(1_050)));
+        let Plan::Go(go) = plan(&waiting) else { panic!("goes") };
+        assert_eq!(go.memory.forced_refresh_wait, Some(at(1_110)));
+        let CredentialStep::Use { authenticated } = go.credential else {
+            panic!("keeps")
+        };
+        assert!(
+            authenticated.message.contains("runs at 1970-01-01T00:18:30Z at the earliest"),
+            "{}",
+            authenticated.message
+        );
+
+        let mut dropped = facts(1_250);
+        dropped.memory.write_failure = Some(write_failure(1_100, Some(stored(FINGERPRINT))));
+        let kept = memory_of(&plan(&dropped)).write_failure.expect("the episode goes on");
+        assert!(kept.credential.is_none(), "the kept credential is dropped");
+
+        let mut restarted = facts(1_100);
+        restarted.memory.seen = false;
+        restarted.connection = connection(
+            None,
+            Some(serde_json::json!({
+                "observedGeneration": 1, "nextRefreshTime": "1970-01-01T00:20:00Z",
+                "conditions": [{"type": "Authenticated", "status": "False", "reason": "AuthServerError", "message": "503",
+                                "lastTransitionTime": "1970-01-01T00:16:40Z"}],
+            })),
+        );
+        let memory = memory_of(&plan(&restarted));
+        assert!(memory.seen);
+        assert_eq!(memory.failure.map(|f| f.retry_at), Some(at(1_201)));
+    }
+
+    fn fresh(facts: &Facts, result: CredentialResult, finished: i64) -> Fresh {
+        let Plan::Go(go) = plan(facts) else { panic!("goes") };
+        settle_credential(
+            facts,
+            &go.usable,
+            facts.stored.clone(),
+            go.restoring,
+            go.memory,
+            result,
+            at(finished),
+        )
+    }
+
+    #[test]
+    fn each_outcome_is_settled_as_the_rules_say() {
+        let due = facts(1_240);
+        // Obtained and written: a refresh, announced.
+        let written = fresh(&due, CredentialResult::Written(stored(FINGERPRINT)), 1_241);
+        assert!(written.newly_issued);
+        assert_eq!(written.events, [ConnectionEvent::CredentialRefreshed]);
+        assert_eq!(written.refreshes, 1);
+        // A server error backs off, at the latest 5 s before the kept credential expires.
+        let server_error = AuthFailure {
+            kind: AuthFailureKind::ServerError,
+            message: "503".into(),
+            detail: None,
+        };
+        let mut retried = facts(1_290);
+        retried.memory.failure = Some(FailureRecord {
+            consecutive: 8,
+            ..failure(AuthFailureKind::ServerError, 1_290, FINGERPRINT)
+        });
+        let failed = fresh(&retried, CredentialResult::ObtainFailed(server_error), 1_290);
+        assert_eq!(failed.retry_at, Some(at(1_295)));
+        assert_eq!(failed.memory.failure.map(|f| f.consecutive), Some(9));
+        assert_eq!(failed.credential, retried.stored, "the last valid credential stays");
+        // A refused write: announced once per episode, only the write retried.
+        let refused = |facts: &Facts| {
+            let result = CredentialResult::WriteFailed {
+                credential: stored(FINGERPRINT),
+                message: "denied".into(),
+            };
+            fresh(facts, result, 1_241)
+        };
+        let first = refused(&due);
+        assert_eq!(first.events, [ConnectionEvent::SecretWriteFailed { message: "denied".into() }]);
+        assert_eq!(first.authenticated.reason, Reason::SecretWriteFailed);
+        let mut again = facts(1_240);
+        again.memory.write_failure = first.memory.write_failure.clone();
+        again.memory.write_failure.as_mut().expect("recorded").retry_at = at(1_240);
+        again.stored = None;
+        let second = refused(&again);
+        assert!(second.events.is_empty(), "one Event per episode");
+        assert_eq!(second.memory.write_failure.map(|w| w.consecutive), Some(2));
+    }
+
+    #[test]
+    fn a_401_obtains_once_and_not_for_basic_nor_403_nor_a_new_credential() {
+        let facts = facts(1_100);
+        let usable = usable(false);
+        let kept = fresh(
+            &facts,
+            CredentialResult::Used {
+                authenticated: ConditionState::ok(Reason::CredentialIssued, ""),
+            },
+            1_100,
+        );
+        let probed = |status| Probed {
+            reachable: ConditionState::failing(Reason::ProbeUnauthorized, "401"),
+            outcome: Some(ProbeOutcome::Unauthorized { status }),
+            deferred_for: None,
+            log: None,
+        };
+        let step = |usable: &Usable, fresh: &Fresh, status| plan_after_probe(&facts, usable, fresh, &probed(status)).map(|(step, _)| step);
+        assert_eq!(step(&usable, &kept, 401), Some(CredentialStep::Obtain { reuse_shared: true }));
+        assert_eq!(step(&usable, &kept, 403), None, "a 403 is a permission, not a credential");
+        assert_eq!(step(&self::usable(true), &kept, 401), None, "Basic credentials are the user's own");
+        let new = fresh(&facts, CredentialResult::Written(stored(FINGERPRINT)), 1_100);
+        assert_eq!(step(&usable, &new, 401), None, "not for a credential of this reconcile");
+        let mut recent = kept.clone();
+        recent.memory.unauthorized_reobtain = Some(UnauthorizedReobtain {
+            at: at(1_070),
+            obtained_issued_at: None,
+        });
+        assert_eq!(step(&usable, &recent, 401), None, "at most once a minute");
+    }
+
+    #[test]
+    fn the_report_wakes_for_the_first_thing_due() {
+        let facts = facts(1_100);
+        let Plan::Go(go) = plan(&facts) else { panic!("goes") };
+        let mut kept = fresh(
+            &facts,
+            CredentialResult::Used {
+                authenticated: ConditionState::ok(Reason::CredentialIssued, ""),
+            },
+            1_100,
+        );
+        let step = probe_step(&facts, &go.usable, &kept);
+        assert!(matches!(step, ProbeStep::Send { shown_while_waiting: None }), "never probed: due");
+        let answered = ProbeResult::Answered {
+            outcome: ProbeOutcome::Succeeded,
+            message: "GET ok".into(),
+            at: at(1_100),
+        };
+        let probed = settle_probe(&mut kept, step, Some(answered));
+        assert_eq!(probed.reachable.reason, Reason::ProbeSucceeded);
+        // The probe is due again at 1160 s, before the refresh at 1240 s.
+        let report = conclude(&facts, &go.usable, kept.clone(), probed, at(1_100));
+        assert_eq!(report.wake, Duration::from_secs(60));
+        assert_eq!(report.observation.next_refresh, Some(at(1_240)));
+        // A probe that waits for a slot is tried again soon.
+        let deferred = settle_probe(
+            &mut kept,
+            ProbeStep::Send { shown_while_waiting: None },
+            Some(ProbeResult::Deferred {
+                retry_after: Duration::from_secs(2),
+            }),
+        );
+        assert_eq!(deferred.reachable.reason, Reason::NotProbed);
+        assert_eq!(conclude(&facts, &go.usable, kept, deferred, at(1_100)).wake, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_status_that_says_conflict_already_is_not_announced_again() {
+        let mut facts = facts(1_100);
+        facts.gate = Gate::Conflict;
+        let Plan::Stop(first) = plan(&facts) else { panic!("stops") };
+        assert!(first.event.is_some());
+        facts.connection = connection(
+            None,
+            Some(
+                serde_json::json!({"conditions": [{"type": "Ready", "status": "False", "reason": "SecretConflict",
+                                                      "message": "taken", "lastTransitionTime": "1970-01-01T00:16:40Z"}]}),
+            ),
+        );
+        let Plan::Stop(again) = plan(&facts) else { panic!("stops") };
+        assert!(again.event.is_none());
+        let _: Option<TasklistConnectionStatus> = facts.connection.status.clone();
+    }
 }

@@ -17,16 +17,14 @@ use tracing::{debug, info, warn};
 
 use super::decide::{self, CachedDerivedSecret, DerivedSecretSource, DerivedSecretState, ProbeStep};
 use super::memory::ConnectionKey;
-use super::plan::{
-    self, CredentialResult, CredentialStep, Facts, Fresh, Gate, Plan, ProbeResult, Probed, Report, Usable,
-};
+use super::plan::{self, CredentialResult, CredentialStep, Facts, Fresh, Gate, Plan, ProbeResult, Probed, Report, Usable};
 use super::probe_scheduler::{Due, ProbeKey, ProbeTurn};
 use super::secret_values::ByVersion;
 use super::{Context, Error, FIELD_MANAGER, SecretCaches};
 use crate::camunda::probe::Probe;
 use crate::camunda::{AuthFailure, HttpClient, TlsTrust, redact};
-use crate::credential::NEVER;
 use crate::crd::{TasklistConnection, TasklistConnectionStatus};
+use crate::credential::NEVER;
 use crate::derived_secret::{DATA_HASH, StoredCredential, Unusable, is_owned_by, update_patch};
 use crate::events::transitions;
 use crate::host_health::origin;
@@ -91,7 +89,7 @@ impl<'a> Reconciling<'a> {
     /// obtain, or for a CA bundle new to this process), the trust and an HTTP client.
     async fn gather(&self, now: Timestamp) -> Result<Facts, Error> {
         let ctx = self.ctx;
-        ctx.memory.remember(&self.key);
+        ctx.shared.memory.remember(&self.key);
         // Until the Secret watches have listed, everything is read from the API server.
         let synced = self.caches.synced().await;
         let existing = self.derived_secret(synced).await?;
@@ -113,8 +111,8 @@ impl<'a> Reconciling<'a> {
             secret,
             stored: stored.and_then(Result::ok),
             gate,
-            memory: ctx.memory.decided(&self.key),
-            refresh_policy: ctx.refresh_policy,
+            memory: ctx.shared.memory.decided(&self.key),
+            refresh_policy: ctx.settings.refresh,
             jitter: rand::random(),
         };
         Ok(facts)
@@ -124,10 +122,15 @@ impl<'a> Reconciling<'a> {
     async fn gate(&self, synced: bool) -> Result<Gate, Error> {
         let ctx = self.ctx;
         // A host name's answer is reused for a short while: a reconcile at rest looks nothing up.
-        if let Err(message) = ctx.host_policy.check_connection_cached(self.connection, &ctx.resolved_hosts).await {
+        if let Err(message) = ctx
+            .shared
+            .host_policy
+            .check_connection_cached(self.connection, &ctx.shared.resolved_hosts)
+            .await
+        {
             return Ok(Gate::NotAllowed(message));
         }
-        if ctx.require_secret_opt_in
+        if ctx.settings.require_secret_opt_in
             && let Some(problem) = self.secret_opt_in_problem(synced).await?
         {
             return Ok(Gate::Input(problem));
@@ -171,6 +174,7 @@ impl<'a> Reconciling<'a> {
         });
         let own_write = self
             .ctx
+            .shared
             .memory
             .get(&self.key)
             .own_write
@@ -248,7 +252,7 @@ impl<'a> Reconciling<'a> {
             api: &self.secrets,
             namespace: &self.key.0,
             caches: &self.caches,
-            values: &self.ctx.secret_values,
+            values: &self.ctx.shared.secret_values,
             wanted: &wanted,
         };
         let read = read_inputs(self.connection, &source).await?;
@@ -270,7 +274,7 @@ impl<'a> Reconciling<'a> {
                 ..TlsTrust::default()
             }));
         };
-        if let Some((known, trust)) = self.ctx.memory.get(&self.key).ca_trust
+        if let Some((known, trust)) = self.ctx.shared.memory.get(&self.key).ca_trust
             && known == *version
         {
             return Ok(Ok(trust));
@@ -281,6 +285,7 @@ impl<'a> Reconciling<'a> {
         };
         let trust = values.trust.clone();
         self.ctx
+            .shared
             .memory
             .update(&self.key, |memory| memory.ca_trust = Some((version.clone(), values.trust)));
         Ok(Ok(trust))
@@ -302,7 +307,15 @@ impl<'a> Reconciling<'a> {
         let result = self.take_credential_step(go.credential, facts.stored.as_ref(), &usable).await?;
         // Obtaining may have discovered the token endpoint: messages name it from now on.
         usable.token_source = token_source(&usable.inputs, &usable.http);
-        let mut fresh = plan::settle_credential(facts, &usable, facts.stored.clone(), go.restoring, go.memory, result, Timestamp::now());
+        let mut fresh = plan::settle_credential(
+            facts,
+            &usable,
+            facts.stored.clone(),
+            go.restoring,
+            go.memory,
+            result,
+            Timestamp::now(),
+        );
         self.log_credential(facts, &fresh);
         if let Some(stop) = fresh.stop.take() {
             return Ok(plan::conclude_stop(facts, fresh.memory, stop));
@@ -371,8 +384,8 @@ impl<'a> Reconciling<'a> {
         let obtained = obtain_shared_credential(
             &inputs,
             &usable.http,
-            &ctx.refresh_policy,
-            &ctx.token_cache,
+            &ctx.settings.refresh,
+            &ctx.shared.token_cache,
             self.key.clone(),
             held_token,
             reuse_shared,
@@ -414,7 +427,10 @@ impl<'a> Reconciling<'a> {
             warn!(consecutive = failure.consecutive, retry_in = %human_signed_duration(retry_in), "could not obtain a credential: {}", failure.failure.message);
         } else if let (true, Some(credential)) = (fresh.newly_issued, &fresh.credential) {
             if let Some(previous) = &facts.memory.write_failure {
-                info!(failed_writes = previous.consecutive, "the derived Secret was written after failed writes");
+                info!(
+                    failed_writes = previous.consecutive,
+                    "the derived Secret was written after failed writes"
+                );
             }
             info!(expires_at = %credential.expires_at, refresh_at = %credential.refresh_at, "stored a new credential");
         }
@@ -466,7 +482,7 @@ impl<'a> Reconciling<'a> {
             now: facts.now,
             has_result,
         };
-        let shared = match ctx.probes.turn(probe_key, host, due, send) {
+        let shared = match ctx.shared.probes.turn(probe_key, host, due, send) {
             ProbeTurn::Reuse(shared) => {
                 ctx.metrics.probes_shared.get_or_create(&HowLabels { how: "reused".into() }).inc();
                 shared
@@ -506,7 +522,7 @@ impl<'a> Reconciling<'a> {
     /// (the only status write), records metrics, and says when to wake up.
     async fn report(&self, report: Report, now: Timestamp) -> Result<Action, Error> {
         let ctx = self.ctx;
-        ctx.memory.commit(&self.key, report.memory);
+        ctx.shared.memory.commit(&self.key, report.memory);
         if let Some(warning) = &report.announced_warning {
             warn!("{warning}");
         }
@@ -535,7 +551,7 @@ impl<'a> Reconciling<'a> {
         let name = self.connection.secret_name();
         let desired = credential.to_secret(self.connection);
         let data_hash = desired.metadata.annotations.as_ref().and_then(|a| a.get(DATA_HASH)).cloned();
-        self.ctx.memory.record_write_in_flight(&self.key, &name, data_hash);
+        self.ctx.shared.memory.record_write_in_flight(&self.key, &name, data_hash);
         let checked = self.checked_secret.lock().ok().and_then(|checked| checked.clone());
         let written = match &checked {
             None => {
@@ -555,7 +571,7 @@ impl<'a> Reconciling<'a> {
             }
         };
         let version = written.as_ref().ok().and_then(|w| w.metadata.resource_version.clone());
-        self.ctx.memory.record_own_write(&self.key, &name, version);
+        self.ctx.shared.memory.record_own_write(&self.key, &name, version);
         let written = match written {
             Ok(written) => written,
             // 409: created or changed meanwhile; 404: deleted meanwhile.
@@ -671,7 +687,6 @@ fn write_failure_message(secret: &str, error: &kube::Error, credential: &StoredC
         "could not write the derived Secret {secret:?}: {answer}; the new credential is kept and only the write is retried, with backoff"
     )
 }
-
 
 /// Where tokens come from, in words: the token endpoint as configured, or as discovered
 /// from the issuer once it was.

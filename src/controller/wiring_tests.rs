@@ -22,11 +22,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::reconcile::reconcile;
-use super::{Context, Error, FIELD_MANAGER, SecretCaches};
+use super::{Context, Error, FIELD_MANAGER, SecretCaches, Settings};
 use crate::camunda::HttpSettings;
 use crate::crd::{TasklistConnection, TasklistConnectionStatus};
 use crate::metrics::Metrics;
-use crate::schedule::RefreshPolicy;
 
 const NAMESPACE: &str = "team-a";
 const CLIENT_SECRET: &str = "wiring-secret-1";
@@ -257,13 +256,11 @@ async fn harness_before_the_watches_listed() -> Harness {
         policy: Some(Arc::new(crate::policy::HostPolicy::from_args(&local).expect("a valid policy"))),
         ..HttpSettings::default()
     };
-    let ctx = Arc::new(Context::new(
-        client,
-        settings,
-        RefreshPolicy::default(),
-        Arc::new(Metrics::default()),
-        None,
-    ));
+    let settings = Settings {
+        http: settings,
+        ..Settings::default()
+    };
+    let ctx = Arc::new(Context::new(client, Arc::new(Metrics::default()), settings, None));
     let (derived_store, derived) = reflector::store();
     let (metadata_store, metadata) = reflector::store();
     let caches = SecretCaches {
