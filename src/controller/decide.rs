@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 
-use super::memory::ProbeRecord;
+use super::memory::{ProbeRecord, UnauthorizedReobtain};
 use crate::camunda::{AuthFailure, AuthFailureKind, FailureDetail};
 use crate::credential::add;
 use crate::reason::Reason;
@@ -300,15 +300,6 @@ pub fn failure_from_status(record: StatusRecord<'_>, now: Timestamp) -> Option<(
     // Status keeps whole seconds, cut off: the retry was due within the second after.
     let retry_at = add(record.next_refresh?, Duration::from_secs(1));
     (record.current_generation && retry_at > now).then_some((failure, retry_at))
-}
-
-/// The last time a 401 from the probe made the operator obtain a new credential.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UnauthorizedReobtain {
-    pub at: Timestamp,
-    /// The issue time of the credential obtained then; `None` when none was obtained (the
-    /// try failed, or a retry was pending).
-    pub obtained_issued_at: Option<Timestamp>,
 }
 
 /// Whether a probe that answered `status` with the credential issued at `probed_issued_at`

@@ -13,7 +13,6 @@ use kube::ResourceExt;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::ObjectRef;
 
-use super::decide::UnauthorizedReobtain;
 use crate::camunda::{AuthFailure, TlsTrust};
 use crate::crd::TasklistConnection;
 use crate::derived_secret::{DATA_HASH, StoredCredential};
@@ -47,6 +46,15 @@ pub struct WriteFailureRecord {
     pub message: String,
     /// Whether this episode's `SecretWriteFailed` Warning Event was published.
     pub announced: bool,
+}
+
+/// The last time a 401 from the probe made the operator obtain a new credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnauthorizedReobtain {
+    pub at: Timestamp,
+    /// The issue time of the credential obtained then; `None` when none was obtained (the
+    /// try failed, or a retry was pending).
+    pub obtained_issued_at: Option<Timestamp>,
 }
 
 /// The last probe and what it found.

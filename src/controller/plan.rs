@@ -15,9 +15,9 @@ use jiff::Timestamp;
 
 use super::decide::{
     self, CredentialDecision, DerivedSecretState, ForcedRefresh, Kept, LONGEST_SLEEP, PendingRetry, PendingWrite, ProbeStep, RecordedProbe,
-    StatusRecord, UnauthorizedReobtain, WriteRetryDecision,
+    StatusRecord, WriteRetryDecision,
 };
-use super::memory::{Decided, FailureRecord, ProbeRecord, WriteFailureRecord};
+use super::memory::{Decided, FailureRecord, ProbeRecord, UnauthorizedReobtain, WriteFailureRecord};
 use crate::camunda::probe::ProbeOutcome;
 use crate::camunda::{AuthFailure, HttpClient, TlsTrust};
 use crate::crd::{REFRESH_ANNOTATION, TasklistConnection};
