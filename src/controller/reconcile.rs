@@ -304,7 +304,9 @@ impl<'a> Reconciling<'a> {
                 "the derived Secret was deleted or edited; restoring it"
             );
         }
-        let result = self.take_credential_step(go.credential, facts.stored.as_ref(), &usable).await?;
+        let result = self
+            .take_credential_step(facts, go.credential, facts.stored.as_ref(), &usable)
+            .await?;
         // Obtaining may have discovered the token endpoint: messages name it from now on.
         usable.token_source = token_source(&usable.inputs, &usable.http);
         let mut fresh = plan::settle_credential(
@@ -323,7 +325,7 @@ impl<'a> Reconciling<'a> {
         let mut probed = self.probe(facts, &usable, &mut fresh).await;
         if let Some((step, memory)) = plan::plan_after_probe(facts, &usable, &fresh, &probed) {
             info!("Tasklist answered 401 Unauthorized: obtaining a new credential once");
-            let result = self.take_credential_step(step, fresh.credential.as_ref(), &usable).await?;
+            let result = self.take_credential_step(facts, step, fresh.credential.as_ref(), &usable).await?;
             let mut again = plan::settle_credential(facts, &usable, fresh.credential.clone(), false, memory, result, Timestamp::now());
             self.log_credential(facts, &again);
             if let Some(stop) = again.stop.take() {
@@ -344,6 +346,7 @@ impl<'a> Reconciling<'a> {
     /// Secret as it is (the last valid credential stays in place).
     async fn take_credential_step(
         &self,
+        facts: &Facts,
         step: CredentialStep,
         held: Option<&StoredCredential>,
         usable: &Usable,
@@ -354,7 +357,7 @@ impl<'a> Reconciling<'a> {
                 info!("writing the kept credential to the derived Secret again");
                 kept
             }
-            CredentialStep::Obtain { reuse_shared } => match self.obtain(held, reuse_shared, usable).await? {
+            CredentialStep::Obtain { reuse_shared } => match self.obtain(facts, held, reuse_shared, usable).await? {
                 Ok(credential) => credential,
                 Err(result) => return Ok(result),
             },
@@ -367,6 +370,7 @@ impl<'a> Reconciling<'a> {
     /// Tasklist refused it). The only read of the referenced Secrets' values.
     async fn obtain(
         &self,
+        facts: &Facts,
         held: Option<&StoredCredential>,
         reuse_shared: bool,
         usable: &Usable,
@@ -384,7 +388,7 @@ impl<'a> Reconciling<'a> {
         let obtained = obtain_shared_credential(
             &inputs,
             &usable.http,
-            &ctx.settings.refresh,
+            &facts.refresh_policy,
             &ctx.shared.token_cache,
             self.key.clone(),
             held_token,
