@@ -59,9 +59,8 @@ impl Health {
     }
 }
 
-/// Each change is made in full under the lock: after a panic elsewhere, go on with the map.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    crate::machinery::lock::lock(mutex, "the host health")
 }
 
 impl HostHealth {

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::FutureExt as _;
@@ -23,9 +23,9 @@ use jiff::Timestamp;
 use crate::camunda::token::{ClientCredentials, ClientProof, TokenEndpoint};
 use crate::camunda::{AuthFailure, Sensitive, TlsTrust};
 use crate::crd::RequestEncoding;
-use crate::credential::add;
 use crate::key_hash::KeyHash;
 use crate::schedule::{RefreshPolicy, refresh_time};
+use crate::time::add;
 
 /// At most this many tokens are kept (a JWT is 1-2 KB); beyond that, the one that expires
 /// first goes.
@@ -180,8 +180,7 @@ struct Flight {
 }
 
 fn lock<User>(state: &Mutex<State<User>>) -> MutexGuard<'_, State<User>> {
-    // Nothing here can leave the state half changed: a panic elsewhere does not poison it.
-    state.lock().unwrap_or_else(PoisonError::into_inner)
+    crate::machinery::lock::lock(state, "the token cache")
 }
 
 impl<User: Hash + Eq + Send + 'static> TokenCache<User> {

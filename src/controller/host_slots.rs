@@ -22,6 +22,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::camunda::facts::ServerFacts;
 use crate::crd::TasklistConnection;
 pub use crate::host_health::SLOW_AFTER;
 use crate::host_health::{HostHealth, Standing, origin};
@@ -126,10 +127,8 @@ pub struct Entered {
     slots: HostSlots,
 }
 
-/// Each change is made in full under the lock, so a panic elsewhere leaves whole counts:
-/// go on with them.
 fn lock(state: &Mutex<SlotState>) -> std::sync::MutexGuard<'_, SlotState> {
-    state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    crate::machinery::lock::lock(state, "the host slots")
 }
 
 impl HostSlots {
@@ -217,7 +216,7 @@ impl Drop for Entered {
 /// endpoint and the issuer (OAuth2), or Tasklist itself (a cookie login). HTTP Basic asks
 /// nobody. Probes are not counted here: they have their own lane. A URL that cannot be
 /// parsed adds nothing: the reconcile reports it without sending anything.
-pub fn credential_hosts(connection: &TasklistConnection) -> Vec<String> {
+pub fn credential_hosts(connection: &TasklistConnection, facts: &ServerFacts) -> Vec<String> {
     let auth = &connection.spec.auth;
     let oauth2_urls = auth
         .oauth2
@@ -230,7 +229,7 @@ pub fn credential_hosts(connection: &TasklistConnection) -> Vec<String> {
         .oauth2
         .iter()
         .filter_map(|oauth2| oauth2.issuer_url.as_deref())
-        .flat_map(crate::camunda::discovery::discovered_endpoints);
+        .flat_map(|issuer| facts.token_endpoints_of(issuer));
     let login_url = auth.cookie.as_ref().map(|_| connection.spec.url.as_str());
     let mut hosts: Vec<String> = oauth2_urls
         .chain(login_url)
@@ -447,12 +446,23 @@ mod tests {
             "https://bru-2.tasklist.camunda.io/abc",
             serde_json::json!({"oauth2": {"tokenUrl": "https://login.cloud.camunda.io/oauth/token", "clientSecretRef": {"name": "c"}}}),
         );
-        assert_eq!(credential_hosts(&oauth2), vec!["login.cloud.camunda.io:443"]);
+        assert_eq!(
+            credential_hosts(&oauth2, &ServerFacts::default()),
+            vec!["login.cloud.camunda.io:443"]
+        );
         let issuer = connection(
             "http://tasklist:8080",
             serde_json::json!({"oauth2": {"issuerUrl": "https://keycloak:8443/realms/camunda", "clientSecretRef": {"name": "c"}}}),
         );
-        assert_eq!(credential_hosts(&issuer), vec!["keycloak:8443"]);
+        assert_eq!(credential_hosts(&issuer, &ServerFacts::default()), vec!["keycloak:8443"]);
+        // Once discovered, the token endpoint the issuer named counts too.
+        let facts = ServerFacts::default();
+        facts.remember_token_endpoint(
+            ("https://keycloak:8443/realms/camunda".into(), [0; 32]),
+            "https://idp-tokens:9443/token".into(),
+            Instant::now(),
+        );
+        assert_eq!(credential_hosts(&issuer, &facts), vec!["idp-tokens:9443", "keycloak:8443"]);
     }
 
     #[test]
@@ -461,12 +471,12 @@ mod tests {
             "http://tasklist:8080",
             serde_json::json!({"cookie": {"credentialsSecretRef": {"name": "login"}}}),
         );
-        assert_eq!(credential_hosts(&cookie), vec!["tasklist:8080"]);
+        assert_eq!(credential_hosts(&cookie, &ServerFacts::default()), vec!["tasklist:8080"]);
         let basic = connection(
             "http://tasklist:8080",
             serde_json::json!({"basic": {"credentialsSecretRef": {"name": "login"}}}),
         );
-        assert!(credential_hosts(&basic).is_empty());
+        assert!(credential_hosts(&basic, &ServerFacts::default()).is_empty());
     }
 
     #[test]

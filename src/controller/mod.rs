@@ -437,7 +437,11 @@ async fn reconcile_logged(
 ) -> Result<Action, Error> {
     let limits = slot_limits(ctx.concurrency);
     let namespace = connection.namespace().unwrap_or_default();
-    let _entered = match ctx.host_slots.enter(&namespace, credential_hosts(&connection), limits).await {
+    let _entered = match ctx
+        .host_slots
+        .enter(&namespace, credential_hosts(&connection, &ctx.http_settings.facts), limits)
+        .await
+    {
         Ok(entered) => entered,
         Err(full) => {
             debug!(?full, "deferred: no free reconcile slot for this connection's hosts or namespace");

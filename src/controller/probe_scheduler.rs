@@ -38,8 +38,8 @@ use jiff::Timestamp;
 use crate::camunda::TlsTrust;
 use crate::camunda::probe::{Probe, ProbeCredential, ProbeOutcome};
 use crate::crd::ProbeMethod;
-use crate::credential::add;
 use crate::key_hash::KeyHash;
+use crate::time::{add, since, sub};
 
 /// Probe slots of the whole operator unless `--probe-concurrency` says otherwise.
 pub const DEFAULT_PROBE_CONCURRENCY: u16 = 16;
@@ -215,6 +215,12 @@ pub fn deferral_delay(without_answer: Duration, interval: Duration, jitter: f64)
 
 type InFlight = Shared<BoxFuture<'static, SharedResult>>;
 
+/// The lane's state: a panic while it is locked leaves it a step behind, never half
+/// changed, and its backoff and slot counts must not be lost (see [`crate::machinery::lock`]).
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    crate::machinery::lock::lock(state, "the probe lane")
+}
+
 #[derive(Default)]
 struct State {
     latest: HashMap<ProbeKey, SharedResult>,
@@ -275,7 +281,7 @@ struct ProbeSlot {
 
 impl Drop for ProbeSlot {
     fn drop(&mut self) {
-        let Ok(mut state) = self.state.lock() else { return };
+        let mut state = lock(&self.state);
         state.slots_taken = state.slots_taken.saturating_sub(1);
         if let Some(count) = state.slots_per_host.get_mut(&self.host) {
             *count = count.saturating_sub(1);
@@ -307,11 +313,7 @@ impl ProbeScheduler {
             now,
             has_result,
         } = due;
-        let Ok(mut state) = self.state.lock() else {
-            return ProbeTurn::Deferred {
-                retry_after: deferral_delay(Duration::ZERO, interval, rand::random()),
-            };
-        };
+        let mut state = lock(&self.state);
         let host_taken = state.slots_per_host.get(&host).copied().unwrap_or_default();
         let slot_free = state.slots_taken < self.limits.total && host_taken < self.limits.per_host;
         let latest_at = state.latest.get(&key).map(|result| result.at);
@@ -385,15 +387,15 @@ impl ProbeScheduler {
 
     #[cfg(test)]
     fn counts(&self) -> (usize, usize, usize) {
-        let state = self.state.lock().expect("not poisoned");
+        let state = lock(&self.state);
         (state.latest.len(), state.in_flight.len(), state.slots_taken)
     }
 }
 
 /// Notes a deferral on `host` and says when to try again.
 fn defer(state: &mut State, host: String, interval: Duration, now: Timestamp) -> ProbeTurn {
-    let since = *state.waiting_since.entry(host).or_insert(now);
-    let without_answer = now.duration_since(since).try_into().unwrap_or_default();
+    let waiting_since = *state.waiting_since.entry(host).or_insert(now);
+    let without_answer = since(now, waiting_since);
     ProbeTurn::Deferred {
         retry_after: deferral_delay(without_answer, interval, rand::random()),
     }
@@ -403,7 +405,7 @@ fn defer(state: &mut State, host: String, interval: Duration, now: Timestamp) ->
 /// backoff; a timeout or connection failure does not), and drops results too old to be
 /// reused by anyone once the map has grown (twice the size after the last pruning).
 fn record(state: &Mutex<State>, key: ProbeKey, host: &str, result: SharedResult) {
-    let Ok(mut state) = state.lock() else { return };
+    let mut state = lock(state);
     state.in_flight.remove(&key);
     if !matches!(result.outcome, ProbeOutcome::Unreachable { .. }) {
         state.waiting_since.remove(host);
@@ -413,7 +415,7 @@ fn record(state: &Mutex<State>, key: ProbeKey, host: &str, result: SharedResult)
         state.latest.insert(key, result.clone());
     }
     if state.latest.len() >= state.prune_at.max(FIRST_PRUNE_AT) {
-        let oldest_kept = result.at.checked_sub(LONGEST_KEPT).unwrap_or(Timestamp::MIN);
+        let oldest_kept = sub(result.at, LONGEST_KEPT);
         state.latest.retain(|_, kept| kept.at >= oldest_kept);
         state.prune_at = state.latest.len() * 2;
         // Hosts nothing is probing any more.
@@ -437,7 +439,7 @@ mod tests {
     }
 
     fn probe(url: &str) -> Probe {
-        Probe::new(url, &ProbeSpec::default())
+        Probe::new(url, &ProbeSpec::default(), &Default::default())
     }
 
     const MINUTE: Duration = Duration::from_secs(60);
@@ -480,6 +482,7 @@ mod tests {
                 path: Some("/v1/tasks/search".into()),
                 ..ProbeSpec::default()
             },
+            &Default::default(),
         );
         assert_eq!(
             (explicit.url.as_str(), &explicit.body),

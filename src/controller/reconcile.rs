@@ -24,7 +24,7 @@ use super::{Context, Error, FIELD_MANAGER, SecretCaches};
 use crate::camunda::probe::{Probe, ProbeOutcome};
 use crate::camunda::{AuthFailure, HttpClient, TlsTrust, redact};
 use crate::crd::{REFRESH_ANNOTATION, TasklistConnection, TasklistConnectionStatus};
-use crate::credential::{Credential, NEVER, add};
+use crate::credential::Credential;
 use crate::derived_secret::{DATA_HASH, StoredCredential, Unusable, is_owned_by, update_patch};
 use crate::events::{ConnectionEvent, transitions};
 use crate::host_health::origin;
@@ -37,6 +37,7 @@ use crate::metrics::{ConnectionLabels, CredentialRequestLabels, HowLabels, Metho
 use crate::obtain::obtain_shared_credential;
 use crate::reason::Reason;
 use crate::status::{AUTHENTICATED, ConditionState, CredentialTimes, Observation, REACHABLE, READY, desired_status};
+use crate::time::{NEVER, add};
 
 /// Retry interval while a Secret of the derived name belongs to someone else (a watch
 /// also wakes the connection when that Secret changes).
@@ -474,7 +475,7 @@ impl<'a> Reconciling<'a> {
             ForcedRefresh::NotBefore(at) => stored
                 .as_ref()
                 .filter(|current| now < current.refresh_at)
-                .map(|current| (current, crate::obtain::whole_seconds(add(at, Duration::from_millis(999))))),
+                .map(|current| (current, crate::time::whole_seconds(add(at, Duration::from_millis(999))))),
             _ => None,
         };
         self.ctx
@@ -880,7 +881,7 @@ impl<'a> Reconciling<'a> {
         {
             return (last.result.clone(), None);
         }
-        let probe = Probe::new(&connection.spec.url, spec).with_timeout(ctx.probe_timeout());
+        let probe = Probe::new(&connection.spec.url, spec, http.facts()).with_timeout(ctx.probe_timeout());
         let probe_key = ProbeKey::new(&probe, credential.credential.as_probe_credential(), trust);
         let host = origin(&probe.url).unwrap_or_else(|| probe.url.clone());
         let send = || {

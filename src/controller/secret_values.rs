@@ -56,10 +56,8 @@ impl Kept {
     }
 }
 
-/// Poisoned or not, the map holds whole entries only (each insert or removal is one
-/// statement under the lock): go on with it.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    crate::machinery::lock::lock(mutex, "the referenced Secrets' values")
 }
 
 impl KeptValues {
