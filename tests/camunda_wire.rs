@@ -831,9 +831,7 @@ async fn a_login_demanding_a_csrf_token_gets_it_from_a_get_first() {
     assert_eq!(login_trail(&standin), [("/login", false, 403), ("/login", true, 204)]);
     assert_eq!(standin.login_csrf_fetches(), 1);
     assert!(cookie_value(&session, UNIFIED_SESSION_COOKIE).is_some());
-    let outcome = default_probe(&standin.url(), &http)
-        .run(&http, session_credential(&session))
-        .await;
+    let outcome = default_probe(&standin.url(), &http).run(&http, session_credential(&session)).await;
     assert_eq!(outcome, ProbeOutcome::Succeeded, "{:?}", standin.api_requests());
 
     // The next login to that URL fetches the token first: no refused POST.

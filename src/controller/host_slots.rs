@@ -18,14 +18,14 @@
 //! Probes have a lane of their own (`probe_scheduler`): a dead Tasklist host does not defer
 //! the refreshes of connections whose token endpoint answers.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::camunda::facts::ServerFacts;
 use crate::crd::TasklistConnection;
 pub use crate::host_health::SLOW_AFTER;
 use crate::host_health::{HostHealth, Standing, origin};
+use crate::machinery::slots::{Counts, Slot, Slots};
 
 /// Reconciles in flight through an unproven host.
 pub const PROBATION: usize = 2;
@@ -77,58 +77,47 @@ pub enum Full {
 #[derive(Clone)]
 pub struct HostSlots {
     health: Arc<HostHealth>,
-    state: Arc<Mutex<SlotState>>,
-    /// Woken whenever a reconcile leaves, for those waiting on a host on probation.
-    left: Arc<tokio::sync::Notify>,
+    slots: Slots<SlotKey>,
 }
 
-#[derive(Default)]
-struct SlotState {
-    /// Reconciles in flight per host.
-    hosts: HashMap<String, usize>,
-    /// Reconciles in flight through hosts not proven, per namespace.
-    namespaces: HashMap<String, usize>,
+/// What a reconcile takes a slot of: each host it may ask, and its namespace when one of
+/// them is not proven.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum SlotKey {
+    Host(String),
+    Namespace(String),
 }
 
-impl SlotState {
-    fn in_flight(&self, host: &str) -> usize {
-        self.hosts.get(host).copied().unwrap_or_default()
-    }
-
-    fn admit(&self, namespace: &str, hosts: &[(String, Standing)], limits: SlotLimits, slow_in_flight: usize) -> Result<bool, Full> {
-        let mut unproven = false;
-        for (host, standing) in hosts {
-            let in_flight = self.in_flight(host);
-            match standing {
-                Standing::Proven if in_flight >= limits.per_host => return Err(Full::Host(host.clone())),
-                Standing::Proven => {}
-                Standing::Unproven if in_flight >= PROBATION.min(limits.per_host) => return Err(Full::Probation(host.clone())),
-                Standing::Slow if slow_in_flight >= limits.slow_hosts || in_flight >= limits.per_host => return Err(Full::SlowHosts),
-                Standing::Unproven | Standing::Slow => unproven = true,
-            }
+/// Whether a reconcile through `hosts` (with their standings) may enter, given what is in
+/// flight (`counts`, of which `slow_in_flight` through slow hosts); `Ok(true)` when it
+/// counts against its namespace (a host is not proven).
+fn admit(
+    counts: &Counts<SlotKey>,
+    namespace: &str,
+    hosts: &[(String, Standing)],
+    limits: SlotLimits,
+    slow_in_flight: usize,
+) -> Result<bool, Full> {
+    let mut unproven = false;
+    for (host, standing) in hosts {
+        let in_flight = counts.of(&SlotKey::Host(host.clone()));
+        match standing {
+            Standing::Proven if in_flight >= limits.per_host => return Err(Full::Host(host.clone())),
+            Standing::Proven => {}
+            Standing::Unproven if in_flight >= PROBATION.min(limits.per_host) => return Err(Full::Probation(host.clone())),
+            Standing::Slow if slow_in_flight >= limits.slow_hosts || in_flight >= limits.per_host => return Err(Full::SlowHosts),
+            Standing::Unproven | Standing::Slow => unproven = true,
         }
-        if unproven
-            && self
-                .namespaces
-                .get(namespace)
-                .is_some_and(|count| *count >= limits.per_namespace_unproven)
-        {
-            return Err(Full::Namespace);
-        }
-        Ok(unproven)
     }
+    if unproven && counts.of(&SlotKey::Namespace(namespace.to_owned())) >= limits.per_namespace_unproven {
+        return Err(Full::Namespace);
+    }
+    Ok(unproven)
 }
 
 /// Held while a reconcile runs; leaving frees its slots.
 pub struct Entered {
-    namespace: String,
-    hosts: Vec<String>,
-    counted_in_namespace: bool,
-    slots: HostSlots,
-}
-
-fn lock(state: &Mutex<SlotState>) -> std::sync::MutexGuard<'_, SlotState> {
-    crate::machinery::lock::lock(state, "the host slots")
+    _slots: Slot<SlotKey>,
 }
 
 impl HostSlots {
@@ -136,8 +125,7 @@ impl HostSlots {
     pub fn new(health: Arc<HostHealth>) -> Self {
         HostSlots {
             health,
-            state: Arc::default(),
-            left: Arc::default(),
+            slots: Slots::new("the host slots"),
         }
     }
 
@@ -147,7 +135,7 @@ impl HostSlots {
     pub async fn enter(&self, namespace: &str, hosts: Vec<String>, limits: SlotLimits) -> Result<Entered, Full> {
         let give_up = tokio::time::Instant::now() + SLOW_AFTER;
         loop {
-            let left = self.left.notified();
+            let left = self.slots.released();
             match self.try_enter_at(namespace, hosts.clone(), limits, Instant::now()) {
                 Err(Full::Probation(_)) if tokio::time::Instant::now() < give_up => {
                     let _ = tokio::time::timeout_at(give_up, left).await;
@@ -159,56 +147,26 @@ impl HostSlots {
 
     fn try_enter_at(&self, namespace: &str, hosts: Vec<String>, limits: SlotLimits, now: Instant) -> Result<Entered, Full> {
         let standings: Vec<(String, Standing)> = hosts.iter().map(|host| (host.clone(), self.health.standing(host, now))).collect();
-        let mut state = lock(&self.state);
-        let slow_in_flight = state
-            .hosts
-            .iter()
-            .filter(|(host, _)| self.health.standing(host, now) == Standing::Slow)
-            .map(|(_, count)| *count)
-            .sum();
-        let counted_in_namespace = state.admit(namespace, &standings, limits, slow_in_flight)?;
-        for host in &hosts {
-            *state.hosts.entry(host.clone()).or_default() += 1;
-        }
-        if counted_in_namespace {
-            *state.namespaces.entry(namespace.to_owned()).or_default() += 1;
-        }
-        Ok(Entered {
-            namespace: namespace.to_owned(),
-            hosts,
-            counted_in_namespace,
-            slots: self.clone(),
-        })
+        let slots = self.slots.try_take(|counts| {
+            let slow_in_flight = counts
+                .iter()
+                .filter(|(key, _)| matches!(key, SlotKey::Host(host) if self.health.standing(host, now) == Standing::Slow))
+                .map(|(_, count)| count)
+                .sum();
+            let counted_in_namespace = admit(counts, namespace, &standings, limits, slow_in_flight)?;
+            let namespace = counted_in_namespace.then(|| SlotKey::Namespace(namespace.to_owned()));
+            Ok(hosts.into_iter().map(SlotKey::Host).chain(namespace).collect())
+        })?;
+        Ok(Entered { _slots: slots })
     }
 
+    /// How many hosts and namespaces have reconciles in flight.
     #[cfg(test)]
-    fn hosts_tracked(&self) -> usize {
-        lock(&self.state).hosts.len()
-    }
-}
-
-impl Drop for Entered {
-    fn drop(&mut self) {
-        {
-            let mut state = lock(&self.slots.state);
-            for host in &self.hosts {
-                if let Some(count) = state.hosts.get_mut(host) {
-                    *count = count.saturating_sub(1);
-                    if *count == 0 {
-                        state.hosts.remove(host);
-                    }
-                }
-            }
-            if self.counted_in_namespace
-                && let Some(count) = state.namespaces.get_mut(&self.namespace)
-            {
-                *count = count.saturating_sub(1);
-                if *count == 0 {
-                    state.namespaces.remove(&self.namespace);
-                }
-            }
-        }
-        self.slots.left.notify_waiters();
+    fn tracked(&self) -> (usize, usize) {
+        self.slots.with_counts(|counts| {
+            let hosts = counts.iter().filter(|(key, _)| matches!(key, SlotKey::Host(_))).count();
+            (hosts, counts.keys() - hosts)
+        })
     }
 }
 
@@ -425,8 +383,7 @@ mod tests {
                 .try_enter_at(&format!("ns-{index}"), vec![format!("host-{index}:443")], LIMITS, Instant::now())
                 .unwrap();
         }
-        assert_eq!(slots.hosts_tracked(), 0);
-        assert!(lock(&slots.state).namespaces.is_empty());
+        assert_eq!(slots.tracked(), (0, 0));
     }
 
     fn connection(url: &str, auth: serde_json::Value) -> TasklistConnection {

@@ -39,6 +39,7 @@ use crate::camunda::TlsTrust;
 use crate::camunda::probe::{Probe, ProbeCredential, ProbeOutcome};
 use crate::crd::ProbeMethod;
 use crate::key_hash::KeyHash;
+use crate::machinery::slots::{Slot, Slots};
 use crate::time::{add, since, sub};
 
 /// Probe slots of the whole operator unless `--probe-concurrency` says otherwise.
@@ -221,12 +222,23 @@ fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     crate::machinery::lock::lock(state, "the probe lane")
 }
 
-#[derive(Default)]
+impl Default for State {
+    fn default() -> Self {
+        State {
+            latest: HashMap::new(),
+            in_flight: HashMap::new(),
+            slots: Slots::new("the probe slots"),
+            waiting_since: HashMap::new(),
+            prune_at: 0,
+        }
+    }
+}
+
 struct State {
     latest: HashMap<ProbeKey, SharedResult>,
     in_flight: HashMap<ProbeKey, InFlight>,
-    slots_taken: usize,
-    slots_per_host: HashMap<String, usize>,
+    /// The probe slots, per host.
+    slots: Slots<String>,
     /// Per host: the first deferral since it last answered.
     waiting_since: HashMap<String, Timestamp>,
     prune_at: usize,
@@ -264,31 +276,12 @@ pub enum ProbeTurn {
 /// the request itself holds the sender's).
 pub struct Waiting {
     result: InFlight,
-    _slot: Option<ProbeSlot>,
+    _slot: Option<Slot<String>>,
 }
 
 impl Waiting {
     pub async fn result(self) -> SharedResult {
         self.result.await
-    }
-}
-
-/// One taken probe slot, given back when dropped.
-struct ProbeSlot {
-    host: String,
-    state: Arc<Mutex<State>>,
-}
-
-impl Drop for ProbeSlot {
-    fn drop(&mut self) {
-        let mut state = lock(&self.state);
-        state.slots_taken = state.slots_taken.saturating_sub(1);
-        if let Some(count) = state.slots_per_host.get_mut(&self.host) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                state.slots_per_host.remove(&self.host);
-            }
-        }
     }
 }
 
@@ -314,8 +307,9 @@ impl ProbeScheduler {
             has_result,
         } = due;
         let mut state = lock(&self.state);
-        let host_taken = state.slots_per_host.get(&host).copied().unwrap_or_default();
-        let slot_free = state.slots_taken < self.limits.total && host_taken < self.limits.per_host;
+        let slot_free = state
+            .slots
+            .with_counts(|taken| taken.held() < self.limits.total && taken.of(&host) < self.limits.per_host);
         let latest_at = state.latest.get(&key).map(|result| result.at);
         match probe_turn(
             latest_at,
@@ -333,7 +327,7 @@ impl ProbeScheduler {
             },
             turn @ (Turn::Join | Turn::JoinWithoutSlot) => match state.in_flight.get(&key).cloned() {
                 Some(result) => {
-                    let slot = (turn == Turn::Join).then(|| self.take_slot(&mut state, host));
+                    let slot = (turn == Turn::Join).then(|| state.slots.take(vec![host]));
                     ProbeTurn::Wait {
                         result: Waiting { result, _slot: slot },
                         joined: true,
@@ -342,7 +336,7 @@ impl ProbeScheduler {
                 None => defer(&mut state, host, interval, now),
             },
             Turn::Send => {
-                let slot = self.take_slot(&mut state, host.clone());
+                let slot = state.slots.take(vec![host.clone()]);
                 let request = send();
                 let shared_state = self.state.clone();
                 // Records the answer before giving the slot back: the lock taken here waits
@@ -376,19 +370,14 @@ impl ProbeScheduler {
         }
     }
 
-    fn take_slot(&self, state: &mut State, host: String) -> ProbeSlot {
-        state.slots_taken += 1;
-        *state.slots_per_host.entry(host.clone()).or_default() += 1;
-        ProbeSlot {
-            host,
-            state: self.state.clone(),
-        }
-    }
-
     #[cfg(test)]
     fn counts(&self) -> (usize, usize, usize) {
         let state = lock(&self.state);
-        (state.latest.len(), state.in_flight.len(), state.slots_taken)
+        (
+            state.latest.len(),
+            state.in_flight.len(),
+            state.slots.with_counts(|taken| taken.held()),
+        )
     }
 }
 
@@ -419,12 +408,8 @@ fn record(state: &Mutex<State>, key: ProbeKey, host: &str, result: SharedResult)
         state.latest.retain(|_, kept| kept.at >= oldest_kept);
         state.prune_at = state.latest.len() * 2;
         // Hosts nothing is probing any more.
-        let State {
-            waiting_since,
-            slots_per_host,
-            ..
-        } = &mut *state;
-        waiting_since.retain(|host, _| slots_per_host.contains_key(host));
+        let State { waiting_since, slots, .. } = &mut *state;
+        slots.with_counts(|taken| waiting_since.retain(|host, _| taken.of(host) > 0));
     }
 }
 

@@ -11,3 +11,4 @@
 //! Nothing here knows about Kubernetes, Camunda or credentials.
 
 pub mod lock;
+pub mod slots;
