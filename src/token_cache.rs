@@ -16,14 +16,13 @@ use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use futures::FutureExt as _;
-use futures::future::{BoxFuture, Shared};
 use jiff::Timestamp;
 
 use crate::camunda::token::{ClientCredentials, ClientProof, TokenEndpoint};
 use crate::camunda::{AuthFailure, Sensitive, TlsTrust};
 use crate::crd::RequestEncoding;
 use crate::key_hash::KeyHash;
+use crate::machinery::single_flight::{FlightId, Flights};
 use crate::schedule::{RefreshPolicy, refresh_time};
 use crate::time::add;
 
@@ -148,9 +147,9 @@ impl<User> Default for TokenCache<User> {
         TokenCache {
             state: Arc::new(Mutex::new(State {
                 entries: HashMap::new(),
+                flights: Flights::default(),
                 key_of: HashMap::new(),
                 users_of: HashMap::new(),
-                flights_started: 0,
             })),
         }
     }
@@ -158,25 +157,17 @@ impl<User> Default for TokenCache<User> {
 
 struct State<User> {
     entries: HashMap<TokenKey, Entry>,
+    /// The token requests in flight.
+    flights: Flights<TokenKey, FlightResult>,
     /// The key each connection last obtained a token with.
     key_of: HashMap<User, TokenKey>,
     /// How many connections use each key; an entry goes with its last user.
     users_of: HashMap<TokenKey, usize>,
-    flights_started: u64,
 }
 
 #[derive(Default)]
 struct Entry {
     token: Option<SharedToken>,
-    flight: Option<Flight>,
-}
-
-/// A token request in flight, which every caller of the same key awaits.
-struct Flight {
-    id: u64,
-    result: Shared<BoxFuture<'static, FlightResult>>,
-    /// Callers that joined it (for tests).
-    joined: usize,
 }
 
 fn lock<User>(state: &Mutex<State<User>>) -> MutexGuard<'_, State<User>> {
@@ -215,45 +206,25 @@ impl<User: Hash + Eq + Send + 'static> TokenCache<User> {
                     return (TokenSource::Cached, Ok(token.clone()));
                 }
             }
-            match &mut entry.flight {
-                Some(flight) => {
-                    flight.joined += 1;
-                    (TokenSource::InFlight, flight.result.clone())
-                }
+            match state.flights.join(&key) {
+                Some(answer) => (TokenSource::InFlight, answer),
                 None => {
-                    state.flights_started += 1;
-                    let id = state.flights_started;
-                    let result = self.start_flight(key, id, fetch());
-                    entry.flight = Some(Flight {
-                        id,
-                        result: result.clone(),
-                        joined: 0,
-                    });
-                    (TokenSource::Requested, result)
+                    let request = fetch();
+                    let shared_state = Arc::clone(&self.state);
+                    let answer = state.flights.start(
+                        key,
+                        move |id| async move {
+                            let result = request.await;
+                            lock(&shared_state).finish_flight(key, id, &result, Timestamp::now());
+                            result
+                        },
+                        |why| Err(AuthFailure::server_error(format!("the token request did not finish: {why}"))),
+                    );
+                    (TokenSource::Requested, answer)
                 }
             }
         };
         (source, flight.await)
-    }
-
-    fn start_flight(
-        &self,
-        key: TokenKey,
-        id: u64,
-        request: impl Future<Output = FlightResult> + Send + 'static,
-    ) -> Shared<BoxFuture<'static, FlightResult>> {
-        let state = Arc::clone(&self.state);
-        let task = tokio::spawn(async move {
-            let result = request.await;
-            lock(&state).finish_flight(key, id, &result, Timestamp::now());
-            result
-        });
-        async move {
-            task.await
-                .unwrap_or_else(|error| Err(AuthFailure::server_error(format!("the token request did not finish: {error}"))))
-        }
-        .boxed()
-        .shared()
     }
 
     /// Forgets connection `user` (deleted), and the entry it was the last to use.
@@ -272,11 +243,7 @@ impl<User: Hash + Eq + Send + 'static> TokenCache<User> {
     /// How many callers are waiting for the request in flight for `key`, besides its sender.
     #[cfg(test)]
     pub(crate) fn joined(&self, key: TokenKey) -> usize {
-        lock(&self.state)
-            .entries
-            .get(&key)
-            .and_then(|entry| entry.flight.as_ref())
-            .map_or(0, |flight| flight.joined)
+        lock(&self.state).flights.joined(&key)
     }
 }
 
@@ -303,11 +270,9 @@ impl<User: Hash + Eq> State<User> {
 
     /// Keeps the token a flight brought (a failure is not kept: the entry's token, if any,
     /// stays), unless nobody uses the key any more.
-    fn finish_flight(&mut self, key: TokenKey, id: u64, result: &FlightResult, now: Timestamp) {
+    fn finish_flight(&mut self, key: TokenKey, id: FlightId, result: &FlightResult, now: Timestamp) {
+        self.flights.land(&key, id);
         let Some(entry) = self.entries.get_mut(&key) else { return };
-        if entry.flight.as_ref().is_some_and(|flight| flight.id == id) {
-            entry.flight = None;
-        }
         if let Ok(token) = result {
             entry.token = Some(token.clone());
             self.make_room(now);
@@ -317,13 +282,14 @@ impl<User: Hash + Eq> State<User> {
     /// Drops expired tokens, then the tokens that expire first while there are more than
     /// [`MAX_ENTRIES`]. Entries with a request in flight stay.
     fn make_room(&mut self, now: Timestamp) {
+        let flights = &mut self.flights;
         self.entries
-            .retain(|_, entry| entry.flight.is_some() || entry.token.as_ref().is_some_and(|token| token.expires_at > now));
+            .retain(|key, entry| flights.is_in_flight(key) || entry.token.as_ref().is_some_and(|token| token.expires_at > now));
         while self.entries.len() > MAX_ENTRIES {
             let first_to_expire = self
                 .entries
                 .iter()
-                .filter(|(_, entry)| entry.flight.is_none())
+                .filter(|(key, _)| !self.flights.is_in_flight(key))
                 .min_by_key(|(_, entry)| entry.token.as_ref().map(|token| token.expires_at))
                 .map(|(key, _)| *key);
             let Some(key) = first_to_expire else { break };
@@ -336,6 +302,7 @@ impl<User: Hash + Eq> State<User> {
 mod tests {
     use super::*;
     use crate::camunda::assertion::AssertionKey;
+    use futures::FutureExt as _;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn at(second: i64) -> Timestamp {

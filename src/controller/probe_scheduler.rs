@@ -31,14 +31,13 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::FutureExt as _;
-use futures::future::{BoxFuture, Shared};
 use jiff::Timestamp;
 
 use crate::camunda::TlsTrust;
 use crate::camunda::probe::{Probe, ProbeCredential, ProbeOutcome};
 use crate::crd::ProbeMethod;
 use crate::key_hash::KeyHash;
+use crate::machinery::single_flight::{Answer, Flights};
 use crate::machinery::slots::{Slot, Slots};
 use crate::time::{add, since, sub};
 
@@ -214,8 +213,6 @@ pub fn deferral_delay(without_answer: Duration, interval: Duration, jitter: f64)
     base.mul_f64(1.0 + jitter.clamp(0.0, 1.0))
 }
 
-type InFlight = Shared<BoxFuture<'static, SharedResult>>;
-
 /// The lane's state: a panic while it is locked leaves it a step behind, never half
 /// changed, and its backoff and slot counts must not be lost (see [`crate::machinery::lock`]).
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -226,7 +223,7 @@ impl Default for State {
     fn default() -> Self {
         State {
             latest: HashMap::new(),
-            in_flight: HashMap::new(),
+            flights: Flights::default(),
             slots: Slots::new("the probe slots"),
             waiting_since: HashMap::new(),
             prune_at: 0,
@@ -236,7 +233,8 @@ impl Default for State {
 
 struct State {
     latest: HashMap<ProbeKey, SharedResult>,
-    in_flight: HashMap<ProbeKey, InFlight>,
+    /// The probe requests in flight.
+    flights: Flights<ProbeKey, SharedResult>,
     /// The probe slots, per host.
     slots: Slots<String>,
     /// Per host: the first deferral since it last answered.
@@ -275,7 +273,7 @@ pub enum ProbeTurn {
 /// An answer on its way. Holds a probe slot until awaited or dropped (a joining reconcile's;
 /// the request itself holds the sender's).
 pub struct Waiting {
-    result: InFlight,
+    result: Answer<SharedResult>,
     _slot: Option<Slot<String>>,
 }
 
@@ -313,7 +311,7 @@ impl ProbeScheduler {
         let latest_at = state.latest.get(&key).map(|result| result.at);
         match probe_turn(
             latest_at,
-            state.in_flight.contains_key(&key),
+            state.flights.is_in_flight(&key),
             slot_free,
             credential_issued_at,
             interval,
@@ -325,7 +323,7 @@ impl ProbeScheduler {
                 Some(result) => ProbeTurn::Reuse(result.clone()),
                 None => defer(&mut state, host, interval, now),
             },
-            turn @ (Turn::Join | Turn::JoinWithoutSlot) => match state.in_flight.get(&key).cloned() {
+            turn @ (Turn::Join | Turn::JoinWithoutSlot) => match state.flights.join(&key) {
                 Some(result) => {
                     let slot = (turn == Turn::Join).then(|| state.slots.take(vec![host]));
                     ProbeTurn::Wait {
@@ -341,27 +339,26 @@ impl ProbeScheduler {
                 let shared_state = self.state.clone();
                 // Records the answer before giving the slot back: the lock taken here waits
                 // until `turn` has put the request in flight.
-                let task = tokio::spawn(async move {
-                    let _slot = slot;
-                    let result = SharedResult {
-                        at: now,
-                        outcome: request.await,
-                    };
-                    record(&shared_state, key, &host, result.clone());
-                    result
-                });
-                let result: InFlight = task
-                    .map(move |joined| {
-                        joined.unwrap_or_else(|error| SharedResult {
+                let result = state.flights.start(
+                    key,
+                    move |id| async move {
+                        let _slot = slot;
+                        let result = SharedResult {
                             at: now,
-                            outcome: ProbeOutcome::Unreachable {
-                                cause: format!("the probe did not finish: {error}"),
-                            },
-                        })
-                    })
-                    .boxed()
-                    .shared();
-                state.in_flight.insert(key, result.clone());
+                            outcome: request.await,
+                        };
+                        let mut state = lock(&shared_state);
+                        state.flights.land(&key, id);
+                        state.record(key, &host, result.clone());
+                        result
+                    },
+                    move |why| SharedResult {
+                        at: now,
+                        outcome: ProbeOutcome::Unreachable {
+                            cause: format!("the probe did not finish: {why}"),
+                        },
+                    },
+                );
                 ProbeTurn::Wait {
                     result: Waiting { result, _slot: None },
                     joined: false,
@@ -375,7 +372,7 @@ impl ProbeScheduler {
         let state = lock(&self.state);
         (
             state.latest.len(),
-            state.in_flight.len(),
+            state.flights.len(),
             state.slots.with_counts(|taken| taken.held()),
         )
     }
@@ -390,26 +387,33 @@ fn defer(state: &mut State, host: String, interval: Duration, now: Timestamp) ->
     }
 }
 
-/// Keeps an answer as the latest of its key (an answer from the host ends its deferral
-/// backoff; a timeout or connection failure does not), and drops results too old to be
-/// reused by anyone once the map has grown (twice the size after the last pruning).
+/// [`State::record`] under the lock.
+#[cfg(test)]
 fn record(state: &Mutex<State>, key: ProbeKey, host: &str, result: SharedResult) {
-    let mut state = lock(state);
-    state.in_flight.remove(&key);
-    if !matches!(result.outcome, ProbeOutcome::Unreachable { .. }) {
-        state.waiting_since.remove(host);
-    }
-    let newer = state.latest.get(&key).is_none_or(|kept| kept.at <= result.at);
-    if newer {
-        state.latest.insert(key, result.clone());
-    }
-    if state.latest.len() >= state.prune_at.max(FIRST_PRUNE_AT) {
-        let oldest_kept = sub(result.at, LONGEST_KEPT);
-        state.latest.retain(|_, kept| kept.at >= oldest_kept);
-        state.prune_at = state.latest.len() * 2;
-        // Hosts nothing is probing any more.
-        let State { waiting_since, slots, .. } = &mut *state;
-        slots.with_counts(|taken| waiting_since.retain(|host, _| taken.of(host) > 0));
+    lock(state).record(key, host, result);
+}
+
+impl State {
+    /// Keeps an answer as the latest of its key (an answer from the host ends its deferral
+    /// backoff; a timeout or connection failure does not), and drops results too old to be
+    /// reused by anyone once the map has grown (twice the size after the last pruning).
+    fn record(&mut self, key: ProbeKey, host: &str, result: SharedResult) {
+        let state = self;
+        if !matches!(result.outcome, ProbeOutcome::Unreachable { .. }) {
+            state.waiting_since.remove(host);
+        }
+        let newer = state.latest.get(&key).is_none_or(|kept| kept.at <= result.at);
+        if newer {
+            state.latest.insert(key, result.clone());
+        }
+        if state.latest.len() >= state.prune_at.max(FIRST_PRUNE_AT) {
+            let oldest_kept = sub(result.at, LONGEST_KEPT);
+            state.latest.retain(|_, kept| kept.at >= oldest_kept);
+            state.prune_at = state.latest.len() * 2;
+            // Hosts nothing is probing any more.
+            let State { waiting_since, slots, .. } = &mut *state;
+            slots.with_counts(|taken| waiting_since.retain(|host, _| taken.of(host) > 0));
+        }
     }
 }
 
@@ -418,6 +422,8 @@ mod tests {
     use super::*;
     use crate::camunda::Sensitive;
     use crate::crd::ProbeSpec;
+    use futures::FutureExt as _;
+    use futures::future::BoxFuture;
 
     fn at(second: i64) -> Timestamp {
         Timestamp::from_second(second).unwrap()

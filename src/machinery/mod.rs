@@ -11,4 +11,5 @@
 //! Nothing here knows about Kubernetes, Camunda or credentials.
 
 pub mod lock;
+pub mod single_flight;
 pub mod slots;
