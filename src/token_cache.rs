@@ -23,6 +23,7 @@ use crate::camunda::{AuthFailure, Sensitive, TlsTrust};
 use crate::crd::RequestEncoding;
 use crate::key_hash::KeyHash;
 use crate::machinery::single_flight::{FlightId, Flights};
+use crate::machinery::users::Users;
 use crate::schedule::{RefreshPolicy, refresh_time};
 use crate::time::add;
 
@@ -148,8 +149,7 @@ impl<User> Default for TokenCache<User> {
             state: Arc::new(Mutex::new(State {
                 entries: HashMap::new(),
                 flights: Flights::default(),
-                key_of: HashMap::new(),
-                users_of: HashMap::new(),
+                users: Users::default(),
             })),
         }
     }
@@ -159,10 +159,8 @@ struct State<User> {
     entries: HashMap<TokenKey, Entry>,
     /// The token requests in flight.
     flights: Flights<TokenKey, FlightResult>,
-    /// The key each connection last obtained a token with.
-    key_of: HashMap<User, TokenKey>,
-    /// How many connections use each key; an entry goes with its last user.
-    users_of: HashMap<TokenKey, usize>,
+    /// The key each connection last obtained a token with; an entry goes with its last user.
+    users: Users<User, TokenKey>,
 }
 
 #[derive(Default)]
@@ -197,7 +195,9 @@ impl<User: Hash + Eq + Send + 'static> TokenCache<User> {
         let (source, flight) = {
             let mut guard = lock(&self.state);
             let state = &mut *guard;
-            state.use_key(user, key);
+            if let Some(unused) = state.users.use_key(user, key) {
+                state.entries.remove(&unused);
+            }
             let entry = state.entries.entry(key).or_default();
             if let Some(token) = &entry.token {
                 if held.is_some_and(|held| *held == token.access_token) {
@@ -230,8 +230,8 @@ impl<User: Hash + Eq + Send + 'static> TokenCache<User> {
     /// Forgets connection `user` (deleted), and the entry it was the last to use.
     pub fn forget(&self, user: &User) {
         let mut state = lock(&self.state);
-        if let Some(key) = state.key_of.remove(user) {
-            state.release(key);
+        if let Some(unused) = state.users.forget(user) {
+            state.entries.remove(&unused);
         }
     }
 
@@ -248,26 +248,6 @@ impl<User: Hash + Eq + Send + 'static> TokenCache<User> {
 }
 
 impl<User: Hash + Eq> State<User> {
-    fn use_key(&mut self, user: User, key: TokenKey) {
-        let previous = self.key_of.insert(user, key);
-        if previous == Some(key) {
-            return;
-        }
-        *self.users_of.entry(key).or_default() += 1;
-        if let Some(previous) = previous {
-            self.release(previous);
-        }
-    }
-
-    fn release(&mut self, key: TokenKey) {
-        let Some(users) = self.users_of.get_mut(&key) else { return };
-        *users = users.saturating_sub(1);
-        if *users == 0 {
-            self.users_of.remove(&key);
-            self.entries.remove(&key);
-        }
-    }
-
     /// Keeps the token a flight brought (a failure is not kept: the entry's token, if any,
     /// stays), unless nobody uses the key any more.
     fn finish_flight(&mut self, key: TokenKey, id: FlightId, result: &FlightResult, now: Timestamp) {

@@ -6,7 +6,6 @@ mod memory;
 mod probe_scheduler;
 mod reconcile;
 mod secret_values;
-mod shared_clients;
 mod slim;
 #[cfg(test)]
 mod wiring_tests;
@@ -30,6 +29,7 @@ use crate::camunda::{HttpClient, HttpClientError, HttpSettings, TlsTrust};
 use crate::crd::TasklistConnection;
 use crate::derived_secret::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use crate::events::EventPublisher;
+use crate::machinery::users::SharedByUsers;
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::policy::{HostPolicy, ResolutionCache};
 use crate::schedule::RefreshPolicy;
@@ -39,7 +39,6 @@ use host_slots::{DEFERRAL, HostSlots, credential_hosts, reconcile_deadline, slot
 use memory::{ConnectionKey, Memory};
 pub use probe_scheduler::{DEFAULT_PROBE_CONCURRENCY, DEFAULT_PROBES_PER_HOST};
 use probe_scheduler::{ProbeScheduler, probe_limits, probe_timeout};
-use shared_clients::SharedByUsers;
 
 /// The field manager named in server-side apply of Secrets and status.
 pub const FIELD_MANAGER: &str = "tasklist-operator";

@@ -13,3 +13,4 @@
 pub mod lock;
 pub mod single_flight;
 pub mod slots;
+pub mod users;
