@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::machinery::bounded::{Capacity, prune};
+
 /// A request waiting this long makes its host slow.
 pub const SLOW_AFTER: Duration = Duration::from_secs(2);
 /// How long a host stays slow after a request took [`SLOW_AFTER`] or longer.
@@ -74,9 +76,12 @@ impl HostHealth {
     pub fn sent(self: &Arc<Self>, host: String, now: Instant) -> Waiting {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut hosts = lock(&self.hosts);
-        if hosts.len() > PRUNE_ABOVE {
-            hosts.retain(|_, health| !health.forgettable(now));
-        }
+        prune(
+            &mut hosts,
+            Capacity::stale_only(PRUNE_ABOVE + 1),
+            |_, health| health.forgettable(now),
+            |_, _| None::<()>,
+        );
         hosts.entry(host.clone()).or_default().waiting.insert(id, now);
         Waiting {
             health: self.clone(),

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::crd::TasklistConnection;
+use crate::machinery::bounded::{Capacity, prune};
 use crate::machinery::lock::lock;
 
 /// The largest probe body sent, in bytes (the CRD also caps it at 4096 characters).
@@ -539,9 +540,12 @@ impl ResolutionCache {
 
     fn remember(&self, key: ResolutionKey, now: Instant, answer: Result<(), String>) {
         let mut answers = lock(&self.answers, "the policy's resolved host names");
-        if answers.len() >= RESOLUTION_CACHE_PRUNE_ABOVE {
-            answers.retain(|_, (at, _)| now.saturating_duration_since(*at) < RESOLUTION_TTL);
-        }
+        prune(
+            &mut answers,
+            Capacity::stale_only(RESOLUTION_CACHE_PRUNE_ABOVE),
+            |_, (at, _)| now.saturating_duration_since(*at) >= RESOLUTION_TTL,
+            |_, _| None::<()>,
+        );
         answers.insert(key, (now, answer));
     }
 }

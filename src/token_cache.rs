@@ -22,6 +22,7 @@ use crate::camunda::token::{ClientCredentials, ClientProof, TokenEndpoint};
 use crate::camunda::{AuthFailure, Sensitive, TlsTrust};
 use crate::crd::RequestEncoding;
 use crate::key_hash::KeyHash;
+use crate::machinery::bounded::{Capacity, prune};
 use crate::machinery::single_flight::{FlightId, Flights};
 use crate::machinery::users::Users;
 use crate::schedule::{RefreshPolicy, refresh_time};
@@ -263,18 +264,13 @@ impl<User: Hash + Eq> State<User> {
     /// [`MAX_ENTRIES`]. Entries with a request in flight stay.
     fn make_room(&mut self, now: Timestamp) {
         let flights = &mut self.flights;
-        self.entries
-            .retain(|key, entry| flights.is_in_flight(key) || entry.token.as_ref().is_some_and(|token| token.expires_at > now));
-        while self.entries.len() > MAX_ENTRIES {
-            let first_to_expire = self
-                .entries
-                .iter()
-                .filter(|(key, _)| !self.flights.is_in_flight(key))
-                .min_by_key(|(_, entry)| entry.token.as_ref().map(|token| token.expires_at))
-                .map(|(key, _)| *key);
-            let Some(key) = first_to_expire else { break };
-            self.entries.remove(&key);
-        }
+        let in_flight: Vec<TokenKey> = self.entries.keys().filter(|key| flights.is_in_flight(key)).copied().collect();
+        prune(
+            &mut self.entries,
+            Capacity::entries(0, MAX_ENTRIES),
+            |key, entry| !in_flight.contains(key) && entry.token.as_ref().is_none_or(|token| token.expires_at <= now),
+            |key, entry| (!in_flight.contains(key)).then(|| entry.token.as_ref().map(|token| token.expires_at)),
+        );
     }
 }
 

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::tasklist_api::TasklistApi;
+use crate::machinery::bounded::{Capacity, prune};
 use crate::machinery::lock::lock;
 
 /// A discovered endpoint is read again after this long (providers move them rarely; a
@@ -66,14 +67,14 @@ impl ServerFacts {
     /// [`MAX_DISCOVERED`].
     pub(crate) fn remember_token_endpoint(&self, key: DiscoveryKey, endpoint: String, now: Instant) {
         let mut endpoints = lock(&self.token_endpoints, "the discovered token endpoints");
-        if endpoints.len() >= MAX_DISCOVERED && !endpoints.contains_key(&key) {
-            endpoints.retain(|_, found| found.fresh(now));
-            while endpoints.len() >= MAX_DISCOVERED {
-                let Some(oldest) = endpoints.iter().min_by_key(|(_, found)| found.at).map(|(key, _)| key.clone()) else {
-                    break;
-                };
-                endpoints.remove(&oldest);
-            }
+        if !endpoints.contains_key(&key) {
+            // Room for one more.
+            prune(
+                &mut endpoints,
+                Capacity::entries(MAX_DISCOVERED, MAX_DISCOVERED - 1),
+                |_, found| !found.fresh(now),
+                |_, found| Some(found.at),
+            );
         }
         endpoints.insert(key, Discovered { endpoint, at: now });
     }

@@ -37,6 +37,7 @@ use crate::camunda::TlsTrust;
 use crate::camunda::probe::{Probe, ProbeCredential, ProbeOutcome};
 use crate::crd::ProbeMethod;
 use crate::key_hash::KeyHash;
+use crate::machinery::bounded::{Capacity, prune};
 use crate::machinery::single_flight::{Answer, Flights};
 use crate::machinery::slots::{Slot, Slots};
 use crate::time::{add, since, sub};
@@ -406,9 +407,9 @@ impl State {
         if newer {
             state.latest.insert(key, result.clone());
         }
-        if state.latest.len() >= state.prune_at.max(FIRST_PRUNE_AT) {
-            let oldest_kept = sub(result.at, LONGEST_KEPT);
-            state.latest.retain(|_, kept| kept.at >= oldest_kept);
+        let oldest_kept = sub(result.at, LONGEST_KEPT);
+        let capacity = Capacity::stale_only(state.prune_at.max(FIRST_PRUNE_AT));
+        if prune(&mut state.latest, capacity, |_, kept| kept.at < oldest_kept, |_, _| None::<()>).is_some() {
             state.prune_at = state.latest.len() * 2;
             // Hosts nothing is probing any more.
             let State { waiting_since, slots, .. } = &mut *state;

@@ -17,6 +17,7 @@ use kube::Api;
 
 use super::SecretCaches;
 use crate::inputs::SecretSource;
+use crate::machinery::bounded::{Capacity, prune_weighed};
 use crate::machinery::single_flight::Flights;
 
 /// The values kept, in bytes of keys and values, at most; past it the oldest reads go first.
@@ -98,17 +99,22 @@ impl KeptValues {
     fn insert(&mut self, key: SecretKey, kept: Kept) {
         self.remove(&key);
         self.bytes += kept.bytes;
-        self.secrets.insert(key, kept);
-        while (self.bytes > MAX_KEPT_BYTES || self.secrets.len() > MAX_KEPT) && self.secrets.len() > 1 {
-            let Some(oldest) = self
-                .secrets
-                .iter()
-                .min_by_key(|(_, kept)| kept.sequence)
-                .map(|(key, _)| key.clone())
-            else {
-                break;
-            };
-            self.remove(&oldest);
+        self.secrets.insert(key.clone(), kept);
+        let capacity = Capacity {
+            prune_at: 0,
+            at_most: MAX_KEPT,
+            at_most_weight: MAX_KEPT_BYTES,
+        };
+        // The oldest reads go first; the one just put is needed now.
+        let gone = prune_weighed(
+            &mut self.secrets,
+            capacity,
+            |kept| kept.bytes,
+            |_, _| false,
+            |kept_key, kept| (*kept_key != key).then_some(kept.sequence),
+        );
+        for (_, gone) in gone.into_iter().flatten() {
+            self.bytes -= gone.bytes;
         }
     }
 }

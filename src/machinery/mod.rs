@@ -10,6 +10,7 @@
 //!
 //! Nothing here knows about Kubernetes, Camunda or credentials.
 
+pub mod bounded;
 pub mod lock;
 pub mod single_flight;
 pub mod slots;
