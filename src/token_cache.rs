@@ -11,7 +11,6 @@
 //! connections that waited for the request that failed).
 
 use std::collections::HashMap;
-use std::fmt;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -21,7 +20,7 @@ use jiff::Timestamp;
 use crate::camunda::token::{ClientCredentials, ClientProof, TokenEndpoint};
 use crate::camunda::{AuthFailure, Sensitive, TlsTrust};
 use crate::crd::RequestEncoding;
-use crate::key_hash::KeyHash;
+use crate::key_hash::{KeyHash, hashed_key};
 use crate::machinery::bounded::{Capacity, prune};
 use crate::machinery::single_flight::{FlightId, Flights};
 use crate::machinery::users::Users;
@@ -37,15 +36,10 @@ pub const MAX_ENTRIES: usize = 4096;
 const MIN_REUSE_MARGIN: Duration = Duration::from_secs(5);
 const REUSE_MARGIN_SHARE: f64 = 0.1;
 
-/// What identifies one token request. `Debug` shows nothing of it.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct TokenKey([u8; 32]);
-
-impl fmt::Debug for TokenKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("TokenKey(<hash>)")
-    }
-}
+hashed_key!(
+    /// What identifies one token request. `Debug` shows nothing of it.
+    TokenKey
+);
 
 impl TokenKey {
     /// The key of a token request to `token_url` (the resolved endpoint) by `client`.
@@ -55,16 +49,13 @@ impl TokenKey {
         hash.field(client.client_id.as_bytes());
         match &client.proof {
             ClientProof::SecretInBody(secret) => {
-                hash.field(b"client_secret_post");
-                hash.field(secret.expose().as_bytes());
+                hash.tagged(b"client_secret_post", secret.expose().as_bytes());
             }
             ClientProof::SecretInBasicHeader(secret) => {
-                hash.field(b"client_secret_basic");
-                hash.field(secret.expose().as_bytes());
+                hash.tagged(b"client_secret_basic", secret.expose().as_bytes());
             }
             ClientProof::PrivateKeyJwt(key) => {
-                hash.field(b"private_key_jwt");
-                hash.field(key.digest());
+                hash.tagged(b"private_key_jwt", key.digest());
                 hash.field(format!("{:?}", key.algorithm).as_bytes());
                 hash.optional(key.key_id.as_deref());
                 // The certificate's thumbprints go into the assertion's header.

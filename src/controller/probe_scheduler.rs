@@ -26,7 +26,6 @@
 //! [`ProbeScheduler`] keeps the shared state and carries them out.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -36,7 +35,7 @@ use jiff::Timestamp;
 use crate::camunda::TlsTrust;
 use crate::camunda::probe::{Probe, ProbeCredential, ProbeOutcome};
 use crate::crd::ProbeMethod;
-use crate::key_hash::KeyHash;
+use crate::key_hash::{KeyHash, hashed_key};
 use crate::machinery::bounded::{Capacity, prune};
 use crate::machinery::single_flight::{Answer, Flights};
 use crate::machinery::slots::{Slot, Slots};
@@ -58,17 +57,12 @@ const LONGEST_KEPT: Duration = Duration::from_secs(3600);
 /// doubled since the last pruning.
 const FIRST_PRUNE_AT: usize = 1024;
 
-/// Which probe answers are interchangeable: a SHA-256 of the probe request (URL, method,
-/// and the body a POST sends), the credential value it carries, and the TLS trust. Its
-/// `Debug` shows nothing of it.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ProbeKey([u8; 32]);
-
-impl fmt::Debug for ProbeKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ProbeKey(<hash>)")
-    }
-}
+hashed_key!(
+    /// Which probe answers are interchangeable: a SHA-256 of the probe request (URL, method,
+    /// and the body a POST sends), the credential value it carries, and the TLS trust. Its
+    /// `Debug` shows nothing of it.
+    ProbeKey
+);
 
 impl ProbeKey {
     pub fn new(probe: &Probe, credential: ProbeCredential<'_>, trust: &TlsTrust) -> Self {
@@ -82,31 +76,26 @@ impl ProbeKey {
         match probe.method {
             ProbeMethod::Get => hash.field(b"GET"),
             ProbeMethod::Post => {
-                hash.field(b"POST");
-                hash.field(probe.body.as_bytes());
+                hash.tagged(b"POST", probe.body.as_bytes());
             }
         }
         match credential {
             ProbeCredential::Bearer(token) => {
-                hash.field(b"bearer");
-                hash.field(token.expose().as_bytes());
+                hash.tagged(b"bearer", token.expose().as_bytes());
             }
             ProbeCredential::Authorization(value) => {
-                hash.field(b"authorization");
-                hash.field(value.expose().as_bytes());
+                hash.tagged(b"authorization", value.expose().as_bytes());
             }
             ProbeCredential::Session {
                 cookie_header,
                 csrf_token,
                 csrf_header,
             } => {
-                hash.field(b"session");
-                hash.field(cookie_header.expose().as_bytes());
+                hash.tagged(b"session", cookie_header.expose().as_bytes());
                 hash.field(csrf_header.as_bytes());
                 match csrf_token {
                     Some(token) => {
-                        hash.field(b"csrf");
-                        hash.field(token.expose().as_bytes());
+                        hash.tagged(b"csrf", token.expose().as_bytes());
                     }
                     None => hash.field(b"no csrf"),
                 }
