@@ -29,6 +29,7 @@ use crate::camunda::{HttpClient, HttpClientError, HttpSettings, TlsTrust};
 use crate::crd::TasklistConnection;
 use crate::derived_secret::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use crate::events::EventPublisher;
+use crate::machinery::lock::lock;
 use crate::machinery::users::SharedByUsers;
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::policy::{HostPolicy, ResolutionCache};
@@ -203,9 +204,7 @@ impl Context {
         self.memory.forget(key);
         self.token_cache.forget(key);
         self.metrics.forget_connection(&key.0, &key.1);
-        if let Ok(mut clients) = self.http_clients.lock() {
-            clients.forget(key);
-        }
+        lock(&self.http_clients, "the HTTP clients").forget(key);
     }
 
     /// Forgets the values of referenced Secrets in `namespace` (None: all) that none of the
@@ -239,10 +238,7 @@ impl Context {
     }
 
     fn http_client(&self, key: &ConnectionKey, trust: &TlsTrust) -> Result<HttpClient, HttpClientError> {
-        let mut clients = self
-            .http_clients
-            .lock()
-            .map_err(|_| HttpClientError::Setup("HTTP client cache poisoned".into()))?;
+        let mut clients = lock(&self.http_clients, "the HTTP clients");
         clients.get_or_make(key.clone(), trust, || HttpClient::new(&self.http_settings, trust))
     }
 }
