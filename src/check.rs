@@ -20,7 +20,7 @@ use crate::credential::Credential;
 use crate::inputs::{LoginMaterial, SecretSource, read_inputs};
 use crate::obtain::obtain_credential;
 use crate::reason::Reason;
-use crate::time::{NEVER, rfc3339};
+use crate::time::{NEVER, rfc3339, since};
 
 /// Exit codes, so scripts can tell the failures apart.
 pub mod exit {
@@ -197,7 +197,7 @@ async fn check(
         format!(
             "valid until {} ({} s), would be refreshed at {}",
             rfc3339(stored.expires_at),
-            stored.expires_at.duration_since(stored.issued_at).as_secs(),
+            since(stored.expires_at, stored.issued_at).as_secs(),
             rfc3339(stored.refresh_at)
         )
     };

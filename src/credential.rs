@@ -57,7 +57,7 @@ pub fn bearer_token_expiry(
             message: format!(
                 "the token endpoint issued a token that had expired already (exp {exp}, {}s before this machine's time {now}): \
                  probably the clocks of this machine and the token server disagree",
-                now.duration_since(exp).as_secs()
+                crate::time::since(now, exp).as_secs()
             ),
             detail: None,
         });

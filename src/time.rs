@@ -64,6 +64,11 @@ pub fn seconds_rounded_up(duration: Duration) -> u64 {
     duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
 }
 
+/// `duration` in seconds for messages: `0.2s`, `10s`.
+pub fn in_seconds(duration: Duration) -> String {
+    format!("{}s", duration.as_secs_f64())
+}
+
 /// RFC 3339 in UTC with whole seconds, as the contract shows it: `2026-05-04T10:00:00Z`.
 pub fn rfc3339(at: Timestamp) -> String {
     at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
@@ -160,6 +165,8 @@ mod tests {
         assert_eq!(seconds_rounded_up(Duration::from_secs(15)), 15);
         assert_eq!(seconds_rounded_up(Duration::from_millis(2500)), 3);
         assert_eq!(seconds_rounded_up(Duration::ZERO), 0);
+        assert_eq!(in_seconds(Duration::from_millis(200)), "0.2s");
+        assert_eq!(in_seconds(Duration::from_secs(10)), "10s");
     }
 
     #[test]

@@ -81,7 +81,7 @@ pub(crate) enum TransportError {
 impl std::fmt::Display for TransportError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            TransportError::Timeout(limit) => write!(f, "no answer within {}s", limit.as_secs_f64()),
+            TransportError::Timeout(limit) => write!(f, "no answer within {}", crate::time::in_seconds(*limit)),
             TransportError::Connect(cause) => write!(f, "could not connect: {cause}"),
             TransportError::TooLarge(limit) => write!(f, "the answer is larger than {limit} bytes"),
             TransportError::Other(cause) => write!(f, "{cause}"),

@@ -231,7 +231,7 @@ impl Probe {
                 Ok(answer) => answer,
                 Err(_) => {
                     return ProbeOutcome::Unreachable {
-                        cause: format!("no answer within {}s", limit.as_secs_f64()),
+                        cause: format!("no answer within {}", crate::time::in_seconds(limit)),
                     };
                 }
             },
