@@ -4,7 +4,7 @@
 //! same [`super::HttpSettings`] (the operator has one; `check` and each test their own),
 //! instead of process-wide statics. It holds URLs and API versions only, never a credential.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,9 @@ use crate::machinery::lock::lock;
 pub(crate) const DISCOVERY_TTL: Duration = Duration::from_secs(3600);
 /// At most this many issuers are remembered; the oldest goes first.
 pub(crate) const MAX_DISCOVERED: usize = 1024;
+/// At most this many Tasklist URLs and login URLs are remembered each; the one learnt
+/// longest ago goes first (forgetting one costs its next probe or login one more request).
+pub(crate) const MAX_URLS: usize = 4096;
 
 /// The issuer, and the salted hash of the trust it was read under.
 pub(crate) type DiscoveryKey = (String, [u8; 32]);
@@ -27,10 +30,10 @@ pub struct ServerFacts {
     /// that read the same issuer under the same trust: a connection that skips certificate
     /// checks (or trusts another CA) must not decide where another connection's secret goes.
     token_endpoints: Mutex<HashMap<DiscoveryKey, Discovered>>,
-    /// The API that last answered the automatic probe, per base URL.
-    tasklist_apis: Mutex<HashMap<String, TasklistApi>>,
-    /// Login URLs that took a login only with a pre-fetched CSRF token.
-    csrf_demanded: Mutex<HashSet<String>>,
+    /// The API that last answered the automatic probe, per base URL, and when.
+    tasklist_apis: Mutex<HashMap<String, (TasklistApi, Instant)>>,
+    /// Login URLs that took a login only with a pre-fetched CSRF token, and when.
+    csrf_demanded: Mutex<HashMap<String, Instant>>,
 }
 
 /// A token endpoint and when its document was read.
@@ -44,6 +47,19 @@ impl Discovered {
     fn fresh(&self, now: Instant) -> bool {
         now.saturating_duration_since(self.at) < DISCOVERY_TTL
     }
+}
+
+/// Remembers what was learnt of `url`, making room within [`MAX_URLS`] for a new one.
+fn remember_url<V>(learnt: &mut HashMap<String, V>, url: &str, value: V, learnt_at: impl Fn(&V) -> Instant) {
+    if !learnt.contains_key(url) {
+        prune(
+            learnt,
+            Capacity::entries(MAX_URLS, MAX_URLS - 1),
+            |_, _| false,
+            |_, value| Some(learnt_at(value)),
+        );
+    }
+    learnt.insert(url.to_owned(), value);
 }
 
 fn base_key(base_url: &str) -> &str {
@@ -99,21 +115,22 @@ impl ServerFacts {
     pub(crate) fn tasklist_api(&self, base_url: &str) -> TasklistApi {
         lock(&self.tasklist_apis, "the Tasklist APIs that answered")
             .get(base_key(base_url))
-            .copied()
-            .unwrap_or(TasklistApi::ALL[0])
+            .map_or(TasklistApi::ALL[0], |(api, _)| *api)
     }
 
     pub(crate) fn remember_tasklist_api(&self, base_url: &str, api: TasklistApi) {
-        lock(&self.tasklist_apis, "the Tasklist APIs that answered").insert(base_key(base_url).to_owned(), api);
+        let mut apis = lock(&self.tasklist_apis, "the Tasklist APIs that answered");
+        remember_url(&mut apis, base_key(base_url), (api, Instant::now()), |(_, at)| *at);
     }
 
     /// Whether `login_url` took a login only with a pre-fetched CSRF token.
     pub(crate) fn demands_csrf(&self, login_url: &str) -> bool {
-        lock(&self.csrf_demanded, "the login URLs that demand a CSRF token").contains(login_url)
+        lock(&self.csrf_demanded, "the login URLs that demand a CSRF token").contains_key(login_url)
     }
 
     pub(crate) fn remember_demands_csrf(&self, login_url: &str) {
-        lock(&self.csrf_demanded, "the login URLs that demand a CSRF token").insert(login_url.to_owned());
+        let mut demanded = lock(&self.csrf_demanded, "the login URLs that demand a CSRF token");
+        remember_url(&mut demanded, login_url, Instant::now(), |at| *at);
     }
 
     #[cfg(test)]
@@ -164,5 +181,18 @@ mod tests {
         assert!(one.demands_csrf("https://tasklist/api/login"));
         assert_eq!(two.tasklist_api("https://tasklist"), TasklistApi::V1, "nothing is process-wide");
         assert!(!two.demands_csrf("https://tasklist/api/login"));
+    }
+
+    #[test]
+    fn learnt_urls_stay_bounded_and_the_oldest_goes_first() {
+        let facts = ServerFacts::default();
+        for n in 0..MAX_URLS + 10 {
+            facts.remember_demands_csrf(&format!("https://tasklist-{n}/login"));
+            facts.remember_tasklist_api(&format!("https://tasklist-{n}"), TasklistApi::V2);
+        }
+        let kept = |facts: &ServerFacts| (lock(&facts.csrf_demanded, "test").len(), lock(&facts.tasklist_apis, "test").len());
+        assert_eq!(kept(&facts), (MAX_URLS, MAX_URLS));
+        assert!(facts.demands_csrf(&format!("https://tasklist-{}/login", MAX_URLS + 9)));
+        assert_eq!(facts.tasklist_api(&format!("https://tasklist-{}", MAX_URLS + 9)), TasklistApi::V2);
     }
 }
