@@ -16,11 +16,11 @@ use crate::camunda::probe::{Probe, ProbeOutcome};
 use crate::camunda::token::TokenLocation;
 use crate::camunda::{AuthFailure, HttpClient, HttpSettings};
 use crate::crd::TasklistConnection;
-use crate::credential::{Credential, NEVER};
-use crate::derived_secret::rfc3339;
+use crate::credential::Credential;
 use crate::inputs::{LoginMaterial, SecretSource, read_inputs};
 use crate::obtain::obtain_credential;
 use crate::reason::Reason;
+use crate::time::{NEVER, rfc3339, since};
 
 /// Exit codes, so scripts can tell the failures apart.
 pub mod exit {
@@ -197,13 +197,13 @@ async fn check(
         format!(
             "valid until {} ({} s), would be refreshed at {}",
             rfc3339(stored.expires_at),
-            stored.expires_at.duration_since(stored.issued_at).as_secs(),
+            since(stored.expires_at, stored.issued_at).as_secs(),
             rfc3339(stored.refresh_at)
         )
     };
     say(out, &format!("  ok in {} ms: {kind}, {lifetime}", started.elapsed().as_millis()));
 
-    let probe = Probe::new(&connection.spec.url, &connection.spec.probe);
+    let probe = Probe::new(&connection.spec.url, &connection.spec.probe, http.facts());
     if !connection.spec.probe.enabled {
         say(out, "probe: disabled in the spec; running it once anyway");
     }

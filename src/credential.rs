@@ -3,15 +3,12 @@
 use std::time::Duration;
 
 use base64::Engine as _;
-use jiff::{SignedDuration, Timestamp};
+use jiff::Timestamp;
 
 use crate::camunda::login::Session;
 use crate::camunda::probe::ProbeCredential;
 use crate::camunda::{AuthFailure, AuthFailureKind, Sensitive};
-
-/// The expiry and refresh time of a credential that does not expire (HTTP Basic): it is
-/// replaced only when what it is made from changes. Never shown in status.
-pub const NEVER: Timestamp = Timestamp::MAX;
+use crate::time::add;
 
 /// Lifetime assumed for a token that is not a JWT with `exp` and comes without `expires_in`.
 pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(300);
@@ -60,7 +57,7 @@ pub fn bearer_token_expiry(
             message: format!(
                 "the token endpoint issued a token that had expired already (exp {exp}, {}s before this machine's time {now}): \
                  probably the clocks of this machine and the token server disagree",
-                now.duration_since(exp).as_secs()
+                crate::time::since(now, exp).as_secs()
             ),
             detail: None,
         });
@@ -93,14 +90,6 @@ pub fn jwt_expiry(token: &str) -> Option<Timestamp> {
         return None;
     }
     Timestamp::from_second(exp as i64).ok()
-}
-
-/// `now + duration`, saturating at the largest timestamp.
-pub fn add(now: Timestamp, duration: Duration) -> Timestamp {
-    SignedDuration::try_from(duration)
-        .ok()
-        .and_then(|d| now.checked_add(d).ok())
-        .unwrap_or(Timestamp::MAX)
 }
 
 #[cfg(test)]

@@ -14,7 +14,8 @@ use sha2::{Digest, Sha256};
 use crate::camunda::Sensitive;
 use crate::camunda::login::Session;
 use crate::crd::{OPERATOR_ANNOTATION_PREFIX, STANDARD_SECRET_KEYS, SecretTemplate, TasklistConnection};
-use crate::credential::{Credential, NEVER};
+use crate::credential::Credential;
+use crate::time::{NEVER, parse_rfc3339, rfc3339};
 
 pub use crate::crd::MANAGED_BY_LABEL;
 pub const MANAGED_BY_VALUE: &str = "tasklist-operator";
@@ -129,7 +130,7 @@ impl StoredCredential {
         } else {
             return Err(Unusable::Incomplete);
         };
-        let timestamp = |text: &str| text.parse::<Timestamp>().map_err(|_| Unusable::Incomplete);
+        let timestamp = |text: &str| parse_rfc3339(text).ok_or(Unusable::Incomplete);
         let expires_at = match (&credential, data.get("expiresAt")) {
             (Credential::Basic(_), None) => NEVER,
             (_, Some(text)) => timestamp(text)?,
@@ -294,11 +295,6 @@ fn data_hash(data: &BTreeMap<String, String>) -> String {
         hasher.update([0]);
     }
     hex::encode(hasher.finalize())
-}
-
-/// RFC 3339 in UTC with whole seconds, as the contract shows it.
-pub fn rfc3339(timestamp: Timestamp) -> String {
-    timestamp.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 #[cfg(test)]

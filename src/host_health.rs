@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::machinery::bounded::{Capacity, prune};
+
 /// A request waiting this long makes its host slow.
 pub const SLOW_AFTER: Duration = Duration::from_secs(2);
 /// How long a host stays slow after a request took [`SLOW_AFTER`] or longer.
@@ -59,9 +61,8 @@ impl Health {
     }
 }
 
-/// Each change is made in full under the lock: after a panic elsewhere, go on with the map.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    crate::machinery::lock::lock(mutex, "the host health")
 }
 
 impl HostHealth {
@@ -75,9 +76,12 @@ impl HostHealth {
     pub fn sent(self: &Arc<Self>, host: String, now: Instant) -> Waiting {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut hosts = lock(&self.hosts);
-        if hosts.len() > PRUNE_ABOVE {
-            hosts.retain(|_, health| !health.forgettable(now));
-        }
+        prune(
+            &mut hosts,
+            Capacity::stale_only(PRUNE_ABOVE + 1),
+            |_, health| health.forgettable(now),
+            |_, _| None::<()>,
+        );
         hosts.entry(host.clone()).or_default().waiting.insert(id, now);
         Waiting {
             health: self.clone(),

@@ -13,8 +13,8 @@ use crate::camunda::login::{CookieLogin, LoginCredentials};
 use crate::camunda::token::{ClientCredentials, ClientProof, TokenEndpoint, TokenLocation};
 use crate::camunda::{Sensitive, TlsTrust, join_url};
 use crate::crd::{ClientAuthentication, OAuth2Spec, TasklistConnection, TasklistConnectionSpec};
-use crate::duration::parse_duration;
 use crate::reason::Reason;
+use crate::time::parse_duration;
 
 /// How to obtain a credential, with the values read from the referenced Secret.
 #[derive(Debug, Clone)]

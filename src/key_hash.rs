@@ -11,6 +11,23 @@ use crate::camunda::TlsTrust;
 /// secret (a password in a Basic header, a client secret) against it.
 static SALT: LazyLock<[u8; 32]> = LazyLock::new(rand::random);
 
+/// Declares a key type: the 32 bytes of a [`KeyHash`], whose `Debug` shows its name and
+/// nothing of the hash (which is as good as the fields to whoever can guess them).
+macro_rules! hashed_key {
+    ($(#[$meta:meta])* $name:ident) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash)]
+        pub struct $name([u8; 32]);
+
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(concat!(stringify!($name), "(<hash>)"))
+            }
+        }
+    };
+}
+pub(crate) use hashed_key;
+
 /// Builds a key field by field.
 pub struct KeyHash(Sha256);
 
@@ -25,6 +42,12 @@ impl KeyHash {
     pub fn field(&mut self, value: &[u8]) {
         self.0.update((value.len() as u64).to_be_bytes());
         self.0.update(value);
+    }
+
+    /// A field preceded by what it is, so that the same value in two roles hashes apart.
+    pub fn tagged(&mut self, tag: &[u8], value: &[u8]) {
+        self.field(tag);
+        self.field(value);
     }
 
     /// A field that may be absent (absent and empty hash apart).

@@ -16,7 +16,7 @@
 //!
 //! Only the verbs get, create and update are used: those are what the Helm chart grants.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -26,6 +26,8 @@ use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 use tokio::time::{Instant, sleep, timeout, timeout_at};
 use tracing::{debug, info, warn};
+
+use crate::machinery::lock::lock;
 
 /// client-go's default: how long a Lease stays valid after its last renewal.
 pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(15);
@@ -262,7 +264,7 @@ impl LeaderElector {
     }
 
     fn acquired(&self, attempt_started: Instant, previous_holder: Option<String>) {
-        *self.last_write.lock().unwrap_or_else(PoisonError::into_inner) = Some(attempt_started);
+        *lock(&self.last_write, "the time of the last lease write") = Some(attempt_started);
         info!(
             identity = %self.settings.identity,
             lease = %self.lease_path(),
@@ -294,7 +296,7 @@ impl LeaderElector {
         self.leases
             .replace(&self.settings.lease_name, &PostParams::default(), &lease)
             .await?;
-        *self.last_write.lock().unwrap_or_else(PoisonError::into_inner) = Some(attempt_started);
+        *lock(&self.last_write, "the time of the last lease write") = Some(attempt_started);
         Ok(Renewal::Renewed)
     }
 
@@ -357,11 +359,11 @@ impl LeaderElector {
     }
 
     fn last_write(&self) -> Option<Instant> {
-        *self.last_write.lock().unwrap_or_else(PoisonError::into_inner)
+        *lock(&self.last_write, "the time of the last lease write")
     }
 
     fn forget_write(&self) {
-        *self.last_write.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        *lock(&self.last_write, "the time of the last lease write") = None;
     }
 
     /// `namespace/name`, for log lines.
@@ -386,8 +388,7 @@ fn lease_duration_of(spec: &LeaseSpec, fallback: Duration) -> Duration {
 /// `duration` in whole seconds for leaseDurationSeconds: rounded up (a lease must not look
 /// shorter to others than it is to us), at least 1.
 fn whole_seconds(duration: Duration) -> i32 {
-    let seconds = duration.as_secs() + u64::from(duration.subsec_nanos() > 0);
-    i32::try_from(seconds.max(1)).unwrap_or(i32::MAX)
+    i32::try_from(crate::time::seconds_rounded_up(duration).max(1)).unwrap_or(i32::MAX)
 }
 
 #[cfg(test)]

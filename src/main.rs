@@ -9,7 +9,6 @@ use tasklist_operator::camunda::{HttpClient, HttpSettings, TlsTrust};
 use tasklist_operator::check;
 use tasklist_operator::controller::{self, Context, ProbeSettings, Scope};
 use tasklist_operator::crd::TasklistConnection;
-use tasklist_operator::duration::parse_duration;
 use tasklist_operator::leader::{LeaderElector, LeaseSettings};
 use tasklist_operator::logging;
 use tasklist_operator::metrics::Metrics;
@@ -17,6 +16,7 @@ use tasklist_operator::policy::{HostPolicy, PolicyArgs};
 use tasklist_operator::schedule::RefreshPolicy;
 use tasklist_operator::serve::{Health, serve};
 use tasklist_operator::shard::Sharding;
+use tasklist_operator::time::parse_duration;
 use tokio::sync::watch;
 use tracing::{error, info};
 

@@ -6,11 +6,12 @@ use std::hash::Hash;
 use jiff::Timestamp;
 
 use crate::camunda::{AuthFailure, AuthFailureKind, HttpClient, Sensitive};
-use crate::credential::{Credential, NEVER, add, bearer_token_expiry};
+use crate::credential::{Credential, bearer_token_expiry};
 use crate::derived_secret::StoredCredential;
 use crate::inputs::Inputs;
 use crate::inputs::LoginMaterial;
 use crate::schedule::{RefreshPolicy, refresh_time, session_lifetime};
+use crate::time::{NEVER, add, whole_milliseconds, whole_seconds};
 use crate::token_cache::{SharedToken, TokenCache, TokenKey, TokenSource, refresh_time_if_reusable};
 
 /// With the default refresh policy (as `check` uses it).
@@ -151,13 +152,9 @@ fn stored(
         expires_at,
         // Milliseconds: with short lifetimes, whole seconds would bunch the jitter into a
         // few instants.
-        refresh_at: Timestamp::from_millisecond(refresh_at.as_millisecond()).unwrap_or(refresh_at),
+        refresh_at: whole_milliseconds(refresh_at),
         inputs: inputs.fingerprint.clone(),
     }
-}
-
-pub fn whole_seconds(timestamp: Timestamp) -> Timestamp {
-    Timestamp::from_second(timestamp.as_second()).unwrap_or(timestamp)
 }
 
 #[cfg(test)]

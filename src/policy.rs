@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::crd::TasklistConnection;
+use crate::machinery::bounded::{Capacity, prune};
+use crate::machinery::lock::lock;
 
 /// The largest probe body sent, in bytes (the CRD also caps it at 4096 characters).
 pub const MAX_PROBE_BODY_BYTES: usize = 4096;
@@ -531,18 +533,20 @@ pub struct ResolutionCache {
 impl ResolutionCache {
     /// The answer for `key` if it is younger than [`RESOLUTION_TTL`] at `now`.
     fn answer(&self, key: &ResolutionKey, now: Instant) -> Option<Result<(), String>> {
-        let answers = self.answers.lock().ok()?;
+        let answers = lock(&self.answers, "the policy's resolved host names");
         let (at, answer) = answers.get(key)?;
         (now.saturating_duration_since(*at) < RESOLUTION_TTL).then(|| answer.clone())
     }
 
     fn remember(&self, key: ResolutionKey, now: Instant, answer: Result<(), String>) {
-        if let Ok(mut answers) = self.answers.lock() {
-            if answers.len() >= RESOLUTION_CACHE_PRUNE_ABOVE {
-                answers.retain(|_, (at, _)| now.saturating_duration_since(*at) < RESOLUTION_TTL);
-            }
-            answers.insert(key, (now, answer));
-        }
+        let mut answers = lock(&self.answers, "the policy's resolved host names");
+        prune(
+            &mut answers,
+            Capacity::stale_only(RESOLUTION_CACHE_PRUNE_ABOVE),
+            |_, (at, _)| now.saturating_duration_since(*at) >= RESOLUTION_TTL,
+            |_, _| None::<()>,
+        );
+        answers.insert(key, (now, answer));
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use jiff::{SignedDuration, Timestamp};
 
 use crate::camunda::AuthFailureKind;
+use crate::time::{minus, plus, signed};
 
 /// Never plan a refresh later than this before expiry (when the lifetime allows).
 const LAST_MOMENT: Duration = Duration::from_secs(5);
@@ -66,18 +67,6 @@ struct RefreshWindow {
     planned: Timestamp,
     /// Whether `refreshBefore` could be honoured (its time is not before `earliest`).
     refresh_before_honoured: bool,
-}
-
-fn signed(duration: Duration) -> SignedDuration {
-    SignedDuration::try_from(duration).unwrap_or(SignedDuration::MAX)
-}
-
-fn minus(at: Timestamp, duration: SignedDuration) -> Timestamp {
-    at.checked_sub(duration).unwrap_or(Timestamp::MIN)
-}
-
-fn plus(at: Timestamp, duration: SignedDuration) -> Timestamp {
-    at.checked_add(duration).unwrap_or(Timestamp::MAX)
 }
 
 fn window(issued_at: Timestamp, expires_at: Timestamp, refresh_before: Option<Duration>, policy: &RefreshPolicy) -> RefreshWindow {

@@ -5,8 +5,8 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::TasklistConnectionStatus;
-use crate::derived_secret::rfc3339;
 use crate::reason::Reason;
+use crate::time::{NEVER, rfc3339, whole_seconds};
 
 pub const AUTHENTICATED: &str = "Authenticated";
 pub const REACHABLE: &str = "Reachable";
@@ -99,10 +99,10 @@ pub fn desired_status(observation: &Observation, previous: Option<&TasklistConne
         expires_at: observation
             .credential
             .map(|times| times.expires_at)
-            .filter(|at| *at != crate::credential::NEVER)
+            .filter(|at| *at != NEVER)
             .map(rfc3339),
         last_refresh_time: observation.credential.map(|times| rfc3339(times.issued_at)),
-        next_refresh_time: observation.next_refresh.filter(|at| *at != crate::credential::NEVER).map(rfc3339),
+        next_refresh_time: observation.next_refresh.filter(|at| *at != NEVER).map(rfc3339),
         conditions,
     }
 }
@@ -124,7 +124,7 @@ fn condition(
         .filter(|before| before.status == status)
         .map(|before| before.last_transition_time.clone())
         // Whole seconds, as metav1.Time serializes: keeps "unchanged" comparisons exact.
-        .unwrap_or_else(|| Time(Timestamp::from_second(now.as_second()).unwrap_or(now)));
+        .unwrap_or_else(|| Time(whole_seconds(now)));
     Condition {
         type_: type_.to_owned(),
         status: status.to_owned(),
@@ -173,7 +173,7 @@ mod tests {
 
     #[test]
     fn a_credential_that_never_expires_has_no_expiry_nor_refresh_in_status() {
-        let never = crate::credential::NEVER;
+        let never = NEVER;
         let observed = Observation {
             auth_method: "basic",
             credential: Some(CredentialTimes {

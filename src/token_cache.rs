@@ -11,21 +11,21 @@
 //! connections that waited for the request that failed).
 
 use std::collections::HashMap;
-use std::fmt;
 use std::hash::Hash;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use futures::FutureExt as _;
-use futures::future::{BoxFuture, Shared};
 use jiff::Timestamp;
 
 use crate::camunda::token::{ClientCredentials, ClientProof, TokenEndpoint};
 use crate::camunda::{AuthFailure, Sensitive, TlsTrust};
 use crate::crd::RequestEncoding;
-use crate::credential::add;
-use crate::key_hash::KeyHash;
+use crate::key_hash::{KeyHash, hashed_key};
+use crate::machinery::bounded::{Capacity, prune};
+use crate::machinery::single_flight::{FlightId, Flights};
+use crate::machinery::users::Users;
 use crate::schedule::{RefreshPolicy, refresh_time};
+use crate::time::add;
 
 /// At most this many tokens are kept (a JWT is 1-2 KB); beyond that, the one that expires
 /// first goes.
@@ -36,15 +36,10 @@ pub const MAX_ENTRIES: usize = 4096;
 const MIN_REUSE_MARGIN: Duration = Duration::from_secs(5);
 const REUSE_MARGIN_SHARE: f64 = 0.1;
 
-/// What identifies one token request. `Debug` shows nothing of it.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct TokenKey([u8; 32]);
-
-impl fmt::Debug for TokenKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("TokenKey(<hash>)")
-    }
-}
+hashed_key!(
+    /// What identifies one token request. `Debug` shows nothing of it.
+    TokenKey
+);
 
 impl TokenKey {
     /// The key of a token request to `token_url` (the resolved endpoint) by `client`.
@@ -54,16 +49,13 @@ impl TokenKey {
         hash.field(client.client_id.as_bytes());
         match &client.proof {
             ClientProof::SecretInBody(secret) => {
-                hash.field(b"client_secret_post");
-                hash.field(secret.expose().as_bytes());
+                hash.tagged(b"client_secret_post", secret.expose().as_bytes());
             }
             ClientProof::SecretInBasicHeader(secret) => {
-                hash.field(b"client_secret_basic");
-                hash.field(secret.expose().as_bytes());
+                hash.tagged(b"client_secret_basic", secret.expose().as_bytes());
             }
             ClientProof::PrivateKeyJwt(key) => {
-                hash.field(b"private_key_jwt");
-                hash.field(key.digest());
+                hash.tagged(b"private_key_jwt", key.digest());
                 hash.field(format!("{:?}", key.algorithm).as_bytes());
                 hash.optional(key.key_id.as_deref());
                 // The certificate's thumbprints go into the assertion's header.
@@ -148,9 +140,8 @@ impl<User> Default for TokenCache<User> {
         TokenCache {
             state: Arc::new(Mutex::new(State {
                 entries: HashMap::new(),
-                key_of: HashMap::new(),
-                users_of: HashMap::new(),
-                flights_started: 0,
+                flights: Flights::default(),
+                users: Users::default(),
             })),
         }
     }
@@ -158,30 +149,19 @@ impl<User> Default for TokenCache<User> {
 
 struct State<User> {
     entries: HashMap<TokenKey, Entry>,
-    /// The key each connection last obtained a token with.
-    key_of: HashMap<User, TokenKey>,
-    /// How many connections use each key; an entry goes with its last user.
-    users_of: HashMap<TokenKey, usize>,
-    flights_started: u64,
+    /// The token requests in flight.
+    flights: Flights<TokenKey, FlightResult>,
+    /// The key each connection last obtained a token with; an entry goes with its last user.
+    users: Users<User, TokenKey>,
 }
 
 #[derive(Default)]
 struct Entry {
     token: Option<SharedToken>,
-    flight: Option<Flight>,
-}
-
-/// A token request in flight, which every caller of the same key awaits.
-struct Flight {
-    id: u64,
-    result: Shared<BoxFuture<'static, FlightResult>>,
-    /// Callers that joined it (for tests).
-    joined: usize,
 }
 
 fn lock<User>(state: &Mutex<State<User>>) -> MutexGuard<'_, State<User>> {
-    // Nothing here can leave the state half changed: a panic elsewhere does not poison it.
-    state.lock().unwrap_or_else(PoisonError::into_inner)
+    crate::machinery::lock::lock(state, "the token cache")
 }
 
 impl<User: Hash + Eq + Send + 'static> TokenCache<User> {
@@ -207,7 +187,9 @@ impl<User: Hash + Eq + Send + 'static> TokenCache<User> {
         let (source, flight) = {
             let mut guard = lock(&self.state);
             let state = &mut *guard;
-            state.use_key(user, key);
+            if let Some(unused) = state.users.use_key(user, key) {
+                state.entries.remove(&unused);
+            }
             let entry = state.entries.entry(key).or_default();
             if let Some(token) = &entry.token {
                 if held.is_some_and(|held| *held == token.access_token) {
@@ -216,52 +198,32 @@ impl<User: Hash + Eq + Send + 'static> TokenCache<User> {
                     return (TokenSource::Cached, Ok(token.clone()));
                 }
             }
-            match &mut entry.flight {
-                Some(flight) => {
-                    flight.joined += 1;
-                    (TokenSource::InFlight, flight.result.clone())
-                }
+            match state.flights.join(&key) {
+                Some(answer) => (TokenSource::InFlight, answer),
                 None => {
-                    state.flights_started += 1;
-                    let id = state.flights_started;
-                    let result = self.start_flight(key, id, fetch());
-                    entry.flight = Some(Flight {
-                        id,
-                        result: result.clone(),
-                        joined: 0,
-                    });
-                    (TokenSource::Requested, result)
+                    let request = fetch();
+                    let shared_state = Arc::clone(&self.state);
+                    let answer = state.flights.start(
+                        key,
+                        move |id| async move {
+                            let result = request.await;
+                            lock(&shared_state).finish_flight(key, id, &result, Timestamp::now());
+                            result
+                        },
+                        |why| Err(AuthFailure::server_error(format!("the token request did not finish: {why}"))),
+                    );
+                    (TokenSource::Requested, answer)
                 }
             }
         };
         (source, flight.await)
     }
 
-    fn start_flight(
-        &self,
-        key: TokenKey,
-        id: u64,
-        request: impl Future<Output = FlightResult> + Send + 'static,
-    ) -> Shared<BoxFuture<'static, FlightResult>> {
-        let state = Arc::clone(&self.state);
-        let task = tokio::spawn(async move {
-            let result = request.await;
-            lock(&state).finish_flight(key, id, &result, Timestamp::now());
-            result
-        });
-        async move {
-            task.await
-                .unwrap_or_else(|error| Err(AuthFailure::server_error(format!("the token request did not finish: {error}"))))
-        }
-        .boxed()
-        .shared()
-    }
-
     /// Forgets connection `user` (deleted), and the entry it was the last to use.
     pub fn forget(&self, user: &User) {
         let mut state = lock(&self.state);
-        if let Some(key) = state.key_of.remove(user) {
-            state.release(key);
+        if let Some(unused) = state.users.forget(user) {
+            state.entries.remove(&unused);
         }
     }
 
@@ -273,42 +235,16 @@ impl<User: Hash + Eq + Send + 'static> TokenCache<User> {
     /// How many callers are waiting for the request in flight for `key`, besides its sender.
     #[cfg(test)]
     pub(crate) fn joined(&self, key: TokenKey) -> usize {
-        lock(&self.state)
-            .entries
-            .get(&key)
-            .and_then(|entry| entry.flight.as_ref())
-            .map_or(0, |flight| flight.joined)
+        lock(&self.state).flights.joined(&key)
     }
 }
 
 impl<User: Hash + Eq> State<User> {
-    fn use_key(&mut self, user: User, key: TokenKey) {
-        let previous = self.key_of.insert(user, key);
-        if previous == Some(key) {
-            return;
-        }
-        *self.users_of.entry(key).or_default() += 1;
-        if let Some(previous) = previous {
-            self.release(previous);
-        }
-    }
-
-    fn release(&mut self, key: TokenKey) {
-        let Some(users) = self.users_of.get_mut(&key) else { return };
-        *users = users.saturating_sub(1);
-        if *users == 0 {
-            self.users_of.remove(&key);
-            self.entries.remove(&key);
-        }
-    }
-
     /// Keeps the token a flight brought (a failure is not kept: the entry's token, if any,
     /// stays), unless nobody uses the key any more.
-    fn finish_flight(&mut self, key: TokenKey, id: u64, result: &FlightResult, now: Timestamp) {
+    fn finish_flight(&mut self, key: TokenKey, id: FlightId, result: &FlightResult, now: Timestamp) {
+        self.flights.land(&key, id);
         let Some(entry) = self.entries.get_mut(&key) else { return };
-        if entry.flight.as_ref().is_some_and(|flight| flight.id == id) {
-            entry.flight = None;
-        }
         if let Ok(token) = result {
             entry.token = Some(token.clone());
             self.make_room(now);
@@ -318,18 +254,14 @@ impl<User: Hash + Eq> State<User> {
     /// Drops expired tokens, then the tokens that expire first while there are more than
     /// [`MAX_ENTRIES`]. Entries with a request in flight stay.
     fn make_room(&mut self, now: Timestamp) {
-        self.entries
-            .retain(|_, entry| entry.flight.is_some() || entry.token.as_ref().is_some_and(|token| token.expires_at > now));
-        while self.entries.len() > MAX_ENTRIES {
-            let first_to_expire = self
-                .entries
-                .iter()
-                .filter(|(_, entry)| entry.flight.is_none())
-                .min_by_key(|(_, entry)| entry.token.as_ref().map(|token| token.expires_at))
-                .map(|(key, _)| *key);
-            let Some(key) = first_to_expire else { break };
-            self.entries.remove(&key);
-        }
+        let flights = &mut self.flights;
+        let in_flight: Vec<TokenKey> = self.entries.keys().filter(|key| flights.is_in_flight(key)).copied().collect();
+        prune(
+            &mut self.entries,
+            Capacity::entries(0, MAX_ENTRIES),
+            |key, entry| !in_flight.contains(key) && entry.token.as_ref().is_none_or(|token| token.expires_at <= now),
+            |key, entry| (!in_flight.contains(key)).then(|| entry.token.as_ref().map(|token| token.expires_at)),
+        );
     }
 }
 
@@ -337,6 +269,7 @@ impl<User: Hash + Eq> State<User> {
 mod tests {
     use super::*;
     use crate::camunda::assertion::AssertionKey;
+    use futures::FutureExt as _;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn at(second: i64) -> Timestamp {

@@ -76,8 +76,9 @@ fn cookie_login(base_url: &str) -> CookieLogin {
     }
 }
 
-fn default_probe(base_url: &str) -> Probe {
-    Probe::new(base_url, &ProbeSpec::default())
+/// The automatic probe, remembering what it learns where `http` does.
+fn default_probe(base_url: &str, http: &HttpClient) -> Probe {
+    Probe::new(base_url, &ProbeSpec::default(), http.facts())
 }
 
 /// A stand-in with the OAuth2 client and the Tasklist user registered.
@@ -694,7 +695,7 @@ async fn cookie_login_without_csrf() {
     assert_eq!(session.cookies.len(), 1);
     assert!(cookie_value(&session, SESSION_COOKIE).is_some());
 
-    let outcome = default_probe(&standin.url())
+    let outcome = default_probe(&standin.url(), &http())
         .run(
             &http(),
             ProbeCredential::Session {
@@ -736,7 +737,7 @@ async fn probe_with_a_legacy_csrf_session_succeeds() {
         .log_in(&http(), &login_credentials(PASSWORD))
         .await
         .expect("logged in");
-    let outcome = default_probe(&standin.url())
+    let outcome = default_probe(&standin.url(), &http())
         .run(
             &http(),
             ProbeCredential::Session {
@@ -803,7 +804,9 @@ async fn login_at_api_login_and_at_login_takes_one_post() {
             .await
             .expect("logged in");
         assert!(cookie_value(&session, cookie).is_some(), "{path}: no {cookie} cookie");
-        let outcome = default_probe(&standin.url()).run(&http(), session_credential(&session)).await;
+        let outcome = default_probe(&standin.url(), &http())
+            .run(&http(), session_credential(&session))
+            .await;
         assert_eq!(outcome, ProbeOutcome::Succeeded, "{path}");
     }
     assert_eq!(login_trail(&standin), [("/api/login", false, 204), ("/login", false, 204)]);
@@ -819,19 +822,21 @@ async fn a_login_demanding_a_csrf_token_gets_it_from_a_get_first() {
         ..StandinOptions::default()
     })
     .await;
+    // One client: what it learns (the URL demands the token) serves its next login.
+    let http = http();
     let session = login_at(&standin.url(), "/login")
-        .log_in(&http(), &login_credentials(PASSWORD))
+        .log_in(&http, &login_credentials(PASSWORD))
         .await
         .expect("logged in after the pre-fetch");
     assert_eq!(login_trail(&standin), [("/login", false, 403), ("/login", true, 204)]);
     assert_eq!(standin.login_csrf_fetches(), 1);
     assert!(cookie_value(&session, UNIFIED_SESSION_COOKIE).is_some());
-    let outcome = default_probe(&standin.url()).run(&http(), session_credential(&session)).await;
+    let outcome = default_probe(&standin.url(), &http).run(&http, session_credential(&session)).await;
     assert_eq!(outcome, ProbeOutcome::Succeeded, "{:?}", standin.api_requests());
 
     // The next login to that URL fetches the token first: no refused POST.
     login_at(&standin.url(), "/login")
-        .log_in(&http(), &login_credentials(PASSWORD))
+        .log_in(&http, &login_credentials(PASSWORD))
         .await
         .expect("logged in again");
     assert_eq!(
@@ -939,7 +944,7 @@ async fn probe_with_an_accepted_bearer_token_succeeds() {
     let grant = request_token(&http, &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET)
         .await
         .expect("a token");
-    let probe = default_probe(&standin.url());
+    let probe = default_probe(&standin.url(), &http);
     assert_eq!(
         probe.run(&http, ProbeCredential::Bearer(&grant.access_token)).await,
         ProbeOutcome::Succeeded
@@ -985,7 +990,7 @@ async fn the_automatic_probe_falls_back_to_v2_and_remembers_it() {
     let http = http();
     let zeebe = TokenEndpoint::at(standin.token_url(), ZEEBE_AUDIENCE, None, RequestEncoding::Form);
     let grant = request_token(&http, &zeebe, CLIENT_SECRET).await.expect("a token");
-    let probe = default_probe(&standin.url());
+    let probe = default_probe(&standin.url(), &http);
     assert!(probe.is_automatic());
     assert_eq!(
         probe.run(&http, ProbeCredential::Bearer(&grant.access_token)).await,
@@ -998,7 +1003,7 @@ async fn the_automatic_probe_falls_back_to_v2_and_remembers_it() {
             standin.url()
         )
     );
-    let again = default_probe(&standin.url());
+    let again = default_probe(&standin.url(), &http);
     assert_eq!(
         again.run(&http, ProbeCredential::Bearer(&grant.access_token)).await,
         ProbeOutcome::Succeeded
@@ -1015,7 +1020,9 @@ async fn the_automatic_probe_falls_back_to_v2_and_remembers_it() {
     // A token v2 refuses is reported from v2, not as v1's 404.
     let unknown = Sensitive::new("not-a-token-the-server-issued");
     assert_eq!(
-        default_probe(&standin.url()).run(&http, ProbeCredential::Bearer(&unknown)).await,
+        default_probe(&standin.url(), &http)
+            .run(&http, ProbeCredential::Bearer(&unknown))
+            .await,
         ProbeOutcome::Unauthorized { status: 401 }
     );
 }
@@ -1033,7 +1040,7 @@ async fn the_automatic_probe_on_v1_only_sends_v1_only() {
     let grant = request_token(&http, &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET)
         .await
         .expect("a token");
-    let probe = default_probe(&standin.url());
+    let probe = default_probe(&standin.url(), &http);
     assert_eq!(
         probe.run(&http, ProbeCredential::Bearer(&grant.access_token)).await,
         ProbeOutcome::Succeeded
@@ -1066,7 +1073,7 @@ async fn the_automatic_probe_reports_404_when_neither_api_exists() {
         .with_state(hits.clone());
     let base = serve(router).await;
     let token = Sensitive::new("token");
-    let probe = default_probe(&base);
+    let probe = default_probe(&base, &http());
     assert_eq!(
         probe.run(&http(), ProbeCredential::Bearer(&token)).await,
         ProbeOutcome::Failed { status: 404 }
@@ -1083,7 +1090,7 @@ async fn post_probe_with_session_sends_the_csrf_header() {
         .log_in(&http, &login_credentials(PASSWORD))
         .await
         .expect("logged in");
-    let probe = default_probe(&standin.url());
+    let probe = default_probe(&standin.url(), &http);
     let outcome = probe
         .run(
             &http,
@@ -1128,6 +1135,7 @@ async fn get_probe_with_session_succeeds() {
             path: Some("/v2/topology".to_owned()),
             ..ProbeSpec::default()
         },
+        http.facts(),
     );
     assert_eq!(probe.describe(), format!("GET {}/v2/topology", standin.url()));
     let outcome = probe
@@ -1166,7 +1174,7 @@ async fn probe_answered_401_once_then_200() {
     let base = serve(router).await;
     let http = http();
     let token = Sensitive::new("tok-123");
-    let probe = default_probe(&base);
+    let probe = default_probe(&base, &http);
     assert_eq!(
         probe.run(&http, ProbeCredential::Bearer(&token)).await,
         ProbeOutcome::Unauthorized { status: 401 }
@@ -1178,7 +1186,7 @@ async fn probe_answered_401_once_then_200() {
 async fn probe_against_status(status: StatusCode) -> ProbeOutcome {
     let router = Router::new().route("/v1/tasks/search", post(move || async move { status }));
     let base = serve(router).await;
-    default_probe(&base)
+    default_probe(&base, &http())
         .run(&http(), ProbeCredential::Bearer(&Sensitive::new("tok")))
         .await
 }
@@ -1202,7 +1210,9 @@ async fn probe_of_a_refused_connection_is_unreachable() {
     let standin = standin().await;
     standin.set_refusing_connections(true).await.expect("refusing");
     let token = Sensitive::new("tok-value-123");
-    let outcome = default_probe(&standin.url()).run(&http(), ProbeCredential::Bearer(&token)).await;
+    let outcome = default_probe(&standin.url(), &http())
+        .run(&http(), ProbeCredential::Bearer(&token))
+        .await;
     match outcome {
         ProbeOutcome::Unreachable { cause } => {
             assert!(cause.contains("could not connect"), "{cause}");
@@ -1217,7 +1227,7 @@ async fn probe_of_a_slow_tasklist_is_unreachable_after_the_timeout() {
     let standin = standin().await;
     standin.set_api(EndpointMode::Slow(SERVER_DELAY));
     let started = Instant::now();
-    let outcome = default_probe(&standin.url())
+    let outcome = default_probe(&standin.url(), &http_with_timeout(Duration::from_secs(1)))
         .run(
             &http_with_timeout(Duration::from_secs(1)),
             ProbeCredential::Bearer(&Sensitive::new("tok")),
@@ -1238,7 +1248,7 @@ async fn probe_ignores_a_huge_body() {
     );
     let base = serve(router).await;
     let started = Instant::now();
-    let outcome = default_probe(&base)
+    let outcome = default_probe(&base, &http())
         .run(&http_with_timeout(LONG_TIMEOUT), ProbeCredential::Bearer(&Sensitive::new("tok")))
         .await;
     // Reading the endless body would end in the timeout (Unreachable), after 30 s.
@@ -1286,7 +1296,7 @@ async fn a_redirect_to_another_port_is_not_followed() {
     assert!(message.contains("307"), "{message}");
 
     let token = Sensitive::new("tok-value-123");
-    let outcome = default_probe(&base).run(&http, ProbeCredential::Bearer(&token)).await;
+    let outcome = default_probe(&base, &http).run(&http, ProbeCredential::Bearer(&token)).await;
     assert_eq!(outcome, ProbeOutcome::Failed { status: 307 });
 
     let login = CookieLogin {
@@ -1374,7 +1384,7 @@ async fn a_same_origin_redirect_is_followed_with_the_credential() {
     assert_eq!(grant.expires_in, Some(120));
     assert_eq!(secrets_seen.load(Ordering::SeqCst), 1);
 
-    let outcome = default_probe(&format!("{base}/old"))
+    let outcome = default_probe(&format!("{base}/old"), &http)
         .run(&http, ProbeCredential::Bearer(&grant.access_token))
         .await;
     assert_eq!(outcome, ProbeOutcome::Succeeded);
@@ -1408,7 +1418,7 @@ async fn tls_with_the_ca_is_accepted() {
     let grant = request_token(&http, &endpoint(&standin.token_url(), RequestEncoding::Form, None), CLIENT_SECRET)
         .await
         .expect("a token over TLS");
-    let outcome = default_probe(&standin.url())
+    let outcome = default_probe(&standin.url(), &http)
         .run(&http, ProbeCredential::Bearer(&grant.access_token))
         .await;
     assert_eq!(outcome, ProbeOutcome::Succeeded);
@@ -1457,7 +1467,7 @@ async fn a_server_requiring_a_client_certificate_refuses_without_and_accepts_wit
     let grant = request_token(&with, &token_endpoint, CLIENT_SECRET)
         .await
         .expect("a token over mutual TLS");
-    let outcome = default_probe(&standin.url())
+    let outcome = default_probe(&standin.url(), &with)
         .run(&with, ProbeCredential::Bearer(&grant.access_token))
         .await;
     assert_eq!(outcome, ProbeOutcome::Succeeded);

@@ -14,10 +14,11 @@ use tasklist_operator::camunda::probe::{Probe, ProbeOutcome};
 use tasklist_operator::camunda::token::{ClientCredentials, ClientProof, TokenEndpoint, TokenLocation};
 use tasklist_operator::camunda::{AuthFailure, AuthFailureKind, HttpClient, HttpSettings, Sensitive, TlsTrust};
 use tasklist_operator::crd::{ProbeSpec, RequestEncoding, TasklistConnection};
-use tasklist_operator::credential::{Credential, NEVER};
+use tasklist_operator::credential::Credential;
 use tasklist_operator::inputs::{Inputs, SecretSource, read_inputs};
 use tasklist_operator::obtain::obtain_credential;
 use tasklist_operator::reason::Reason;
+use tasklist_operator::time::NEVER;
 use testsupport::keys::{EC_KEY_PEM, OTHER_RSA_KEY_PEM, RSA_KEY_PEM, public_jwks};
 use testsupport::standin::{EndpointMode, StandinOptions, StandinTasklist, TokenRequestEncoding};
 
@@ -194,13 +195,15 @@ async fn the_discovered_token_endpoint_is_cached_and_read_again_after_a_failure(
     standin.add_client(CLIENT_ID, "s3cret");
     let endpoint = endpoint(TokenLocation::Issuer(standin.issuer()));
     let client = ClientCredentials::with_secret_in_body(CLIENT_ID, Sensitive::new("s3cret"));
-    endpoint.request_token(&http(), &client).await.expect("a token");
-    endpoint.request_token(&http(), &client).await.expect("a token");
+    // One client: what it discovers serves its next requests.
+    let http = http();
+    endpoint.request_token(&http, &client).await.expect("a token");
+    endpoint.request_token(&http, &client).await.expect("a token");
     assert_eq!(standin.discovery_requests(), 1, "the token endpoint is discovered once");
-    assert!(endpoint.location.describe(&http()).contains(&standin.token_url()));
+    assert!(endpoint.location.describe(&http).contains(&standin.token_url()));
 
     standin.set_token_endpoint(EndpointMode::Down);
-    let down = failure(endpoint.request_token(&http(), &client).await);
+    let down = failure(endpoint.request_token(&http, &client).await);
     assert_eq!(Reason::of_auth_failure(&down).as_str(), "AuthServerError");
     assert!(
         down.message.contains(&format!("discovered from issuer {}", standin.issuer())),
@@ -208,7 +211,7 @@ async fn the_discovered_token_endpoint_is_cached_and_read_again_after_a_failure(
         down.message
     );
     standin.set_token_endpoint(EndpointMode::Normal);
-    endpoint.request_token(&http(), &client).await.expect("a token");
+    endpoint.request_token(&http, &client).await.expect("a token");
     assert_eq!(standin.discovery_requests(), 2, "a failed request forgets the discovered endpoint");
     assert_eq!(standin.token_requests().len(), 4);
 }
@@ -341,6 +344,7 @@ async fn basic_auth_stores_a_header_that_never_expires_and_tasklist_checks_it() 
     let probe = Probe::new(
         &standin.url(),
         &serde_json::from_value::<ProbeSpec>(spec["probe"].clone()).expect("a probe"),
+        http().facts(),
     );
     assert_eq!(
         probe.run(&http(), stored.credential.as_probe_credential()).await,

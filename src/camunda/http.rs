@@ -4,6 +4,7 @@ use std::time::Duration;
 use reqwest::{StatusCode, header::HeaderMap, redirect};
 
 use super::Sensitive;
+use super::facts::ServerFacts;
 use crate::host_health::{HostHealth, origin_of};
 use crate::policy::{HostPolicy, PolicyResolver};
 
@@ -22,6 +23,8 @@ pub struct HttpSettings {
     pub ca_bundle_pem: Option<String>,
     /// How long each host takes to answer, as every client made with these settings sees it.
     pub health: Arc<HostHealth>,
+    /// What every client made with these settings learnt about the servers.
+    pub facts: Arc<ServerFacts>,
 }
 
 impl Default for HttpSettings {
@@ -32,6 +35,7 @@ impl Default for HttpSettings {
             policy: None,
             ca_bundle_pem: None,
             health: Arc::default(),
+            facts: Arc::default(),
         }
     }
 }
@@ -77,7 +81,7 @@ pub(crate) enum TransportError {
 impl std::fmt::Display for TransportError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            TransportError::Timeout(limit) => write!(f, "no answer within {}s", limit.as_secs_f64()),
+            TransportError::Timeout(limit) => write!(f, "no answer within {}", crate::time::in_seconds(*limit)),
             TransportError::Connect(cause) => write!(f, "could not connect: {cause}"),
             TransportError::TooLarge(limit) => write!(f, "the answer is larger than {limit} bytes"),
             TransportError::Other(cause) => write!(f, "{cause}"),
@@ -145,6 +149,11 @@ impl HttpClient {
     /// See [`HttpClient::trust_key`]'s field.
     pub(crate) fn trust_key(&self) -> [u8; 32] {
         self.trust_key
+    }
+
+    /// What the clients of the same settings learnt about the servers.
+    pub fn facts(&self) -> &Arc<ServerFacts> {
+        &self.settings.facts
     }
 
     /// The administrator's host policy this client enforces, if any.
@@ -286,4 +295,12 @@ pub(crate) fn excerpt(body: &[u8], max: usize) -> String {
         out.push('…');
     }
     out
+}
+
+/// `404 Not Found`, for messages.
+pub(crate) fn describe_status(status: StatusCode) -> String {
+    match status.canonical_reason() {
+        Some(reason) => format!("{} {reason}", status.as_u16()),
+        None => status.as_u16().to_string(),
+    }
 }

@@ -7,16 +7,12 @@
 //! 401 or 403 without it. The login is tried without first (servers that do not ask for it
 //! answer at once, with no extra request); only a refused login fetches a token with `GET`
 //! on the same path and is sent once more with it. A login URL where that worked gets the
-//! `GET` first from then on, for the life of the process.
-
-use std::collections::HashSet;
-use std::sync::{LazyLock, Mutex, PoisonError};
+//! `GET` first from then on (remembered in the HTTP clients' [`super::facts`]).
 
 use reqwest::Method;
 use reqwest::header::{COOKIE, HeaderMap, HeaderValue, SET_COOKIE};
 
-use super::http::{HttpClient, excerpt};
-use super::token::describe_status;
+use super::http::{HttpClient, describe_status, excerpt};
 use super::{AuthFailure, Sensitive, redact};
 
 /// Header names Tasklist uses for the CSRF token: the current one, then the one older
@@ -123,28 +119,13 @@ fn login_csrf_from_answer(headers: &HeaderMap) -> Option<LoginCsrf> {
     Some(LoginCsrf { cookies, header, token })
 }
 
-/// Login URLs that took a login only with a pre-fetched CSRF token, for the life of the
-/// process (no credential: URLs only).
-static DEMANDS_CSRF: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
-
-fn demands_csrf(login_url: &str) -> bool {
-    DEMANDS_CSRF.lock().unwrap_or_else(PoisonError::into_inner).contains(login_url)
-}
-
-fn remember_demands_csrf(login_url: &str) {
-    DEMANDS_CSRF
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(login_url.to_owned());
-}
-
 impl CookieLogin {
     /// Logs in with a form body, which keeps the password out of access logs; where the
     /// server refuses a login without a CSRF token, fetches one first (see the module).
     pub async fn log_in(&self, http: &HttpClient, credentials: &LoginCredentials) -> Result<Session, AuthFailure> {
         // A login URL known to demand the token gets it first: a re-login costs two
         // requests, not three.
-        if demands_csrf(&self.login_url)
+        if http.facts().demands_csrf(&self.login_url)
             && let Some(csrf) = self.fetch_csrf(http).await
         {
             let answer = self.post(http, credentials, Some(&csrf)).await?;
@@ -156,7 +137,7 @@ impl CookieLogin {
         {
             let answer = self.post(http, credentials, Some(&csrf)).await?;
             if answer.status.is_success() {
-                remember_demands_csrf(&self.login_url);
+                http.facts().remember_demands_csrf(&self.login_url);
             }
             return session_after_login(answer, credentials, &csrf.cookies);
         }

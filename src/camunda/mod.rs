@@ -6,10 +6,12 @@
 
 pub mod assertion;
 pub mod discovery;
+pub mod facts;
 mod http;
 pub mod login;
 pub mod probe;
 mod sensitive;
+pub mod tasklist_api;
 pub mod token;
 
 pub use http::{HttpClient, HttpClientError, HttpSettings, TlsTrust};

@@ -5,17 +5,17 @@
 //! 8.9) and, where that endpoint does not exist (8.10 removed the v1 API), the v2 request
 //! (`POST /v2/user-tasks/search`, 8.8+). Both need authentication, so an answer proves the
 //! credential; unauthenticated endpoints (`GET /v2/license`) are never used. Which API
-//! answered is remembered per base URL for the life of the process, so that a v2-only
+//! answered is remembered per base URL (in the HTTP clients' [`super::facts`]), so that a v2-only
 //! Tasklist costs the extra request once.
 
-use std::collections::HashMap;
-use std::sync::{LazyLock, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::Method;
 
-use super::http::HttpClient;
-use super::token::describe_status;
+use super::facts::ServerFacts;
+use super::http::{HttpClient, describe_status};
+pub use super::tasklist_api::TasklistApi;
 use super::{Sensitive, join_url};
 use crate::crd::{ProbeMethod, ProbeSpec};
 
@@ -74,34 +74,6 @@ impl ProbeOutcome {
     }
 }
 
-/// The Tasklist APIs the automatic probe knows, in the order it tries them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TasklistApi {
-    /// `POST /v1/tasks/search`: Camunda up to 8.9 (8.8 and 8.9 with v1 still on).
-    V1,
-    /// `POST /v2/user-tasks/search`: the Orchestration Cluster API of 8.8+.
-    V2,
-}
-
-impl TasklistApi {
-    const ALL: [TasklistApi; 2] = [TasklistApi::V1, TasklistApi::V2];
-
-    /// The authenticated search that proves the credential: (method, path, body).
-    fn request(self) -> (ProbeMethod, &'static str, &'static str) {
-        match self {
-            TasklistApi::V1 => (ProbeMethod::Post, "/v1/tasks/search", r#"{"pageSize":1}"#),
-            TasklistApi::V2 => (ProbeMethod::Post, "/v2/user-tasks/search", r#"{"page":{"limit":1}}"#),
-        }
-    }
-
-    fn other(self) -> TasklistApi {
-        match self {
-            TasklistApi::V1 => TasklistApi::V2,
-            TasklistApi::V2 => TasklistApi::V1,
-        }
-    }
-}
-
 /// Whether an answer says the endpoint does not exist on this Tasklist (so the other API
 /// is worth a try), rather than anything about the credential.
 fn endpoint_missing(outcome: &ProbeOutcome) -> bool {
@@ -118,23 +90,6 @@ fn api_that_answered(tried: &[TasklistApi], outcome: &ProbeOutcome) -> Option<Ta
     }
 }
 
-/// The API that last answered the automatic probe, per base URL (see the module).
-static ANSWERING_API: LazyLock<Mutex<HashMap<String, TasklistApi>>> = LazyLock::new(Default::default);
-
-fn remembered_api(base_url: &str) -> TasklistApi {
-    let remembered = ANSWERING_API.lock().unwrap_or_else(PoisonError::into_inner);
-    remembered.get(base_key(base_url)).copied().unwrap_or(TasklistApi::ALL[0])
-}
-
-fn remember_api(base_url: &str, api: TasklistApi) {
-    let mut remembered = ANSWERING_API.lock().unwrap_or_else(PoisonError::into_inner);
-    remembered.insert(base_key(base_url).to_owned(), api);
-}
-
-fn base_key(base_url: &str) -> &str {
-    base_url.trim_end_matches('/')
-}
-
 /// The configured probe request against one Tasklist.
 #[derive(Debug, Clone)]
 pub struct Probe {
@@ -144,12 +99,22 @@ pub struct Probe {
     pub body: String,
     /// How long the whole probe may take; `None`: the HTTP client's request timeout.
     pub timeout: Option<Duration>,
-    /// For the automatic probe: the base URL and the API it tries first.
-    automatic: Option<(String, TasklistApi)>,
+    /// For the automatic probe: the base URL, the API it tries first, and where the API
+    /// that answered is remembered.
+    automatic: Option<Automatic>,
+}
+
+#[derive(Debug, Clone)]
+struct Automatic {
+    base_url: String,
+    first: TasklistApi,
+    facts: Arc<ServerFacts>,
 }
 
 impl Probe {
-    pub fn new(base_url: &str, spec: &ProbeSpec) -> Self {
+    /// The probe `spec` asks for; the automatic probe starts with the API that answered last
+    /// for `base_url`, as `facts` remember it (those of the HTTP client it is sent with).
+    pub fn new(base_url: &str, spec: &ProbeSpec, facts: &Arc<ServerFacts>) -> Self {
         match &spec.path {
             Some(path) => Probe {
                 url: join_url(base_url, path),
@@ -158,18 +123,22 @@ impl Probe {
                 timeout: None,
                 automatic: None,
             },
-            None => Probe::automatic(base_url, remembered_api(base_url)),
+            None => Probe::automatic(base_url, facts.tasklist_api(base_url), facts.clone()),
         }
     }
 
-    fn automatic(base_url: &str, first: TasklistApi) -> Self {
+    fn automatic(base_url: &str, first: TasklistApi, facts: Arc<ServerFacts>) -> Self {
         let (method, path, body) = first.request();
         Probe {
             url: join_url(base_url, path),
             method,
             body: body.to_owned(),
             timeout: None,
-            automatic: Some((base_url.to_owned(), first)),
+            automatic: Some(Automatic {
+                base_url: base_url.to_owned(),
+                first,
+                facts,
+            }),
         }
     }
 
@@ -190,8 +159,8 @@ impl Probe {
     pub fn describe(&self) -> String {
         match &self.automatic {
             None => describe_request(self.method, &self.url),
-            Some((base_url, _)) => {
-                let api = remembered_api(base_url);
+            Some(Automatic { base_url, facts, .. }) => {
+                let api = facts.tasklist_api(base_url);
                 let (method, path, _) = api.request();
                 let version = match api {
                     TasklistApi::V1 => "v1",
@@ -206,7 +175,7 @@ impl Probe {
     }
 
     pub async fn run(&self, http: &HttpClient, credential: ProbeCredential<'_>) -> ProbeOutcome {
-        let Some((base_url, first)) = &self.automatic else {
+        let Some(Automatic { base_url, first, facts }) = &self.automatic else {
             return self.run_once(http, credential).await;
         };
         let mut tried = vec![*first];
@@ -214,7 +183,7 @@ impl Probe {
         if endpoint_missing(&outcome) {
             let second = Probe {
                 timeout: self.timeout,
-                ..Probe::automatic(base_url, first.other())
+                ..Probe::automatic(base_url, first.other(), facts.clone())
             };
             let second_outcome = second.run_once(http, credential).await;
             if !endpoint_missing(&second_outcome) {
@@ -223,7 +192,7 @@ impl Probe {
             }
         }
         if let Some(api) = api_that_answered(&tried, &outcome) {
-            remember_api(base_url, api);
+            facts.remember_tasklist_api(base_url, api);
         }
         outcome
     }
@@ -262,7 +231,7 @@ impl Probe {
                 Ok(answer) => answer,
                 Err(_) => {
                     return ProbeOutcome::Unreachable {
-                        cause: format!("no answer within {}s", limit.as_secs_f64()),
+                        cause: format!("no answer within {}", crate::time::in_seconds(limit)),
                     };
                 }
             },
@@ -309,7 +278,7 @@ mod tests {
             ..HttpSettings::default()
         };
         let http = HttpClient::new(&settings, &TlsTrust::default()).expect("a client");
-        let probe = Probe::new(&url, &ProbeSpec::default()).with_timeout(Duration::from_millis(200));
+        let probe = Probe::new(&url, &ProbeSpec::default(), http.facts()).with_timeout(Duration::from_millis(200));
         let token = Sensitive::new("token");
         let outcome = tokio::time::timeout(Duration::from_secs(60), probe.run(&http, ProbeCredential::Bearer(&token)))
             .await
@@ -346,6 +315,7 @@ mod tests {
 
     #[test]
     fn an_explicit_path_wins_and_no_path_is_automatic_from_v1() {
+        let facts = Arc::new(ServerFacts::default());
         let explicit = Probe::new(
             "https://explicit.example",
             &ProbeSpec {
@@ -353,19 +323,20 @@ mod tests {
                 method: ProbeMethod::Get,
                 ..ProbeSpec::default()
             },
+            &facts,
         );
         assert!(!explicit.is_automatic());
         assert_eq!(explicit.describe(), "GET https://explicit.example/v2/topology");
 
-        let automatic = Probe::new("https://automatic.example/", &ProbeSpec::default());
+        let automatic = Probe::new("https://automatic.example/", &ProbeSpec::default(), &facts);
         assert!(automatic.is_automatic());
         assert_eq!(automatic.url, "https://automatic.example/v1/tasks/search");
         assert_eq!(
             automatic.describe(),
             "POST https://automatic.example/v1/tasks/search (the Tasklist v1 API, found by the automatic probe)"
         );
-        remember_api("https://automatic.example", TasklistApi::V2);
-        let next = Probe::new("https://automatic.example/", &ProbeSpec::default());
+        facts.remember_tasklist_api("https://automatic.example", TasklistApi::V2);
+        let next = Probe::new("https://automatic.example/", &ProbeSpec::default(), &facts);
         assert_eq!(next.url, "https://automatic.example/v2/user-tasks/search");
         assert_eq!(next.body, r#"{"page":{"limit":1}}"#);
         assert!(automatic.describe().contains("/v2/user-tasks/search (the Tasklist v2 API"));

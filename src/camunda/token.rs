@@ -3,12 +3,12 @@
 //! in an HTTP Basic header, or a signed client assertion.
 
 use base64::Engine as _;
-use reqwest::{Method, StatusCode};
+use reqwest::Method;
 use serde::Deserialize;
 
 use super::assertion::{ASSERTION_TYPE, AssertionClaims, AssertionKey};
 use super::discovery;
-use super::http::{HttpClient, TransportError, excerpt};
+use super::http::{HttpClient, TransportError, describe_status, excerpt};
 use super::{AuthFailure, FailureDetail, Sensitive, redact};
 use crate::crd::RequestEncoding;
 
@@ -241,8 +241,8 @@ fn assertion_hint(detail: &str, key: &AssertionKey, iat: i64, exp: i64) -> Strin
     let signed = format!(
         "the assertion was signed {}, valid from {} to {} by this machine's clock",
         key.describe(),
-        display_time(iat),
-        display_time(exp)
+        crate::time::describe_unix_seconds(iat),
+        crate::time::describe_unix_seconds(exp)
     );
     let cause = if ["expired", "not active", "nbf", "clock", "stale", "future", "too old"]
         .iter()
@@ -260,10 +260,6 @@ fn assertion_hint(detail: &str, key: &AssertionKey, iat: i64, exp: i64) -> Strin
         "check that the server has this key's public key for the client, under this key id, and that the clocks agree"
     };
     format!("{cause} ({signed})")
-}
-
-fn display_time(unix_seconds: i64) -> String {
-    jiff::Timestamp::from_second(unix_seconds).map_or_else(|_| unix_seconds.to_string(), |time| time.to_string())
 }
 
 fn parse_grant(body: &[u8]) -> Result<TokenGrant, AuthFailure> {
@@ -329,13 +325,6 @@ fn oauth_error_detail(body: &[u8], client: &ClientCredentials, assertion: Option
 
 fn unreachable_token_endpoint(error: &TransportError) -> AuthFailure {
     AuthFailure::server_error(format!("the token endpoint could not be used: {error}"))
-}
-
-pub(crate) fn describe_status(status: StatusCode) -> String {
-    match status.canonical_reason() {
-        Some(reason) => format!("{} {reason}", status.as_u16()),
-        None => status.as_u16().to_string(),
-    }
 }
 
 #[cfg(test)]

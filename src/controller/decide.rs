@@ -10,10 +10,10 @@ use jiff::{SignedDuration, Timestamp};
 
 use super::memory::{ProbeRecord, UnauthorizedReobtain};
 use crate::camunda::{AuthFailure, AuthFailureKind, FailureDetail};
-use crate::credential::add;
 use crate::reason::Reason;
 use crate::schedule::{MIN_SESSION_TIMEOUT, RefreshPolicy, refresh_before_honoured, retry_delay};
 use crate::status::ConditionState;
+use crate::time::add;
 
 /// Wake up at least this often, whatever is scheduled, so that nothing missed stays missed.
 pub const LONGEST_SLEEP: Duration = Duration::from_secs(3600);

@@ -18,13 +18,14 @@
 //! Probes have a lane of their own (`probe_scheduler`): a dead Tasklist host does not defer
 //! the refreshes of connections whose token endpoint answers.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::camunda::facts::ServerFacts;
 use crate::crd::TasklistConnection;
 pub use crate::host_health::SLOW_AFTER;
 use crate::host_health::{HostHealth, Standing, origin};
+use crate::machinery::slots::{Counts, Slot, Slots};
 
 /// Reconciles in flight through an unproven host.
 pub const PROBATION: usize = 2;
@@ -76,60 +77,47 @@ pub enum Full {
 #[derive(Clone)]
 pub struct HostSlots {
     health: Arc<HostHealth>,
-    state: Arc<Mutex<SlotState>>,
-    /// Woken whenever a reconcile leaves, for those waiting on a host on probation.
-    left: Arc<tokio::sync::Notify>,
+    slots: Slots<SlotKey>,
 }
 
-#[derive(Default)]
-struct SlotState {
-    /// Reconciles in flight per host.
-    hosts: HashMap<String, usize>,
-    /// Reconciles in flight through hosts not proven, per namespace.
-    namespaces: HashMap<String, usize>,
+/// What a reconcile takes a slot of: each host it may ask, and its namespace when one of
+/// them is not proven.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum SlotKey {
+    Host(String),
+    Namespace(String),
 }
 
-impl SlotState {
-    fn in_flight(&self, host: &str) -> usize {
-        self.hosts.get(host).copied().unwrap_or_default()
-    }
-
-    fn admit(&self, namespace: &str, hosts: &[(String, Standing)], limits: SlotLimits, slow_in_flight: usize) -> Result<bool, Full> {
-        let mut unproven = false;
-        for (host, standing) in hosts {
-            let in_flight = self.in_flight(host);
-            match standing {
-                Standing::Proven if in_flight >= limits.per_host => return Err(Full::Host(host.clone())),
-                Standing::Proven => {}
-                Standing::Unproven if in_flight >= PROBATION.min(limits.per_host) => return Err(Full::Probation(host.clone())),
-                Standing::Slow if slow_in_flight >= limits.slow_hosts || in_flight >= limits.per_host => return Err(Full::SlowHosts),
-                Standing::Unproven | Standing::Slow => unproven = true,
-            }
+/// Whether a reconcile through `hosts` (with their standings) may enter, given what is in
+/// flight (`counts`, of which `slow_in_flight` through slow hosts); `Ok(true)` when it
+/// counts against its namespace (a host is not proven).
+fn admit(
+    counts: &Counts<SlotKey>,
+    namespace: &str,
+    hosts: &[(String, Standing)],
+    limits: SlotLimits,
+    slow_in_flight: usize,
+) -> Result<bool, Full> {
+    let mut unproven = false;
+    for (host, standing) in hosts {
+        let in_flight = counts.of(&SlotKey::Host(host.clone()));
+        match standing {
+            Standing::Proven if in_flight >= limits.per_host => return Err(Full::Host(host.clone())),
+            Standing::Proven => {}
+            Standing::Unproven if in_flight >= PROBATION.min(limits.per_host) => return Err(Full::Probation(host.clone())),
+            Standing::Slow if slow_in_flight >= limits.slow_hosts || in_flight >= limits.per_host => return Err(Full::SlowHosts),
+            Standing::Unproven | Standing::Slow => unproven = true,
         }
-        if unproven
-            && self
-                .namespaces
-                .get(namespace)
-                .is_some_and(|count| *count >= limits.per_namespace_unproven)
-        {
-            return Err(Full::Namespace);
-        }
-        Ok(unproven)
     }
+    if unproven && counts.of(&SlotKey::Namespace(namespace.to_owned())) >= limits.per_namespace_unproven {
+        return Err(Full::Namespace);
+    }
+    Ok(unproven)
 }
 
 /// Held while a reconcile runs; leaving frees its slots.
 pub struct Entered {
-    namespace: String,
-    hosts: Vec<String>,
-    counted_in_namespace: bool,
-    slots: HostSlots,
-}
-
-/// Each change is made in full under the lock, so a panic elsewhere leaves whole counts:
-/// go on with them.
-fn lock(state: &Mutex<SlotState>) -> std::sync::MutexGuard<'_, SlotState> {
-    state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    _slots: Slot<SlotKey>,
 }
 
 impl HostSlots {
@@ -137,8 +125,7 @@ impl HostSlots {
     pub fn new(health: Arc<HostHealth>) -> Self {
         HostSlots {
             health,
-            state: Arc::default(),
-            left: Arc::default(),
+            slots: Slots::new("the host slots"),
         }
     }
 
@@ -148,7 +135,7 @@ impl HostSlots {
     pub async fn enter(&self, namespace: &str, hosts: Vec<String>, limits: SlotLimits) -> Result<Entered, Full> {
         let give_up = tokio::time::Instant::now() + SLOW_AFTER;
         loop {
-            let left = self.left.notified();
+            let left = self.slots.released();
             match self.try_enter_at(namespace, hosts.clone(), limits, Instant::now()) {
                 Err(Full::Probation(_)) if tokio::time::Instant::now() < give_up => {
                     let _ = tokio::time::timeout_at(give_up, left).await;
@@ -160,56 +147,26 @@ impl HostSlots {
 
     fn try_enter_at(&self, namespace: &str, hosts: Vec<String>, limits: SlotLimits, now: Instant) -> Result<Entered, Full> {
         let standings: Vec<(String, Standing)> = hosts.iter().map(|host| (host.clone(), self.health.standing(host, now))).collect();
-        let mut state = lock(&self.state);
-        let slow_in_flight = state
-            .hosts
-            .iter()
-            .filter(|(host, _)| self.health.standing(host, now) == Standing::Slow)
-            .map(|(_, count)| *count)
-            .sum();
-        let counted_in_namespace = state.admit(namespace, &standings, limits, slow_in_flight)?;
-        for host in &hosts {
-            *state.hosts.entry(host.clone()).or_default() += 1;
-        }
-        if counted_in_namespace {
-            *state.namespaces.entry(namespace.to_owned()).or_default() += 1;
-        }
-        Ok(Entered {
-            namespace: namespace.to_owned(),
-            hosts,
-            counted_in_namespace,
-            slots: self.clone(),
-        })
+        let slots = self.slots.try_take(|counts| {
+            let slow_in_flight = counts
+                .iter()
+                .filter(|(key, _)| matches!(key, SlotKey::Host(host) if self.health.standing(host, now) == Standing::Slow))
+                .map(|(_, count)| count)
+                .sum();
+            let counted_in_namespace = admit(counts, namespace, &standings, limits, slow_in_flight)?;
+            let namespace = counted_in_namespace.then(|| SlotKey::Namespace(namespace.to_owned()));
+            Ok(hosts.into_iter().map(SlotKey::Host).chain(namespace).collect())
+        })?;
+        Ok(Entered { _slots: slots })
     }
 
+    /// How many hosts and namespaces have reconciles in flight.
     #[cfg(test)]
-    fn hosts_tracked(&self) -> usize {
-        lock(&self.state).hosts.len()
-    }
-}
-
-impl Drop for Entered {
-    fn drop(&mut self) {
-        {
-            let mut state = lock(&self.slots.state);
-            for host in &self.hosts {
-                if let Some(count) = state.hosts.get_mut(host) {
-                    *count = count.saturating_sub(1);
-                    if *count == 0 {
-                        state.hosts.remove(host);
-                    }
-                }
-            }
-            if self.counted_in_namespace
-                && let Some(count) = state.namespaces.get_mut(&self.namespace)
-            {
-                *count = count.saturating_sub(1);
-                if *count == 0 {
-                    state.namespaces.remove(&self.namespace);
-                }
-            }
-        }
-        self.slots.left.notify_waiters();
+    fn tracked(&self) -> (usize, usize) {
+        self.slots.with_counts(|counts| {
+            let hosts = counts.iter().filter(|(key, _)| matches!(key, SlotKey::Host(_))).count();
+            (hosts, counts.keys() - hosts)
+        })
     }
 }
 
@@ -217,7 +174,7 @@ impl Drop for Entered {
 /// endpoint and the issuer (OAuth2), or Tasklist itself (a cookie login). HTTP Basic asks
 /// nobody. Probes are not counted here: they have their own lane. A URL that cannot be
 /// parsed adds nothing: the reconcile reports it without sending anything.
-pub fn credential_hosts(connection: &TasklistConnection) -> Vec<String> {
+pub fn credential_hosts(connection: &TasklistConnection, facts: &ServerFacts) -> Vec<String> {
     let auth = &connection.spec.auth;
     let oauth2_urls = auth
         .oauth2
@@ -230,7 +187,7 @@ pub fn credential_hosts(connection: &TasklistConnection) -> Vec<String> {
         .oauth2
         .iter()
         .filter_map(|oauth2| oauth2.issuer_url.as_deref())
-        .flat_map(crate::camunda::discovery::discovered_endpoints);
+        .flat_map(|issuer| facts.token_endpoints_of(issuer));
     let login_url = auth.cookie.as_ref().map(|_| connection.spec.url.as_str());
     let mut hosts: Vec<String> = oauth2_urls
         .chain(login_url)
@@ -426,8 +383,7 @@ mod tests {
                 .try_enter_at(&format!("ns-{index}"), vec![format!("host-{index}:443")], LIMITS, Instant::now())
                 .unwrap();
         }
-        assert_eq!(slots.hosts_tracked(), 0);
-        assert!(lock(&slots.state).namespaces.is_empty());
+        assert_eq!(slots.tracked(), (0, 0));
     }
 
     fn connection(url: &str, auth: serde_json::Value) -> TasklistConnection {
@@ -447,12 +403,23 @@ mod tests {
             "https://bru-2.tasklist.camunda.io/abc",
             serde_json::json!({"oauth2": {"tokenUrl": "https://login.cloud.camunda.io/oauth/token", "clientSecretRef": {"name": "c"}}}),
         );
-        assert_eq!(credential_hosts(&oauth2), vec!["login.cloud.camunda.io:443"]);
+        assert_eq!(
+            credential_hosts(&oauth2, &ServerFacts::default()),
+            vec!["login.cloud.camunda.io:443"]
+        );
         let issuer = connection(
             "http://tasklist:8080",
             serde_json::json!({"oauth2": {"issuerUrl": "https://keycloak:8443/realms/camunda", "clientSecretRef": {"name": "c"}}}),
         );
-        assert_eq!(credential_hosts(&issuer), vec!["keycloak:8443"]);
+        assert_eq!(credential_hosts(&issuer, &ServerFacts::default()), vec!["keycloak:8443"]);
+        // Once discovered, the token endpoint the issuer named counts too.
+        let facts = ServerFacts::default();
+        facts.remember_token_endpoint(
+            ("https://keycloak:8443/realms/camunda".into(), [0; 32]),
+            "https://idp-tokens:9443/token".into(),
+            Instant::now(),
+        );
+        assert_eq!(credential_hosts(&issuer, &facts), vec!["idp-tokens:9443", "keycloak:8443"]);
     }
 
     #[test]
@@ -461,12 +428,12 @@ mod tests {
             "http://tasklist:8080",
             serde_json::json!({"cookie": {"credentialsSecretRef": {"name": "login"}}}),
         );
-        assert_eq!(credential_hosts(&cookie), vec!["tasklist:8080"]);
+        assert_eq!(credential_hosts(&cookie, &ServerFacts::default()), vec!["tasklist:8080"]);
         let basic = connection(
             "http://tasklist:8080",
             serde_json::json!({"basic": {"credentialsSecretRef": {"name": "login"}}}),
         );
-        assert!(credential_hosts(&basic).is_empty());
+        assert!(credential_hosts(&basic, &ServerFacts::default()).is_empty());
     }
 
     #[test]

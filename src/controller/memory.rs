@@ -112,6 +112,12 @@ pub struct OwnWrite {
     pub data_hash_in_flight: Option<String>,
 }
 
+/// Each record is changed whole under the lock; a poisoned lock must not drop what the
+/// records remember (failures, backoff): see [`crate::machinery::lock`].
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    crate::machinery::lock::lock(mutex, "the connections' memory")
+}
+
 #[derive(Default)]
 pub struct Memory {
     connections: Mutex<HashMap<ConnectionKey, ConnectionMemory>>,
@@ -119,16 +125,11 @@ pub struct Memory {
 
 impl Memory {
     pub fn get(&self, key: &ConnectionKey) -> ConnectionMemory {
-        self.connections
-            .lock()
-            .map(|map| map.get(key).cloned().unwrap_or_default())
-            .unwrap_or_default()
+        lock(&self.connections).get(key).cloned().unwrap_or_default()
     }
 
     pub fn update(&self, key: &ConnectionKey, change: impl FnOnce(&mut ConnectionMemory)) {
-        if let Ok(mut map) = self.connections.lock() {
-            change(map.entry(key.clone()).or_default());
-        }
+        change(lock(&self.connections).entry(key.clone()).or_default());
     }
 
     /// What the last reconcile decided, for the next one to plan with.
@@ -150,14 +151,12 @@ impl Memory {
 
     /// Every connection something is remembered about.
     pub fn keys(&self) -> Vec<ConnectionKey> {
-        self.connections.lock().map(|map| map.keys().cloned().collect()).unwrap_or_default()
+        lock(&self.connections).keys().cloned().collect()
     }
 
     /// Forgets a deleted connection, with its own-write record.
     pub fn forget(&self, key: &ConnectionKey) {
-        if let Ok(mut map) = self.connections.lock() {
-            map.remove(key);
-        }
+        lock(&self.connections).remove(key);
     }
 
     /// Remembers, just before writing a derived Secret, the data hash the write carries.

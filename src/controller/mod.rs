@@ -7,7 +7,6 @@ mod plan;
 mod probe_scheduler;
 mod reconcile;
 mod secret_values;
-mod shared_clients;
 mod slim;
 #[cfg(test)]
 mod wiring_tests;
@@ -31,6 +30,8 @@ use crate::camunda::{HttpClient, HttpClientError, HttpSettings, TlsTrust};
 use crate::crd::TasklistConnection;
 use crate::derived_secret::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use crate::events::EventPublisher;
+use crate::machinery::lock::lock;
+use crate::machinery::users::SharedByUsers;
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::policy::{HostPolicy, ResolutionCache};
 use crate::schedule::RefreshPolicy;
@@ -40,7 +41,6 @@ use host_slots::{DEFERRAL, HostSlots, credential_hosts, reconcile_deadline, slot
 use memory::{ConnectionKey, Memory};
 pub use probe_scheduler::{DEFAULT_PROBE_CONCURRENCY, DEFAULT_PROBES_PER_HOST};
 use probe_scheduler::{ProbeScheduler, probe_limits, probe_timeout};
-use shared_clients::SharedByUsers;
 
 /// The field manager named in server-side apply of Secrets and status.
 pub const FIELD_MANAGER: &str = "tasklist-operator";
@@ -197,9 +197,7 @@ impl Context {
         self.shared.memory.forget(key);
         self.shared.token_cache.forget(key);
         self.metrics.forget_connection(&key.0, &key.1);
-        if let Ok(mut clients) = self.shared.http_clients.lock() {
-            clients.forget(key);
-        }
+        lock(&self.shared.http_clients, "the HTTP clients").forget(key);
     }
 
     /// Forgets the values of referenced Secrets in `namespace` (None: all) that none of the
@@ -233,11 +231,7 @@ impl Context {
     }
 
     fn http_client(&self, key: &ConnectionKey, trust: &TlsTrust) -> Result<HttpClient, HttpClientError> {
-        let mut clients = self
-            .shared
-            .http_clients
-            .lock()
-            .map_err(|_| HttpClientError::Setup("HTTP client cache poisoned".into()))?;
+        let mut clients = lock(&self.shared.http_clients, "the HTTP clients");
         clients.get_or_make(key.clone(), trust, || HttpClient::new(&self.settings.http, trust))
     }
 }
@@ -431,7 +425,12 @@ async fn reconcile_logged(
 ) -> Result<Action, Error> {
     let limits = slot_limits(ctx.settings.concurrency);
     let namespace = connection.namespace().unwrap_or_default();
-    let _entered = match ctx.shared.host_slots.enter(&namespace, credential_hosts(&connection), limits).await {
+    let _entered = match ctx
+        .shared
+        .host_slots
+        .enter(&namespace, credential_hosts(&connection, &ctx.settings.http.facts), limits)
+        .await
+    {
         Ok(entered) => entered,
         Err(full) => {
             debug!(?full, "deferred: no free reconcile slot for this connection's hosts or namespace");

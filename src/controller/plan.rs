@@ -21,7 +21,7 @@ use super::memory::{Decided, FailureRecord, ProbeRecord, UnauthorizedReobtain, W
 use crate::camunda::probe::ProbeOutcome;
 use crate::camunda::{AuthFailure, HttpClient, TlsTrust};
 use crate::crd::{REFRESH_ANNOTATION, TasklistConnection};
-use crate::credential::{Credential, NEVER, add};
+use crate::credential::Credential;
 use crate::derived_secret::StoredCredential;
 use crate::events::ConnectionEvent;
 use crate::inputs::{InputProblem, InputsSummary};
@@ -29,6 +29,7 @@ use crate::logging::{ProbeLogLevel, probe_log_level};
 use crate::reason::Reason;
 use crate::schedule::RefreshPolicy;
 use crate::status::{AUTHENTICATED, ConditionState, CredentialTimes, Observation, REACHABLE, READY};
+use crate::time::{NEVER, add, whole_seconds};
 
 /// Retry interval while a Secret of the derived name belongs to someone else (a watch
 /// also wakes the connection when that Secret changes).
@@ -330,7 +331,7 @@ fn credential_step(
         // Whole seconds, as every time in status; rounded up, so that the wake-up is not early.
         ForcedRefresh::NotBefore(at) => stored
             .filter(|current| now < current.refresh_at)
-            .map(|current| (current, crate::obtain::whole_seconds(add(at, Duration::from_millis(999))))),
+            .map(|current| (current, whole_seconds(add(at, Duration::from_millis(999))))),
         _ => None,
     };
     memory.forced_refresh_wait = forced_wait.map(|(_, at)| at);

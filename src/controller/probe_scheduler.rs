@@ -26,20 +26,20 @@
 //! [`ProbeScheduler`] keeps the shared state and carries them out.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::FutureExt as _;
-use futures::future::{BoxFuture, Shared};
 use jiff::Timestamp;
 
 use crate::camunda::TlsTrust;
 use crate::camunda::probe::{Probe, ProbeCredential, ProbeOutcome};
 use crate::crd::ProbeMethod;
-use crate::credential::add;
-use crate::key_hash::KeyHash;
+use crate::key_hash::{KeyHash, hashed_key};
+use crate::machinery::bounded::{Capacity, prune};
+use crate::machinery::single_flight::{Answer, Flights};
+use crate::machinery::slots::{Slot, Slots};
+use crate::time::{add, since, sub};
 
 /// Probe slots of the whole operator unless `--probe-concurrency` says otherwise.
 pub const DEFAULT_PROBE_CONCURRENCY: u16 = 16;
@@ -57,17 +57,12 @@ const LONGEST_KEPT: Duration = Duration::from_secs(3600);
 /// doubled since the last pruning.
 const FIRST_PRUNE_AT: usize = 1024;
 
-/// Which probe answers are interchangeable: a SHA-256 of the probe request (URL, method,
-/// and the body a POST sends), the credential value it carries, and the TLS trust. Its
-/// `Debug` shows nothing of it.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ProbeKey([u8; 32]);
-
-impl fmt::Debug for ProbeKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ProbeKey(<hash>)")
-    }
-}
+hashed_key!(
+    /// Which probe answers are interchangeable: a SHA-256 of the probe request (URL, method,
+    /// and the body a POST sends), the credential value it carries, and the TLS trust. Its
+    /// `Debug` shows nothing of it.
+    ProbeKey
+);
 
 impl ProbeKey {
     pub fn new(probe: &Probe, credential: ProbeCredential<'_>, trust: &TlsTrust) -> Self {
@@ -81,31 +76,26 @@ impl ProbeKey {
         match probe.method {
             ProbeMethod::Get => hash.field(b"GET"),
             ProbeMethod::Post => {
-                hash.field(b"POST");
-                hash.field(probe.body.as_bytes());
+                hash.tagged(b"POST", probe.body.as_bytes());
             }
         }
         match credential {
             ProbeCredential::Bearer(token) => {
-                hash.field(b"bearer");
-                hash.field(token.expose().as_bytes());
+                hash.tagged(b"bearer", token.expose().as_bytes());
             }
             ProbeCredential::Authorization(value) => {
-                hash.field(b"authorization");
-                hash.field(value.expose().as_bytes());
+                hash.tagged(b"authorization", value.expose().as_bytes());
             }
             ProbeCredential::Session {
                 cookie_header,
                 csrf_token,
                 csrf_header,
             } => {
-                hash.field(b"session");
-                hash.field(cookie_header.expose().as_bytes());
+                hash.tagged(b"session", cookie_header.expose().as_bytes());
                 hash.field(csrf_header.as_bytes());
                 match csrf_token {
                     Some(token) => {
-                        hash.field(b"csrf");
-                        hash.field(token.expose().as_bytes());
+                        hash.tagged(b"csrf", token.expose().as_bytes());
                     }
                     None => hash.field(b"no csrf"),
                 }
@@ -213,14 +203,30 @@ pub fn deferral_delay(without_answer: Duration, interval: Duration, jitter: f64)
     base.mul_f64(1.0 + jitter.clamp(0.0, 1.0))
 }
 
-type InFlight = Shared<BoxFuture<'static, SharedResult>>;
+/// The lane's state: a panic while it is locked leaves it a step behind, never half
+/// changed, and its backoff and slot counts must not be lost (see [`crate::machinery::lock`]).
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    crate::machinery::lock::lock(state, "the probe lane")
+}
 
-#[derive(Default)]
+impl Default for State {
+    fn default() -> Self {
+        State {
+            latest: HashMap::new(),
+            flights: Flights::default(),
+            slots: Slots::new("the probe slots"),
+            waiting_since: HashMap::new(),
+            prune_at: 0,
+        }
+    }
+}
+
 struct State {
     latest: HashMap<ProbeKey, SharedResult>,
-    in_flight: HashMap<ProbeKey, InFlight>,
-    slots_taken: usize,
-    slots_per_host: HashMap<String, usize>,
+    /// The probe requests in flight.
+    flights: Flights<ProbeKey, SharedResult>,
+    /// The probe slots, per host.
+    slots: Slots<String>,
     /// Per host: the first deferral since it last answered.
     waiting_since: HashMap<String, Timestamp>,
     prune_at: usize,
@@ -257,32 +263,13 @@ pub enum ProbeTurn {
 /// An answer on its way. Holds a probe slot until awaited or dropped (a joining reconcile's;
 /// the request itself holds the sender's).
 pub struct Waiting {
-    result: InFlight,
-    _slot: Option<ProbeSlot>,
+    result: Answer<SharedResult>,
+    _slot: Option<Slot<String>>,
 }
 
 impl Waiting {
     pub async fn result(self) -> SharedResult {
         self.result.await
-    }
-}
-
-/// One taken probe slot, given back when dropped.
-struct ProbeSlot {
-    host: String,
-    state: Arc<Mutex<State>>,
-}
-
-impl Drop for ProbeSlot {
-    fn drop(&mut self) {
-        let Ok(mut state) = self.state.lock() else { return };
-        state.slots_taken = state.slots_taken.saturating_sub(1);
-        if let Some(count) = state.slots_per_host.get_mut(&self.host) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                state.slots_per_host.remove(&self.host);
-            }
-        }
     }
 }
 
@@ -307,17 +294,14 @@ impl ProbeScheduler {
             now,
             has_result,
         } = due;
-        let Ok(mut state) = self.state.lock() else {
-            return ProbeTurn::Deferred {
-                retry_after: deferral_delay(Duration::ZERO, interval, rand::random()),
-            };
-        };
-        let host_taken = state.slots_per_host.get(&host).copied().unwrap_or_default();
-        let slot_free = state.slots_taken < self.limits.total && host_taken < self.limits.per_host;
+        let mut state = lock(&self.state);
+        let slot_free = state
+            .slots
+            .with_counts(|taken| taken.held() < self.limits.total && taken.of(&host) < self.limits.per_host);
         let latest_at = state.latest.get(&key).map(|result| result.at);
         match probe_turn(
             latest_at,
-            state.in_flight.contains_key(&key),
+            state.flights.is_in_flight(&key),
             slot_free,
             credential_issued_at,
             interval,
@@ -329,9 +313,9 @@ impl ProbeScheduler {
                 Some(result) => ProbeTurn::Reuse(result.clone()),
                 None => defer(&mut state, host, interval, now),
             },
-            turn @ (Turn::Join | Turn::JoinWithoutSlot) => match state.in_flight.get(&key).cloned() {
+            turn @ (Turn::Join | Turn::JoinWithoutSlot) => match state.flights.join(&key) {
                 Some(result) => {
-                    let slot = (turn == Turn::Join).then(|| self.take_slot(&mut state, host));
+                    let slot = (turn == Turn::Join).then(|| state.slots.take(vec![host]));
                     ProbeTurn::Wait {
                         result: Waiting { result, _slot: slot },
                         joined: true,
@@ -340,32 +324,31 @@ impl ProbeScheduler {
                 None => defer(&mut state, host, interval, now),
             },
             Turn::Send => {
-                let slot = self.take_slot(&mut state, host.clone());
+                let slot = state.slots.take(vec![host.clone()]);
                 let request = send();
                 let shared_state = self.state.clone();
                 // Records the answer before giving the slot back: the lock taken here waits
                 // until `turn` has put the request in flight.
-                let task = tokio::spawn(async move {
-                    let _slot = slot;
-                    let result = SharedResult {
-                        at: now,
-                        outcome: request.await,
-                    };
-                    record(&shared_state, key, &host, result.clone());
-                    result
-                });
-                let result: InFlight = task
-                    .map(move |joined| {
-                        joined.unwrap_or_else(|error| SharedResult {
+                let result = state.flights.start(
+                    key,
+                    move |id| async move {
+                        let _slot = slot;
+                        let result = SharedResult {
                             at: now,
-                            outcome: ProbeOutcome::Unreachable {
-                                cause: format!("the probe did not finish: {error}"),
-                            },
-                        })
-                    })
-                    .boxed()
-                    .shared();
-                state.in_flight.insert(key, result.clone());
+                            outcome: request.await,
+                        };
+                        let mut state = lock(&shared_state);
+                        state.flights.land(&key, id);
+                        state.record(key, &host, result.clone());
+                        result
+                    },
+                    move |why| SharedResult {
+                        at: now,
+                        outcome: ProbeOutcome::Unreachable {
+                            cause: format!("the probe did not finish: {why}"),
+                        },
+                    },
+                );
                 ProbeTurn::Wait {
                     result: Waiting { result, _slot: None },
                     joined: false,
@@ -374,55 +357,53 @@ impl ProbeScheduler {
         }
     }
 
-    fn take_slot(&self, state: &mut State, host: String) -> ProbeSlot {
-        state.slots_taken += 1;
-        *state.slots_per_host.entry(host.clone()).or_default() += 1;
-        ProbeSlot {
-            host,
-            state: self.state.clone(),
-        }
-    }
-
     #[cfg(test)]
     fn counts(&self) -> (usize, usize, usize) {
-        let state = self.state.lock().expect("not poisoned");
-        (state.latest.len(), state.in_flight.len(), state.slots_taken)
+        let state = lock(&self.state);
+        (
+            state.latest.len(),
+            state.flights.len(),
+            state.slots.with_counts(|taken| taken.held()),
+        )
     }
 }
 
 /// Notes a deferral on `host` and says when to try again.
 fn defer(state: &mut State, host: String, interval: Duration, now: Timestamp) -> ProbeTurn {
-    let since = *state.waiting_since.entry(host).or_insert(now);
-    let without_answer = now.duration_since(since).try_into().unwrap_or_default();
+    let waiting_since = *state.waiting_since.entry(host).or_insert(now);
+    let without_answer = since(now, waiting_since);
     ProbeTurn::Deferred {
         retry_after: deferral_delay(without_answer, interval, rand::random()),
     }
 }
 
-/// Keeps an answer as the latest of its key (an answer from the host ends its deferral
-/// backoff; a timeout or connection failure does not), and drops results too old to be
-/// reused by anyone once the map has grown (twice the size after the last pruning).
+/// [`State::record`] under the lock.
+#[cfg(test)]
 fn record(state: &Mutex<State>, key: ProbeKey, host: &str, result: SharedResult) {
-    let Ok(mut state) = state.lock() else { return };
-    state.in_flight.remove(&key);
-    if !matches!(result.outcome, ProbeOutcome::Unreachable { .. }) {
-        state.waiting_since.remove(host);
-    }
-    let newer = state.latest.get(&key).is_none_or(|kept| kept.at <= result.at);
-    if newer {
-        state.latest.insert(key, result.clone());
-    }
-    if state.latest.len() >= state.prune_at.max(FIRST_PRUNE_AT) {
-        let oldest_kept = result.at.checked_sub(LONGEST_KEPT).unwrap_or(Timestamp::MIN);
-        state.latest.retain(|_, kept| kept.at >= oldest_kept);
-        state.prune_at = state.latest.len() * 2;
-        // Hosts nothing is probing any more.
-        let State {
-            waiting_since,
-            slots_per_host,
-            ..
-        } = &mut *state;
-        waiting_since.retain(|host, _| slots_per_host.contains_key(host));
+    lock(state).record(key, host, result);
+}
+
+impl State {
+    /// Keeps an answer as the latest of its key (an answer from the host ends its deferral
+    /// backoff; a timeout or connection failure does not), and drops results too old to be
+    /// reused by anyone once the map has grown (twice the size after the last pruning).
+    fn record(&mut self, key: ProbeKey, host: &str, result: SharedResult) {
+        let state = self;
+        if !matches!(result.outcome, ProbeOutcome::Unreachable { .. }) {
+            state.waiting_since.remove(host);
+        }
+        let newer = state.latest.get(&key).is_none_or(|kept| kept.at <= result.at);
+        if newer {
+            state.latest.insert(key, result.clone());
+        }
+        let oldest_kept = sub(result.at, LONGEST_KEPT);
+        let capacity = Capacity::stale_only(state.prune_at.max(FIRST_PRUNE_AT));
+        if prune(&mut state.latest, capacity, |_, kept| kept.at < oldest_kept, |_, _| None::<()>).is_some() {
+            state.prune_at = state.latest.len() * 2;
+            // Hosts nothing is probing any more.
+            let State { waiting_since, slots, .. } = &mut *state;
+            slots.with_counts(|taken| waiting_since.retain(|host, _| taken.of(host) > 0));
+        }
     }
 }
 
@@ -431,13 +412,15 @@ mod tests {
     use super::*;
     use crate::camunda::Sensitive;
     use crate::crd::ProbeSpec;
+    use futures::FutureExt as _;
+    use futures::future::BoxFuture;
 
     fn at(second: i64) -> Timestamp {
         Timestamp::from_second(second).unwrap()
     }
 
     fn probe(url: &str) -> Probe {
-        Probe::new(url, &ProbeSpec::default())
+        Probe::new(url, &ProbeSpec::default(), &Default::default())
     }
 
     const MINUTE: Duration = Duration::from_secs(60);
@@ -480,6 +463,7 @@ mod tests {
                 path: Some("/v1/tasks/search".into()),
                 ..ProbeSpec::default()
             },
+            &Default::default(),
         );
         assert_eq!(
             (explicit.url.as_str(), &explicit.body),

@@ -24,7 +24,6 @@ use super::{Context, Error, FIELD_MANAGER, SecretCaches};
 use crate::camunda::probe::Probe;
 use crate::camunda::{AuthFailure, HttpClient, TlsTrust, redact};
 use crate::crd::{TasklistConnection, TasklistConnectionStatus};
-use crate::credential::NEVER;
 use crate::derived_secret::{DATA_HASH, StoredCredential, Unusable, is_owned_by, update_patch};
 use crate::events::transitions;
 use crate::host_health::origin;
@@ -33,10 +32,12 @@ use crate::inputs::{
     secret_references, summarize,
 };
 use crate::logging::{ProbeLogLevel, human_signed_duration};
+use crate::machinery::lock::lock;
 use crate::metrics::{ConnectionLabels, CredentialRequestLabels, HowLabels, MethodLabels, ResultLabels, SourceLabels};
 use crate::obtain::obtain_shared_credential;
 use crate::reason::Reason;
 use crate::status::{Observation, READY, desired_status};
+use crate::time::NEVER;
 
 pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>, caches: SecretCaches) -> Result<Action, Error> {
     let this = Reconciling::new(&connection, &ctx, caches);
@@ -101,9 +102,7 @@ impl<'a> Reconciling<'a> {
             Some(Err(Unusable::EditedByHand)) => DerivedSecretState::EditedByHand,
             Some(Err(Unusable::Incomplete)) => DerivedSecretState::Incomplete,
         };
-        if let Ok(mut checked) = self.checked_secret.lock() {
-            checked.clone_from(&existing);
-        }
+        lock(&self.checked_secret, "the derived Secret as checked").clone_from(&existing);
         let gate = if ours { self.gate(synced).await? } else { Gate::Conflict };
         let facts = Facts {
             now,
@@ -244,7 +243,7 @@ impl<'a> Reconciling<'a> {
     /// server only for a version no connection read before. Their fingerprint is of the
     /// versions actually read, which may be later than the metadata store's.
     async fn values(&self) -> Result<Result<Inputs, InputProblem>, Error> {
-        if let Some(values) = self.values.lock().ok().and_then(|values| values.clone()) {
+        if let Some(values) = lock(&self.values, "the values read").clone() {
             return Ok(Ok(values));
         }
         let wanted = referenced_keys(self.connection);
@@ -256,8 +255,8 @@ impl<'a> Reconciling<'a> {
             wanted: &wanted,
         };
         let read = read_inputs(self.connection, &source).await?;
-        if let (Ok(values), Ok(mut kept)) = (&read, self.values.lock()) {
-            *kept = Some(values.clone());
+        if let Ok(values) = &read {
+            *lock(&self.values, "the values read") = Some(values.clone());
         }
         Ok(read)
     }
@@ -265,7 +264,7 @@ impl<'a> Reconciling<'a> {
     /// Which certificates to trust. Only a `caSecretRef` needs a Secret's value, read
     /// when its version is new to this process.
     async fn trust(&self, inputs: &InputsSummary) -> Result<Result<TlsTrust, InputProblem>, Error> {
-        if let Some(values) = self.values.lock().ok().and_then(|values| values.clone()) {
+        if let Some(values) = lock(&self.values, "the values read").clone() {
             return Ok(Ok(values.trust));
         }
         let Some(version) = &inputs.ca_version else {
@@ -462,7 +461,8 @@ impl<'a> Reconciling<'a> {
 
     async fn send_probe(&self, facts: &Facts, usable: &Usable, credential: &StoredCredential, has_result: bool) -> ProbeResult {
         let ctx = self.ctx;
-        let probe = Probe::new(&self.connection.spec.url, &self.connection.spec.probe).with_timeout(ctx.probe_timeout());
+        let probe =
+            Probe::new(&self.connection.spec.url, &self.connection.spec.probe, usable.http.facts()).with_timeout(ctx.probe_timeout());
         let probe_key = ProbeKey::new(&probe, credential.credential.as_probe_credential(), &usable.trust);
         let host = origin(&probe.url).unwrap_or_else(|| probe.url.clone());
         let send = || {
@@ -556,7 +556,7 @@ impl<'a> Reconciling<'a> {
         let desired = credential.to_secret(self.connection);
         let data_hash = desired.metadata.annotations.as_ref().and_then(|a| a.get(DATA_HASH)).cloned();
         self.ctx.shared.memory.record_write_in_flight(&self.key, &name, data_hash);
-        let checked = self.checked_secret.lock().ok().and_then(|checked| checked.clone());
+        let checked = lock(&self.checked_secret, "the derived Secret as checked").clone();
         let written = match &checked {
             None => {
                 let params = PostParams {
@@ -588,9 +588,7 @@ impl<'a> Reconciling<'a> {
             }
             Err(error) => return Err(error.into()),
         };
-        if let Ok(mut checked) = self.checked_secret.lock() {
-            *checked = Some(written);
-        }
+        *lock(&self.checked_secret, "the derived Secret as checked") = Some(written);
         Ok(())
     }
 

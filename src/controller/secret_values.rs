@@ -8,6 +8,7 @@
 //! store references it: a tenant cannot grow this cache beyond what its connections read.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -16,6 +17,8 @@ use kube::Api;
 
 use super::SecretCaches;
 use crate::inputs::SecretSource;
+use crate::machinery::bounded::{Capacity, prune_weighed};
+use crate::machinery::single_flight::Flights;
 
 /// The values kept, in bytes of keys and values, at most; past it the oldest reads go first.
 const MAX_KEPT_BYTES: usize = 8 * 1024 * 1024;
@@ -25,13 +28,39 @@ const MAX_KEPT: usize = 4096;
 /// Namespace and name of a referenced Secret.
 pub type SecretKey = (String, String);
 
+/// The referenced Secrets' values, shared with the reads in flight.
 #[derive(Default)]
 pub struct SecretValues {
+    values: Arc<Values>,
+}
+
+impl std::ops::Deref for SecretValues {
+    type Target = Values;
+
+    fn deref(&self) -> &Values {
+        &self.values
+    }
+}
+
+#[derive(Default)]
+pub struct Values {
     kept: Mutex<KeptValues>,
     reads: AtomicU64,
     /// One read of a Secret at a time: connections that need the same Secret at once (a
     /// burst of new connections of one client) wait for the first read, not read it too.
-    reading: Mutex<HashMap<SecretKey, Arc<tokio::sync::Mutex<()>>>>,
+    reading: Mutex<Flights<SecretKey, SharedRead>>,
+}
+
+/// A read as the connections that waited for it share it.
+type SharedRead = Result<Option<Arc<Secret>>, Arc<kube::Error>>;
+
+/// A Kubernetes API error for each connection that waited for the read that failed: the
+/// API server's answer as it was, anything else by its message.
+fn copy_of(error: &kube::Error) -> kube::Error {
+    match error {
+        kube::Error::Api(status) => kube::Error::Api(status.clone()),
+        other => kube::Error::Service(other.to_string().into()),
+    }
 }
 
 #[derive(Default)]
@@ -56,10 +85,8 @@ impl Kept {
     }
 }
 
-/// Poisoned or not, the map holds whole entries only (each insert or removal is one
-/// statement under the lock): go on with it.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    crate::machinery::lock::lock(mutex, "the referenced Secrets' values")
 }
 
 impl KeptValues {
@@ -72,22 +99,27 @@ impl KeptValues {
     fn insert(&mut self, key: SecretKey, kept: Kept) {
         self.remove(&key);
         self.bytes += kept.bytes;
-        self.secrets.insert(key, kept);
-        while (self.bytes > MAX_KEPT_BYTES || self.secrets.len() > MAX_KEPT) && self.secrets.len() > 1 {
-            let Some(oldest) = self
-                .secrets
-                .iter()
-                .min_by_key(|(_, kept)| kept.sequence)
-                .map(|(key, _)| key.clone())
-            else {
-                break;
-            };
-            self.remove(&oldest);
+        self.secrets.insert(key.clone(), kept);
+        let capacity = Capacity {
+            prune_at: 0,
+            at_most: MAX_KEPT,
+            at_most_weight: MAX_KEPT_BYTES,
+        };
+        // The oldest reads go first; the one just put is needed now.
+        let gone = prune_weighed(
+            &mut self.secrets,
+            capacity,
+            |kept| kept.bytes,
+            |_, _| false,
+            |kept_key, kept| (*kept_key != key).then_some(kept.sequence),
+        );
+        for (_, gone) in gone.into_iter().flatten() {
+            self.bytes -= gone.bytes;
         }
     }
 }
 
-impl SecretValues {
+impl Values {
     /// The Secret of `version` if it was read before with at least the `wanted` keys.
     fn get(&self, key: &SecretKey, version: &str, wanted: &BTreeSet<String>) -> Option<Arc<Secret>> {
         let kept = lock(&self.kept);
@@ -96,20 +128,6 @@ impl SecretValues {
             return None;
         }
         entry.answers(wanted)
-    }
-
-    /// Where the reads stand now, for [`Self::read_since`].
-    fn mark(&self) -> u64 {
-        self.reads.load(Ordering::Relaxed)
-    }
-
-    /// The Secret as a read finished after `mark` got it: as fresh as a read now.
-    fn read_since(&self, key: &SecretKey, mark: u64, wanted: &BTreeSet<String>) -> Option<Arc<Secret>> {
-        let kept = lock(&self.kept);
-        kept.secrets
-            .get(key)
-            .filter(|entry| entry.sequence >= mark)
-            .and_then(|entry| entry.answers(wanted))
     }
 
     /// Keeps the `wanted` keys of `secret` (with those kept of the same version before).
@@ -171,16 +189,6 @@ impl SecretValues {
         }
     }
 
-    /// The lock that one read of `key` holds.
-    fn read_lock(&self, key: &SecretKey) -> Arc<tokio::sync::Mutex<()>> {
-        let mut reading = lock(&self.reading);
-        if reading.len() >= MAX_KEPT {
-            // Locks nobody holds or waits for.
-            reading.retain(|_, lock| Arc::strong_count(lock) > 1);
-        }
-        reading.entry(key.clone()).or_default().clone()
-    }
-
     #[cfg(test)]
     fn len(&self) -> usize {
         lock(&self.kept).secrets.len()
@@ -189,6 +197,50 @@ impl SecretValues {
     #[cfg(test)]
     fn bytes(&self) -> usize {
         lock(&self.kept).bytes
+    }
+}
+
+impl SecretValues {
+    /// The Secret `key` as `read` gets it from the API server, or as the read of the same
+    /// Secret in flight gets it (its failure too); its `wanted` keys are kept.
+    async fn read<F>(&self, key: SecretKey, wanted: &BTreeSet<String>, read: impl FnOnce() -> F) -> Result<Option<Secret>, kube::Error>
+    where
+        F: Future<Output = Result<Option<Secret>, kube::Error>> + Send + 'static,
+    {
+        let answer = {
+            let mut reading = lock(&self.reading);
+            match reading.join(&key) {
+                Some(answer) => answer,
+                None => {
+                    let request = read();
+                    let (values, flight_key, flight_wanted) = (self.values.clone(), key.clone(), wanted.clone());
+                    reading.start(
+                        key.clone(),
+                        move |id| async move {
+                            let read = request.await.map(|secret| secret.map(Arc::new)).map_err(Arc::new);
+                            if let Ok(secret) = &read {
+                                values.put(flight_key.clone(), secret.as_deref(), &flight_wanted);
+                            }
+                            lock(&values.reading).land(&flight_key, id);
+                            read
+                        },
+                        |why| {
+                            Err(Arc::new(kube::Error::Service(
+                                format!("the Secret read did not finish: {why}").into(),
+                            )))
+                        },
+                    )
+                }
+            }
+        };
+        match answer.await {
+            Ok(secret) => {
+                // The keys this connection reads, with those of the read's starter.
+                self.put(key, secret.as_deref(), wanted);
+                Ok(secret.map(|secret| secret.as_ref().clone()))
+            }
+            Err(error) => Err(copy_of(&error)),
+        }
     }
 }
 
@@ -220,17 +272,9 @@ impl SecretSource for ByVersion<'_> {
         if let Some(known) = self.known(&key, wanted) {
             return Ok(Some(known));
         }
-        let mark = self.values.mark();
-        let lock = self.values.read_lock(&key);
-        let _reading = lock.lock().await;
-        // Read by another connection while this one waited (the watch may not have seen
-        // that version yet, as with a Secret created just before its connections).
-        if let Some(read) = self.values.read_since(&key, mark, wanted) {
-            return Ok(Some(read.as_ref().clone()));
-        }
-        let read = self.api.get_opt(name).await?;
-        self.values.put(key, read.as_ref(), wanted);
-        Ok(read)
+        let api = self.api.clone();
+        let name = name.to_owned();
+        self.values.read(key, wanted, move || async move { api.get_opt(&name).await }).await
     }
 }
 
@@ -300,19 +344,73 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_read_that_finished_while_waiting_is_as_good_as_a_read_now() {
+    type Read = std::pin::Pin<Box<dyn Future<Output = Result<Option<Secret>, kube::Error>> + Send>>;
+
+    /// A read that answers `answer` once `release` says so, counting how many started.
+    fn read_of(
+        reads: &Arc<std::sync::atomic::AtomicUsize>,
+        release: &tokio::sync::watch::Receiver<bool>,
+        answer: fn() -> Result<Option<Secret>, kube::Error>,
+    ) -> impl FnOnce() -> Read {
+        let (reads, mut release) = (reads.clone(), release.clone());
+        move || {
+            reads.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                let _ = release.wait_for(|released| *released).await;
+                answer()
+            })
+        }
+    }
+
+    /// Two connections that need `client` at once, the second wanting other keys.
+    async fn two_at_once(
+        values: &SecretValues,
+        answer: fn() -> Result<Option<Secret>, kube::Error>,
+    ) -> (usize, [Result<Option<Secret>, kube::Error>; 2]) {
+        let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (release, released) = tokio::sync::watch::channel(false);
+        let (id, secret) = (keys(&["id"]), keys(&["secret"]));
+        let first = values.read(key("client"), &id, read_of(&reads, &released, answer));
+        let second = values.read(key("client"), &secret, read_of(&reads, &released, answer));
+        let releaser = async {
+            while lock(&values.reading).joined(&key("client")) < 1 {
+                tokio::task::yield_now().await;
+            }
+            release.send(true).expect("a receiver");
+        };
+        let (first, second, ()) = tokio::join!(first, second, releaser);
+        (reads.load(Ordering::SeqCst), [first, second])
+    }
+
+    #[tokio::test]
+    async fn connections_that_need_a_secret_at_once_share_one_read_and_keep_their_keys() {
         let values = SecretValues::default();
-        let wanted = keys(&["id"]);
-        values.put(key("client"), Some(&secret("client", "7")), &wanted);
-        let mark = values.mark();
-        assert!(
-            values.read_since(&key("client"), mark, &wanted).is_none(),
-            "read before the wait began"
-        );
-        values.put(key("client"), Some(&secret("client", "8")), &wanted);
-        let read = values.read_since(&key("client"), mark, &wanted).expect("read while waiting");
-        assert_eq!(read.metadata.resource_version.as_deref(), Some("8"));
+        let (reads, answers) = two_at_once(&values, || Ok(Some(secret("client", "8")))).await;
+        assert_eq!(reads, 1, "one read for both");
+        for answer in answers {
+            let read = answer.expect("read").expect("present");
+            assert_eq!(read.metadata.resource_version.as_deref(), Some("8"));
+        }
+        assert!(values.get(&key("client"), "8", &keys(&["id", "secret"])).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_failed_read_reaches_every_connection_that_waited_and_is_not_kept() {
+        let values = SecretValues::default();
+        let forbidden = || {
+            Err(kube::Error::Api(Box::new(kube::core::Status {
+                code: 403,
+                message: "secrets \"client\" is forbidden".into(),
+                ..Default::default()
+            })))
+        };
+        let (reads, answers) = two_at_once(&values, forbidden).await;
+        assert_eq!(reads, 1);
+        for answer in answers {
+            assert!(matches!(answer, Err(kube::Error::Api(status)) if status.code == 403));
+        }
+        let (reads, _) = two_at_once(&values, || Ok(None)).await;
+        assert_eq!(reads, 1, "the failure was not kept: read again");
     }
 
     #[test]
