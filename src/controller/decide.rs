@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use jiff::{SignedDuration, Timestamp};
+use jiff::Timestamp;
 
 use super::memory::{ProbeRecord, UnauthorizedReobtain};
 use crate::camunda::{AuthFailure, AuthFailureKind, FailureDetail};
@@ -200,7 +200,7 @@ fn is_later_version(seen: &str, than: &str) -> bool {
 /// again.
 pub fn next_retry(now: Timestamp, consecutive: u32, kind: AuthFailureKind, jitter: f64, kept_expires_at: Option<Timestamp>) -> Timestamp {
     let retry_at = add(now, retry_delay(consecutive, kind, jitter));
-    let last_moment = kept_expires_at.and_then(|expires| expires.checked_sub(SignedDuration::try_from(LAST_TRY_BEFORE_EXPIRY).ok()?).ok());
+    let last_moment = kept_expires_at.map(|expires| crate::time::sub(expires, LAST_TRY_BEFORE_EXPIRY));
     match (kind, last_moment) {
         (AuthFailureKind::ServerError, Some(last_moment)) if last_moment > now => retry_at.min(last_moment),
         _ => retry_at,
