@@ -288,6 +288,10 @@ pub fn failure_from_status(record: StatusRecord<'_>, now: Timestamp) -> Option<(
         (AuthFailureKind::ExpiredOnArrival, None),
         (AuthFailureKind::ServerError, Some(FailureDetail::DiscoveryFailed)),
         (AuthFailureKind::Rejected, Some(FailureDetail::ClientAssertionRejected)),
+        (AuthFailureKind::Rejected, Some(FailureDetail::ServiceAccountNotFound)),
+        (AuthFailureKind::Rejected, Some(FailureDetail::TokenRequestForbidden)),
+        (AuthFailureKind::ServerError, Some(FailureDetail::TokenRequestFailed)),
+        (AuthFailureKind::Rejected, Some(FailureDetail::AudienceNotAllowed)),
     ]
     .into_iter()
     .map(|(kind, detail)| AuthFailure {

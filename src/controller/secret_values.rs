@@ -232,6 +232,11 @@ impl SecretSource for ByVersion<'_> {
         self.values.put(key, read.as_ref(), wanted);
         Ok(read)
     }
+
+    fn service_account_tokens(&self) -> Option<crate::service_account_token::ServiceAccountTokens> {
+        let client = self.api.clone().into_client();
+        Some(crate::service_account_token::ServiceAccountTokens::new(client, self.namespace))
+    }
 }
 
 #[cfg(test)]
