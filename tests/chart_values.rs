@@ -602,7 +602,8 @@ fn secret_reference_paths() -> Vec<String> {
         };
         for (key, property) in properties {
             let here = format!("{path}.{key}");
-            if key.ends_with("Ref") && property["properties"]["name"].is_object() {
+            // serviceAccountRef names a ServiceAccount, checked by a validation of its own.
+            if key.ends_with("Ref") && key != "serviceAccountRef" && property["properties"]["name"].is_object() {
                 found.push(here.clone());
             }
             walk(&here, property, found);
@@ -651,7 +652,15 @@ fn the_secret_reference_policy_is_on_by_default_checks_every_reference_and_spare
     let validations = spec["validations"].as_array().expect("validations");
     let paths = secret_reference_paths();
     assert_eq!(paths.len(), 6, "the CRD's Secret references: {paths:?}");
-    assert_eq!(validations.len(), paths.len());
+    // And one for the ServiceAccount of clientAuthentication ServiceAccountToken.
+    assert_eq!(validations.len(), paths.len() + 1);
+    let asks_for_tokens = "authorizer.group('').resource('serviceaccounts').subresource('token').namespace(request.namespace).name(string(object.spec.auth.oauth2.clientAssertion.serviceAccountRef.name)).check('create').allowed()";
+    assert!(
+        validations
+            .iter()
+            .any(|validation| validation["expression"].as_str().is_some_and(|e| e.contains(asks_for_tokens))),
+        "the policy does not check serviceaccounts/token: {validations:?}"
+    );
     for path in paths {
         let asks = format!(
             "authorizer.group('').resource('secrets').namespace(request.namespace).name(string(object.{path}.name)).check('get').allowed()"
