@@ -244,7 +244,11 @@ fn normalized(audience: &str) -> String {
 /// checks for its realm URL), read from `issuerUrl` or from a Keycloak `tokenUrl`.
 pub fn default_audience(token_url: Option<&str>, issuer_url: Option<&str>) -> Option<String> {
     let url = issuer_url.or(token_url)?;
-    let host = url.split("://").nth(1).and_then(|rest| rest.split(['/', ':']).next()).unwrap_or_default();
+    let host = url
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.split(['/', ':']).next())
+        .unwrap_or_default();
     if host.eq_ignore_ascii_case("login.microsoftonline.com") {
         return Some(ENTRA_AUDIENCE.to_owned());
     }
@@ -265,7 +269,10 @@ mod tests {
     #[test]
     fn the_api_servers_audiences_are_refused_in_any_case_or_with_a_slash() {
         let known = known_api_audiences(Some("https://127.0.0.1:6443"), None);
-        assert_eq!(api_server_audience("https://127.0.0.1:6443/", &known), Some("https://127.0.0.1:6443"));
+        assert_eq!(
+            api_server_audience("https://127.0.0.1:6443/", &known),
+            Some("https://127.0.0.1:6443")
+        );
         assert!(api_server_audience("HTTPS://Kubernetes.Default.Svc", &known).is_some());
         assert!(api_server_audience("kubernetes", &known).is_some());
         assert_eq!(api_server_audience("http://keycloak/realms/camunda-platform", &known), None);
@@ -275,7 +282,11 @@ mod tests {
     #[test]
     fn the_audiences_of_the_operators_own_token_are_the_api_servers() {
         let encode = |text: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text);
-        let token = format!("{}.{}.sig", encode("{}"), encode(r#"{"aud":["https://oidc.example/cluster","vault"]}"#));
+        let token = format!(
+            "{}.{}.sig",
+            encode("{}"),
+            encode(r#"{"aud":["https://oidc.example/cluster","vault"]}"#)
+        );
         let known = known_api_audiences(None, Some(&format!("{token}\n")));
         assert!(api_server_audience("vault", &known).is_some());
         assert!(api_server_audience("https://oidc.example/cluster", &known).is_some());
@@ -296,7 +307,11 @@ mod tests {
             Some("https://kc.example/auth/realms/camunda-platform")
         );
         assert_eq!(
-            default_audience(Some("http://kc:18080/auth/realms/camunda-platform/protocol/openid-connect/token"), None).as_deref(),
+            default_audience(
+                Some("http://kc:18080/auth/realms/camunda-platform/protocol/openid-connect/token"),
+                None
+            )
+            .as_deref(),
             Some("http://kc:18080/auth/realms/camunda-platform")
         );
         assert_eq!(default_audience(Some("https://idp.example/oauth/token"), None), None);

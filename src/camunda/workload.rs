@@ -42,7 +42,11 @@ impl TokenClaims {
         let payload = token
             .split('.')
             .nth(1)
-            .and_then(|payload| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok())
+            .and_then(|payload| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(payload.trim_end_matches('='))
+                    .ok()
+            })
             .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
             .unwrap_or_default();
         let text = |name: &str| payload.get(name).and_then(|value| value.as_str()).map(str::to_owned);
@@ -85,7 +89,10 @@ pub fn refusal_hint(detail: &str, claims: &TokenClaims) -> String {
         "the provider expects another audience: set auth.oauth2.clientAssertion.audience to the one it expects"
     } else if says("aadsts70021:") || says("subject") || says("not found") {
         "no client is bound to the token's subject: bind the client to this ServiceAccount (Keycloak: the client's federated subject; Entra: the federated credential's subject), or name the ServiceAccount it is bound to"
-    } else if ["expired", "not active", "valid time range", "too old", "lifespan"].iter().any(|word| says(word)) {
+    } else if ["expired", "not active", "valid time range", "too old", "lifespan"]
+        .iter()
+        .any(|word| says(word))
+    {
         "the provider considers the token expired or too long-lived: check the clocks and the provider's longest accepted assertion lifetime (10 minutes are requested)"
     } else {
         "check that the provider trusts the cluster's issuer, binds a client to this subject and expects this audience"
@@ -121,13 +128,22 @@ mod tests {
             audiences: vec!["api://AzureADTokenExchange".into()],
         };
         let hint = |detail: &str| refusal_hint(detail, &claims);
-        assert!(hint(": invalid_client: AADSTS700211: No matching federated identity record found for presented assertion issuer").contains("does not trust the token's issuer"));
-        assert!(hint(": invalid_client: AADSTS700212: No matching federated identity record found for presented assertion audience").contains("expects another audience"));
+        assert!(
+            hint(": invalid_client: AADSTS700211: No matching federated identity record found for presented assertion issuer")
+                .contains("does not trust the token's issuer")
+        );
+        assert!(
+            hint(": invalid_client: AADSTS700212: No matching federated identity record found for presented assertion audience")
+                .contains("expects another audience")
+        );
         let subject = hint(
             ": invalid_client: AADSTS70021: No matching federated identity record found for presented assertion. Assertion Issuer: 'https://k8s'. Assertion Subject: 'x'.",
         );
         assert!(subject.contains("no client is bound"), "{subject}");
         let general = hint(": unauthorized_client: Invalid client or Invalid client credentials");
-        assert!(general.contains("trusts the cluster's issuer") && general.contains("subject \"system:serviceaccount:a:b\""), "{general}");
+        assert!(
+            general.contains("trusts the cluster's issuer") && general.contains("subject \"system:serviceaccount:a:b\""),
+            "{general}"
+        );
     }
 }

@@ -258,17 +258,22 @@ impl Keycloak {
         Ok(())
     }
 
-    /// Changes the federated subject of client `client_id` (a [`ClientAuthenticator::Federated`]
-    /// one): from then on only a token with that subject authenticates it.
-    pub async fn set_federated_subject(&self, client_id: &str, subject: &str) -> anyhow::Result<()> {
+    /// Sets attributes of client `client_id` (merged into the ones it has), e.g.
+    /// `jwt.credential.sub` (its federated subject) or `access.token.lifespan` (seconds).
+    pub async fn set_client_attributes(&self, client_id: &str, attributes: Value) -> anyhow::Result<()> {
         let clients_url = format!("{}/admin/realms/{REALM}/clients", self.base_url());
         let request = self.admin_request(reqwest::Method::GET, &clients_url).await?;
         let found: Value = json_of(request.query(&[("clientId", client_id)]).send().await, "find the client").await?;
         let mut client = found.get(0).cloned().with_context(|| format!("no client {client_id}"))?;
         let uuid = client["id"].as_str().context("the client has no id")?.to_owned();
-        client["attributes"]["jwt.credential.sub"] = json!(subject);
+        let Some(new) = attributes.as_object() else {
+            bail!("client attributes must be a JSON object");
+        };
+        for (key, value) in new {
+            client["attributes"][key] = value.clone();
+        }
         let request = self.admin_request(reqwest::Method::PUT, &format!("{clients_url}/{uuid}")).await?;
-        success(request.json(&client).send().await, "update the client's federated subject").await?;
+        success(request.json(&client).send().await, "update the client's attributes").await?;
         Ok(())
     }
 
