@@ -401,13 +401,28 @@ async fn rbac_refused_then_granted(world: &World, s: &mut Scenario, spec: Value)
         .await?;
     s.replace_operator(start_operator_with(&kubeconfig, &s.namespace, &[], &[])?)
         .await?;
-    s.apply_connection("rbac", spec).await?;
+    s.apply_connection("rbac", spec.clone()).await?;
     let refused = s.wait_not_ready_because("rbac", "TokenRequestForbidden").await?;
     let message = authenticated_message(&refused);
     eprintln!("secretless: the operator without serviceaccounts/token: {message}");
     ensure!(
         message.contains("cannot create resource \"serviceaccounts/token\"") && message.contains(ACCOUNT),
         "the reason does not quote the API server: {message}"
+    );
+    // `check` with a kubeconfig whose user may not create the token: no credential.
+    let manifest = tempfile::NamedTempFile::new()?;
+    let connection = json!({
+        "apiVersion": "tasklist.camunda.community/v1alpha1",
+        "kind": "TasklistConnection",
+        "metadata": {"name": "checked", "namespace": s.namespace},
+        "spec": spec,
+    });
+    std::fs::write(manifest.path(), serde_json::to_string(&connection)?)?;
+    let (code, output) = check(manifest.path(), &kubeconfig).await?;
+    eprintln!("secretless: check without serviceaccounts/token:\n{output}");
+    ensure!(
+        code == 1 && output.contains("TokenRequestForbidden"),
+        "check exited {code}:\n{output}"
     );
     bind_role(
         s,
@@ -422,7 +437,33 @@ async fn rbac_refused_then_granted(world: &World, s: &mut Scenario, spec: Value)
     .await?;
     let data: BTreeMap<String, String> = s.derived_secret("rbac-auth").await?.context("the derived Secret is missing")?;
     ensure!(s.standin.call_api_with_secret(&data).await? == 200);
+
+    // And `check` with it, now that its user may.
+    let (code, output) = check(manifest.path(), &kubeconfig).await?;
+    eprintln!("secretless: check with serviceaccounts/token:\n{output}");
+    ensure!(
+        code == 0 && output.contains("client assertion: a token of ServiceAccount \"orders-bot\""),
+        "check exited {code}:\n{output}"
+    );
+    ensure!(!crate::scenario::contains_jwt(&output), "check printed a token:\n{output}");
     Ok(())
+}
+
+/// Runs `tasklist-operator check -f manifest` with `KUBECONFIG=kubeconfig`: exit code and output.
+async fn check(manifest: &std::path::Path, kubeconfig: &std::path::Path) -> anyhow::Result<(i32, String)> {
+    let (manifest, kubeconfig) = (manifest.to_owned(), kubeconfig.to_owned());
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(crate::scenario::operator_binary())
+            .arg("check")
+            .args(testsupport::operator::LOCAL_TEST_POLICY)
+            .arg("-f")
+            .arg(&manifest)
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+    })
+    .await??;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    Ok((output.status.code().unwrap_or(-1), text))
 }
 
 /// A Role with `rules` in the scenario's namespace, bound to ServiceAccount `account` there.
