@@ -156,7 +156,7 @@ impl ServiceAccountToken {
             ))
             .with_detail(FailureDetail::ServiceAccountNotFound),
             kube::Error::Api(status) if status.code == 403 => AuthFailure::rejected(format!(
-                "the API server refused the operator {}: {}. The operator needs create on serviceaccounts/token in this \
+                "the API server refused to create {}: {}. The operator needs create on serviceaccounts/token in this \
                  namespace (the chart grants it in the namespaces it watches, watchNamespaces)",
                 self.describe(),
                 status.message
