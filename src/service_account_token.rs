@@ -265,6 +265,129 @@ pub fn default_audience(token_url: Option<&str>, issuer_url: Option<&str>) -> Op
 mod tests {
     use super::*;
     use base64::Engine as _;
+    use http::{Request, Response, StatusCode};
+    use kube::client::Body;
+    use std::sync::Mutex;
+
+    /// Every request a scripted API server got: method, path and body.
+    type Recorded = Arc<Mutex<Vec<(String, String, String)>>>;
+
+    /// The issuer every scripted API server below gives (the audiences are learned once
+    /// per process, so all of them must agree).
+    const ISSUER: &str = "https://127.0.0.1:6443";
+
+    /// A kube client whose API server answers discovery with [`ISSUER`] and a TokenRequest
+    /// with `token_answer` (status, body); every request is recorded (method, path, body).
+    fn scripted(token_answer: (StatusCode, serde_json::Value)) -> (kube::Client, Recorded) {
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        let service = tower::service_fn(move |request: Request<Body>| {
+            let (seen, token_answer) = (seen.clone(), token_answer.clone());
+            async move {
+                let (method, path) = (request.method().to_string(), request.uri().path().to_owned());
+                let body = request.into_body().collect_bytes().await.map_err(|_| "unreadable body")?;
+                seen.lock()
+                    .unwrap()
+                    .push((method, path.clone(), String::from_utf8_lossy(&body).into_owned()));
+                let (status, body) = if path == "/.well-known/openid-configuration" {
+                    (
+                        StatusCode::OK,
+                        serde_json::json!({"issuer": ISSUER, "jwks_uri": format!("{ISSUER}/openid/v1/jwks")}),
+                    )
+                } else {
+                    token_answer
+                };
+                let response = Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                    .unwrap();
+                Ok::<_, &'static str>(response)
+            }
+        });
+        (kube::Client::new(service, "team-a"), requests)
+    }
+
+    fn api_failure(code: u16, reason: &str, message: &str) -> (StatusCode, serde_json::Value) {
+        let body = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code, "message": message});
+        (StatusCode::from_u16(code).unwrap(), body)
+    }
+
+    #[tokio::test]
+    async fn a_token_is_requested_for_the_audience_and_600_seconds_each_time() {
+        let answer = serde_json::json!({"kind": "TokenRequest", "apiVersion": "authentication.k8s.io/v1",
+            "spec": {"audiences": ["aud"]}, "status": {"token": "header.payload.signature", "expirationTimestamp": "2030-01-01T00:00:00Z"}});
+        let (client, requests) = scripted((StatusCode::CREATED, answer));
+        let tokens = ServiceAccountTokens::new(client, "team-a").of("orders-bot", "https://kc/realms/camunda-platform");
+        assert_eq!(tokens.token().await.unwrap().expose(), "header.payload.signature");
+        assert_eq!(tokens.token().await.unwrap().expose(), "header.payload.signature");
+        let requests = requests.lock().unwrap().clone();
+        let token_requests: Vec<_> = requests.iter().filter(|(_, path, _)| path.ends_with("/token")).collect();
+        assert_eq!(token_requests.len(), 2, "a new token for each request: {requests:?}");
+        let (method, path, body) = token_requests[0];
+        assert_eq!(
+            (method.as_str(), path.as_str()),
+            ("POST", "/api/v1/namespaces/team-a/serviceaccounts/orders-bot/token")
+        );
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["spec"]["audiences"], serde_json::json!(["https://kc/realms/camunda-platform"]));
+        assert_eq!(body["spec"]["expirationSeconds"], 600);
+        assert!(body["spec"]["boundObjectRef"].is_null());
+    }
+
+    #[tokio::test]
+    async fn a_missing_account_and_a_refusal_have_their_reasons_and_the_api_servers_words() {
+        let (client, _) = scripted(api_failure(404, "NotFound", "serviceaccounts \"ghost\" not found"));
+        let failure = ServiceAccountTokens::new(client, "team-a")
+            .of("ghost", "aud")
+            .token()
+            .await
+            .unwrap_err();
+        assert_eq!(failure.detail, Some(FailureDetail::ServiceAccountNotFound));
+        assert!(
+            failure.message.contains("ServiceAccount \"ghost\" not found"),
+            "{}",
+            failure.message
+        );
+
+        let refused = "serviceaccounts \"orders-bot\" is forbidden: User \"op\" cannot create resource \"serviceaccounts/token\"";
+        let (client, _) = scripted(api_failure(403, "Forbidden", refused));
+        let failure = ServiceAccountTokens::new(client, "team-a")
+            .of("orders-bot", "aud")
+            .token()
+            .await
+            .unwrap_err();
+        assert_eq!(failure.detail, Some(FailureDetail::TokenRequestForbidden));
+        assert_eq!(failure.kind, crate::camunda::AuthFailureKind::Rejected);
+        assert!(failure.message.contains(refused), "{}", failure.message);
+
+        let (client, _) = scripted(api_failure(500, "InternalError", "etcd is gone"));
+        let failure = ServiceAccountTokens::new(client, "team-a")
+            .of("orders-bot", "aud")
+            .token()
+            .await
+            .unwrap_err();
+        assert_eq!(failure.detail, Some(FailureDetail::TokenRequestFailed));
+        assert_eq!(failure.kind, crate::camunda::AuthFailureKind::ServerError);
+    }
+
+    #[tokio::test]
+    async fn no_token_is_requested_for_the_api_servers_own_audience() {
+        let (client, requests) = scripted((StatusCode::CREATED, serde_json::json!({"status": {"token": "never"}})));
+        for own in [ISSUER, "https://127.0.0.1:6443/", "https://kubernetes.default.svc"] {
+            let failure = ServiceAccountTokens::new(client.clone(), "team-a")
+                .of("orders-bot", own)
+                .token()
+                .await
+                .unwrap_err();
+            assert_eq!(failure.detail, Some(FailureDetail::AudienceNotAllowed), "{own}");
+        }
+        let requests = requests.lock().unwrap().clone();
+        assert!(
+            requests.iter().all(|(_, path, _)| !path.ends_with("/token")),
+            "a TokenRequest was sent: {requests:?}"
+        );
+    }
 
     #[test]
     fn the_api_servers_audiences_are_refused_in_any_case_or_with_a_slash() {
