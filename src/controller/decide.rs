@@ -817,6 +817,31 @@ mod tests {
                 at(131)
             ))
         );
+        // ServiceAccountToken's reasons too.
+        for (reason, kind, detail) in [
+            (
+                "ServiceAccountNotFound",
+                AuthFailureKind::Rejected,
+                FailureDetail::ServiceAccountNotFound,
+            ),
+            (
+                "TokenRequestForbidden",
+                AuthFailureKind::Rejected,
+                FailureDetail::TokenRequestForbidden,
+            ),
+            (
+                "TokenRequestFailed",
+                AuthFailureKind::ServerError,
+                FailureDetail::TokenRequestFailed,
+            ),
+            ("AudienceNotAllowed", AuthFailureKind::Rejected, FailureDetail::AudienceNotAllowed),
+        ] {
+            assert_eq!(
+                failure_from_status(record(reason, Some(130), true), at(100)),
+                Some((restored(kind, Some(detail)), at(131))),
+                "{reason}"
+            );
+        }
     }
 
     #[test]
