@@ -409,6 +409,7 @@ async fn client_credentials<S: SecretSource>(
     let proof = match oauth2.client_authentication {
         ClientAuthentication::Body => ClientProof::SecretInBody(reader.value(&reference.name, &reference.client_secret_key).await?),
         ClientAuthentication::Basic => ClientProof::SecretInBasicHeader(reader.value(&reference.name, &reference.client_secret_key).await?),
+        // Returned above, before any Secret is read.
         ClientAuthentication::ServiceAccountToken => return Err(InputProblem::no_client_assertion().into()),
         ClientAuthentication::PrivateKeyJwt => {
             let Some(key_ref) = &oauth2.client_assertion_key_ref else {
@@ -678,6 +679,37 @@ mod tests {
         assert_eq!(secret.expose(), "s3cret");
         assert_eq!(endpoint.audience, "tasklist.camunda.io");
         assert_eq!(inputs.probe_interval, Duration::from_secs(60));
+    }
+
+    #[tokio::test]
+    async fn a_service_account_token_connection_reads_no_secret() {
+        let secretless = |audience: Option<&str>, token_url: &str| {
+            let mut assertion = serde_json::json!({"serviceAccountRef": {"name": "orders-bot"}});
+            if let Some(audience) = audience {
+                assertion["audience"] = serde_json::json!(audience);
+            }
+            connection(
+                serde_json::json!({"oauth2": {"tokenUrl": token_url, "clientAuthentication": "ServiceAccountToken",
+                "clientId": "orders", "clientAssertion": assertion}}),
+            )
+        };
+        let keycloak = "https://kc.example/auth/realms/camunda-platform/protocol/openid-connect/token";
+        // Known from the spec alone: no Secret is looked up.
+        let summary = summarize(&secretless(None, keycloak), |name| panic!("looked up Secret {name}")).unwrap();
+        assert!(summary.token_endpoint.is_some());
+        // Without a cluster at hand (the fake source has none): the spec cannot be served.
+        let problem = read_inputs(&secretless(None, keycloak), &secrets(vec![]))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(problem.reason, Reason::InvalidSpec);
+        assert!(problem.message.contains("Kubernetes API server"), "{}", problem.message);
+        // No default audience for an unknown token endpoint: said before anything is read.
+        let problem = summarize(&secretless(None, "https://idp.example/oauth/token"), |_| None).unwrap_err();
+        assert_eq!(problem.reason, Reason::InvalidSpec);
+        assert!(problem.message.contains("clientAssertion.audience"), "{}", problem.message);
+        assert!(summarize(&secretless(Some("aud"), "https://idp.example/oauth/token"), |_| None).is_ok());
+        assert!(secret_references(&secretless(None, keycloak)).is_empty());
     }
 
     #[tokio::test]
