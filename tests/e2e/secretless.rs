@@ -45,6 +45,8 @@ const ENTRA_AUDIENCE: &str = "api://AzureADTokenExchange";
 /// The ServiceAccount the identity providers know, and one they do not.
 const ACCOUNT: &str = "orders-bot";
 const OTHER_ACCOUNT: &str = "reports-bot";
+/// A ServiceAccount whose client Keycloak knows, but whose issuer it stops trusting.
+const UNTRUSTED_ACCOUNT: &str = "audit-bot";
 
 /// Keycloak trusts the test cluster's ServiceAccount issuer: anonymous requests may read
 /// the API server's discovery document and JWKS, and the realm has a Kubernetes identity
@@ -231,6 +233,46 @@ async fn keycloak_federated_client_with_a_service_account_token(world: Arc<World
     let message = authenticated_message(&refused);
     eprintln!("secretless: the API server's own audience: {message}");
     ensure!(message.contains("the API server's own audience"), "{message}");
+
+    // An issuer Keycloak does not trust: its identity provider now names another cluster.
+    // Last, and put back at once: it refuses every connection of this scenario meanwhile.
+    // A client and ServiceAccount of its own, so that no token another connection shares
+    // (the token cache) answers for it.
+    let issuer = world.control_plane.service_account_issuer();
+    create_service_accounts(&s, &[UNTRUSTED_ACCOUNT]).await?;
+    let untrusted_client = format!("{}-untrusted", s.namespace);
+    let federated = ClientAuthenticator::Federated {
+        identity_provider: IDENTITY_PROVIDER.to_owned(),
+        subject: subject(&s.namespace, UNTRUSTED_ACCOUNT),
+    };
+    keycloak.add_client(&untrusted_client, &federated).await?;
+    keycloak
+        .set_identity_provider_issuer(IDENTITY_PROVIDER, "https://another-cluster.example")
+        .await?;
+    s.apply_connection(
+        "untrusted-issuer",
+        spec("untrusted-issuer-auth", account(UNTRUSTED_ACCOUNT), Some(&untrusted_client)),
+    )
+    .await?;
+    let refused = s.wait_not_ready_because("untrusted-issuer", "ClientAssertionRejected").await;
+    let stored = s.derived_secret("untrusted-issuer-auth").await;
+    keycloak.set_identity_provider_issuer(IDENTITY_PROVIDER, &issuer).await?;
+    ensure!(stored?.is_none(), "untrusted-issuer stored a credential");
+    let message = authenticated_message(&refused?);
+    eprintln!("secretless: an untrusted issuer at Keycloak: {message}");
+    ensure!(
+        message.contains(&format!("issuer \"{issuer}\"")),
+        "the refusal does not name the token's issuer: {message}"
+    );
+    // The issuer was the only thing wrong: trusted again, the same connection gets its token
+    // (after the 30 s pause a rejection earns).
+    s.wait_for_connection(
+        "untrusted-issuer",
+        "Ready once the issuer is trusted again",
+        Duration::from_secs(120),
+        |c| crate::scenario::condition(c, "Ready").is_some_and(|(status, _)| status == "True"),
+    )
+    .await?;
 
     for name in [
         "other-account",

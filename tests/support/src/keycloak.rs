@@ -258,6 +258,18 @@ impl Keycloak {
         Ok(())
     }
 
+    /// Points identity provider `alias` at another issuer: tokens of the old one are no
+    /// longer trusted (Keycloak finds the identity provider by the token's issuer).
+    pub async fn set_identity_provider_issuer(&self, alias: &str, issuer: &str) -> anyhow::Result<()> {
+        let url = format!("{}/admin/realms/{REALM}/identity-provider/instances/{alias}", self.base_url());
+        let request = self.admin_request(reqwest::Method::GET, &url).await?;
+        let mut provider: Value = json_of(request.send().await, "read the identity provider").await?;
+        provider["config"]["issuer"] = json!(issuer);
+        let request = self.admin_request(reqwest::Method::PUT, &url).await?;
+        success(request.json(&provider).send().await, "change the identity provider's issuer").await?;
+        Ok(())
+    }
+
     /// Sets attributes of client `client_id` (merged into the ones it has), e.g.
     /// `jwt.credential.sub` (its federated subject) or `access.token.lifespan` (seconds).
     pub async fn set_client_attributes(&self, client_id: &str, attributes: Value) -> anyhow::Result<()> {
