@@ -736,3 +736,39 @@ fn the_opt_in_label_requirement_is_off_by_default_and_passed_as_a_flag() {
     let on = render(&["--set", "policy.secretReferences.requireOptInLabel=true"]);
     assert!(args(&on).contains(&"--require-secret-opt-in".to_owned()), "{:?}", args(&on));
 }
+
+/// The rules of the operator's (Cluster)Roles (not the leader-election Role) that grant
+/// `create` on `serviceaccounts/token`, by kind and namespace.
+fn token_grants(objects: &[Value]) -> Vec<(String, String)> {
+    ["ClusterRole", "Role"]
+        .iter()
+        .flat_map(|kind| all_of(objects, kind))
+        .filter(|role| {
+            role["rules"].as_array().is_some_and(|rules| {
+                rules
+                    .iter()
+                    .any(|rule| rule["resources"] == json!(["serviceaccounts/token"]) && rule["verbs"] == json!(["create"]))
+            })
+        })
+        .map(|role| {
+            (
+                role["kind"].as_str().unwrap_or_default().to_owned(),
+                role["metadata"]["namespace"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_operator_may_create_service_account_tokens_where_it_watches_unless_turned_off() {
+    // Cluster-wide install: the ClusterRole.
+    assert_eq!(token_grants(&render(&[])), vec![("ClusterRole".to_owned(), String::new())]);
+    // watchNamespaces: a Role in each watched namespace, nothing cluster-wide.
+    let scoped = render(&["--set", "watchNamespaces={team-a,team-b}"]);
+    assert_eq!(
+        token_grants(&scoped),
+        vec![("Role".to_owned(), "team-a".to_owned()), ("Role".to_owned(), "team-b".to_owned())]
+    );
+    // Turned off: nowhere.
+    assert!(token_grants(&render(&["--set", "rbac.serviceAccountTokens=false"])).is_empty());
+}
