@@ -33,7 +33,7 @@ module_version() { sed -n "s#^\s*$2 \(v[0-9.]*\).*#\1#p" "$here/$1/go.mod" | hea
 kubernetes_version=$(module_version controlplane k8s.io/kubernetes)
 helm_version=$(module_version helm helm.sh/helm/v3)
 prometheus_version=$(module_version promtool github.com/prometheus/prometheus)
-keycloak_version=26.5.6
+keycloak_version=26.7.3
 # The clients' versions are pinned where the recipes declare them, so bumping one there is enough.
 clients=$here/../examples/clients
 js_sdk_version=$(sed -n 's#^\s*"@camunda8/sdk": "\([0-9.]*\)".*#\1#p' "$clients/js/package.json")

@@ -15,11 +15,12 @@ use crate::camunda::discovery;
 use crate::camunda::probe::{Probe, ProbeOutcome};
 use crate::camunda::token::TokenLocation;
 use crate::camunda::{AuthFailure, HttpClient, HttpSettings};
-use crate::crd::TasklistConnection;
+use crate::crd::{ClientAuthentication, TasklistConnection};
 use crate::credential::Credential;
 use crate::inputs::{LoginMaterial, SecretSource, read_inputs};
 use crate::obtain::obtain_credential;
 use crate::reason::Reason;
+use crate::service_account_token::ServiceAccountTokens;
 use crate::time::{NEVER, rfc3339, since};
 
 /// Exit codes, so scripts can tell the failures apart.
@@ -46,6 +47,9 @@ pub const ENVIRONMENT: [(&str, &str); 4] = [
 struct ManifestSecrets {
     secrets: BTreeMap<String, Secret>,
     from_environment: Secret,
+    /// With `ServiceAccountToken`: the cluster of the kubeconfig (`KUBECONFIG` or
+    /// ~/.kube/config), in the manifest's namespace or the kubeconfig's.
+    service_account_tokens: Option<ServiceAccountTokens>,
 }
 
 impl SecretSource for ManifestSecrets {
@@ -55,6 +59,10 @@ impl SecretSource for ManifestSecrets {
         }
         let has_any = self.from_environment.data.as_ref().is_some_and(|data| !data.is_empty());
         Ok(has_any.then(|| self.from_environment.clone()))
+    }
+
+    fn service_account_tokens(&self) -> Option<ServiceAccountTokens> {
+        self.service_account_tokens.clone()
     }
 }
 
@@ -91,9 +99,16 @@ async fn check(
         .filter_map(|doc| serde_json::from_value::<Secret>(doc.clone()).ok())
         .filter_map(|secret| Some((secret.metadata.name.clone()?, with_string_data_merged(secret))))
         .collect();
+    let service_account_tokens = match &connection.spec.auth.oauth2 {
+        Some(oauth2) if oauth2.client_authentication == ClientAuthentication::ServiceAccountToken => {
+            Some(kubeconfig_tokens(connection.metadata.namespace.as_deref()).await?)
+        }
+        _ => None,
+    };
     let source = ManifestSecrets {
         secrets,
         from_environment: environment_secret(),
+        service_account_tokens,
     };
 
     let name = connection.metadata.name.as_deref().unwrap_or("<unnamed>");
@@ -224,6 +239,18 @@ async fn check(
     } else {
         Ok(exit::NOT_ACCEPTED)
     }
+}
+
+/// ServiceAccount tokens from the cluster of the kubeconfig (`KUBECONFIG` or
+/// ~/.kube/config), whose user must be allowed to create `serviceaccounts/token`, in
+/// `namespace` or else the kubeconfig's namespace.
+async fn kubeconfig_tokens(namespace: Option<&str>) -> Result<ServiceAccountTokens, String> {
+    let config = kube::Config::infer().await.map_err(|error| {
+        format!("auth.oauth2.clientAuthentication ServiceAccountToken: the token is requested from a cluster, but no kubeconfig could be read ({error})")
+    })?;
+    let namespace = namespace.unwrap_or(&config.default_namespace).to_owned();
+    let client = kube::Client::try_from(config).map_err(|error| format!("cannot use the kubeconfig: {error}"))?;
+    Ok(ServiceAccountTokens::new(client, namespace))
 }
 
 /// A step that failed: how long it took, what the server said and the condition reason

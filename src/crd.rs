@@ -275,6 +275,9 @@ pub struct AuthSpec {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.tokenUrl) != has(self.issuerUrl)").message("exactly one of auth.oauth2.tokenUrl or auth.oauth2.issuerUrl must be set"))]
 #[x_kube(validation = Rule::new("!has(self.clientAuthentication) || self.clientAuthentication != 'PrivateKeyJwt' || has(self.clientAssertionKeyRef)").message("auth.oauth2.clientAuthentication PrivateKeyJwt needs auth.oauth2.clientAssertionKeyRef (the Secret with the private key)"))]
+#[x_kube(validation = Rule::new("(has(self.clientAuthentication) && self.clientAuthentication == 'ServiceAccountToken') == has(self.clientAssertion)").message("auth.oauth2.clientAuthentication ServiceAccountToken goes with auth.oauth2.clientAssertion (the ServiceAccount whose token is the client assertion), and clientAssertion only with it"))]
+#[x_kube(validation = Rule::new("(has(self.clientAuthentication) && self.clientAuthentication == 'ServiceAccountToken') != has(self.clientSecretRef)").message("auth.oauth2.clientSecretRef is required, except with clientAuthentication ServiceAccountToken, which reads no Secret (set auth.oauth2.clientId there instead)"))]
+#[x_kube(validation = Rule::new("!has(self.clientId) || (has(self.clientAuthentication) && self.clientAuthentication == 'ServiceAccountToken')").message("auth.oauth2.clientId is for clientAuthentication ServiceAccountToken; the other client authentications read the client id from clientSecretRef"))]
 pub struct OAuth2Spec {
     /// Token endpoint of the authorization server, http or https. SaaS:
     /// https://login.cloud.camunda.io/oauth/token; Identity: the Keycloak realm's
@@ -311,16 +314,34 @@ pub struct OAuth2Spec {
 
     /// How the client proves who it is at the token endpoint: `Body` (client_id and
     /// client_secret in the request body; the default), `Basic` (client_secret_basic: an
-    /// HTTP Basic header) or `PrivateKeyJwt` (private_key_jwt: a short-lived JWT signed with
-    /// the key in `clientAssertionKeyRef`; no client secret is needed).
+    /// HTTP Basic header), `PrivateKeyJwt` (private_key_jwt: a short-lived JWT signed with
+    /// the key in `clientAssertionKeyRef`; no client secret is needed) or
+    /// `ServiceAccountToken` (a token of the Kubernetes ServiceAccount in `clientAssertion`,
+    /// requested for each token request; no Secret at all; Keycloak federated client
+    /// authentication, Microsoft Entra ID workload identity federation).
     // Left out when `Body`, so that the fingerprint of connections written before this
     // field existed stays the same and an upgrade does not replace every token at once.
     #[serde(default, skip_serializing_if = "ClientAuthentication::is_body")]
     pub client_authentication: ClientAuthentication,
 
     /// The Secret in this namespace that holds the client id and client secret. With
-    /// `PrivateKeyJwt`, only the client id is read from it.
-    pub client_secret_ref: ClientSecretRef,
+    /// `PrivateKeyJwt`, only the client id is read from it. Required, except with
+    /// `ServiceAccountToken`, where it cannot be set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_ref: Option<ClientSecretRef>,
+
+    /// The client id, with `ServiceAccountToken` only (no Secret is read then). Microsoft
+    /// Entra ID: the application (client) id, required. Keycloak: optional; Keycloak finds
+    /// the client by the token's issuer and subject, and when a client id is sent it must
+    /// be that client's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub client_id: Option<String>,
+
+    /// With `ServiceAccountToken`: the ServiceAccount of this namespace whose token is the
+    /// client assertion, and the audience the token is requested for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_assertion: Option<ClientAssertionSpec>,
 
     /// The Secret in this namespace that holds the PEM private key (RSA for RS256, P-256 EC
     /// for ES256) that signs client assertions; required with `PrivateKeyJwt`.
@@ -338,6 +359,9 @@ pub enum ClientAuthentication {
     Basic,
     /// A JWT signed with the client's private key (private_key_jwt, RFC 7523).
     PrivateKeyJwt,
+    /// A token of a Kubernetes ServiceAccount, requested from the API server (TokenRequest)
+    /// for each token request, sent as the client assertion (RFC 7523 §2.2).
+    ServiceAccountToken,
 }
 
 impl ClientAuthentication {
@@ -369,6 +393,36 @@ pub struct ClientAssertionKeyRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = secret_key_rule())]
     pub certificate_key: Option<String>,
+}
+
+/// The ServiceAccount token sent as client assertion with `ServiceAccountToken`.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientAssertionSpec {
+    /// The ServiceAccount, in the connection's namespace, whose token the operator requests
+    /// (TokenRequest, 10 minutes, the shortest the API server allows). Its token's subject,
+    /// `system:serviceaccount:<namespace>:<name>`, is what the identity provider maps to the
+    /// client. Creating the connection needs permission to create `serviceaccounts/token`
+    /// for it (the chart's admission policy).
+    pub service_account_ref: ServiceAccountRef,
+    /// The audience the token is requested for: the one the identity provider expects.
+    /// Default: `api://AzureADTokenExchange` for Microsoft Entra ID
+    /// (login.microsoftonline.com), otherwise the issuer (`issuerUrl`, or for a Keycloak
+    /// `tokenUrl` the realm URL before `/protocol/openid-connect/token`). Never one of the
+    /// API server's own audiences: such a token would be a key to the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub audience: Option<String>,
+}
+
+/// A ServiceAccount in the connection's namespace.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceAccountRef {
+    /// Name of the ServiceAccount.
+    #[x_kube(validation = object_name_rule())]
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
 }
 
 /// HTTP Basic authentication against Tasklist.

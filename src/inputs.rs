@@ -14,6 +14,7 @@ use crate::camunda::token::{ClientCredentials, ClientProof, TokenEndpoint, Token
 use crate::camunda::{Sensitive, TlsTrust, join_url};
 use crate::crd::{ClientAuthentication, OAuth2Spec, TasklistConnection, TasklistConnectionSpec};
 use crate::reason::Reason;
+use crate::service_account_token::{ServiceAccountTokens, default_audience};
 use crate::time::parse_duration;
 
 /// How to obtain a credential, with the values read from the referenced Secret.
@@ -88,6 +89,20 @@ impl InputProblem {
         }
     }
 
+    fn no_client_secret_ref() -> Self {
+        InputProblem {
+            reason: Reason::InvalidSpec,
+            message: "auth.oauth2.clientSecretRef is required, except with clientAuthentication ServiceAccountToken".into(),
+        }
+    }
+
+    fn no_client_assertion() -> Self {
+        InputProblem {
+            reason: Reason::InvalidSpec,
+            message: "auth.oauth2.clientAuthentication ServiceAccountToken needs auth.oauth2.clientAssertion".into(),
+        }
+    }
+
     fn no_assertion_key() -> Self {
         InputProblem {
             reason: Reason::InvalidSpec,
@@ -99,6 +114,12 @@ impl InputProblem {
 /// Something that can fetch Secrets by name from the connection's namespace.
 pub trait SecretSource {
     fn get(&self, name: &str) -> impl Future<Output = Result<Option<Secret>, kube::Error>> + Send;
+
+    /// Requests ServiceAccount tokens in the connection's namespace, for
+    /// `ServiceAccountToken`; None where no cluster is at hand.
+    fn service_account_tokens(&self) -> Option<ServiceAccountTokens> {
+        None
+    }
 }
 
 impl SecretSource for Api<Secret> {
@@ -269,7 +290,15 @@ pub fn summarize(
         basic = true;
     } else if let Some(oauth2) = &spec.auth.oauth2 {
         token_endpoint_of_spec = Some(token_endpoint(oauth2)?);
-        look_up(&oauth2.client_secret_ref.name)?;
+        if oauth2.client_authentication == ClientAuthentication::ServiceAccountToken {
+            // No Secret: the ServiceAccount's token is requested when a credential is.
+            assertion_audience(oauth2)?;
+        } else {
+            let Some(reference) = &oauth2.client_secret_ref else {
+                return Err(InputProblem::no_client_secret_ref());
+            };
+            look_up(&reference.name)?;
+        }
         if oauth2.client_authentication == ClientAuthentication::PrivateKeyJwt {
             let Some(key_ref) = &oauth2.client_assertion_key_ref else {
                 return Err(InputProblem::no_assertion_key());
@@ -335,15 +364,53 @@ fn token_endpoint(oauth2: &OAuth2Spec) -> Result<TokenEndpoint, InputProblem> {
     })
 }
 
+/// The audience of the ServiceAccount token: `clientAssertion.audience`, or the default
+/// for the token endpoint ([`default_audience`]).
+fn assertion_audience(oauth2: &OAuth2Spec) -> Result<String, InputProblem> {
+    let Some(assertion) = &oauth2.client_assertion else {
+        return Err(InputProblem::no_client_assertion());
+    };
+    let default = || default_audience(oauth2.token_url.as_deref(), oauth2.issuer_url.as_deref());
+    assertion.audience.clone().or_else(default).ok_or_else(|| InputProblem {
+        reason: Reason::InvalidSpec,
+        message: "auth.oauth2.clientAssertion.audience has no default for this tokenUrl (neither Keycloak's \
+                  .../protocol/openid-connect/token nor Microsoft Entra ID): set the audience the identity provider expects"
+            .into(),
+    })
+}
+
 async fn client_credentials<S: SecretSource>(
     oauth2: &OAuth2Spec,
     reader: &mut SecretReader<'_, S>,
 ) -> Result<ClientCredentials, ReadError> {
-    let reference = &oauth2.client_secret_ref;
+    if oauth2.client_authentication == ClientAuthentication::ServiceAccountToken {
+        let audience = assertion_audience(oauth2)?;
+        let Some(assertion) = &oauth2.client_assertion else {
+            return Err(InputProblem::no_client_assertion().into());
+        };
+        let Some(tokens) = reader.secrets.service_account_tokens() else {
+            return Err(InputProblem {
+                reason: Reason::InvalidSpec,
+                message: "auth.oauth2.clientAuthentication ServiceAccountToken needs a Kubernetes API server to request the \
+                          token from, and none is at hand"
+                    .into(),
+            }
+            .into());
+        };
+        return Ok(ClientCredentials {
+            client_id: oauth2.client_id.clone().unwrap_or_default(),
+            proof: ClientProof::WorkloadIdentity(tokens.of(&assertion.service_account_ref.name, &audience)),
+        });
+    }
+    let Some(reference) = &oauth2.client_secret_ref else {
+        return Err(InputProblem::no_client_secret_ref().into());
+    };
     let client_id = reader.value(&reference.name, &reference.client_id_key).await?.expose().to_owned();
     let proof = match oauth2.client_authentication {
         ClientAuthentication::Body => ClientProof::SecretInBody(reader.value(&reference.name, &reference.client_secret_key).await?),
         ClientAuthentication::Basic => ClientProof::SecretInBasicHeader(reader.value(&reference.name, &reference.client_secret_key).await?),
+        // Returned above, before any Secret is read.
+        ClientAuthentication::ServiceAccountToken => return Err(InputProblem::no_client_assertion().into()),
         ClientAuthentication::PrivateKeyJwt => {
             let Some(key_ref) = &oauth2.client_assertion_key_ref else {
                 return Err(InputProblem::no_assertion_key().into());
@@ -376,8 +443,7 @@ fn references(connection: &TasklistConnection) -> Vec<(&'static str, &str, Vec<&
     let oauth2 = auth.oauth2.as_ref();
     let tls = spec.tls.as_ref();
     [
-        oauth2.map(|o| {
-            let client = &o.client_secret_ref;
+        oauth2.and_then(|o| o.client_secret_ref.as_ref()).map(|client| {
             let keys = vec![client.client_id_key.as_str(), client.client_secret_key.as_str()];
             ("spec.auth.oauth2.clientSecretRef", client.name.as_str(), keys)
         }),
@@ -613,6 +679,37 @@ mod tests {
         assert_eq!(secret.expose(), "s3cret");
         assert_eq!(endpoint.audience, "tasklist.camunda.io");
         assert_eq!(inputs.probe_interval, Duration::from_secs(60));
+    }
+
+    #[tokio::test]
+    async fn a_service_account_token_connection_reads_no_secret() {
+        let secretless = |audience: Option<&str>, token_url: &str| {
+            let mut assertion = serde_json::json!({"serviceAccountRef": {"name": "orders-bot"}});
+            if let Some(audience) = audience {
+                assertion["audience"] = serde_json::json!(audience);
+            }
+            connection(
+                serde_json::json!({"oauth2": {"tokenUrl": token_url, "clientAuthentication": "ServiceAccountToken",
+                "clientId": "orders", "clientAssertion": assertion}}),
+            )
+        };
+        let keycloak = "https://kc.example/auth/realms/camunda-platform/protocol/openid-connect/token";
+        // Known from the spec alone: no Secret is looked up.
+        let summary = summarize(&secretless(None, keycloak), |name| panic!("looked up Secret {name}")).unwrap();
+        assert!(summary.token_endpoint.is_some());
+        // Without a cluster at hand (the fake source has none): the spec cannot be served.
+        let problem = read_inputs(&secretless(None, keycloak), &secrets(vec![]))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(problem.reason, Reason::InvalidSpec);
+        assert!(problem.message.contains("Kubernetes API server"), "{}", problem.message);
+        // No default audience for an unknown token endpoint: said before anything is read.
+        let problem = summarize(&secretless(None, "https://idp.example/oauth/token"), |_| None).unwrap_err();
+        assert_eq!(problem.reason, Reason::InvalidSpec);
+        assert!(problem.message.contains("clientAssertion.audience"), "{}", problem.message);
+        assert!(summarize(&secretless(Some("aud"), "https://idp.example/oauth/token"), |_| None).is_ok());
+        assert!(secret_references(&secretless(None, keycloak)).is_empty());
     }
 
     #[tokio::test]

@@ -21,6 +21,7 @@ pub mod policy;
 pub mod reason;
 pub mod schedule;
 pub mod serve;
+pub mod service_account_token;
 pub mod shard;
 pub mod status;
 pub mod time;

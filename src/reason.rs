@@ -31,6 +31,16 @@ pub enum Reason {
     ClientAssertionRejected,
     /// The private key or certificate for client assertions cannot be used.
     InvalidClientKey,
+    /// `ServiceAccountToken`: the ServiceAccount does not exist in the connection's namespace.
+    ServiceAccountNotFound,
+    /// `ServiceAccountToken`: the API server refused the operator a token of the
+    /// ServiceAccount (RBAC on `serviceaccounts/token`).
+    TokenRequestForbidden,
+    /// `ServiceAccountToken`: the token could not be requested (the API server failed, or
+    /// its own audiences could not be read).
+    TokenRequestFailed,
+    /// `ServiceAccountToken`: the audience is one of the API server's own; no token is requested.
+    AudienceNotAllowed,
     /// The credentials in the referenced Secret cannot be used as they are (a Basic
     /// username with a colon).
     InvalidCredentials,
@@ -71,6 +81,10 @@ impl Reason {
             Reason::DiscoveryFailed => "DiscoveryFailed",
             Reason::ClientAssertionRejected => "ClientAssertionRejected",
             Reason::InvalidClientKey => "InvalidClientKey",
+            Reason::ServiceAccountNotFound => "ServiceAccountNotFound",
+            Reason::TokenRequestForbidden => "TokenRequestForbidden",
+            Reason::TokenRequestFailed => "TokenRequestFailed",
+            Reason::AudienceNotAllowed => "AudienceNotAllowed",
             Reason::InvalidCredentials => "InvalidCredentials",
             Reason::NotAllowed => "NotAllowed",
             Reason::SecretNotOptedIn => "SecretNotOptedIn",
@@ -92,6 +106,10 @@ impl Reason {
         match failure.detail {
             Some(FailureDetail::DiscoveryFailed) => return Reason::DiscoveryFailed,
             Some(FailureDetail::ClientAssertionRejected) => return Reason::ClientAssertionRejected,
+            Some(FailureDetail::ServiceAccountNotFound) => return Reason::ServiceAccountNotFound,
+            Some(FailureDetail::TokenRequestForbidden) => return Reason::TokenRequestForbidden,
+            Some(FailureDetail::TokenRequestFailed) => return Reason::TokenRequestFailed,
+            Some(FailureDetail::AudienceNotAllowed) => return Reason::AudienceNotAllowed,
             None => {}
         }
         match failure.kind {
@@ -150,6 +168,22 @@ mod tests {
         assert_eq!(
             reason(AuthFailureKind::ServerError, Some(FailureDetail::DiscoveryFailed)),
             "DiscoveryFailed"
+        );
+        assert_eq!(
+            reason(AuthFailureKind::Rejected, Some(FailureDetail::ServiceAccountNotFound)),
+            "ServiceAccountNotFound"
+        );
+        assert_eq!(
+            reason(AuthFailureKind::Rejected, Some(FailureDetail::TokenRequestForbidden)),
+            "TokenRequestForbidden"
+        );
+        assert_eq!(
+            reason(AuthFailureKind::ServerError, Some(FailureDetail::TokenRequestFailed)),
+            "TokenRequestFailed"
+        );
+        assert_eq!(
+            reason(AuthFailureKind::Rejected, Some(FailureDetail::AudienceNotAllowed)),
+            "AudienceNotAllowed"
         );
         assert_eq!(
             Reason::of_probe(&ProbeOutcome::Unauthorized { status: 403 }).as_str(),

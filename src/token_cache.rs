@@ -62,6 +62,10 @@ impl TokenKey {
                 hash.optional(key.thumbprints.as_ref().map(|(sha1, _)| sha1.as_str()));
                 hash.optional(key.thumbprints.as_ref().map(|(_, sha256)| sha256.as_str()));
             }
+            ClientProof::WorkloadIdentity(identity) => {
+                hash.field(b"workload_identity");
+                hash.field(identity.identity().as_bytes());
+            }
         }
         hash.field(endpoint.audience.as_bytes());
         // An empty scope is not sent: the same request as none.

@@ -602,7 +602,8 @@ fn secret_reference_paths() -> Vec<String> {
         };
         for (key, property) in properties {
             let here = format!("{path}.{key}");
-            if key.ends_with("Ref") && property["properties"]["name"].is_object() {
+            // serviceAccountRef names a ServiceAccount, checked by a validation of its own.
+            if key.ends_with("Ref") && key != "serviceAccountRef" && property["properties"]["name"].is_object() {
                 found.push(here.clone());
             }
             walk(&here, property, found);
@@ -651,7 +652,15 @@ fn the_secret_reference_policy_is_on_by_default_checks_every_reference_and_spare
     let validations = spec["validations"].as_array().expect("validations");
     let paths = secret_reference_paths();
     assert_eq!(paths.len(), 6, "the CRD's Secret references: {paths:?}");
-    assert_eq!(validations.len(), paths.len());
+    // And one for the ServiceAccount of clientAuthentication ServiceAccountToken.
+    assert_eq!(validations.len(), paths.len() + 1);
+    let asks_for_tokens = "authorizer.group('').resource('serviceaccounts').subresource('token').namespace(request.namespace).name(string(object.spec.auth.oauth2.clientAssertion.serviceAccountRef.name)).check('create').allowed()";
+    assert!(
+        validations
+            .iter()
+            .any(|validation| validation["expression"].as_str().is_some_and(|e| e.contains(asks_for_tokens))),
+        "the policy does not check serviceaccounts/token: {validations:?}"
+    );
     for path in paths {
         let asks = format!(
             "authorizer.group('').resource('secrets').namespace(request.namespace).name(string(object.{path}.name)).check('get').allowed()"
@@ -726,4 +735,40 @@ fn the_opt_in_label_requirement_is_off_by_default_and_passed_as_a_flag() {
     assert!(!args(&render(&[])).contains(&"--require-secret-opt-in".to_owned()));
     let on = render(&["--set", "policy.secretReferences.requireOptInLabel=true"]);
     assert!(args(&on).contains(&"--require-secret-opt-in".to_owned()), "{:?}", args(&on));
+}
+
+/// The rules of the operator's (Cluster)Roles (not the leader-election Role) that grant
+/// `create` on `serviceaccounts/token`, by kind and namespace.
+fn token_grants(objects: &[Value]) -> Vec<(String, String)> {
+    ["ClusterRole", "Role"]
+        .iter()
+        .flat_map(|kind| all_of(objects, kind))
+        .filter(|role| {
+            role["rules"].as_array().is_some_and(|rules| {
+                rules
+                    .iter()
+                    .any(|rule| rule["resources"] == json!(["serviceaccounts/token"]) && rule["verbs"] == json!(["create"]))
+            })
+        })
+        .map(|role| {
+            (
+                role["kind"].as_str().unwrap_or_default().to_owned(),
+                role["metadata"]["namespace"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_operator_may_create_service_account_tokens_where_it_watches_unless_turned_off() {
+    // Cluster-wide install: the ClusterRole.
+    assert_eq!(token_grants(&render(&[])), vec![("ClusterRole".to_owned(), String::new())]);
+    // watchNamespaces: a Role in each watched namespace, nothing cluster-wide.
+    let scoped = render(&["--set", "watchNamespaces={team-a,team-b}"]);
+    assert_eq!(
+        token_grants(&scoped),
+        vec![("Role".to_owned(), "team-a".to_owned()), ("Role".to_owned(), "team-b".to_owned())]
+    );
+    // Turned off: nowhere.
+    assert!(token_grants(&render(&["--set", "rbac.serviceAccountTokens=false"])).is_empty());
 }

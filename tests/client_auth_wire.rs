@@ -593,3 +593,139 @@ async fn a_discovered_endpoint_is_not_shared_between_trusts() {
         "the verifying client used the endpoint discovered under another trust"
     );
 }
+
+/// A workload identity that hands out tokens it signs itself with the test EC key, as a
+/// cluster's ServiceAccount issuer would: `iss` ISSUER, `sub` the given subject, `aud` the
+/// given audience, valid for 10 minutes. Counts the tokens handed out.
+#[derive(Debug)]
+struct TestCluster {
+    subject: String,
+    audience: String,
+    handed_out: std::sync::atomic::AtomicUsize,
+}
+
+const ISSUER: &str = "https://cluster.example";
+
+impl tasklist_operator::camunda::workload::WorkloadIdentity for TestCluster {
+    fn token(&self) -> futures::future::BoxFuture<'_, Result<Sensitive, AuthFailure>> {
+        // Each token has its own id, as Kubernetes gives one (`jti`).
+        let number = self.handed_out.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs();
+        let claims = serde_json::json!({"iss": ISSUER, "sub": self.subject, "aud": [self.audience], "iat": now, "exp": now + 600, "jti": format!("token-{number}")});
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some("cluster-1".into());
+        let key = jsonwebtoken::EncodingKey::from_ec_pem(EC_KEY_PEM.as_bytes()).expect("the test key");
+        let token = jsonwebtoken::encode(&header, &claims, &key).expect("a signed token");
+        Box::pin(async move { Ok(Sensitive::new(token)) })
+    }
+
+    fn describe(&self) -> String {
+        format!("a token of {} for audience {:?}", self.subject, self.audience)
+    }
+
+    fn identity(&self) -> String {
+        format!("{}/{}", self.subject, self.audience)
+    }
+}
+
+fn workload_client(client_id: &str, subject: &str, audience: &str) -> (ClientCredentials, std::sync::Arc<TestCluster>) {
+    let cluster = std::sync::Arc::new(TestCluster {
+        subject: subject.to_owned(),
+        audience: audience.to_owned(),
+        handed_out: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let client = ClientCredentials {
+        client_id: client_id.to_owned(),
+        proof: ClientProof::WorkloadIdentity(cluster.clone()),
+    };
+    (client, cluster)
+}
+
+/// Entra's workload identity federation at the Entra-shaped stand-in: the workload's token
+/// goes as `client_assertion` with `client_id` = the app id and no secret; a new token for
+/// every request; another subject, audience or issuer is refused with Entra's code and a
+/// hint naming the token's claims, and no message holds the token.
+#[tokio::test]
+async fn a_workload_token_is_the_client_assertion_at_an_entra_shaped_endpoint() {
+    let options = StandinOptions {
+        audience: String::new(),
+        ..StandinOptions::default()
+    };
+    let standin = StandinTasklist::start_with(options).await.expect("the stand-in starts");
+    let jwks: jsonwebtoken::jwk::JwkSet =
+        serde_json::from_value(public_jwks(EC_KEY_PEM, Some("cluster-1")).expect("a JWKS")).expect("a JwkSet");
+    let credential = |issuer: &str| testsupport::standin::FederatedCredential {
+        issuer: issuer.to_owned(),
+        subject: "system:serviceaccount:team-a:orders-bot".to_owned(),
+        audience: "api://AzureADTokenExchange".to_owned(),
+        jwks: jwks.clone(),
+    };
+    standin.add_federated_client("app-1", credential(ISSUER));
+    standin.add_federated_client("app-2", credential("https://another-cluster.example"));
+    let entra = TokenEndpoint {
+        location: TokenLocation::Url(standin.token_url()),
+        audience: String::new(),
+        scope: Some("api://tasklist/.default".to_owned()),
+        encoding: RequestEncoding::Form,
+    };
+    let (client, cluster) = workload_client("app-1", "system:serviceaccount:team-a:orders-bot", "api://AzureADTokenExchange");
+    entra.request_token(&http(), &client).await.expect("a token");
+    entra.request_token(&http(), &client).await.expect("a second token");
+    assert_eq!(cluster.handed_out.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let received = standin.federated_assertions_received();
+    assert_eq!(received.len(), 2);
+    assert_ne!(received[0], received[1], "a workload token was sent twice");
+    let request = &standin.token_requests()[0];
+    assert_eq!(
+        (request.client_id.as_str(), request.encoding),
+        ("app-1", TokenRequestEncoding::Assertion)
+    );
+
+    let cases = [
+        (
+            "app-1",
+            "system:serviceaccount:team-a:reports-bot",
+            "api://AzureADTokenExchange",
+            "AADSTS70021:",
+            "no client is bound",
+        ),
+        (
+            "app-1",
+            "system:serviceaccount:team-a:orders-bot",
+            "api://Other",
+            "AADSTS700212",
+            "expects another audience",
+        ),
+        (
+            "app-2",
+            "system:serviceaccount:team-a:orders-bot",
+            "api://AzureADTokenExchange",
+            "AADSTS700211",
+            "does not trust the token's issuer",
+        ),
+    ];
+    for (app, subject, audience, code, hint) in cases {
+        let (client, _) = workload_client(app, subject, audience);
+        let refused = failure(entra.request_token(&http(), &client).await);
+        assert_eq!(
+            Reason::of_auth_failure(&refused),
+            Reason::ClientAssertionRejected,
+            "{}",
+            refused.message
+        );
+        assert!(
+            refused.message.contains(code) && refused.message.contains(hint),
+            "{}",
+            refused.message
+        );
+        assert!(
+            refused.message.contains(subject),
+            "the hint names the token's subject: {}",
+            refused.message
+        );
+        assert_no_key_material(&refused.message);
+    }
+}

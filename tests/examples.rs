@@ -37,6 +37,15 @@ fn every_example_connection_reads_and_every_method_has_one() {
         let connection: TasklistConnection = serde_json::from_value(document).unwrap_or_else(|error| panic!("examples/{file}: {error}"));
         let auth = &connection.spec.auth;
         let method = match (&auth.oauth2, &auth.cookie, &auth.basic) {
+            (Some(oauth2), None, None)
+                if oauth2.client_authentication == tasklist_operator::crd::ClientAuthentication::ServiceAccountToken =>
+            {
+                assert!(
+                    oauth2.client_secret_ref.is_none(),
+                    "examples/{file}: a secretless connection names a Secret"
+                );
+                "oauth2 with a ServiceAccount token"
+            }
             (Some(oauth2), None, None) if oauth2.audience.is_empty() => "oauth2 with scope only",
             (Some(_), None, None) => "oauth2",
             (None, Some(_), None) => "cookie",
@@ -45,7 +54,16 @@ fn every_example_connection_reads_and_every_method_has_one() {
         };
         methods.insert(method);
     }
-    assert_eq!(methods, BTreeSet::from(["basic", "cookie", "oauth2", "oauth2 with scope only"]));
+    assert_eq!(
+        methods,
+        BTreeSet::from([
+            "basic",
+            "cookie",
+            "oauth2",
+            "oauth2 with a ServiceAccount token",
+            "oauth2 with scope only"
+        ])
+    );
 }
 
 /// The examples docs/camunda-versions.md names: 8.9+ SaaS on the unified domain, and the

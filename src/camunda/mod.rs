@@ -13,6 +13,7 @@ pub mod probe;
 mod sensitive;
 pub mod tasklist_api;
 pub mod token;
+pub mod workload;
 
 pub use http::{HttpClient, HttpClientError, HttpSettings, TlsTrust};
 pub use sensitive::{REDACTED, Sensitive, redact};
@@ -33,8 +34,18 @@ pub struct AuthFailure {
 pub enum FailureDetail {
     /// The issuer's OpenID Connect discovery document could not be read.
     DiscoveryFailed,
-    /// The token endpoint refused the signed client assertion (private_key_jwt).
+    /// The token endpoint refused the signed client assertion (private_key_jwt), or the
+    /// ServiceAccount token sent as one.
     ClientAssertionRejected,
+    /// The ServiceAccount named for the client assertion does not exist.
+    ServiceAccountNotFound,
+    /// The API server refused the operator a token of that ServiceAccount (RBAC).
+    TokenRequestForbidden,
+    /// A ServiceAccount token could not be requested for another reason (the API server
+    /// failed or could not be reached, or its own audiences could not be told).
+    TokenRequestFailed,
+    /// The audience asked for is one of the API server's own: no such token is requested.
+    AudienceNotAllowed,
 }
 
 /// The kinds of failure the contract tells apart.

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use super::assertion::{ASSERTION_TYPE, AssertionClaims, AssertionKey};
 use super::discovery;
 use super::http::{HttpClient, TransportError, describe_status, excerpt};
+use super::workload::{TokenClaims, WorkloadIdentity, refusal_hint};
 use super::{AuthFailure, FailureDetail, Sensitive, redact};
 use crate::crd::RequestEncoding;
 
@@ -61,6 +62,9 @@ pub enum ClientProof {
     SecretInBasicHeader(Sensitive),
     /// A signed JWT (private_key_jwt).
     PrivateKeyJwt(AssertionKey),
+    /// A workload identity token (a Kubernetes ServiceAccount token) as client assertion,
+    /// fetched for each request. The client id is sent only when not empty.
+    WorkloadIdentity(std::sync::Arc<dyn WorkloadIdentity>),
 }
 
 impl ClientCredentials {
@@ -78,7 +82,11 @@ impl ClientCredentials {
             ClientProof::SecretInBody(_) => "client secret in the body".to_owned(),
             ClientProof::SecretInBasicHeader(_) => "client secret in an HTTP Basic header".to_owned(),
             ClientProof::PrivateKeyJwt(key) => format!("client assertion signed {}", key.describe()),
+            ClientProof::WorkloadIdentity(identity) => format!("client assertion: {}", identity.describe()),
         };
+        if self.client_id.is_empty() {
+            return format!("no client id, {how}");
+        }
         format!("client id {:?}, {how}", self.client_id)
     }
 }
@@ -156,6 +164,8 @@ impl TokenEndpoint {
                 assertion_claims = Some((claims.iat, claims.exp));
                 Some(signed)
             }
+            // A new token for each request, dropped with this function's locals.
+            ClientProof::WorkloadIdentity(identity) => Some(identity.token().await?),
             ClientProof::SecretInBody(_) | ClientProof::SecretInBasicHeader(_) => None,
         };
         match &client.proof {
@@ -166,6 +176,13 @@ impl TokenEndpoint {
             ClientProof::SecretInBasicHeader(_) => {}
             ClientProof::PrivateKeyJwt(_) => {
                 fields.push(("client_id", client_id));
+                fields.push(("client_assertion_type", ASSERTION_TYPE));
+                fields.push(("client_assertion", assertion.as_ref().map(|a| a.expose()).unwrap_or_default()));
+            }
+            ClientProof::WorkloadIdentity(_) => {
+                if !client_id.is_empty() {
+                    fields.push(("client_id", client_id));
+                }
                 fields.push(("client_assertion_type", ASSERTION_TYPE));
                 fields.push(("client_assertion", assertion.as_ref().map(|a| a.expose()).unwrap_or_default()));
             }
@@ -197,6 +214,17 @@ impl TokenEndpoint {
                 "the token endpoint rejected the client assertion ({}){detail}; {}",
                 describe_status(status),
                 assertion_hint(&detail, key, iat, exp)
+            ));
+            return Err(failure.with_detail(FailureDetail::ClientAssertionRejected));
+        }
+        if let (ClientProof::WorkloadIdentity(identity), Some(token)) = (&client.proof, &assertion)
+            && status.is_client_error()
+        {
+            let failure = AuthFailure::rejected(format!(
+                "the token endpoint refused {} as client assertion ({}){detail}; {}",
+                identity.describe(),
+                describe_status(status),
+                refusal_hint(&detail, &TokenClaims::of(token.expose()))
             ));
             return Err(failure.with_detail(FailureDetail::ClientAssertionRejected));
         }
@@ -316,7 +344,7 @@ fn oauth_error_detail(body: &[u8], client: &ClientCredentials, assertion: Option
     };
     let secret = match &client.proof {
         ClientProof::SecretInBody(secret) | ClientProof::SecretInBasicHeader(secret) => secret.expose(),
-        ClientProof::PrivateKeyJwt(_) => "",
+        ClientProof::PrivateKeyJwt(_) | ClientProof::WorkloadIdentity(_) => "",
     };
     let basic = format!("{}:{secret}", client.client_id);
     let text = redact(&text, &[secret, &basic, &client.client_id, assertion.unwrap_or_default()]);

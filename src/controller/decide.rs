@@ -289,6 +289,10 @@ pub fn failure_from_status(record: StatusRecord<'_>, now: Timestamp) -> Option<(
         (AuthFailureKind::ExpiredOnArrival, None),
         (AuthFailureKind::ServerError, Some(FailureDetail::DiscoveryFailed)),
         (AuthFailureKind::Rejected, Some(FailureDetail::ClientAssertionRejected)),
+        (AuthFailureKind::Rejected, Some(FailureDetail::ServiceAccountNotFound)),
+        (AuthFailureKind::Rejected, Some(FailureDetail::TokenRequestForbidden)),
+        (AuthFailureKind::ServerError, Some(FailureDetail::TokenRequestFailed)),
+        (AuthFailureKind::Rejected, Some(FailureDetail::AudienceNotAllowed)),
     ]
     .into_iter()
     .map(|(kind, detail)| AuthFailure {
@@ -844,6 +848,31 @@ mod tests {
                 at(131)
             ))
         );
+        // ServiceAccountToken's reasons too.
+        for (reason, kind, detail) in [
+            (
+                "ServiceAccountNotFound",
+                AuthFailureKind::Rejected,
+                FailureDetail::ServiceAccountNotFound,
+            ),
+            (
+                "TokenRequestForbidden",
+                AuthFailureKind::Rejected,
+                FailureDetail::TokenRequestForbidden,
+            ),
+            (
+                "TokenRequestFailed",
+                AuthFailureKind::ServerError,
+                FailureDetail::TokenRequestFailed,
+            ),
+            ("AudienceNotAllowed", AuthFailureKind::Rejected, FailureDetail::AudienceNotAllowed),
+        ] {
+            assert_eq!(
+                failure_from_status(record(reason, Some(130), true), at(100)),
+                Some((restored(kind, Some(detail)), at(131))),
+                "{reason}"
+            );
+        }
     }
 
     #[test]

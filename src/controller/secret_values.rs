@@ -276,6 +276,11 @@ impl SecretSource for ByVersion<'_> {
         let name = name.to_owned();
         self.values.read(key, wanted, move || async move { api.get_opt(&name).await }).await
     }
+
+    fn service_account_tokens(&self) -> Option<crate::service_account_token::ServiceAccountTokens> {
+        let client = self.api.clone().into_client();
+        Some(crate::service_account_token::ServiceAccountTokens::new(client, self.namespace))
+    }
 }
 
 #[cfg(test)]

@@ -29,6 +29,7 @@ pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     scenarios![
         admission:
         a_requester_who_may_not_read_a_secret_cannot_reference_it,
+        a_requester_who_may_not_create_tokens_cannot_name_a_service_account,
         every_auth_method_passes_both_admission_policies,
         without_the_opt_in_label_a_secret_is_not_used,
     ]
@@ -315,6 +316,84 @@ async fn check_references(world: &World, namespace: &str) -> anyhow::Result<()> 
         .patch_status("orders", &PatchParams::default(), &Patch::Merge(&status))
         .await
         .context("a status patch by a user who may read no Secret was refused: the policy must not match status")?;
+    Ok(())
+}
+
+/// `clientAuthentication: ServiceAccountToken` makes the operator request tokens of the
+/// ServiceAccount a connection names: its author must be allowed to `create`
+/// `serviceaccounts/token` for it. `ci-bot` may create connections but no tokens: refused,
+/// with the API server's message naming the ServiceAccount; granted `create` on
+/// `serviceaccounts/token` for `orders-bot` only, the connection naming `orders-bot` is
+/// accepted and one naming `reports-bot` still refused.
+async fn a_requester_who_may_not_create_tokens_cannot_name_a_service_account(world: Arc<World>) -> anyhow::Result<()> {
+    let namespace = world.control_plane.create_namespace("admission-sa").await?;
+    grant(&world, &namespace, "ci-bot-connections", "ci-bot", connection_editor_rules()).await?;
+    let installed = install_admission_policies(&world, &namespace, &[]).await?;
+    let outcome = check_service_account_tokens(&world, &namespace).await;
+    installed.remove().await;
+    outcome
+}
+
+async fn check_service_account_tokens(world: &World, namespace: &str) -> anyhow::Result<()> {
+    let as_ci_bot: Api<TasklistConnection> = Api::namespaced(acting_as(world, "ci-bot").await?, namespace);
+    let secretless = |account: &str| {
+        connection(
+            "orders",
+            json!({"url": "https://tasklist.example.com", "auth": {"oauth2": {
+                "tokenUrl": "https://keycloak.example.com/auth/realms/camunda-platform/protocol/openid-connect/token",
+                "audience": "tasklist-api",
+                "clientAuthentication": "ServiceAccountToken",
+                "clientAssertion": {"serviceAccountRef": {"name": account}},
+            }}}),
+        )
+    };
+    let expected = format!(
+        r#"user "ci-bot" may not create tokens of ServiceAccount "orders-bot" in namespace "{namespace}" (create serviceaccounts/token, needed by spec.auth.oauth2.clientAssertion.serviceAccountRef)"#
+    );
+    wait_until_refused(
+        "the admission policy refusing ci-bot's secretless connection",
+        &as_ci_bot,
+        &secretless("orders-bot")?,
+        &expected,
+    )
+    .await?;
+    let message = refusal(
+        "ci-bot creating a connection naming ServiceAccount orders-bot",
+        as_ci_bot.create(&PostParams::default(), &secretless("orders-bot")?).await,
+    )?;
+    eprintln!("admission: ci-bot creating a connection that names ServiceAccount orders-bot: API server says: {message}");
+    ensure!(
+        message.contains(&expected),
+        "the refusal does not name the ServiceAccount: {message}"
+    );
+
+    grant(
+        world,
+        namespace,
+        "ci-bot-orders-bot-tokens",
+        "ci-bot",
+        json!([{"apiGroups": [""], "resources": ["serviceaccounts/token"], "resourceNames": ["orders-bot"], "verbs": ["create"]}]),
+    )
+    .await?;
+    eventually(
+        "ci-bot's connection accepted once ci-bot may create tokens of orders-bot",
+        TAKES_EFFECT,
+        || async {
+            Ok(match as_ci_bot.create(&dry_run(), &secretless("orders-bot")?).await {
+                Ok(_) => Check::Done(()),
+                Err(error) => Check::NotYet(error.to_string()),
+            })
+        },
+    )
+    .await?;
+    let message = refusal(
+        "ci-bot naming ServiceAccount reports-bot",
+        as_ci_bot.create(&dry_run(), &secretless("reports-bot")?).await,
+    )?;
+    ensure!(
+        message.contains(r#"may not create tokens of ServiceAccount "reports-bot""#),
+        "{message}"
+    );
     Ok(())
 }
 

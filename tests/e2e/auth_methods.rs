@@ -261,6 +261,28 @@ async fn invalid_auth_manifests_are_rejected(world: Arc<World>) -> anyhow::Resul
             json!({"oauth2": {"issuerUrl": "https://l", "clientAuthentication": "Magic", "clientSecretRef": client}}),
             "clientAuthentication",
         ),
+        (
+            json!({"oauth2": {"issuerUrl": "https://l", "clientAuthentication": "ServiceAccountToken"}}),
+            "ServiceAccountToken goes with auth.oauth2.clientAssertion",
+        ),
+        (
+            json!({"oauth2": {"issuerUrl": "https://l", "clientAuthentication": "ServiceAccountToken",
+                              "clientAssertion": {"serviceAccountRef": {"name": "bot"}}, "clientSecretRef": client}}),
+            "auth.oauth2.clientSecretRef is required, except with clientAuthentication ServiceAccountToken",
+        ),
+        (
+            json!({"oauth2": {"issuerUrl": "https://l"}}),
+            "auth.oauth2.clientSecretRef is required",
+        ),
+        (
+            json!({"oauth2": {"issuerUrl": "https://l", "clientId": "orders", "clientSecretRef": client}}),
+            "auth.oauth2.clientId is for clientAuthentication ServiceAccountToken",
+        ),
+        (
+            json!({"oauth2": {"issuerUrl": "https://l", "clientAuthentication": "ServiceAccountToken",
+                              "clientAssertion": {"serviceAccountRef": {"name": "Not_A_Name"}}}}),
+            "must be a Kubernetes object name",
+        ),
     ];
     let api: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
         s.client.clone(),

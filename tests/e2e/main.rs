@@ -33,6 +33,7 @@ mod reliability;
 mod scale;
 mod scenario;
 mod secret_template;
+mod secretless;
 mod shards;
 mod sharing;
 mod trust;
@@ -57,6 +58,7 @@ fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     all.extend(policy::scenarios());
     all.extend(isolation::scenarios());
     all.extend(auth_methods::scenarios());
+    all.extend(secretless::scenarios());
     all.extend(writes::scenarios());
     all.extend(shards::scenarios());
     all.extend(probes::scenarios());

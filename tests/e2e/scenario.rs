@@ -47,10 +47,13 @@ impl World {
         let tools = Tools::from_env()?;
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build()?;
         let (control_plane, keycloak) = runtime.block_on(async {
-            let (control_plane, keycloak) = tokio::join!(ControlPlane::start(&tools), Keycloak::start(&tools));
-            let control_plane = control_plane.context("starting the control plane")?;
+            // The control plane first: Keycloak trusts its CA, to read the ServiceAccount
+            // issuer's discovery document and JWKS (federated client authentication).
+            let control_plane = ControlPlane::start(&tools).await.context("starting the control plane")?;
+            let admin = control_plane.client();
+            let (keycloak, crd) = tokio::join!(Keycloak::start_trusting(&tools, control_plane.ca_pem()), install_crd(&admin));
             let keycloak = keycloak.context("starting Keycloak")?;
-            install_crd(&control_plane.client()).await?;
+            crd?;
             anyhow::Ok((control_plane, keycloak))
         })?;
         Ok(World {

@@ -166,6 +166,13 @@ ClusterRole (cluster-wide mode) and the per-namespace Roles (namespaced mode).
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+{{- if .Values.rbac.serviceAccountTokens }}
+# clientAuthentication ServiceAccountToken: a token of the ServiceAccount a connection names
+# (the admission policy checks that its author may request one too).
+- apiGroups: [""]
+  resources: ["serviceaccounts/token"]
+  verbs: ["create"]
+{{- end }}
 {{- end }}
 
 {{/*

@@ -83,8 +83,6 @@ const STARTUP_DEADLINE: Duration = Duration::from_secs(90);
 /// at once on SIGTERM, finishes short requests, then would wait for the watches clients hold
 /// open to end for up to --request-timeout (60 s): not worth waiting for in an outage test.
 const APISERVER_SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
-/// The issuer kube-apiserver puts into service-account tokens, as in a kubeadm cluster.
-const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 /// Lifetime of the tokens behind [`ControlPlane::service_account_kubeconfig`].
 const SERVICE_ACCOUNT_TOKEN_SECONDS: i64 = 3600;
 
@@ -208,7 +206,12 @@ impl ControlPlane {
             flag_with_path("--client-ca-file", &ca_file),
             flag_with_path("--token-auth-file", &token_file),
             "--authorization-mode=RBAC".into(),
-            format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}").into(),
+            // The issuer is the API server's own URL, as on clusters whose issuer identity
+            // providers can reach: Keycloak reads <issuer>/.well-known/openid-configuration
+            // and the JWKS it names to verify ServiceAccount tokens (federated client
+            // authentication). The API server's audiences default to it.
+            format!("--service-account-issuer={}", server_url(apiserver_port)).into(),
+            format!("--service-account-jwks-uri={}/openid/v1/jwks", server_url(apiserver_port)).into(),
             flag_with_path("--service-account-key-file", &service_account_public_key_file),
             flag_with_path("--service-account-signing-key-file", &service_account_key_file),
             format!("--service-cluster-ip-range={}", options.service_cidr).into(),
@@ -292,6 +295,12 @@ impl ControlPlane {
     /// runs a background task on the runtime that created it), so it must be called inside one.
     pub fn client(&self) -> Client {
         Client::try_from(self.admin_config.clone()).expect("the admin client configuration was valid at start")
+    }
+
+    /// The issuer of the API server's ServiceAccount tokens (`--service-account-issuer`),
+    /// which is also its default audience: its own URL.
+    pub fn service_account_issuer(&self) -> String {
+        self.server_url()
     }
 
     /// The admin kubeconfig file; `kubectl --kubeconfig` and the operator accept it.

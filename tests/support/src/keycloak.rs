@@ -1,6 +1,10 @@
 //! A real Keycloak for end-to-end tests: the unpacked distribution from `TLO_KEYCLOAK_HOME`
 //! in dev mode with an in-memory database, configured through its admin REST API with the
 //! realm Camunda uses and one confidential client whose tokens are meant for Tasklist.
+//!
+//! Federated client authentication (Keycloak 26.4+, supported from 26.6) is switched on:
+//! [`Keycloak::add_kubernetes_identity_provider`] trusts a cluster's ServiceAccount issuer
+//! and [`ClientAuthenticator::Federated`] binds a client to one ServiceAccount's subject.
 
 use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
@@ -22,6 +26,9 @@ pub const REALM: &str = "camunda-platform";
 pub const TASKLIST_AUDIENCE: &str = "tasklist-api";
 /// The confidential client the tests log in with (client-credentials grant).
 const CLIENT_ID: &str = "tasklist-e2e-client";
+/// The features federated client authentication with Kubernetes ServiceAccounts needs
+/// (preview in 26.4 and 26.5, enabled by default from 26.6; naming them does no harm).
+const FEATURES: &str = "client-auth-federated,kubernetes-service-accounts";
 /// Keycloak's own default access token lifespan.
 const DEFAULT_ACCESS_TOKEN_LIFESPAN_SECONDS: u32 = 300;
 /// The context path Camunda's Helm chart gives Keycloak.
@@ -61,6 +68,16 @@ impl Keycloak {
     /// while the tests and the admin API keep using 127.0.0.1, because Keycloak refuses the
     /// master realm to non-local clients (403).
     pub async fn start_on(tools: &Tools, host: std::net::Ipv4Addr) -> anyhow::Result<Keycloak> {
+        Self::start_with(tools, host, None).await
+    }
+
+    /// [`Keycloak::start`], trusting `ca_pem` besides the JVM's CAs for its own outgoing
+    /// HTTPS (a Kubernetes API server's discovery document and JWKS).
+    pub async fn start_trusting(tools: &Tools, ca_pem: &str) -> anyhow::Result<Keycloak> {
+        Self::start_with(tools, std::net::Ipv4Addr::LOCALHOST, Some(ca_pem)).await
+    }
+
+    async fn start_with(tools: &Tools, host: std::net::Ipv4Addr, ca_pem: Option<&str>) -> anyhow::Result<Keycloak> {
         let started = Instant::now();
         let workdir = tools::fixture_workdir("keycloak")?;
         let port = tools::free_loopback_port()?;
@@ -77,7 +94,15 @@ impl Keycloak {
         // Dev mode may rebuild the distribution's configuration (in lib/quarkus) while starting;
         // two starts doing that at once could corrupt it, so starts take turns.
         let start_lock = lock_distribution(&tools.keycloak_home, STARTUP_DEADLINE).await?;
-        let process = spawn_keycloak(tools, workdir.path(), host, port, &admin_password)?;
+        let truststore = match ca_pem {
+            Some(pem) => {
+                let path = workdir.path().join("truststore.pem");
+                std::fs::write(&path, pem).with_context(|| format!("cannot write {}", path.display()))?;
+                Some(path)
+            }
+            None => None,
+        };
+        let process = spawn_keycloak(tools, workdir.path(), host, port, &admin_password, truststore.as_deref())?;
         let mut keycloak = Keycloak {
             process,
             port,
@@ -193,11 +218,21 @@ impl Keycloak {
                     "jwks.string": jwks.to_string(),
                 });
             }
+            ClientAuthenticator::Federated {
+                identity_provider,
+                subject,
+            } => {
+                client["clientAuthenticatorType"] = json!("federated-jwt");
+                client["attributes"] = json!({
+                    "jwt.credential.issuer": identity_provider,
+                    "jwt.credential.sub": subject,
+                });
+            }
         }
         let clients_url = format!("{}/admin/realms/{REALM}/clients", self.base_url());
         let request = self.admin_request(reqwest::Method::POST, &clients_url).await?;
         let created = success(request.json(&client).send().await, "create a client").await?;
-        if matches!(authenticator, ClientAuthenticator::SignedJwt { .. }) {
+        if !matches!(authenticator, ClientAuthenticator::Secret) {
             return Ok(None);
         }
         let uuid = created_id(&created)?;
@@ -205,6 +240,53 @@ impl Keycloak {
         let request = self.admin_request(reqwest::Method::GET, &secret_url).await?;
         let credential: Value = json_of(request.send().await, "read the client secret").await?;
         Ok(Some(secret_value(&credential)?))
+    }
+
+    /// Creates a Kubernetes identity provider `alias` in [`REALM`] that trusts ServiceAccount
+    /// tokens of `issuer`: Keycloak reads `<issuer>/.well-known/openid-configuration` and the
+    /// JWKS it names to verify them ("Signed JWT - Federated" clients name the alias).
+    pub async fn add_kubernetes_identity_provider(&self, alias: &str, issuer: &str) -> anyhow::Result<()> {
+        let url = format!("{}/admin/realms/{REALM}/identity-provider/instances", self.base_url());
+        let provider = json!({
+            "alias": alias,
+            "providerId": "kubernetes",
+            "enabled": true,
+            "config": { "issuer": issuer },
+        });
+        let request = self.admin_request(reqwest::Method::POST, &url).await?;
+        success(request.json(&provider).send().await, "create the Kubernetes identity provider").await?;
+        Ok(())
+    }
+
+    /// Points identity provider `alias` at another issuer: tokens of the old one are no
+    /// longer trusted (Keycloak finds the identity provider by the token's issuer).
+    pub async fn set_identity_provider_issuer(&self, alias: &str, issuer: &str) -> anyhow::Result<()> {
+        let url = format!("{}/admin/realms/{REALM}/identity-provider/instances/{alias}", self.base_url());
+        let request = self.admin_request(reqwest::Method::GET, &url).await?;
+        let mut provider: Value = json_of(request.send().await, "read the identity provider").await?;
+        provider["config"]["issuer"] = json!(issuer);
+        let request = self.admin_request(reqwest::Method::PUT, &url).await?;
+        success(request.json(&provider).send().await, "change the identity provider's issuer").await?;
+        Ok(())
+    }
+
+    /// Sets attributes of client `client_id` (merged into the ones it has), e.g.
+    /// `jwt.credential.sub` (its federated subject) or `access.token.lifespan` (seconds).
+    pub async fn set_client_attributes(&self, client_id: &str, attributes: Value) -> anyhow::Result<()> {
+        let clients_url = format!("{}/admin/realms/{REALM}/clients", self.base_url());
+        let request = self.admin_request(reqwest::Method::GET, &clients_url).await?;
+        let found: Value = json_of(request.query(&[("clientId", client_id)]).send().await, "find the client").await?;
+        let mut client = found.get(0).cloned().with_context(|| format!("no client {client_id}"))?;
+        let uuid = client["id"].as_str().context("the client has no id")?.to_owned();
+        let Some(new) = attributes.as_object() else {
+            bail!("client attributes must be a JSON object");
+        };
+        for (key, value) in new {
+            client["attributes"][key] = value.clone();
+        }
+        let request = self.admin_request(reqwest::Method::PUT, &format!("{clients_url}/{uuid}")).await?;
+        success(request.json(&client).send().await, "update the client's attributes").await?;
+        Ok(())
     }
 
     async fn create_realm_and_client(&mut self) -> anyhow::Result<()> {
@@ -260,6 +342,10 @@ pub enum ClientAuthenticator {
     /// Keycloak's "client-jwt" authenticator (private_key_jwt), checking assertions against
     /// this JWK Set (its `jwks.string` attribute).
     SignedJwt { jwks: Value },
+    /// Keycloak's "federated-jwt" authenticator ("Signed JWT - Federated"): a token issued by
+    /// `identity_provider` (an alias, see [`Keycloak::add_kubernetes_identity_provider`])
+    /// whose subject is `subject` (`system:serviceaccount:<namespace>:<name>`).
+    Federated { identity_provider: String, subject: String },
 }
 
 /// A confidential client for the client-credentials grant whose access tokens carry the
@@ -297,7 +383,14 @@ impl Drop for Keycloak {
     }
 }
 
-fn spawn_keycloak(tools: &Tools, workdir: &Path, host: std::net::Ipv4Addr, port: u16, admin_password: &str) -> anyhow::Result<Child> {
+fn spawn_keycloak(
+    tools: &Tools,
+    workdir: &Path,
+    host: std::net::Ipv4Addr,
+    port: u16,
+    admin_password: &str,
+    truststore: Option<&Path>,
+) -> anyhow::Result<Child> {
     let java_home = tools
         .keycloak_java
         .parent()
@@ -314,8 +407,14 @@ fn spawn_keycloak(tools: &Tools, workdir: &Path, host: std::net::Ipv4Addr, port:
         .arg(format!("--http-host={host}"))
         .arg(format!("--http-relative-path={RELATIVE_PATH}"))
         .arg("--db=dev-mem")
+        .arg(format!("--features={FEATURES}"))
         // By default the transaction log goes to data/ in the distribution, a shared cache.
         .arg(transaction_store)
+        .args(truststore.map(|path| {
+            let mut flag = std::ffi::OsString::from("--truststore-paths=");
+            flag.push(path);
+            flag
+        }))
         .env("JAVA_HOME", java_home)
         .env("JAVA", &java)
         .env("KC_BOOTSTRAP_ADMIN_USERNAME", BOOTSTRAP_ADMIN)

@@ -25,6 +25,7 @@
 //! ```
 
 mod assertion;
+pub use assertion::FederatedCredential;
 mod bearer;
 mod listener;
 mod oauth;
@@ -48,6 +49,9 @@ pub const SESSION_COOKIE: &str = "TASKLIST-SESSION";
 pub const UNIFIED_SESSION_COOKIE: &str = "camunda-session";
 /// The audience SaaS requires for the Orchestration Cluster API (`/v2/**`).
 pub const ZEEBE_AUDIENCE: &str = "zeebe.camunda.io";
+/// The Application ID URI of Tasklist's app registration at an Entra-shaped endpoint
+/// ([`StandinOptions::audience`] empty): its tokens are asked with `scope=api://tasklist/.default`.
+pub const ENTRA_TASKLIST_RESOURCE: &str = "api://tasklist";
 /// The CSRF header and cookie name of Tasklist 8.5 and later.
 pub const CSRF_NAME: &str = "X-CSRF-TOKEN";
 /// The CSRF header and cookie name of older Tasklist versions.
@@ -383,6 +387,19 @@ impl StandinTasklist {
         let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_value(jwks.clone()).context("the JWKS does not parse")?;
         self.shared.lock().assertion_clients.keys.insert(client_id.to_owned(), jwks);
         Ok(())
+    }
+
+    /// Registers (or replaces) application `app_id` with a federated identity credential, as
+    /// Microsoft Entra ID's workload identity federation keeps one: a token request with
+    /// `client_id=app_id` and a `client_assertion` signed by one of `jwks` (the issuer's
+    /// keys), with exactly this issuer, subject and audience, gets a token.
+    pub fn add_federated_client(&self, app_id: &str, credential: FederatedCredential) {
+        self.shared.lock().assertion_clients.federated.insert(app_id.to_owned(), credential);
+    }
+
+    /// Every federated client assertion the token endpoint received, accepted or not.
+    pub fn federated_assertions_received(&self) -> Vec<String> {
+        self.shared.lock().assertion_clients.federated_received.clone()
     }
 
     /// Makes the token endpoint's clock run this far ahead when it checks assertions.

@@ -22,7 +22,7 @@ use rand::Rng as _;
 use serde::Deserialize as _;
 use serde_json::Value;
 use testsupport::controlplane::ControlPlane;
-use testsupport::keycloak::Keycloak;
+use testsupport::keycloak::{ClientAuthenticator, Keycloak};
 use testsupport::operator::OperatorProcess;
 use testsupport::standin::StandinTasklist;
 use testsupport::tools::Tools;
@@ -34,6 +34,10 @@ const NAMESPACE: &str = "demo";
 const FIELD_MANAGER: &str = "tasklist-demo";
 const SAAS_CLIENT_ID: &str = "orders-saas";
 const TASKLIST_USER: &str = "demo";
+/// The ServiceAccount of the secretless example, and the Keycloak client bound to it.
+const SECRETLESS_ACCOUNT: &str = "tasklist-orders";
+/// The alias of the Kubernetes identity provider in Keycloak (the control plane's issuer).
+const CLUSTER_IDENTITY_PROVIDER: &str = "demo-cluster";
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const STATUS_INTERVAL: Duration = Duration::from_secs(30);
 const LOG_TAIL_LINES: usize = 20;
@@ -152,9 +156,15 @@ impl Demo {
         let tools = Tools::from_env()?;
 
         step("starting a control plane, Keycloak and a stand-in Tasklist (Keycloak needs a minute or two)");
-        let (control_plane, keycloak, standin) = tokio::try_join!(
-            async { ControlPlane::start(&tools).await.context("starting the control plane") },
-            async { Keycloak::start(&tools).await.context("starting Keycloak") },
+        // The control plane first: Keycloak trusts its CA, to verify the ServiceAccount
+        // tokens of the secretless example against the API server's JWKS.
+        let control_plane = ControlPlane::start(&tools).await.context("starting the control plane")?;
+        let (keycloak, standin) = tokio::try_join!(
+            async {
+                Keycloak::start_trusting(&tools, control_plane.ca_pem())
+                    .await
+                    .context("starting Keycloak")
+            },
             async { StandinTasklist::start().await.context("starting the stand-in Tasklist") },
         )?;
         let local = LocalServers {
@@ -183,6 +193,10 @@ impl Demo {
         install_crd(&client).await?;
         create_namespace(&client).await?;
         step(&format!("installed the CRD, created namespace {NAMESPACE}"));
+        trust_the_cluster(&client, &control_plane, &keycloak).await?;
+        step(&format!(
+            "Keycloak trusts the cluster's ServiceAccount tokens; client {SECRETLESS_ACCOUNT} is ServiceAccount {NAMESPACE}/{SECRETLESS_ACCOUNT} (no secret)"
+        ));
 
         let binary = operator_binary();
         if !binary.is_file() {
@@ -519,9 +533,34 @@ struct LocalServers {
     identity_client_secret: String,
 }
 
+/// Keycloak's federated client authentication for the secretless example: anonymous
+/// requests may read the API server's discovery document and JWKS, Keycloak's realm trusts
+/// the control plane's ServiceAccount issuer, and a "Signed JWT - Federated" client is
+/// bound to the example's ServiceAccount.
+async fn trust_the_cluster(client: &Client, control_plane: &ControlPlane, keycloak: &Keycloak) -> anyhow::Result<()> {
+    let binding: k8s_openapi::api::rbac::v1::ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "demo-service-account-issuer-discovery-anonymous"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:service-account-issuer-discovery"},
+        "subjects": [{"kind": "Group", "name": "system:unauthenticated", "apiGroup": "rbac.authorization.k8s.io"}],
+    }))?;
+    Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(client.clone())
+        .create(&PostParams::default(), &binding)
+        .await
+        .context("cannot let anonymous requests read the ServiceAccount issuer's discovery document")?;
+    keycloak
+        .add_kubernetes_identity_provider(CLUSTER_IDENTITY_PROVIDER, &control_plane.service_account_issuer())
+        .await?;
+    let federated = ClientAuthenticator::Federated {
+        identity_provider: CLUSTER_IDENTITY_PROVIDER.to_owned(),
+        subject: format!("system:serviceaccount:{NAMESPACE}:{SECRETLESS_ACCOUNT}"),
+    };
+    keycloak.add_client(SECRETLESS_ACCOUNT, &federated).await?;
+    Ok(())
+}
+
 /// The examples the demo applies (not pod.yaml: no Pod ever runs on this control plane),
 /// each with its placeholders and what they become.
-fn example_rewrites(local: &LocalServers) -> [(&'static str, Vec<(&'static str, String)>); 3] {
+fn example_rewrites(local: &LocalServers) -> [(&'static str, Vec<(&'static str, String)>); 4] {
     [
         (
             "saas.yaml",
@@ -550,6 +589,16 @@ fn example_rewrites(local: &LocalServers) -> [(&'static str, Vec<(&'static str, 
                 ("http://camunda-tasklist.camunda.svc:8080", local.tasklist_url.clone()),
                 // The username stays `demo`, the user the stand-in knows.
                 ("password: demo", format!("password: {}", yaml_string(&local.tasklist_password))),
+            ],
+        ),
+        (
+            "secretless-keycloak.yaml",
+            vec![
+                ("http://camunda-tasklist.camunda.svc:8080", local.tasklist_url.clone()),
+                (
+                    "https://keycloak.example.com/auth/realms/camunda-platform/protocol/openid-connect/token",
+                    local.keycloak_token_url.clone(),
+                ),
             ],
         ),
     ]
@@ -735,7 +784,8 @@ mod tests {
         for (file, replacements) in example_rewrites(&local()) {
             let manifests = rewritten_example(file, &replacements).unwrap_or_else(|error| panic!("{error:#}"));
             let kinds: Vec<&str> = manifests.iter().map(|m| m["kind"].as_str().unwrap_or("")).collect();
-            assert_eq!(kinds, ["Secret", KIND], "{file}");
+            // The secretless example holds a ServiceAccount instead of a Secret.
+            assert!(kinds == ["Secret", KIND] || kinds == ["ServiceAccount", KIND], "{file}: {kinds:?}");
             assert!(
                 manifests[1]["spec"]["url"].as_str().unwrap().starts_with("http://127.0.0.1:1001"),
                 "{file}"
@@ -745,7 +795,7 @@ mod tests {
 
     #[test]
     fn credentials_stay_strings_and_the_username_stays_demo() {
-        let [_, _, (file, replacements)] = example_rewrites(&local());
+        let [_, _, (file, replacements), _] = example_rewrites(&local());
         let manifests = rewritten_example(file, &replacements).unwrap();
         assert_eq!(manifests[0]["stringData"]["password"], "0123");
         assert_eq!(manifests[0]["stringData"]["username"], "demo");

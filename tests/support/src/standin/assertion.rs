@@ -23,6 +23,94 @@ pub(super) struct AssertionClients {
     pub clock_ahead: Duration,
     /// Every `jti` accepted so far: a replayed assertion is refused.
     pub seen_ids: HashSet<String>,
+    /// Application (client) id -> its federated identity credential (Entra's workload
+    /// identity federation): the client authenticates with a token another issuer signed.
+    pub federated: std::collections::HashMap<String, FederatedCredential>,
+    /// Every federated assertion received, accepted or not: the leak check looks for them.
+    pub federated_received: Vec<String>,
+}
+
+/// A federated identity credential on an app registration, as Microsoft Entra ID keeps it:
+/// the issuer it trusts (with that issuer's keys), the one subject and the audience.
+pub struct FederatedCredential {
+    pub issuer: String,
+    pub subject: String,
+    pub audience: String,
+    /// The issuer's public keys (Entra reads them from the issuer's discovery document).
+    pub jwks: JwkSet,
+}
+
+#[derive(Deserialize)]
+struct FederatedClaims {
+    iss: Option<String>,
+    sub: Option<String>,
+    aud: Option<serde_json::Value>,
+    exp: Option<u64>,
+    iat: Option<u64>,
+}
+
+/// Checks a federated `assertion` for application `client_id` as Entra does: a known
+/// application with a federated credential, issuer, a signature by one of the issuer's
+/// keys, audience, subject, then time. `Err` holds Entra's error_description.
+pub(super) fn verify_federated(clients: &mut AssertionClients, client_id: &str, assertion: &str) -> Result<(), String> {
+    clients.federated_received.push(assertion.to_owned());
+    let Some(credential) = clients.federated.get(client_id) else {
+        return Err(format!(
+            "AADSTS700016: Application with identifier '{client_id}' was not found in the directory."
+        ));
+    };
+    let unverified = || -> Option<FederatedClaims> {
+        let payload = assertion.split('.').nth(1)?;
+        let bytes = base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    };
+    let claims = unverified().ok_or("AADSTS50027: JWT token is invalid or malformed.")?;
+    let issuer = claims.iss.unwrap_or_default();
+    if issuer != credential.issuer {
+        return Err(format!(
+            "AADSTS700211: No matching federated identity record found for presented assertion issuer '{issuer}'."
+        ));
+    }
+    let header = jsonwebtoken::decode_header(assertion).map_err(|_| "AADSTS50027: JWT token is invalid or malformed.")?;
+    let jwk = header
+        .kid
+        .as_deref()
+        .and_then(|kid| credential.jwks.find(kid))
+        .ok_or("AADSTS50013: Assertion failed signature validation. [Reason - The key was not found.]")?;
+    let key = DecodingKey::from_jwk(jwk).map_err(|_| "AADSTS50013: Assertion failed signature validation.")?;
+    let mut validation = Validation::new(header.alg);
+    validation.validate_exp = false;
+    validation.required_spec_claims = HashSet::new();
+    validation.validate_aud = false;
+    jsonwebtoken::decode::<FederatedClaims>(assertion, &key, &validation)
+        .map_err(|_| "AADSTS50013: Assertion failed signature validation.")?;
+    let audiences: Vec<&str> = match &claims.aud {
+        Some(serde_json::Value::String(aud)) => vec![aud.as_str()],
+        Some(serde_json::Value::Array(list)) => list.iter().filter_map(|aud| aud.as_str()).collect(),
+        _ => Vec::new(),
+    };
+    if !audiences.contains(&credential.audience.as_str()) {
+        return Err(format!(
+            "AADSTS700212: No matching federated identity record found for presented assertion audience '{}'.",
+            audiences.join(" ")
+        ));
+    }
+    let subject = claims.sub.unwrap_or_default();
+    if subject != credential.subject {
+        return Err(format!(
+            "AADSTS70021: No matching federated identity record found for presented assertion. Assertion Issuer: '{issuer}'. \
+             Assertion Subject: '{subject}'. Assertion Audience: '{}'.",
+            audiences.join(" ")
+        ));
+    }
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let (Some(exp), Some(iat)) = (claims.exp, claims.iat) else {
+        return Err("AADSTS700024: Client assertion is not within its valid time range.".into());
+    };
+    if exp <= now || iat > now + 300 {
+        return Err("AADSTS700024: Client assertion is not within its valid time range.".into());
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]

@@ -262,9 +262,21 @@ fn answer(shared: &Shared, request: &TokenRequest) -> Response {
         }
         let token_url = format!("{}/oauth/token", shared.base_url);
         let client_id = request.client_id().unwrap_or_default();
-        let verdict = assertion::verify(&mut shared.lock().assertion_clients, client_id, client_assertion, &token_url);
-        if let Err(description) = verdict {
-            return oauth_error(StatusCode::UNAUTHORIZED, "unauthorized_client", description);
+        let mut state = shared.lock();
+        let clients = &mut state.assertion_clients;
+        if clients.federated.contains_key(client_id) || request.field("client_id").is_none() {
+            // Entra's workload identity federation: a token another issuer signed.
+            let verdict = assertion::verify_federated(clients, client_id, client_assertion);
+            drop(state);
+            if let Err(description) = verdict {
+                return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", &description);
+            }
+        } else {
+            let verdict = assertion::verify(clients, client_id, client_assertion, &token_url);
+            drop(state);
+            if let Err(description) = verdict {
+                return oauth_error(StatusCode::UNAUTHORIZED, "unauthorized_client", description);
+            }
         }
     } else if client_secret.is_none() || client_secret.as_deref() != request.client_secret() {
         return invalid_client();

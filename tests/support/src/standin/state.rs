@@ -14,8 +14,10 @@ use super::bearer::{KnownTokens, TrustedJwks};
 use super::oauth::TokenIssuer;
 use super::{ApiRequestRecord, EndpointMode, LoginRecord, StandinOptions, TokenAnswer, TokenRequestRecord};
 
-/// Audiences the API accepts besides the configured one: SaaS's and Self-Managed Identity's.
-const ALWAYS_ACCEPTED_AUDIENCES: [&str; 2] = ["tasklist.camunda.io", "tasklist-api"];
+/// Audiences the API accepts besides the configured one: SaaS's and Self-Managed Identity's,
+/// and the Application ID URI of Tasklist's app registration in Microsoft Entra ID, for
+/// which an Entra-shaped endpoint issues tokens asked with `scope=api://tasklist/.default`.
+const ALWAYS_ACCEPTED_AUDIENCES: [&str; 3] = ["tasklist.camunda.io", "tasklist-api", super::ENTRA_TASKLIST_RESOURCE];
 
 /// Spring Session's default idle timeout, which Tasklist keeps (the real value is not
 /// published; clients re-login on 401).
