@@ -13,6 +13,7 @@ use tasklist_operator::duration::parse_duration;
 use tasklist_operator::leader::{LeaderElector, LeaseSettings};
 use tasklist_operator::logging;
 use tasklist_operator::metrics::Metrics;
+use tasklist_operator::nudge::{NudgeArgs, NudgeMetrics, Nudger};
 use tasklist_operator::policy::{HostPolicy, PolicyArgs};
 use tasklist_operator::schedule::RefreshPolicy;
 use tasklist_operator::serve::{Health, serve};
@@ -150,6 +151,9 @@ struct RunArgs {
     /// Timeout of a probe (default 5s, never longer than --request-timeout).
     #[arg(long, value_parser = parse_duration)]
     probe_timeout: Option<Duration>,
+    /// The nudge of the Pods that mount a derived Secret (issue 21, docs/nudge.md).
+    #[command(flatten)]
+    nudge: NudgeArgs,
 }
 
 impl RunArgs {
@@ -237,7 +241,12 @@ async fn run(args: RunArgs, sharding: Sharding) -> anyhow::Result<()> {
         Err(message) => anyhow::bail!("leader election: {message}"),
     };
     let health = Arc::new(Health::default());
-    let metrics = Arc::new(Metrics::default().with_shard_info(sharding.index(), sharding.count()));
+    let nudge_metrics = NudgeMetrics::default();
+    let metrics = Arc::new(
+        Metrics::default()
+            .with_shard_info(sharding.index(), sharding.count())
+            .with_nudge_metrics(&nudge_metrics),
+    );
     let server = tokio::spawn(serve(args.listen_addr, health.clone(), metrics.clone(), shutdown()));
     wait_until_crd_answers(&client, &args.namespaces, sharding.label_selector()).await?;
     // Standbys are ready too: they are healthy, just not the one reconciling.
@@ -262,8 +271,10 @@ async fn run(args: RunArgs, sharding: Sharding) -> anyhow::Result<()> {
         per_host: args.probes_per_host,
         timeout: args.probe_timeout,
     };
+    let nudger = Nudger::start(client.clone(), &args.namespaces, &args.nudge, nudge_metrics);
     let ctx = Arc::new(
         Context::new(client, settings, policy, metrics, args.leader_election_identity.clone())
+            .with_nudger(nudger)
             .with_concurrency(args.concurrency)
             .with_sharding(sharding)
             .with_probe_settings(probes)

@@ -102,6 +102,8 @@ pub struct Context {
     probe_settings: ProbeSettings,
     /// `--require-secret-opt-in`: use only referenced Secrets that carry the opt-in label.
     require_secret_opt_in: bool,
+    /// Nudges the Pods that mount a derived Secret after each write (`--nudge-pods`).
+    nudger: crate::nudge::Nudger,
 }
 
 /// The probe lane's flags (`--probe-concurrency`, `--probes-per-host`, `--probe-timeout`).
@@ -159,7 +161,14 @@ impl Context {
             )),
             probe_settings: ProbeSettings::default(),
             require_secret_opt_in: false,
+            nudger: crate::nudge::Nudger::default(),
         }
+    }
+
+    /// Nudge the consuming Pods after each write of a derived Secret (`--nudge-pods`).
+    pub fn with_nudger(mut self, nudger: crate::nudge::Nudger) -> Self {
+        self.nudger = nudger;
+        self
     }
 
     /// Use a referenced Secret only when it carries the label

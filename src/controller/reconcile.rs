@@ -573,7 +573,9 @@ impl<'a> Reconciling<'a> {
         // A deleted or edited derived Secret is restored with a new credential, as the
         // contract says, not with the cached one.
         let reuse = !restoring;
-        let obtained = obtain_shared_credential(inputs, http, &ctx.refresh_policy, &ctx.token_cache, key.clone(), held, reuse).await;
+        // The room before expiry depends on whether the connection's Pods are nudged.
+        let policy = ctx.nudger.refresh_policy(&ctx.refresh_policy, self.connection);
+        let obtained = obtain_shared_credential(inputs, http, &policy, &ctx.token_cache, key.clone(), held, reuse).await;
         let result = obtained.result;
         match obtained.source.saved_label() {
             None => self.record_credential_request(inputs, &result, started.elapsed()),
@@ -757,7 +759,7 @@ impl<'a> Reconciling<'a> {
             credential.expires_at,
             inputs.refresh_before,
             inputs.session_timeout,
-            &self.ctx.refresh_policy,
+            &self.ctx.nudger.refresh_policy(&self.ctx.refresh_policy, self.connection),
         )
     }
 
@@ -804,6 +806,10 @@ impl<'a> Reconciling<'a> {
             }
             Err(error) => return Err(error.into()),
         };
+        // The consuming Pods that opted in re-read the Secret now (issue 21).
+        self.ctx
+            .nudger
+            .after_write(&self.key.0, &name, written.metadata.resource_version.as_deref().unwrap_or_default());
         if let Ok(mut checked) = self.checked_secret.lock() {
             *checked = Some(written);
         }
