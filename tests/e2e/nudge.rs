@@ -245,9 +245,15 @@ async fn check_policy(world: &World, admin: &Api<Pod>, namespace: &str, operator
     let merge = |patch: Value| Patch::Merge(patch);
     let params = PatchParams::default();
     let image = json!({"spec": {"containers": [{"name": "app", "image": "evil.test/miner:1"}]}});
-    // The policy takes a moment to load.
+    // The policy takes a moment to load: tried as a dry run until refused, so that an image
+    // change accepted before that does not stay.
+    let dry_run = PatchParams {
+        dry_run: true,
+        ..PatchParams::default()
+    };
     let message = eventually("the nudge policy refusing an image change", TAKES_EFFECT, || async {
-        Ok(match as_operator.patch("app", &params, &merge(image.clone())).await {
+        // Strategic: the container list is merged by name, so only the image changes.
+        Ok(match as_operator.patch("app", &dry_run, &Patch::Strategic(image.clone())).await {
             Err(kube::Error::Api(status)) if status.code == 403 && status.message.contains("credential-version") => {
                 Check::Done(status.message)
             }
@@ -256,6 +262,8 @@ async fn check_policy(world: &World, admin: &Api<Pod>, namespace: &str, operator
         })
     })
     .await?;
+    ensure!(message.contains("not its spec"), "{message}");
+    let message = refusal("an image change", as_operator.patch("app", &params, &Patch::Strategic(image)).await)?;
     ensure!(message.contains("not its spec"), "{message}");
     let refusals = [
         ("a label", json!({"metadata": {"labels": {"app": "changed"}}}), "not its labels"),
