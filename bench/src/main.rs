@@ -382,10 +382,8 @@ impl Report {
         let took = started.elapsed().as_secs_f64();
         self.row("whole run (s)", format!("{took:.0}"));
         self.json.insert("run_s".into(), json!(took));
-        self.json.insert(
-            "table".into(),
-            Value::Array(self.rows.iter().map(|(k, v)| json!([k, v])).collect()),
-        );
+        self.json
+            .insert("table".into(), Value::Array(self.rows.iter().map(|(k, v)| json!([k, v])).collect()));
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)?;
         }
@@ -541,11 +539,19 @@ impl Bench {
 
     fn start_operator_with(&self, namespace: &str, listen: &str, extra: &[&str]) -> anyhow::Result<OperatorProcess> {
         let concurrency = self.args.concurrency.to_string();
-        let args: Vec<String> = ["run", "--namespace", namespace, "--listen-addr", listen, "--concurrency", &concurrency]
-            .iter()
-            .chain(extra)
-            .map(|s| s.to_string())
-            .collect();
+        let args: Vec<String> = [
+            "run",
+            "--namespace",
+            namespace,
+            "--listen-addr",
+            listen,
+            "--concurrency",
+            &concurrency,
+        ]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect();
         OperatorProcess::start(
             &self.args.operator,
             self.control_plane.kubeconfig(),
@@ -843,7 +849,7 @@ impl Bench {
         Ok(figures::apiserver_requests(&text))
     }
 
-    /// 8. The nudge (issue 21): `nudge_connections` connections Ready under an operator with
+    /// Phase 8, the nudge (issue 21): `nudge_connections` connections Ready under an operator with
     /// `--nudge-pods`, then `nudge_pods` labelled Pods, each mounting the derived Secret of
     /// connection (pod mod connections), set Running through the status subresource (no
     /// kubelet here); then every connection is refreshed at once (the refresh annotation).
@@ -904,7 +910,11 @@ impl Bench {
             .map(|i| {
                 let api = api.clone();
                 let patch = json!({"metadata": {"annotations": {"tasklist.camunda.community/refresh": "bench-nudge"}}});
-                async move { api.patch(&connection_name(i), &PatchParams::default(), &Patch::Merge(patch)).await.map(drop) }
+                async move {
+                    api.patch(&connection_name(i), &PatchParams::default(), &Patch::Merge(patch))
+                        .await
+                        .map(drop)
+                }
             })
             .buffer_unordered(self.args.writers)
             .try_collect::<Vec<()>>()
@@ -915,7 +925,12 @@ impl Bench {
             let nudged = listed
                 .items
                 .iter()
-                .filter(|pod| pod.metadata.annotations.as_ref().is_some_and(|a| a.contains_key("tasklist.camunda.community/credential-version")))
+                .filter(|pod| {
+                    pod.metadata
+                        .annotations
+                        .as_ref()
+                        .is_some_and(|a| a.contains_key("tasklist.camunda.community/credential-version"))
+                })
                 .count();
             if nudged >= pod_count {
                 break started.elapsed();
