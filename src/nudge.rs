@@ -16,11 +16,12 @@
 //!   Secret it mounts (a `secret` volume or a `projected` volume's `secret` source), and
 //!   only while it is Running and not being deleted. No annotation naming the connection:
 //!   it would say again what the volumes say, and a typo in it would silently stop the nudge.
-//! - **A slim record per labelled Pod**: the decision needs the volumes' Secret names,
-//!   which a metadata-only watch cannot see; so the watch keeps the whole Pod only for the
-//!   moment of [`slim_pod`], and the store holds name, namespace, uid, resourceVersion,
-//!   deletion time, phase and the mounted Secrets' names (about 200 bytes a Pod). No GET
-//!   per write.
+//! - **A small record per labelled Pod**: the decision needs the volumes' Secret names,
+//!   which a metadata-only watch cannot see; so the watch hands over each whole Pod and
+//!   keeps only a [`PodRecord`]: namespace, name, Running or not, being deleted or not, and
+//!   the mounted Secrets' names (about 150 bytes a Pod). A reflector store of slimmed `Pod`
+//!   objects would keep about 4 KB each (every field of Pod is there, if empty): measured
+//!   with 1,000 Pods, +6 MB RSS. No GET per write.
 //! - **The annotation's value** is the derived Secret's resourceVersion after the write:
 //!   it names the version, tells nothing about the credential (no hash of it: Pods are
 //!   readable by more people than Secrets), and changes with every write.
@@ -34,15 +35,14 @@
 //! Pod until a patch of that Pod works again, and never retried: the next write nudges
 //! again, and the kubelet's own sync catches up meanwhile.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus, SecretVolumeSource, Volume};
+use k8s_openapi::api::core::v1::{Pod, PodSpec};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
-use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, watcher};
 use kube::{Client, ResourceExt};
 use prometheus_client::metrics::counter::Counter;
@@ -125,14 +125,74 @@ pub fn mounted_secrets(spec: &PodSpec) -> BTreeSet<String> {
     names
 }
 
-/// Whether `pod` (as the store keeps it) is to be nudged after a write of `secret` in
-/// `namespace`: same namespace, Running, not being deleted, mounts the Secret. (The label
-/// was checked by the watch's selector.)
+/// What the nudge keeps of a labelled Pod: what the decision reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRecord {
+    running: bool,
+    deleting: bool,
+    /// The Secrets it mounts ([`mounted_secrets`]).
+    secrets: Box<[String]>,
+}
+
+impl PodRecord {
+    pub fn of(pod: &Pod) -> PodRecord {
+        PodRecord {
+            running: pod.status.as_ref().and_then(|status| status.phase.as_deref()) == Some("Running"),
+            deleting: pod.metadata.deletion_timestamp.is_some(),
+            secrets: pod.spec.as_ref().map(mounted_secrets).unwrap_or_default().into_iter().collect(),
+        }
+    }
+
+    /// Whether the Pod is to be nudged after a write of `secret` in its namespace: Running,
+    /// not being deleted, mounts the Secret. (The label was checked by the watch's selector.)
+    pub fn consumes(&self, secret: &str) -> bool {
+        self.running && !self.deleting && self.secrets.iter().any(|name| name == secret)
+    }
+}
+
+/// Whether `pod` is to be nudged after a write of `secret` in `namespace`.
 pub fn is_consumer(pod: &Pod, namespace: &str, secret: &str) -> bool {
-    pod.metadata.namespace.as_deref() == Some(namespace)
-        && pod.metadata.deletion_timestamp.is_none()
-        && pod.status.as_ref().and_then(|status| status.phase.as_deref()) == Some("Running")
-        && pod.spec.as_ref().is_some_and(|spec| mounted_secrets(spec).contains(secret))
+    pod.metadata.namespace.as_deref() == Some(namespace) && PodRecord::of(pod).consumes(secret)
+}
+
+/// The records of the labelled Pods of one watch, by namespace and name, kept from its
+/// events: a relist (after a start or a lost watch) replaces them all once it is complete.
+#[derive(Debug, Default)]
+pub struct PodRecords {
+    listed: HashMap<(String, String), PodRecord>,
+    relisting: Option<HashMap<(String, String), PodRecord>>,
+}
+
+impl PodRecords {
+    pub fn apply(&mut self, event: watcher::Event<Pod>) {
+        let key = |pod: &Pod| (pod.metadata.namespace.clone().unwrap_or_default(), pod.name_any());
+        match event {
+            watcher::Event::Apply(pod) => {
+                self.listed.insert(key(&pod), PodRecord::of(&pod));
+            }
+            watcher::Event::Delete(pod) => {
+                self.listed.remove(&key(&pod));
+            }
+            watcher::Event::Init => self.relisting = Some(HashMap::new()),
+            watcher::Event::InitApply(pod) => {
+                self.relisting.get_or_insert_default().insert(key(&pod), PodRecord::of(&pod));
+            }
+            watcher::Event::InitDone => {
+                if let Some(listed) = self.relisting.take() {
+                    self.listed = listed;
+                }
+            }
+        }
+    }
+
+    /// The names of the Pods of `namespace` to nudge after a write of `secret`.
+    pub fn consumers(&self, namespace: &str, secret: &str) -> Vec<String> {
+        self.listed
+            .iter()
+            .filter(|((pod_namespace, _), record)| pod_namespace == namespace && record.consumes(secret))
+            .map(|((_, name), _)| name.clone())
+            .collect()
+    }
 }
 
 /// The room left before a credential expires for the Pods to see its successor (the
@@ -160,39 +220,6 @@ pub fn nudge_patch(version: &str) -> serde_json::Value {
     serde_json::json!({"metadata": {"annotations": {CREDENTIAL_VERSION_ANNOTATION: version}}})
 }
 
-/// What the store keeps of a labelled Pod: what [`is_consumer`] reads (see the module docs).
-pub fn slim_pod(pod: &mut Pod) {
-    let secrets = pod.spec.as_ref().map(mounted_secrets).unwrap_or_default();
-    let phase = pod.status.as_ref().and_then(|status| status.phase.clone());
-    let metadata = &mut pod.metadata;
-    metadata.labels = None;
-    metadata.annotations = None;
-    metadata.managed_fields = None;
-    metadata.owner_references = None;
-    metadata.finalizers = None;
-    metadata.generate_name = None;
-    pod.spec = Some(PodSpec {
-        volumes: Some(
-            secrets
-                .into_iter()
-                .map(|name| Volume {
-                    name: name.clone(),
-                    secret: Some(SecretVolumeSource {
-                        secret_name: Some(name),
-                        ..SecretVolumeSource::default()
-                    }),
-                    ..Volume::default()
-                })
-                .collect(),
-        ),
-        ..PodSpec::default()
-    });
-    pod.status = Some(PodStatus {
-        phase,
-        ..PodStatus::default()
-    });
-}
-
 // ---------------------------------------------------------------------------------------
 // the nudger
 
@@ -218,8 +245,8 @@ pub struct Nudger {
 
 struct On {
     client: Client,
-    /// One store per watched namespace (`None`: all namespaces).
-    stores: Vec<(Option<String>, Store<Pod>)>,
+    /// The labelled Pods of each watched namespace (`None`: all namespaces).
+    stores: Vec<(Option<String>, Arc<Mutex<PodRecords>>)>,
     permits: Arc<Semaphore>,
     metrics: NudgeMetrics,
     /// Pods whose last patch failed and was logged: the next failures are not logged again.
@@ -245,18 +272,20 @@ impl Nudger {
                     Some(namespace) => Api::namespaced(client.clone(), namespace),
                     None => Api::all(client.clone()),
                 };
-                let (store, writer) = reflector::store();
+                let store = Arc::new(Mutex::new(PodRecords::default()));
+                let records = store.clone();
                 let config = watcher::Config::default().labels(&format!("{NUDGE_LABEL}=true"));
-                let pods = watcher(api, config)
-                    .default_backoff()
-                    .modify(slim_pod)
-                    .reflect(writer)
-                    .for_each(|event| {
-                        if let Err(error) = event {
-                            debug!("the watch of labelled Pods failed, reconnecting: {error}");
+                let pods = watcher(api, config).default_backoff().for_each(move |event| {
+                    match event {
+                        Ok(event) => {
+                            if let Ok(mut records) = records.lock() {
+                                records.apply(event);
+                            }
                         }
-                        std::future::ready(())
-                    });
+                        Err(error) => debug!("the watch of labelled Pods failed, reconnecting: {error}"),
+                    }
+                    std::future::ready(())
+                });
                 tokio::spawn(pods);
                 (scope, store)
             })
@@ -306,9 +335,7 @@ impl Nudger {
             .stores
             .iter()
             .filter(|(scope, _)| scope.as_deref().is_none_or(|scope| scope == namespace))
-            .flat_map(|(_, store)| store.state())
-            .filter(|pod| is_consumer(pod, namespace, secret))
-            .map(|pod| pod.name_any())
+            .flat_map(|(_, store)| store.lock().map(|records| records.consumers(namespace, secret)).unwrap_or_default())
             .collect();
         if consumers.is_empty() {
             return;
@@ -416,28 +443,36 @@ mod tests {
     }
 
     #[test]
-    fn the_store_keeps_only_what_the_decision_reads_and_decides_the_same() {
-        let volumes = serde_json::json!([
-            {"name": "a", "secret": {"secretName": "s"}},
-            {"name": "b", "projected": {"sources": [{"secret": {"name": "t"}}]}},
-        ]);
-        let whole = consumer("Running", volumes);
-        let mut slim = whole.clone();
-        slim_pod(&mut slim);
-        for secret in ["s", "t", "u"] {
-            assert_eq!(is_consumer(&slim, "team", secret), is_consumer(&whole, "team", secret), "{secret}");
+    fn the_records_follow_the_watch_and_a_relist_replaces_them() {
+        let volumes = serde_json::json!([{"name": "a", "secret": {"secretName": "s"}}]);
+        let named = |name: &str, phase: &str| {
+            let mut pod = consumer(phase, volumes.clone());
+            pod.metadata.name = Some(name.to_owned());
+            pod
+        };
+        let mut records = PodRecords::default();
+        records.apply(watcher::Event::Apply(named("a", "Running")));
+        records.apply(watcher::Event::Apply(named("b", "Pending")));
+        assert_eq!(records.consumers("team", "s"), ["a"]);
+        assert!(records.consumers("other", "s").is_empty());
+        assert!(records.consumers("team", "t").is_empty());
+        // b starts running, a is deleted.
+        records.apply(watcher::Event::Apply(named("b", "Running")));
+        records.apply(watcher::Event::Delete(named("a", "Running")));
+        assert_eq!(records.consumers("team", "s"), ["b"]);
+        // A relist: until it is complete the old records hold; then only what it listed.
+        records.apply(watcher::Event::Init);
+        records.apply(watcher::Event::InitApply(named("c", "Running")));
+        assert_eq!(records.consumers("team", "s"), ["b"]);
+        records.apply(watcher::Event::InitDone);
+        assert_eq!(records.consumers("team", "s"), ["c"]);
+        // The record decides like the whole Pod.
+        for phase in ["Running", "Pending"] {
+            let pod = named("d", phase);
+            for secret in ["s", "t"] {
+                assert_eq!(PodRecord::of(&pod).consumes(secret), is_consumer(&pod, "team", secret));
+            }
         }
-        assert_eq!(slim.metadata.name.as_deref(), Some("app"));
-        assert!(slim.metadata.labels.is_none() && slim.metadata.annotations.is_none() && slim.metadata.managed_fields.is_none());
-        let spec = slim.spec.as_ref().expect("a spec");
-        assert!(spec.containers.is_empty());
-        let status = slim.status.as_ref().expect("a status");
-        assert!(status.pod_ip.is_none() && status.conditions.is_none());
-        let kept = serde_json::to_string(&slim).expect("serializable").len();
-        assert!(
-            kept < serde_json::to_string(&whole).expect("serializable").len() / 4,
-            "{kept} bytes kept"
-        );
     }
 
     #[test]
