@@ -365,6 +365,9 @@ impl On {
                 self.failing.lock().map(|mut failing| failing.remove(&key)).ok();
                 false
             }
+            // A Pod deleted meanwhile is not remembered (nor logged above debug): the set
+            // holds only Pods that exist.
+            Err(kube::Error::Api(response)) if response.code == 404 => false,
             Err(_) => self.failing.lock().map(|mut failing| failing.insert(key.clone())).unwrap_or(true),
         };
         match result {
@@ -375,7 +378,7 @@ impl On {
                 if first_failure {
                     warn!(%pod, "could not nudge the Pod (not retried; the kubelet's own sync will update its Secret volume): {error}");
                 } else {
-                    debug!(%pod, "could not nudge the Pod again: {error}");
+                    debug!(%pod, "could not nudge the Pod (logged before, or the Pod is gone): {error}");
                 }
             }
         }
