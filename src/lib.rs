@@ -16,6 +16,7 @@ pub mod leader;
 pub mod logging;
 pub mod machinery;
 pub mod metrics;
+pub mod nudge;
 pub mod obtain;
 pub mod policy;
 pub mod reason;

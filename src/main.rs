@@ -12,6 +12,7 @@ use tasklist_operator::crd::TasklistConnection;
 use tasklist_operator::leader::{LeaderElector, LeaseSettings};
 use tasklist_operator::logging;
 use tasklist_operator::metrics::Metrics;
+use tasklist_operator::nudge::{NudgeArgs, NudgeMetrics, Nudger};
 use tasklist_operator::policy::{HostPolicy, PolicyArgs};
 use tasklist_operator::schedule::RefreshPolicy;
 use tasklist_operator::serve::{Health, serve};
@@ -94,6 +95,9 @@ struct RunArgs {
     leader: LeaderArgs,
     #[command(flatten)]
     shards: ShardArgs,
+    /// The nudge of the Pods that mount a derived Secret (docs/nudge.md).
+    #[command(flatten)]
+    nudge: NudgeArgs,
 }
 
 /// Requests to Camunda.
@@ -292,7 +296,12 @@ async fn run(args: RunArgs, sharding: Sharding) -> anyhow::Result<()> {
         Err(message) => anyhow::bail!("leader election: {message}"),
     };
     let health = Arc::new(Health::default());
-    let metrics = Arc::new(Metrics::default().with_shard_info(sharding.index(), sharding.count()));
+    let nudge_metrics = NudgeMetrics::default();
+    let metrics = Arc::new(
+        Metrics::default()
+            .with_shard_info(sharding.index(), sharding.count())
+            .with_nudge_metrics(&nudge_metrics),
+    );
     let server = tokio::spawn(serve(args.listen_addr, health.clone(), metrics.clone(), shutdown()));
     wait_until_crd_answers(&client, &args.namespaces, sharding.label_selector()).await?;
     // Standbys are ready too: they are healthy, just not the one reconciling.
@@ -314,10 +323,12 @@ async fn run(args: RunArgs, sharding: Sharding) -> anyhow::Result<()> {
         sharding,
         require_secret_opt_in: args.require_secret_opt_in,
     };
+    let nudger = Nudger::start(client.clone(), &args.namespaces, &args.nudge, nudge_metrics);
     let ctx = Arc::new(Context::new(
         client,
         metrics,
         settings,
+        nudger,
         args.leader.leader_election_identity.clone(),
     ));
     match &elector {

@@ -240,6 +240,17 @@ impl Metrics {
         self
     }
 
+    /// Adds the nudge's `pod_nudges_total{result}` (issue 21): Pod patches after derived
+    /// Secret writes, `patched` or `failed`.
+    pub fn with_nudge_metrics(mut self, nudge: &crate::nudge::NudgeMetrics) -> Self {
+        self.registry.register(
+            "pod_nudges",
+            "Patches of the credential-version annotation on Pods that mount a derived Secret, after its writes (patched or failed)",
+            nudge.pod_nudges.clone(),
+        );
+        self
+    }
+
     /// Every metric, in the format asked for.
     pub fn encode(&self, format: ExpositionFormat) -> String {
         let mut openmetrics = String::new();

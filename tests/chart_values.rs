@@ -772,3 +772,64 @@ fn the_operator_may_create_service_account_tokens_where_it_watches_unless_turned
     // Turned off: nowhere.
     assert!(token_grants(&render(&["--set", "rbac.serviceAccountTokens=false"])).is_empty());
 }
+
+/// The nudge (issue 21) is off by default: no Pod permission, no flag, no policy. On, the
+/// operator may list, watch and patch Pods (nothing more, in the watched namespaces only),
+/// gets its flags, and the admission policy limits its Pod writes to the one annotation.
+#[test]
+fn the_nudge_is_off_by_default_and_on_grants_pod_patches_behind_an_admission_policy() {
+    let pod_rules = |objects: &[Value], kind: &str| -> Vec<Value> {
+        all_of(objects, kind)
+            .iter()
+            .flat_map(|role| role["rules"].as_array().cloned().unwrap_or_default())
+            .filter(|rule| {
+                rule["resources"]
+                    .as_array()
+                    .is_some_and(|r| r.iter().any(|r| r.as_str().is_some_and(|r| r.starts_with("pods"))))
+            })
+            .collect()
+    };
+    let nudge_policies = |objects: &[Value]| {
+        all_of(objects, "ValidatingAdmissionPolicy")
+            .iter()
+            .filter(|policy| policy["metadata"]["name"].as_str().is_some_and(|name| name.contains("-nudge.")))
+            .count()
+    };
+    let off = render(&[]);
+    assert!(pod_rules(&off, "ClusterRole").is_empty(), "{:?}", pod_rules(&off, "ClusterRole"));
+    assert!(!args(&off).iter().any(|arg| arg.contains("nudge")), "{:?}", args(&off));
+    assert_eq!(nudge_policies(&off), 0);
+
+    let on = render(&["--set", "nudge.enabled=true", "--set", "watchNamespaces={team-a}"]);
+    assert_eq!(
+        pod_rules(&on, "Role"),
+        [json!({"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch", "patch"]})]
+    );
+    let args = args(&on);
+    for expected in ["--nudge-pods", "--nudge-concurrency", "8", "--nudged-secret-volume-delay", "15s"] {
+        assert!(args.contains(&expected.to_owned()), "{expected} missing from {args:?}");
+    }
+    assert_eq!(nudge_policies(&on), 1);
+    let policy = all_of(&on, "ValidatingAdmissionPolicy")
+        .into_iter()
+        .find(|policy| policy["metadata"]["name"].as_str().is_some_and(|name| name.contains("-nudge.")))
+        .expect("the nudge policy");
+    let condition = policy["spec"]["matchConditions"][0]["expression"].as_str().expect("a condition");
+    assert!(
+        condition.contains("'system:serviceaccount:tlo-system:tlo-tasklist-operator'"),
+        "the policy matches {condition}"
+    );
+    let binding = all_of(&on, "ValidatingAdmissionPolicyBinding")
+        .into_iter()
+        .find(|binding| binding["spec"]["policyName"] == policy["metadata"]["name"])
+        .expect("a binding");
+    assert_eq!(binding["spec"]["validationActions"], json!(["Deny"]));
+    assert_eq!(
+        binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"][0]["values"],
+        json!(["team-a"])
+    );
+    // The policy can be left out (clusters before 1.30), the permission stays.
+    let without = render(&["--set", "nudge.enabled=true", "--set", "nudge.admissionPolicy.enabled=false"]);
+    assert_eq!(nudge_policies(&without), 0);
+    assert_eq!(pod_rules(&without, "ClusterRole").len(), 1);
+}

@@ -14,7 +14,11 @@
 //!    client Secrets growing by 64 KiB they do not read, and 300 Secrets of 1 MB labelled
 //!    as the operator's own;
 //! 7. rotation under load: client Secrets rotated, time until every connection using one
-//!    holds a new token.
+//!    holds a new token;
+//! 8. the nudge (issue 21): an operator with `--nudge-pods`, 1,000 labelled Running Pods
+//!    mounting the derived Secrets of 100 connections; every connection refreshed at once;
+//!    the API requests the nudge adds (Pod patches, from the audit log) and the time until
+//!    every Pod carries the new credential version.
 //!
 //! Each phase has namespaces of its own; the cold-start namespace is deleted (and gone)
 //! before the burst begins, so the steady state and memory figures are for N connections.
@@ -31,7 +35,7 @@ use anyhow::{Context as _, bail, ensure};
 use clap::Parser;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Secret};
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
@@ -89,6 +93,16 @@ struct Args {
     /// Rotation rounds.
     #[arg(long, default_value_t = 3)]
     rotation_rounds: usize,
+    /// Connections of the nudge phase (0: no nudge phase).
+    #[arg(long, default_value_t = 100)]
+    nudge_connections: usize,
+    /// Labelled Running Pods of the nudge phase, each mounting the derived Secret of
+    /// connection (pod mod nudge-connections).
+    #[arg(long, default_value_t = 1000)]
+    nudge_pods: usize,
+    /// Run only the nudge phase (the others take minutes).
+    #[arg(long)]
+    nudge_only: bool,
     /// The operator binary (the release build).
     #[arg(long, default_value = "target/release/tasklist-operator")]
     operator: PathBuf,
@@ -201,6 +215,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                "operator_concurrency": bench.args.concurrency, "writers": bench.args.writers,
                "window_s": bench.args.window, "cores": std::thread::available_parallelism().map(|p| p.get()).unwrap_or(0)}),
     );
+
+    if bench.args.nudge_only {
+        bench.nudge_phase(&mut report).await.context("nudge")?;
+        return report.write(&bench.args.json, started);
+    }
 
     // 1. The floor, twice.
     let mut floors = Vec::new();
@@ -349,20 +368,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
 
     burst.operator.terminate(Duration::from_secs(30)).await?;
-    let took = started.elapsed().as_secs_f64();
-    report.row("whole run (s)", format!("{took:.0}"));
-    report.json.insert("run_s".into(), json!(took));
-    report.json.insert(
-        "table".into(),
-        Value::Array(report.rows.iter().map(|(k, v)| json!([k, v])).collect()),
-    );
-    if let Some(parent) = bench.args.json.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)?;
+
+    // 8. The nudge.
+    if bench.args.nudge_connections > 0 {
+        bench.nudge_phase(&mut report).await.context("nudge")?;
     }
-    std::fs::write(&bench.args.json, serde_json::to_string_pretty(&Value::Object(report.json))?)
-        .with_context(|| format!("cannot write {}", bench.args.json.display()))?;
-    println!("bench: JSON written to {}", bench.args.json.display());
-    Ok(())
+    report.write(&bench.args.json, started)
+}
+
+impl Report {
+    /// Adds the whole run's time and the table, and writes the JSON report.
+    fn write(mut self, path: &Path, started: Instant) -> anyhow::Result<()> {
+        let took = started.elapsed().as_secs_f64();
+        self.row("whole run (s)", format!("{took:.0}"));
+        self.json.insert("run_s".into(), json!(took));
+        self.json
+            .insert("table".into(), Value::Array(self.rows.iter().map(|(k, v)| json!([k, v])).collect()));
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(path, serde_json::to_string_pretty(&Value::Object(self.json))?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("bench: JSON written to {}", path.display());
+        Ok(())
+    }
 }
 
 fn mb(bytes: u64) -> f64 {
@@ -465,9 +494,14 @@ impl Bench {
 
     /// Creates the N connections of `namespace`, `writers` at a time.
     async fn create_connections(&self, namespace: &str) -> anyhow::Result<()> {
+        self.create_some_connections(namespace, self.args.connections).await
+    }
+
+    /// Creates `count` connections in `namespace`, `writers` at a time.
+    async fn create_some_connections(&self, namespace: &str, count: usize) -> anyhow::Result<()> {
         let api = self.connections(namespace);
         let (url, token_url) = (self.standin.url(), self.standin.token_url());
-        futures::stream::iter(0..self.args.connections)
+        futures::stream::iter(0..count)
             .map(|i| {
                 let api = api.clone();
                 let mut object = DynamicObject::new(&connection_name(i), &self.connection_resource);
@@ -500,6 +534,11 @@ impl Bench {
     }
 
     fn start_operator(&self, namespace: &str, listen: &str) -> anyhow::Result<OperatorProcess> {
+        self.start_operator_with(namespace, listen, &[])
+    }
+
+    fn start_operator_with(&self, namespace: &str, listen: &str, extra: &[&str]) -> anyhow::Result<OperatorProcess> {
+        let concurrency = self.args.concurrency.to_string();
         let args: Vec<String> = [
             "run",
             "--namespace",
@@ -507,9 +546,10 @@ impl Bench {
             "--listen-addr",
             listen,
             "--concurrency",
-            &self.args.concurrency.to_string(),
+            &concurrency,
         ]
         .iter()
+        .chain(extra)
         .map(|s| s.to_string())
         .collect();
         OperatorProcess::start(
@@ -807,6 +847,144 @@ impl Bench {
             .await
             .context("reading the kube-apiserver's /metrics")?;
         Ok(figures::apiserver_requests(&text))
+    }
+
+    /// Phase 8, the nudge (issue 21): `nudge_connections` connections Ready under an operator with
+    /// `--nudge-pods`, then `nudge_pods` labelled Pods, each mounting the derived Secret of
+    /// connection (pod mod connections), set Running through the status subresource (no
+    /// kubelet here); then every connection is refreshed at once (the refresh annotation).
+    /// Counted from the audit log of that namespace between the refresh and the last Pod
+    /// nudged: the operator's Pod patches and Secret writes.
+    async fn nudge_phase(&self, report: &mut Report) -> anyhow::Result<()> {
+        let (connections, pod_count) = (self.args.nudge_connections.max(1), self.args.nudge_pods);
+        let namespace = self.control_plane.create_namespace("nudge").await?;
+        self.create_client_secrets(&namespace).await?;
+        let ready = ReadyTracker::start(self.connections(&namespace));
+        let listen = format!("127.0.0.1:{}", tools::free_loopback_port()?);
+        let mut operator = self.start_operator_with(&namespace, &listen, &["--nudge-pods"])?;
+        wait_until_ready_endpoint(&listen, &mut operator).await?;
+        self.create_some_connections(&namespace, connections).await?;
+        ready.wait_for(connections, &mut operator).await?;
+        let memory_without_pods = process_memory(operator.pid())?;
+
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &namespace);
+        let accounts: Api<ServiceAccount> = Api::namespaced(self.client.clone(), &namespace);
+        // Pods are admitted once the namespace's default ServiceAccount exists.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while accounts.get_opt("default").await?.is_none() {
+            ensure!(Instant::now() < deadline, "no default ServiceAccount in {namespace} after 30 s");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        futures::stream::iter(0..pod_count)
+            .map(|j| {
+                let pods = pods.clone();
+                async move {
+                    let name = format!("app-{j}");
+                    let pod: Pod = serde_json::from_value(json!({
+                        "metadata": {"name": name, "labels": {"tasklist.camunda.community/nudge": "true", "app": "bench"}},
+                        "spec": {
+                            "automountServiceAccountToken": false,
+                            "containers": [{"name": "app", "image": "bench.test/app:1",
+                                            "volumeMounts": [{"name": "tasklist", "mountPath": "/var/run/tasklist"}]}],
+                            "volumes": [{"name": "tasklist", "secret": {"secretName": derived_secret_name(j % connections)}}],
+                        },
+                    }))?;
+                    pods.create(&PostParams::default(), &pod).await?;
+                    let running = json!({"status": {"phase": "Running"}});
+                    pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(running)).await?;
+                    anyhow::Ok(())
+                }
+            })
+            .buffer_unordered(self.args.writers)
+            .try_collect::<Vec<()>>()
+            .await
+            .context("creating the Pods")?;
+        // The operator's Pod watch sees them within moments.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let memory_with_pods = process_memory(operator.pid())?;
+
+        let audited_before = self.control_plane.api_requests(&namespace)?.len();
+        let started = Instant::now();
+        let api = self.connections(&namespace);
+        futures::stream::iter(0..connections)
+            .map(|i| {
+                let api = api.clone();
+                let patch = json!({"metadata": {"annotations": {"tasklist.camunda.community/refresh": "bench-nudge"}}});
+                async move {
+                    api.patch(&connection_name(i), &PatchParams::default(), &Patch::Merge(patch))
+                        .await
+                        .map(drop)
+                }
+            })
+            .buffer_unordered(self.args.writers)
+            .try_collect::<Vec<()>>()
+            .await
+            .context("refreshing the connections")?;
+        let all_nudged = loop {
+            let listed = pods.list_metadata(&ListParams::default()).await?;
+            let nudged = listed
+                .items
+                .iter()
+                .filter(|pod| {
+                    pod.metadata
+                        .annotations
+                        .as_ref()
+                        .is_some_and(|a| a.contains_key("tasklist.camunda.community/credential-version"))
+                })
+                .count();
+            if nudged >= pod_count {
+                break started.elapsed();
+            }
+            ensure!(
+                started.elapsed() < Duration::from_secs(180),
+                "only {nudged} of {pod_count} Pods nudged 180 s after the refresh"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        // Let the audit log catch up with the last requests.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let audited = self.control_plane.api_requests(&namespace)?;
+        let after: Vec<_> = audited.iter().skip(audited_before).collect();
+        let count = |verb: &str, resource: &str| {
+            after
+                .iter()
+                .filter(|r| r.verb == verb && r.resource == resource && r.subresource.is_empty() && r.code < 300)
+                .count()
+        };
+        let (pod_patches, secret_writes) = (count("patch", "pods"), count("patch", "secrets"));
+        let failed_pod_patches = after
+            .iter()
+            .filter(|r| r.verb == "patch" && r.resource == "pods" && r.subresource.is_empty() && r.code >= 300)
+            .count();
+        let counters = operator_counters(&listen).await?;
+        operator.terminate(Duration::from_secs(30)).await?;
+        self.delete_namespace(&namespace).await?;
+
+        let title = format!("nudge, {pod_count} Pods over {connections} connections");
+        report.row(
+            &format!("{title}: refresh of all to all Pods nudged (s)"),
+            format!("{:.2}", all_nudged.as_secs_f64()),
+        );
+        report.row(
+            &format!("{title}: Pod patches, failed, Secret writes"),
+            format!("{pod_patches}, {failed_pod_patches}, {secret_writes}"),
+        );
+        report.row(
+            &format!("{title}: Pod patches per Secret write"),
+            format!("{:.2}", pod_patches as f64 / secret_writes.max(1) as f64),
+        );
+        report.row(
+            &format!("{title}: RSS before, after the Pods (MB)"),
+            format!("{:.1}, {:.1}", mb(memory_without_pods.rss), mb(memory_with_pods.rss)),
+        );
+        report.json.insert(
+            "nudge".into(),
+            json!({"connections": connections, "pods": pod_count, "all_nudged_s": all_nudged.as_secs_f64(),
+                   "pod_patches": pod_patches, "failed_pod_patches": failed_pod_patches, "secret_writes": secret_writes,
+                   "pod_nudges_patched": counters.get("tasklist_operator_pod_nudges_total{result=\"patched\"}"),
+                   "rss_without_pods_bytes": memory_without_pods.rss, "rss_with_pods_bytes": memory_with_pods.rss}),
+        );
+        Ok(())
     }
 
     async fn delete_namespace(&self, namespace: &str) -> anyhow::Result<()> {

@@ -33,6 +33,7 @@ use crate::events::EventPublisher;
 use crate::machinery::lock::lock;
 use crate::machinery::users::SharedByUsers;
 use crate::metrics::{Metrics, ReasonLabels};
+use crate::nudge::Nudger;
 use crate::policy::{HostPolicy, ResolutionCache};
 use crate::schedule::RefreshPolicy;
 use crate::shard::Sharding;
@@ -79,6 +80,8 @@ pub struct Context {
     pub client: Client,
     pub metrics: Arc<Metrics>,
     events: EventPublisher,
+    /// Nudges the Pods that mount a derived Secret after each write (`--nudge-pods`).
+    nudger: Nudger,
 }
 
 /// How the operator was configured (its flags), fixed for the life of the process.
@@ -173,13 +176,14 @@ pub const DEFAULT_CONCURRENCY: u16 = 32;
 
 impl Context {
     /// `instance` names this operator process in Events (its Pod name).
-    pub fn new(client: Client, metrics: Arc<Metrics>, settings: Settings, instance: Option<String>) -> Self {
+    pub fn new(client: Client, metrics: Arc<Metrics>, settings: Settings, nudger: Nudger, instance: Option<String>) -> Self {
         Context {
             events: EventPublisher::new(client.clone(), instance),
             shared: Shared::for_settings(&settings),
             settings,
             client,
             metrics,
+            nudger,
         }
     }
 

@@ -111,7 +111,8 @@ impl<'a> Reconciling<'a> {
             stored: stored.and_then(Result::ok),
             gate,
             memory: ctx.shared.memory.decided(&self.key),
-            refresh_policy: ctx.settings.refresh,
+            // The room before expiry depends on whether the connection's Pods are nudged.
+            refresh_policy: ctx.nudger.refresh_policy(&ctx.settings.refresh, self.connection),
             jitter: rand::random(),
         };
         Ok(facts)
@@ -588,6 +589,9 @@ impl<'a> Reconciling<'a> {
             }
             Err(error) => return Err(error.into()),
         };
+        // The consuming Pods that opted in re-read the Secret now.
+        let version = written.metadata.resource_version.as_deref().unwrap_or_default();
+        self.ctx.nudger.after_write(&self.key.0, &name, version);
         *lock(&self.checked_secret, "the derived Secret as checked") = Some(written);
         Ok(())
     }

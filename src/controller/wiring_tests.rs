@@ -260,7 +260,13 @@ async fn harness_before_the_watches_listed() -> Harness {
         http: settings,
         ..Settings::default()
     };
-    let ctx = Arc::new(Context::new(client, Arc::new(Metrics::default()), settings, None));
+    let ctx = Arc::new(Context::new(
+        client,
+        Arc::new(Metrics::default()),
+        settings,
+        Default::default(),
+        None,
+    ));
     let (derived_store, derived) = reflector::store();
     let (metadata_store, metadata) = reflector::store();
     let caches = SecretCaches {

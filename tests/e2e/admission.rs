@@ -36,7 +36,7 @@ pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
 }
 
 /// How long a new policy, binding or RoleBinding may take to take effect.
-const TAKES_EFFECT: Duration = Duration::from_secs(30);
+pub(crate) const TAKES_EFFECT: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------
 // helpers
@@ -44,13 +44,13 @@ const TAKES_EFFECT: Duration = Duration::from_secs(30);
 /// The admission policies and bindings the chart renders with `values` (scoped to
 /// `namespace` through watchNamespaces), created on the API server; [`Installed::remove`]
 /// deletes them again.
-struct Installed {
+pub(crate) struct Installed {
     client: Client,
-    policies: Vec<String>,
+    pub(crate) policies: Vec<String>,
     bindings: Vec<String>,
 }
 
-async fn install_admission_policies(world: &World, namespace: &str, values: &[&str]) -> anyhow::Result<Installed> {
+pub(crate) async fn install_admission_policies(world: &World, namespace: &str, values: &[&str]) -> anyhow::Result<Installed> {
     let chart = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("charts/tasklist-operator");
     let release = format!("r-{namespace}");
     let scope = format!("watchNamespaces={{{namespace}}}");
@@ -91,7 +91,7 @@ async fn install_admission_policies(world: &World, namespace: &str, values: &[&s
 }
 
 impl Installed {
-    async fn remove(self) {
+    pub(crate) async fn remove(self) {
         for name in &self.bindings {
             let _ = Api::<ValidatingAdmissionPolicyBinding>::all(self.client.clone())
                 .delete(name, &DeleteParams::default())
@@ -107,7 +107,7 @@ impl Installed {
 
 /// A client that acts as `user` (the admin client with `Impersonate-User`), as
 /// `kubectl --as=<user>` does.
-async fn acting_as(world: &World, user: &str) -> anyhow::Result<Client> {
+pub(crate) async fn acting_as(world: &World, user: &str) -> anyhow::Result<Client> {
     let kubeconfig = Kubeconfig::read_from(world.control_plane.kubeconfig())?;
     let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
     config.auth_info.impersonate = Some(user.to_owned());
@@ -115,7 +115,7 @@ async fn acting_as(world: &World, user: &str) -> anyhow::Result<Client> {
 }
 
 /// Grants `user` the `rules` in `namespace` (a Role and a RoleBinding named `name`).
-async fn grant(world: &World, namespace: &str, name: &str, user: &str, rules: Value) -> anyhow::Result<()> {
+pub(crate) async fn grant(world: &World, namespace: &str, name: &str, user: &str, rules: Value) -> anyhow::Result<()> {
     let role: Role = serde_json::from_value(json!({"metadata": {"name": name}, "rules": rules}))?;
     Api::<Role>::namespaced(world.client(), namespace)
         .create(&PostParams::default(), &role)
@@ -159,7 +159,7 @@ fn dry_run() -> PostParams {
 }
 
 /// The API server's refusal of `outcome`: a 403 with its message; anything else fails.
-fn refusal<T>(what: &str, outcome: Result<T, kube::Error>) -> anyhow::Result<String> {
+pub(crate) fn refusal<T>(what: &str, outcome: Result<T, kube::Error>) -> anyhow::Result<String> {
     match outcome {
         Ok(_) => bail!("{what}: the API server accepted it"),
         Err(kube::Error::Api(status)) if status.code == 403 => Ok(status.message),

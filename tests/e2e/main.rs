@@ -25,6 +25,7 @@ mod chart;
 mod core;
 mod ha;
 mod isolation;
+mod nudge;
 mod observability;
 mod policy;
 mod probes;
@@ -68,6 +69,7 @@ fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     all.extend(admission::scenarios());
     all.extend(versions::scenarios());
     all.extend(secret_template::scenarios());
+    all.extend(nudge::scenarios());
     all
 }
 

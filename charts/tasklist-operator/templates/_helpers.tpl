@@ -152,6 +152,8 @@ ClusterRole (cluster-wide mode) and the per-namespace Roles (namespaced mode).
   and patch the derived Secrets. No delete: derived Secrets carry an ownerReference to their
   TasklistConnection, so the garbage collector deletes them.
 - events (events.k8s.io): record Events on TasklistConnections.
+- pods, only with nudge.enabled: watch the labelled Pods and patch one annotation on them
+  (admission-nudge.yaml limits the patch to that annotation).
 */}}
 {{- define "tasklist-operator.rules" -}}
 - apiGroups: ["tasklist.camunda.community"]
@@ -172,6 +174,11 @@ ClusterRole (cluster-wide mode) and the per-namespace Roles (namespaced mode).
 - apiGroups: [""]
   resources: ["serviceaccounts/token"]
   verbs: ["create"]
+{{- end }}
+{{- if .Values.nudge.enabled }}
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "watch", "patch"]
 {{- end }}
 {{- end }}
 

@@ -1,8 +1,10 @@
 /* What an application Pod does with the derived Secret (tests/node, scenario "consumer"):
  * every second, read the mounted `authorization` file afresh and call Tasklist with it.
  *
- *   consumer FILE HOST PORT
+ *   consumer FILE HOST PORT [TASK]
  *
+ * TASK (default "consumer") is the task id in the path called, POST
+ * /v1/tasks/TASK/variables/search, so that the stand-in tells several consumers apart.
  * Prints one line per call with the HTTP status only: never the credential. The stand-in
  * Tasklist on the other end records which token each call carried and why it was refused.
  * Built with `gcc -static` into an image of its own; plain HTTP/1.1 over IPv4. */
@@ -30,7 +32,7 @@ static int read_file(const char *path, char *buffer, size_t size) {
 }
 
 /* One call; returns the HTTP status, or 0 when there was no answer. */
-static int call(const char *host, int port, const char *authorization) {
+static int call(const char *host, int port, const char *task, const char *authorization) {
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     if (fd < 0) return 0;
     struct timeval timeout = {5, 0};
@@ -45,9 +47,9 @@ static int call(const char *host, int port, const char *authorization) {
     }
     static char request[16384];
     int length = snprintf(request, sizeof request,
-                          "POST /v1/tasks/consumer/variables/search HTTP/1.1\r\nHost: %s:%d\r\nAuthorization: %s\r\n"
+                          "POST /v1/tasks/%s/variables/search HTTP/1.1\r\nHost: %s:%d\r\nAuthorization: %s\r\n"
                           "Content-Type: application/json\r\nContent-Length: %zu\r\nConnection: close\r\n\r\n%s",
-                          host, port, authorization, strlen(BODY), BODY);
+                          task, host, port, authorization, strlen(BODY), BODY);
     int status = 0;
     if (length > 0 && (size_t)length < sizeof request && write(fd, request, (size_t)length) == length) {
         char answer[64] = {0};
@@ -59,14 +61,15 @@ static int call(const char *host, int port, const char *authorization) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 4) {
-        fprintf(stderr, "usage: consumer FILE HOST PORT\n");
+    if (argc != 4 && argc != 5) {
+        fprintf(stderr, "usage: consumer FILE HOST PORT [TASK]\n");
         return 2;
     }
+    const char *task = argc == 5 ? argv[4] : "consumer";
     static char authorization[8192];
     setvbuf(stdout, NULL, _IOLBF, 0);
     for (;;) {
-        int status = read_file(argv[1], authorization, sizeof authorization) > 0 ? call(argv[2], atoi(argv[3]), authorization) : -1;
+        int status = read_file(argv[1], authorization, sizeof authorization) > 0 ? call(argv[2], atoi(argv[3]), task, authorization) : -1;
         printf("%ld status %d\n", (long)time(NULL), status);
         sleep(1);
     }

@@ -22,6 +22,8 @@ pub struct Figures {
     pub other_refusals: usize,
     pub propagations: Vec<Duration>,
     pub propagation_p50: Duration,
+    /// Nearest rank: with fewer than 100 propagations, it is the largest.
+    pub propagation_p99: Duration,
     pub propagation_max: Duration,
     /// Updates the file never caught up with: the consumer used neither that token nor a
     /// later one (their expiry).
@@ -61,6 +63,8 @@ pub fn analyse(calls: &[ApiRequestRecord], updates: &[Update], consumer_started:
     let mut sorted = figures.propagations.clone();
     sorted.sort();
     figures.propagation_p50 = sorted.get(sorted.len() / 2).copied().unwrap_or_default();
+    let p99_rank = (sorted.len() * 99).div_ceil(100);
+    figures.propagation_p99 = sorted.get(p99_rank.saturating_sub(1)).copied().unwrap_or_default();
     figures.propagation_max = sorted.last().copied().unwrap_or_default();
     figures
 }
@@ -118,6 +122,7 @@ mod tests {
         assert_eq!(figures.propagations, [Duration::from_secs(36), Duration::from_secs(6)]);
         assert_eq!(figures.propagation_max, Duration::from_secs(36));
         assert_eq!(figures.propagation_p50, Duration::from_secs(36));
+        assert_eq!(figures.propagation_p99, Duration::from_secs(36));
         assert!(figures.unseen.is_empty());
     }
 
