@@ -188,6 +188,25 @@ impl HostSlots {
     }
 }
 
+tokio::task_local! {
+    /// The slots the running reconcile holds, so that it can leave them once its credential
+    /// request is done ([`leave_held`]).
+    static HELD: std::cell::RefCell<Option<Entered>>;
+}
+
+/// Runs `reconcile` holding `entered` until it calls [`leave_held`] or ends. The slots limit
+/// the requests to a credential host; the rest of a reconcile (the Secret and status
+/// writes, the probe, which has a lane of its own) does not hold them.
+pub async fn holding<F: Future>(entered: Entered, reconcile: F) -> F::Output {
+    HELD.scope(std::cell::RefCell::new(Some(entered)), reconcile).await
+}
+
+/// Leaves the slots the running reconcile holds (none: nothing happens).
+pub fn leave_held() {
+    let left = HELD.try_with(|held| held.borrow_mut().take());
+    drop(left);
+}
+
 impl Drop for Entered {
     fn drop(&mut self) {
         {

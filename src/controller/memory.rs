@@ -14,6 +14,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::ObjectRef;
 
 use super::decide::UnauthorizedReobtain;
+use super::derived_record::DerivedRecords;
 use crate::camunda::{AuthFailure, TlsTrust};
 use crate::crd::TasklistConnection;
 use crate::derived_secret::{DATA_HASH, StoredCredential};
@@ -98,6 +99,9 @@ pub struct OwnWrite {
 #[derive(Default)]
 pub struct Memory {
     connections: Mutex<HashMap<ConnectionKey, ConnectionMemory>>,
+    /// The compact record of each connection's derived Secret (apart: it holds the
+    /// credential, which [`Memory::get`] need not copy).
+    pub derived: DerivedRecords,
 }
 
 impl Memory {
@@ -130,6 +134,7 @@ impl Memory {
         if let Ok(mut map) = self.connections.lock() {
             map.remove(key);
         }
+        self.derived.forget(key);
     }
 
     /// Remembers, just before writing a derived Secret, the data hash the write carries.

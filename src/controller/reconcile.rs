@@ -17,6 +17,8 @@ use super::decide::{
     self, CachedDerivedSecret, CredentialDecision, DerivedSecretSource, DerivedSecretState, ForcedRefresh, Kept, LONGEST_SLEEP, LastProbe,
     PendingRetry, PendingWrite, StatusRecord, UnauthorizedReobtain, WriteRetryDecision,
 };
+use super::derived_record;
+use super::host_slots;
 use super::memory::{ConnectionKey, FailureRecord, ProbeRecord, WriteFailureRecord};
 use super::probe_scheduler::{Due, ProbeKey, ProbeTurn};
 use super::secret_values::ByVersion;
@@ -121,6 +123,7 @@ pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>, c
 
     // 3. Keep the stored credential while it is good, obtain a new one when it is due.
     let mut fresh = this.ensure_fresh_credential(&inputs, &http, stored, false, restoring).await?;
+    host_slots::leave_held();
     if let Some(problem) = fresh.input_problem.take() {
         return this.report_input_problem(fresh.credential.as_ref(), problem, now).await;
     }
@@ -264,15 +267,16 @@ impl<'a> Reconciling<'a> {
         }
     }
 
-    /// The derived Secret: from the watches' caches, or from the API server when they may
-    /// be behind this process's own write or disagree ([`decide::derived_secret_source`]).
+    /// The derived Secret: rebuilt from its compact record when the metadata watch shows
+    /// the recorded version (`derived_record`), or from the API server when the record and
+    /// the watch may be behind this process's own write or disagree
+    /// ([`decide::derived_secret_source`], the record in the place of the labelled store).
     /// Someone else's Secret seen in the metadata store comes back with its metadata only,
     /// which is all the owner check needs.
     async fn derived_secret(&self, synced: bool) -> Result<Option<Secret>, Error> {
         let name = self.connection.secret_name();
-        // A labelled Secret the cache keeps without data (not then known as a connection's
-        // derived Secret) counts as not cached.
-        let labelled = self.caches.derived(&self.key.0, &name).filter(|secret| secret.data.is_some());
+        // The compact record of the Secret as this process last wrote or read it.
+        let record = self.ctx.memory.derived.get(&self.key, &name);
         let any = self.caches.metadata(&self.key.0, &name);
         let any_secret = any.as_ref().map(|meta| Secret {
             metadata: meta.metadata.clone(),
@@ -287,7 +291,7 @@ impl<'a> Reconciling<'a> {
             .and_then(|write| write.resource_version);
         let cached = CachedDerivedSecret {
             synced,
-            labelled: labelled.as_ref().and_then(|secret| secret.metadata.resource_version.as_deref()),
+            labelled: record.as_ref().map(|record| record.resource_version.as_str()),
             any: any_secret.as_ref().map(|secret| {
                 (
                     secret.metadata.resource_version.as_deref().unwrap_or_default(),
@@ -297,13 +301,18 @@ impl<'a> Reconciling<'a> {
             own_write: own_write.as_deref(),
         };
         match decide::derived_secret_source(cached) {
-            DerivedSecretSource::Cache => Ok(labelled.map(|secret| secret.as_ref().clone()).or(any_secret)),
+            DerivedSecretSource::Cache => Ok(match (&record, &any) {
+                (Some(record), Some(meta)) => Some(derived_record::rebuilt(record, self.connection, &meta.metadata)),
+                _ => any_secret,
+            }),
             DerivedSecretSource::Get => {
                 debug!(
                     secret = name,
                     "reading the derived Secret from the API server: the caches cannot tell"
                 );
-                Ok(self.secrets.get_opt(&name).await?)
+                let secret = self.secrets.get_opt(&name).await?;
+                self.ctx.memory.derived.remember(&self.key, self.connection, secret.as_ref());
+                Ok(secret)
             }
         }
     }
@@ -574,6 +583,8 @@ impl<'a> Reconciling<'a> {
         // contract says, not with the cached one.
         let reuse = !restoring;
         let obtained = obtain_shared_credential(inputs, http, &ctx.refresh_policy, &ctx.token_cache, key.clone(), held, reuse).await;
+        // The credential host's slots are for this request only, not for the writes after it.
+        host_slots::leave_held();
         let result = obtained.result;
         match obtained.source.saved_label() {
             None => self.record_credential_request(inputs, &result, started.elapsed()),
@@ -773,6 +784,8 @@ impl<'a> Reconciling<'a> {
         let data_hash = desired.metadata.annotations.as_ref().and_then(|a| a.get(DATA_HASH)).cloned();
         self.ctx.memory.record_write_in_flight(&self.key, &name, data_hash);
         let checked = self.checked_secret.lock().ok().and_then(|checked| checked.clone());
+        // A Secret rebuilt from its record is read whole first: the patch needs its keys.
+        let checked = derived_record::whole_for_write(&self.secrets, checked).await?;
         let written = match &checked {
             None => {
                 let params = PostParams {
@@ -804,6 +817,7 @@ impl<'a> Reconciling<'a> {
             }
             Err(error) => return Err(error.into()),
         };
+        self.ctx.memory.derived.remember(&self.key, self.connection, Some(&written));
         if let Ok(mut checked) = self.checked_secret.lock() {
             *checked = Some(written);
         }
