@@ -203,10 +203,34 @@ struct Sender {
     warned: AtomicBool,
 }
 
+/// The series by the SHA-256 of their key, cut to 128 bits: an entry costs its Event's name
+/// and a few numbers, whatever the length of names and reasons.
 #[derive(Default)]
 struct Series {
-    entries: HashMap<SeriesKey, SeriesEntry>,
+    entries: HashMap<[u8; 16], SeriesEntry>,
     pruned: Option<Timestamp>,
+}
+
+impl SeriesKey {
+    fn digest(&self) -> [u8; 16] {
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        for part in [
+            &self.namespace,
+            &self.uid,
+            &self.resource_version,
+            &self.name,
+            &self.reason,
+            &self.action,
+        ] {
+            hasher.update(part.as_bytes());
+            hasher.update([0]);
+        }
+        hasher.update([u8::from(self.warning)]);
+        let mut digest = [0; 16];
+        digest.copy_from_slice(&hasher.finalize()[..16]);
+        digest
+    }
 }
 
 impl Series {
@@ -217,7 +241,11 @@ impl Series {
             self.entries.retain(|_, entry| alive(entry));
             self.pruned = Some(now);
         }
-        self.entries.get(key).filter(|entry| alive(entry)).cloned()
+        self.entries.get(&key.digest()).filter(|entry| alive(entry)).cloned()
+    }
+
+    fn record(&mut self, key: &SeriesKey, entry: SeriesEntry) {
+        self.entries.insert(key.digest(), entry);
     }
 }
 
@@ -365,7 +393,7 @@ impl Sender {
         match sent {
             Ok(entry) => {
                 if let Ok(mut series) = self.series.lock() {
-                    series.entries.insert(key, entry);
+                    series.record(&key, entry);
                 }
             }
             Err(error) => self.failed(&error.to_string()),
@@ -428,7 +456,7 @@ mod tests {
             count: 1,
             last: start,
         };
-        series.entries.insert(key("ProbeFailed"), entry);
+        series.record(&key("ProbeFailed"), entry);
         let later = add(start, Duration::from_secs(60));
         assert_eq!(
             series.continued(&key("ProbeFailed"), later).map(|e| e.event),
