@@ -19,10 +19,12 @@ soak:
 
 ## The scale benchmark (README, Performance): N connections (default 1000) on a local control
 ## plane, the release operator and a stand-in; prints a table and writes target/bench.json.
-## Not a test. More flags through ARGS, e.g. `make bench N=10000 ARGS="--window 300"`.
+## Not a test. More flags through ARGS, e.g. `make bench N=10000 ARGS="--window 300"`;
+## SHARDS=2 adds a cold start split between two operator processes (each one's RSS).
 N ?= 1000
+SHARDS ?= 1
 bench:
-	hack/bench.sh --connections $(N) $(ARGS)
+	hack/bench.sh --connections $(N) --shards $(SHARDS) $(ARGS)
 
 ## Build the container image from the Dockerfile with buildah, and the SBOM of its binary;
 ## prints the image, its digest, its size and the SBOM's path (hack/image.sh, docs/shipping.md).

@@ -6,6 +6,7 @@
 //! 1. the floor: the writes the contract requires per new connection (Secret create, status
 //!    apply, `CredentialIssued` Event) sent straight to the kube-apiserver, twice;
 //! 2. cold start: N connections exist, then the operator starts; time until all are Ready;
+//!    with `--shards K`, again with K operator processes sharing them, each one's memory;
 //! 3. burst: the operator runs, then N connections are created; time until all are Ready;
 //! 4. token requests in both, against the number of distinct clients;
 //! 5. steady state over a window: the API server's own request counters, probes, CPU;
@@ -87,6 +88,11 @@ struct Args {
     /// connection does not read, added for the last memory figure (issue 18).
     #[arg(long, default_value_t = 1000)]
     hostile_referenced: usize,
+    /// Operator processes of the sharded phase (`--shards K --shard-index i`), a cold start
+    /// of N connections split between them, each one's RSS against the one-process cold
+    /// start (issue 22); 1: no such phase.
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
     /// Client Secrets rotated per round.
     #[arg(long, default_value_t = 20)]
     rotated_secrets: usize,
@@ -249,6 +255,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
         n,
     );
 
+    // 2b. The same cold start split between shards.
+    if bench.args.shards > 1 {
+        let sharded = bench.sharded_cold_start().await.context("sharded cold start")?;
+        let shards = bench.args.shards;
+        let ready = sharded.ready.as_secs_f64();
+        report.row(
+            &format!("sharded cold start ({shards} shards): all Ready after (s), ratio"),
+            format!("{ready:.2}, {:.2}", ready / floor),
+        );
+        for (index, (at_ready, settled)) in sharded.at_ready.iter().zip(&sharded.settled).enumerate() {
+            report.row(
+                &format!("  shard {index}: RSS at all Ready, 10 s later (MB), share of one process"),
+                format!(
+                    "{:.1}, {:.1}, {:.0} %",
+                    mb(at_ready.rss),
+                    mb(settled.rss),
+                    100.0 * settled.rss as f64 / cold.memory.rss.max(1) as f64
+                ),
+            );
+        }
+        report.json.insert(
+            "sharded_cold_start".into(),
+            json!({"shards": shards, "ready_s": ready, "ratio": ready / floor,
+                   "rss_at_ready_bytes": sharded.at_ready.iter().map(|m| m.rss).collect::<Vec<_>>(),
+                   "rss_settled_bytes": sharded.settled.iter().map(|m| m.rss).collect::<Vec<_>>(),
+                   "hwm_bytes": sharded.settled.iter().map(|m| m.hwm).collect::<Vec<_>>(),
+                   "one_process_rss_bytes": cold.memory.rss}),
+        );
+    }
+
     // 3. Burst, and everything after it on the same operator.
     let mut burst = bench.burst().await.context("burst")?;
     let burst_memory = process_memory(burst.operator.pid())?;
@@ -299,6 +335,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if !steady.audited.keys().any(|what| what.starts_with("operator")) {
         report.row("  audit log: operator", "no request".to_owned());
     }
+    // kube-controller-manager's garbage collector checks the owners of new dependents.
+    let gc_owner_gets = steady
+        .audited
+        .get("kube-controller-manager get tasklistconnections")
+        .copied()
+        .unwrap_or_default();
+    report.row(
+        &format!("steady {window:.0} s after the burst: GC's owner GETs (get tasklistconnections)"),
+        format!("{gc_owner_gets}"),
+    );
     report.row("steady: probes (/s)", format!("{:.2}", per_second(steady.probes as f64)));
     report.row("steady: token requests", format!("{}", steady.token_requests));
     report.row(
@@ -315,7 +361,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     report.json.insert(
         "steady".into(),
-        json!({"window_s": window, "apiserver_requests": steady.requests, "operator_resource_requests": operator_requests,
+        json!({"window_s": window, "gc_owner_gets": gc_owner_gets, "audited": steady.audited, "apiserver_requests": steady.requests, "operator_resource_requests": operator_requests,
                "writes_at_rest": operator_writes, "probes": steady.probes, "probes_per_s": per_second(steady.probes as f64),
                "token_requests": steady.token_requests, "connection_json_bytes": steady.connection_json_bytes,
                "managed_fields_json_bytes": steady.managed_fields_json_bytes,
@@ -454,6 +500,13 @@ struct ColdStart {
     memory: Memory,
 }
 
+/// The sharded cold start: until all Ready, and each shard's memory then and 10 s later.
+struct Sharded {
+    ready: Duration,
+    at_ready: Vec<Memory>,
+    settled: Vec<Memory>,
+}
+
 /// The burst phase's operator and namespace, which the later phases go on using.
 struct Burst {
     ready: Duration,
@@ -537,9 +590,9 @@ impl Bench {
         self.start_operator_with(namespace, listen, &[])
     }
 
-    fn start_operator_with(&self, namespace: &str, listen: &str, extra: &[&str]) -> anyhow::Result<OperatorProcess> {
+    fn start_operator_with(&self, namespace: &str, listen: &str, extra: &[String]) -> anyhow::Result<OperatorProcess> {
         let concurrency = self.args.concurrency.to_string();
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "run",
             "--namespace",
             namespace,
@@ -549,9 +602,9 @@ impl Bench {
             &concurrency,
         ]
         .iter()
-        .chain(extra)
         .map(|s| s.to_string())
         .collect();
+        args.extend(extra.iter().cloned());
         OperatorProcess::start(
             &self.args.operator,
             self.control_plane.kubeconfig(),
@@ -615,6 +668,51 @@ impl Bench {
             requests,
             token_requests,
             memory,
+        })
+    }
+
+    /// Like the cold start, with `shards` operator processes each handling its share
+    /// (`--shards`, `--shard-index`): time until all N are Ready, and each process's memory
+    /// then and 10 s later.
+    async fn sharded_cold_start(&self) -> anyhow::Result<Sharded> {
+        let shards = self.args.shards;
+        let namespace = self.control_plane.create_namespace("sharded").await?;
+        self.create_client_secrets(&namespace).await?;
+        self.create_connections(&namespace).await?;
+        let ready = ReadyTracker::start(self.connections(&namespace));
+        let started = Instant::now();
+        let mut operators = Vec::new();
+        for index in 0..shards {
+            let listen = format!("127.0.0.1:{}", tools::free_loopback_port()?);
+            let extra = [
+                "--shards".to_owned(),
+                shards.to_string(),
+                "--shard-index".to_owned(),
+                index.to_string(),
+            ];
+            operators.push(self.start_operator_with(&namespace, &listen, &extra)?);
+        }
+        let all_ready = match operators.first_mut() {
+            Some(first) => ready.wait_for(self.args.connections, first).await?,
+            None => bail!("no shard"),
+        };
+        let at_ready = operators
+            .iter()
+            .map(|o| process_memory(o.pid()))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let settled = operators
+            .iter()
+            .map(|o| process_memory(o.pid()))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for operator in &mut operators {
+            operator.terminate(Duration::from_secs(30)).await?;
+        }
+        self.delete_namespace(&namespace).await?;
+        Ok(Sharded {
+            ready: all_ready.duration_since(started),
+            at_ready,
+            settled,
         })
     }
 
@@ -861,7 +959,7 @@ impl Bench {
         self.create_client_secrets(&namespace).await?;
         let ready = ReadyTracker::start(self.connections(&namespace));
         let listen = format!("127.0.0.1:{}", tools::free_loopback_port()?);
-        let mut operator = self.start_operator_with(&namespace, &listen, &["--nudge-pods"])?;
+        let mut operator = self.start_operator_with(&namespace, &listen, &["--nudge-pods".to_owned()])?;
         wait_until_ready_endpoint(&listen, &mut operator).await?;
         self.create_some_connections(&namespace, connections).await?;
         ready.wait_for(connections, &mut operator).await?;

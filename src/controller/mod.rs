@@ -1,6 +1,7 @@
 //! The Kubernetes side: watches TasklistConnections and Secrets, and runs the reconcile.
 
 mod decide;
+mod derived_record;
 mod host_slots;
 mod memory;
 mod plan;
@@ -28,7 +29,6 @@ use tracing::{debug, info, warn};
 
 use crate::camunda::{HttpClient, HttpClientError, HttpSettings, TlsTrust};
 use crate::crd::TasklistConnection;
-use crate::derived_secret::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use crate::events::EventPublisher;
 use crate::machinery::lock::lock;
 use crate::machinery::users::SharedByUsers;
@@ -244,9 +244,6 @@ impl Context {
 /// at rest, a reconcile sends no request at all.
 #[derive(Clone)]
 pub struct SecretCaches {
-    /// The Secrets with the operator's managed-by label: whole when they are the derived
-    /// Secret of a known connection, metadata only otherwise.
-    pub derived: reflector::Store<Secret>,
     /// Every Secret of the watched namespaces, metadata only: uid, resourceVersion, owners.
     pub metadata: reflector::Store<PartialObjectMeta<Secret>>,
 }
@@ -256,14 +253,10 @@ pub struct SecretCaches {
 const CACHE_SYNC_WAIT: Duration = Duration::from_secs(5);
 
 impl SecretCaches {
-    /// Whether both watches have listed once (waiting up to [`CACHE_SYNC_WAIT`] for it).
+    /// Whether the Secret watch has listed once (waiting up to [`CACHE_SYNC_WAIT`] for it).
     async fn synced(&self) -> bool {
-        let both = async { self.derived.wait_until_ready().await.is_ok() && self.metadata.wait_until_ready().await.is_ok() };
-        tokio::time::timeout(CACHE_SYNC_WAIT, both).await.unwrap_or(false)
-    }
-
-    fn derived(&self, namespace: &str, name: &str) -> Option<Arc<Secret>> {
-        self.derived.get(&ObjectRef::new(name).within(namespace))
+        let listed = async { self.metadata.wait_until_ready().await.is_ok() };
+        tokio::time::timeout(CACHE_SYNC_WAIT, listed).await.unwrap_or(false)
     }
 
     fn metadata(&self, namespace: &str, name: &str) -> Option<Arc<PartialObjectMeta<Secret>>> {
@@ -315,7 +308,12 @@ pub async fn run(ctx: Arc<Context>, scope: Scope, shutdown: impl Future<Output =
         .into_iter()
         .map(|namespace| run_in(ctx.clone(), namespace, shutdown.clone()));
     futures::future::join_all(controllers).await;
+    // The Events of the last reconciles are sent by tasks of their own: let them go out.
+    ctx.events.flush(EVENT_FLUSH).await;
 }
+
+/// How long a shutdown waits for queued Events.
+const EVENT_FLUSH: Duration = Duration::from_secs(2);
 
 async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
     let connections: Api<TasklistConnection> = scoped_api(&ctx.client, namespace.as_deref());
@@ -334,9 +332,6 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
     // Status writes change neither generation nor annotations: they do not wake the controller.
     let forget_ctx = ctx.clone();
     let (listed, scope) = (reader.clone(), namespace.clone());
-    // Told when the connections have been listed (a second waiter on the store's own
-    // readiness is not woken: kube's DelayedInit wakes only its latest poller).
-    let (connections_listed, mut wait_for_connections) = tokio::sync::watch::channel(false);
     let connection_changes = watcher(connections, connections_config)
         .backoff(WatchBackoff::default())
         .filter(move |event| std::future::ready(concerns_this_shard(&sharding, event)))
@@ -353,7 +348,6 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
                 let present = listed.state();
                 forget_ctx.forget_absent(scope.as_deref(), &present);
                 forget_ctx.forget_unreferenced_secrets(scope.as_deref(), &present);
-                connections_listed.send_replace(true);
             }
             _ => {}
         })
@@ -362,39 +356,17 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
     // Metadata is enough to know a Secret changed, and keeps memory small. Its store tells
     // a reconcile the uid and resourceVersion of the Secrets a connection reads.
     let (metadata_store, metadata_writer) = reflector::store();
+    let secret_sharding = ctx.settings.sharding.clone();
     let secret_changes = watcher(secrets, watcher::Config::default())
         .backoff(WatchBackoff::default())
-        .modify(|secret| slim::slim_secret_metadata(&mut secret.metadata))
+        .modify(move |secret| slim::slim_secret_metadata(&mut secret.metadata, &secret_sharding))
         .reflect(metadata_writer)
         .touched_objects();
-    // The operator's own derived Secrets, whole, so that a reconcile does not GET them. Their
-    // changes already wake connections through the metadata watch above. Only the derived
-    // Secrets of connections in the store stay whole (anyone can label a Secret), so this
-    // watch starts once the connections have been listed.
-    let (derived_store, derived_writer) = reflector::store();
-    let derived_api: Api<Secret> = scoped_api(&ctx.client, namespace.as_deref());
-    let owners = reader.clone();
-    let own_secrets = async move {
-        if wait_for_connections.wait_for(|listed| *listed).await.is_err() {
-            return;
-        }
-        watcher(
-            derived_api,
-            watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")),
-        )
-        .backoff(WatchBackoff::default())
-        .modify(move |secret| {
-            slim::keep_whole_only_if_derived(secret, |namespace, name| owners.get(&ObjectRef::new(name).within(namespace)))
-        })
-        .reflect(derived_writer)
-        .for_each(|_| std::future::ready(()))
-        .await;
-    };
-    let own_secrets = tokio::spawn(own_secrets);
-    let caches = SecretCaches {
-        derived: derived_store,
-        metadata: metadata_store,
-    };
+    // The derived Secrets are in that store too, by metadata only; what the decisions need of
+    // the connections' own is a compact record in memory (`derived_record`), filled by this
+    // process's own writes and, when the watch shows another version, by a GET. No watch
+    // transfers a Secret's data: labelling a Secret as the operator's costs its metadata.
+    let caches = SecretCaches { metadata: metadata_store };
     let mapper_ctx = ctx.clone();
     let present = reader.clone();
     // Which connections a changed Secret concerns comes from the store the controller keeps
@@ -417,7 +389,6 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
         )
         .for_each(|_| std::future::ready(()))
         .await;
-    own_secrets.abort();
 }
 
 #[tracing::instrument(skip_all, fields(connection = %format!("{}/{}", connection.namespace().unwrap_or_default(), connection.name_any())))]
@@ -429,7 +400,7 @@ async fn reconcile_logged(
 ) -> Result<Action, Error> {
     let limits = slot_limits(ctx.settings.concurrency);
     let namespace = connection.namespace().unwrap_or_default();
-    let _entered = match ctx
+    let entered = match ctx
         .shared
         .host_slots
         .enter(&namespace, credential_hosts(&connection, &ctx.settings.http.facts), limits)
@@ -445,7 +416,12 @@ async fn reconcile_logged(
     let metrics = ctx.metrics.clone();
     let deadline = reconcile_deadline(ctx.settings.http.timeout);
     let reference = ObjectRef::from_obj(connection.as_ref());
-    let result = match tokio::time::timeout(deadline, reconcile::reconcile(connection.clone(), ctx.clone(), caches)).await {
+    let result = match tokio::time::timeout(
+        deadline,
+        reconcile::reconcile(connection.clone(), ctx.clone(), caches, Some(entered)),
+    )
+    .await
+    {
         Ok(result) => result,
         Err(_) => Err(Error::DeadlineExceeded(deadline)),
     };

@@ -16,6 +16,8 @@ use kube::{Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
 use super::decide::{self, CachedDerivedSecret, DerivedSecretSource, DerivedSecretState, ProbeStep};
+use super::derived_record;
+use super::host_slots::Entered;
 use super::memory::ConnectionKey;
 use super::plan::{self, CredentialResult, CredentialStep, Facts, Fresh, Gate, Plan, ProbeResult, Probed, Report, Usable};
 use super::probe_scheduler::{Due, ProbeKey, ProbeTurn};
@@ -39,12 +41,21 @@ use crate::reason::Reason;
 use crate::status::{Observation, READY, desired_status};
 use crate::time::NEVER;
 
-pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>, caches: SecretCaches) -> Result<Action, Error> {
+/// `slots`: the credential hosts' reconcile slots this reconcile entered (see
+/// `host_slots`), held until its credential is obtained or found not due: the Secret and
+/// status writes and the probe (which has a lane of its own) do not hold them.
+pub async fn reconcile(
+    connection: Arc<TasklistConnection>,
+    ctx: Arc<Context>,
+    caches: SecretCaches,
+    slots: Option<Entered>,
+) -> Result<Action, Error> {
     let this = Reconciling::new(&connection, &ctx, caches);
     let facts = this.gather(Timestamp::now()).await?;
     let report = match plan::plan(&facts) {
-        Plan::Go(go) => this.apply(&facts, go).await?,
+        Plan::Go(go) => this.apply(&facts, go, slots).await?,
         Plan::Stop(stop) => {
+            drop(slots);
             log_stop(&stop);
             plan::conclude_stop(&facts, facts.memory.clone(), stop)
         }
@@ -158,15 +169,16 @@ impl<'a> Reconciling<'a> {
         })))
     }
 
-    /// The derived Secret: from the watches' caches, or from the API server when they may
-    /// be behind this process's own write or disagree ([`decide::derived_secret_source`]).
+    /// The derived Secret: rebuilt from its compact record when the metadata watch shows
+    /// the recorded version (`derived_record`), or from the API server when the record and
+    /// the watch may be behind this process's own write or disagree
+    /// ([`decide::derived_secret_source`], the record in the place of the labelled store).
     /// Someone else's Secret seen in the metadata store comes back with its metadata only,
     /// which is all the owner check needs.
     async fn derived_secret(&self, synced: bool) -> Result<Option<Secret>, Error> {
         let name = self.connection.secret_name();
-        // A labelled Secret the cache keeps without data (not then known as a connection's
-        // derived Secret) counts as not cached.
-        let labelled = self.caches.derived(&self.key.0, &name).filter(|secret| secret.data.is_some());
+        // The compact record of the Secret as this process last wrote or read it.
+        let record = self.ctx.shared.memory.derived.get(&self.key, &name);
         let any = self.caches.metadata(&self.key.0, &name);
         let any_secret = any.as_ref().map(|meta| Secret {
             metadata: meta.metadata.clone(),
@@ -182,7 +194,7 @@ impl<'a> Reconciling<'a> {
             .and_then(|write| write.resource_version);
         let cached = CachedDerivedSecret {
             synced,
-            labelled: labelled.as_ref().and_then(|secret| secret.metadata.resource_version.as_deref()),
+            labelled: record.as_ref().map(|record| record.resource_version.as_str()),
             any: any_secret.as_ref().map(|secret| {
                 (
                     secret.metadata.resource_version.as_deref().unwrap_or_default(),
@@ -192,13 +204,18 @@ impl<'a> Reconciling<'a> {
             own_write: own_write.as_deref(),
         };
         match decide::derived_secret_source(cached) {
-            DerivedSecretSource::Cache => Ok(labelled.map(|secret| secret.as_ref().clone()).or(any_secret)),
+            DerivedSecretSource::Cache => Ok(match (&record, &any) {
+                (Some(record), Some(meta)) => Some(derived_record::rebuilt(record, self.connection, &meta.metadata)),
+                _ => any_secret,
+            }),
             DerivedSecretSource::Get => {
                 debug!(
                     secret = name,
                     "reading the derived Secret from the API server: the caches cannot tell"
                 );
-                Ok(self.secrets.get_opt(&name).await?)
+                let secret = self.secrets.get_opt(&name).await?;
+                self.ctx.shared.memory.derived.remember(&self.key, self.connection, secret.as_ref());
+                Ok(secret)
             }
         }
     }
@@ -296,7 +313,7 @@ impl<'a> Reconciling<'a> {
     /// Carries out the plan: the credential step, then the probe, then (after a 401) a
     /// second credential step and probe as [`plan::plan_after_probe`] says; settles each
     /// outcome and returns what to report.
-    async fn apply(&self, facts: &Facts, go: plan::Go) -> Result<Report, Error> {
+    async fn apply(&self, facts: &Facts, go: plan::Go, slots: Option<Entered>) -> Result<Report, Error> {
         let mut usable = go.usable;
         if go.restoring {
             info!(
@@ -307,6 +324,7 @@ impl<'a> Reconciling<'a> {
         let result = self
             .take_credential_step(facts, go.credential, facts.stored.as_ref(), &usable)
             .await?;
+        drop(slots);
         // Obtaining may have discovered the token endpoint: messages name it from now on.
         usable.token_source = token_source(&usable.inputs, &usable.http);
         let mut fresh = plan::settle_credential(
@@ -558,6 +576,8 @@ impl<'a> Reconciling<'a> {
         let data_hash = desired.metadata.annotations.as_ref().and_then(|a| a.get(DATA_HASH)).cloned();
         self.ctx.shared.memory.record_write_in_flight(&self.key, &name, data_hash);
         let checked = lock(&self.checked_secret, "the derived Secret as checked").clone();
+        // A Secret rebuilt from its record is read whole first: the patch needs its keys.
+        let checked = derived_record::whole_for_write(&self.secrets, checked).await?;
         let written = match &checked {
             None => {
                 let params = PostParams {
@@ -589,6 +609,7 @@ impl<'a> Reconciling<'a> {
             }
             Err(error) => return Err(error.into()),
         };
+        self.ctx.shared.memory.derived.remember(&self.key, self.connection, Some(&written));
         // The consuming Pods that opted in re-read the Secret now.
         let version = written.metadata.resource_version.as_deref().unwrap_or_default();
         self.ctx.nudger.after_write(&self.key.0, &name, version);

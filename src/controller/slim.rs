@@ -8,16 +8,15 @@
 //! - the annotation `kubectl.kubernetes.io/last-applied-configuration`: a second copy of
 //!   the object as `kubectl apply` last sent it.
 //!
-//! Both are dropped before an object enters the store (and the Secret caches). Everything reconcile reads stays:
+//! Both are dropped before an object enters the store (and the Secret metadata store). Everything reconcile reads stays:
 //! spec, status (the last credential's times and conditions), labels, the other
 //! annotations (the refresh annotation, and the annotation predicate), uid, generation and
 //! resourceVersion.
 
-use k8s_openapi::api::core::v1::Secret;
-
 use crate::crd::TasklistConnection;
-use crate::derived_secret::{DATA_HASH, MANAGED_BY_LABEL, is_owned_by};
+use crate::derived_secret::DATA_HASH;
 use crate::inputs::ALLOW_REFERENCE_LABEL;
+use crate::shard::Sharding;
 
 /// The annotation `kubectl apply` keeps its last input in.
 pub const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
@@ -37,11 +36,22 @@ pub fn slim_connection(connection: &mut TasklistConnection) {
 
 /// What the metadata store of every Secret keeps: what tells which version a Secret is at,
 /// who owns it, whether a change is this process's own write (the data-hash annotation),
-/// and whether it opted in to being referenced (`--require-secret-opt-in`). The other
-/// labels and annotations are read from the labelled store of the operator's own Secrets,
-/// never from this one, which holds every Secret of the watched namespaces.
-pub fn slim_secret_metadata(metadata: &mut kube::api::ObjectMeta) {
+/// and whether it opted in to being referenced (`--require-secret-opt-in`). This store holds
+/// every Secret of the watched namespaces; what the decisions need beyond it of a
+/// connection's own derived Secret is its compact record (`derived_record`).
+///
+/// Anyone can put the data-hash annotation on a Secret: only a value of a SHA-256's length
+/// is kept. With sharding, a Secret whose controller is a connection of another shard keeps
+/// its versions and owners only (its data hash tells this process nothing).
+pub fn slim_secret_metadata(metadata: &mut kube::api::ObjectMeta, sharding: &Sharding) {
     slim_metadata(metadata);
+    let namespace = metadata.namespace.as_deref().unwrap_or_default();
+    let another_shards = metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|owner| owner.controller == Some(true) && owner.kind == "TasklistConnection")
+        .is_some_and(|owner| !sharding.owns(namespace, &owner.name));
     if let Some(labels) = metadata.labels.as_mut() {
         labels.retain(|key, _| key == ALLOW_REFERENCE_LABEL);
     }
@@ -49,39 +59,15 @@ pub fn slim_secret_metadata(metadata: &mut kube::api::ObjectMeta) {
         metadata.labels = None;
     }
     if let Some(annotations) = metadata.annotations.as_mut() {
-        annotations.retain(|key, _| key == DATA_HASH);
+        annotations.retain(|key, value| key == DATA_HASH && value.len() == DATA_HASH_LENGTH && !another_shards);
+    }
+    if metadata.annotations.as_ref().is_some_and(|annotations| annotations.is_empty()) {
+        metadata.annotations = None;
     }
 }
 
-/// What the store of labelled Secrets keeps of `secret`: whole (less [`slim_metadata`]) only
-/// when it is the derived Secret of `owner`, a connection this process knows (found by the
-/// Secret's namespace and the name in its controller reference, then checked by uid and by
-/// the connection's derived Secret name). Anyone can put the operator's label on a Secret
-/// of their own: such a Secret keeps its name, versions and owners, nothing else, so that
-/// labelling large Secrets cannot grow the operator's memory.
-pub fn keep_whole_only_if_derived(secret: &mut Secret, owner: impl FnOnce(&str, &str) -> Option<std::sync::Arc<TasklistConnection>>) {
-    slim_metadata(&mut secret.metadata);
-    let namespace = secret.metadata.namespace.clone().unwrap_or_default();
-    let controller = secret
-        .metadata
-        .owner_references
-        .iter()
-        .flatten()
-        .find(|reference| reference.controller == Some(true) && reference.kind == "TasklistConnection")
-        .map(|reference| reference.name.clone());
-    let derived = controller.and_then(|name| owner(&namespace, &name)).is_some_and(|connection| {
-        is_owned_by(secret, &connection) && secret.metadata.name.as_deref() == Some(connection.secret_name().as_str())
-    });
-    if !derived {
-        secret.data = None;
-        secret.string_data = None;
-        secret.type_ = None;
-        secret.metadata.annotations = None;
-        if let Some(labels) = secret.metadata.labels.as_mut() {
-            labels.retain(|key, _| key == MANAGED_BY_LABEL);
-        }
-    }
-}
+/// The length of the data-hash annotation's value: SHA-256 in hex.
+const DATA_HASH_LENGTH: usize = 64;
 
 /// What the Secret caches keep too: no managed fields and no `kubectl apply` copy of the
 /// whole object (which, for a Secret applied with kubectl, holds its data).
@@ -96,49 +82,6 @@ pub fn slim_metadata(metadata: &mut kube::api::ObjectMeta) {
 mod tests {
     use super::*;
 
-    fn labelled_secret(name: &str, owner: Option<(&str, &str)>) -> Secret {
-        serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Secret",
-            "metadata": {
-                "name": name, "namespace": "apps", "resourceVersion": "7",
-                "labels": {MANAGED_BY_LABEL: "tasklist-operator", "big": "x"},
-                "annotations": {"note": "y".repeat(1000), DATA_HASH: "h"},
-                "ownerReferences": owner.map(|(owner, uid)| vec![json!({
-                    "apiVersion": "tasklist.camunda.community/v1alpha1", "kind": "TasklistConnection",
-                    "name": owner, "uid": uid, "controller": true})]).unwrap_or_default(),
-            },
-            "data": {"token": "AAAA"},
-        }))
-        .expect("a Secret")
-    }
-
-    #[test]
-    fn only_the_derived_secret_of_a_known_connection_is_kept_whole() {
-        let known = std::sync::Arc::new(connection(json!({})));
-        let lookup = |namespace: &str, name: &str| (namespace == "apps" && name == "orders").then(|| known.clone());
-
-        let mut derived = labelled_secret("orders-tasklist-auth", Some(("orders", "u-1")));
-        keep_whole_only_if_derived(&mut derived, lookup);
-        assert!(derived.data.is_some(), "the derived Secret of a known connection stays whole");
-        assert!(derived.metadata.annotations.is_some());
-
-        for (name, owner) in [
-            ("anything", None),
-            // The right owner name, another uid (a forged or stale reference).
-            ("orders-tasklist-auth", Some(("orders", "u-other"))),
-            // The known owner, but not its derived Secret's name.
-            ("second-copy", Some(("orders", "u-1"))),
-            // An owner this process does not know.
-            ("billing-tasklist-auth", Some(("billing", "u-2"))),
-        ] {
-            let mut foreign = labelled_secret(name, owner);
-            keep_whole_only_if_derived(&mut foreign, lookup);
-            assert_eq!(foreign.data, None, "{name}");
-            assert_eq!(foreign.metadata.annotations, None, "{name}");
-            assert_eq!(foreign.metadata.labels.as_ref().map(|labels| labels.len()), Some(1), "{name}");
-            assert_eq!(foreign.metadata.resource_version.as_deref(), Some("7"), "{name}: versions stay");
-        }
-    }
     use crate::crd::REFRESH_ANNOTATION;
     use serde_json::json;
 
@@ -209,16 +152,18 @@ mod tests {
         let mut metadata: kube::api::ObjectMeta = serde_json::from_value(json!({
             "name": "orders-tasklist-auth", "uid": "u1", "resourceVersion": "42",
             "labels": {"app.kubernetes.io/managed-by": "tasklist-operator"},
-            "annotations": {DATA_HASH: "abc", "tasklist.camunda.community/inputs": "f00"},
-            "ownerReferences": [{"apiVersion": "v1", "kind": "X", "name": "orders", "uid": "c1", "controller": true}],
+            "annotations": {DATA_HASH: "a".repeat(64), "tasklist.camunda.community/inputs": "f00"},
+            "ownerReferences": [{"apiVersion": "v1", "kind": "TasklistConnection", "name": "orders", "uid": "c1", "controller": true}],
             "managedFields": [{"manager": "kubectl"}],
         }))
         .unwrap();
-        slim_secret_metadata(&mut metadata);
+        let other_shard_copy = metadata.clone();
+        let forged_copy = metadata.clone();
+        slim_secret_metadata(&mut metadata, &Sharding::default());
         assert_eq!(metadata.labels, None);
         assert_eq!(
             metadata.annotations.unwrap().into_iter().collect::<Vec<_>>(),
-            vec![(DATA_HASH.to_owned(), "abc".to_owned())]
+            vec![(DATA_HASH.to_owned(), "a".repeat(64))]
         );
         assert_eq!(
             (metadata.uid.as_deref(), metadata.resource_version.as_deref()),
@@ -227,12 +172,29 @@ mod tests {
         assert_eq!(metadata.owner_references.map(|owners| owners.len()), Some(1));
         assert_eq!(metadata.managed_fields, None);
 
+        // Owned by a connection of another shard: versions and owners only.
+        let owner_shard = crate::shard::shard_of("", "orders", 2);
+        let mut other_shard = other_shard_copy;
+        slim_secret_metadata(&mut other_shard, &Sharding::new(1 - owner_shard, 2, None).expect("a shard"));
+        assert_eq!(other_shard.annotations, None);
+        assert_eq!(other_shard.owner_references.map(|owners| owners.len()), Some(1));
+        assert_eq!(other_shard.resource_version.as_deref(), Some("42"));
+        let mut own_shard = forged_copy.clone();
+        slim_secret_metadata(&mut own_shard, &Sharding::new(owner_shard, 2, None).expect("a shard"));
+        assert!(own_shard.annotations.is_some());
+
+        // A data hash of any other length is not one the operator wrote: dropped.
+        let mut forged = forged_copy;
+        forged.annotations = Some([(DATA_HASH.to_owned(), "x".repeat(200_000))].into());
+        slim_secret_metadata(&mut forged, &Sharding::default());
+        assert_eq!(forged.annotations, None);
+
         // The opt-in label stays, alone.
         let mut opted_in: kube::api::ObjectMeta = serde_json::from_value(json!({
             "name": "client", "labels": {ALLOW_REFERENCE_LABEL: "true", "team": "orders"},
         }))
         .unwrap();
-        slim_secret_metadata(&mut opted_in);
+        slim_secret_metadata(&mut opted_in, &Sharding::default());
         assert_eq!(
             opted_in.labels.unwrap().into_iter().collect::<Vec<_>>(),
             vec![(ALLOW_REFERENCE_LABEL.to_owned(), "true".to_owned())]

@@ -35,27 +35,61 @@ type Exchange = (Request<Body>, oneshot::Sender<Response<Body>>);
 /// The API server's side: every request the operator sends, with a way to answer it.
 struct ApiServer {
     requests: mpsc::UnboundedReceiver<Exchange>,
+    /// Requests received while another was expected: Events are sent by a task of their
+    /// own, so an Event and the reconcile's next request may come in either order.
+    parked: Vec<Exchange>,
+}
+
+/// Whether the order of `a` and `b` may differ from the reconcile's: one of them is an Event.
+fn either_order(a: (&Method, &str), b: (&Method, &str)) -> bool {
+    let event = |(method, path): (&Method, &str)| *method == Method::POST && path == EVENTS;
+    event(a) || event(b)
 }
 
 impl ApiServer {
+    /// Every request received was expected.
+    fn nothing_parked(&self) {
+        let parked: Vec<String> = self
+            .parked
+            .iter()
+            .map(|(request, _)| format!("{} {}", request.method(), request.uri()))
+            .collect();
+        assert!(parked.is_empty(), "unexpected requests {parked:?}");
+    }
+
     /// Waits for the next request, checks its method and path (the query is ignored unless
-    /// `path` has one), and returns it with the body as JSON (Null when empty).
+    /// `path` has one), and returns it with the body as JSON (Null when empty). An Event
+    /// may come before or after the request expected with it.
     async fn expect(&mut self, method: Method, path: &str) -> (Value, oneshot::Sender<Response<Body>>, String) {
-        let (request, reply) = tokio::time::timeout(std::time::Duration::from_secs(10), self.requests.recv())
-            .await
-            .unwrap_or_else(|_| panic!("no request within 10 s; expected {method} {path}"))
-            .unwrap_or_else(|| panic!("the client went away; expected {method} {path}"));
-        let uri = request.uri().clone();
-        let seen = if path.contains('?') {
-            uri.path_and_query().map(ToString::to_string).unwrap_or_default()
-        } else {
-            uri.path().to_owned()
+        let matches = |request: &Request<Body>| {
+            let uri = request.uri();
+            let seen = if path.contains('?') {
+                uri.path_and_query().map(ToString::to_string).unwrap_or_default()
+            } else {
+                uri.path().to_owned()
+            };
+            *request.method() == method && seen == path
         };
-        assert_eq!(
-            (request.method().clone(), seen.as_str()),
-            (method, path),
-            "unexpected request {uri}"
-        );
+        let (request, reply) = match self.parked.iter().position(|(request, _)| matches(request)) {
+            Some(index) => self.parked.remove(index),
+            None => loop {
+                let (request, reply) = tokio::time::timeout(std::time::Duration::from_secs(10), self.requests.recv())
+                    .await
+                    .unwrap_or_else(|_| panic!("no request within 10 s; expected {method} {path}"))
+                    .unwrap_or_else(|| panic!("the client went away; expected {method} {path}"));
+                if matches(&request) {
+                    break (request, reply);
+                }
+                let uri = request.uri().clone();
+                assert!(
+                    either_order((request.method(), uri.path()), (&method, path)),
+                    "unexpected request {} {uri}; expected {method} {path}",
+                    request.method()
+                );
+                self.parked.push((request, reply));
+            },
+        };
+        let uri = request.uri().clone();
         let bytes = request.into_body().collect_bytes().await.expect("a readable body");
         let body = if bytes.is_empty() {
             Value::Null
@@ -68,6 +102,7 @@ impl ApiServer {
     /// Nothing more is sent until the reconcile ends, successfully. (An unexpected request
     /// would otherwise wait for an answer forever.)
     async fn finish(&mut self, running: JoinHandle<Result<Action, Error>>) {
+        self.nothing_parked();
         tokio::select! {
             ended = running => {
                 ended.expect("the reconcile ends").expect("the reconcile succeeds");
@@ -82,6 +117,18 @@ impl ApiServer {
 impl ApiServer {
     /// As [`ApiServer::finish`], but answers one status write if it comes.
     async fn finish_allowing_status(&mut self, mut running: JoinHandle<Result<Action, Error>>, standin: &StandinTasklist) {
+        if let Some(index) = self.parked.iter().position(|(request, _)| request.uri().path() == STATUS) {
+            let (request, reply) = self.parked.remove(index);
+            let bytes = request.into_body().collect_bytes().await.expect("a readable body");
+            let patch: Value = serde_json::from_slice(&bytes).expect("a JSON body");
+            let status = serde_json::from_value(patch["status"].clone()).expect("a status");
+            answer(
+                reply,
+                StatusCode::OK,
+                &serde_json::to_value(connection(standin, Some(status))).expect("JSON"),
+            );
+        }
+        self.nothing_parked();
         tokio::select! {
             ended = &mut running => {
                 ended.expect("the reconcile ends").expect("the reconcile succeeds");
@@ -130,7 +177,13 @@ fn scripted_client() -> (kube::Client, ApiServer) {
             response.await.map_err(|_| "the test dropped the request")
         }
     });
-    (kube::Client::new(service, NAMESPACE), ApiServer { requests })
+    (
+        kube::Client::new(service, NAMESPACE),
+        ApiServer {
+            requests,
+            parked: Vec::new(),
+        },
+    )
 }
 
 fn connection(standin: &StandinTasklist, status: Option<TasklistConnectionStatus>) -> TasklistConnection {
@@ -172,6 +225,8 @@ fn client_secret_at(version: &str) -> Value {
 /// The object an apply answer carries: what was sent, with a resourceVersion.
 fn applied(mut body: Value, version: &str) -> Value {
     body["metadata"]["resourceVersion"] = json!(version);
+    // The API server gives every object a uid (a Secret without one was rebuilt from a record).
+    body["metadata"]["uid"] = json!("uid-derived");
     body
 }
 
@@ -190,8 +245,6 @@ struct Harness {
     ctx: Arc<Context>,
     api: ApiServer,
     caches: SecretCaches,
-    /// The store of the operator's own (labelled) Secrets, as its watch fills it.
-    derived: Writer<Secret>,
     /// The metadata store of every Secret, as its watch fills it.
     metadata: Writer<PartialObjectMeta<Secret>>,
 }
@@ -202,22 +255,14 @@ impl Harness {
             Arc::new(connection(&self.standin, status)),
             self.ctx.clone(),
             self.caches.clone(),
+            None,
         ))
     }
 
-    /// The watches see `secret` created or changed: the metadata watch always, the
-    /// labelled watch when it carries the operator's label.
+    /// The metadata watch sees `secret` created or changed.
     fn watch_sees(&mut self, secret: &Value) {
         let secret: Secret = serde_json::from_value(secret.clone()).expect("a Secret");
-        let labelled = secret
-            .metadata
-            .labels
-            .as_ref()
-            .is_some_and(|labels| labels.get(crate::derived_secret::MANAGED_BY_LABEL).map(String::as_str) == Some("tasklist-operator"));
         self.metadata.apply_watcher_event(&watcher::Event::Apply(metadata_of(&secret)));
-        if labelled {
-            self.derived.apply_watcher_event(&watcher::Event::Apply(secret));
-        }
     }
 }
 
@@ -232,8 +277,6 @@ fn metadata_of(secret: &Secret) -> PartialObjectMeta<Secret> {
 /// A harness whose watches have listed the namespace, holding the client Secret.
 async fn harness() -> Harness {
     let mut h = harness_before_the_watches_listed().await;
-    h.derived.apply_watcher_event(&watcher::Event::Init);
-    h.derived.apply_watcher_event(&watcher::Event::InitDone);
     let client: Secret = serde_json::from_value(client_secret()).expect("a Secret");
     h.metadata.apply_watcher_event(&watcher::Event::Init);
     h.metadata.apply_watcher_event(&watcher::Event::InitApply(metadata_of(&client)));
@@ -267,18 +310,13 @@ async fn harness_before_the_watches_listed() -> Harness {
         Default::default(),
         None,
     ));
-    let (derived_store, derived) = reflector::store();
     let (metadata_store, metadata) = reflector::store();
-    let caches = SecretCaches {
-        derived: derived_store,
-        metadata: metadata_store,
-    };
+    let caches = SecretCaches { metadata: metadata_store };
     Harness {
         standin,
         ctx,
         api,
         caches,
-        derived,
         metadata,
     }
 }
@@ -347,7 +385,7 @@ async fn second_pass_sends_nothing_at_all() {
 async fn caches_behind_the_own_write_are_not_trusted() {
     let mut h = harness().await;
     let (secret, status) = first_pass(&mut h).await;
-    // The labelled watch has not delivered the create yet: the derived Secret is read
+    // The metadata watch has not delivered the create yet: the derived Secret is read
     // from the API server, once; the client Secret's values are not (nothing to obtain).
     let running = h.reconcile(Some(status.clone()));
     let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
@@ -408,9 +446,12 @@ async fn a_hand_edited_secret_is_restored() {
     secret["data"]["token"] = json!("ZWRpdGVk");
     secret["metadata"]["resourceVersion"] = json!("25");
     h.watch_sees(&secret);
-    // The edit is seen in the caches. A new token is obtained without reading the client
-    // Secret again: its version is the one the first pass read.
+    // The metadata watch shows a version other than the record's: the Secret is read once,
+    // and found edited. A new token is obtained without reading the client Secret again:
+    // its version is the one the first pass read.
     let running = h.reconcile(Some(status));
+    let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
+    answer(reply, StatusCode::OK, &secret);
     // A merge patch on condition of the resourceVersion that was checked.
     let (patch, reply, _) = h.api.expect(Method::PATCH, DERIVED).await;
     assert_eq!(patch["metadata"]["resourceVersion"], "25");
@@ -546,4 +587,63 @@ async fn a_denied_write_keeps_the_credential_and_a_failing_status_patch_obtains_
     );
     h.api.finish(running).await;
     assert_eq!(h.standin.token_requests().len(), 1, "a new token instead of the kept one");
+}
+
+#[tokio::test]
+async fn after_a_start_each_derived_secret_is_read_once_then_its_record_answers() {
+    let mut h = harness().await;
+    let (secret, status) = first_pass(&mut h).await;
+    h.watch_sees(&secret);
+    // A new process: the watch lists the Secret, no record yet.
+    h.ctx.shared.memory.derived.forget(&(NAMESPACE.to_owned(), "orders".to_owned()));
+    let running = h.reconcile(Some(status.clone()));
+    let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
+    answer(reply, StatusCode::OK, &secret);
+    h.api.finish(running).await;
+    // Then nothing is read: the record is at the version the watch shows.
+    let running = h.reconcile(Some(status));
+    h.api.finish(running).await;
+    assert_eq!(h.standin.token_requests().len(), 1);
+}
+
+#[tokio::test]
+async fn a_write_over_a_recorded_secret_reads_it_whole_first_and_patches_that_version() {
+    let mut h = harness().await;
+    let (secret, status) = first_pass(&mut h).await;
+    h.watch_sees(&secret);
+    // A forced refresh: the decision is made on the record; the patch needs the Secret's
+    // keys and owners as they are, so it is read, then patched on condition of its version.
+    let mut connection = connection(&h.standin, Some(status));
+    connection.metadata.annotations = Some([(crate::crd::REFRESH_ANNOTATION.to_owned(), "now".to_owned())].into());
+    let running = tokio::spawn(reconcile(Arc::new(connection), h.ctx.clone(), h.caches.clone(), None));
+    let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
+    answer(reply, StatusCode::OK, &secret);
+    let (patch, reply, _) = h.api.expect(Method::PATCH, DERIVED).await;
+    assert_eq!(patch["metadata"]["resourceVersion"], "21");
+    let mut written = secret.clone();
+    written["data"]["token"] = patch["data"]["token"].clone();
+    answer(reply, StatusCode::OK, &applied(written, "31"));
+    let (event, reply, _) = h.api.expect(Method::POST, EVENTS).await;
+    assert_eq!(event["reason"], "CredentialRefreshed");
+    answer(reply, StatusCode::CREATED, &event);
+    h.api.finish_allowing_status(running, &h.standin).await;
+    assert_eq!(h.standin.token_requests().len(), 2);
+}
+
+#[tokio::test]
+async fn a_recorded_secret_changed_before_the_write_is_not_overwritten() {
+    let mut h = harness().await;
+    let (secret, status) = first_pass(&mut h).await;
+    h.watch_sees(&secret);
+    let mut connection = connection(&h.standin, Some(status));
+    connection.metadata.annotations = Some([(crate::crd::REFRESH_ANNOTATION.to_owned(), "now".to_owned())].into());
+    let running = tokio::spawn(reconcile(Arc::new(connection), h.ctx.clone(), h.caches.clone(), None));
+    // Someone changed it after the decision: the read shows another version; no write.
+    let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
+    answer(reply, StatusCode::OK, &applied(secret, "27"));
+    let ended = tokio::select! {
+        ended = running => ended.expect("the reconcile ends"),
+        Some((request, _)) = h.api.requests.recv() => panic!("unexpected request {} {}", request.method(), request.uri()),
+    };
+    assert!(matches!(ended, Err(Error::SecretChangedMeanwhile(_))), "{ended:?}");
 }

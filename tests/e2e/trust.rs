@@ -3,7 +3,8 @@
 //! TLS before anything is sent; proxy variables are ignored; Secrets anyone labels cost the
 //! operator their metadata only; one namespace's dead hosts leave another namespace's
 //! refreshes on time; a refresh forced through the annotation runs at most once a minute;
-//! the CRD refuses URLs with user info.
+//! the CRD refuses URLs with user info; an endpoint discovered under one connection's TLS
+//! trust is not used under another's.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -37,6 +38,7 @@ pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
         dead_hosts_in_one_namespace_leave_another_namespace_on_time,
         a_refresh_forced_with_the_annotation_runs_at_most_once_a_minute,
         the_crd_refuses_a_url_with_user_info,
+        a_discovered_endpoint_is_not_shared_between_trusts,
     ]
 }
 
@@ -258,7 +260,7 @@ async fn secrets_anyone_labels_cost_metadata_only(world: Arc<World>) -> anyhow::
         growth as f64 / 1e6,
         SIZE / 1024
     );
-    // Its own derived Secret is still read from the cache, whole: a restart of nothing.
+    // Its own derived Secret is still answered from its record: the connection stays Ready.
     s.wait_ready("orders").await?;
     s.assert_no_credential_leaked().await
 }
@@ -476,6 +478,82 @@ async fn the_crd_refuses_a_url_with_user_info(world: Arc<World>) -> anyhow::Resu
     ensure!(
         s.apply_connection("token-user-info", token_url).await.is_err(),
         "a tokenUrl with user info was accepted"
+    );
+    s.assert_no_credential_leaked().await
+}
+
+/// Finding 6: the discovery cache was one map keyed by the issuer only. Tenant A, who skips
+/// certificate checks, reads an issuer's discovery document from an impostor (here: a
+/// server whose certificate no one trusts) that names another token endpoint, one with a
+/// certificate tenant B's `caSecretRef` trusts. Tenant B's connection to the same issuer
+/// then sent its client secret to that endpoint without ever verifying the issuer: it
+/// became Ready. Now discovered endpoints are kept per issuer and trust: B reads the
+/// document itself, under its own trust, and reports the certificate failure; its secret
+/// goes nowhere.
+async fn a_discovered_endpoint_is_not_shared_between_trusts(world: Arc<World>) -> anyhow::Result<()> {
+    let mut s = Scenario::start(&world, "disco-trust").await?;
+    let tls = || {
+        StandinTasklist::start_with(StandinOptions {
+            tls: true,
+            ..StandinOptions::default()
+        })
+    };
+    // The issuer as A sees it: its certificate is signed by a CA nobody trusts.
+    let impostor = tls().await?;
+    // Tasklist and the token endpoint the impostor names; B's CA bundle trusts it.
+    let elsewhere = tls().await?;
+    elsewhere.add_client(CLIENT_ID, DEFAULT_CLIENT_SECRET);
+    impostor.set_discovered_token_endpoint(&elsewhere.token_url());
+    s.apply_secret("client", &[("client_id", CLIENT_ID), ("client_secret", DEFAULT_CLIENT_SECRET)])
+        .await?;
+    let trusted_ca = elsewhere.ca_pem().context("a TLS stand-in has a CA")?;
+    s.apply_secret("b-ca", &[("ca.crt", &trusted_ca)]).await?;
+    let spec = |tls: Value| {
+        json!({
+            "url": elsewhere.url(),
+            "auth": {"oauth2": {"issuerUrl": impostor.issuer(), "clientSecretRef": {"name": "client"}}},
+            "tls": tls,
+        })
+    };
+
+    s.apply_connection("tenant-a", spec(json!({"insecureSkipVerify": true}))).await?;
+    s.wait_ready("tenant-a").await?;
+    ensure!(
+        impostor.discovery_requests() == 1 && elsewhere.token_requests_arrived() == 1,
+        "tenant A: {} discovery and {} token requests; expected one of each",
+        impostor.discovery_requests(),
+        elsewhere.token_requests_arrived()
+    );
+
+    s.apply_connection("tenant-b", spec(json!({"caSecretRef": {"name": "b-ca"}})))
+        .await?;
+    let b = s
+        .wait_for_connection("tenant-b", "Authenticated False", Duration::from_secs(30), |c| {
+            find_condition(c, "Authenticated").is_some_and(|c| c.status == "False")
+        })
+        .await?;
+    let authenticated = find_condition(&b, "Authenticated").context("no Authenticated condition")?;
+    eprintln!(
+        "trust: tenant B after tenant A's discovery: Authenticated {} {}: {}",
+        authenticated.status, authenticated.reason, authenticated.message
+    );
+    ensure!(
+        authenticated.reason == "DiscoveryFailed",
+        "tenant B: Authenticated {} {}: {:?}; expected its own discovery to fail on the issuer's certificate",
+        authenticated.status,
+        authenticated.reason,
+        authenticated.message
+    );
+    let ready = find_condition(&b, "Ready").context("no Ready condition")?;
+    ensure!(ready.status == "False", "tenant B is Ready: {:?}", ready.message);
+    ensure!(
+        elsewhere.token_requests_arrived() == 1,
+        "tenant B's client secret went to the endpoint tenant A discovered ({} token requests there)",
+        elsewhere.token_requests_arrived()
+    );
+    ensure!(
+        s.derived_secret("tenant-b-tasklist-auth").await?.is_none(),
+        "tenant B has a derived Secret"
     );
     s.assert_no_credential_leaked().await
 }

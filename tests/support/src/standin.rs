@@ -417,6 +417,12 @@ impl StandinTasklist {
         self.shared.lock().discovery = mode;
     }
 
+    /// Makes the discovery document name `endpoint` as the token endpoint (an impostor of
+    /// the issuer sending clients elsewhere).
+    pub fn set_discovered_token_endpoint(&self, endpoint: &str) {
+        self.shared.lock().discovered_token_endpoint = Some(endpoint.to_owned());
+    }
+
     /// How many discovery documents were requested.
     pub fn discovery_requests(&self) -> usize {
         self.shared.lock().discovery_requests

@@ -448,10 +448,10 @@ fn internal_error(error: &anyhow::Error) -> Response {
 /// `GET /.well-known/openid-configuration`: the parts of a discovery document a client
 /// credentials client reads.
 pub(super) async fn discovery(State(shared): State<Arc<Shared>>) -> Response {
-    let mode = {
+    let (mode, token_endpoint) = {
         let mut state = shared.lock();
         state.discovery_requests += 1;
-        state.discovery
+        (state.discovery, state.discovered_token_endpoint.clone())
     };
     let not_found = || (StatusCode::NOT_FOUND, "stand-in: no such issuer\n").into_response();
     if let Some(response) = apply_mode(mode, not_found).await {
@@ -461,7 +461,7 @@ pub(super) async fn discovery(State(shared): State<Arc<Shared>>) -> Response {
         StatusCode::OK,
         json!({
             "issuer": shared.base_url,
-            "token_endpoint": format!("{}/oauth/token", shared.base_url),
+            "token_endpoint": token_endpoint.unwrap_or_else(|| format!("{}/oauth/token", shared.base_url)),
             "jwks_uri": format!("{}/oauth/jwks", shared.base_url),
             "grant_types_supported": ["client_credentials"],
             "token_endpoint_auth_methods_supported": ["client_secret_post", "client_secret_basic", "private_key_jwt"],

@@ -50,6 +50,8 @@ pub(super) struct State {
     pub assertion_clients: AssertionClients,
     pub discovery: EndpointMode,
     pub discovery_requests: usize,
+    /// The `token_endpoint` the discovery document names; `None`: this stand-in's own.
+    pub discovered_token_endpoint: Option<String>,
     pub token_endpoint: EndpointMode,
     pub login_endpoint: EndpointMode,
     pub api: EndpointMode,
@@ -108,6 +110,7 @@ impl Shared {
                 basic_users: HashMap::new(),
                 assertion_clients: AssertionClients::default(),
                 discovery: EndpointMode::Normal,
+                discovered_token_endpoint: None,
                 discovery_requests: 0,
                 token_endpoint: EndpointMode::Normal,
                 login_endpoint: EndpointMode::Normal,
