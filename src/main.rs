@@ -300,7 +300,7 @@ async fn run(args: RunArgs, sharding: Sharding) -> anyhow::Result<()> {
     let metrics = Arc::new(
         Metrics::default()
             .with_shard_info(sharding.index(), sharding.count())
-            .with_nudge_metrics(&nudge_metrics),
+            .with_pod_nudges(nudge_metrics.pod_nudges.clone()),
     );
     let server = tokio::spawn(serve(args.listen_addr, health.clone(), metrics.clone(), shutdown()));
     wait_until_crd_answers(&client, &args.namespaces, sharding.label_selector()).await?;

@@ -242,11 +242,11 @@ impl Metrics {
 
     /// Adds the nudge's `pod_nudges_total{result}` (issue 21): Pod patches after derived
     /// Secret writes, `patched` or `failed`.
-    pub fn with_nudge_metrics(mut self, nudge: &crate::nudge::NudgeMetrics) -> Self {
+    pub fn with_pod_nudges(mut self, pod_nudges: Family<ResultLabels, Counter>) -> Self {
         self.registry.register(
             "pod_nudges",
             "Patches of the credential-version annotation on Pods that mount a derived Secret, after its writes (patched or failed)",
-            nudge.pod_nudges.clone(),
+            pod_nudges,
         );
         self
     }

@@ -13,7 +13,6 @@ use kube::ResourceExt;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::ObjectRef;
 
-use super::derived_record::DerivedRecords;
 use crate::camunda::{AuthFailure, TlsTrust};
 use crate::crd::TasklistConnection;
 use crate::derived_secret::{DATA_HASH, StoredCredential};
@@ -122,9 +121,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Default)]
 pub struct Memory {
     connections: Mutex<HashMap<ConnectionKey, ConnectionMemory>>,
-    /// The compact record of each connection's derived Secret (apart: it holds the
-    /// credential, and is read and written by the steps that read and write the Secret).
-    pub derived: DerivedRecords,
 }
 
 impl Memory {
@@ -161,7 +157,6 @@ impl Memory {
     /// Forgets a deleted connection, with its own-write record.
     pub fn forget(&self, key: &ConnectionKey) {
         lock(&self.connections).remove(key);
-        self.derived.forget(key);
     }
 
     /// Remembers, just before writing a derived Secret, the data hash the write carries.

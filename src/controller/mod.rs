@@ -38,6 +38,7 @@ use crate::policy::{HostPolicy, ResolutionCache};
 use crate::schedule::RefreshPolicy;
 use crate::shard::Sharding;
 use crate::token_cache::TokenCache;
+use derived_record::DerivedRecords;
 use host_slots::{DEFERRAL, HostSlots, credential_hosts, reconcile_deadline, slot_limits};
 use memory::{ConnectionKey, Memory};
 pub use probe_scheduler::{DEFAULT_PROBE_CONCURRENCY, DEFAULT_PROBES_PER_HOST};
@@ -123,6 +124,9 @@ struct Shared {
     /// client no connection uses any more is dropped.
     http_clients: Mutex<SharedByUsers<ConnectionKey, TlsTrust, HttpClient>>,
     memory: Memory,
+    /// The compact record of each connection's derived Secret: the credential it holds, at
+    /// the version this process wrote or read.
+    derived: DerivedRecords,
     /// Tokens shared by the connections that would send the same token request.
     token_cache: TokenCache<ConnectionKey>,
     /// The referenced Secrets' values by version: read once per version, not per connection.
@@ -142,6 +146,7 @@ impl Shared {
             resolved_hosts: ResolutionCache::default(),
             http_clients: Mutex::default(),
             memory: Memory::default(),
+            derived: DerivedRecords::default(),
             token_cache: TokenCache::default(),
             secret_values: secret_values::SecretValues::default(),
             host_slots: HostSlots::new(settings.http.health.clone()),
@@ -199,6 +204,7 @@ impl Context {
 
     fn forget_key(&self, key: &ConnectionKey) {
         self.shared.memory.forget(key);
+        self.shared.derived.forget(key);
         self.shared.token_cache.forget(key);
         self.metrics.forget_connection(&key.0, &key.1);
         lock(&self.shared.http_clients, "the HTTP clients").forget(key);

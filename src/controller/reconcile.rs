@@ -178,7 +178,7 @@ impl<'a> Reconciling<'a> {
     async fn derived_secret(&self, synced: bool) -> Result<Option<Secret>, Error> {
         let name = self.connection.secret_name();
         // The compact record of the Secret as this process last wrote or read it.
-        let record = self.ctx.shared.memory.derived.get(&self.key, &name);
+        let record = self.ctx.shared.derived.get(&self.key, &name);
         let any = self.caches.metadata(&self.key.0, &name);
         let any_secret = any.as_ref().map(|meta| Secret {
             metadata: meta.metadata.clone(),
@@ -214,7 +214,7 @@ impl<'a> Reconciling<'a> {
                     "reading the derived Secret from the API server: the caches cannot tell"
                 );
                 let secret = self.secrets.get_opt(&name).await?;
-                self.ctx.shared.memory.derived.remember(&self.key, self.connection, secret.as_ref());
+                self.ctx.shared.derived.remember(&self.key, self.connection, secret.as_ref());
                 Ok(secret)
             }
         }
@@ -609,7 +609,7 @@ impl<'a> Reconciling<'a> {
             }
             Err(error) => return Err(error.into()),
         };
-        self.ctx.shared.memory.derived.remember(&self.key, self.connection, Some(&written));
+        self.ctx.shared.derived.remember(&self.key, self.connection, Some(&written));
         // The consuming Pods that opted in re-read the Secret now.
         let version = written.metadata.resource_version.as_deref().unwrap_or_default();
         self.ctx.nudger.after_write(&self.key.0, &name, version);
