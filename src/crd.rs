@@ -86,6 +86,9 @@ fn path_rule() -> Rule {
 
 /// The annotation whose change of value asks for a new credential at once.
 pub const REFRESH_ANNOTATION: &str = "tasklist.camunda.community/refresh";
+/// Set to "true" by a user whose every consumer Pod of the derived Secret is nudged
+/// (docs/nudge.md): the credential may then be replaced closer to its expiry.
+pub const ALL_CONSUMERS_NUDGED_ANNOTATION: &str = "tasklist.camunda.community/all-consumers-nudged";
 
 /// A TasklistConnection keeps a credential for Camunda's Tasklist API fresh in a Secret
 /// and reports whether Tasklist accepts it.
@@ -639,6 +642,15 @@ impl TasklistConnection {
     /// The value of the manual refresh annotation, if any.
     pub fn refresh_request(&self) -> Option<&str> {
         self.metadata.annotations.as_ref()?.get(REFRESH_ANNOTATION).map(String::as_str)
+    }
+
+    /// Whether the connection carries `tasklist.camunda.community/all-consumers-nudged: "true"`.
+    pub fn says_all_consumers_nudged(&self) -> bool {
+        self.metadata
+            .annotations
+            .as_ref()
+            .and_then(|annotations| annotations.get(ALL_CONSUMERS_NUDGED_ANNOTATION))
+            .is_some_and(|value| value.trim().eq_ignore_ascii_case("true"))
     }
 }
 

@@ -40,6 +40,8 @@ pub struct Inputs {
     pub trust: TlsTrust,
     pub refresh_before: Option<Duration>,
     pub probe_interval: Duration,
+    /// The connection says every consumer Pod of its Secret is nudged (a shorter margin).
+    pub all_consumers_nudged: bool,
     /// Changes whenever the spec, a referenced Secret or the refresh annotation changes.
     pub fingerprint: String,
 }
@@ -57,6 +59,7 @@ impl Inputs {
             fingerprint: self.fingerprint.clone(),
             refresh_before: self.refresh_before,
             probe_interval: self.probe_interval,
+            all_consumers_nudged: self.all_consumers_nudged,
             session_timeout,
             token_endpoint,
             basic,
@@ -236,6 +239,7 @@ async fn read(connection: &TasklistConnection, secrets: &impl SecretSource) -> R
         },
         refresh_before,
         probe_interval,
+        all_consumers_nudged: connection.says_all_consumers_nudged(),
         fingerprint: fingerprint(connection, &reader.versions),
     })
 }
@@ -250,6 +254,8 @@ pub struct InputsSummary {
     pub fingerprint: String,
     pub refresh_before: Option<Duration>,
     pub probe_interval: Duration,
+    /// The connection says every consumer Pod of its Secret is nudged (a shorter margin).
+    pub all_consumers_nudged: bool,
     /// The cookie login's session timeout.
     pub session_timeout: Option<Duration>,
     /// The token endpoint (oauth2 only), for messages.
@@ -336,6 +342,7 @@ pub fn summarize(
         fingerprint: fingerprint(connection, &versions),
         refresh_before,
         probe_interval,
+        all_consumers_nudged: connection.says_all_consumers_nudged(),
         session_timeout,
         token_endpoint: token_endpoint_of_spec,
         basic,

@@ -135,6 +135,7 @@ impl RefreshArgs {
             secret_volume_delay: self.secret_volume_delay,
             max_credential_lifetime: self.max_credential_lifetime,
             forced_refresh_interval: self.forced_refresh_interval,
+            nudged_secret_volume_delay: None,
         }
     }
 }
@@ -317,7 +318,11 @@ async fn run(args: RunArgs, sharding: Sharding) -> anyhow::Result<()> {
             policy: Some(policy),
             ..settings
         },
-        refresh: args.refresh.policy(),
+        refresh: RefreshPolicy {
+            // The shorter margin of connections whose consumers are all nudged.
+            nudged_secret_volume_delay: args.nudge.nudge_pods.then_some(args.nudge.nudged_secret_volume_delay),
+            ..args.refresh.policy()
+        },
         probes: args.probes.settings(),
         concurrency: args.concurrency,
         sharding,

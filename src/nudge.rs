@@ -50,10 +50,8 @@ use prometheus_client::metrics::family::Family;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
-use crate::crd::TasklistConnection;
 use crate::machinery::lock::lock;
 use crate::metrics::ResultLabels;
-use crate::schedule::RefreshPolicy;
 use crate::time::parse_duration;
 
 /// The label a Pod opts in with.
@@ -62,7 +60,7 @@ pub const NUDGE_LABEL: &str = "tasklist.camunda.community/nudge";
 pub const CREDENTIAL_VERSION_ANNOTATION: &str = "tasklist.camunda.community/credential-version";
 /// On a TasklistConnection: every Pod that mounts its derived Secret is nudged, so the
 /// refresh may come as late as `--nudged-secret-volume-delay` before expiry.
-pub const ALL_CONSUMERS_NUDGED_ANNOTATION: &str = "tasklist.camunda.community/all-consumers-nudged";
+pub use crate::crd::ALL_CONSUMERS_NUDGED_ANNOTATION;
 /// The field manager of the Pod patches (the operator's own, as for Secrets).
 const FIELD_MANAGER: &str = "tasklist-operator";
 
@@ -196,26 +194,6 @@ impl PodRecords {
     }
 }
 
-/// The room left before a credential expires for the Pods to see its successor (the
-/// `secret_volume_delay` of the refresh rule): `nudged` (`--nudged-secret-volume-delay`)
-/// when the nudge is on and the connection says every consumer of its Secret is nudged,
-/// otherwise `--secret-volume-delay`; never more than the latter.
-pub fn secret_volume_delay(nudge_on: bool, all_consumers_nudged: bool, nudged: Duration, secret_volume_delay: Duration) -> Duration {
-    if nudge_on && all_consumers_nudged {
-        nudged.min(secret_volume_delay)
-    } else {
-        secret_volume_delay
-    }
-}
-
-/// Whether `connection` carries `tasklist.camunda.community/all-consumers-nudged: "true"`.
-pub fn says_all_consumers_nudged(connection: &TasklistConnection) -> bool {
-    connection
-        .annotations()
-        .get(ALL_CONSUMERS_NUDGED_ANNOTATION)
-        .is_some_and(|value| value.trim().eq_ignore_ascii_case("true"))
-}
-
 /// The merge patch of a nudge: metadata, one annotation, nothing else.
 pub fn nudge_patch(version: &str) -> serde_json::Value {
     serde_json::json!({"metadata": {"annotations": {CREDENTIAL_VERSION_ANNOTATION: version}}})
@@ -241,7 +219,6 @@ impl NudgeMetrics {
 #[derive(Clone, Default)]
 pub struct Nudger {
     on: Option<Arc<On>>,
-    nudged_delay: Duration,
 }
 
 struct On {
@@ -301,26 +278,11 @@ impl Nudger {
                 metrics,
                 failing: Mutex::default(),
             })),
-            nudged_delay: args.nudged_secret_volume_delay,
         }
     }
 
     pub fn is_on(&self) -> bool {
         self.on.is_some()
-    }
-
-    /// The refresh rule's settings for `connection`: `base` with the room before expiry
-    /// [`secret_volume_delay`] gives.
-    pub fn refresh_policy(&self, base: &RefreshPolicy, connection: &TasklistConnection) -> RefreshPolicy {
-        RefreshPolicy {
-            secret_volume_delay: secret_volume_delay(
-                self.is_on(),
-                says_all_consumers_nudged(connection),
-                self.nudged_delay,
-                base.secret_volume_delay,
-            ),
-            ..*base
-        }
     }
 
     /// Called right after the derived Secret `secret` in `namespace` was written, now at
@@ -483,41 +445,5 @@ mod tests {
             nudge_patch("4711"),
             serde_json::json!({"metadata": {"annotations": {"tasklist.camunda.community/credential-version": "4711"}}})
         );
-    }
-
-    #[test]
-    fn the_short_margin_needs_the_nudge_on_and_the_connection_saying_all_consumers_are_nudged() {
-        let (nudged, usual) = (Duration::from_secs(15), Duration::from_secs(120));
-        assert_eq!(secret_volume_delay(true, true, nudged, usual), nudged);
-        assert_eq!(secret_volume_delay(true, false, nudged, usual), usual);
-        assert_eq!(
-            secret_volume_delay(false, true, nudged, usual),
-            usual,
-            "annotated, but nobody nudges"
-        );
-        assert_eq!(secret_volume_delay(false, false, nudged, usual), usual);
-        // Never more room than without the nudge.
-        assert_eq!(secret_volume_delay(true, true, Duration::from_secs(200), usual), usual);
-    }
-
-    #[test]
-    fn a_connection_says_all_consumers_are_nudged_with_the_annotation_set_to_true() {
-        let spec = serde_json::json!({"url": "http://tasklist", "auth": {"basic": {"credentialsSecretRef": {"name": "login"}}}});
-        let mut connection = TasklistConnection::new("orders", serde_json::from_value(spec).expect("a spec"));
-        assert!(!says_all_consumers_nudged(&connection));
-        for (value, says) in [("true", true), ("True", true), ("false", false), ("yes", false), ("", false)] {
-            connection.metadata.annotations = Some([(ALL_CONSUMERS_NUDGED_ANNOTATION.to_owned(), value.to_owned())].into());
-            assert_eq!(says_all_consumers_nudged(&connection), says, "{value:?}");
-        }
-    }
-
-    #[test]
-    fn without_the_nudge_the_annotation_changes_no_refresh_time() {
-        let spec = serde_json::json!({"url": "http://tasklist", "auth": {"basic": {"credentialsSecretRef": {"name": "login"}}}});
-        let mut connection = TasklistConnection::new("orders", serde_json::from_value(spec).expect("a spec"));
-        connection.metadata.annotations = Some([(ALL_CONSUMERS_NUDGED_ANNOTATION.to_owned(), "true".to_owned())].into());
-        let base = RefreshPolicy::default();
-        // Off: the annotation changes nothing.
-        assert_eq!(Nudger::default().refresh_policy(&base, &connection), base);
     }
 }

@@ -20,6 +20,8 @@ pub async fn obtain_credential(inputs: &Inputs, http: &HttpClient) -> Result<Sto
 }
 
 pub async fn obtain_credential_with(inputs: &Inputs, http: &HttpClient, policy: &RefreshPolicy) -> Result<StoredCredential, AuthFailure> {
+    // The room before expiry depends on whether the connection's Pods are all nudged.
+    let policy = &policy.for_connection(inputs.all_consumers_nudged);
     // Whole seconds: the Secret stores RFC 3339 without fractions, and a credential read
     // back after a restart must compare equal to the one written.
     let issued_at = whole_seconds(Timestamp::now());
@@ -83,6 +85,7 @@ pub async fn obtain_shared_credential<User: Hash + Eq + Send + 'static>(
     held: Option<&Sensitive>,
     reuse: bool,
 ) -> Obtained {
+    let policy = &policy.for_connection(inputs.all_consumers_nudged);
     let LoginMaterial::OAuth2 { endpoint, client } = &inputs.login else {
         return Obtained {
             result: obtain_credential_with(inputs, http, policy).await,
@@ -222,6 +225,7 @@ mod tests {
                 trust: TlsTrust::default(),
                 refresh_before: None,
                 probe_interval: Duration::from_secs(60),
+                all_consumers_nudged: false,
                 fingerprint: "inputs".into(),
             }
         }
@@ -357,6 +361,7 @@ mod tests {
             trust: TlsTrust::default(),
             refresh_before: None,
             probe_interval: Duration::from_secs(60),
+            all_consumers_nudged: false,
             fingerprint: "inputs".into(),
         };
         let cache = TokenCache::<usize>::default();

@@ -39,6 +39,9 @@ pub struct RefreshPolicy {
     /// At most one obtain per connection is forced through the refresh annotation in this
     /// long (`--forced-refresh-interval`).
     pub forced_refresh_interval: Duration,
+    /// The room left for connections whose consumers are all nudged
+    /// (`--nudged-secret-volume-delay`), when the nudge is on (`--nudge-pods`).
+    pub nudged_secret_volume_delay: Option<Duration>,
 }
 
 /// At most one obtain a minute may be forced through the refresh annotation, per connection:
@@ -52,6 +55,22 @@ impl Default for RefreshPolicy {
             secret_volume_delay: DEFAULT_SECRET_VOLUME_DELAY,
             max_credential_lifetime: DEFAULT_MAX_CREDENTIAL_LIFETIME,
             forced_refresh_interval: DEFAULT_FORCED_REFRESH_INTERVAL,
+            nudged_secret_volume_delay: None,
+        }
+    }
+}
+
+impl RefreshPolicy {
+    /// The policy for a connection: the room before expiry is the nudged one when the nudge
+    /// is on and the connection says every consumer of its Secret is nudged
+    /// (`all_consumers_nudged`), never more than `--secret-volume-delay`; otherwise as is.
+    pub fn for_connection(&self, all_consumers_nudged: bool) -> RefreshPolicy {
+        match self.nudged_secret_volume_delay {
+            Some(nudged) if all_consumers_nudged => RefreshPolicy {
+                secret_volume_delay: nudged.min(self.secret_volume_delay),
+                ..*self
+            },
+            _ => *self,
         }
     }
 }
@@ -267,5 +286,24 @@ mod tests {
     fn rejections_wait_at_least_30_seconds() {
         assert_eq!(retry_delay(1, AuthFailureKind::Rejected, 0.0), Duration::from_secs(30));
         assert_eq!(retry_delay(7, AuthFailureKind::Rejected, 0.5), Duration::from_secs(64));
+    }
+
+    #[test]
+    fn the_short_margin_needs_the_nudge_on_and_the_connection_saying_all_consumers_are_nudged() {
+        let (nudged, usual) = (Duration::from_secs(15), Duration::from_secs(120));
+        let on = RefreshPolicy {
+            nudged_secret_volume_delay: Some(nudged),
+            ..RefreshPolicy::default()
+        };
+        assert_eq!(on.for_connection(true).secret_volume_delay, nudged);
+        assert_eq!(on.for_connection(false).secret_volume_delay, usual);
+        let off = RefreshPolicy::default();
+        assert_eq!(off.for_connection(true), off, "annotated, but nobody nudges");
+        // Never more room than without the nudge.
+        let long = RefreshPolicy {
+            nudged_secret_volume_delay: Some(Duration::from_secs(200)),
+            ..RefreshPolicy::default()
+        };
+        assert_eq!(long.for_connection(true).secret_volume_delay, usual);
     }
 }

@@ -187,6 +187,7 @@ fn oauth2_inputs(endpoint: TokenEndpoint, refresh_before: Option<Duration>) -> I
         trust: TlsTrust::default(),
         refresh_before,
         probe_interval: Duration::from_secs(60),
+        all_consumers_nudged: false,
         fingerprint: "camunda-wire-test".to_owned(),
     }
 }
@@ -201,6 +202,7 @@ fn cookie_inputs(base_url: &str, session_timeout: Duration) -> Inputs {
         trust: TlsTrust::default(),
         refresh_before: None,
         probe_interval: Duration::from_secs(60),
+        all_consumers_nudged: false,
         fingerprint: "camunda-wire-test".to_owned(),
     }
 }

@@ -642,7 +642,7 @@ pub fn conclude(facts: &Facts, usable: &Usable, mut fresh: Fresh, probed: Probed
             credential.expires_at,
             inputs.refresh_before,
             inputs.session_timeout,
-            &facts.refresh_policy,
+            &facts.refresh_policy.for_connection(inputs.all_consumers_nudged),
         )
     });
     let mut announced_warning = None;
@@ -794,6 +794,7 @@ mod tests {
                 fingerprint: FINGERPRINT.into(),
                 refresh_before: None,
                 probe_interval: Duration::from_secs(60),
+                all_consumers_nudged: false,
                 session_timeout: None,
                 token_endpoint: None,
                 basic,

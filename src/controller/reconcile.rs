@@ -122,8 +122,7 @@ impl<'a> Reconciling<'a> {
             stored: stored.and_then(Result::ok),
             gate,
             memory: ctx.shared.memory.decided(&self.key),
-            // The room before expiry depends on whether the connection's Pods are nudged.
-            refresh_policy: ctx.nudger.refresh_policy(&ctx.settings.refresh, self.connection),
+            refresh_policy: ctx.settings.refresh,
             jitter: rand::random(),
         };
         Ok(facts)
@@ -321,9 +320,7 @@ impl<'a> Reconciling<'a> {
                 "the derived Secret was deleted or edited; restoring it"
             );
         }
-        let result = self
-            .take_credential_step(facts, go.credential, facts.stored.as_ref(), &usable)
-            .await?;
+        let result = self.take_credential_step(go.credential, facts.stored.as_ref(), &usable).await?;
         drop(slots);
         // Obtaining may have discovered the token endpoint: messages name it from now on.
         usable.token_source = token_source(&usable.inputs, &usable.http);
@@ -343,7 +340,7 @@ impl<'a> Reconciling<'a> {
         let mut probed = self.probe(facts, &usable, &mut fresh).await;
         if let Some((step, memory)) = plan::plan_after_probe(facts, &usable, &fresh, &probed) {
             info!("Tasklist answered 401 Unauthorized: obtaining a new credential once");
-            let result = self.take_credential_step(facts, step, fresh.credential.as_ref(), &usable).await?;
+            let result = self.take_credential_step(step, fresh.credential.as_ref(), &usable).await?;
             let mut again = plan::settle_credential(facts, &usable, fresh.credential.clone(), false, memory, result, Timestamp::now());
             self.log_credential(facts, &again);
             if let Some(stop) = again.stop.take() {
@@ -364,7 +361,6 @@ impl<'a> Reconciling<'a> {
     /// Secret as it is (the last valid credential stays in place).
     async fn take_credential_step(
         &self,
-        facts: &Facts,
         step: CredentialStep,
         held: Option<&StoredCredential>,
         usable: &Usable,
@@ -375,7 +371,7 @@ impl<'a> Reconciling<'a> {
                 info!("writing the kept credential to the derived Secret again");
                 kept
             }
-            CredentialStep::Obtain { reuse_shared } => match self.obtain(facts, held, reuse_shared, usable).await? {
+            CredentialStep::Obtain { reuse_shared } => match self.obtain(held, reuse_shared, usable).await? {
                 Ok(credential) => credential,
                 Err(result) => return Ok(result),
             },
@@ -388,7 +384,6 @@ impl<'a> Reconciling<'a> {
     /// Tasklist refused it). The only read of the referenced Secrets' values.
     async fn obtain(
         &self,
-        facts: &Facts,
         held: Option<&StoredCredential>,
         reuse_shared: bool,
         usable: &Usable,
@@ -406,7 +401,7 @@ impl<'a> Reconciling<'a> {
         let obtained = obtain_shared_credential(
             &inputs,
             &usable.http,
-            &facts.refresh_policy,
+            &self.ctx.settings.refresh,
             &ctx.shared.token_cache,
             self.key.clone(),
             held_token,
