@@ -20,8 +20,10 @@ use tokio::sync::{Notify, mpsc};
 use tracing::{debug, warn};
 
 use crate::crd::{TasklistConnection, TasklistConnectionStatus};
+use crate::machinery::lock::lock;
 use crate::reason::Reason;
 use crate::status::{AUTHENTICATED, Observation, REACHABLE};
+use crate::time::add;
 
 /// What happened to a connection that a person would want to see in `kubectl describe`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -252,10 +254,6 @@ impl Series {
 /// How often expired series entries are dropped.
 const PRUNE_EVERY: Duration = Duration::from_secs(30);
 
-fn add(at: Timestamp, duration: Duration) -> Timestamp {
-    crate::time::add(at, duration)
-}
-
 impl EventPublisher {
     pub fn new(client: kube::Client, instance: Option<String>) -> Self {
         let reporter = Reporter {
@@ -365,7 +363,7 @@ impl Sender {
             warning: event.type_ == EventType::Warning,
         };
         let now = Timestamp::now();
-        let continued = self.series.lock().ok().and_then(|mut series| series.continued(&key, now));
+        let continued = lock(&self.series, "the Event series").continued(&key, now);
         let api: Api<K8sEvent> = Api::namespaced(self.client.clone(), &namespace);
         let sent = match &continued {
             Some(entry) => {
@@ -392,9 +390,7 @@ impl Sender {
         };
         match sent {
             Ok(entry) => {
-                if let Ok(mut series) = self.series.lock() {
-                    series.record(&key, entry);
-                }
+                lock(&self.series, "the Event series").record(&key, entry);
             }
             Err(error) => self.failed(&error.to_string()),
         }

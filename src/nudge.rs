@@ -281,10 +281,6 @@ impl Nudger {
         }
     }
 
-    pub fn is_on(&self) -> bool {
-        self.on.is_some()
-    }
-
     /// Called right after the derived Secret `secret` in `namespace` was written, now at
     /// resourceVersion `version`: one patch per consuming Pod, each on a task of its own
     /// (returns at once).

@@ -24,6 +24,7 @@ use super::Error;
 use super::memory::ConnectionKey;
 use crate::crd::TasklistConnection;
 use crate::derived_secret::{StoredCredential, is_owned_by};
+use crate::machinery::lock::lock;
 
 /// The derived Secret of one connection as this process last wrote or read it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,7 +46,7 @@ pub struct DerivedRecords {
 impl DerivedRecords {
     /// The record of `key`'s Secret `secret`, if there is one of that Secret.
     pub fn get(&self, key: &ConnectionKey, secret: &str) -> Option<DerivedRecord> {
-        let records = self.records.lock().ok()?;
+        let records = lock(&self.records, "the derived Secrets' records");
         records.get(key).filter(|record| record.secret == secret).cloned()
     }
 
@@ -53,23 +54,20 @@ impl DerivedRecords {
     /// `connection` owns it and it holds a usable credential; otherwise the record goes.
     pub fn remember(&self, key: &ConnectionKey, connection: &TasklistConnection, secret: Option<&Secret>) {
         let record = secret.and_then(|secret| record_of(connection, secret));
-        if let Ok(mut records) = self.records.lock() {
-            match record {
-                Some(record) => records.insert(key.clone(), record),
-                None => records.remove(key),
-            };
-        }
+        let mut records = lock(&self.records, "the derived Secrets' records");
+        match record {
+            Some(record) => records.insert(key.clone(), record),
+            None => records.remove(key),
+        };
     }
 
     pub fn forget(&self, key: &ConnectionKey) {
-        if let Ok(mut records) = self.records.lock() {
-            records.remove(key);
-        }
+        lock(&self.records, "the derived Secrets' records").remove(key);
     }
 
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.records.lock().map(|records| records.len()).unwrap_or_default()
+        lock(&self.records, "the derived Secrets' records").len()
     }
 }
 
