@@ -23,7 +23,9 @@ use tasklist_operator::crd::{REFRESH_ANNOTATION, TasklistConnection};
 
 use crate::ScenarioFn;
 use crate::chart::helm_ok;
-use crate::scenario::{Check, DEFAULT_CLIENT_SECRET, Scenario, World, eventually, find_condition, parse_manifest, start_operator_with};
+use crate::scenario::{
+    Check, DEFAULT_CLIENT_SECRET, Scenario, World, connection, eventually, find_condition, parse_manifest, start_operator_with,
+};
 
 pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     scenarios![
@@ -140,15 +142,6 @@ fn connection_editor_rules() -> Value {
         "resources": ["tasklistconnections"],
         "verbs": ["create", "get", "list", "update", "patch", "delete"],
     }])
-}
-
-fn connection(name: &str, spec: Value) -> anyhow::Result<TasklistConnection> {
-    Ok(serde_json::from_value(json!({
-        "apiVersion": "tasklist.camunda.community/v1alpha1",
-        "kind": "TasklistConnection",
-        "metadata": {"name": name},
-        "spec": spec,
-    }))?)
 }
 
 fn dry_run() -> PostParams {

@@ -18,7 +18,8 @@ use testsupport::standin::{EndpointMode, StandinOptions, StandinTasklist};
 
 use crate::ScenarioFn;
 use crate::scenario::{
-    CLIENT_ID, Check, DEFAULT_CLIENT_SECRET, Scenario, World, eventually, find_condition, parse_manifest, start_operator_with, wait_until,
+    CLIENT_ID, Check, DEFAULT_CLIENT_SECRET, Scenario, World, connection, eventually, find_condition, parse_manifest, start_operator_with,
+    wait_until,
 };
 
 pub fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
@@ -213,15 +214,6 @@ async fn the_admission_policy_refuses_what_the_operator_would(world: Arc<World>)
         .delete(&created_policy.metadata.name.unwrap_or_default(), &DeleteParams::default())
         .await;
     result
-}
-
-fn connection(name: &str, spec: Value) -> anyhow::Result<TasklistConnection> {
-    Ok(serde_json::from_value(json!({
-        "apiVersion": "tasklist.camunda.community/v1alpha1",
-        "kind": "TasklistConnection",
-        "metadata": {"name": name},
-        "spec": spec,
-    }))?)
 }
 
 async fn check_admission(client: &kube::Client, watched: &str, unwatched: &str) -> anyhow::Result<()> {

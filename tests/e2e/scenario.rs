@@ -665,6 +665,17 @@ pub fn contains_jwt(text: &str) -> bool {
     })
 }
 
+/// A TasklistConnection named `name` with `spec`, as a manifest would give it (no namespace:
+/// the API it is created through says which).
+pub fn connection(name: &str, spec: serde_json::Value) -> anyhow::Result<TasklistConnection> {
+    Ok(serde_json::from_value(serde_json::json!({
+        "apiVersion": "tasklist.camunda.community/v1alpha1",
+        "kind": "TasklistConnection",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))?)
+}
+
 pub fn find_condition<'a>(connection: &'a TasklistConnection, type_: &str) -> Option<&'a Condition> {
     connection.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
 }

@@ -242,17 +242,7 @@ impl World {
 
     /// Creates namespace `name` (the README's), enforcing the restricted Pod Security Standard.
     pub async fn restricted_namespace_named(&self, name: &str) -> anyhow::Result<()> {
-        let namespace = Namespace {
-            metadata: ObjectMeta {
-                name: Some(name.to_owned()),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        Api::<Namespace>::all(self.client())
-            .create(&PostParams::default(), &namespace)
-            .await
-            .with_context(|| format!("cannot create namespace {name}"))?;
+        self.control_plane.create_namespace_named(name).await?;
         self.enforce_restricted(name).await
     }
 

@@ -322,9 +322,15 @@ impl ControlPlane {
     pub async fn create_namespace(&self, prefix: &str) -> anyhow::Result<String> {
         let separator = if prefix.ends_with('-') { "" } else { "-" };
         let name = format!("{prefix}{separator}{}", random_suffix(6));
+        self.create_namespace_named(&name).await?;
+        Ok(name)
+    }
+
+    /// Creates the namespace `name` exactly (a README's, for example).
+    pub async fn create_namespace_named(&self, name: &str) -> anyhow::Result<()> {
         let namespace = Namespace {
             metadata: ObjectMeta {
-                name: Some(name.clone()),
+                name: Some(name.to_owned()),
                 ..Default::default()
             },
             ..Default::default()
@@ -333,7 +339,7 @@ impl ControlPlane {
             .create(&PostParams::default(), &namespace)
             .await
             .with_context(|| format!("cannot create namespace {name}"))?;
-        Ok(name)
+        Ok(())
     }
 
     /// Stops kube-apiserver, leaving etcd and the controller manager running, to simulate an
