@@ -109,6 +109,10 @@ struct Args {
     /// Run only the nudge phase (the others take minutes).
     #[arg(long)]
     nudge_only: bool,
+    /// Stop after the cold start (and the sharded one): the floor, the cold-start ratio and
+    /// the memory at all Ready, for repeated runs and heap profiles.
+    #[arg(long)]
+    cold_start_only: bool,
     /// The operator binary (the release build).
     #[arg(long, default_value = "target/release/tasklist-operator")]
     operator: PathBuf,
@@ -157,8 +161,8 @@ impl Report {
             format!("{} / {clients}", phase.token_requests),
         );
         self.row(
-            &format!("{title}: RSS, VmHWM at all Ready (MB)"),
-            format!("{:.1}, {:.1}", mb(phase.memory.rss), mb(phase.memory.hwm)),
+            &format!("{title}: RSS, VmHWM, anonymous RSS at all Ready (MB)"),
+            format!("{:.1}, {:.1}, {:.1}", mb(phase.memory.rss), mb(phase.memory.hwm), mb(phase.memory.anonymous)),
         );
         for (series, count) in phase.operator_counters {
             self.row(&format!("  {short}: operator {series}"), format!("{count:.0}"));
@@ -172,7 +176,7 @@ impl Report {
         self.json.insert(
             key.into(),
             json!({"ready_s": ready, "ratio": ready / floor, "apiserver_requests": phase.requests,
-                   "token_requests": phase.token_requests, "rss_bytes": phase.memory.rss, "hwm_bytes": phase.memory.hwm}),
+                   "token_requests": phase.token_requests, "rss_bytes": phase.memory.rss, "hwm_bytes": phase.memory.hwm, "anonymous_rss_bytes": phase.memory.anonymous}),
         );
     }
 }
@@ -283,6 +287,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                    "hwm_bytes": sharded.settled.iter().map(|m| m.hwm).collect::<Vec<_>>(),
                    "one_process_rss_bytes": cold.memory.rss}),
         );
+    }
+
+    if bench.args.cold_start_only {
+        return report.write(&bench.args.json, started);
     }
 
     // 3. Burst, and everything after it on the same operator.
@@ -1418,6 +1426,8 @@ impl FloorClient {
 struct Memory {
     rss: u64,
     hwm: u64,
+    /// The resident part that is not the binary's or a library's pages: the heap, stacks.
+    anonymous: u64,
 }
 
 fn process_memory(pid: u32) -> anyhow::Result<Memory> {
@@ -1425,6 +1435,7 @@ fn process_memory(pid: u32) -> anyhow::Result<Memory> {
     Ok(Memory {
         rss: figures::status_kilobytes(&status, "VmRSS").context("no VmRSS")?,
         hwm: figures::status_kilobytes(&status, "VmHWM").context("no VmHWM")?,
+        anonymous: figures::status_kilobytes(&status, "RssAnon").context("no RssAnon")?,
     })
 }
 

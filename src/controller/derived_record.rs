@@ -40,14 +40,18 @@ pub struct DerivedRecord {
 /// The records of the connections this process handles (so, with sharding, its own share).
 #[derive(Default)]
 pub struct DerivedRecords {
-    records: Mutex<HashMap<ConnectionKey, DerivedRecord>>,
+    // Boxed, like the connections' memory: an empty slot of the table costs a pointer.
+    records: Mutex<HashMap<ConnectionKey, Box<DerivedRecord>>>,
 }
 
 impl DerivedRecords {
     /// The record of `key`'s Secret `secret`, if there is one of that Secret.
     pub fn get(&self, key: &ConnectionKey, secret: &str) -> Option<DerivedRecord> {
         let records = lock(&self.records, "the derived Secrets' records");
-        records.get(key).filter(|record| record.secret == secret).cloned()
+        records
+            .get(key)
+            .filter(|record| record.secret == secret)
+            .map(|record| record.as_ref().clone())
     }
 
     /// Records what was read or written: `secret`, a whole Secret from the API server, when
@@ -56,7 +60,7 @@ impl DerivedRecords {
         let record = secret.and_then(|secret| record_of(connection, secret));
         let mut records = lock(&self.records, "the derived Secrets' records");
         match record {
-            Some(record) => records.insert(key.clone(), record),
+            Some(record) => records.insert(key.clone(), Box::new(record)),
             None => records.remove(key),
         };
     }

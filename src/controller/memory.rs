@@ -71,14 +71,16 @@ pub struct ProbeRecord {
 /// when it reports ([`Memory::commit`]).
 #[derive(Debug, Default, Clone)]
 pub struct Decided {
-    pub failure: Option<FailureRecord>,
+    // The records of a failure episode are boxed: most connections have none, and an unset
+    // box costs a pointer where the record would cost its size in every connection's entry.
+    pub failure: Option<Box<FailureRecord>>,
     pub last_probe: Option<ProbeRecord>,
     /// The last time a 401 from the probe made the operator obtain a new credential.
     pub unauthorized_reobtain: Option<UnauthorizedReobtain>,
     /// Whether the `RefreshBeforeTooLong` Event was published for the current warning.
     pub refresh_warning_announced: bool,
     /// A failed write of the derived Secret, retried with backoff.
-    pub write_failure: Option<WriteFailureRecord>,
+    pub write_failure: Option<Box<WriteFailureRecord>>,
     /// Whether this process reconciled the connection before (false: first sight after a
     /// start, when status tells what the previous process knew).
     pub seen: bool,
@@ -97,7 +99,7 @@ pub struct ConnectionMemory {
     /// The TLS trust read from the connection's `caSecretRef`, with the version of that
     /// Secret it was read from (see `InputsSummary::ca_version`), so that a reconcile at
     /// rest does not read the CA bundle again.
-    pub ca_trust: Option<(String, TlsTrust)>,
+    pub ca_trust: Option<Box<(String, TlsTrust)>>,
 }
 
 /// The operator's own last write of a derived Secret, so that the watch event of that write
@@ -120,12 +122,17 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[derive(Default)]
 pub struct Memory {
-    connections: Mutex<HashMap<ConnectionKey, ConnectionMemory>>,
+    // Boxed: the map's table has room for up to twice its entries, and an empty slot then
+    // costs a key and a pointer, not a whole record.
+    connections: Mutex<HashMap<ConnectionKey, Box<ConnectionMemory>>>,
 }
 
 impl Memory {
     pub fn get(&self, key: &ConnectionKey) -> ConnectionMemory {
-        lock(&self.connections).get(key).cloned().unwrap_or_default()
+        lock(&self.connections)
+            .get(key)
+            .map(|memory| memory.as_ref().clone())
+            .unwrap_or_default()
     }
 
     pub fn update(&self, key: &ConnectionKey, change: impl FnOnce(&mut ConnectionMemory)) {
@@ -134,7 +141,15 @@ impl Memory {
 
     /// What the last reconcile decided, for the next one to plan with.
     pub fn decided(&self, key: &ConnectionKey) -> Decided {
-        self.get(key).decided
+        lock(&self.connections)
+            .get(key)
+            .map(|memory| memory.decided.clone())
+            .unwrap_or_default()
+    }
+
+    /// The operator's own last write of `key`'s derived Secret.
+    pub fn own_write(&self, key: &ConnectionKey) -> Option<OwnWrite> {
+        lock(&self.connections).get(key).and_then(|memory| memory.own_write.clone())
     }
 
     /// Keeps what a reconcile decided (the own-write record and the trust cache are kept
@@ -187,7 +202,7 @@ impl Memory {
         let namespace = secret.namespace().unwrap_or_default();
         let name = secret.name_any();
         controller_owners(secret).any(|owner| {
-            let Some(write) = self.get(&(namespace.clone(), owner.to_owned())).own_write else {
+            let Some(write) = self.own_write(&(namespace.clone(), owner.to_owned())) else {
                 return false;
             };
             let version = secret.resource_version();
@@ -201,14 +216,18 @@ impl Memory {
     /// The connections to reconcile when `secret` changed: its controller owner, and every
     /// connection of the store (`connections`, the controller's reflector) that reads it or
     /// wants to write a Secret of that name. Nothing for the operator's own write.
+    ///
+    /// `connections` is asked only when the change is not the operator's own write: a copy
+    /// of the store for each of the cold start's own writes made it quadratic.
     pub fn connections_affected_by(
         &self,
         secret: &PartialObjectMeta<Secret>,
-        connections: &[Arc<TasklistConnection>],
+        connections: impl FnOnce() -> Vec<Arc<TasklistConnection>>,
     ) -> Vec<ObjectRef<TasklistConnection>> {
         if self.is_own_write(secret) {
             return Vec::new();
         }
+        let connections = connections();
         let namespace = secret.namespace().unwrap_or_default();
         let name = secret.name_any();
         let mut affected: Vec<ObjectRef<TasklistConnection>> = controller_owners(secret)
@@ -284,18 +303,20 @@ mod tests {
     fn the_watch_event_of_an_own_write_wakes_nothing_even_before_the_write_answered() {
         let memory = Memory::default();
         memory.record_write_in_flight(&key(), "orders-tasklist-auth", Some("h2".into()));
-        // The event arrives before the write's answer: recognised by its data hash.
-        assert!(memory.connections_affected_by(&event("7", "h2"), &[]).is_empty());
+        // The event arrives before the write's answer: recognised by its data hash, without
+        // a look at the store.
+        let unread = || -> Vec<Arc<TasklistConnection>> { unreachable!("the store is not read for an own write") };
+        assert!(memory.connections_affected_by(&event("7", "h2"), unread).is_empty());
         // A change carrying other data (a hand edit of an earlier version) wakes the owner.
-        assert_eq!(memory.connections_affected_by(&event("8", "h1"), &[]).len(), 1);
+        assert_eq!(memory.connections_affected_by(&event("8", "h1"), Vec::new).len(), 1);
         memory.record_own_write(&key(), "orders-tasklist-auth", Some("7".into()));
         // The event arrives after the answer: recognised by its resourceVersion.
-        assert!(memory.connections_affected_by(&event("7", "h2"), &[]).is_empty());
+        assert!(memory.connections_affected_by(&event("7", "h2"), unread).is_empty());
         // Anything later wakes the owner.
-        assert_eq!(memory.connections_affected_by(&event("9", "h2"), &[]).len(), 1);
+        assert_eq!(memory.connections_affected_by(&event("9", "h2"), Vec::new).len(), 1);
         // A forgotten connection's writes are forgotten with it.
         memory.forget(&key());
-        assert_eq!(memory.connections_affected_by(&event("7", "h2"), &[]).len(), 1);
+        assert_eq!(memory.connections_affected_by(&event("7", "h2"), Vec::new).len(), 1);
     }
 
     fn connection(namespace: &str, name: &str, client_secret: &str) -> Arc<TasklistConnection> {
@@ -333,16 +354,48 @@ mod tests {
             connection("team-b", "orders", "client"),
         ];
         let mut woken: Vec<String> = memory
-            .connections_affected_by(&changed("team-a", "client"), &store)
+            .connections_affected_by(&changed("team-a", "client"), || store.to_vec())
             .into_iter()
             .map(|reference| reference.name)
             .collect();
         woken.sort();
         assert_eq!(woken, ["billing", "orders"]);
         // A Secret taking the derived name (a conflict resolving) wakes the connection too.
-        let woken = memory.connections_affected_by(&changed("team-a", "other-tasklist-auth"), &store);
+        let woken = memory.connections_affected_by(&changed("team-a", "other-tasklist-auth"), || store.to_vec());
         assert_eq!(woken.len(), 1);
         assert_eq!(woken[0].name, "other");
-        assert!(memory.connections_affected_by(&changed("team-c", "client"), &store).is_empty());
+        assert!(memory.connections_affected_by(&changed("team-c", "client"), || store.to_vec()).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod size_probe {
+    #[test]
+    fn sizes() {
+        use std::mem::size_of;
+        eprintln!("ConnectionMemory {}", size_of::<super::ConnectionMemory>());
+        eprintln!("Decided {}", size_of::<super::Decided>());
+        eprintln!("FailureRecord {}", size_of::<super::FailureRecord>());
+        eprintln!("WriteFailureRecord {}", size_of::<super::WriteFailureRecord>());
+        eprintln!("ProbeRecord {}", size_of::<super::ProbeRecord>());
+        eprintln!("OwnWrite {}", size_of::<super::OwnWrite>());
+        eprintln!("DerivedRecord {}", size_of::<crate::controller::derived_record::DerivedRecord>());
+        eprintln!("StoredCredential {}", size_of::<crate::derived_secret::StoredCredential>());
+        eprintln!("Credential {}", size_of::<crate::credential::Credential>());
+        eprintln!("TasklistConnection {}", size_of::<crate::crd::TasklistConnection>());
+        eprintln!("ObjectMeta {}", size_of::<kube::api::ObjectMeta>());
+        eprintln!("PartialObjectMeta {}", size_of::<kube::api::PartialObjectMeta<k8s_openapi::api::core::v1::Secret>>());
+        eprintln!("ConditionState {}", size_of::<crate::status::ConditionState>());
+        eprintln!("Spec {}", size_of::<crate::crd::TasklistConnectionSpec>());
+        eprintln!("Status {}", size_of::<crate::crd::TasklistConnectionStatus>());
+        eprintln!("AuthSpec {}", size_of::<crate::crd::AuthSpec>());
+        eprintln!("OAuth2Spec {}", size_of::<crate::crd::OAuth2Spec>());
+        eprintln!("CookieSpec {}", size_of::<crate::crd::CookieSpec>());
+        eprintln!("BasicSpec {}", size_of::<crate::crd::BasicSpec>());
+        eprintln!("ProbeSpec {}", size_of::<crate::crd::ProbeSpec>());
+        eprintln!("TlsSpec {}", size_of::<crate::crd::TlsSpec>());
+        eprintln!("SecretTemplate {}", size_of::<crate::crd::SecretTemplate>());
+        eprintln!("Condition {}", size_of::<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>());
+        eprintln!("TlsTrust {}", size_of::<crate::camunda::TlsTrust>());
     }
 }

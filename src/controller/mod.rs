@@ -7,6 +7,7 @@ mod memory;
 mod plan;
 mod probe_scheduler;
 mod reconcile;
+mod secret_index;
 mod secret_values;
 mod slim;
 #[cfg(test)]
@@ -43,6 +44,7 @@ use host_slots::{DEFERRAL, HostSlots, credential_hosts, reconcile_deadline, slot
 use memory::{ConnectionKey, Memory};
 pub use probe_scheduler::{DEFAULT_PROBE_CONCURRENCY, DEFAULT_PROBES_PER_HOST};
 use probe_scheduler::{ProbeScheduler, probe_limits, probe_timeout};
+use secret_index::{SecretIndex, SecretSummary};
 
 /// The field manager named in server-side apply of Secrets and status.
 pub const FIELD_MANAGER: &str = "tasklist-operator";
@@ -246,12 +248,13 @@ impl Context {
     }
 }
 
-/// The watches' copies of Secrets that a reconcile reads instead of asking the API server:
-/// at rest, a reconcile sends no request at all.
+/// What the metadata watch tells of Secrets, which a reconcile reads instead of asking the
+/// API server: at rest, a reconcile sends no request at all.
 #[derive(Clone)]
 pub struct SecretCaches {
-    /// Every Secret of the watched namespaces, metadata only: uid, resourceVersion, owners.
-    pub metadata: reflector::Store<PartialObjectMeta<Secret>>,
+    /// Every Secret of the watched namespaces, summarised: uid, resourceVersion, controller
+    /// owner, data hash, opt-in (`secret_index`).
+    pub metadata: Arc<SecretIndex>,
 }
 
 /// How long a reconcile waits for the Secret watches' first list after a start before it
@@ -261,12 +264,11 @@ const CACHE_SYNC_WAIT: Duration = Duration::from_secs(5);
 impl SecretCaches {
     /// Whether the Secret watch has listed once (waiting up to [`CACHE_SYNC_WAIT`] for it).
     async fn synced(&self) -> bool {
-        let listed = async { self.metadata.wait_until_ready().await.is_ok() };
-        tokio::time::timeout(CACHE_SYNC_WAIT, listed).await.unwrap_or(false)
+        tokio::time::timeout(CACHE_SYNC_WAIT, self.metadata.listed()).await.is_ok()
     }
 
-    fn metadata(&self, namespace: &str, name: &str) -> Option<Arc<PartialObjectMeta<Secret>>> {
-        self.metadata.get(&ObjectRef::new(name).within(namespace))
+    fn metadata(&self, namespace: &str, name: &str) -> Option<SecretSummary> {
+        self.metadata.get(namespace, name)
     }
 }
 
@@ -361,18 +363,23 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
         .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default());
     // Metadata is enough to know a Secret changed, and keeps memory small. Its store tells
     // a reconcile the uid and resourceVersion of the Secrets a connection reads.
-    let (metadata_store, metadata_writer) = reflector::store();
-    let secret_sharding = ctx.settings.sharding.clone();
+    // The index keeps a compact summary of each (`secret_index`); the events themselves go on
+    // to wake the connections concerned and are dropped.
+    let index = Arc::new(SecretIndex::new(ctx.settings.sharding.clone()));
+    let indexing = index.clone();
     let secret_changes = watcher(secrets, watcher::Config::default())
         .backoff(WatchBackoff::default())
-        .modify(move |secret| slim::slim_secret_metadata(&mut secret.metadata, &secret_sharding))
-        .reflect(metadata_writer)
+        .inspect(move |event| {
+            if let Ok(event) = event {
+                indexing.apply(event);
+            }
+        })
         .touched_objects();
     // The derived Secrets are in that store too, by metadata only; what the decisions need of
     // the connections' own is a compact record in memory (`derived_record`), filled by this
     // process's own writes and, when the watch shows another version, by a GET. No watch
     // transfers a Secret's data: labelling a Secret as the operator's costs its metadata.
-    let caches = SecretCaches { metadata: metadata_store };
+    let caches = SecretCaches { metadata: index };
     let mapper_ctx = ctx.clone();
     let present = reader.clone();
     // Which connections a changed Secret concerns comes from the store the controller keeps
@@ -381,7 +388,7 @@ async fn run_in(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fut
 
     Controller::for_stream(connection_changes, reader)
         .watches_stream(secret_changes, move |secret| {
-            mapper_ctx.shared.memory.connections_affected_by(&secret, &store.state())
+            mapper_ctx.shared.memory.connections_affected_by(&secret, || store.state())
         })
         .with_config(controller::Config::default().concurrency(ctx.settings.concurrency))
         // The controller backs off its trigger streams too; kube's default would again wait

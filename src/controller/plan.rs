@@ -272,11 +272,13 @@ fn with_failure_from_status(facts: &Facts, usable: &Usable, mut memory: Decided)
     };
     if let Some((restored, retry_at)) = decide::failure_from_status(record, facts.now) {
         let message = authenticated.map(|(_, _, message)| message.to_owned()).unwrap_or_default();
-        memory.failure.get_or_insert(FailureRecord {
-            fingerprint: usable.inputs.fingerprint.clone(),
-            failure: AuthFailure { message, ..restored },
-            consecutive: 1,
-            retry_at,
+        memory.failure.get_or_insert_with(|| {
+            Box::new(FailureRecord {
+                fingerprint: usable.inputs.fingerprint.clone(),
+                failure: AuthFailure { message, ..restored },
+                consecutive: 1,
+                retry_at,
+            })
         });
     }
     memory
@@ -427,7 +429,7 @@ pub fn settle_credential(
             let retry_at = decide::next_write_retry(at, consecutive, facts.jitter);
             // Obtaining worked: no backoff for the token endpoint or the login.
             memory.failure = None;
-            memory.write_failure = Some(WriteFailureRecord {
+            memory.write_failure = Some(Box::new(WriteFailureRecord {
                 // The inputs the credential was made from.
                 fingerprint: credential.inputs.clone(),
                 credential: Some(credential),
@@ -435,7 +437,7 @@ pub fn settle_credential(
                 retry_at,
                 message: message.clone(),
                 announced: true,
-            });
+            }));
             fresh.retry_at = Some(retry_at);
             fresh.authenticated = ConditionState::failing(Reason::SecretWriteFailed, message);
         }
@@ -446,12 +448,12 @@ pub fn settle_credential(
             let retry_at = decide::next_retry(at, consecutive, failure.kind, facts.jitter, kept_expires_at);
             fresh.authenticated = failed_condition(&failure);
             memory.write_failure = None;
-            memory.failure = Some(FailureRecord {
+            memory.failure = Some(Box::new(FailureRecord {
                 fingerprint: usable.inputs.fingerprint.clone(),
                 failure,
                 consecutive,
                 retry_at,
-            });
+            }));
             fresh.retry_at = Some(retry_at);
         }
         CredentialResult::InputProblem(problem) => {
@@ -909,7 +911,7 @@ mod tests {
                 "a pending retry is not shortened by a wake-up",
                 Box::new(|f| {
                     f.now = at(1_250);
-                    f.memory.failure = Some(failure(AuthFailureKind::Rejected, 1_280, FINGERPRINT));
+                    f.memory.failure = Some(Box::new(failure(AuthFailureKind::Rejected, 1_280, FINGERPRINT)));
                 }),
                 "use CredentialsRejected",
             ),
@@ -917,7 +919,7 @@ mod tests {
                 "a due retry obtains",
                 Box::new(|f| {
                     f.now = at(1_280);
-                    f.memory.failure = Some(failure(AuthFailureKind::ServerError, 1_280, FINGERPRINT));
+                    f.memory.failure = Some(Box::new(failure(AuthFailureKind::ServerError, 1_280, FINGERPRINT)));
                 }),
                 "obtain",
             ),
@@ -925,7 +927,7 @@ mod tests {
                 "a retry pending for other inputs does not hold back new ones",
                 Box::new(|f| {
                     f.stored = None;
-                    f.memory.failure = Some(failure(AuthFailureKind::Rejected, 1_280, "inputs-0"));
+                    f.memory.failure = Some(Box::new(failure(AuthFailureKind::Rejected, 1_280, "inputs-0")));
                 }),
                 "obtain",
             ),
@@ -939,14 +941,14 @@ mod tests {
             ),
             (
                 "a failed write waits for its retry",
-                Box::new(|f| f.memory.write_failure = Some(write_failure(1_150, Some(stored(FINGERPRINT))))),
+                Box::new(|f| f.memory.write_failure = Some(Box::new(write_failure(1_150, Some(stored(FINGERPRINT)))))),
                 "use SecretWriteFailed",
             ),
             (
                 "a failed write is retried with the kept credential",
                 Box::new(|f| {
                     f.now = at(1_100);
-                    f.memory.write_failure = Some(write_failure(1_100, Some(stored(FINGERPRINT))));
+                    f.memory.write_failure = Some(Box::new(write_failure(1_100, Some(stored(FINGERPRINT)))));
                 }),
                 "write kept",
             ),
@@ -954,7 +956,7 @@ mod tests {
                 "a kept credential whose refresh came is dropped for a new one",
                 Box::new(|f| {
                     f.now = at(1_250);
-                    f.memory.write_failure = Some(write_failure(1_100, Some(stored(FINGERPRINT))));
+                    f.memory.write_failure = Some(Box::new(write_failure(1_100, Some(stored(FINGERPRINT)))));
                 }),
                 "obtain",
             ),
@@ -1024,7 +1026,7 @@ mod tests {
         );
 
         let mut dropped = facts(1_250);
-        dropped.memory.write_failure = Some(write_failure(1_100, Some(stored(FINGERPRINT))));
+        dropped.memory.write_failure = Some(Box::new(write_failure(1_100, Some(stored(FINGERPRINT)))));
         let kept = memory_of(&plan(&dropped)).write_failure.expect("the episode goes on");
         assert!(kept.credential.is_none(), "the kept credential is dropped");
 
@@ -1071,10 +1073,10 @@ mod tests {
             detail: None,
         };
         let mut retried = facts(1_290);
-        retried.memory.failure = Some(FailureRecord {
+        retried.memory.failure = Some(Box::new(FailureRecord {
             consecutive: 8,
             ..failure(AuthFailureKind::ServerError, 1_290, FINGERPRINT)
-        });
+        }));
         let failed = fresh(&retried, CredentialResult::ObtainFailed(server_error), 1_290);
         assert_eq!(failed.retry_at, Some(at(1_295)));
         assert_eq!(failed.memory.failure.map(|f| f.consecutive), Some(9));

@@ -179,8 +179,8 @@ impl<'a> Reconciling<'a> {
         // The compact record of the Secret as this process last wrote or read it.
         let record = self.ctx.shared.derived.get(&self.key, &name);
         let any = self.caches.metadata(&self.key.0, &name);
-        let any_secret = any.as_ref().map(|meta| Secret {
-            metadata: meta.metadata.clone(),
+        let any_secret = any.as_ref().map(|summary| Secret {
+            metadata: summary.to_metadata(&self.key.0, &name),
             ..Secret::default()
         });
         let own_write = self
@@ -203,8 +203,8 @@ impl<'a> Reconciling<'a> {
             own_write: own_write.as_deref(),
         };
         match decide::derived_secret_source(cached) {
-            DerivedSecretSource::Cache => Ok(match (&record, &any) {
-                (Some(record), Some(meta)) => Some(derived_record::rebuilt(record, self.connection, &meta.metadata)),
+            DerivedSecretSource::Cache => Ok(match (&record, &any_secret) {
+                (Some(record), Some(any)) => Some(derived_record::rebuilt(record, self.connection, &any.metadata)),
                 _ => any_secret,
             }),
             DerivedSecretSource::Get => {
@@ -225,9 +225,7 @@ impl<'a> Reconciling<'a> {
         let mut opted_in = std::collections::BTreeMap::new();
         for (_, name) in secret_references(self.connection) {
             let answer = if synced {
-                self.caches
-                    .metadata(&self.key.0, &name)
-                    .map(|meta| allows_reference(meta.metadata.labels.as_ref()))
+                self.caches.metadata(&self.key.0, &name).map(|summary| summary.opted_in())
             } else {
                 self.secrets
                     .get_metadata_opt(&name)
@@ -245,11 +243,8 @@ impl<'a> Reconciling<'a> {
         if synced {
             let namespace = &self.key.0;
             let version_of = |name: &str| {
-                let meta = self.caches.metadata(namespace, name)?;
-                Some((
-                    meta.metadata.uid.clone().unwrap_or_default(),
-                    meta.metadata.resource_version.clone().unwrap_or_default(),
-                ))
+                let summary = self.caches.metadata(namespace, name)?;
+                Some((summary.uid().to_owned(), summary.resource_version().to_owned()))
             };
             return Ok(summarize(self.connection, version_of));
         }
@@ -290,7 +285,7 @@ impl<'a> Reconciling<'a> {
                 ..TlsTrust::default()
             }));
         };
-        if let Some((known, trust)) = self.ctx.shared.memory.get(&self.key).ca_trust
+        if let Some((known, trust)) = self.ctx.shared.memory.get(&self.key).ca_trust.map(|cached| *cached)
             && known == *version
         {
             return Ok(Ok(trust));
@@ -303,7 +298,7 @@ impl<'a> Reconciling<'a> {
         self.ctx
             .shared
             .memory
-            .update(&self.key, |memory| memory.ca_trust = Some((version.clone(), values.trust)));
+            .update(&self.key, |memory| memory.ca_trust = Some(Box::new((version.clone(), values.trust))));
         Ok(Ok(trust))
     }
 

@@ -258,9 +258,10 @@ pub struct ByVersion<'a> {
 impl ByVersion<'_> {
     /// The Secret as read before, if that is the version the metadata watch has now.
     fn known(&self, key: &SecretKey, wanted: &BTreeSet<String>) -> Option<Secret> {
-        let meta = self.caches.metadata(&key.0, &key.1)?;
-        let version = meta.metadata.resource_version.as_deref()?;
-        self.values.get(key, version, wanted).map(|known| known.as_ref().clone())
+        let summary = self.caches.metadata(&key.0, &key.1)?;
+        self.values
+            .get(key, summary.resource_version(), wanted)
+            .map(|known| known.as_ref().clone())
     }
 }
 

@@ -14,7 +14,6 @@ use kube::api::ObjectMeta;
 use kube::client::Body;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
 use serde_json::{Value, json};
 use testsupport::standin::StandinTasklist;
@@ -22,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::reconcile::reconcile;
+use super::secret_index::SecretIndex;
 use super::{Context, Error, FIELD_MANAGER, SecretCaches, Settings};
 use crate::camunda::HttpSettings;
 use crate::crd::{TasklistConnection, TasklistConnectionStatus};
@@ -246,7 +246,7 @@ struct Harness {
     api: ApiServer,
     caches: SecretCaches,
     /// The metadata store of every Secret, as its watch fills it.
-    metadata: Writer<PartialObjectMeta<Secret>>,
+    metadata: Arc<SecretIndex>,
 }
 
 impl Harness {
@@ -262,7 +262,7 @@ impl Harness {
     /// The metadata watch sees `secret` created or changed.
     fn watch_sees(&mut self, secret: &Value) {
         let secret: Secret = serde_json::from_value(secret.clone()).expect("a Secret");
-        self.metadata.apply_watcher_event(&watcher::Event::Apply(metadata_of(&secret)));
+        self.metadata.apply(&watcher::Event::Apply(metadata_of(&secret)));
     }
 }
 
@@ -276,11 +276,11 @@ fn metadata_of(secret: &Secret) -> PartialObjectMeta<Secret> {
 
 /// A harness whose watches have listed the namespace, holding the client Secret.
 async fn harness() -> Harness {
-    let mut h = harness_before_the_watches_listed().await;
+    let h = harness_before_the_watches_listed().await;
     let client: Secret = serde_json::from_value(client_secret()).expect("a Secret");
-    h.metadata.apply_watcher_event(&watcher::Event::Init);
-    h.metadata.apply_watcher_event(&watcher::Event::InitApply(metadata_of(&client)));
-    h.metadata.apply_watcher_event(&watcher::Event::InitDone);
+    h.metadata.apply(&watcher::Event::Init);
+    h.metadata.apply(&watcher::Event::InitApply(metadata_of(&client)));
+    h.metadata.apply(&watcher::Event::InitDone);
     h
 }
 
@@ -310,8 +310,10 @@ async fn harness_before_the_watches_listed() -> Harness {
         Default::default(),
         None,
     ));
-    let (metadata_store, metadata) = reflector::store();
-    let caches = SecretCaches { metadata: metadata_store };
+    let metadata = Arc::new(SecretIndex::new(Default::default()));
+    let caches = SecretCaches {
+        metadata: metadata.clone(),
+    };
     Harness {
         standin,
         ctx,
