@@ -68,6 +68,10 @@ pub struct Metrics {
     pub reconciles: Counter,
     pub reconcile_errors: Family<ReasonLabels, Counter>,
     pub reconcile_duration: Histogram,
+    /// The length of the last exposition: the next one starts with room for it, since
+    /// growing a string of two series per connection by doubling kept up to four times its
+    /// size in memory at once (7 MB at 10,000 connections).
+    last_exposition: std::sync::atomic::AtomicUsize,
 }
 
 /// Buckets for requests to Camunda: 5 ms to about 20 s.
@@ -159,6 +163,7 @@ impl Default for Metrics {
             reconciles,
             reconcile_errors,
             reconcile_duration,
+            last_exposition: Default::default(),
         }
     }
 }
@@ -253,10 +258,13 @@ impl Metrics {
 
     /// Every metric, in the format asked for.
     pub fn encode(&self, format: ExpositionFormat) -> String {
-        let mut openmetrics = String::new();
+        use std::sync::atomic::Ordering;
+        let room = self.last_exposition.load(Ordering::Relaxed);
+        let mut openmetrics = String::with_capacity(room + room / 16);
         if prometheus_client::encoding::text::encode(&mut openmetrics, &self.registry).is_err() {
             openmetrics.clear();
         }
+        self.last_exposition.store(openmetrics.len(), Ordering::Relaxed);
         match format {
             ExpositionFormat::OpenMetrics => openmetrics,
             ExpositionFormat::Text => openmetrics_to_text_format(&openmetrics),

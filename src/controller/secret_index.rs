@@ -10,7 +10,8 @@
 //! - uid and resourceVersion (the fingerprint of a referenced Secret, the version of a
 //!   derived one);
 //! - the controller owner when it is a TasklistConnection: its name and uid (who owns a
-//!   derived Secret, and whether a Secret of the derived name is someone else's);
+//!   derived Secret, and whether a Secret of the derived name is someone else's), unless
+//!   it is a connection of another shard (then no connection of this process owns it);
 //! - the data-hash annotation, only a value of SHA-256's length (anyone can set
 //!   annotations), and not for a Secret another shard's connection controls;
 //! - whether the opt-in label says `"true"` (`--require-secret-opt-in`).
@@ -56,8 +57,11 @@ struct ControllerOwner {
 const DATA_HASH_LENGTH: usize = 64;
 
 impl SecretSummary {
-    /// The summary of `metadata`; with sharding, a Secret whose controller is a connection
-    /// of another shard keeps no data hash (it tells this process nothing).
+    /// The summary of `metadata`. With sharding, a Secret whose controller is a connection
+    /// of another shard keeps its versions only: no connection of this process owns it (so
+    /// the owner check says "not ours", as it would with the owner), and its data hash tells
+    /// this process nothing. The versions stay: a connection here may read it, or want its
+    /// name (a conflict).
     pub fn of(metadata: &ObjectMeta, sharding: &Sharding) -> SecretSummary {
         let namespace = metadata.namespace.as_deref().unwrap_or_default();
         let controller = metadata
@@ -74,7 +78,7 @@ impl SecretSummary {
         SecretSummary {
             uid: metadata.uid.as_deref().unwrap_or_default().into(),
             resource_version: metadata.resource_version.as_deref().unwrap_or_default().into(),
-            controller: controller.map(|owner| {
+            controller: controller.filter(|_| !another_shards).map(|owner| {
                 Box::new(ControllerOwner {
                     api_version: owner.api_version.as_str().into(),
                     name: owner.name.as_str().into(),
@@ -268,7 +272,7 @@ mod tests {
     }
 
     #[test]
-    fn a_data_hash_of_another_length_or_of_another_shards_secret_is_not_kept() {
+    fn a_data_hash_of_another_length_or_the_owner_and_hash_of_another_shards_secret_are_not_kept() {
         let index = SecretIndex::new(Sharding::default());
         index.apply(&watcher::Event::Apply(derived("orders", "a-long-value-anyone-could-set".repeat(100).as_str())));
         let summary = index.get("team-a", "orders-tasklist-auth").expect("a summary");
@@ -284,7 +288,8 @@ mod tests {
         let summary = index.get("team-a", &format!("{theirs}-tasklist-auth")).expect("a summary");
         let metadata = summary.to_metadata("team-a", "x");
         assert_eq!(metadata.annotations, None, "another shard's data hash tells nothing");
-        assert!(metadata.owner_references.is_some(), "its owner still tells whose it is");
+        assert_eq!(metadata.owner_references, None, "no connection of this shard owns it");
+        assert_eq!(summary.resource_version(), "7", "a connection here may read it");
     }
 
     #[test]
