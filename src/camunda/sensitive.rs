@@ -12,12 +12,15 @@ const SHORTEST_REDACTED: usize = 3;
 ///
 /// It has no `Display`, and its `Debug` prints nothing of the value, so it cannot end up
 /// in a log line, an Event, a status message or a panic by accident.
+///
+/// A clone shares the value: the connections of one client hold one copy of its token
+/// (the token cache's), not one each.
 #[derive(Clone, PartialEq, Eq, Hash, Default)]
-pub struct Sensitive(String);
+pub struct Sensitive(std::sync::Arc<str>);
 
 impl Sensitive {
     pub fn new(value: impl Into<String>) -> Self {
-        Sensitive(value.into())
+        Sensitive(value.into().into())
     }
 
     /// The value itself, for the one place that must send or store it.

@@ -57,7 +57,18 @@ impl DerivedRecords {
     /// Records what was read or written: `secret`, a whole Secret from the API server, when
     /// `connection` owns it and it holds a usable credential; otherwise the record goes.
     pub fn remember(&self, key: &ConnectionKey, connection: &TasklistConnection, secret: Option<&Secret>) {
-        let record = secret.and_then(|secret| record_of(connection, secret));
+        self.keep(key, secret.and_then(|secret| record_of(connection, secret)));
+    }
+
+    /// Records this process's own write: `written` as the API server answered it, holding
+    /// `stored`. The record shares `stored`'s values (one copy of a client's token for all
+    /// its connections) instead of reading them back from the Secret's data.
+    pub fn remember_write(&self, key: &ConnectionKey, connection: &TasklistConnection, written: &Secret, stored: &StoredCredential) {
+        let record = is_owned_by(written, connection).then(|| record_at(written, stored.clone()));
+        self.keep(key, record.flatten());
+    }
+
+    fn keep(&self, key: &ConnectionKey, record: Option<DerivedRecord>) {
         let mut records = lock(&self.records, "the derived Secrets' records");
         match record {
             Some(record) => records.insert(key.clone(), Box::new(record)),
@@ -81,10 +92,15 @@ fn record_of(connection: &TasklistConnection, secret: &Secret) -> Option<Derived
     if !is_owned_by(secret, connection) {
         return None;
     }
+    record_at(secret, StoredCredential::from_secret(secret).ok()?)
+}
+
+/// The record of `stored` in `secret`, at the Secret's resourceVersion.
+fn record_at(secret: &Secret, stored: StoredCredential) -> Option<DerivedRecord> {
     Some(DerivedRecord {
         secret: secret.metadata.name.clone()?,
         resource_version: secret.metadata.resource_version.clone()?,
-        stored: StoredCredential::from_secret(secret).ok()?,
+        stored,
     })
 }
 
@@ -169,7 +185,7 @@ mod tests {
     }
 
     fn key() -> ConnectionKey {
-        ("apps".into(), "orders".into())
+        super::super::memory::connection_key("apps", "orders")
     }
 
     #[test]

@@ -19,8 +19,15 @@ use crate::derived_secret::{DATA_HASH, StoredCredential};
 use crate::inputs::referenced_secret_names;
 use crate::status::ConditionState;
 
-/// Namespace and name of a connection.
-pub type ConnectionKey = (String, String);
+/// Namespace and name of a connection. Shared: each per-connection map (memory, records,
+/// the HTTP clients' and the token cache's users) holds a pointer to one copy, made when
+/// a reconcile starts, instead of two strings each.
+pub type ConnectionKey = Arc<(String, String)>;
+
+/// The key of `namespace`/`name`.
+pub fn connection_key(namespace: impl Into<String>, name: impl Into<String>) -> ConnectionKey {
+    Arc::new((namespace.into(), name.into()))
+}
 
 /// Consecutive failures to obtain a credential from the same inputs.
 #[derive(Debug, Clone)]
@@ -202,7 +209,7 @@ impl Memory {
         let namespace = secret.namespace().unwrap_or_default();
         let name = secret.name_any();
         controller_owners(secret).any(|owner| {
-            let Some(write) = self.own_write(&(namespace.clone(), owner.to_owned())) else {
+            let Some(write) = self.own_write(&connection_key(namespace.as_str(), owner)) else {
                 return false;
             };
             let version = secret.resource_version();
@@ -296,7 +303,7 @@ mod tests {
     }
 
     fn key() -> ConnectionKey {
-        ("team-a".into(), "orders".into())
+        connection_key("team-a", "orders")
     }
 
     #[test]
@@ -364,38 +371,37 @@ mod tests {
         let woken = memory.connections_affected_by(&changed("team-a", "other-tasklist-auth"), || store.to_vec());
         assert_eq!(woken.len(), 1);
         assert_eq!(woken[0].name, "other");
-        assert!(memory.connections_affected_by(&changed("team-c", "client"), || store.to_vec()).is_empty());
+        assert!(
+            memory
+                .connections_affected_by(&changed("team-c", "client"), || store.to_vec())
+                .is_empty()
+        );
     }
 }
 
 #[cfg(test)]
-mod size_probe {
+mod sizes {
+    use std::mem::size_of;
+
+    /// What every connection costs in the maps and stores that keep it for the operator's
+    /// lifetime, before any string: issue 22's breakdown (docs/performance.md) found 624
+    /// bytes of memory, 192 of record and 1,368 of connection per entry, mostly records of
+    /// failures that most connections never have and spec parts they do not use. The rare
+    /// parts are boxed; this keeps them so.
     #[test]
-    fn sizes() {
-        use std::mem::size_of;
-        eprintln!("ConnectionMemory {}", size_of::<super::ConnectionMemory>());
-        eprintln!("Decided {}", size_of::<super::Decided>());
-        eprintln!("FailureRecord {}", size_of::<super::FailureRecord>());
-        eprintln!("WriteFailureRecord {}", size_of::<super::WriteFailureRecord>());
-        eprintln!("ProbeRecord {}", size_of::<super::ProbeRecord>());
-        eprintln!("OwnWrite {}", size_of::<super::OwnWrite>());
-        eprintln!("DerivedRecord {}", size_of::<crate::controller::derived_record::DerivedRecord>());
-        eprintln!("StoredCredential {}", size_of::<crate::derived_secret::StoredCredential>());
-        eprintln!("Credential {}", size_of::<crate::credential::Credential>());
-        eprintln!("TasklistConnection {}", size_of::<crate::crd::TasklistConnection>());
-        eprintln!("ObjectMeta {}", size_of::<kube::api::ObjectMeta>());
-        eprintln!("PartialObjectMeta {}", size_of::<kube::api::PartialObjectMeta<k8s_openapi::api::core::v1::Secret>>());
-        eprintln!("ConditionState {}", size_of::<crate::status::ConditionState>());
-        eprintln!("Spec {}", size_of::<crate::crd::TasklistConnectionSpec>());
-        eprintln!("Status {}", size_of::<crate::crd::TasklistConnectionStatus>());
-        eprintln!("AuthSpec {}", size_of::<crate::crd::AuthSpec>());
-        eprintln!("OAuth2Spec {}", size_of::<crate::crd::OAuth2Spec>());
-        eprintln!("CookieSpec {}", size_of::<crate::crd::CookieSpec>());
-        eprintln!("BasicSpec {}", size_of::<crate::crd::BasicSpec>());
-        eprintln!("ProbeSpec {}", size_of::<crate::crd::ProbeSpec>());
-        eprintln!("TlsSpec {}", size_of::<crate::crd::TlsSpec>());
-        eprintln!("SecretTemplate {}", size_of::<crate::crd::SecretTemplate>());
-        eprintln!("Condition {}", size_of::<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>());
-        eprintln!("TlsTrust {}", size_of::<crate::camunda::TlsTrust>());
+    fn what_each_connection_keeps_stays_small() {
+        assert!(
+            size_of::<super::ConnectionMemory>() <= 280,
+            "{}",
+            size_of::<super::ConnectionMemory>()
+        );
+        assert!(size_of::<super::super::derived_record::DerivedRecord>() <= 176);
+        assert!(
+            size_of::<crate::crd::TasklistConnection>() <= 720,
+            "{}",
+            size_of::<crate::crd::TasklistConnection>()
+        );
+        assert!(size_of::<crate::crd::AuthSpec>() <= 24);
+        assert_eq!(size_of::<super::ConnectionKey>(), size_of::<usize>(), "a shared pointer");
     }
 }

@@ -41,7 +41,7 @@ use crate::shard::Sharding;
 use crate::token_cache::TokenCache;
 use derived_record::DerivedRecords;
 use host_slots::{DEFERRAL, HostSlots, credential_hosts, reconcile_deadline, slot_limits};
-use memory::{ConnectionKey, Memory};
+use memory::{ConnectionKey, Memory, connection_key};
 pub use probe_scheduler::{DEFAULT_PROBE_CONCURRENCY, DEFAULT_PROBES_PER_HOST};
 use probe_scheduler::{ProbeScheduler, probe_limits, probe_timeout};
 use secret_index::{SecretIndex, SecretSummary};
@@ -201,7 +201,7 @@ impl Context {
     /// A deleted connection leaves nothing behind in memory, in the metrics or in the HTTP
     /// client cache.
     fn forget(&self, connection: &TasklistConnection) {
-        self.forget_key(&(connection.namespace().unwrap_or_default(), connection.name_any()));
+        self.forget_key(&connection_key(connection.namespace().unwrap_or_default(), connection.name_any()));
     }
 
     fn forget_key(&self, key: &ConnectionKey) {
@@ -234,7 +234,7 @@ impl Context {
     fn forget_absent(&self, namespace: Option<&str>, present: &[Arc<TasklistConnection>]) {
         let present: HashSet<ConnectionKey> = present
             .iter()
-            .map(|connection| (connection.namespace().unwrap_or_default(), connection.name_any()))
+            .map(|connection| connection_key(connection.namespace().unwrap_or_default(), connection.name_any()))
             .collect();
         for key in absent_in_scope(self.shared.memory.keys(), namespace, &present) {
             info!(connection = %format!("{}/{}", key.0, key.1), "forgetting a connection deleted while the watch was down");
@@ -512,7 +512,7 @@ mod tests {
     use super::*;
 
     fn key(namespace: &str, name: &str) -> ConnectionKey {
-        (namespace.to_owned(), name.to_owned())
+        connection_key(namespace, name)
     }
 
     #[test]

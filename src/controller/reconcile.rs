@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 use super::decide::{self, CachedDerivedSecret, DerivedSecretSource, DerivedSecretState, ProbeStep};
 use super::derived_record;
 use super::host_slots::Entered;
-use super::memory::ConnectionKey;
+use super::memory::{ConnectionKey, connection_key};
 use super::plan::{self, CredentialResult, CredentialStep, Facts, Fresh, Gate, Plan, ProbeResult, Probed, Report, Usable};
 use super::probe_scheduler::{Due, ProbeKey, ProbeTurn};
 use super::secret_values::ByVersion;
@@ -79,7 +79,7 @@ struct Reconciling<'a> {
 
 impl<'a> Reconciling<'a> {
     fn new(connection: &'a Arc<TasklistConnection>, ctx: &'a Context, caches: SecretCaches) -> Self {
-        let key: ConnectionKey = (connection.namespace().unwrap_or_default(), connection.name_any());
+        let key = connection_key(connection.namespace().unwrap_or_default(), connection.name_any());
         let secrets = Api::namespaced(ctx.client.clone(), &key.0);
         Reconciling {
             connection,
@@ -295,10 +295,9 @@ impl<'a> Reconciling<'a> {
             Err(problem) => return Ok(Err(problem)),
         };
         let trust = values.trust.clone();
-        self.ctx
-            .shared
-            .memory
-            .update(&self.key, |memory| memory.ca_trust = Some(Box::new((version.clone(), values.trust))));
+        self.ctx.shared.memory.update(&self.key, |memory| {
+            memory.ca_trust = Some(Box::new((version.clone(), values.trust)))
+        });
         Ok(Ok(trust))
     }
 
@@ -599,7 +598,10 @@ impl<'a> Reconciling<'a> {
             }
             Err(error) => return Err(error.into()),
         };
-        self.ctx.shared.derived.remember(&self.key, self.connection, Some(&written));
+        self.ctx
+            .shared
+            .derived
+            .remember_write(&self.key, self.connection, &written, credential);
         // The consuming Pods that opted in re-read the Secret now.
         let version = written.metadata.resource_version.as_deref().unwrap_or_default();
         self.ctx.nudger.after_write(&self.key.0, &name, version);

@@ -274,7 +274,10 @@ mod tests {
     #[test]
     fn a_data_hash_of_another_length_or_the_owner_and_hash_of_another_shards_secret_are_not_kept() {
         let index = SecretIndex::new(Sharding::default());
-        index.apply(&watcher::Event::Apply(derived("orders", "a-long-value-anyone-could-set".repeat(100).as_str())));
+        index.apply(&watcher::Event::Apply(derived(
+            "orders",
+            "a-long-value-anyone-could-set".repeat(100).as_str(),
+        )));
         let summary = index.get("team-a", "orders-tasklist-auth").expect("a summary");
         assert_eq!(summary.to_metadata("team-a", "x").annotations, None);
 
@@ -295,8 +298,14 @@ mod tests {
     #[test]
     fn the_opt_in_label_is_kept_as_whether_it_says_true() {
         let index = SecretIndex::new(Sharding::default());
-        index.apply(&watcher::Event::Apply(secret("yes", json!({"labels": {ALLOW_REFERENCE_LABEL: "true"}}))));
-        index.apply(&watcher::Event::Apply(secret("no", json!({"labels": {ALLOW_REFERENCE_LABEL: "yes"}}))));
+        index.apply(&watcher::Event::Apply(secret(
+            "yes",
+            json!({"labels": {ALLOW_REFERENCE_LABEL: "true"}}),
+        )));
+        index.apply(&watcher::Event::Apply(secret(
+            "no",
+            json!({"labels": {ALLOW_REFERENCE_LABEL: "yes"}}),
+        )));
         assert!(index.get("team-a", "yes").is_some_and(|summary| summary.opted_in()));
         assert!(index.get("team-a", "no").is_some_and(|summary| !summary.opted_in()));
     }
@@ -307,12 +316,19 @@ mod tests {
         index.apply(&watcher::Event::Apply(secret("gone", json!({}))));
         index.apply(&watcher::Event::Init);
         index.apply(&watcher::Event::InitApply(secret("kept", json!({}))));
-        assert!(index.get("team-a", "gone").is_some(), "the old list answers until the new one is whole");
+        assert!(
+            index.get("team-a", "gone").is_some(),
+            "the old list answers until the new one is whole"
+        );
         let waiting = tokio::time::timeout(std::time::Duration::from_millis(50), index.listed()).await;
         assert!(waiting.is_err(), "not listed before InitDone");
         index.apply(&watcher::Event::InitDone);
         index.listed().await;
-        assert_eq!((index.get("team-a", "gone"), index.len()), (None, 1), "deleted while the watch was down");
+        assert_eq!(
+            (index.get("team-a", "gone"), index.len()),
+            (None, 1),
+            "deleted while the watch was down"
+        );
         index.apply(&watcher::Event::Delete(secret("kept", json!({}))));
         assert_eq!(index.len(), 0);
     }

@@ -597,7 +597,7 @@ async fn after_a_start_each_derived_secret_is_read_once_then_its_record_answers(
     let (secret, status) = first_pass(&mut h).await;
     h.watch_sees(&secret);
     // A new process: the watch lists the Secret, no record yet.
-    h.ctx.shared.derived.forget(&(NAMESPACE.to_owned(), "orders".to_owned()));
+    h.ctx.shared.derived.forget(&super::memory::connection_key(NAMESPACE, "orders"));
     let running = h.reconcile(Some(status.clone()));
     let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
     answer(reply, StatusCode::OK, &secret);
