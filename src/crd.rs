@@ -642,6 +642,15 @@ impl TasklistConnection {
         }
     }
 
+    /// Whether `name` is the name of this connection's derived Secret ([`Self::secret_name`]),
+    /// without allocating one.
+    pub fn has_secret_name(&self, name: &str) -> bool {
+        match &self.spec.secret_name {
+            Some(own) => own == name,
+            None => name.strip_suffix("-tasklist-auth") == Some(self.metadata.name.as_deref().unwrap_or_default()),
+        }
+    }
+
     /// The value of the manual refresh annotation, if any.
     pub fn refresh_request(&self) -> Option<&str> {
         self.metadata.annotations.as_ref()?.get(REFRESH_ANNOTATION).map(String::as_str)
@@ -705,4 +714,28 @@ fn default_probe_interval() -> String {
 }
 fn default_ca_key() -> String {
     "ca.crt".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connection(secret_name: Option<&str>) -> TasklistConnection {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "tasklist.camunda.community/v1alpha1", "kind": "TasklistConnection",
+            "metadata": {"name": "orders", "namespace": "apps"},
+            "spec": {"url": "https://t.example", "secretName": secret_name,
+                     "auth": {"oauth2": {"tokenUrl": "https://login.example/token", "clientSecretRef": {"name": "c"}}}},
+        }))
+        .expect("a valid connection")
+    }
+
+    #[test]
+    fn has_secret_name_agrees_with_secret_name() {
+        for (connection, other) in [(connection(None), "orders"), (connection(Some("mine")), "orders-tasklist-auth")] {
+            assert!(connection.has_secret_name(&connection.secret_name()));
+            assert!(!connection.has_secret_name(other));
+        }
+        assert!(!connection(None).has_secret_name("billing-tasklist-auth"));
+    }
 }

@@ -444,38 +444,49 @@ async fn client_credentials<S: SecretSource>(
 /// read of it, in the order of the spec. A key reference without `PrivateKeyJwt` is listed
 /// too: it names a Secret, even if it is not read. The one walk over the references; the
 /// functions below take what they need of it.
-fn references(connection: &TasklistConnection) -> Vec<(&'static str, &str, Vec<&str>)> {
+fn references(connection: &TasklistConnection) -> impl Iterator<Item = (&'static str, &str, [Option<&str>; 2])> {
     let spec = &connection.spec;
     let auth = &spec.auth;
     let oauth2 = auth.oauth2.as_ref();
     let tls = spec.tls.as_ref();
+    // Nothing here allocates: the Secret watch asks `reads_secret` of every connection of a
+    // namespace at each change of one of its Secrets.
     [
         oauth2.and_then(|o| o.client_secret_ref.as_ref()).map(|client| {
-            let keys = vec![client.client_id_key.as_str(), client.client_secret_key.as_str()];
+            let keys = [Some(client.client_id_key.as_str()), Some(client.client_secret_key.as_str())];
             ("spec.auth.oauth2.clientSecretRef", client.name.as_str(), keys)
         }),
         oauth2.and_then(|o| o.client_assertion_key_ref.as_ref()).map(|r| {
-            let keys = std::iter::once(r.key.as_str()).chain(r.certificate_key.as_deref()).collect();
+            let keys = [Some(r.key.as_str()), r.certificate_key.as_deref()];
             ("spec.auth.oauth2.clientAssertionKeyRef", r.name.as_str(), keys)
         }),
         auth.cookie.as_ref().map(|c| {
             let login = &c.credentials_secret_ref;
-            let keys = vec![login.username_key.as_str(), login.password_key.as_str()];
+            let keys = [Some(login.username_key.as_str()), Some(login.password_key.as_str())];
             ("spec.auth.cookie.credentialsSecretRef", login.name.as_str(), keys)
         }),
         auth.basic.as_ref().map(|b| {
             let login = &b.credentials_secret_ref;
-            let keys = vec![login.username_key.as_str(), login.password_key.as_str()];
+            let keys = [Some(login.username_key.as_str()), Some(login.password_key.as_str())];
             ("spec.auth.basic.credentialsSecretRef", login.name.as_str(), keys)
         }),
         tls.and_then(|tls| tls.ca_secret_ref.as_ref())
-            .map(|r| ("spec.tls.caSecretRef", r.name.as_str(), vec![r.key.as_str()])),
-        tls.and_then(|tls| tls.client_certificate_secret_ref.as_ref())
-            .map(|r| ("spec.tls.clientCertificateSecretRef", r.name.as_str(), vec!["tls.crt", "tls.key"])),
+            .map(|r| ("spec.tls.caSecretRef", r.name.as_str(), [Some(r.key.as_str()), None])),
+        tls.and_then(|tls| tls.client_certificate_secret_ref.as_ref()).map(|r| {
+            (
+                "spec.tls.clientCertificateSecretRef",
+                r.name.as_str(),
+                [Some("tls.crt"), Some("tls.key")],
+            )
+        }),
     ]
     .into_iter()
     .flatten()
-    .collect()
+}
+
+/// Whether `connection` reads the Secret `name` (any of [`referenced_secret_names`]).
+pub fn reads_secret(connection: &TasklistConnection, name: &str) -> bool {
+    references(connection).any(|(_, referenced, _)| referenced == name)
 }
 
 /// Each Secret a connection reads, with the keys it reads of it: only those are kept in
@@ -483,7 +494,9 @@ fn references(connection: &TasklistConnection) -> Vec<(&'static str, &str, Vec<&
 pub fn referenced_keys(connection: &TasklistConnection) -> BTreeMap<String, BTreeSet<String>> {
     let mut keys: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (_, name, read) in references(connection) {
-        keys.entry(name.to_owned()).or_default().extend(read.into_iter().map(str::to_owned));
+        keys.entry(name.to_owned())
+            .or_default()
+            .extend(read.into_iter().flatten().map(str::to_owned));
     }
     keys
 }
@@ -491,10 +504,7 @@ pub fn referenced_keys(connection: &TasklistConnection) -> BTreeMap<String, BTre
 /// Each Secret `connection` names, with the field that names it, in the order of the spec
 /// (see [`references`]).
 pub fn secret_references(connection: &TasklistConnection) -> Vec<(&'static str, String)> {
-    references(connection)
-        .into_iter()
-        .map(|(field, name, _)| (field, name.to_owned()))
-        .collect()
+    references(connection).map(|(field, name, _)| (field, name.to_owned())).collect()
 }
 
 /// The names of the Secrets a connection reads, for mapping Secret changes to connections.
@@ -813,6 +823,7 @@ mod tests {
         assert_eq!(key.key_id.as_deref(), Some("k1"));
         // The key's Secret is watched like the client's.
         assert_eq!(referenced_secret_names(&jwt), ["client", "keys"]);
+        assert!(reads_secret(&jwt, "keys") && reads_secret(&jwt, "client") && !reads_secret(&jwt, "other"));
         // Only the keys read of each are kept between reads.
         let keys = |names: &[&str]| names.iter().map(|name| name.to_string()).collect::<BTreeSet<_>>();
         assert_eq!(
@@ -878,6 +889,8 @@ mod tests {
             Some("CERT PEM\nKEY PEM\n")
         );
         assert_eq!(referenced_secret_names(&with_client_certificate), ["client", "client-tls"]);
+        assert!(reads_secret(&with_client_certificate, "client-tls"));
+        assert!(!with_client_certificate.has_secret_name("client-tls"));
         let summary = summarize(&with_client_certificate, versions_of(&source)).unwrap();
         assert!(summary.ca_version.is_some_and(|version| version.contains("client-tls")));
         for connection in connections {

@@ -596,6 +596,11 @@ impl Bench {
     }
 
     async fn create_client_secrets(&self, namespace: &str) -> anyhow::Result<()> {
+        // The Secrets hold each client's first secret: the stand-in takes it again (the
+        // rotation phase taught it later ones, which made the nudge phase's clients fail).
+        for c in 0..self.clients {
+            self.standin.add_client(&client_id(c), &client_secret(c, 0));
+        }
         let api = self.secrets(namespace);
         futures::stream::iter(0..self.clients)
             .map(|c| {

@@ -16,7 +16,7 @@ use kube::runtime::reflector::ObjectRef;
 use crate::camunda::{AuthFailure, TlsTrust};
 use crate::crd::TasklistConnection;
 use crate::derived_secret::{DATA_HASH, StoredCredential};
-use crate::inputs::referenced_secret_names;
+use crate::inputs::reads_secret;
 use crate::status::ConditionState;
 
 /// Namespace and name of a connection. Shared: each per-connection map (memory, records,
@@ -242,8 +242,9 @@ impl Memory {
             .collect();
         let users = connections
             .iter()
-            .filter(|connection| connection.namespace().as_deref() == Some(namespace.as_str()))
-            .filter(|connection| connection.secret_name() == name || referenced_secret_names(connection).contains(&name))
+            // Nothing allocated per connection: this runs for every connection at each change.
+            .filter(|connection| connection.metadata.namespace.as_deref() == Some(namespace.as_str()))
+            .filter(|connection| connection.has_secret_name(&name) || reads_secret(connection, &name))
             .map(|connection| ObjectRef::new(&connection.name_any()).within(&namespace));
         for user in users {
             if !affected.contains(&user) {

@@ -47,8 +47,11 @@ pub const DEFAULT_PROBE_CONCURRENCY: u16 = 16;
 pub const DEFAULT_PROBES_PER_HOST: u16 = 4;
 /// A probe's timeout unless `--probe-timeout` says otherwise (and at most `--request-timeout`).
 pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a deferred probe waits, at least (jitter adds up to as much again).
-pub const PROBE_DEFERRAL: Duration = Duration::from_secs(1);
+/// How long a deferred probe waits, at least (jitter adds up to as much again). A healthy
+/// host frees a probe slot within milliseconds; a whole second (the earlier value) left the
+/// connections deferred in a burst a second behind the others (issue 22: the last of 1,000
+/// new connections became Ready 1 s after the rest).
+pub const PROBE_DEFERRAL: Duration = Duration::from_millis(250);
 /// The longest wait after a deferral (also never beyond the probe interval).
 const LONGEST_DEFERRAL: Duration = Duration::from_secs(32);
 /// Results older than this are dropped; a connection probed less often probes on its own.
@@ -602,11 +605,11 @@ mod tests {
     }
 
     #[test]
-    fn a_deferred_probe_comes_back_in_one_to_two_seconds() {
-        let seconds = Duration::from_secs;
-        assert_eq!(deferral_delay(Duration::ZERO, MINUTE, 0.0), seconds(1));
-        assert_eq!(deferral_delay(Duration::ZERO, MINUTE, 0.5), Duration::from_millis(1500));
-        assert_eq!(deferral_delay(Duration::from_millis(900), MINUTE, 7.0), seconds(2));
+    fn a_deferred_probe_comes_back_in_a_quarter_to_half_a_second() {
+        let millis = Duration::from_millis;
+        assert_eq!(deferral_delay(Duration::ZERO, MINUTE, 0.0), millis(250));
+        assert_eq!(deferral_delay(Duration::ZERO, MINUTE, 0.5), millis(375));
+        assert_eq!(deferral_delay(millis(200), MINUTE, 7.0), millis(500));
     }
 
     #[test]
@@ -616,11 +619,15 @@ mod tests {
         let delays: Vec<Duration> = [0, 1, 2, 4, 8, 16, 32, 64]
             .map(|silent| deferral_delay(seconds(silent), MINUTE, 0.0))
             .to_vec();
-        assert_eq!(delays, [1, 1, 2, 4, 8, 16, 32, 32].map(seconds));
+        assert_eq!(delays[0], Duration::from_millis(250));
+        assert_eq!(delays[1..], [1, 2, 4, 8, 16, 32, 32].map(seconds));
         assert_eq!(deferral_delay(seconds(100), seconds(10), 0.0), seconds(10));
         assert_eq!(deferral_delay(seconds(100), seconds(10), 0.99), Duration::from_millis(19_900));
-        // An interval under a second still waits a second.
-        assert_eq!(deferral_delay(seconds(3), Duration::from_millis(200), 0.0), seconds(1));
+        // An interval under the shortest wait still waits that long.
+        assert_eq!(
+            deferral_delay(seconds(3), Duration::from_millis(200), 0.0),
+            Duration::from_millis(250)
+        );
     }
 
     // --- the scheduler ------------------------------------------------------------------
