@@ -268,6 +268,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "cold start: all Ready and every CredentialIssued Event (s), ratio",
         format!("{with_events:.2}, {:.2}", with_events / floor),
     );
+    report.row(
+        "cold start: 50 %, 90 %, 99 % Ready after (s)",
+        cold.ready_quantiles
+            .iter()
+            .map(|at| format!("{:.2}", at.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
     report.json.insert(
         "cold_start_with_events".into(),
         json!({"s": with_events, "ratio": with_events / floor}),
@@ -516,6 +524,8 @@ struct ColdStart {
     ready: Duration,
     /// Until all were Ready and every connection's `CredentialIssued` Event was created.
     with_events: Duration,
+    /// When half, 90 % and 99 % of the connections were Ready.
+    ready_quantiles: Vec<Duration>,
     /// The operator's own counters when all were Ready (reconciles, probes, tokens saved).
     operator_counters: BTreeMap<String, f64>,
     /// The API server's requests on secrets, TasklistConnections and Events meanwhile.
@@ -690,15 +700,21 @@ impl Bench {
         // the last Ready and the last CredentialIssued Event.
         let last_event = issued.wait_for(self.args.connections).await?;
         let with_events = all_ready.max(last_event).duration_since(started);
+        let ready_quantiles = ready.quantiles(started, &[0.5, 0.9, 0.99])?;
         let token_requests = self.standin.token_requests_arrived() - tokens_before;
         let requests = operator_resources(figures::counter_delta(&requests_before, &self.apiserver_requests().await?));
         let memory = process_memory(operator.pid())?;
         let operator_counters = operator_counters(&listen).await?;
         operator.terminate(Duration::from_secs(30)).await?;
+        // TLO_BENCH_OPERATOR_LOG: where to keep the cold start's operator log, for a closer look.
+        if let Ok(path) = std::env::var("TLO_BENCH_OPERATOR_LOG") {
+            std::fs::write(&path, operator.logs()).with_context(|| format!("cannot write {path}"))?;
+        }
         self.delete_namespace(&namespace).await?;
         Ok(ColdStart {
             ready: took,
             with_events,
+            ready_quantiles,
             operator_counters,
             requests,
             token_requests,
@@ -1216,6 +1232,20 @@ impl ReadyTracker {
             first_ready,
             _watch: watch,
         }
+    }
+
+    /// When the given shares of the connections seen Ready were, from `started`.
+    fn quantiles(&self, started: Instant, shares: &[f64]) -> anyhow::Result<Vec<Duration>> {
+        let ready = self.first_ready.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let mut times: Vec<Duration> = ready.values().map(|at| at.duration_since(started)).collect();
+        times.sort();
+        Ok(shares
+            .iter()
+            .map(|share| {
+                let index = ((times.len() as f64 * share).ceil() as usize).clamp(1, times.len().max(1)) - 1;
+                times.get(index).copied().unwrap_or_default()
+            })
+            .collect())
     }
 
     /// Waits until `count` connections have been Ready; returns when the last one became so.
