@@ -1206,38 +1206,42 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// When each connection of a namespace was first seen Ready, from a watch.
-struct ReadyTracker {
-    first_ready: Arc<Mutex<HashMap<String, Instant>>>,
-    _watch: tokio::task::JoinHandle<()>,
+/// When each object of a watch was first seen passing a test, by the name the test gives.
+struct FirstSeen {
+    first_seen: Arc<Mutex<HashMap<String, Instant>>>,
+    watch: tokio::task::JoinHandle<()>,
 }
 
-impl ReadyTracker {
-    fn start(api: Api<DynamicObject>) -> ReadyTracker {
-        let first_ready: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-        let seen = first_ready.clone();
+impl FirstSeen {
+    fn start<K>(api: Api<K>, seen_as: impl Fn(K) -> Option<String> + Send + 'static) -> FirstSeen
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    {
+        let first_seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+        let seen = first_seen.clone();
         let watch = tokio::spawn(async move {
-            let mut events = std::pin::pin!(watcher(api, watcher::Config::default()).applied_objects());
-            while let Some(event) = events.next().await {
-                let Ok(object) = event else { continue };
-                if is_ready(&object)
+            let mut objects = std::pin::pin!(watcher(api, watcher::Config::default()).applied_objects());
+            while let Some(object) = objects.next().await {
+                if let Some(name) = object.ok().and_then(&seen_as)
                     && let Ok(mut seen) = seen.lock()
                 {
-                    seen.entry(object.metadata.name.clone().unwrap_or_default())
-                        .or_insert_with(Instant::now);
+                    seen.entry(name).or_insert_with(Instant::now);
                 }
             }
         });
-        ReadyTracker {
-            first_ready,
-            _watch: watch,
-        }
+        FirstSeen { first_seen, watch }
     }
 
-    /// When the given shares of the connections seen Ready were, from `started`.
+    /// How many were seen, and when the last of them was.
+    fn seen(&self) -> anyhow::Result<(usize, Option<Instant>)> {
+        let seen = self.first_seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        Ok((seen.len(), seen.values().max().copied()))
+    }
+
+    /// When the given shares of those seen were, from `started`.
     fn quantiles(&self, started: Instant, shares: &[f64]) -> anyhow::Result<Vec<Duration>> {
-        let ready = self.first_ready.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-        let mut times: Vec<Duration> = ready.values().map(|at| at.duration_since(started)).collect();
+        let seen = self.first_seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let mut times: Vec<Duration> = seen.values().map(|at| at.duration_since(started)).collect();
         times.sort();
         Ok(shares
             .iter()
@@ -1248,88 +1252,94 @@ impl ReadyTracker {
             .collect())
     }
 
-    /// Waits until `count` connections have been Ready; returns when the last one became so.
-    async fn wait_for(&self, count: usize, operator: &mut OperatorProcess) -> anyhow::Result<Instant> {
-        // Generous: the slowest figure is 7 ms per connection.
-        let deadline = Instant::now() + Duration::from_secs(120) + Duration::from_millis(50 * count as u64);
+    /// Waits until `count` were seen, while `going_on` says so and until `deadline`; returns
+    /// when the last one was seen, or `why_not` of how many were.
+    async fn wait_for(
+        &self,
+        count: usize,
+        deadline: Instant,
+        mut going_on: impl FnMut() -> bool,
+        why_not: impl Fn(usize) -> String,
+    ) -> anyhow::Result<Instant> {
         loop {
-            let (seen, last) = {
-                let ready = self.first_ready.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-                (ready.len(), ready.values().max().copied())
-            };
+            let (seen, last) = self.seen()?;
             if seen >= count
                 && let Some(last) = last
             {
                 return Ok(last);
             }
-            if !operator.is_running() || Instant::now() > deadline {
-                bail!(
-                    "only {seen} of {count} connections became Ready; operator log:\n{}",
-                    tail(&operator.logs(), 30)
-                );
+            if !going_on() || Instant::now() > deadline {
+                bail!("{}", why_not(seen));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }
 
+impl Drop for FirstSeen {
+    fn drop(&mut self) {
+        self.watch.abort();
+    }
+}
+
+/// When each connection of a namespace was first seen Ready.
+struct ReadyTracker(FirstSeen);
+
+impl ReadyTracker {
+    fn start(api: Api<DynamicObject>) -> ReadyTracker {
+        ReadyTracker(FirstSeen::start(api, |object: DynamicObject| {
+            is_ready(&object).then(|| object.metadata.name.clone().unwrap_or_default())
+        }))
+    }
+
+    /// When the given shares of the connections seen Ready were, from `started`.
+    fn quantiles(&self, started: Instant, shares: &[f64]) -> anyhow::Result<Vec<Duration>> {
+        self.0.quantiles(started, shares)
+    }
+
+    /// Waits until `count` connections have been Ready; returns when the last one became so.
+    async fn wait_for(&self, count: usize, operator: &mut OperatorProcess) -> anyhow::Result<Instant> {
+        // Generous: the slowest figure is 7 ms per connection.
+        let deadline = Instant::now() + Duration::from_secs(120) + Duration::from_millis(50 * count as u64);
+        let last = self
+            .0
+            .wait_for(
+                count,
+                deadline,
+                || operator.is_running(),
+                |seen| format!("only {seen} of {count} connections became Ready"),
+            )
+            .await;
+        last.map_err(|error| anyhow::anyhow!("{error}; operator log:\n{}", tail(&operator.logs(), 30)))
+    }
+}
+
 /// When each connection's first `CredentialIssued` Event was seen, by a watch of the
 /// namespace's Events (the operator sends them off the reconcile's path).
-struct IssuedEventTracker {
-    first_seen: Arc<Mutex<HashMap<String, Instant>>>,
-    watch: tokio::task::JoinHandle<()>,
-}
+struct IssuedEventTracker(FirstSeen);
 
 impl IssuedEventTracker {
     fn start(api: Api<Event>) -> IssuedEventTracker {
-        let first_seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-        let seen = first_seen.clone();
-        let watch = tokio::spawn(async move {
-            let mut events = std::pin::pin!(watcher(api, watcher::Config::default()).applied_objects());
-            while let Some(event) = events.next().await {
-                let Ok(event) = event else { continue };
-                if event.reason.as_deref() == Some("CredentialIssued")
-                    && let Some(name) = event.regarding.and_then(|regarding| regarding.name)
-                    && let Ok(mut seen) = seen.lock()
-                {
-                    seen.entry(name).or_insert_with(Instant::now);
-                }
-            }
-        });
-        IssuedEventTracker { first_seen, watch }
+        IssuedEventTracker(FirstSeen::start(api, |event: Event| {
+            (event.reason.as_deref() == Some("CredentialIssued"))
+                .then_some(event.regarding)
+                .flatten()
+                .and_then(|regarding| regarding.name)
+        }))
     }
 
     /// Waits (up to a minute) until `count` connections have their Event; returns when the
     /// last one was seen.
     async fn wait_for(&self, count: usize) -> anyhow::Result<Instant> {
         let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let (seen, last) = {
-                let seen = self.first_seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-                (seen.len(), seen.values().max().copied())
-            };
-            if seen >= count
-                && let Some(last) = last
-            {
-                return Ok(last);
-            }
-            if Instant::now() > deadline {
-                bail!("only {seen} of {count} connections had a CredentialIssued Event a minute after all were Ready");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-impl Drop for IssuedEventTracker {
-    fn drop(&mut self) {
-        self.watch.abort();
-    }
-}
-
-impl Drop for ReadyTracker {
-    fn drop(&mut self) {
-        self._watch.abort();
+        self.0
+            .wait_for(
+                count,
+                deadline,
+                || true,
+                |seen| format!("only {seen} of {count} connections had a CredentialIssued Event a minute after all were Ready"),
+            )
+            .await
     }
 }
 

@@ -143,8 +143,8 @@ pub struct CachedDerivedSecret<'a> {
     /// The resourceVersion of the Secret of that name in the store of the operator's own
     /// (labelled) Secrets.
     pub labelled: Option<&'a str>,
-    /// The resourceVersion of the Secret of that name in the metadata store of every
-    /// Secret, and whether this connection is its controller owner.
+    /// The resourceVersion of the Secret of that name in the Secret index (every
+    /// Secret summarised), and whether this connection is its controller owner.
     pub any: Option<(&'a str, bool)>,
     /// The resourceVersion this process's own last write of that Secret produced.
     pub own_write: Option<&'a str>,
@@ -154,7 +154,7 @@ pub struct CachedDerivedSecret<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DerivedSecretSource {
     /// The caches' answer is the truth as far as a watch can tell: the labelled store's
-    /// Secret, someone else's Secret seen in the metadata store (a conflict), or none.
+    /// Secret, someone else's Secret seen in the Secret index (a conflict), or none.
     Cache,
     /// The caches cannot tell: ask the API server.
     Get,
@@ -168,7 +168,7 @@ pub enum DerivedSecretSource {
 /// - in both stores at the same version: cache, if that is the version of the own last
 ///   write or later (or this process wrote none), otherwise GET;
 /// - in neither store: cache (absent), unless this process wrote one: GET;
-/// - only in the metadata store, someone else's: cache (a conflict, no GET needed);
+/// - only in the Secret index, someone else's: cache (a conflict, no GET needed);
 /// - anything else (ours but not labelled, in one store only, at two versions): GET.
 pub fn derived_secret_source(cached: CachedDerivedSecret<'_>) -> DerivedSecretSource {
     use DerivedSecretSource::{Cache, Get};

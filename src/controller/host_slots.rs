@@ -7,8 +7,7 @@
 //! Whether a host is proven, unproven or slow is what the HTTP client saw of its answers
 //! ([`crate::host_health`]). Limits, as shares of the controller's reconcile slots
 //! (`--concurrency`, 32 by default):
-//! - a proven host: three quarters (24); the next reconcile waits up to
-//!   [`PROVEN_HOST_WAIT`] for one to leave (it answers in milliseconds) before it is deferred;
+//! - a proven host: three quarters (24);
 //! - an unproven host: [`PROBATION`] reconciles until one of its requests answers quickly;
 //!   the next ones wait for that (at most [`SLOW_AFTER`]) instead of being deferred, so that
 //!   a burst of new connections on a healthy new host is not slowed down;
@@ -61,24 +60,6 @@ pub fn slot_limits(concurrency: u16) -> SlotLimits {
 
 /// How long a deferred reconcile waits, at least (jitter adds up to as much again).
 pub const DEFERRAL: Duration = Duration::from_millis(500);
-
-/// How long a reconcile that found `full` waits for a slot to be left before it is deferred:
-/// - a host on probation: until a reconcile through it leaves, at most [`SLOW_AFTER`];
-/// - a proven host with its three quarters in flight: [`PROVEN_HOST_WAIT`]. It answers in
-///   milliseconds, so a slot is left soon; deferring by [`DEFERRAL`] instead sent a quarter
-///   of a cold start's reconciles away for 0.5 to 1 s each (2,395 deferrals for 1,000 new
-///   connections on one host), and the cold start took 1.4 times the API server's floor;
-/// - slow hosts and a namespace's share: not at all, so that they hold no controller slot.
-pub fn patience(full: &Full) -> Option<Duration> {
-    match full {
-        Full::Probation(_) => Some(SLOW_AFTER),
-        Full::Host(_) => Some(PROVEN_HOST_WAIT),
-        Full::SlowHosts | Full::Namespace => None,
-    }
-}
-
-/// How long a reconcile waits for a slot of a full, proven host (see [`patience`]).
-pub const PROVEN_HOST_WAIT: Duration = Duration::from_millis(250);
 
 /// Which limit refused a reconcile.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,15 +129,15 @@ impl HostSlots {
         }
     }
 
-    /// Enters one slot of `namespace` and of each of `hosts`, waiting as long as
-    /// [`patience`] allows for the limit it found full; then returns that limit.
+    /// Enters one slot of `namespace` and of each of `hosts`. A host on probation is waited
+    /// for (until a reconcile through it leaves, at most [`SLOW_AFTER`]); any other full
+    /// limit is returned at once.
     pub async fn enter(&self, namespace: &str, hosts: Vec<String>, limits: SlotLimits) -> Result<Entered, Full> {
-        let started = tokio::time::Instant::now();
+        let give_up = tokio::time::Instant::now() + SLOW_AFTER;
         loop {
             let left = self.slots.released();
             match self.try_enter_at(namespace, hosts.clone(), limits, Instant::now()) {
-                Err(full) if patience(&full).is_some_and(|wait| tokio::time::Instant::now() < started + wait) => {
-                    let give_up = started + patience(&full).unwrap_or_default();
+                Err(Full::Probation(_)) if tokio::time::Instant::now() < give_up => {
                     let _ = tokio::time::timeout_at(give_up, left).await;
                 }
                 other => return other,
@@ -310,35 +291,6 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         drop(first);
         assert_eq!(waiting.await.unwrap(), Ok(()), "entered once a slot was left");
-    }
-
-    #[tokio::test]
-    async fn a_reconcile_waits_a_moment_for_a_full_proven_host_then_is_deferred() {
-        let (slots, health) = slots();
-        answer(&health, "busy:80", Instant::now(), QUICK);
-        let busy = || vec!["busy:80".to_owned()];
-        let mut full: Vec<Entered> = (0..3)
-            .map(|_| slots.try_enter_at("a", busy(), LIMITS, Instant::now()).expect("a free slot"))
-            .collect();
-        let waiting = {
-            let slots = slots.clone();
-            tokio::spawn(async move { slots.enter("a", busy(), LIMITS).await.map(|_| ()) })
-        };
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        drop(full.pop());
-        assert_eq!(waiting.await.unwrap(), Ok(()), "entered once a slot was left");
-
-        let started = std::time::Instant::now();
-        let _busy_again = slots.try_enter_at("a", busy(), LIMITS, Instant::now()).expect("the slot left");
-        assert_eq!(slots.enter("a", busy(), LIMITS).await.err(), Some(Full::Host("busy:80".into())));
-        assert!(started.elapsed() >= PROVEN_HOST_WAIT, "waited {:?}", started.elapsed());
-    }
-
-    #[test]
-    fn only_hosts_about_to_free_a_slot_are_waited_for() {
-        assert_eq!(patience(&Full::Host("h:1".into())), Some(PROVEN_HOST_WAIT));
-        assert_eq!(patience(&Full::Probation("h:1".into())), Some(SLOW_AFTER));
-        assert_eq!((patience(&Full::SlowHosts), patience(&Full::Namespace)), (None, None));
     }
 
     #[test]

@@ -172,7 +172,7 @@ impl<'a> Reconciling<'a> {
     /// the recorded version (`derived_record`), or from the API server when the record and
     /// the watch may be behind this process's own write or disagree
     /// ([`decide::derived_secret_source`], the record in the place of the labelled store).
-    /// Someone else's Secret seen in the metadata store comes back with its metadata only,
+    /// Someone else's Secret seen in the Secret index comes back with its metadata only,
     /// which is all the owner check needs.
     async fn derived_secret(&self, synced: bool) -> Result<Option<Secret>, Error> {
         let name = self.connection.secret_name();
@@ -253,7 +253,7 @@ impl<'a> Reconciling<'a> {
 
     /// The referenced Secrets' values, read at most once per reconcile, and from the API
     /// server only for a version no connection read before. Their fingerprint is of the
-    /// versions actually read, which may be later than the metadata store's.
+    /// versions actually read, which may be later than the Secret index's.
     async fn values(&self) -> Result<Result<Inputs, InputProblem>, Error> {
         if let Some(values) = lock(&self.values, "the values read").clone() {
             return Ok(Ok(values));

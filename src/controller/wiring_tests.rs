@@ -245,7 +245,7 @@ struct Harness {
     ctx: Arc<Context>,
     api: ApiServer,
     caches: SecretCaches,
-    /// The metadata store of every Secret, as its watch fills it.
+    /// The Secret index (a summary of every Secret), as its watch fills it.
     metadata: Arc<SecretIndex>,
 }
 
