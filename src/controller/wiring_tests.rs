@@ -251,12 +251,18 @@ struct Harness {
 
 impl Harness {
     fn reconcile(&self, status: Option<TasklistConnectionStatus>) -> JoinHandle<Result<Action, Error>> {
-        tokio::spawn(reconcile(
-            Arc::new(connection(&self.standin, status)),
-            self.ctx.clone(),
-            self.caches.clone(),
-            None,
-        ))
+        self.reconcile_connection(connection(&self.standin, status))
+    }
+
+    /// A reconcile of the connection with the manual refresh annotation set.
+    fn reconcile_forced_refresh(&self, status: Option<TasklistConnectionStatus>) -> JoinHandle<Result<Action, Error>> {
+        let mut connection = connection(&self.standin, status);
+        connection.metadata.annotations = Some([(crate::crd::REFRESH_ANNOTATION.to_owned(), "now".to_owned())].into());
+        self.reconcile_connection(connection)
+    }
+
+    fn reconcile_connection(&self, connection: TasklistConnection) -> JoinHandle<Result<Action, Error>> {
+        tokio::spawn(reconcile(Arc::new(connection), self.ctx.clone(), self.caches.clone(), None))
     }
 
     /// The metadata watch sees `secret` created or changed.
@@ -615,9 +621,7 @@ async fn a_write_over_a_recorded_secret_reads_it_whole_first_and_patches_that_ve
     h.watch_sees(&secret);
     // A forced refresh: the decision is made on the record; the patch needs the Secret's
     // keys and owners as they are, so it is read, then patched on condition of its version.
-    let mut connection = connection(&h.standin, Some(status));
-    connection.metadata.annotations = Some([(crate::crd::REFRESH_ANNOTATION.to_owned(), "now".to_owned())].into());
-    let running = tokio::spawn(reconcile(Arc::new(connection), h.ctx.clone(), h.caches.clone(), None));
+    let running = h.reconcile_forced_refresh(Some(status));
     let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
     answer(reply, StatusCode::OK, &secret);
     let (patch, reply, _) = h.api.expect(Method::PATCH, DERIVED).await;
@@ -637,9 +641,7 @@ async fn a_recorded_secret_changed_before_the_write_is_not_overwritten() {
     let mut h = harness().await;
     let (secret, status) = first_pass(&mut h).await;
     h.watch_sees(&secret);
-    let mut connection = connection(&h.standin, Some(status));
-    connection.metadata.annotations = Some([(crate::crd::REFRESH_ANNOTATION.to_owned(), "now".to_owned())].into());
-    let running = tokio::spawn(reconcile(Arc::new(connection), h.ctx.clone(), h.caches.clone(), None));
+    let running = h.reconcile_forced_refresh(Some(status));
     // Someone changed it after the decision: the read shows another version; no write.
     let (_, reply, _) = h.api.expect(Method::GET, DERIVED).await;
     answer(reply, StatusCode::OK, &applied(secret, "27"));
