@@ -187,8 +187,7 @@ impl<'a> Reconciling<'a> {
             .ctx
             .shared
             .memory
-            .get(&self.key)
-            .own_write
+            .own_write(&self.key)
             .filter(|write| write.secret == name)
             .and_then(|write| write.resource_version);
         let cached = CachedDerivedSecret {
