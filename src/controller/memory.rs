@@ -148,10 +148,7 @@ impl Memory {
 
     /// What the last reconcile decided, for the next one to plan with.
     pub fn decided(&self, key: &ConnectionKey) -> Decided {
-        lock(&self.connections)
-            .get(key)
-            .map(|memory| memory.decided.clone())
-            .unwrap_or_default()
+        self.get(key).decided
     }
 
     /// The operator's own last write of `key`'s derived Secret.
