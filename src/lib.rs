@@ -2,6 +2,7 @@
 //! `TasklistConnection` it obtains the credential Tasklist wants, keeps it fresh in a
 //! Secret, and reports in status whether Tasklist accepts it.
 
+pub mod allocator;
 pub mod camunda;
 pub mod check;
 pub mod controller;

@@ -227,9 +227,16 @@ enum LogFormat {
     Json,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<std::process::ExitCode> {
-    match Cli::parse().command {
+fn main() -> anyhow::Result<std::process::ExitCode> {
+    tasklist_operator::allocator::limit_arenas();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(command(Cli::parse()))
+}
+
+async fn command(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    match cli.command {
         Command::Crd => {
             print!("{}", serde_yaml::to_string(&TasklistConnection::crd())?);
             Ok(std::process::ExitCode::SUCCESS)

@@ -1,8 +1,10 @@
 //! Isolation between hosts and between namespaces: slow or dead hosts must not hold every
-//! reconcile slot. A reconcile of a connection enters the slots of the hosts it may ask for
-//! a credential (the token endpoint, an issuer and the token endpoint it names; for a
-//! cookie login, Tasklist itself); when a limit is reached, it does not wait for a slot but
-//! is deferred, leaving its reconcile slot to connections elsewhere.
+//! reconcile slot. A reconcile about to obtain a credential enters the slots of the hosts
+//! it may ask (the token endpoint, an issuer and the token endpoint it names; for a cookie
+//! login, Tasklist itself) and leaves them once it has the credential; when a limit is
+//! reached, it does not wait for a slot but is deferred, leaving its reconcile slot to
+//! connections elsewhere. The Kubernetes API reads and writes around it hold no host slot:
+//! under a cold start's load they are the slow part.
 //!
 //! Whether a host is proven, unproven or slow is what the HTTP client saw of its answers
 //! ([`crate::host_health`]). Limits, as shares of the controller's reconcile slots
@@ -115,7 +117,7 @@ fn admit(
     Ok(unproven)
 }
 
-/// Held while a reconcile runs; leaving frees its slots.
+/// Held while a reconcile obtains a credential; leaving frees its slots.
 pub struct Entered {
     _slots: Slot<SlotKey>,
 }

@@ -40,7 +40,7 @@ use crate::schedule::RefreshPolicy;
 use crate::shard::Sharding;
 use crate::token_cache::TokenCache;
 use derived_record::DerivedRecords;
-use host_slots::{DEFERRAL, HostSlots, credential_hosts, reconcile_deadline, slot_limits};
+use host_slots::{DEFERRAL, Full, HostSlots, reconcile_deadline};
 use memory::{ConnectionKey, Memory, connection_key};
 pub use probe_scheduler::{DEFAULT_PROBE_CONCURRENCY, DEFAULT_PROBES_PER_HOST};
 use probe_scheduler::{ProbeScheduler, probe_limits, probe_timeout};
@@ -62,6 +62,11 @@ pub enum Error {
     /// so this bounds what has none, such as a hung Kubernetes API call).
     #[error("the reconcile did not finish within {0:?}; abandoned")]
     DeadlineExceeded(Duration),
+    /// A credential request was due, and a host it goes to (or the namespace's share) has
+    /// as many in flight as it may: the reconcile is tried again shortly, not counted as a
+    /// failure.
+    #[error("no free slot for this connection's credential hosts or namespace ({0:?}); deferred")]
+    Deferred(Full),
 }
 
 impl Error {
@@ -71,6 +76,7 @@ impl Error {
             Error::Kube(_) => "KubernetesApi",
             Error::SecretChangedMeanwhile(_) => "SecretChangedMeanwhile",
             Error::DeadlineExceeded(_) => "DeadlineExceeded",
+            Error::Deferred(_) => "Deferred",
         }
     }
 }
@@ -411,30 +417,15 @@ async fn reconcile_logged(
     present: reflector::Store<TasklistConnection>,
     caches: SecretCaches,
 ) -> Result<Action, Error> {
-    let limits = slot_limits(ctx.settings.concurrency);
-    let namespace = connection.namespace().unwrap_or_default();
-    let entered = match ctx
-        .shared
-        .host_slots
-        .enter(&namespace, credential_hosts(&connection, &ctx.settings.http.facts), limits)
-        .await
-    {
-        Ok(entered) => entered,
-        Err(full) => {
-            debug!(?full, "deferred: no free reconcile slot for this connection's hosts or namespace");
-            return Ok(Action::requeue(DEFERRAL.mul_f64(1.0 + rand::random::<f64>())));
-        }
-    };
     let started = std::time::Instant::now();
     let metrics = ctx.metrics.clone();
     let deadline = reconcile_deadline(ctx.settings.http.timeout);
     let reference = ObjectRef::from_obj(connection.as_ref());
-    let result = match tokio::time::timeout(
-        deadline,
-        reconcile::reconcile(connection.clone(), ctx.clone(), caches, Some(entered)),
-    )
-    .await
-    {
+    let result = match tokio::time::timeout(deadline, reconcile::reconcile(connection.clone(), ctx.clone(), caches)).await {
+        Ok(Err(Error::Deferred(full))) => {
+            debug!(?full, "deferred: no free slot for this connection's credential hosts or namespace");
+            Ok(Action::requeue(DEFERRAL.mul_f64(1.0 + rand::random::<f64>())))
+        }
         Ok(result) => result,
         Err(_) => Err(Error::DeadlineExceeded(deadline)),
     };

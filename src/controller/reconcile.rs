@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 
 use super::decide::{self, CachedDerivedSecret, DerivedSecretSource, DerivedSecretState, ProbeStep};
 use super::derived_record;
-use super::host_slots::Entered;
+use super::host_slots::{credential_hosts, slot_limits};
 use super::memory::{ConnectionKey, connection_key};
 use super::plan::{self, CredentialResult, CredentialStep, Facts, Fresh, Gate, Plan, ProbeResult, Probed, Report, Usable};
 use super::probe_scheduler::{Due, ProbeKey, ProbeTurn};
@@ -41,21 +41,12 @@ use crate::reason::Reason;
 use crate::status::{Observation, READY, desired_status};
 use crate::time::NEVER;
 
-/// `slots`: the credential hosts' reconcile slots this reconcile entered (see
-/// `host_slots`), held until its credential is obtained or found not due: the Secret and
-/// status writes and the probe (which has a lane of its own) do not hold them.
-pub async fn reconcile(
-    connection: Arc<TasklistConnection>,
-    ctx: Arc<Context>,
-    caches: SecretCaches,
-    slots: Option<Entered>,
-) -> Result<Action, Error> {
+pub async fn reconcile(connection: Arc<TasklistConnection>, ctx: Arc<Context>, caches: SecretCaches) -> Result<Action, Error> {
     let this = Reconciling::new(&connection, &ctx, caches);
     let facts = this.gather(Timestamp::now()).await?;
     let report = match plan::plan(&facts) {
-        Plan::Go(go) => this.apply(&facts, go, slots).await?,
+        Plan::Go(go) => this.apply(&facts, go).await?,
         Plan::Stop(stop) => {
-            drop(slots);
             log_stop(&stop);
             plan::conclude_stop(&facts, facts.memory.clone(), stop)
         }
@@ -305,7 +296,7 @@ impl<'a> Reconciling<'a> {
     /// Carries out the plan: the credential step, then the probe, then (after a 401) a
     /// second credential step and probe as [`plan::plan_after_probe`] says; settles each
     /// outcome and returns what to report.
-    async fn apply(&self, facts: &Facts, go: plan::Go, slots: Option<Entered>) -> Result<Report, Error> {
+    async fn apply(&self, facts: &Facts, go: plan::Go) -> Result<Report, Error> {
         let mut usable = go.usable;
         if go.restoring {
             info!(
@@ -314,7 +305,6 @@ impl<'a> Reconciling<'a> {
             );
         }
         let result = self.take_credential_step(go.credential, facts.stored.as_ref(), &usable).await?;
-        drop(slots);
         // Obtaining may have discovered the token endpoint: messages name it from now on.
         usable.token_source = token_source(&usable.inputs, &usable.http);
         let mut fresh = plan::settle_credential(
@@ -386,6 +376,18 @@ impl<'a> Reconciling<'a> {
             Ok(inputs) => inputs,
             Err(problem) => return Ok(Err(CredentialResult::InputProblem(problem))),
         };
+        // Held while the credential is obtained (a token from the cache leaves it at once),
+        // not while the Kubernetes API is read or written: those hold no host's slot.
+        let _slots = ctx
+            .shared
+            .host_slots
+            .enter(
+                &self.key.0,
+                credential_hosts(self.connection, &ctx.settings.http.facts),
+                slot_limits(ctx.settings.concurrency),
+            )
+            .await
+            .map_err(Error::Deferred)?;
         let started = std::time::Instant::now();
         let held_token = held.and_then(|current| match &current.credential {
             crate::credential::Credential::Bearer(token) => Some(token),

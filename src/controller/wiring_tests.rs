@@ -262,7 +262,7 @@ impl Harness {
     }
 
     fn reconcile_connection(&self, connection: TasklistConnection) -> JoinHandle<Result<Action, Error>> {
-        tokio::spawn(reconcile(Arc::new(connection), self.ctx.clone(), self.caches.clone(), None))
+        tokio::spawn(reconcile(Arc::new(connection), self.ctx.clone(), self.caches.clone()))
     }
 
     /// The metadata watch sees `secret` created or changed.
