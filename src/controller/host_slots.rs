@@ -162,6 +162,12 @@ impl HostSlots {
         Ok(Entered { _slots: slots })
     }
 
+    /// Takes every slot `host` allows a reconcile from `namespace` now (for tests).
+    #[cfg(test)]
+    pub(super) fn take_every_slot(&self, namespace: &str, host: &str, limits: SlotLimits) -> Vec<Entered> {
+        std::iter::from_fn(|| self.try_enter_at(namespace, vec![host.to_owned()], limits, Instant::now()).ok()).collect()
+    }
+
     /// How many hosts and namespaces have reconciles in flight.
     #[cfg(test)]
     fn tracked(&self) -> (usize, usize) {

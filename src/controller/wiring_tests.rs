@@ -614,6 +614,31 @@ async fn after_a_start_each_derived_secret_is_read_once_then_its_record_answers(
     assert_eq!(h.standin.token_requests().len(), 1);
 }
 
+/// The token host's slots are taken only to obtain a credential: with all of them in use,
+/// a reconcile that keeps its credential goes on, and one that must obtain is deferred
+/// before it asks the token endpoint or writes anything.
+#[tokio::test]
+async fn only_a_reconcile_that_obtains_needs_a_slot_of_the_token_host() {
+    let mut h = harness().await;
+    let (secret, status) = first_pass(&mut h).await;
+    h.watch_sees(&secret);
+    let token_host = super::host_slots::credential_hosts(&connection(&h.standin, None), &h.ctx.settings.http.facts);
+    let limits = super::host_slots::slot_limits(h.ctx.settings.concurrency);
+    let taken = h.ctx.shared.host_slots.take_every_slot(NAMESPACE, &token_host[0], limits);
+    assert_eq!(taken.len(), limits.per_host, "the host is proven after the first pass");
+
+    let running = h.reconcile(Some(status.clone()));
+    h.api.finish(running).await;
+
+    let running = h.reconcile_forced_refresh(Some(status));
+    let ended = tokio::select! {
+        ended = running => ended.expect("the reconcile ends"),
+        Some((request, _)) = h.api.requests.recv() => panic!("unexpected request {} {}", request.method(), request.uri()),
+    };
+    assert!(matches!(ended, Err(Error::Deferred(super::host_slots::Full::Host(_)))), "{ended:?}");
+    assert_eq!(h.standin.token_requests().len(), 1, "no token request while the host is full");
+}
+
 #[tokio::test]
 async fn a_write_over_a_recorded_secret_reads_it_whole_first_and_patches_that_version() {
     let mut h = harness().await;
