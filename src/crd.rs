@@ -633,12 +633,15 @@ pub struct TasklistConnectionStatus {
     pub conditions: Vec<Condition>,
 }
 
+/// What the default name of a derived Secret adds to its connection's name.
+const DERIVED_SECRET_SUFFIX: &str = "-tasklist-auth";
+
 impl TasklistConnection {
     /// The name of the derived Secret.
     pub fn secret_name(&self) -> String {
         match &self.spec.secret_name {
             Some(name) => name.clone(),
-            None => format!("{}-tasklist-auth", self.metadata.name.as_deref().unwrap_or_default()),
+            None => format!("{}{DERIVED_SECRET_SUFFIX}", self.metadata.name.as_deref().unwrap_or_default()),
         }
     }
 
@@ -647,7 +650,7 @@ impl TasklistConnection {
     pub fn has_secret_name(&self, name: &str) -> bool {
         match &self.spec.secret_name {
             Some(own) => own == name,
-            None => name.strip_suffix("-tasklist-auth") == Some(self.metadata.name.as_deref().unwrap_or_default()),
+            None => name.strip_suffix(DERIVED_SECRET_SUFFIX) == Some(self.metadata.name.as_deref().unwrap_or_default()),
         }
     }
 

@@ -507,7 +507,8 @@ pub fn secret_references(connection: &TasklistConnection) -> Vec<(&'static str, 
     references(connection).map(|(field, name, _)| (field, name.to_owned())).collect()
 }
 
-/// The names of the Secrets a connection reads, for mapping Secret changes to connections.
+/// The names of the Secrets a connection reads, sorted and each once (which values to keep
+/// after a relist; a Secret change is mapped to connections by [`reads_secret`]).
 pub fn referenced_secret_names(connection: &TasklistConnection) -> Vec<String> {
     let mut names: Vec<String> = secret_references(connection).into_iter().map(|(_, name)| name).collect();
     names.sort();
